@@ -1,0 +1,17 @@
+"""refimpl: the DeepSeek-V3 architecture as plain NumPy/CuPy array code, exact in float64.
+
+    import refimpl
+    cfg = refimpl.Config.preset("tiny")
+    model = refimpl.load("checkpoint_dir")          # lazy, mmap-backed
+    logits = model.forward(tokens)                  # int [batch, seq] -> [batch, seq, vocab]
+    cache = model.new_cache(batch=1, max_len=4096)  # latent cache: c_kv + k_rope per layer
+"""
+
+from .config import Config, RopeScaling
+from .errors import CheckpointError, ConfigError, InputError, RefimplError
+from .model import LatentCache, Model, load
+
+__version__ = "0.1.0"
+
+__all__ = ["Config", "RopeScaling", "Model", "LatentCache", "load", "RefimplError", "ConfigError",
+           "CheckpointError", "InputError", "__version__"]

@@ -1,0 +1,69 @@
+"""Array module selection (numpy | cupy) and the dtype policy.
+
+The math takes its array module from its inputs (`xp = array_module(x)`), so one code path runs on
+numpy and on cupy. Everything that exists in only one of them lives here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import RefimplError
+
+DTYPES = {"float64": np.float64, "float32": np.float32}
+
+
+def array_module(*arrays):
+    """numpy, or cupy when any argument is a cupy array."""
+    for a in arrays:
+        if type(a).__module__.startswith("cupy"):
+            import cupy
+
+            return cupy
+    return np
+
+
+def device_module(device: str):
+    """The array module for a device name: "cpu" -> numpy, "gpu" (or "cuda") -> cupy."""
+    if device == "cpu":
+        return np
+    if device in ("gpu", "cuda"):
+        try:
+            import cupy
+        except ImportError:
+            raise RefimplError("device 'gpu' needs cupy (pip install '.[gpu]')") from None
+        try:
+            cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:  # noqa: BLE001 - cupy raises its own runtime error types
+            raise RefimplError(f"device 'gpu': no usable CUDA device ({e})") from None
+        return cupy
+    raise RefimplError(f"device {device!r} is not 'cpu' or 'gpu'")
+
+
+def gpu_available() -> tuple[bool, str]:
+    """(True, "") when cupy imports and sees a device, else (False, the reason)."""
+    try:
+        import cupy
+    except ImportError as e:
+        return False, f"cupy is not installed ({e})"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # noqa: BLE001
+        return False, f"cupy sees no CUDA device ({e})"
+    return (n > 0), ("" if n > 0 else "cupy sees no CUDA device")
+
+
+def working_dtype(name) -> np.dtype:
+    """float64 (the reference) or float32 (allowed for speed)."""
+    if isinstance(name, np.dtype) or name in (np.float64, np.float32):
+        name = np.dtype(name).name
+    if name not in DTYPES:
+        raise RefimplError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return np.dtype(DTYPES[name])
+
+
+def to_numpy(x) -> np.ndarray:
+    """A host numpy array, whichever module holds x."""
+    if type(x).__module__.startswith("cupy"):
+        return x.get()
+    return np.asarray(x)

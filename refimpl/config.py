@@ -1,0 +1,343 @@
+"""Config: the model's sizes and choices, read from and written to a Hugging Face config.json.
+
+Accepts model_type deepseek_v3 and deepseek_v2, the published form of the rope settings
+(`rope_scaling` with `type`, top-level `rope_theta`) and the transformers 5 form
+(`rope_parameters` with `rope_type` and `rope_theta` inside). Numbers that don't fit together are
+refused with a ConfigError naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+
+from .errors import ConfigError
+
+_SCORING = ("sigmoid", "softmax")
+_TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """YaRN settings (SPEC.md section 3). `factor` is s, the context extension."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every number the forward pass needs; field names are the config.json keys."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    kv_lora_rank: int
+    q_lora_rank: int | None
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    n_group: int
+    topk_group: int
+    first_k_dense_replace: int
+    moe_layer_freq: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096
+    num_nextn_predict_layers: int = 0
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    model_type: str = "deepseek_v3"
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    # Keys we carry through unchanged (quantization_config, torch_dtype, architectures, ...).
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        """d_h + d_h^R: the per-head query/key width that sets the softmax scale."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.n_routed_experts // self.n_group
+
+    @property
+    def uses_bias(self) -> bool:
+        """noaux_tc routing carries e_score_correction_bias (V3); V2 methods have none."""
+        return self.topk_method == "noaux_tc"
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Layers from first_k_dense_replace on are MoE (every moe_layer_freq-th), MTP layers too."""
+        if self.n_routed_experts == 0:
+            return False
+        return layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
+
+    @property
+    def num_layers_with_mtp(self) -> int:
+        return self.num_hidden_layers + self.num_nextn_predict_layers
+
+    # ---- construction --------------------------------------------------------------------
+    def __post_init__(self):
+        _validate(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "Config":
+        """Build from a parsed config.json; `source` names the file in error messages."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        d = dict(d)
+        model_type = d.get("model_type", "deepseek_v3")
+        if model_type not in ("deepseek_v3", "deepseek_v2"):
+            raise ConfigError(f"{source}: model_type {model_type!r} is not deepseek_v3 or deepseek_v2")
+        v2 = model_type == "deepseek_v2"
+        rope_theta, rope_scaling = _read_rope(d, source)
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_scaling", "rope_theta"}
+        kwargs = {}
+        for name in known:
+            if name in d:
+                kwargs[name] = d.pop(name)
+        for k in ("rope_scaling", "rope_parameters", "rope_theta"):
+            d.pop(k, None)
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        # Fields with published defaults when absent (transformers' DeepseekV2/V3 defaults).
+        kwargs.setdefault("n_group", 1)
+        kwargs.setdefault("topk_group", 1)
+        if v2:
+            kwargs.setdefault("topk_method", "greedy")
+            kwargs.setdefault("scoring_func", "softmax")
+            kwargs.setdefault("norm_topk_prob", False)
+        for name in required:
+            if name not in kwargs:
+                raise ConfigError(f"{source}: required field {name!r} is missing")
+        if kwargs.get("n_group") is None:
+            kwargs["n_group"] = 1
+        if kwargs.get("topk_group") is None:
+            kwargs["topk_group"] = 1
+        if isinstance(kwargs.get("eos_token_id"), list):
+            d["eos_token_id_list"] = kwargs["eos_token_id"]
+            kwargs["eos_token_id"] = kwargs["eos_token_id"][0] if kwargs["eos_token_id"] else None
+        return _build(cls, source, rope_theta, rope_scaling, d, kwargs)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "Config":
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=path)
+
+    @classmethod
+    def preset(cls, name: str) -> "Config":
+        """`deepseek-v3` (the published config.json, exactly) or `tiny` (seconds on a CPU)."""
+        if name not in PRESETS:
+            raise ConfigError(f"preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
+        return PRESETS[name]()
+
+    def replace(self, **changes) -> "Config":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # ---- writing ---------------------------------------------------------------------------
+    def to_dict(self, rope_form: str = "published") -> dict:
+        """The config.json object. rope_form: "published" (rope_scaling + rope_theta, as
+        DeepSeek ships it) or "transformers5" (rope_parameters with rope_type and rope_theta)."""
+        out = {}
+        out.update({k: v for k, v in self.extra.items() if k != "eos_token_id_list"})
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "rope_scaling", "rope_theta"):
+                continue
+            out[f.name] = getattr(self, f.name)
+        if "eos_token_id_list" in self.extra:
+            out["eos_token_id"] = self.extra["eos_token_id_list"]
+        out["num_key_value_heads"] = self.extra.get("num_key_value_heads", self.num_attention_heads)
+        out.setdefault("architectures", ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3"
+                                         else "DeepseekV2ForCausalLM"])
+        rs = self.rope_scaling
+        if rope_form == "published":
+            out["rope_theta"] = self.rope_theta
+            out["rope_scaling"] = None if rs is None else {
+                "type": "yarn", **{k: v for k, v in dataclasses.asdict(rs).items()}}
+        elif rope_form == "transformers5":
+            params = {"rope_type": "default" if rs is None else "yarn", "rope_theta": self.rope_theta}
+            if rs is not None:
+                params.update(dataclasses.asdict(rs))
+            out["rope_parameters"] = params
+            out.pop("rope_scaling", None)
+        else:
+            raise ConfigError(f"rope_form {rope_form!r} is not 'published' or 'transformers5'")
+        return dict(sorted(out.items()))
+
+    def to_json(self, path: str | os.PathLike, rope_form: str = "published") -> None:
+        """Write config.json atomically (temporary name, then rename)."""
+        path = os.fspath(path)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(rope_form), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+
+
+def _build(cls, source, rope_theta, rope_scaling, extra, kwargs):
+    try:
+        return cls(rope_theta=rope_theta, rope_scaling=rope_scaling, extra=extra, **kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except TypeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _read_rope(d: dict, source: str) -> tuple[float, RopeScaling | None]:
+    """Both spellings of the rope settings -> (theta, YaRN settings or None)."""
+    params = d.get("rope_parameters")
+    if params is not None:
+        if not isinstance(params, dict):
+            raise ConfigError(f"{source}: rope_parameters must be an object")
+        params = dict(params)
+        kind = params.pop("rope_type", params.pop("type", "default"))
+        theta = params.pop("rope_theta", d.get("rope_theta", 10000.0))
+    else:
+        params = d.get("rope_scaling")
+        theta = d.get("rope_theta", 10000.0)
+        if params is None:
+            return _number(theta, "rope_theta", source), None
+        if not isinstance(params, dict):
+            raise ConfigError(f"{source}: rope_scaling must be an object or null")
+        params = dict(params)
+        kind = params.pop("type", params.pop("rope_type", "default"))
+    theta = _number(theta, "rope_theta", source)
+    if kind == "default":
+        return theta, None
+    if kind not in ("yarn", "deepseek_yarn"):
+        raise ConfigError(f"{source}: rope type {kind!r} is not supported (only 'yarn' or 'default')")
+    for key in ("factor", "original_max_position_embeddings"):
+        if key not in params:
+            raise ConfigError(f"{source}: rope_scaling.{key} is required for yarn")
+    names = {f.name for f in dataclasses.fields(RopeScaling)}
+    kw = {k: v for k, v in params.items() if k in names and v is not None}
+    for k, v in kw.items():
+        _number(v, f"rope_scaling.{k}", source)
+    kw["original_max_position_embeddings"] = int(kw["original_max_position_embeddings"])
+    return theta, RopeScaling(**kw)
+
+
+def _number(v, name, source):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"{source}: {name} must be a number, got {v!r}")
+    return v
+
+
+def _validate(c: Config) -> None:
+    """Refuse numbers that don't fit together; each message names the field."""
+    def need_int(name, lo=1):
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{name} must be an integer, got {v!r}")
+        if v < lo:
+            raise ConfigError(f"{name} must be >= {lo}, got {v}")
+
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                 "v_head_dim", "max_position_embeddings", "moe_layer_freq", "n_group", "topk_group"):
+        need_int(name)
+    for name in ("first_k_dense_replace", "num_nextn_predict_layers", "n_routed_experts",
+                 "n_shared_experts", "moe_intermediate_size", "num_experts_per_tok"):
+        need_int(name, lo=0)
+    if c.q_lora_rank is not None:
+        need_int("q_lora_rank")
+    if c.qk_rope_head_dim % 2:
+        raise ConfigError(f"qk_rope_head_dim must be even (rotation acts on pairs), got {c.qk_rope_head_dim}")
+    if c.scoring_func not in _SCORING:
+        raise ConfigError(f"scoring_func must be one of {_SCORING}, got {c.scoring_func!r}")
+    if c.topk_method not in _TOPK_METHODS:
+        raise ConfigError(f"topk_method must be one of {_TOPK_METHODS}, got {c.topk_method!r}")
+    if c.hidden_act != "silu":
+        raise ConfigError(f"hidden_act must be 'silu' (SwiGLU), got {c.hidden_act!r}")
+    if c.attention_bias:
+        raise ConfigError("attention_bias true is not supported (DeepSeek-V2/V3 projections have no bias)")
+    if not (isinstance(c.rms_norm_eps, (int, float)) and c.rms_norm_eps > 0):
+        raise ConfigError(f"rms_norm_eps must be a positive number, got {c.rms_norm_eps!r}")
+    if not (isinstance(c.rope_theta, (int, float)) and c.rope_theta > 1):
+        raise ConfigError(f"rope_theta must be a number > 1, got {c.rope_theta!r}")
+    if not isinstance(c.routed_scaling_factor, (int, float)) or c.routed_scaling_factor <= 0:
+        raise ConfigError(f"routed_scaling_factor must be positive, got {c.routed_scaling_factor!r}")
+    if c.n_routed_experts:
+        need_int("n_routed_experts")
+        need_int("moe_intermediate_size")
+        need_int("num_experts_per_tok")
+        if c.n_routed_experts % c.n_group:
+            raise ConfigError(f"n_routed_experts ({c.n_routed_experts}) is not divisible by "
+                              f"n_group ({c.n_group})")
+        if c.topk_group > c.n_group:
+            raise ConfigError(f"topk_group ({c.topk_group}) is greater than n_group ({c.n_group})")
+        kept = c.topk_group * (c.n_routed_experts // c.n_group) if c.topk_method != "greedy" \
+            else c.n_routed_experts
+        if c.num_experts_per_tok > kept:
+            raise ConfigError(f"num_experts_per_tok ({c.num_experts_per_tok}) is more than the "
+                              f"{kept} experts in the kept groups (topk_group x experts per group)")
+        if c.topk_method == "noaux_tc" and c.n_routed_experts // c.n_group < 2 and c.n_group > 1:
+            raise ConfigError("n_group: noaux_tc scores a group by its top-2 experts, so each group "
+                              f"needs at least 2 experts ({c.n_routed_experts} experts / {c.n_group} groups)")
+    rs = c.rope_scaling
+    if rs is not None:
+        if not rs.factor > 0:
+            raise ConfigError(f"rope_scaling.factor must be positive, got {rs.factor}")
+        if not rs.original_max_position_embeddings > 0:
+            raise ConfigError("rope_scaling.original_max_position_embeddings must be positive")
+        if not rs.beta_fast > rs.beta_slow > 0:
+            raise ConfigError(f"rope_scaling: beta_fast ({rs.beta_fast}) must exceed beta_slow "
+                              f"({rs.beta_slow}) > 0")
+        if not (math.isfinite(rs.mscale) and math.isfinite(rs.mscale_all_dim)):
+            raise ConfigError("rope_scaling.mscale and mscale_all_dim must be finite")
+
+
+def _deepseek_v3() -> Config:
+    text = resources.files("refimpl.presets").joinpath("deepseek-v3.json").read_text("utf-8")
+    return Config.from_dict(json.loads(text), source="preset deepseek-v3")
+
+
+def _tiny() -> Config:
+    """Small enough for seconds on a CPU, yet every feature live: q-lora, one dense and two MoE
+    layers, 4 expert groups (2 kept), YaRN active with an original context of 64 positions (so
+    ordinary test sequences reach past it), one MTP module."""
+    return Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, kv_lora_rank=32, q_lora_rank=48,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+        first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        scoring_func="sigmoid", topk_method="noaux_tc", rms_norm_eps=1e-6, rope_theta=10000.0,
+        rope_scaling=RopeScaling(factor=40.0, original_max_position_embeddings=64, beta_fast=32.0,
+                                 beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+        max_position_embeddings=2560, num_nextn_predict_layers=1,
+        extra={"architectures": ["DeepseekV3ForCausalLM"], "torch_dtype": "float32"},
+    )
+
+
+PRESETS = {"deepseek-v3": _deepseek_v3, "tiny": _tiny}

@@ -1,0 +1,105 @@
+"""Multi-head Latent Attention (paper section 2.1.1, eqs. 1-11; SPEC.md section 4).
+
+Keys and values are compressed into one latent c^KV per token (d_c values) plus a rotary key
+k^R shared by all heads (d_R values); that is all the cache holds. Two forms compute eq. (10):
+
+- naive: expand c^KV into per-head k^C, v^C with W^UK, W^UV (eqs. 2, 5) and attend;
+- absorbed: fold W^UK into the query and W^UV after attention, attending in the latent space.
+
+They are algebraically equal (tests hold them to 1e-12 in float64).
+Weights are passed as a dict keyed by the checkpoint's names (`q_a_proj`, `kv_b_proj`, ...),
+each [out, in].
+"""
+
+from __future__ import annotations
+
+from .backend import array_module
+from .norm import rms_norm
+from .ops import linear, softmax
+from .rope import apply_rope
+
+# q_a_layernorm and kv_a_layernorm use the RMSNorm class default 1e-6 in every public
+# implementation, whatever rms_norm_eps says (SPEC.md section 9).
+LATENT_NORM_EPS = 1e-6
+
+
+def query(h, w, n_heads: int, d_nope: int, d_rope: int):
+    """Queries per head, before RoPE.   h: [b, s, d] -> (c_q [b, s, d'_c] or None,
+    q_nope [b, s, H, d_h], q_rope_pre [b, s, H, d_R])."""
+    if "q_proj" in w:  # q_lora_rank null (DeepSeek-V2-Lite): one direct projection
+        c_q = None
+        q = linear(h, w["q_proj"])
+    else:
+        c_q = rms_norm(linear(h, w["q_a_proj"]), w["q_a_layernorm"], LATENT_NORM_EPS)  # eq. (6)
+        q = linear(c_q, w["q_b_proj"])  # eqs. (7), (8): [q^C ; q^R] = W^UQ c^Q (, W^QR c^Q)
+    b, s = h.shape[:2]
+    q = q.reshape(b, s, n_heads, d_nope + d_rope)  # [b, s, H*(d_h+d_R)] -> [b, s, H, d_h+d_R]
+    return c_q, q[..., :d_nope], q[..., d_nope:]
+
+
+def latent_kv(h, w, d_c: int):
+    """The cached latents, before RoPE.   h: [b, s, d] -> (c_kv [b, s, d_c] normalised,
+    k_rope_pre [b, s, d_R]).  One projection gives both (kv_a_proj_with_mqa)."""
+    kv = linear(h, w["kv_a_proj_with_mqa"])  # eq. (1) c^KV = W^DKV h, and W^KR h: [b, s, d_c+d_R]
+    c_kv = rms_norm(kv[..., :d_c], w["kv_a_layernorm"], LATENT_NORM_EPS)
+    return c_kv, kv[..., d_c:]
+
+
+def rope_parts(q_rope_pre, k_rope_pre, cos, sin):
+    """eq. (9) q^R = RoPE(W^QR c^Q) per head, eq. (3) k^R = RoPE(W^KR h), shared by all heads."""
+    return apply_rope(q_rope_pre, cos, sin), apply_rope(k_rope_pre, cos, sin)
+
+
+def causal_mask(q_pos, k_pos, xp):
+    """[s, t] True where key position <= query position."""
+    return xp.asarray(k_pos)[None, :] <= xp.asarray(q_pos)[:, None]
+
+
+def _masked_softmax(scores, mask):
+    xp = array_module(scores)
+    scores = xp.where(mask, scores, -xp.inf)  # [b, H, s, t]
+    return softmax(scores, axis=-1)
+
+
+def split_kv_b(kv_b_proj, n_heads: int, d_nope: int):
+    """kv_b_proj [H*(d_h+d_v), d_c] -> (W^UK [H, d_h, d_c], W^UV [H, d_v, d_c])."""
+    w = kv_b_proj.reshape(n_heads, -1, kv_b_proj.shape[-1])
+    return w[:, :d_nope, :], w[:, d_nope:, :]
+
+
+def attention_naive(q_nope, q_rope, c_kv, k_rope, kv_b_proj, scale, mask):
+    """eq. (10) with expanded keys and values.
+
+    q_nope [b, s, H, d_h], q_rope [b, s, H, d_R], c_kv [b, t, d_c], k_rope [b, t, d_R],
+    mask [s, t] -> o [b, s, H, d_v]."""
+    xp = array_module(q_nope)
+    b, t = c_kv.shape[:2]
+    n_heads, d_nope = q_nope.shape[2], q_nope.shape[3]
+    kv = linear(c_kv, kv_b_proj).reshape(b, t, n_heads, -1)  # eqs. (2), (5): [b, t, H, d_h+d_v]
+    k_nope, v = kv[..., :d_nope], kv[..., d_nope:]
+    k_r = xp.broadcast_to(k_rope[:, :, None, :], (b, t, n_heads, k_rope.shape[-1]))
+    k = xp.concatenate([k_nope, k_r], axis=-1)  # eq. (4): k = [k^C ; k^R]   [b, t, H, d_h+d_R]
+    q = xp.concatenate([q_nope, q_rope], axis=-1)  # eq. (9): q = [q^C ; q^R]  [b, s, H, d_h+d_R]
+    scores = q.transpose(0, 2, 1, 3) @ k.transpose(0, 2, 3, 1) * scale  # [b, H, s, t]
+    p = _masked_softmax(scores, mask)
+    return (p @ v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)  # [b, H, s, d_v] -> [b, s, H, d_v]
+
+
+def attention_absorbed(q_nope, q_rope, c_kv, k_rope, kv_b_proj, scale, mask):
+    """eq. (10) in the latent space: q^C_i W^UK_i dotted with c^KV, W^UV applied after attention.
+    Same arguments and result as attention_naive."""
+    n_heads, d_nope = q_nope.shape[2], q_nope.shape[3]
+    w_uk, w_uv = split_kv_b(kv_b_proj, n_heads, d_nope)
+    q_lat = q_nope.transpose(0, 2, 1, 3) @ w_uk  # [b, H, s, d_h] @ [H, d_h, d_c] -> [b, H, s, d_c]
+    scores = (q_lat @ c_kv.transpose(0, 2, 1)[:, None]  # . c^KV_j          -> [b, H, s, t]
+              + q_rope.transpose(0, 2, 1, 3) @ k_rope.transpose(0, 2, 1)[:, None]) * scale
+    p = _masked_softmax(scores, mask)
+    o_lat = p @ c_kv[:, None]  # [b, H, s, t] @ [b, 1, t, d_c] -> [b, H, s, d_c]
+    o = o_lat @ w_uv.transpose(0, 2, 1)  # W^UV after attention: [b, H, s, d_v]
+    return o.transpose(0, 2, 1, 3)
+
+
+def output(o, o_proj):
+    """eq. (11): u = W^O [o_1; ...; o_H].   [b, s, H, d_v] -> [b, s, d]"""
+    b, s = o.shape[:2]
+    return linear(o.reshape(b, s, -1), o_proj)

@@ -1,0 +1,275 @@
+"""The model: embedding, decoder layers (MLA + dense FFN or DeepSeekMoE, pre-norm residual),
+final norm, lm_head; prefill and incremental decode through the latent cache; named traces.
+
+    h = Emb(tokens)
+    for each layer:  h = h + MLA(RMSNorm(h));  h = h + FFN_or_MoE(RMSNorm(h))
+    logits = lm_head(RMSNorm(h))
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import mla, moe, rope
+from .backend import device_module, to_numpy, working_dtype
+from .checkpoint import Checkpoint
+from .config import Config
+from .errors import CheckpointError, InputError, RefimplError
+from .norm import rms_norm
+from .ops import linear
+
+MLA_FORMS = ("naive", "absorbed", "auto")
+
+
+@dataclass
+class LatentCache:
+    """What MLA caches: per layer the normalised c^KV [batch, max_len, d_c] and the roped k^R
+    [batch, max_len, d_R], i.e. d_c + d_R values per token per layer (576 for V3). `length`
+    tokens are filled; the next forward continues at position `length`."""
+
+    c_kv: list
+    k_rope: list
+    length: int = 0
+
+    @property
+    def batch(self) -> int:
+        return self.c_kv[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.c_kv[0].shape[1]
+
+
+class ArraySource:
+    """Weights held in memory (name -> array), with the same reading interface as Checkpoint."""
+
+    def __init__(self, cfg: Config, arrays: dict):
+        self.config = cfg
+        self.arrays = arrays
+
+    def names(self):
+        return list(self.arrays)
+
+    def shape(self, name):
+        return tuple(self.arrays[name].shape)
+
+    def weight(self, name, dtype=np.float64):
+        if name not in self.arrays:
+            raise CheckpointError(f"weights: tensor {name} is missing")
+        return np.asarray(self.arrays[name], dtype=dtype)
+
+
+class WeightStore:
+    """Materialises tensors from a source in the working dtype on the device, once each.
+    (The checkpoint issue adds a memory budget and release; callers only use get().)"""
+
+    def __init__(self, source, xp, dtype):
+        self.source, self.xp, self.dtype = source, xp, dtype
+        self._resident: dict = {}
+
+    def get(self, name: str):
+        a = self._resident.get(name)
+        if a is None:
+            a = self.xp.asarray(self.source.weight(name, self.dtype))
+            self._resident[name] = a
+        return a
+
+    def group(self, prefix: str, keys) -> dict:
+        """{key: get(prefix + key + '.weight')} for checkpoint keys (`q_a_proj`, ...)."""
+        return {k: self.get(f"{prefix}{k}.weight") for k in keys}
+
+
+class ExpertView:
+    """experts[e] -> {gate_proj, up_proj, down_proj} of routed expert e, read when first asked."""
+
+    def __init__(self, store: WeightStore, prefix: str):
+        self.store, self.prefix = store, prefix
+
+    def __getitem__(self, e: int) -> dict:
+        return self.store.group(f"{self.prefix}{e}.", ("gate_proj", "up_proj", "down_proj"))
+
+
+def _record(trace, name, value):
+    if trace is not None:
+        trace[name] = to_numpy(value)
+
+
+class Model:
+    """A DeepSeek-V3 (or V2) model over a weight source. Use `load()` for a checkpoint directory
+    or `Model.from_arrays()` for weights in memory."""
+
+    def __init__(self, cfg: Config, source, dtype="float64", device="cpu", mla_form="auto"):
+        if mla_form not in MLA_FORMS:
+            raise RefimplError(f"mla_form {mla_form!r} is not one of {', '.join(MLA_FORMS)}")
+        self.cfg = cfg
+        self.dtype = working_dtype(dtype)
+        self.device = device
+        self.xp = device_module(device)
+        self.mla_form = mla_form
+        self.weights = WeightStore(source, self.xp, self.dtype)
+        self.inv_freq = rope.inv_freq(cfg)
+        self.cos_sin_factor = rope.cos_sin_factor(cfg)
+        self.softmax_scale = rope.softmax_scale(cfg)
+
+    @classmethod
+    def from_arrays(cls, cfg: Config, arrays: dict, **kw) -> "Model":
+        return cls(cfg, ArraySource(cfg, arrays), **kw)
+
+    # ---- cache ---------------------------------------------------------------------------------
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> LatentCache:
+        """An empty latent cache for `batch` rows of up to `max_len` tokens (default: the
+        config's max_position_embeddings)."""
+        cfg, xp = self.cfg, self.xp
+        max_len = cfg.max_position_embeddings if max_len is None else max_len
+        if max_len < 1 or max_len > cfg.max_position_embeddings:
+            raise InputError(f"cache max_len {max_len} must be in 1..max_position_embeddings "
+                             f"({cfg.max_position_embeddings})")
+        n = cfg.num_hidden_layers
+        return LatentCache(
+            c_kv=[xp.zeros((batch, max_len, cfg.kv_lora_rank), self.dtype) for _ in range(n)],
+            k_rope=[xp.zeros((batch, max_len, cfg.qk_rope_head_dim), self.dtype) for _ in range(n)])
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, tokens, cache: LatentCache | None = None, trace: dict | None = None):
+        """tokens int [batch, seq] -> logits [batch, seq, vocab] (working dtype, on the device).
+
+        With a cache, the tokens continue at position cache.length and the cache advances.
+        With a trace dict, the named intermediates are stored in it in dataflow order."""
+        h = self.hidden_states(tokens, cache, trace)
+        return self.logits(h, trace)
+
+    def hidden_states(self, tokens, cache=None, trace=None):
+        """The final hidden state after the last norm: [batch, seq, d]."""
+        cfg, xp = self.cfg, self.xp
+        tokens = self.check_tokens(tokens)
+        b, s = tokens.shape
+        start = 0
+        if cache is not None:
+            start = cache.length
+            if cache.batch != b:
+                raise InputError(f"tokens have batch {b} but the cache was made for {cache.batch}")
+            if start + s > cache.max_len:
+                raise InputError(f"{s} tokens at position {start} overflow the cache of "
+                                 f"{cache.max_len} positions")
+        if start + s > cfg.max_position_embeddings:
+            raise InputError(f"positions up to {start + s - 1} exceed max_position_embeddings "
+                             f"({cfg.max_position_embeddings})")
+        positions = np.arange(start, start + s)
+        cos, sin = rope.cos_sin(positions, self.inv_freq, self.cos_sin_factor, xp)
+        mask = mla.causal_mask(positions, np.arange(start + s), xp)
+        h = self.weights.get("model.embed_tokens.weight")[xp.asarray(tokens)]  # [b, s, d]
+        _record(trace, "embed", h)
+        for i in range(cfg.num_hidden_layers):
+            h = self.decoder_layer(i, h, cos, sin, mask, start, cache, trace)
+        if cache is not None:
+            cache.length = start + s
+        h = rms_norm(h, self.weights.get("model.norm.weight"), cfg.rms_norm_eps)
+        _record(trace, "final_hidden", h)
+        return h
+
+    def logits(self, h, trace=None):
+        """lm_head(h): [batch, seq, d] -> [batch, seq, vocab]."""
+        head = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
+        out = linear(h, self.weights.get(head))
+        _record(trace, "logits", out)
+        return out
+
+    def check_tokens(self, tokens) -> np.ndarray:
+        """Integer ids of rank 2, each in [0, vocab_size)."""
+        t = to_numpy(tokens)
+        if t.ndim != 2:
+            raise InputError(f"tokens must be an integer array [batch, seq], got rank {t.ndim}")
+        if not np.issubdtype(t.dtype, np.integer):
+            raise InputError(f"tokens must be integers, got dtype {t.dtype}")
+        if t.shape[0] < 1 or t.shape[1] < 1:
+            raise InputError(f"tokens must hold at least one id, got shape {list(t.shape)}")
+        bad = (t < 0) | (t >= self.cfg.vocab_size)
+        if bad.any():
+            where = tuple(int(x) for x in np.argwhere(bad)[0])
+            raise InputError(f"token id {int(t[where])} at {list(where)} is outside the "
+                             f"vocabulary [0, {self.cfg.vocab_size})")
+        return t.astype(np.int64)
+
+    # ---- one decoder layer ---------------------------------------------------------------------
+    def decoder_layer(self, i, h, cos, sin, mask, start, cache, trace, prefix=None):
+        """Pre-norm residual block: h + MLA(norm(h)), then + FFN/MoE(norm(.))."""
+        cfg, w = self.cfg, self.weights
+        p = f"model.layers.{i}."
+        name = prefix or f"layers.{i}."
+        x = rms_norm(h, w.get(p + "input_layernorm.weight"), cfg.rms_norm_eps)
+        _record(trace, name + "attn_norm", x)
+        a = self.attention(i, x, cos, sin, mask, start, cache, trace, name)
+        h = h + a
+        _record(trace, name + "h_attn", h)
+        x = rms_norm(h, w.get(p + "post_attention_layernorm.weight"), cfg.rms_norm_eps)
+        _record(trace, name + "ffn_norm", x)
+        f = self.moe(i, x, trace, name) if cfg.is_moe_layer(i) else self.dense_ffn(i, x)
+        _record(trace, name + "ffn_out", f)
+        h = h + f
+        _record(trace, name + "hidden", h)
+        return h
+
+    def attention(self, i, x, cos, sin, mask, start, cache, trace, name, cache_layer=None):
+        """MLA for layer i on normalised x [b, s, d] -> [b, s, d]; writes the cache if given."""
+        cfg = self.cfg
+        keys = (("q_proj",) if cfg.q_lora_rank is None else ("q_a_proj", "q_a_layernorm", "q_b_proj")) \
+            + ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
+        w = self.weights.group(f"model.layers.{i}.self_attn.", keys)
+        c_q, q_nope, q_rope = mla.query(x, w, cfg.num_attention_heads, cfg.qk_nope_head_dim,
+                                        cfg.qk_rope_head_dim)
+        c_kv, k_rope = mla.latent_kv(x, w, cfg.kv_lora_rank)
+        q_rope, k_rope = mla.rope_parts(q_rope, k_rope, cos, sin)
+        if c_q is not None:
+            _record(trace, name + "c_q", c_q)
+        for n, v in (("q_nope", q_nope), ("q_rope", q_rope), ("c_kv", c_kv), ("k_rope", k_rope)):
+            _record(trace, name + n, v)
+        s = x.shape[1]
+        if cache is not None:  # append to the latent cache, attend over everything in it
+            layer = i if cache_layer is None else cache_layer
+            cache.c_kv[layer][:, start:start + s] = c_kv
+            cache.k_rope[layer][:, start:start + s] = k_rope
+            c_kv = cache.c_kv[layer][:, :start + s]
+            k_rope = cache.k_rope[layer][:, :start + s]
+        form = self.mla_form
+        if form == "auto":
+            form = "absorbed" if start > 0 else "naive"
+        attend = mla.attention_absorbed if form == "absorbed" else mla.attention_naive
+        o = attend(q_nope, q_rope, c_kv, k_rope, w["kv_b_proj"], self.softmax_scale, mask)
+        out = mla.output(o, w["o_proj"])
+        _record(trace, name + "attn_out", out)
+        return out
+
+    def dense_ffn(self, i, x):
+        """The first first_k_dense_replace layers: one SwiGLU FFN."""
+        w = self.weights.group(f"model.layers.{i}.mlp.", ("gate_proj", "up_proj", "down_proj"))
+        b, s, d = x.shape
+        return moe.swiglu(x.reshape(b * s, d), **w).reshape(b, s, d)
+
+    def moe(self, i, x, trace, name):
+        """eq. (12) without the residual: shared experts + gated routed experts."""
+        cfg, w = self.cfg, self.weights
+        p = f"model.layers.{i}.mlp."
+        b, s, d = x.shape
+        u = x.reshape(b * s, d)  # [T, d]
+        bias = w.get(p + "gate.e_score_correction_bias") if cfg.uses_bias else None
+        scores, idx, g = moe.route(u, w.get(p + "gate.weight"), bias, cfg)
+        _record(trace, name + "router_scores", scores.reshape(b, s, -1))
+        _record(trace, name + "topk_idx", idx.reshape(b, s, -1))
+        _record(trace, name + "topk_weight", g.reshape(b, s, -1))
+        out = moe.routed_experts(u, idx, g, ExpertView(w, p + "experts."))
+        if cfg.n_shared_experts:
+            out = out + moe.swiglu(u, **w.group(p + "shared_experts.",
+                                                ("gate_proj", "up_proj", "down_proj")))
+        return out.reshape(b, s, d)
+
+
+def load(path: str | os.PathLike, dtype="float64", device="cpu", mla_form="auto") -> Model:
+    """Open a checkpoint directory (HF layout): reads config.json and the safetensors headers,
+    checks every tensor the config implies is present with its shape; tensor bodies are read when
+    first used."""
+    ckpt = Checkpoint(path)
+    ckpt.check_against_config()
+    return Model(ckpt.config, ckpt, dtype=dtype, device=device, mla_form=mla_form)

@@ -1,0 +1,93 @@
+"""DeepSeekMoE (paper section 2.1.2, eqs. 12-16; SPEC.md section 5).
+
+The gate scores every routed expert, a bias steers only the SELECTION (auxiliary-loss-free load
+balancing), selection is limited to the best groups of experts, and the output adds shared and
+routed SwiGLU experts to the input. Ties go to the lower index, for groups and for experts.
+"""
+
+from __future__ import annotations
+
+from .backend import array_module, to_numpy
+from .ops import linear, sigmoid, silu, softmax, topk_indices
+
+
+def swiglu(x, gate_proj, up_proj, down_proj):
+    """FFN(x) = down(silu(gate(x)) * up(x)) [arxiv 2002.05202 eq. 5].   [n, d] -> [n, d]"""
+    return linear(silu(linear(x, gate_proj)) * linear(x, up_proj), down_proj)
+
+
+def router_scores(u, gate_weight, scoring_func: str):
+    """eq. (15): s_i,t = sigmoid(u_t . e_i) (V3), or softmax over experts (V2 configs).
+    Computed in at least float32.   u: [T, d], gate_weight: [E, d] -> [T, E]"""
+    xp = array_module(u)
+    wd = xp.promote_types(u.dtype, xp.float32)
+    logits = linear(u.astype(wd, copy=False), gate_weight.astype(wd, copy=False))
+    return sigmoid(logits) if scoring_func == "sigmoid" else softmax(logits, axis=-1)
+
+
+def group_scores(biased, n_group: int, topk_method: str):
+    """Score of each expert group: sum of its top-2 biased scores (noaux_tc, V3), or its best
+    score (group_limited_greedy, V2).   [T, E] -> [T, n_group]"""
+    xp = array_module(biased)
+    g = biased.reshape(biased.shape[0], n_group, -1)  # [T, G, E/G]
+    if topk_method == "noaux_tc":
+        top2 = -xp.sort(-g, axis=-1)[..., :2]
+        return top2[..., 0] + top2[..., 1]
+    return g.max(axis=-1)
+
+
+def select_experts(scores, bias, n_group: int, topk_group: int, top_k: int, topk_method: str):
+    """eq. (16) with group-limited routing: the top_k experts by s + b among the topk_group best
+    groups; experts of other groups are excluded at -inf (never 0).  Largest first, ties to the
+    lower index.  scores [T, E], bias [E] or None -> indices [T, top_k]"""
+    xp = array_module(scores)
+    biased = scores if bias is None else scores + bias.astype(scores.dtype, copy=False)
+    if topk_method != "greedy" and topk_group < n_group:
+        t, e = biased.shape
+        kept = topk_indices(group_scores(biased, n_group, topk_method), topk_group)  # [T, topk_group]
+        group_mask = (kept[:, :, None] == xp.arange(n_group)).any(axis=1)  # [T, G]
+        expert_mask = xp.repeat(group_mask, e // n_group, axis=-1)  # [T, E]
+        biased = xp.where(expert_mask, biased, -xp.inf)
+    return topk_indices(biased, top_k)
+
+
+def routing_weights(scores, idx, norm_topk_prob: bool, routed_scaling_factor: float):
+    """eqs. (13)-(14): g'_i = s_i for the selected experts (the bias never enters), normalised to
+    sum 1 when norm_topk_prob, then times routed_scaling_factor.   -> [T, top_k]"""
+    xp = array_module(scores)
+    g = xp.take_along_axis(scores, idx, axis=-1)
+    if norm_topk_prob:
+        g = g / g.sum(axis=-1, keepdims=True)
+    return g * routed_scaling_factor
+
+
+def route(u, gate_weight, bias, cfg):
+    """The whole gate for one layer.   u: [T, d] -> (scores [T, E], idx [T, K], weights [T, K])."""
+    s = router_scores(u, gate_weight, cfg.scoring_func)
+    idx = select_experts(s, bias if cfg.uses_bias else None, cfg.n_group, cfg.topk_group,
+                         cfg.num_experts_per_tok, cfg.topk_method)
+    return s, idx, routing_weights(s, idx, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+
+
+def routed_experts(x, idx, weights, experts):
+    """sum_i g_i FFN^r_i(x) with tokens grouped by expert: one SwiGLU per ACTIVE expert over all
+    of its tokens, no loop over tokens.  Each token's K contributions are summed in selection
+    order, so the result does not depend on how tokens were grouped.
+
+    x [T, d], idx [T, K], weights [T, K]; experts[e] -> dict(gate_proj, up_proj, down_proj)
+    (a list, or a lazy view that loads expert e on demand) -> [T, d]"""
+    xp = array_module(x)
+    t, k = idx.shape
+    flat = idx.reshape(-1)  # slot t*K + j holds token t's j-th expert
+    order = xp.argsort(flat, kind="stable")
+    sorted_experts = to_numpy(flat[order])
+    bounds = (sorted_experts[1:] != sorted_experts[:-1]).nonzero()[0] + 1
+    starts = [0, *bounds.tolist()]
+    ends = [*bounds.tolist(), t * k]
+    w_flat = weights.reshape(-1)
+    contrib = xp.zeros((t * k, x.shape[-1]), dtype=x.dtype)
+    for a, b in zip(starts, ends):
+        slots = order[a:b]
+        y = swiglu(x[slots // k], **experts[int(sorted_experts[a])])
+        contrib[slots] = y * w_flat[slots, None].astype(x.dtype, copy=False)
+    return contrib.reshape(t, k, -1).sum(axis=1)

@@ -1,0 +1,38 @@
+"""The few array operations every section shares: linear maps, SiLU, a masked softmax and a
+top-k whose ties go to the lower index."""
+
+from __future__ import annotations
+
+from .backend import array_module
+
+
+def linear(x, weight):
+    """y = x W^T with the checkpoint's [out, in] weight layout.   [..., in] -> [..., out]"""
+    return x @ weight.T
+
+
+def silu(x):
+    """SiLU(x) = x * sigmoid(x), written with exp of a non-positive number only (no overflow)."""
+    return x * sigmoid(x)
+
+
+def sigmoid(x):
+    """1 / (1 + e^-x), stable for large |x|."""
+    xp = array_module(x)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def softmax(x, axis=-1):
+    """exp(x - max) / sum(exp(x - max)); entries at -inf get exactly 0."""
+    xp = array_module(x)
+    m = xp.max(x, axis=axis, keepdims=True)
+    e = xp.exp(x - m)
+    return e / xp.sum(e, axis=axis, keepdims=True)
+
+
+def topk_indices(x, k: int):
+    """Indices of the k largest entries along the last axis, largest first; equal values keep
+    their order, so ties go to the LOWER index (a stable descending sort).   [..., n] -> [..., k]"""
+    xp = array_module(x)
+    return xp.argsort(-x, axis=-1, kind="stable")[..., :k]

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The tests (fast profile by default; HYPOTHESIS_PROFILE=thorough for a release run).
+# Sets itself up on first use: .venv with the test and peer extras (CPU torch + transformers).
+source "$(dirname "$0")/_venv.sh" "test,peer"
+exec .venv/bin/python -m pytest "$@"
