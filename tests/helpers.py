@@ -1,0 +1,33 @@
+"""Shared test utilities: run the command lines as a user would, small models in memory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+import refimpl
+from refimpl.checkpoint import random_weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, module="refimpl", cwd=None):
+    """Run `python -m <module> args...` with this checkout first on the path -> CompletedProcess."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=600)
+
+
+def tiny_model(seed=0, cfg=None, **kw):
+    """The tiny preset (or cfg) with random well-scaled weights, in memory."""
+    cfg = cfg or refimpl.Config.preset("tiny")
+    return refimpl.Model.from_arrays(cfg, random_weights(cfg, seed), **kw)
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b|."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
