@@ -67,3 +67,12 @@ def to_numpy(x) -> np.ndarray:
     if type(x).__module__.startswith("cupy"):
         return x.get()
     return np.asarray(x)
+
+
+def stable_argsort(x, axis=-1):
+    """argsort that keeps equal values in index order (numpy needs kind="stable"; cupy's radix
+    sort is always stable and takes no kind)."""
+    xp = array_module(x)
+    if xp is np:
+        return np.argsort(x, axis=axis, kind="stable")
+    return xp.argsort(x, axis=axis)

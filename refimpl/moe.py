@@ -7,7 +7,7 @@ routed SwiGLU experts to the input. Ties go to the lower index, for groups and f
 
 from __future__ import annotations
 
-from .backend import array_module, to_numpy
+from .backend import array_module, stable_argsort, to_numpy
 from .ops import linear, sigmoid, silu, softmax, topk_indices
 
 
@@ -79,7 +79,7 @@ def routed_experts(x, idx, weights, experts):
     xp = array_module(x)
     t, k = idx.shape
     flat = idx.reshape(-1)  # slot t*K + j holds token t's j-th expert
-    order = xp.argsort(flat, kind="stable")
+    order = stable_argsort(flat)
     sorted_experts = to_numpy(flat[order])
     bounds = (sorted_experts[1:] != sorted_experts[:-1]).nonzero()[0] + 1
     starts = [0, *bounds.tolist()]

@@ -3,7 +3,7 @@ top-k whose ties go to the lower index."""
 
 from __future__ import annotations
 
-from .backend import array_module
+from .backend import array_module, stable_argsort
 
 
 def linear(x, weight):
@@ -34,5 +34,4 @@ def softmax(x, axis=-1):
 def topk_indices(x, k: int):
     """Indices of the k largest entries along the last axis, largest first; equal values keep
     their order, so ties go to the LOWER index (a stable descending sort).   [..., n] -> [..., k]"""
-    xp = array_module(x)
-    return xp.argsort(-x, axis=-1, kind="stable")[..., :k]
+    return stable_argsort(-x, axis=-1)[..., :k]

@@ -1,0 +1,117 @@
+"""Config: both rope spellings, round trips, presets, and refusal of numbers that don't fit."""
+
+import json
+import os
+
+import pytest
+
+from refimpl import Config, ConfigError
+from refimpl.config import RopeScaling
+
+SHARED_V3 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference",
+                         "deepseek-v3-config.json")
+
+
+def test_deepseek_v3_preset_has_the_published_numbers():
+    c = Config.preset("deepseek-v3")
+    assert (c.hidden_size, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim,
+            c.v_head_dim, c.kv_lora_rank, c.q_lora_rank) == (7168, 128, 128, 64, 128, 512, 1536)
+    assert (c.num_hidden_layers, c.first_k_dense_replace, c.intermediate_size) == (61, 3, 18432)
+    assert (c.n_routed_experts, c.moe_intermediate_size, c.n_shared_experts,
+            c.num_experts_per_tok, c.n_group, c.topk_group) == (256, 2048, 1, 8, 8, 4)
+    assert (c.routed_scaling_factor, c.scoring_func, c.topk_method, c.vocab_size) == \
+        (2.5, "sigmoid", "noaux_tc", 129280)
+    assert c.rope_scaling == RopeScaling(factor=40, original_max_position_embeddings=4096,
+                                         beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
+    assert c.rope_theta == 10000 and c.num_nextn_predict_layers == 1 and c.rms_norm_eps == 1e-6
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED_V3),
+                    reason="the project's shared/reference/deepseek-v3-config.json is not beside "
+                           "this checkout")
+def test_deepseek_v3_preset_is_exactly_the_reference_file():
+    with open(SHARED_V3) as f:
+        ref = json.load(f)
+    assert Config.preset("deepseek-v3").to_dict() == dict(sorted(ref.items()))
+
+
+def test_round_trip_through_json_both_rope_forms(tmp_path):
+    for name in ("tiny", "deepseek-v3"):
+        c = Config.preset(name)
+        for form in ("published", "transformers5"):
+            p = tmp_path / f"{name}-{form}.json"
+            c.to_json(p, rope_form=form)
+            assert Config.from_json(p) == c
+
+
+def test_transformers5_rope_parameters_are_read():
+    d = Config.preset("tiny").to_dict()
+    del d["rope_scaling"], d["rope_theta"]
+    d["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0,
+                            "original_max_position_embeddings": 32, "beta_fast": 32,
+                            "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
+    c = Config.from_dict(d)
+    assert c.rope_theta == 5000.0
+    assert c.rope_scaling.factor == 4.0 and c.rope_scaling.mscale_all_dim == 0.707
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": 5000.0}
+    assert Config.from_dict(d).rope_scaling is None
+
+
+def test_q_lora_rank_null_means_direct_q_proj():
+    d = Config.preset("tiny").to_dict()
+    d["q_lora_rank"] = None
+    assert Config.from_dict(d).q_lora_rank is None
+
+
+def test_v2_defaults_are_softmax_and_greedy():
+    d = Config.preset("tiny").to_dict()
+    for k in ("scoring_func", "topk_method", "norm_topk_prob"):
+        del d[k]
+    d["model_type"] = "deepseek_v2"
+    c = Config.from_dict(d)
+    assert (c.scoring_func, c.topk_method, c.norm_topk_prob, c.uses_bias) == \
+        ("softmax", "greedy", False, False)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"n_routed_experts": 15}, "n_routed_experts"),
+    ({"topk_group": 5}, "topk_group"),
+    ({"num_experts_per_tok": 9}, "num_experts_per_tok"),  # 2 kept groups x 4 experts = 8
+    ({"qk_rope_head_dim": 7}, "qk_rope_head_dim"),
+    ({"hidden_size": 0}, "hidden_size"),
+    ({"kv_lora_rank": -4}, "kv_lora_rank"),
+    ({"num_attention_heads": 2.5}, "num_attention_heads"),
+    ({"scoring_func": "relu"}, "scoring_func"),
+    ({"topk_method": "best"}, "topk_method"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps"),
+    ({"q_lora_rank": 0}, "q_lora_rank"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4}}, "original_max_position_embeddings"),
+    ({"rope_scaling": {"type": "linear", "factor": 4}}, "rope type"),
+    ({"model_type": "llama"}, "model_type"),
+])
+def test_configs_that_do_not_fit_are_refused_naming_the_field(change, field):
+    d = Config.preset("tiny").to_dict()
+    d.update(change)
+    with pytest.raises(ConfigError, match=field):
+        Config.from_dict(d, source="cfg.json")
+
+
+def test_missing_required_field_is_named(tmp_path):
+    d = Config.preset("tiny").to_dict()
+    del d["kv_lora_rank"]
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=r"config.json.*kv_lora_rank"):
+        Config.from_json(p)
+
+
+def test_not_json_is_refused_naming_the_file(tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        Config.from_json(p)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="preset 'huge' is unknown"):
+        Config.preset("huge")
