@@ -124,6 +124,9 @@ def decode(model, prompt, max_new_tokens: int, use_mtp: bool = False, depth: int
     D = 0
     if use_mtp:
         D = mtp.depth(model) if depth is None else depth
+        if depth is not None and not 1 <= depth <= mtp.depth(model):
+            raise InputError(f"MTP depth {depth} must be in 1..num_nextn_predict_layers "
+                             f"({mtp.depth(model)})")
         if D < 1 or not mtp.has_weights(model, D):
             raise InputError(f"MTP decoding (--mtp) needs MTP layers, but the weights have none "
                              f"(num_nextn_predict_layers {model.cfg.num_nextn_predict_layers}, "

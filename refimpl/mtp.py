@@ -61,23 +61,23 @@ class Conventions:
     chain: str = "head_norm"
     weights: str = "main"
     positions: str = "index"
-
-    CHOICES = {"concat": ("embedding_first", "hidden_first"), "h0": ("final_norm", "pre_norm"),
-               "chain": ("head_norm", "pre_head_norm"), "weights": ("main", "module"),
-               "positions": ("index", "token")}
+    first_embedding: str = "keep"
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if v not in self.CHOICES[f.name]:
+            if v not in CHOICES[f.name]:
                 raise RefimplError(f"MTP convention {f.name}={v!r} is not one of "
-                                   f"{', '.join(self.CHOICES[f.name])}")
+                                   f"{', '.join(CHOICES[f.name])}")
 
     def as_dict(self) -> dict:
         """{name: choice}, for manifests and JSON reports."""
         return dataclasses.asdict(self)
 
 
+CHOICES = {"concat": ("embedding_first", "hidden_first"), "h0": ("final_norm", "pre_norm"),
+           "chain": ("head_norm", "pre_head_norm"), "weights": ("main", "module"),
+           "positions": ("index", "token"), "first_embedding": ("keep", "zero")}
 DEFAULT = Conventions()
 
 
@@ -149,6 +149,9 @@ def module_forward(model, k: int, tokens_k, h_prev, start: int, cache=None, trac
     cos, sin = rope.cos_sin(pos, model.inv_freq, model.cos_sin_factor, xp)
     mask = mla.causal_mask(idx, np.arange(start + s), xp)  # causal over the module's own indices
     emb = embedding(model, k, conv)[xp.asarray(tokens_k)]  # Emb(t_{i+k}): [b, s, d]
+    if conv.first_embedding == "zero" and start == 0:
+        emb = emb.copy()
+        emb[:, 0] = 0.0
     _record(trace, name + "embed", emb)
     _record(trace, name + "h_prev", h_prev)
     x = combine(emb, h_prev, w.get(p + "enorm.weight"), w.get(p + "hnorm.weight"),

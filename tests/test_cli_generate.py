@@ -39,7 +39,8 @@ def test_generate_mtp_json_reports_the_run_and_matches_plain_greedy(ckpt):
     assert s["forward_passes"] == 6 - sum(s["accepted_per_depth"])
     assert 1.0 <= s["tokens_per_forward"] <= 2.0
     assert s["mtp_conventions"] == {"concat": "embedding_first", "h0": "final_norm",
-                                    "chain": "head_norm", "weights": "main", "positions": "index"}
+                                    "chain": "head_norm", "weights": "main", "positions": "index",
+                                    "first_embedding": "keep"}
     assert len(s["acceptance_per_depth"]) == 1
 
 

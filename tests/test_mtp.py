@@ -92,7 +92,7 @@ def test_depth2_reads_depth1_hidden_and_token_two_ahead():
 
 
 @pytest.mark.parametrize("name,alt", [("concat", "hidden_first"), ("h0", "pre_norm"),
-                                      ("weights", "module")])
+                                      ("weights", "module"), ("first_embedding", "zero")])
 def test_each_convention_is_live(name, alt):
     model = model_with_depth(1, seed=5)
     t = tokens_of(5, 6)
