@@ -65,7 +65,8 @@ class Report:
         return (len(self.tokens) - 1) / (self.forward_passes - 1) if self.forward_passes > 1 else 1.0
 
     def as_dict(self) -> dict:
-        return {"prompt": self.prompt, "tokens": self.tokens, "forward_passes": self.forward_passes,
+        return {"prompt": self.prompt, "tokens": self.tokens, "tokens_generated": len(self.tokens),
+                "forward_passes": self.forward_passes,
                 "tokens_per_forward": self.tokens_per_forward, "mtp_depth": self.depth,
                 "drafted_per_depth": self.drafted, "accepted_per_depth": self.accepted,
                 "acceptance_per_depth": self.acceptance, "temperature": self.temperature,
@@ -101,6 +102,29 @@ def accept_or_resample(p, q, draft: int, rng) -> tuple[bool, int]:
     total = r.sum()
     r = p if total <= 0 else r / total
     return False, int(rng.choice(len(p), p=r))
+
+
+def verify(drafts, draft_logits, logits, temperature: float, rng) -> list[int]:
+    """One verification: logits [1 + m, vocab] are the main model's at the newest token and the
+    m drafts.  Greedy: keep drafts while d_j == argmax(logits[j]); sampling: keep d_j with
+    probability min(1, p/q) (accept_or_resample).  Then append the main model's own token (its
+    argmax / residual draw at the first rejection, or its choice after the last draft).
+    -> the accepted drafts followed by that token (1 .. m + 1 ids)."""
+    new = []
+    for j, d in enumerate(drafts):
+        if temperature == 0:
+            choice = int(np.argmax(to_numpy(logits[j])))
+            ok, tok = d == choice, choice
+        else:
+            ok, tok = accept_or_resample(probabilities(logits[j], temperature),
+                                         probabilities(draft_logits[j], temperature), d, rng)
+        new.append(tok)
+        if not ok:
+            return new
+    last = logits[len(drafts)]
+    new.append(int(np.argmax(to_numpy(last))) if temperature == 0 else
+               int(rng.choice(last.shape[-1], p=probabilities(last, temperature))))
+    return new
 
 
 def decode(model, prompt, max_new_tokens: int, use_mtp: bool = False, depth: int | None = None,
@@ -160,22 +184,10 @@ def decode(model, prompt, max_new_tokens: int, use_mtp: bool = False, depth: int
             (None, model.hidden_states(x, cache))
         logits = model.logits(h)[0]  # [1 + m, vocab]
         rep.forward_passes += 1
-        new = []
+        new = verify(drafts, dlogits, logits, temperature, rng)
         for j in range(len(drafts)):
             rep.drafted[j] += 1
-        for j, d in enumerate(drafts):
-            if temperature == 0:
-                ok, tok = d == int(np.argmax(to_numpy(logits[j]))), None
-            else:
-                ok, tok = accept_or_resample(probabilities(logits[j], temperature),
-                                             probabilities(dlogits[j], temperature), d, rng)
-            if not ok:
-                new.append(tok if tok is not None else pick(logits[j]))
-                break
-            rep.accepted[j] += 1
-            new.append(d)
-        else:
-            new.append(pick(logits[len(drafts)]))
+            rep.accepted[j] += int(j < len(new) - 1)  # depth j+1 kept only if all before were
         a = len(new) - 1  # accepted drafts; `new` ends with the main model's own token
         cache.length = start + a + 1  # roll back past the rejected drafts
         out.extend(new)
