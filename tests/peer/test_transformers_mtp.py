@@ -63,32 +63,27 @@ def pair(tmp_path_factory):
                                                experts_implementation="eager")  # grouped_mm has no float64
     hf.eval()
     mtp_hf = MtpModel.from_pretrained(hf, device_map={"": "cpu"})
-    return refimpl.Model.from_arrays(cfg, weights), hf, mtp_hf
+    t = torch.tensor(TOKENS)
+    T = TOKENS.shape[1]
+    with torch.no_grad():
+        out = hf(t, output_hidden_states=True)
+        h0 = out.hidden_states[-1]  # tied to the output after the final norm
+        h1 = mtp_hf.forward_layer(0, h0[:, :T - 1], torch.arange(1, T)[None], None,
+                                  input_ids=t[:, 1:])
+        mtp_logits = mtp_hf._project_to_logits(h1).numpy()
+    return refimpl.Model.from_arrays(cfg, weights), hf, out.logits.numpy(), mtp_logits
 
 
 TOKENS = np.random.default_rng(1).integers(0, 64, (1, 10))
 
 
-def hf_mtp_logits(hf, mtp_hf, tokens):
-    t = torch.tensor(tokens)
-    T = tokens.shape[1]
-    with torch.no_grad():
-        h0 = hf(t, output_hidden_states=True).hidden_states[-1]
-        h1 = mtp_hf.forward_layer(0, h0[:, :T - 1], torch.arange(1, T)[None], None,
-                                  input_ids=t[:, 1:])
-        return mtp_hf._project_to_logits(h1).numpy()
-
-
 def test_main_model_logits_agree_with_transformers(pair):
-    model, hf, _ = pair
-    with torch.no_grad():
-        theirs = hf(torch.tensor(TOKENS)).logits.numpy()
+    model, _, theirs, _ = pair
     assert rel_err(model.forward(TOKENS), theirs) < TOL
 
 
 def test_mtp_module_logits_agree_with_transformers(pair):
-    model, hf, mtp_hf = pair
-    theirs = hf_mtp_logits(hf, mtp_hf, TOKENS)
+    model, _, _, theirs = pair
     for positions in ("token", "index"):
         _, (ours,) = model.forward(TOKENS, mtp=True,
                                    mtp_conventions=mtp.Conventions(positions=positions))
@@ -100,7 +95,7 @@ def test_mtp_module_logits_agree_with_transformers(pair):
 
 
 def test_transformers_mtp_generation_gives_our_tokens(pair):
-    model, hf, _ = pair
+    model, hf, _, _ = pair
     with torch.no_grad():
         out = hf.generate(torch.tensor(TOKENS), max_new_tokens=3, do_sample=False, use_mtp=True)
     theirs = out[0, TOKENS.shape[1]:].tolist()
