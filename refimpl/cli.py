@@ -42,13 +42,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="prefill the first token, then decode the rest one at a time through the "
                         "latent cache")
 
-    r = sub.add_parser("generate", help="greedy decoding")
+    r = sub.add_parser("generate", help="greedy (or sampled) decoding, optionally speculative with "
+                                        "the MTP modules")
     r.add_argument("--checkpoint", required=True)
     r.add_argument("--prompt", required=True, help="comma-separated token ids, e.g. 1,2,3")
     r.add_argument("--max-new-tokens", type=int, default=32)
     r.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     r.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     r.add_argument("--json", action="store_true")
+    r.add_argument("--mtp", action="store_true",
+                   help="speculative decoding: the MTP modules draft, the main model verifies in "
+                        "one forward; greedy output is identical to plain greedy decoding")
+    r.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (default): greedy; > 0: sample from softmax(logits / temperature), "
+                        "with --mtp accepting drafts by min(1, p/q)")
+    r.add_argument("--seed", type=int, default=None, help="random seed for --temperature > 0")
     return p
 
 
@@ -134,18 +142,40 @@ def _parse_prompt(text: str) -> list[int]:
 
 
 def cmd_generate(args) -> int:
-    from .generate import greedy
+    from .generate import decode
     from .model import load
 
     prompt = _parse_prompt(args.prompt)
+    if args.temperature < 0:
+        raise InputError(f"--temperature must be >= 0, got {args.temperature}")
     model = load(args.checkpoint, dtype=args.dtype, device=args.device)
     model.check_tokens(np.array([prompt]))
-    new = greedy(model, prompt, args.max_new_tokens)
+    rep = decode(model, prompt, args.max_new_tokens, use_mtp=args.mtp,
+                 temperature=args.temperature, seed=args.seed)
     if args.json:
-        print(json.dumps({"prompt": prompt, "tokens": new, "forward_passes": 1 + max(len(new) - 1, 0)}))
-    else:
-        print(",".join(map(str, new)))
+        print(json.dumps(rep.as_dict()))
+        return 0
+    print(",".join(map(str, rep.tokens)))
+    if args.mtp:
+        for line in mtp_summary(rep, model.cfg.vocab_size):
+            print(line, file=sys.stderr)
     return 0
+
+
+def mtp_summary(rep, vocab_size: int) -> list[str]:
+    """The accounting of a speculative run, in words (printed to stderr by `generate --mtp`)."""
+    rates = ", ".join(f"depth {k}: {a}/{d}" + (f" = {a / d:.1%}" if d else "")
+                      for k, (a, d) in enumerate(zip(rep.accepted, rep.drafted), 1))
+    lines = [f"{len(rep.tokens)} tokens in {rep.forward_passes} main-model forward passes "
+             f"(prefill included); {rep.tokens_per_forward:.3f} tokens per decoding forward",
+             f"accepted drafts per depth: {rates}",
+             "conventions: " + ", ".join(f"{k}={v}" for k, v in rep.mtp_conventions.items())]
+    drafted, accepted = sum(rep.drafted), sum(rep.accepted)
+    if drafted and accepted / drafted < 0.05:
+        lines.append(f"note: acceptance is near zero ({accepted}/{drafted}; chance is about "
+                     f"1/{vocab_size}): the MTP modules do not predict this model's tokens, as "
+                     f"expected with random weights")
+    return lines
 
 
 def cmd_demo(args) -> int:

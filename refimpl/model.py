@@ -9,7 +9,7 @@ final norm, lm_head; prefill and incremental decode through the latent cache; na
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,6 +33,8 @@ class LatentCache:
     c_kv: list
     k_rope: list
     length: int = 0
+    # MTP module k (mtp.py) uses slot num_hidden_layers + k - 1 and has its own filled length
+    mtp_lengths: list = field(default_factory=list)
 
     @property
     def batch(self) -> int:
@@ -119,30 +121,54 @@ class Model:
         return cls(cfg, ArraySource(cfg, arrays), **kw)
 
     # ---- cache ---------------------------------------------------------------------------------
-    def new_cache(self, batch: int = 1, max_len: int | None = None) -> LatentCache:
+    def new_cache(self, batch: int = 1, max_len: int | None = None, mtp: bool = False) -> LatentCache:
         """An empty latent cache for `batch` rows of up to `max_len` tokens (default: the
-        config's max_position_embeddings)."""
+        config's max_position_embeddings).  With mtp=True it also has one slot per MTP module
+        (num_nextn_predict_layers more, each with its own length in mtp_lengths)."""
         cfg, xp = self.cfg, self.xp
         max_len = cfg.max_position_embeddings if max_len is None else max_len
         if max_len < 1 or max_len > cfg.max_position_embeddings:
             raise InputError(f"cache max_len {max_len} must be in 1..max_position_embeddings "
                              f"({cfg.max_position_embeddings})")
-        n = cfg.num_hidden_layers
+        n = cfg.num_layers_with_mtp if mtp else cfg.num_hidden_layers
         return LatentCache(
             c_kv=[xp.zeros((batch, max_len, cfg.kv_lora_rank), self.dtype) for _ in range(n)],
-            k_rope=[xp.zeros((batch, max_len, cfg.qk_rope_head_dim), self.dtype) for _ in range(n)])
+            k_rope=[xp.zeros((batch, max_len, cfg.qk_rope_head_dim), self.dtype) for _ in range(n)],
+            mtp_lengths=[0] * (cfg.num_nextn_predict_layers if mtp else 0))
 
     # ---- forward -------------------------------------------------------------------------------
-    def forward(self, tokens, cache: LatentCache | None = None, trace: dict | None = None):
+    def forward(self, tokens, cache: LatentCache | None = None, trace: dict | None = None,
+                mtp: bool = False, mtp_conventions=None):
         """tokens int [batch, seq] -> logits [batch, seq, vocab] (working dtype, on the device).
 
         With a cache, the tokens continue at position cache.length and the cache advances.
-        With a trace dict, the named intermediates are stored in it in dataflow order."""
+        With a trace dict, the named intermediates are stored in it in dataflow order.
+        With mtp=True (teacher forcing over the whole sequence, no cache), returns
+        (logits, [mtp logits of depth k = 1..D, each [batch, seq-k, vocab]]): module k at index i
+        predicts t_{i+k+1} (mtp.py; conventions from mtp.Conventions, default mtp.DEFAULT)."""
+        if mtp:
+            return self._forward_mtp(tokens, cache, trace, mtp_conventions)
         h = self.hidden_states(tokens, cache, trace)
         return self.logits(h, trace)
 
-    def hidden_states(self, tokens, cache=None, trace=None):
-        """The final hidden state after the last norm: [batch, seq, d]."""
+    def _forward_mtp(self, tokens, cache, trace, conv):
+        from . import mtp as mtp_mod
+
+        if cache is not None:
+            raise InputError("forward(mtp=True) is teacher-forced over a whole sequence and takes "
+                             "no cache; decode incrementally with mtp.Drafter")
+        if not mtp_mod.has_weights(self):
+            raise InputError("forward(mtp=True): the weights hold no MTP layers (layer "
+                             f"{self.cfg.num_hidden_layers} and on)")
+        conv = conv or mtp_mod.DEFAULT
+        tokens = self.check_tokens(tokens)
+        h0, h = mtp_mod.main_hidden(self, tokens, None, trace, conv)
+        logits = self.logits(h, trace)
+        return logits, mtp_mod.teacher_forced(self, tokens, h0, trace, conv)
+
+    def hidden_states(self, tokens, cache=None, trace=None, final_norm=True):
+        """The final hidden state after the last norm: [batch, seq, d] (with final_norm=False,
+        the last decoder layer's output, before that norm)."""
         cfg, xp = self.cfg, self.xp
         tokens = self.check_tokens(tokens)
         b, s = tokens.shape
@@ -166,6 +192,8 @@ class Model:
             h = self.decoder_layer(i, h, cos, sin, mask, start, cache, trace)
         if cache is not None:
             cache.length = start + s
+        if not final_norm:
+            return h
         h = rms_norm(h, self.weights.get("model.norm.weight"), cfg.rms_norm_eps)
         _record(trace, "final_hidden", h)
         return h
