@@ -43,6 +43,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +170,7 @@ class Device:
         else:
             self.xp = np
             self.tdev = torch.device("cpu")
+            torch.set_num_threads(1)  # steadier CPU timings; the CPU run only proves code paths
         self.tf32 = disable_tf32(torch)
 
     # -- arrays --
@@ -640,6 +642,8 @@ def markdown(res: dict) -> str:
             f"{r['ratio_refimpl_over_torch']:.2f} | {a['tflops']:.3g} ({100 * a['frac_matmul']:.0f}%) | "
             f"{a['gbps']:.3g} ({100 * a['frac_copy']:.0f}%) | {100 * t['frac_matmul']:.0f}% | "
             f"{100 * t['frac_copy']:.0f}% | {err} |")
+    for name, err in res.get("errors", {}).items():
+        lines.append(f"| {name} | FAILED: {err} |")
     lines += ["", "Targets (issue 6): " + "; ".join(
         f"{k}: {'met' if v['met'] else 'MISSED'} ({v['value']:.2f} {v['want']})"
         for k, v in res["targets"].items())]
@@ -700,27 +704,44 @@ def main(argv=None) -> int:
            "sizes": {"prefill_tokens": sz.prefill_tokens, "cache_len": sz.cache_len,
                      "moe_tokens": sz.moe_tokens, **sz.dims}, "cases": {}}
     t0 = time.perf_counter()
+    failed = []
+
+    def save():  # after every step, so that a crash or a timeout keeps what was measured
+        res["wall_s"] = time.perf_counter() - t0
+        write_atomic(out_dir / "gpu_layers.json", json.dumps(res, indent=1, default=float))
+
     res["ceilings"] = ceilings(dev, sz, dtype, args.warmup, max(args.repeats, 3))
+    save()
     print(f"ceilings: {json.dumps(res['ceilings'])}", flush=True)
     for name in cases:
         t1 = time.perf_counter()
-        r = CASE_FUNCS[name](dev, sz, dtype, args.warmup, args.repeats)
+        try:
+            r = CASE_FUNCS[name](dev, sz, dtype, args.warmup, args.repeats)
+        except Exception as e:  # noqa: BLE001 - record it, free the memory, measure the rest
+            failed.append(name)
+            res.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+            print(f"{name}: FAILED {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            traceback.print_exc()
+            del e
+            dev.free()
+            save()
+            continue
         dev.free()
         r["memory"] = dev.memory()
         derive(r, res["ceilings"])
         r["wall_s"] = time.perf_counter() - t1
         res["cases"][name] = r
+        save()
         print(f"{name}: refimpl {r['refimpl']['median_ms']:.3f} ms, torch "
               f"{r['torch']['median_ms']:.3f} ms, rel err {r['rel_err']:.2e} "
               f"({r['wall_s']:.1f} s)", flush=True)
     res["targets"] = targets(res)
-    res["wall_s"] = time.perf_counter() - t0
-    write_atomic(out_dir / "gpu_layers.json", json.dumps(res, indent=1, default=float))
+    save()
     table = markdown(res)
     write_atomic(out_dir / "gpu_layers.md", table)
     print()
     print(table, end="")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
