@@ -150,3 +150,37 @@ def test_rel_err_and_clock_helpers(torch_here):
     assert out == 7 and ms >= 0
     times, out = b.measure(b.host_clock, lambda: np.ones(3), warmup=1, repeats=3)
     assert len(times) == 3 and out.sum() == 3
+
+
+def load_cost():
+    if "full_model_cost" not in sys.modules:
+        path = os.path.join(ROOT, "benchmarks", "full_model_cost.py")
+        spec = importlib.util.spec_from_file_location("full_model_cost", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["full_model_cost"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["full_model_cost"]
+
+
+def test_full_model_cost_counts_the_published_model():
+    """SPEC.md 8: 671,026,419,200 parameters; about 36.6 B read per token without the embedding;
+    the routed experts are 58 layers x 256 experts x 3 x 7168 x 2048."""
+    m = load_cost()
+    c = m.costs(Config.preset("deepseek-v3"), m.parse_args([]))
+    inv = c["inventory"]
+    assert inv["params"] == 671_026_419_200
+    assert inv["routed_params"] == 58 * 256 * 3 * 7168 * 2048
+    assert 36.5e9 < inv["active_params"] < 36.7e9
+    assert 37e9 < c["decode"]["weight_bytes"] < 38.5e9  # FP8 matrices, bf16 head and gates
+    assert c["decode"]["cache_bytes_bf16"] == 61 * 576 * 32768 * 2
+    assert c["prefill"]["experts_touched_per_layer"] > 255.9  # 4096 tokens touch every expert
+    # the 8-GPU node holds the FP8 model; one GPU does not
+    assert inv["bytes"] / 8 < 141e9 < inv["bytes"]
+
+
+def test_full_model_cost_prints_its_table(tmp_path):
+    p = run([sys.executable, os.path.join(ROOT, "benchmarks", "full_model_cost.py"),
+             "--json", str(tmp_path / "cost.json")])
+    assert p.returncode == 0, p.stderr
+    assert "671,026,419,200 parameters" in p.stdout and "| decode, batch 1" in p.stdout
+    assert json.loads((tmp_path / "cost.json").read_text())["inventory"]["params"] == 671_026_419_200
