@@ -162,6 +162,7 @@ class Device:
 
         self.gpu, self.torch = gpu, torch
         if gpu:
+            os.environ["CUPY_TF32"] = "0"  # read at cupy's first float32 product: IEEE, like torch
             import cupy
 
             self.xp = cupy
@@ -224,13 +225,18 @@ class Device:
             self.xp.get_default_memory_pool().free_all_blocks()
             self.torch.cuda.empty_cache()
 
-    def memory(self) -> dict:
+    def memory(self, side: str) -> dict:
+        """What one side holds right after its runs: cupy's pool (every block since the last
+        free_all_blocks, so its high-water mark) or torch's peak since the last reset."""
         if not self.gpu:
             return {}
         free, total = self.xp.cuda.runtime.memGetInfo()
-        return {"device_free_gb": free / 1e9, "device_total_gb": total / 1e9,
-                "cupy_pool_gb": self.xp.get_default_memory_pool().total_bytes() / 1e9,
-                "torch_max_allocated_gb": self.torch.cuda.max_memory_allocated() / 1e9}
+        if side == "refimpl":
+            held = self.xp.get_default_memory_pool().total_bytes()
+        else:
+            held = self.torch.cuda.max_memory_allocated()
+            self.torch.cuda.reset_peak_memory_stats()
+        return {"held_gb": held / 1e9, "device_free_gb": free / 1e9, "device_total_gb": total / 1e9}
 
     def describe(self) -> dict:
         torch = self.torch
@@ -465,9 +471,11 @@ def rel_err_torch(a, b) -> float:
 def run_pair(dev: Device, ref_fn, torch_fn, warmup, repeats):
     """Time both sides; the cupy side first, its pool emptied before torch runs."""
     ref_times, ref_out = measure(dev.clock_refimpl, ref_fn, warmup, repeats)
+    memory = {"refimpl": dev.memory("refimpl")}
     dev.free()
     t_times, t_out = measure(dev.clock_torch, torch_fn, warmup, repeats)
-    return ref_times, ref_out, t_times, t_out
+    memory["torch"] = dev.memory("torch")
+    return ref_times, ref_out, t_times, t_out, memory
 
 
 def rope_tables(dev: Device, cfg: Config, positions):
@@ -487,13 +495,13 @@ def case_mla_prefill(dev: Device, sz: Sizes, dtype, warmup, repeats) -> dict:
     tw = {k: dev.to_torch(v) for k, v in w.items()}
     tx, tcos, tsin = (dev.to_torch(a) for a in (x, cos.astype(dtype), sin.astype(dtype)))
     tmask = dev.torch.ones((s, s), dtype=dev.torch.bool, device=dev.tdev).tril()  # key <= query
-    ref_t, ref_out, t_t, t_out = run_pair(
+    ref_t, ref_out, t_t, t_out, mem = run_pair(
         dev, lambda: refimpl_mla(x, w, cos, sin, mask, cfg, scale, "naive"),
         lambda: torch_mla(tx, tw, tcos, tsin, tmask, z, scale, "naive"), warmup, repeats)
     itemsize = np.dtype(dtype).itemsize
     return {"what": f"MLA block, naive form, {s} tokens, causal", "tokens": s,
             "flops": mla_prefill_flops(z, s), "bytes": mla_prefill_bytes(z, s, itemsize),
-            "refimpl": timing(ref_t), "torch": timing(t_t),
+            "refimpl": timing(ref_t), "torch": timing(t_t), "memory": mem,
             "rel_err": rel_err_torch(dev.to_torch(ref_out), t_out)}
 
 
@@ -514,7 +522,7 @@ def case_mla_decode(dev: Device, sz: Sizes, dtype, warmup, repeats) -> dict:
     # each side writes its own copy of the cache (the step writes entry `start`)
     ref_cache = (c_cache, r_cache)
     t_cache = (dev.to_torch(c_cache.copy()), dev.to_torch(r_cache.copy()))
-    ref_t, ref_out, t_t, t_out = run_pair(
+    ref_t, ref_out, t_t, t_out, mem = run_pair(
         dev, lambda: refimpl_mla(x, w, cos, sin, mask, cfg, scale, "absorbed", ref_cache, start),
         lambda: torch_mla(tx, tw, tcos, tsin, None, z, scale, "absorbed", t_cache, start),
         warmup, repeats)
@@ -522,7 +530,7 @@ def case_mla_decode(dev: Device, sz: Sizes, dtype, warmup, repeats) -> dict:
     return {"what": f"MLA block, absorbed form, 1 token against a {T}-token latent cache",
             "cache_len": T, "flops": mla_decode_flops(z, T),
             "bytes": mla_decode_bytes(z, T, itemsize),
-            "refimpl": timing(ref_t), "torch": timing(t_t),
+            "refimpl": timing(ref_t), "torch": timing(t_t), "memory": mem,
             "rel_err": rel_err_torch(dev.to_torch(ref_out), t_out)}
 
 
@@ -537,7 +545,7 @@ def case_moe(dev: Device, sz: Sizes, dtype, warmup, repeats) -> dict:
     t_gate, t_bias, t_u = dev.to_torch(gate_w), dev.to_torch(bias), dev.to_torch(u)
     t_experts = [{k: dev.to_torch(v) for k, v in e.items()} for e in experts]
     t_shared = {k: dev.to_torch(v) for k, v in shared.items()}
-    ref_t, (ref_out, ref_idx), t_t, (t_out, t_idx) = run_pair(
+    ref_t, (ref_out, ref_idx), t_t, (t_out, t_idx), mem = run_pair(
         dev, lambda: refimpl_moe(u, gate_w, bias, experts, shared, cfg),
         lambda: torch_moe(t_u, t_gate, t_bias, t_experts, t_shared, cfg), warmup, repeats)
     # a near tie in s + b can flip between the two float32 gates: compare outputs only on the
@@ -550,7 +558,7 @@ def case_moe(dev: Device, sz: Sizes, dtype, warmup, repeats) -> dict:
     return {"what": f"DeepSeekMoE layer, {n} tokens, top-{z['K']} of {z['E']} + shared",
             "tokens": n, "active_experts": active, "flops": moe_flops(z, n),
             "bytes": moe_bytes(z, n, active, itemsize),
-            "refimpl": timing(ref_t), "torch": timing(t_t),
+            "refimpl": timing(ref_t), "torch": timing(t_t), "memory": mem,
             "routing_agree_tokens": int(same.sum()), "routing_tokens": n,
             "rel_err": rel_err_torch(r_out[same], t_out[same]) if bool(same.any()) else float("nan")}
 
@@ -731,7 +739,6 @@ def main(argv=None) -> int:
             save()
             continue
         dev.free()
-        r["memory"] = dev.memory()
         derive(r, res["ceilings"])
         r["wall_s"] = time.perf_counter() - t1
         res["cases"][name] = r
