@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from refimpl import Config  # noqa: E402
-from refimpl.checkpoint import layer_of, tensor_plan  # noqa: E402
+from refimpl.checkpoint import tensor_plan  # noqa: E402
 
 FP8_BLOCK = 128
 
