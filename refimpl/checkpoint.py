@@ -174,6 +174,18 @@ class SafetensorsFile:
         return np.frombuffer(self._map, dtype=DTYPES[dtype], count=count,
                              offset=self.data_start + begin).reshape(shape)
 
+    def drop_pages(self, name: str) -> None:
+        """Tell the kernel this process is done with a tensor's pages (MADV_DONTNEED): they leave
+        its resident set (the page cache keeps them) and are read again if touched again."""
+        if not isinstance(self._map, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        _, _, (begin, end) = self.tensors[name]
+        page = mmap.PAGESIZE
+        lo = (self.data_start + begin) // page * page
+        hi = min(-(-(self.data_start + end) // page) * page, len(self._map))
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
 
 def _read_header(path: str):
     """Parse and check a safetensors header -> ({name: (dtype, shape, (begin, end))}, data_start).
@@ -387,11 +399,46 @@ class Checkpoint:
             arr = fp8.dequantize(stored, s, dtype=dtype)
         else:
             arr = np.array(stored, dtype=dtype)  # a private, writable copy in working precision
-        if not np.isfinite(arr).all():
+        self._drop(name)
+        self._check_finite(name, arr)
+        return arr
+
+    def stored_fp8(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """An FP8 tensor as stored, copied out of the map: (q e4m3 [out, in], scale_inv f32)."""
+        sname = self._scale_name(name)
+        q, s = np.array(self.raw(name)), np.array(self.raw(sname), dtype=np.float32)
+        self._drop(name)
+        self._drop(sname)
+        self._check_finite(sname, s)
+        self._check_finite(name, q)
+        return q, s
+
+    def rows(self, name: str, ids, dtype=np.float64) -> np.ndarray:
+        """Rows `ids` (int array, any shape) of a 2-d tensor, reading only those rows
+        (an embedding lookup).   -> [*ids.shape, cols]"""
+        stored = self.raw(name)
+        if stored.dtype == DTYPES["F8_E4M3"]:
+            return self.weight(name, dtype)[ids]
+        out = np.asarray(stored[ids], dtype=dtype)
+        self._check_finite(name, out)
+        return out
+
+    def _drop(self, name: str) -> None:
+        self.files[self.where[name]].drop_pages(name)
+
+    def _check_finite(self, name: str, arr: np.ndarray, chunk: int = 1 << 22) -> None:
+        """NaN or Inf anywhere -> an error naming the tensor and its layer (checked in chunks,
+        so no full-size temporary)."""
+        flat = arr.reshape(-1)
+        if flat.dtype == DTYPES["F8_E4M3"]:  # e4m3fn has no Inf; NaN is the code 0x7f/0xff
+            u = flat.view(np.uint8)
+            bad = any(((u[i:i + chunk] & 0x7F) == 0x7F).any() for i in range(0, u.size, chunk))
+        else:
+            bad = not all(np.isfinite(flat[i:i + chunk]).all() for i in range(0, flat.size, chunk))
+        if bad:
             layer = layer_of(name)
             at = "" if layer is None else f" (layer {layer})"
             raise CheckpointError(f"{self.file_of(name)}: tensor {name}{at} contains NaN or Inf")
-        return arr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help=".npy file for logits [batch, seq, vocab]")
     g.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     g.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    g.add_argument("--max-memory", default=None,
+                   help="keep the process under this size (e.g. 8GB, 6GiB) by releasing weights "
+                        "after use and reading them again when needed")
+    g.add_argument("--fp8-activations", action="store_true",
+                   help="emulate an FP8 engine: FP8-stored projections multiply activations "
+                        "quantised per token per 128 channels, accumulating in float32")
     g.add_argument("--incremental", action="store_true",
                    help="prefill the first token, then decode the rest one at a time through the "
                         "latent cache")
@@ -58,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=32)
     r.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     r.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    r.add_argument("--max-memory", default=None,
+                   help="keep the process under this size (e.g. 8GB, 6GiB) by releasing weights "
+                        "after use and reading them again when needed")
+    r.add_argument("--fp8-activations", action="store_true",
+                   help="emulate an FP8 engine: FP8-stored projections multiply activations "
+                        "quantised per token per 128 channels, accumulating in float32")
     r.add_argument("--json", action="store_true")
     i = sub.add_parser("info", help="parameters (total, active, MTP, per layer), KV-cache bytes "
                                     "and the checkpoint layout, from a config or a checkpoint")
@@ -151,11 +163,19 @@ def run_logits(model, tokens, incremental: bool) -> np.ndarray:
     return np.concatenate(steps, axis=1)
 
 
+def _memory_options(args) -> dict:
+    """--max-memory and --fp8-activations as load() keywords."""
+    from .memory import parse_memory
+
+    mem = None if args.max_memory is None else parse_memory(args.max_memory)
+    return {"max_memory": mem, "fp8_activations": args.fp8_activations}
+
+
 def cmd_logits(args) -> int:
     from .model import load
 
     tokens = _load_tokens(args.tokens)
-    model = load(args.checkpoint, dtype=args.dtype, device=args.device)
+    model = load(args.checkpoint, dtype=args.dtype, device=args.device, **_memory_options(args))
     model.check_tokens(tokens)
     _save_npy(args.out, run_logits(model, tokens, args.incremental))
     return 0
@@ -176,7 +196,7 @@ def cmd_generate(args) -> int:
     from .model import load
 
     prompt = _parse_prompt(args.prompt)
-    model = load(args.checkpoint, dtype=args.dtype, device=args.device)
+    model = load(args.checkpoint, dtype=args.dtype, device=args.device, **_memory_options(args))
     model.check_tokens(np.array([prompt]))
     new = greedy(model, prompt, args.max_new_tokens)
     if args.json:
