@@ -18,6 +18,7 @@ All checkpoint naming lives here (SPEC.md sections 4-7):
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import shutil
@@ -42,6 +43,7 @@ DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit on the JSON header
+MAX_DIM = 2 ** 40  # no real dimension comes near; a zero-sized tensor can't hide a huge one
 
 ATTN_NORMS = ("q_a_layernorm", "kv_a_layernorm")
 FFN_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -228,6 +230,9 @@ def _read_header(path: str):
         if not (isinstance(shape, list) and all(isinstance(x, int) and not isinstance(x, bool)
                                                  and x >= 0 for x in shape)):
             raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if len(shape) > 8 or any(x > MAX_DIM for x in shape):
+            raise CheckpointError(f"{where}: shape {shape!r} has more than 8 dimensions or one "
+                                  f"larger than {MAX_DIM}")
         if not (isinstance(offs, list) and len(offs) == 2 and
                 all(isinstance(x, int) and not isinstance(x, bool) for x in offs)):
             raise CheckpointError(f"{where}: data_offsets {offs!r} is not two integers")
@@ -235,7 +240,7 @@ def _read_header(path: str):
         if not 0 <= begin <= end <= data_size:
             raise CheckpointError(f"{where}: data_offsets {offs} lie outside the {data_size} "
                                   "bytes of data (truncated file or lying header)")
-        nbytes = int(np.prod(shape, dtype=object)) * DTYPES[dtype].itemsize
+        nbytes = math.prod(shape) * STORAGE_BYTES[dtype]
         if end - begin != nbytes:
             raise CheckpointError(f"{where}: data_offsets span {end - begin} bytes but shape "
                                   f"{shape} of {dtype} needs {nbytes}")
@@ -365,7 +370,7 @@ class Checkpoint:
         nbytes = params = 0
         for name in self.where:
             dtype, shape = self.dtype(name), self.shape(name)
-            size = int(np.prod(shape, dtype=object))
+            size = math.prod(shape)
             by_dtype[dtype] = by_dtype.get(dtype, 0) + size * STORAGE_BYTES[dtype]
             nbytes += size * STORAGE_BYTES[dtype]
             if not name.endswith("_scale_inv"):
@@ -466,7 +471,7 @@ def write_safetensors_planned(path: str, entries, produce, metadata: dict | None
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     for name, dtype, shape in entries:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * STORAGE_BYTES[dtype]
+        nbytes = math.prod(shape) * STORAGE_BYTES[dtype]
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -492,7 +497,7 @@ def shard_entries(entries: list, shards: int) -> list[list]:
     about equal bytes; a weight and its `_scale_inv` (adjacent in the plan) stay together."""
     groups: list[list] = []  # [entries, bytes]: units that are never split
     for e in entries:
-        size = int(np.prod(e[2], dtype=np.int64)) * STORAGE_BYTES[e[1]]
+        size = math.prod(e[2]) * STORAGE_BYTES[e[1]]
         if groups and e[0] == groups[-1][0][-1][0] + "_scale_inv":
             groups[-1][0].append(e)
             groups[-1][1] += size
@@ -625,7 +630,7 @@ def write_checkpoint(out: str | os.PathLike, cfg: Config, entries: list, produce
             if progress is not None:
                 progress(k + 1, len(runs))
         if shards is not None:
-            total = sum(int(np.prod(sh, dtype=np.int64)) * STORAGE_BYTES[d] for _, d, sh in entries)
+            total = sum(math.prod(sh) * STORAGE_BYTES[d] for _, d, sh in entries)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)

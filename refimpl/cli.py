@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -142,7 +143,7 @@ def cmd_make_checkpoint(args) -> int:
         for _, d, sh in entries:
             t = by.setdefault(d, [0, 0])
             t[0] += 1
-            t[1] += int(np.prod(sh, dtype=np.int64)) * STORAGE_BYTES[d]
+            t[1] += math.prod(sh) * STORAGE_BYTES[d]
         print(f"would write {len(entries):,} tensors, {sum(b for _, b in by.values()):,} bytes in "
               f"{len(runs)} file(s): " + ", ".join(f"{d} {n:,} tensors {b:,} B" for d, (n, b) in sorted(by.items())))
         return 0

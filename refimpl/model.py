@@ -8,6 +8,7 @@ final norm, lm_head; prefill and incremental decode through the latent cache; na
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -91,7 +92,7 @@ class WeightStore:
 
     def nbytes(self, name: str) -> int:
         """Bytes the materialised tensor takes (from the header: nothing is read)."""
-        n = int(np.prod(self.source.shape(name), dtype=np.int64))
+        n = math.prod(self.source.shape(name))
         if self._keeps_fp8(name):
             rows, cols = fp8.scale_shape(self.source.shape(name))
             return n + 4 * rows * cols
