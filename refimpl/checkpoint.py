@@ -214,6 +214,8 @@ def _read_header(path: str):
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     data_size = size - 8 - n
@@ -400,7 +402,9 @@ class Checkpoint:
         checked finite (the error names the tensor and its layer)."""
         stored = self.raw(name)
         if stored.dtype == DTYPES["F8_E4M3"]:
-            s = self.raw(self._scale_name(name))
+            sname = self._scale_name(name)
+            s = self.raw(sname)
+            self._check_finite(sname, s)
             arr = fp8.dequantize(stored, s, dtype=dtype)
         else:
             arr = np.array(stored, dtype=dtype)  # a private, writable copy in working precision
