@@ -316,6 +316,14 @@ class Checkpoint:
     def shape(self, name: str) -> tuple:
         return self.files[self.where[name]].tensors[name][1]
 
+    def stored_nbytes(self, name: str) -> int:
+        """Bytes read to materialise `name`: the tensor as stored, plus its scale if FP8."""
+        n = math.prod(self.shape(name)) * STORAGE_BYTES[self.dtype(name)]
+        sname = name + "_scale_inv"
+        if self.dtype(name) == "F8_E4M3" and sname in self.where:
+            n += math.prod(self.shape(sname)) * STORAGE_BYTES[self.dtype(sname)]
+        return n
+
     def file_of(self, name: str) -> str:
         return os.path.join(self.path, self.where[name])
 

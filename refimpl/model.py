@@ -85,6 +85,7 @@ class WeightStore:
         self.peak_bytes = 0  # most bytes of weights held at once
         self.materialised = 0  # tensors materialised, re-reads after release included
         self.materialised_bytes = 0
+        self.read_bytes = 0  # bytes of stored tensors read to materialise them
 
     def _keeps_fp8(self, name: str) -> bool:
         return (self.fp8_linears and hasattr(self.source, "dtype")
@@ -114,6 +115,8 @@ class WeightStore:
         self.peak_bytes = max(self.peak_bytes, self.resident_bytes)
         self.materialised += 1
         self.materialised_bytes += size
+        if hasattr(self.source, "stored_nbytes"):
+            self.read_bytes += self.source.stored_nbytes(name)
         return a
 
     def _make_room(self, size: int) -> None:

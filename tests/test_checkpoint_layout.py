@@ -206,3 +206,29 @@ def test_loading_the_full_v3_layout_reads_headers_only_and_takes_seconds(tmp_pat
     assert stored["tensors"] == 91_991 and stored["bytes"] == 688_574_839_360
     assert stored["files"] == 163 and stored["has_mtp"]
     assert stored["params"] == 671_026_419_200 + json.loads(r.stdout)["mtp_params"]
+
+
+def test_every_float_dtype_loads_to_the_stored_values(tmp_path):
+    import ml_dtypes
+
+    from refimpl.checkpoint import write_safetensors
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 1, (130, 200))
+    q, s = fp8.quantize(base)
+    stored = {"a.f64": base, "a.f32": base.astype(np.float32), "a.f16": base.astype(np.float16),
+              "a.bf16": base.astype(ml_dtypes.bfloat16),
+              "model.layers.0.self_attn.o_proj.weight": q,
+              "model.layers.0.self_attn.o_proj.weight_scale_inv": s}
+    write_safetensors(str(tmp_path / "model.safetensors"), stored)
+    TINY.to_json(tmp_path / "config.json")
+    ck = Checkpoint(tmp_path)
+    assert ck.dtype("a.bf16") == "BF16" and ck.dtype("a.f16") == "F16"
+    for name, a in stored.items():
+        if name.endswith("_scale_inv") or name.endswith("o_proj.weight"):
+            continue
+        assert np.array_equal(ck.weight(name), a.astype(np.float64)), name
+    w = ck.weight("model.layers.0.self_attn.o_proj.weight")
+    assert np.array_equal(w, fp8.dequantize(q, s))
+    assert np.array_equal(ck.weight("model.layers.0.self_attn.o_proj.weight", np.float32),
+                          fp8.dequantize(q, s).astype(np.float32))
