@@ -116,6 +116,22 @@ def storage_totals(cfg: Config, fp8: bool = True, mtp: bool = True) -> dict:
             "by_dtype": {k: {"tensors": n, "bytes": b} for k, (n, b) in sorted(by_dtype.items())}}
 
 
+def active_bytes_per_token(cfg: Config, fp8: bool = True, mtp: bool = False) -> int:
+    """Stored bytes one decode token must read (batch 1, nothing cached): every tensor it
+    touches as stored (FP8 with scales, when fp8), num_experts_per_tok of the routed experts,
+    and one row of the embedding."""
+    total = 0
+    for name, (dtype, shape) in storage_plan(cfg, fp8=fp8, mtp=mtp).items():
+        nbytes = numel(shape) * STORAGE_BYTES[dtype]
+        c = component(name.replace("_scale_inv", ""))
+        if c == "routed_experts":
+            nbytes = nbytes * cfg.num_experts_per_tok // cfg.n_routed_experts
+        elif c in ("embedding", "mtp_copies") and "embed_tokens" in name:
+            nbytes = shape[-1] * STORAGE_BYTES[dtype]  # one row: a lookup
+        total += nbytes
+    return total
+
+
 def summary(cfg: Config, cache_dtype: str = "bf16") -> dict:
     """Everything `refimpl info` prints for a config."""
     main = by_component(tensor_plan(cfg, mtp=False))
@@ -140,4 +156,5 @@ def summary(cfg: Config, cache_dtype: str = "bf16") -> dict:
         "layers": layers,
         "kv_cache": kv_cache(cfg, cache_dtype),
         "checkpoint_fp8": storage_totals(cfg, fp8=True),
+        "fp8_bytes_read_per_decode_token": active_bytes_per_token(cfg, fp8=True),
     }

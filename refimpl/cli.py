@@ -279,6 +279,8 @@ def _print_info(title: str, info: dict) -> None:
     print(f"FP8 checkpoint layout (as published): {lay['tensors']:,} tensors, {lay['bytes']:,} bytes ("
           + ", ".join(f"{k} {v['tensors']:,} tensors {v['bytes']:,} B" for k, v in lay["by_dtype"].items())
           + ")")
+    print(f"bytes read per decode token (FP8 layout, batch 1, nothing cached): "
+          f"{info['fp8_bytes_read_per_decode_token']:,}")
     st = info.get("stored")
     if st:
         print(f"stored in {st['path']}: {st['tensors']:,} tensors in {st['files']} file(s), "

@@ -361,7 +361,9 @@ def working_sets(cfg: Config, layer: int) -> list[list[str]]:
     norms = [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
     ffn = [n for n in plan if n.startswith(p + "mlp.") and ".experts." not in n]
     expert = [n for n in plan if n.startswith(p + "mlp.experts.0.")]
-    return [attn + norms, ffn, expert]
+    mtp = [p + k for k in ("enorm.weight", "hnorm.weight", "eh_proj.weight")] \
+        if layer >= cfg.num_hidden_layers else []
+    return [attn + norms, ffn, expert, mtp]
 
 
 def weight_budget(store: WeightStore, cfg: Config, max_memory: int) -> int:
@@ -373,9 +375,10 @@ def weight_budget(store: WeightStore, cfg: Config, max_memory: int) -> int:
 
     budget = max_memory - current_rss() - ACTIVATION_RESERVE
     need, worst = 0, []
-    for layer in range(cfg.num_hidden_layers):
+    stored = set(store.source.names())
+    for layer in range(cfg.num_layers_with_mtp):  # MTP layers count when they are stored
         for names in working_sets(cfg, layer):
-            size = sum(store.nbytes(n) for n in names)
+            size = sum(store.nbytes(n) for n in names if n in stored)
             if size > need:
                 need, worst = size, names
     if budget < need:

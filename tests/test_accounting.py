@@ -125,3 +125,16 @@ def test_info_cli_reads_a_config_file(tmp_path):
     r = run_cli("info", "--config", tmp_path / "config.json", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["total_params"] == accounting.summary(cfg)["total_params"]
+
+
+def test_bytes_read_per_decode_token_are_the_active_weights_as_stored():
+    c = V3
+    s = accounting.summary(c)
+    moe_layers = c.num_hidden_layers - c.first_k_dense_replace
+    # BF16 everywhere: 2 bytes per active parameter, the embedding as one row, the gate bias F32
+    bf16 = accounting.active_bytes_per_token(c, fp8=False)
+    assert bf16 == 2 * (s["active_params_per_token_without_embedding"] + c.hidden_size) \
+        + 2 * moe_layers * c.n_routed_experts
+    fp8 = accounting.active_bytes_per_token(c, fp8=True)
+    assert s["fp8_bytes_read_per_decode_token"] == fp8
+    assert 0.5 * bf16 < fp8 < 0.6 * bf16  # FP8 halves the projections; head, gate stay BF16
