@@ -17,7 +17,7 @@ import numpy as np
 
 from . import fp8, mla, moe, rope
 from .backend import device_module, to_numpy, working_dtype
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, layer_of
 from .config import Config
 from .errors import CheckpointError, InputError, RefimplError
 from .norm import rms_norm
@@ -146,7 +146,7 @@ class WeightStore:
                 or self.nbytes(name) <= self.max_bytes // 2):
             return linear(x, self.get(name))
         out_rows, cols = self.source.shape(name)
-        step = max(1, (self.max_bytes // 4) // (cols * self.dtype.itemsize))
+        step = max(1, STREAM_CHUNK // (cols * self.dtype.itemsize))
         parts = [linear(x, self.xp.asarray(self.source.rows(name, np.arange(a, min(a + step, out_rows)),
                                                             self.dtype)))
                  for a in range(0, out_rows, step)]
@@ -347,7 +347,10 @@ class Model:
         return out.reshape(b, s, d)
 
 
-ACTIVATION_RESERVE = 256 * 2**20  # bytes kept out of the weight budget for activations
+# bytes kept out of the weight budget: activations, temporaries and allocator slack; the stored
+# pages of the tensor being converted come on top (weight_budget)
+ACTIVATION_RESERVE = 512 * 2**20
+STREAM_CHUNK = 64 * 2**20  # bytes of a streamed matrix (a large lm_head) materialised at a time
 
 
 def working_sets(cfg: Config, layer: int) -> list[list[str]]:
@@ -368,14 +371,18 @@ def working_sets(cfg: Config, layer: int) -> list[list[str]]:
 
 def weight_budget(store: WeightStore, cfg: Config, max_memory: int) -> int:
     """Bytes of weights the store may hold so that the process stays under `max_memory`: what is
-    left after the memory in use now and ACTIVATION_RESERVE.  Refused (naming the tensors) when
-    that cannot hold the largest working set; the embedding is read by rows and a large lm_head
-    is streamed, so neither must fit."""
+    left after the memory in use now, ACTIVATION_RESERVE, and the largest stored tensor (its
+    mapped pages are resident while it is converted).  Refused (naming the tensors) when that
+    cannot hold the largest working set; the embedding is read by rows and a large lm_head is
+    streamed, so neither must fit."""
     from .memory import current_rss, format_bytes
 
-    budget = max_memory - current_rss() - ACTIVATION_RESERVE
-    need, worst = 0, []
     stored = set(store.source.names())
+    pages = max((store.source.stored_nbytes(n) for n in stored if layer_of(n) is not None),
+                default=0) if hasattr(store.source, "stored_nbytes") else 0
+    reserve = ACTIVATION_RESERVE + pages
+    budget = max_memory - current_rss() - reserve
+    need, worst = 0, []
     for layer in range(cfg.num_layers_with_mtp):  # MTP layers count when they are stored
         for names in working_sets(cfg, layer):
             size = sum(store.nbytes(n) for n in names if n in stored)
@@ -384,8 +391,8 @@ def weight_budget(store: WeightStore, cfg: Config, max_memory: int) -> int:
     if budget < need:
         what = worst[0].rsplit(".", 2)[0] + "..." if worst else "weights"
         raise InputError(f"--max-memory {format_bytes(max_memory)} is too small: after "
-                         f"{format_bytes(current_rss())} in use and a {format_bytes(ACTIVATION_RESERVE)} "
-                         f"activation reserve, {format_bytes(max(budget, 0))} is left for weights, "
+                         f"{format_bytes(current_rss())} in use and a {format_bytes(reserve)} "
+                         f"reserve for activations and reading, {format_bytes(max(budget, 0))} is left for weights, "
                          f"but one step ({what}) needs {format_bytes(need)} in {store.dtype.name}")
     return budget
 
