@@ -631,6 +631,11 @@ def write_checkpoint(out: str | os.PathLike, cfg: Config, entries: list, produce
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     runs = [entries] if shards is None else shard_entries(entries, shards)
+    need = sum(math.prod(sh) * STORAGE_BYTES[d] for _, d, sh in entries)
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise CheckpointError(f"{out}: the checkpoint needs {need:,} bytes but only {free:,} are "
+                              "free there (--dry-run shows the plan without writing)")
     tmp = tempfile.mkdtemp(prefix=".refimpl-", dir=parent)
     try:
         _config_for(cfg, store_dtype, fp8_layout, ue8m0).to_json(os.path.join(tmp, "config.json"))
@@ -642,8 +647,7 @@ def write_checkpoint(out: str | os.PathLike, cfg: Config, entries: list, produce
             if progress is not None:
                 progress(k + 1, len(runs))
         if shards is not None:
-            total = sum(math.prod(sh) * STORAGE_BYTES[d] for _, d, sh in entries)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            index = {"metadata": {"total_size": need}, "weight_map": weight_map}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
                 f.write("\n")

@@ -1,6 +1,7 @@
 """Accounting (SPEC.md section 8): the headline numbers come out of the config, and per-part
 counts agree with the formulas of sections 4-6 written out by hand here."""
 
+import functools
 import json
 
 import pytest
@@ -10,6 +11,11 @@ from refimpl import accounting
 from tests.helpers import run_cli
 
 V3 = refimpl.Config.preset("deepseek-v3")
+
+
+@functools.lru_cache(maxsize=None)
+def v3_summary():
+    return accounting.summary(V3)
 
 
 def attention_params(c):
@@ -30,7 +36,7 @@ def swiglu_params(d, inter):
 
 
 def test_deepseek_v3_total_is_671_026_419_200():
-    s = accounting.summary(V3)
+    s = v3_summary()
     assert s["total_params"] == 671_026_419_200
 
 
@@ -43,7 +49,7 @@ def test_deepseek_v3_total_equals_the_sum_of_its_parts_by_hand():
     moe = attention_params(c) + 2 * d + moe_ffn
     n_dense = c.first_k_dense_replace
     total = 2 * v * d + d + n_dense * dense + (c.num_hidden_layers - n_dense) * moe
-    assert accounting.summary(c)["total_params"] == total
+    assert v3_summary()["total_params"] == total
 
 
 def test_deepseek_v3_moe_layer_has_11_320_164_608_params_398_196_992_active():
@@ -54,7 +60,7 @@ def test_deepseek_v3_moe_layer_has_11_320_164_608_params_398_196_992_active():
 
 
 def test_deepseek_v3_active_per_token_is_about_37_5b_and_36_6b_without_embedding():
-    s = accounting.summary(V3)
+    s = v3_summary()
     assert round(s["active_params_per_token"] / 1e9, 1) in (37.5, 37.6)  # 37.55B
     assert round(s["active_params_per_token_without_embedding"] / 1e9, 1) == 36.6
     emb = V3.vocab_size * V3.hidden_size
@@ -63,7 +69,7 @@ def test_deepseek_v3_active_per_token_is_about_37_5b_and_36_6b_without_embedding
 
 def test_active_is_total_minus_the_unselected_routed_experts():
     c = V3
-    s = accounting.summary(c)
+    s = v3_summary()
     moe_layers = c.num_hidden_layers - c.first_k_dense_replace
     idle = moe_layers * (c.n_routed_experts - c.num_experts_per_tok) \
         * swiglu_params(c.hidden_size, c.moe_intermediate_size)
@@ -72,7 +78,7 @@ def test_active_is_total_minus_the_unselected_routed_experts():
 
 def test_mtp_module_is_about_11_6b_unique():
     c = V3
-    s = accounting.summary(c)
+    s = v3_summary()
     d = c.hidden_size
     layer = accounting.layer_summary(c, 3)["total"]  # an MoE decoder layer
     unique = layer + 2 * d + 2 * d * d + d  # enorm, hnorm, eh_proj (d x 2d), shared_head.norm
@@ -129,7 +135,7 @@ def test_info_cli_reads_a_config_file(tmp_path):
 
 def test_bytes_read_per_decode_token_are_the_active_weights_as_stored():
     c = V3
-    s = accounting.summary(c)
+    s = v3_summary()
     moe_layers = c.num_hidden_layers - c.first_k_dense_replace
     # BF16 everywhere: 2 bytes per active parameter, the embedding as one row, the gate bias F32
     bf16 = accounting.active_bytes_per_token(c, fp8=False)

@@ -232,3 +232,12 @@ def test_every_float_dtype_loads_to_the_stored_values(tmp_path):
     assert np.array_equal(w, fp8.dequantize(q, s))
     assert np.array_equal(ck.weight("model.layers.0.self_attn.o_proj.weight", np.float32),
                           fp8.dequantize(q, s).astype(np.float32))
+
+
+def test_writing_more_than_the_free_disk_is_refused_before_writing(tmp_path):
+    r = run_cli("make-checkpoint", "--preset", "deepseek-v3", "--fp8", "--shards", "163",
+                "--out", tmp_path / "v3")
+    if r.returncode == 0:  # pragma: no cover - a disk with 689 GB free
+        pytest.skip("this disk has room for the full checkpoint")
+    assert r.returncode == 2 and "688,574,839,360 bytes" in r.stderr and "free" in r.stderr
+    assert os.listdir(tmp_path) == []
