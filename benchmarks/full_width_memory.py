@@ -155,7 +155,8 @@ def report(r: dict) -> str:
              "| figure | value |", "|---|---|",
              f"| --max-memory | {gb(r['max_memory'])} |",
              f"| weight budget (after baseline and reserve) | {gb(r['weight_budget'])} |",
-             f"| **peak RSS** | **{gb(r['peak_rss'])}** ({100 * r['peak_rss'] / r['max_memory']:.0f}% of the budget) |",
+             f"| **peak RSS** | **{gb(r['peak_rss'])}** "
+             f"({100 * r['peak_rss'] / r['max_memory']:.0f}% of the budget) |",
              f"| most weight bytes held at once | {gb(r['store_peak_bytes'])} |",
              f"| full materialisation in {r['dtype']} | {gb(r['full_materialisation_bytes'])} "
              f"({r['checkpoint_params']:,} parameters) |",

@@ -145,7 +145,8 @@ def cmd_make_checkpoint(args) -> int:
             t[0] += 1
             t[1] += math.prod(sh) * STORAGE_BYTES[d]
         print(f"would write {len(entries):,} tensors, {sum(b for _, b in by.values()):,} bytes in "
-              f"{len(runs)} file(s): " + ", ".join(f"{d} {n:,} tensors {b:,} B" for d, (n, b) in sorted(by.items())))
+              f"{len(runs)} file(s): "
+              + ", ".join(f"{d} {n:,} tensors {b:,} B" for d, (n, b) in sorted(by.items())))
         return 0
     if not args.out:
         raise InputError("make-checkpoint needs --out DIR (or --dry-run)")

@@ -392,7 +392,8 @@ def weight_budget(store: WeightStore, cfg: Config, max_memory: int) -> int:
         what = worst[0].rsplit(".", 2)[0] + "..." if worst else "weights"
         raise InputError(f"--max-memory {format_bytes(max_memory)} is too small: after "
                          f"{format_bytes(current_rss())} in use and a {format_bytes(reserve)} "
-                         f"reserve for activations and reading, {format_bytes(max(budget, 0))} is left for weights, "
+                         f"reserve for activations and reading, {format_bytes(max(budget, 0))} "
+                         f"is left for weights, "
                          f"but one step ({what}) needs {format_bytes(need)} in {store.dtype.name}")
     return budget
 

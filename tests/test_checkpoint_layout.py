@@ -13,8 +13,8 @@ import pytest
 
 import refimpl
 from refimpl import accounting, fp8
-from refimpl.checkpoint import (Checkpoint, is_fp8_weight, make_checkpoint, random_weights,
-                                save_checkpoint, storage_plan)
+from refimpl.checkpoint import (Checkpoint, is_fp8_weight, make_checkpoint, random_tensor,
+                                random_weights, save_checkpoint, storage_plan, tensor_plan)
 from tests.helpers import rel_err, run_cli
 
 V3 = refimpl.Config.preset("deepseek-v3")
@@ -241,3 +241,18 @@ def test_writing_more_than_the_free_disk_is_refused_before_writing(tmp_path):
         pytest.skip("this disk has room for the full checkpoint")
     assert r.returncode == 2 and "688,574,839,360 bytes" in r.stderr and "free" in r.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_mtp_layer_is_stored_and_loaded_with_its_own_tensors(ckpts):
+    import ml_dtypes
+
+    model = refimpl.load(ckpts["fp8_sharded"])
+    m = f"model.layers.{TINY.num_hidden_layers}."
+    for key in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+                "shared_head.head.weight", "embed_tokens.weight"):
+        want = random_tensor(m + key, tensor_plan(TINY)[m + key], seed=0)
+        got = model.weights.get(m + key)  # BF16 as published: the value rounded to bfloat16
+        assert np.array_equal(got, want.astype(ml_dtypes.bfloat16).astype(np.float64)), key
+    q = model.weights.get(m + "mlp.experts.3.down_proj.weight")  # the MTP decoder block is FP8
+    want = random_tensor(m + "mlp.experts.3.down_proj.weight", q.shape, seed=0)
+    assert np.array_equal(q, fp8.dequantize(*fp8.quantize(want)))
