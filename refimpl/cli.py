@@ -150,8 +150,16 @@ def cmd_make_checkpoint(args) -> int:
         return 0
     if not args.out:
         raise InputError("make-checkpoint needs --out DIR (or --dry-run)")
+    bar = None
+    if args.shards and args.shards > 1 and sys.stderr.isatty():  # progress on a terminal only
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.shards, unit="shard", desc="make-checkpoint")
     make_checkpoint(args.out, cfg, seed=args.seed, store_dtype=store, fp8=args.fp8,
-                    shards=args.shards, ue8m0=args.ue8m0)
+                    shards=args.shards, ue8m0=args.ue8m0,
+                    progress=None if bar is None else (lambda k, n: bar.update(1)))
+    if bar is not None:
+        bar.close()
     print(f"wrote {args.out}")
     return 0
 
