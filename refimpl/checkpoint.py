@@ -18,6 +18,7 @@ All checkpoint naming lives here (SPEC.md sections 4-7):
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import shutil
@@ -29,6 +30,7 @@ import ml_dtypes
 import numpy as np
 
 from . import fp8
+from .fp8 import scale_shape
 from .config import Config
 from .errors import CheckpointError
 
@@ -41,6 +43,7 @@ DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit on the JSON header
+MAX_DIM = 2 ** 40  # no real dimension comes near; a zero-sized tensor can't hide a huge one
 
 ATTN_NORMS = ("q_a_layernorm", "kv_a_layernorm")
 FFN_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -113,6 +116,34 @@ def tensor_plan(cfg: Config, mtp: bool = True) -> dict[str, tuple]:
     return plan
 
 
+# Linear weights stored as FP8 e4m3 with a float32 `<name>_scale_inv` in the published
+# checkpoint (SPEC.md section 7): every projection of attention and of the FFNs (dense, shared,
+# routed), in the MTP layer's decoder block too.  eh_proj, the gate, norms, embedding and head
+# are not.
+FP8_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+                   "gate_proj", "up_proj", "down_proj")
+STORAGE_BYTES = {k: v.itemsize for k, v in DTYPES.items()}
+
+
+def is_fp8_weight(name: str) -> bool:
+    """True for the linear weights the published checkpoint stores as FP8 e4m3 (SPEC.md 7)."""
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in FP8_PROJECTIONS \
+        and layer_of(name) is not None
+
+
+def storage_plan(cfg: Config, fp8: bool = True, mtp: bool = True,
+                 store_dtype: str = "bfloat16") -> dict[str, tuple[str, tuple]]:
+    """name -> (safetensors dtype, shape) of every tensor make-checkpoint writes, scales included.
+
+    fp8=True is the published layout (README_WEIGHTS; SPEC.md sections 6-7): FP8 projections,
+    each followed by an F32 `<name>_scale_inv` of shape (ceil(out/128), ceil(in/128)); the rest
+    BF16, except the gate bias, kept F32.  The MTP layer's stored embedding and head copies are
+    BF16 like the main ones.  For deepseek-v3 this gives the published 91,991 tensors and
+    688,574,839,360 bytes."""
+    return {n: (d, s) for n, d, s in stored_entries(tensor_plan(cfg, mtp=mtp), fp8, store_dtype)}
+
+
 def layer_of(name: str) -> int | None:
     """The decoder layer index in a tensor name, or None for embedding, final norm and head."""
     parts = name.split(".")
@@ -145,6 +176,18 @@ class SafetensorsFile:
         return np.frombuffer(self._map, dtype=DTYPES[dtype], count=count,
                              offset=self.data_start + begin).reshape(shape)
 
+    def drop_pages(self, name: str) -> None:
+        """Tell the kernel this process is done with a tensor's pages (MADV_DONTNEED): they leave
+        its resident set (the page cache keeps them) and are read again if touched again."""
+        if not isinstance(self._map, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        _, _, (begin, end) = self.tensors[name]
+        page = mmap.PAGESIZE
+        lo = (self.data_start + begin) // page * page
+        hi = min(-(-(self.data_start + end) // page) * page, len(self._map))
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
 
 def _read_header(path: str):
     """Parse and check a safetensors header -> ({name: (dtype, shape, (begin, end))}, data_start).
@@ -171,6 +214,8 @@ def _read_header(path: str):
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     data_size = size - 8 - n
@@ -187,6 +232,9 @@ def _read_header(path: str):
         if not (isinstance(shape, list) and all(isinstance(x, int) and not isinstance(x, bool)
                                                  and x >= 0 for x in shape)):
             raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if len(shape) > 8 or any(x > MAX_DIM for x in shape):
+            raise CheckpointError(f"{where}: shape {shape!r} has more than 8 dimensions or one "
+                                  f"larger than {MAX_DIM}")
         if not (isinstance(offs, list) and len(offs) == 2 and
                 all(isinstance(x, int) and not isinstance(x, bool) for x in offs)):
             raise CheckpointError(f"{where}: data_offsets {offs!r} is not two integers")
@@ -194,7 +242,7 @@ def _read_header(path: str):
         if not 0 <= begin <= end <= data_size:
             raise CheckpointError(f"{where}: data_offsets {offs} lie outside the {data_size} "
                                   "bytes of data (truncated file or lying header)")
-        nbytes = int(np.prod(shape, dtype=object)) * DTYPES[dtype].itemsize
+        nbytes = math.prod(shape) * STORAGE_BYTES[dtype]
         if end - begin != nbytes:
             raise CheckpointError(f"{where}: data_offsets span {end - begin} bytes but shape "
                                   f"{shape} of {dtype} needs {nbytes}")
@@ -268,6 +316,14 @@ class Checkpoint:
     def shape(self, name: str) -> tuple:
         return self.files[self.where[name]].tensors[name][1]
 
+    def stored_nbytes(self, name: str) -> int:
+        """Bytes read to materialise `name`: the tensor as stored, plus its scale if FP8."""
+        n = math.prod(self.shape(name)) * STORAGE_BYTES[self.dtype(name)]
+        sname = name + "_scale_inv"
+        if self.dtype(name) == "F8_E4M3" and sname in self.where:
+            n += math.prod(self.shape(sname)) * STORAGE_BYTES[self.dtype(sname)]
+        return n
+
     def file_of(self, name: str) -> str:
         return os.path.join(self.path, self.where[name])
 
@@ -286,6 +342,52 @@ class Checkpoint:
         cfg = self.config
         return cfg.num_nextn_predict_layers > 0 and all(
             n in self.where for n in layer_plan(cfg, cfg.num_hidden_layers))
+
+    def check_scales(self) -> int:
+        """Every FP8 tensor has a float `<name>_scale_inv` whose shape fits it (headers only)
+        -> the number of FP8 tensors."""
+        count = 0
+        for name in self.where:
+            if self.dtype(name) != "F8_E4M3":
+                continue
+            count += 1
+            self._scale_name(name)
+        return count
+
+    def _scale_name(self, name: str) -> str:
+        """The checked name of an FP8 tensor's scale (SPEC.md section 7)."""
+        sname = name + "_scale_inv"
+        if sname not in self.where:
+            raise CheckpointError(f"{self.file_of(name)}: FP8 tensor {name} has no {sname}")
+        shape, want = self.shape(sname), scale_shape(self.shape(name)) if len(self.shape(name)) == 2 else None
+        if want is None:
+            raise CheckpointError(f"{self.file_of(name)}: FP8 tensor {name} has shape "
+                                  f"{list(self.shape(name))}; only 2-d weights can be block-scaled")
+        if shape != want:
+            raise CheckpointError(f"{self.file_of(sname)}: {sname} has shape {list(shape)}, "
+                                  f"a {list(self.shape(name))} weight needs {list(want)}")
+        if self.dtype(sname) not in ("F32", "F64", "BF16", "F16"):
+            raise CheckpointError(f"{self.file_of(sname)}: {sname} has dtype {self.dtype(sname)}, "
+                                  "expected a float dtype (F32 as published)")
+        return sname
+
+    def inventory(self) -> dict:
+        """Count the stored tensors and check them against config.json (headers only):
+        what `refimpl info --checkpoint` reports."""
+        self.check_against_config()
+        fp8_weights = self.check_scales()
+        by_dtype: dict[str, int] = {}
+        nbytes = params = 0
+        for name in self.where:
+            dtype, shape = self.dtype(name), self.shape(name)
+            size = math.prod(shape)
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + size * STORAGE_BYTES[dtype]
+            nbytes += size * STORAGE_BYTES[dtype]
+            if not name.endswith("_scale_inv"):
+                params += size
+        return {"path": self.path, "files": len(self.files), "tensors": len(self.where),
+                "bytes": nbytes, "params": params, "by_dtype": dict(sorted(by_dtype.items())),
+                "has_mtp": self.has_mtp(), "fp8_weights": fp8_weights}
 
     def _check_plan(self, plan: dict) -> None:
         for name, shape in plan.items():
@@ -308,22 +410,52 @@ class Checkpoint:
         checked finite (the error names the tensor and its layer)."""
         stored = self.raw(name)
         if stored.dtype == DTYPES["F8_E4M3"]:
-            sname = name + "_scale_inv"
-            if sname not in self.where:
-                raise CheckpointError(f"{self.file_of(name)}: FP8 tensor {name} has no {sname}")
+            sname = self._scale_name(name)
             s = self.raw(sname)
-            if s.shape != fp8.scale_shape(stored.shape):
-                raise CheckpointError(f"{self.file_of(sname)}: {sname} has shape {list(s.shape)}, "
-                                      f"a {list(stored.shape)} weight needs "
-                                      f"{list(fp8.scale_shape(stored.shape))}")
-            arr = fp8.dequantize(stored, s, dtype=np.float64).astype(dtype, copy=False)
+            self._check_finite(sname, s)
+            arr = fp8.dequantize(stored, s, dtype=dtype)
         else:
             arr = np.array(stored, dtype=dtype)  # a private, writable copy in working precision
-        if not np.isfinite(arr).all():
+        self._drop(name)
+        self._check_finite(name, arr)
+        return arr
+
+    def stored_fp8(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """An FP8 tensor as stored, copied out of the map: (q e4m3 [out, in], scale_inv f32)."""
+        sname = self._scale_name(name)
+        q, s = np.array(self.raw(name)), np.array(self.raw(sname), dtype=np.float32)
+        self._drop(name)
+        self._drop(sname)
+        self._check_finite(sname, s)
+        self._check_finite(name, q)
+        return q, s
+
+    def rows(self, name: str, ids, dtype=np.float64) -> np.ndarray:
+        """Rows `ids` (int array, any shape) of a 2-d tensor, reading only those rows
+        (an embedding lookup).   -> [*ids.shape, cols]"""
+        stored = self.raw(name)
+        if stored.dtype == DTYPES["F8_E4M3"]:
+            return self.weight(name, dtype)[ids]
+        out = np.asarray(stored[ids], dtype=dtype)
+        self._check_finite(name, out)
+        return out
+
+    def _drop(self, name: str) -> None:
+        self.files[self.where[name]].drop_pages(name)
+
+    def _check_finite(self, name: str, arr: np.ndarray, chunk: int = 1 << 22) -> None:
+        """NaN or Inf anywhere -> an error naming the tensor and its layer (checked in chunks,
+        so no full-size temporary)."""
+        flat = arr.reshape(-1)
+        if flat.dtype == DTYPES["F8_E4M3"]:  # e4m3fn has no Inf; NaN is the code 0x7f/0xff
+            u = flat.view(np.uint8)
+            bad = any(((u[i:i + chunk] & 0x7F) == 0x7F).any() for i in range(0, u.size, chunk))
+        else:
+            bad = not all(np.isfinite(flat[i:i + chunk]).all() for i in range(0, flat.size, chunk))
+        if bad:
             layer = layer_of(name)
             at = "" if layer is None else f" (layer {layer})"
             raise CheckpointError(f"{self.file_of(name)}: tensor {name}{at} contains NaN or Inf")
-        return arr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,27 +465,73 @@ class Checkpoint:
 def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
     """Write `tensors` (name -> numpy array) as one safetensors file, atomically: a temporary
     name in the same directory, renamed when complete."""
-    header, offset = {}, 0
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    arrays = []
+    arrays = {}
     for name, a in tensors.items():
         a = np.ascontiguousarray(a)
         if a.dtype not in DTYPE_NAMES:
             raise CheckpointError(f"{path}: tensor {name} has dtype {a.dtype}, not storable")
-        header[name] = {"dtype": DTYPE_NAMES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-        arrays.append(a)
+        arrays[name] = a
+    entries = [(n, DTYPE_NAMES[a.dtype], a.shape) for n, a in arrays.items()]
+    write_safetensors_planned(path, entries, arrays.__getitem__, metadata)
+
+
+def write_safetensors_planned(path: str, entries, produce, metadata: dict | None = None) -> None:
+    """Write one safetensors file whose header comes from a plan, `entries` = [(name, dtype
+    name, shape)], asking `produce(name)` for each array only when its turn comes (so a shard
+    never needs more memory than its largest tensor).  Atomic: temporary name, then rename."""
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * STORAGE_BYTES[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for a in arrays:
-            f.write(a.tobytes())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for name, dtype, shape in entries:
+                a = np.ascontiguousarray(produce(name))
+                assert a.dtype == DTYPES[dtype] and a.shape == tuple(shape), (name, a.dtype, a.shape)
+                f.write(memoryview(a.reshape(-1).view(np.uint8)))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def shard_entries(entries: list, shards: int) -> list[list]:
+    """Split planned (name, dtype, shape) entries, in order, into `shards` non-empty runs of
+    about equal bytes; a weight and its `_scale_inv` (adjacent in the plan) stay together."""
+    groups: list[list] = []  # [entries, bytes]: units that are never split
+    for e in entries:
+        size = math.prod(e[2]) * STORAGE_BYTES[e[1]]
+        if groups and e[0] == groups[-1][0][-1][0] + "_scale_inv":
+            groups[-1][0].append(e)
+            groups[-1][1] += size
+        else:
+            groups.append([[e], size])
+    if not 1 <= shards <= len(groups):
+        raise CheckpointError(f"--shards {shards}: must be between 1 and {len(groups)} (the "
+                              "weights of this checkpoint)")
+    total = max(sum(size for _, size in groups), 1)
+    out: list[list] = [[] for _ in range(shards)]
+    target = done = 0
+    for g, (members, size) in enumerate(groups):
+        wanted = max(min(done * shards // total, shards - 1), shards - (len(groups) - g))
+        target = max(target, min(target + 1, wanted))  # one shard at a time: none left empty
+        out[target].extend(members)
+        done += size
+    return out
+
+
+def shard_name(k: int, shards: int) -> str:
+    """The published file names: model-00001-of-00163.safetensors."""
+    return f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,28 +563,94 @@ def random_weights(cfg: Config, seed: int = 0, mtp: bool = True) -> dict[str, np
 STORE_DTYPES = {"float64": np.float64, "float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
-def save_checkpoint(out: str | os.PathLike, cfg: Config, weights: dict[str, np.ndarray],
-                    store_dtype: str = "float32") -> None:
-    """config.json + model.safetensors into `out` (which must not exist or be empty). Written
-    to a temporary sibling directory and renamed, so a failure leaves nothing half written.
-    The gate bias is kept float32 or better, as the published checkpoint does."""
+FLOAT_DTYPE_NAMES = {"float64": "F64", "float32": "F32", "bfloat16": "BF16"}
+FP8_QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                    "weight_block_size": [fp8.BLOCK, fp8.BLOCK]}
+
+
+def stored_entries(shapes: dict, fp8: bool, store_dtype: str) -> list[tuple[str, str, tuple]]:
+    """[(stored name, safetensors dtype, shape)] for logical tensors name -> shape: FP8
+    projections with their scales when fp8 (SPEC.md section 7), the rest in store_dtype, the
+    gate bias float32 or better (as published)."""
+    if store_dtype not in FLOAT_DTYPE_NAMES:
+        raise CheckpointError(f"store dtype {store_dtype!r} is not one of {', '.join(FLOAT_DTYPE_NAMES)}")
+    float_dtype = FLOAT_DTYPE_NAMES[store_dtype]
+    out = []
+    for name, shape in shapes.items():
+        if fp8 and is_fp8_weight(name) and len(shape) == 2:
+            out.append((name, "F8_E4M3", tuple(shape)))
+            out.append((name + "_scale_inv", "F32", scale_shape(shape)))
+        elif name.endswith("e_score_correction_bias") and STORAGE_BYTES[float_dtype] < 4:
+            out.append((name, "F32", tuple(shape)))
+        else:
+            out.append((name, float_dtype, tuple(shape)))
+    return out
+
+
+class _Encoder:
+    """Turns logical float64 tensors into stored ones on demand: cast, or FP8 quantise (the
+    weight first, its scale from the same quantisation next)."""
+
+    def __init__(self, entries, value, ue8m0: bool):
+        self.dtypes = {n: d for n, d, _ in entries}
+        self.value, self.ue8m0 = value, ue8m0
+        self._scales: dict = {}
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name in self._scales:
+            return self._scales.pop(name)
+        dtype = self.dtypes[name]
+        a = self.value(name)
+        if dtype == "F8_E4M3":
+            q, s = fp8.quantize(np.asarray(a, dtype=np.float64), ue8m0=self.ue8m0)
+            self._scales[name + "_scale_inv"] = s
+            return q
+        return np.asarray(a).astype(DTYPES[dtype])
+
+
+def _config_for(cfg: Config, store_dtype: str, fp8_layout: bool, ue8m0: bool) -> Config:
+    """config.json as written: torch_dtype of the stored floats, quantization_config only when
+    the weights really are FP8 (a float checkpoint that claims FP8 misleads loaders)."""
+    extra = {k: v for k, v in cfg.extra.items() if k != "quantization_config"}
+    extra["torch_dtype"] = store_dtype
+    if fp8_layout:
+        extra["quantization_config"] = dict(FP8_QUANT_CONFIG, **({"scale_fmt": "ue8m0"} if ue8m0 else {}))
+    return cfg.replace(extra=extra)
+
+
+def write_checkpoint(out: str | os.PathLike, cfg: Config, entries: list, produce,
+                     shards: int | None = None, store_dtype: str = "float32",
+                     fp8_layout: bool = False, ue8m0: bool = False, progress=None) -> None:
+    """config.json plus the planned tensors into `out` (must not exist or be empty): one
+    model.safetensors, or with `shards` the published layout model-0000k-of-0000N.safetensors
+    plus model.safetensors.index.json.  Everything goes to a temporary sibling directory that is
+    renamed when complete, so a failure leaves nothing half written."""
     out = os.fspath(out)
-    if store_dtype not in STORE_DTYPES:
-        raise CheckpointError(f"store dtype {store_dtype!r} is not one of {', '.join(STORE_DTYPES)}")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise CheckpointError(f"{out}: already exists and is not an empty directory")
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
+    runs = [entries] if shards is None else shard_entries(entries, shards)
+    need = sum(math.prod(sh) * STORAGE_BYTES[d] for _, d, sh in entries)
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise CheckpointError(f"{out}: the checkpoint needs {need:,} bytes but only {free:,} are "
+                              "free there (--dry-run shows the plan without writing)")
     tmp = tempfile.mkdtemp(prefix=".refimpl-", dir=parent)
     try:
-        dt = np.dtype(STORE_DTYPES[store_dtype])
-        stored = {}
-        for name, a in weights.items():
-            keep = name.endswith("e_score_correction_bias") and dt.itemsize < 4
-            stored[name] = np.asarray(a).astype(np.float32 if keep else dt)
-        extra = dict(cfg.extra, torch_dtype=store_dtype)
-        cfg.replace(extra=extra).to_json(os.path.join(tmp, "config.json"))
-        write_safetensors(os.path.join(tmp, "model.safetensors"), stored, {"format": "pt"})
+        _config_for(cfg, store_dtype, fp8_layout, ue8m0).to_json(os.path.join(tmp, "config.json"))
+        weight_map = {}
+        for k, run in enumerate(runs):
+            fname = "model.safetensors" if shards is None else shard_name(k, shards)
+            write_safetensors_planned(os.path.join(tmp, fname), run, produce, {"format": "pt"})
+            weight_map.update({n: fname for n, _, _ in run})
+            if progress is not None:
+                progress(k + 1, len(runs))
+        if shards is not None:
+            index = {"metadata": {"total_size": need}, "weight_map": weight_map}
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+                f.write("\n")
         if os.path.isdir(out):
             os.rmdir(out)
         os.replace(tmp, out)
@@ -415,7 +659,28 @@ def save_checkpoint(out: str | os.PathLike, cfg: Config, weights: dict[str, np.n
         raise
 
 
+def save_checkpoint(out: str | os.PathLike, cfg: Config, weights: dict[str, np.ndarray],
+                    store_dtype: str = "float32", fp8: bool = False, shards: int | None = None,
+                    ue8m0: bool = False) -> None:
+    """Weights in memory (name -> float array) as a checkpoint in the HF layout: floats in
+    store_dtype (the gate bias float32 or better, as published), with fp8 the projections as
+    e4m3 with 128x128 block scales (SPEC.md section 7); optionally in `shards` files."""
+    entries = stored_entries({n: np.shape(a) for n, a in weights.items()}, fp8, store_dtype)
+    write_checkpoint(out, cfg, entries, _Encoder(entries, weights.__getitem__, ue8m0), shards,
+                     store_dtype, fp8_layout=fp8, ue8m0=ue8m0)
+
+
 def make_checkpoint(out: str | os.PathLike, cfg: Config, seed: int = 0,
-                    store_dtype: str = "float32") -> None:
-    """A random but well-scaled model in the HF layout (`refimpl make-checkpoint`)."""
-    save_checkpoint(out, cfg, random_weights(cfg, seed), store_dtype)
+                    store_dtype: str | None = None, fp8: bool = False, shards: int | None = None,
+                    ue8m0: bool = False, value=None, progress=None) -> None:
+    """A random but well-scaled model in the HF layout (`refimpl make-checkpoint`), written one
+    tensor at a time.  With fp8 the published layout: FP8 projections with scales, the rest
+    BF16 (unless store_dtype says otherwise), the gate bias F32, MTP layers included.
+    `value(name, shape)` replaces random_tensor (benchmarks use a cheaper generator)."""
+    store_dtype = store_dtype or ("bfloat16" if fp8 else "float32")
+    shapes = tensor_plan(cfg)
+    entries = stored_entries(shapes, fp8, store_dtype)
+    value = value or (lambda name, shape: random_tensor(name, shape, seed))
+    encode = _Encoder(entries, lambda name: value(name, shapes[name]), ue8m0)
+    write_checkpoint(out, cfg, entries, encode, shards, store_dtype, fp8_layout=fp8, ue8m0=ue8m0,
+                     progress=progress)

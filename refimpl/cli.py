@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -29,8 +30,18 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", default="tiny")
     m.add_argument("--config", help="a config.json to use instead of a preset")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--out", required=True)
-    m.add_argument("--store-dtype", default="float32", choices=["float64", "float32", "bfloat16"])
+    m.add_argument("--out", help="the directory to write (not needed with --dry-run)")
+    m.add_argument("--store-dtype", default=None, choices=["float64", "float32", "bfloat16"],
+                   help="dtype of the stored floats (default float32; bfloat16 with --fp8, as "
+                        "published)")
+    m.add_argument("--fp8", action="store_true",
+                   help="the published layout: projections in FP8 e4m3 with 128x128 float32 "
+                        "block scales (weight_scale_inv), the rest BF16, the gate bias F32")
+    m.add_argument("--ue8m0", action="store_true", help="with --fp8: power-of-two scales (V3.1)")
+    m.add_argument("--shards", type=int, default=None,
+                   help="write N files model-0000k-of-0000N.safetensors and an index")
+    m.add_argument("--dry-run", action="store_true",
+                   help="print the tensors, dtypes and bytes that would be written; write nothing")
 
     g = sub.add_parser("logits", help="logits of a token file")
     g.add_argument("--checkpoint", required=True)
@@ -38,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help=".npy file for logits [batch, seq, vocab]")
     g.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     g.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    g.add_argument("--max-memory", default=None,
+                   help="keep the process under this size (e.g. 8GB, 6GiB) by releasing weights "
+                        "after use and reading them again when needed")
+    g.add_argument("--fp8-activations", action="store_true",
+                   help="emulate an FP8 engine: FP8-stored projections multiply activations "
+                        "quantised per token per 128 channels, accumulating in float32")
     g.add_argument("--incremental", action="store_true",
                    help="prefill the first token, then decode the rest one at a time through the "
                         "latent cache")
@@ -49,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=32)
     r.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     r.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    r.add_argument("--max-memory", default=None,
+                   help="keep the process under this size (e.g. 8GB, 6GiB) by releasing weights "
+                        "after use and reading them again when needed")
+    r.add_argument("--fp8-activations", action="store_true",
+                   help="emulate an FP8 engine: FP8-stored projections multiply activations "
+                        "quantised per token per 128 channels, accumulating in float32")
     r.add_argument("--json", action="store_true")
     r.add_argument("--mtp", action="store_true",
                    help="speculative decoding: the MTP modules draft, the main model verifies in "
@@ -57,6 +80,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="0 (default): greedy; > 0: sample from softmax(logits / temperature), "
                         "with --mtp accepting drafts by min(1, p/q)")
     r.add_argument("--seed", type=int, default=None, help="random seed for --temperature > 0")
+    i = sub.add_parser("info", help="parameters (total, active, MTP, per layer), KV-cache bytes "
+                                    "and the checkpoint layout, from a config or a checkpoint")
+    src = i.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset")
+    src.add_argument("--config", help="a config.json")
+    src.add_argument("--checkpoint", help="a checkpoint directory: also counts and checks its "
+                                          "stored tensors against its config.json")
+    i.add_argument("--cache-dtype", default="bf16", choices=["bf16", "fp16", "fp8", "fp32", "fp64"],
+                   help="bytes per cached value for the KV-cache figures (default bf16)")
+    i.add_argument("--json", action="store_true")
     return p
 
 
@@ -105,9 +138,36 @@ def _config_from(args):
 
 
 def cmd_make_checkpoint(args) -> int:
-    from .checkpoint import make_checkpoint
+    from .checkpoint import make_checkpoint, shard_entries, stored_entries, tensor_plan, STORAGE_BYTES
 
-    make_checkpoint(args.out, _config_from(args), seed=args.seed, store_dtype=args.store_dtype)
+    cfg = _config_from(args)
+    if args.ue8m0 and not args.fp8:
+        raise InputError("--ue8m0 needs --fp8")
+    store = args.store_dtype or ("bfloat16" if args.fp8 else "float32")
+    if args.dry_run:
+        entries = stored_entries(tensor_plan(cfg), args.fp8, store)
+        runs = shard_entries(entries, args.shards or 1)
+        by = {}
+        for _, d, sh in entries:
+            t = by.setdefault(d, [0, 0])
+            t[0] += 1
+            t[1] += math.prod(sh) * STORAGE_BYTES[d]
+        print(f"would write {len(entries):,} tensors, {sum(b for _, b in by.values()):,} bytes in "
+              f"{len(runs)} file(s): "
+              + ", ".join(f"{d} {n:,} tensors {b:,} B" for d, (n, b) in sorted(by.items())))
+        return 0
+    if not args.out:
+        raise InputError("make-checkpoint needs --out DIR (or --dry-run)")
+    bar = None
+    if args.shards and args.shards > 1 and sys.stderr.isatty():  # progress on a terminal only
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.shards, unit="shard", desc="make-checkpoint")
+    make_checkpoint(args.out, cfg, seed=args.seed, store_dtype=store, fp8=args.fp8,
+                    shards=args.shards, ue8m0=args.ue8m0,
+                    progress=None if bar is None else (lambda k, n: bar.update(1)))
+    if bar is not None:
+        bar.close()
     print(f"wrote {args.out}")
     return 0
 
@@ -121,11 +181,19 @@ def run_logits(model, tokens, incremental: bool) -> np.ndarray:
     return np.concatenate(steps, axis=1)
 
 
+def _memory_options(args) -> dict:
+    """--max-memory and --fp8-activations as load() keywords."""
+    from .memory import parse_memory
+
+    mem = None if args.max_memory is None else parse_memory(args.max_memory)
+    return {"max_memory": mem, "fp8_activations": args.fp8_activations}
+
+
 def cmd_logits(args) -> int:
     from .model import load
 
     tokens = _load_tokens(args.tokens)
-    model = load(args.checkpoint, dtype=args.dtype, device=args.device)
+    model = load(args.checkpoint, dtype=args.dtype, device=args.device, **_memory_options(args))
     model.check_tokens(tokens)
     _save_npy(args.out, run_logits(model, tokens, args.incremental))
     return 0
@@ -148,7 +216,7 @@ def cmd_generate(args) -> int:
     prompt = _parse_prompt(args.prompt)
     if args.temperature < 0:
         raise InputError(f"--temperature must be >= 0, got {args.temperature}")
-    model = load(args.checkpoint, dtype=args.dtype, device=args.device)
+    model = load(args.checkpoint, dtype=args.dtype, device=args.device, **_memory_options(args))
     model.check_tokens(np.array([prompt]))
     rep = decode(model, prompt, args.max_new_tokens, use_mtp=args.mtp,
                  temperature=args.temperature, seed=args.seed)
@@ -205,7 +273,87 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "make-checkpoint": cmd_make_checkpoint, "logits": cmd_logits,
+def _layer_runs(layers: list[dict]) -> list[dict]:
+    """Consecutive layers with equal counts folded into one row (0-2 dense, 3-60 moe, 61 mtp)."""
+    runs = []
+    for row in layers:
+        key = (row["kind"], row["total"], row["active"])
+        if runs and runs[-1]["key"] == key:
+            runs[-1]["last"] = row["layer"]
+        else:
+            runs.append({"key": key, "first": row["layer"], "last": row["layer"], "row": row})
+    return runs
+
+
+def _print_info(title: str, info: dict) -> None:
+    n = "{:>19,}".format
+    print(title)
+    print("parameters (SPEC.md section 8)")
+    print(f"  total, main model (no MTP)        {n(info['total_params'])}")
+    print(f"  active per token                  {n(info['active_params_per_token'])}"
+          "   (embedding and lm_head counted whole)")
+    print(f"  active per token, no embedding    {n(info['active_params_per_token_without_embedding'])}")
+    print(f"  MTP module(s)                     {n(info['mtp_params'])}"
+          f"   ({info['mtp_params_unique']:,} without the stored embedding/head copies)")
+    print(f"  total with MTP                    {n(info['total_params_with_mtp'])}")
+    print("  by component (main model): " + ", ".join(
+        f"{k} {v:,}" for k, v in info["main_components"].items()))
+    print("per layer        kind        total params       active/token      FFN/MoE total"
+          "     FFN/MoE active")
+    for r in _layer_runs(info["layers"]):
+        row = r["row"]
+        span = str(r["first"]) if r["first"] == r["last"] else f"{r['first']}-{r['last']}"
+        print(f"  {span:<13} {row['kind']:<6}{n(row['total'])}{n(row['active'])}"
+              f"{n(row['ffn_total'])}{n(row['ffn_active'])}")
+    kv = info["kv_cache"]
+    ctx = kv["context_tokens"]
+    print(f"KV cache ({kv['cache_dtype']}, {kv['layers']} layers; baseline: {kv['baseline']})")
+    print(f"  MLA latent (c_kv + k_rope)  {kv['mla_values_per_token_per_layer']:>7,} values/token/layer"
+          f"  {kv['mla_bytes_per_token']:>13,} B/token  {kv['mla_bytes_context']:>19,} B at {ctx:,} tokens")
+    print(f"  full multi-head K and V     {kv['mha_values_per_token_per_layer']:>7,} values/token/layer"
+          f"  {kv['mha_bytes_per_token']:>13,} B/token  {kv['mha_bytes_context']:>19,} B at {ctx:,} tokens")
+    print(f"  MLA caches {100 * kv['mla_fraction_of_mha']:.4g}% of the baseline "
+          f"({100 * (1 - kv['mla_fraction_of_mha']):.4g}% saved)")
+    lay = info["checkpoint_fp8"]
+    print(f"FP8 checkpoint layout (as published): {lay['tensors']:,} tensors, {lay['bytes']:,} bytes ("
+          + ", ".join(f"{k} {v['tensors']:,} tensors {v['bytes']:,} B" for k, v in lay["by_dtype"].items())
+          + ")")
+    print(f"bytes read per decode token (FP8 layout, batch 1, nothing cached): "
+          f"{info['fp8_bytes_read_per_decode_token']:,}")
+    st = info.get("stored")
+    if st:
+        print(f"stored in {st['path']}: {st['tensors']:,} tensors in {st['files']} file(s), "
+              f"{st['bytes']:,} bytes, {st['params']:,} parameters (scales not counted); "
+              + ", ".join(f"{k} {v:,}" for k, v in st["by_dtype"].items()))
+        print(f"  matches config.json: every tensor present with its implied shape; "
+              f"MTP layers {'present' if st['has_mtp'] else 'absent'}; "
+              f"{st['fp8_weights']:,} FP8 weights with fitting scales")
+
+
+def cmd_info(args) -> int:
+    from . import accounting
+    from .checkpoint import Checkpoint
+    from .config import Config
+
+    if args.checkpoint:
+        ckpt = Checkpoint(args.checkpoint)
+        cfg, title = ckpt.config, f"checkpoint {args.checkpoint}"
+        stored = ckpt.inventory()
+    else:
+        cfg = Config.from_json(args.config) if args.config else Config.preset(args.preset)
+        title = f"config {args.config}" if args.config else f"preset {args.preset}"
+        stored = None
+    info = accounting.summary(cfg, cache_dtype=args.cache_dtype)
+    if stored:
+        info["stored"] = stored
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        _print_info(title, info)
+    return 0
+
+
+COMMANDS = {"info": cmd_info, "demo": cmd_demo, "make-checkpoint": cmd_make_checkpoint, "logits": cmd_logits,
             "generate": cmd_generate}
 
 

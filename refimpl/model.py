@@ -8,14 +8,16 @@ final norm, lm_head; prefill and incremental decode through the latent cache; na
 
 from __future__ import annotations
 
+import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import mla, moe, rope
+from . import fp8, mla, moe, rope
 from .backend import device_module, to_numpy, working_dtype
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, layer_of
 from .config import Config
 from .errors import CheckpointError, InputError, RefimplError
 from .norm import rms_norm
@@ -65,19 +67,92 @@ class ArraySource:
 
 
 class WeightStore:
-    """Materialises tensors from a source in the working dtype on the device, once each.
-    (The checkpoint issue adds a memory budget and release; callers only use get().)"""
+    """Materialises tensors from a source in the working dtype on the device, when first used.
 
-    def __init__(self, source, xp, dtype):
-        self.source, self.xp, self.dtype = source, xp, dtype
-        self._resident: dict = {}
+    With `max_bytes` (the weight budget) it keeps at most that many bytes of materialised weights:
+    before a tensor is materialised, the least recently used ones are released until it fits.
+    Layers run in order and experts one at a time, so a step's working set (one layer's attention,
+    one FFN, one expert) is always the most recent and is never released while in use, as long
+    as the budget holds the largest working set (Model checks that up front).
+
+    With `fp8_linears`, FP8-stored projections are kept as stored (e4m3 + scales, a BlockFP8) so
+    that ops.linear runs them through the emulated FP8 GEMM (fp8.fp8_gemm).  kv_b_proj stays
+    dequantised: the absorbed form splits it per head (as DeepSeek's absorbed path does)."""
+
+    def __init__(self, source, xp, dtype, max_bytes: int | None = None, fp8_linears: bool = False):
+        self.source, self.xp, self.dtype = source, xp, np.dtype(dtype)
+        self.max_bytes, self.fp8_linears = max_bytes, fp8_linears
+        self._resident: OrderedDict = OrderedDict()  # name -> array, least recently used first
+        self.resident_bytes = 0
+        self.peak_bytes = 0  # most bytes of weights held at once
+        self.materialised = 0  # tensors materialised, re-reads after release included
+        self.materialised_bytes = 0
+        self.read_bytes = 0  # bytes of stored tensors read to materialise them
+
+    def _keeps_fp8(self, name: str) -> bool:
+        return (self.fp8_linears and hasattr(self.source, "dtype")
+                and ".kv_b_proj." not in name and self.source.dtype(name) == "F8_E4M3")
+
+    def nbytes(self, name: str) -> int:
+        """Bytes the materialised tensor takes (from the header: nothing is read)."""
+        n = math.prod(self.source.shape(name))
+        if self._keeps_fp8(name):
+            rows, cols = fp8.scale_shape(self.source.shape(name))
+            return n + 4 * rows * cols
+        return n * self.dtype.itemsize
 
     def get(self, name: str):
         a = self._resident.get(name)
-        if a is None:
+        if a is not None:
+            self._resident.move_to_end(name)
+            return a
+        size = self.nbytes(name)
+        self._make_room(size)
+        if self._keeps_fp8(name):
+            a = fp8.BlockFP8(*self.source.stored_fp8(name))
+        else:
             a = self.xp.asarray(self.source.weight(name, self.dtype))
-            self._resident[name] = a
+        self._resident[name] = a
+        self.resident_bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.resident_bytes)
+        self.materialised += 1
+        self.materialised_bytes += size
+        if hasattr(self.source, "stored_nbytes"):
+            self.read_bytes += self.source.stored_nbytes(name)
         return a
+
+    def _make_room(self, size: int) -> None:
+        if self.max_bytes is None:
+            return
+        while self._resident and self.resident_bytes + size > self.max_bytes:
+            self.release(next(iter(self._resident)))
+
+    def release(self, name: str) -> None:
+        """Drop a materialised tensor (read again from the source when next needed)."""
+        a = self._resident.pop(name, None)
+        if a is not None:
+            self.resident_bytes -= self.nbytes(name)
+
+    def rows(self, name: str, ids):
+        """Rows `ids` of a 2-d tensor (an embedding lookup): resident if it is, else read from
+        the source without materialising the whole matrix.   ids int [...] -> [..., cols]"""
+        a = self._resident.get(name)
+        if a is not None or not hasattr(self.source, "rows"):
+            return self.get(name)[self.xp.asarray(ids)]
+        return self.xp.asarray(self.source.rows(name, np.asarray(ids), self.dtype))
+
+    def linear(self, x, name: str):
+        """linear(x, W) for tensor `name`; a matrix too large for half the budget (a 129280-row
+        lm_head in float64) is streamed in row chunks instead of held.   [..., in] -> [..., out]"""
+        if (self.max_bytes is None or name in self._resident or not hasattr(self.source, "rows")
+                or self.nbytes(name) <= self.max_bytes // 2):
+            return linear(x, self.get(name))
+        out_rows, cols = self.source.shape(name)
+        step = max(1, STREAM_CHUNK // (cols * self.dtype.itemsize))
+        parts = [linear(x, self.xp.asarray(self.source.rows(name, np.arange(a, min(a + step, out_rows)),
+                                                            self.dtype)))
+                 for a in range(0, out_rows, step)]
+        return self.xp.concatenate(parts, axis=-1)
 
     def group(self, prefix: str, keys) -> dict:
         """{key: get(prefix + key + '.weight')} for checkpoint keys (`q_a_proj`, ...)."""
@@ -103,7 +178,8 @@ class Model:
     """A DeepSeek-V3 (or V2) model over a weight source. Use `load()` for a checkpoint directory
     or `Model.from_arrays()` for weights in memory."""
 
-    def __init__(self, cfg: Config, source, dtype="float64", device="cpu", mla_form="auto"):
+    def __init__(self, cfg: Config, source, dtype="float64", device="cpu", mla_form="auto",
+                 max_memory: int | None = None, fp8_activations: bool = False):
         if mla_form not in MLA_FORMS:
             raise RefimplError(f"mla_form {mla_form!r} is not one of {', '.join(MLA_FORMS)}")
         self.cfg = cfg
@@ -111,7 +187,12 @@ class Model:
         self.device = device
         self.xp = device_module(device)
         self.mla_form = mla_form
-        self.weights = WeightStore(source, self.xp, self.dtype)
+        if fp8_activations and device != "cpu":
+            raise RefimplError("fp8_activations (the FP8 GEMM emulation) runs on the cpu only")
+        self.max_memory = max_memory
+        self.weights = WeightStore(source, self.xp, self.dtype, fp8_linears=fp8_activations)
+        if max_memory is not None:
+            self.weights.max_bytes = weight_budget(self.weights, cfg, max_memory)
         self.inv_freq = rope.inv_freq(cfg)
         self.cos_sin_factor = rope.cos_sin_factor(cfg)
         self.softmax_scale = rope.softmax_scale(cfg)
@@ -186,7 +267,7 @@ class Model:
         positions = np.arange(start, start + s)
         cos, sin = rope.cos_sin(positions, self.inv_freq, self.cos_sin_factor, xp)
         mask = mla.causal_mask(positions, np.arange(start + s), xp)
-        h = self.weights.get("model.embed_tokens.weight")[xp.asarray(tokens)]  # [b, s, d]
+        h = self.weights.rows("model.embed_tokens.weight", tokens)  # [b, s] -> [b, s, d]
         _record(trace, "embed", h)
         for i in range(cfg.num_hidden_layers):
             h = self.decoder_layer(i, h, cos, sin, mask, start, cache, trace)
@@ -201,7 +282,7 @@ class Model:
     def logits(self, h, trace=None):
         """lm_head(h): [batch, seq, d] -> [batch, seq, vocab]."""
         head = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
-        out = linear(h, self.weights.get(head))
+        out = self.weights.linear(h, head)
         _record(trace, "logits", out)
         return out
 
@@ -294,10 +375,68 @@ class Model:
         return out.reshape(b, s, d)
 
 
-def load(path: str | os.PathLike, dtype="float64", device="cpu", mla_form="auto") -> Model:
+# bytes kept out of the weight budget: activations, temporaries and allocator slack; the stored
+# pages of the tensor being converted come on top (weight_budget)
+ACTIVATION_RESERVE = 512 * 2**20
+STREAM_CHUNK = 64 * 2**20  # bytes of a streamed matrix (a large lm_head) materialised at a time
+
+
+def working_sets(cfg: Config, layer: int) -> list[list[str]]:
+    """The tensors a step of `layer` holds at once: its norms, its attention, its dense FFN, or
+    its gate, shared experts and ONE routed expert (experts run one at a time)."""
+    from .checkpoint import layer_plan
+
+    plan = list(layer_plan(cfg, layer))
+    p = f"model.layers.{layer}."
+    attn = [n for n in plan if n.startswith(p + "self_attn.")]
+    norms = [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+    ffn = [n for n in plan if n.startswith(p + "mlp.") and ".experts." not in n]
+    expert = [n for n in plan if n.startswith(p + "mlp.experts.0.")]
+    mtp = [p + k for k in ("enorm.weight", "hnorm.weight", "eh_proj.weight")] \
+        if layer >= cfg.num_hidden_layers else []
+    return [attn + norms, ffn, expert, mtp]
+
+
+def weight_budget(store: WeightStore, cfg: Config, max_memory: int) -> int:
+    """Bytes of weights the store may hold so that the process stays under `max_memory`: what is
+    left after the memory in use now, ACTIVATION_RESERVE, and the largest stored tensor (its
+    mapped pages are resident while it is converted).  Refused (naming the tensors) when that
+    cannot hold the largest working set; the embedding is read by rows and a large lm_head is
+    streamed, so neither must fit."""
+    from .memory import current_rss, format_bytes
+
+    stored = set(store.source.names())
+    pages = max((store.source.stored_nbytes(n) for n in stored if layer_of(n) is not None),
+                default=0) if hasattr(store.source, "stored_nbytes") else 0
+    reserve = ACTIVATION_RESERVE + pages
+    budget = max_memory - current_rss() - reserve
+    need, worst = 0, []
+    for layer in range(cfg.num_layers_with_mtp):  # MTP layers count when they are stored
+        for names in working_sets(cfg, layer):
+            size = sum(store.nbytes(n) for n in names if n in stored)
+            if size > need:
+                need, worst = size, names
+    if budget < need:
+        what = worst[0].rsplit(".", 2)[0] + "..." if worst else "weights"
+        raise InputError(f"--max-memory {format_bytes(max_memory)} is too small: after "
+                         f"{format_bytes(current_rss())} in use and a {format_bytes(reserve)} "
+                         f"reserve for activations and reading, {format_bytes(max(budget, 0))} "
+                         f"is left for weights, "
+                         f"but one step ({what}) needs {format_bytes(need)} in {store.dtype.name}")
+    return budget
+
+
+def load(path: str | os.PathLike, dtype="float64", device="cpu", mla_form="auto",
+         max_memory: int | None = None, fp8_activations: bool = False) -> Model:
     """Open a checkpoint directory (HF layout): reads config.json and the safetensors headers,
-    checks every tensor the config implies is present with its shape; tensor bodies are read when
-    first used."""
+    checks every tensor the config implies is present with its shape and every FP8 scale fits
+    its weight; tensor bodies are read when first used.
+
+    max_memory (bytes): keep the process under it by releasing the least recently used weights
+    (see WeightStore).  fp8_activations: run FP8-stored projections as an FP8 engine does
+    (activations quantised per token per 128 channels, float32 accumulation; fp8.fp8_gemm)."""
     ckpt = Checkpoint(path)
     ckpt.check_against_config()
-    return Model(ckpt.config, ckpt, dtype=dtype, device=device, mla_form=mla_form)
+    ckpt.check_scales()
+    return Model(ckpt.config, ckpt, dtype=dtype, device=device, mla_form=mla_form,
+                 max_memory=max_memory, fp8_activations=fp8_activations)

@@ -4,10 +4,14 @@ top-k whose ties go to the lower index."""
 from __future__ import annotations
 
 from .backend import array_module, stable_argsort
+from .fp8 import BlockFP8, fp8_gemm
 
 
 def linear(x, weight):
-    """y = x W^T with the checkpoint's [out, in] weight layout.   [..., in] -> [..., out]"""
+    """y = x W^T with the checkpoint's [out, in] weight layout.   [..., in] -> [..., out]
+    A weight kept as stored FP8 (fp8.BlockFP8) goes through the emulated FP8 GEMM."""
+    if isinstance(weight, BlockFP8):
+        return fp8_gemm(x, weight).astype(x.dtype)
     return x @ weight.T
 
 
