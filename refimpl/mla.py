@@ -88,14 +88,18 @@ def attention_naive(q_nope, q_rope, c_kv, k_rope, kv_b_proj, scale, mask):
 def attention_absorbed(q_nope, q_rope, c_kv, k_rope, kv_b_proj, scale, mask):
     """eq. (10) in the latent space: q^C_i W^UK_i dotted with c^KV, W^UV applied after attention.
     Same arguments and result as attention_naive."""
-    n_heads, d_nope = q_nope.shape[2], q_nope.shape[3]
+    b, s, n_heads, d_nope = q_nope.shape
+    t, d_c = c_kv.shape[1], c_kv.shape[2]
     w_uk, w_uv = split_kv_b(kv_b_proj, n_heads, d_nope)
     q_lat = q_nope.transpose(0, 2, 1, 3) @ w_uk  # [b, H, s, d_h] @ [H, d_h, d_c] -> [b, H, s, d_c]
-    scores = (q_lat @ c_kv.transpose(0, 2, 1)[:, None]  # . c^KV_j          -> [b, H, s, t]
-              + q_rope.transpose(0, 2, 1, 3) @ k_rope.transpose(0, 2, 1)[:, None]) * scale
-    p = _masked_softmax(scores, mask)
-    o_lat = p @ c_kv[:, None]  # [b, H, s, t] @ [b, 1, t, d_c] -> [b, H, s, d_c]
-    o = o_lat @ w_uv.transpose(0, 2, 1)  # W^UV after attention: [b, H, s, d_v]
+    # heads folded into rows, the cache on the left: the latent cache is read once for all heads
+    q_lat = q_lat.reshape(b, n_heads * s, d_c)
+    q_r = q_rope.transpose(0, 2, 1, 3).reshape(b, n_heads * s, -1)  # [b, H*s, d_R]
+    scores = (c_kv @ q_lat.transpose(0, 2, 1)  # c^KV_j . (q^C_i W^UK)      [b, t, H*s]
+              + k_rope @ q_r.transpose(0, 2, 1)) * scale  # + k^R_j . q^R_i
+    p = _masked_softmax(scores.transpose(0, 2, 1).reshape(b, n_heads, s, t), mask)
+    o_lat = p.reshape(b, n_heads * s, t) @ c_kv  # sum_j p_j c^KV_j           [b, H*s, d_c]
+    o = o_lat.reshape(b, n_heads, s, d_c) @ w_uv.transpose(0, 2, 1)  # W^UV after: [b, H, s, d_v]
     return o.transpose(0, 2, 1, 3)
 
 

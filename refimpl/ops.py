@@ -12,7 +12,9 @@ def linear(x, weight):
     A weight kept as stored FP8 (fp8.BlockFP8) goes through the emulated FP8 GEMM."""
     if isinstance(weight, BlockFP8):
         return fp8_gemm(x, weight).astype(x.dtype)
-    return x @ weight.T
+    # one 2-d product (a batched 3-d one would copy W^T per call on cupy)
+    y = x.reshape(-1, x.shape[-1]) @ weight.T  # [n, in] -> [n, out]
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def silu(x):
