@@ -456,3 +456,19 @@ def test_comparison_detects_convention_changes(peer):
             err = rel_err(np.asarray(model.forward(peer.tokens)), peer.ref)
         print(f"{peer.case.name}: {mutate.__name__.strip('_')} moves logits by {err:.1e}")
         assert err > 100 * FLOAT32_BOUND, mutate.__name__
+
+
+def test_known_divergence_cos_sin_factor_when_an_mscale_is_zero():
+    """A recorded difference, not agreement: with mscale_all_dim 0 (or mscale 0), transformers
+    5.24 scales cos/sin by m(s, 1) (its `if mscale and mscale_all_dim` fallback), while refimpl
+    follows SPEC.md section 3 and DeepSeek's YaRN code, m(s, mscale) / m(s, mscale_all_dim).
+    Equal for V3 (1.0/1.0) and for mscale 1 with mscale_all_dim 0; different otherwise. If this
+    test fails, transformers changed and SPEC.md section 9 should say so."""
+    m = lambda s, k: 0.1 * k * np.log(s) + 1.0  # noqa: E731  SPEC.md section 3
+    for mscale, msad in ((0.707, 0.0), (0.0, 1.0), (1.0, 0.0)):
+        case = Case("x", {}, yarn(factor=40.0, mscale=mscale, mscale_all_dim=msad))
+        hf = hf_ds3.DeepseekV3RotaryEmbedding(case.hf_config())
+        ours = refimpl.Config.from_dict(case.hf_config().to_dict())
+        assert hf.attention_scaling == pytest.approx(m(40.0, 1.0), rel=1e-12)
+        assert refimpl.rope.cos_sin_factor(ours) == pytest.approx(m(40.0, mscale) / m(40.0, msad),
+                                                                   rel=1e-12)
