@@ -4,7 +4,10 @@ One small DeepSeek-V3 config (hidden 1024, 4 layers of which the first is dense,
 experts in 4 groups keeping 2, top-4, 1 shared expert, 8 heads, q_lora 384, kv_lora 256,
 nope 64, rope 32, v 64, vocab 8192, YaRN on). The model is built in transformers with random
 well-scaled weights, saved with save_pretrained (float32) and loaded with refimpl.load, so both
-run the same numbers. Timed, after a warm-up run, median of --runs:
+run the same numbers. Each row is run once to warm up (refimpl materialises its weights, torch
+plans its kernels), then timed in --runs rounds that interleave the rows, so load from other
+processes hits them alike; the tables give the median (and the min) of wall time, and the median
+of process CPU time:
 
   prefill   one forward over 1 x --prefill tokens
   decode    --decode greedy steps of one token after a (untimed) prefill of --prompt tokens:
@@ -22,6 +25,10 @@ On machines that set OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (to work around old Op
 builds), those slow a current numpy down; for a benchmark run unset both in that command only:
 `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/cpu_forward.py`. The script prints
 the BLAS kernel numpy runs, so the table says what it measured.
+
+On a shared machine whose cores are busy, more threads than free cores make OpenBLAS and OpenMP
+spin-wait and the wall times scatter by 5x or more between rounds; there, --threads 1 and the
+CPU-time table give a comparison that holds.
 """
 
 from __future__ import annotations
@@ -234,8 +241,9 @@ def main(argv=None) -> int:
             jobs[n, "prefill"] = refimpl_prefill(m, tokens) if m else hf_prefill(hf, tokens)
             jobs[n, "decode"] = (refimpl_decode(m, prompt, args.decode, outs[n]) if m
                                  else hf_decode(hf, prompt, args.decode, outs[n]))
-        for job in jobs.values():  # warm-up: refimpl materialises weights, torch plans kernels
-            job()
+        for (n, c), job in jobs.items():  # warm-up
+            if c in cols:
+                job()
         # Rounds interleave the rows, so load from other processes hits them alike.
         times = {key: [] for key in jobs}
         for r in range(args.runs):
@@ -276,7 +284,7 @@ def main(argv=None) -> int:
         cells = " | ".join(f"{rows[n][c]:.3f} ({mins[n][c]:.3f}) | {rows[n][c] / base[c]:.2f} "
                            f"({mins[n][c] / bmin[c]:.2f})" for c in cols)
         print(f"| {n} | {cells} |")
-    print(f"\nprocess CPU time (all threads, spin-waits included), median, seconds")
+    print("\nprocess CPU time (all threads, spin-waits included), median, seconds")
     print("| implementation | " + " | ".join(f"{heads[c]} (cpu s) | ratio" for c in cols) + " |")
     print("|---|" + "---:|---:|" * len(cols))
     for n in names:
