@@ -239,6 +239,12 @@ def _read_rope(d: dict, source: str) -> tuple[float, RopeScaling | None]:
     for key in ("factor", "original_max_position_embeddings"):
         if key not in params:
             raise ConfigError(f"{source}: rope_scaling.{key} is required for yarn")
+    if params.get("attention_factor") is not None:
+        raise ConfigError(f"{source}: rope_scaling.attention_factor is not supported (DeepSeek's "
+                          "YaRN derives the cos/sin factor from mscale and mscale_all_dim)")
+    if params.get("truncate", True) is not True:
+        raise ConfigError(f"{source}: rope_scaling.truncate false is not supported (DeepSeek's "
+                          "YaRN floors and ceils the correction range)")
     names = {f.name for f in dataclasses.fields(RopeScaling)}
     kw = {k: v for k, v in params.items() if k in names and v is not None}
     for k, v in kw.items():

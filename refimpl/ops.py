@@ -26,7 +26,9 @@ def sigmoid(x):
     """1 / (1 + e^-x), stable for large |x|."""
     xp = array_module(x)
     e = xp.exp(-xp.abs(x))
-    return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    r = xp.where(x >= 0, 1.0, e).astype(x.dtype, copy=False)  # numerator: 1 or e^-|x|
+    r /= 1.0 + e
+    return r
 
 
 def softmax(x, axis=-1):

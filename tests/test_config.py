@@ -88,6 +88,10 @@ def test_v2_defaults_are_softmax_and_greedy():
     ({"rope_scaling": {"type": "yarn", "factor": 4}}, "original_max_position_embeddings"),
     ({"rope_scaling": {"type": "linear", "factor": 4}}, "rope type"),
     ({"model_type": "llama"}, "model_type"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 8,
+                       "attention_factor": 1.2}}, "attention_factor"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 8,
+                       "truncate": False}}, "truncate"),
 ])
 def test_configs_that_do_not_fit_are_refused_naming_the_field(change, field):
     d = Config.preset("tiny").to_dict()
