@@ -203,10 +203,23 @@ def run_check(golden_path: str, candidate, profile: str = "float32", only: str |
         if r["status"] in ("fail", "missing") and repro_base:
             r["repro"] = f"{repro_base} --only {shlex.quote(r['id'])} --profile {profile}"
         results.append(r)
-    counts = {s: sum(r["status"] == s for r in results) for s in ("pass", "fail", "missing", "skip")}
+    _mark_alternatives(results)
+    counts = {s: sum(r["status"] == s for r in results)
+              for s in ("pass", "fail", "missing", "skip", "not_followed")}
     return {"golden": golden_path, "suite": golden.manifest.get("suite"), "candidate": candidate.label,
             "profile": profile, "counts": counts, "ok": counts["fail"] == 0 and counts["missing"] == 0,
             "conventions": conventions_summary(results), "cases": results}
+
+
+def _mark_alternatives(results) -> None:
+    """Conventions cases: when one alternative of a topic passes, the others are conventions
+    this candidate does not follow (status not_followed), not failures. When none passes, they
+    all stay failures."""
+    passed = {t for r in results if r["status"] == "pass" for t in r.get("conventions", {})}
+    for r in results:
+        if r["status"] == "fail" and any(t in passed for t in r.get("conventions", {})):
+            r["status"] = "not_followed"
+            r.pop("repro", None)
 
 
 def conventions_summary(results) -> dict:
@@ -214,7 +227,7 @@ def conventions_summary(results) -> dict:
     out = {}
     for r in results:
         for topic, alt in r.get("conventions", {}).items():
-            if r["status"] in ("pass", "fail"):
+            if r["status"] in ("pass", "fail", "not_followed"):
                 out.setdefault(topic, {})[alt] = r["status"] == "pass"
     return out
 
@@ -246,5 +259,6 @@ def format_report(rep: dict) -> str:
     c = rep["counts"]
     lines.append("")
     lines.append(f"{rep['candidate']} vs {rep['suite']} ({rep['profile']} profile): {c['pass']} passed, "
-                 f"{c['fail']} failed, {c['missing']} missing, {c['skip']} skipped")
+                 f"{c['fail']} failed, {c['missing']} missing, {c['skip']} skipped"
+                 + (f", {c['not_followed']} alternative(s) not followed" if c["not_followed"] else ""))
     return "\n".join(lines)
