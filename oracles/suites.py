@@ -143,7 +143,9 @@ def gate_case(cid, cfg, tokens=16, bias_mean=0.0, bias_std=0.05, pins="router", 
 def gate_ties_case(cid, cfg, near=False):
     """Every odd expert is a copy of the even one before it (exact score ties inside groups) and
     the second half of the groups copies the first (exact group-score ties); `near` adds 1e-6
-    to the copies' bias: near-ties, decided by the bias alone."""
+    to the copies' bias: near-ties, decided by the bias alone. Three experts per token, so that
+    a tie falls on the boundary of the chosen set."""
+    cfg = cfg.replace(num_experts_per_tok=3)
     case = gate_case(cid, cfg, pins="exact ties" if not near else "near-ties (bias 1e-6 apart)")
     w, b = case.inputs["gate_weight"], case.inputs["bias"]
     w[1::2] = w[0::2]
@@ -162,8 +164,8 @@ def gate_bf16_resolution_case(cid):
     case = gate_case(cid, cfg, tokens=4, pins="a bias difference below bf16 resolution decides")
     w, b = case.inputs["gate_weight"], case.inputs["bias"]
     w[5] = w[2]
-    b[:] = -1.0
-    b[[0, 7, 9]] = 1.0
+    b[:] = -2.0
+    b[[0, 7, 9]] = 2.0
     b[2], b[5] = 0.5, 0.501
     return case
 
