@@ -60,7 +60,8 @@ def compute(case: Case) -> tuple[dict, dict, dict]:
     tols = {}
     for profile in tolerance.PROFILES:
         emulated = run_case(case, tolerance.CALIBRATED_BY[profile], case.expect_under)
-        tols[profile] = tolerance.calibrate(truth, aux, emulated, profile)
+        tols[profile] = tolerance.calibrate(truth, aux, emulated, profile,
+                                             causal=case.kind in ("prefill", "decode"))
     return truth, aux, tols
 
 

@@ -18,11 +18,12 @@ MODEL_KINDS = ("prefill", "decode", "greedy")
 
 
 class TransformersAdapter:
-    def __init__(self):
+    def __init__(self, dtype: str = "float32"):
         import torch
         import transformers
 
         self.torch, self.transformers = torch, transformers
+        self.dtype = getattr(torch, dtype)
         transformers.logging.set_verbosity_error()  # load reports and rope notes off the report
         transformers.utils.logging.disable_progress_bar()
 
@@ -45,7 +46,7 @@ class TransformersAdapter:
     def _load(self, case):
         torch = self.torch
         model = self.transformers.DeepseekV3ForCausalLM.from_pretrained(
-            case.path, dtype=torch.float32, attn_implementation="eager")
+            case.path, dtype=self.dtype, attn_implementation="eager")
         model.eval()
         return model
 
@@ -75,7 +76,8 @@ class TransformersAdapter:
                     shape = args[0].shape[:-1]
                     for name, v in (("router_scores", logits.sigmoid()), ("topk_idx", idx),
                                     ("topk_weight", weights)):
-                        arr = v.detach().numpy().copy()
+                        arr = v.detach()
+                        arr = (arr if arr.dtype == self.torch.int64 else arr.float()).numpy().copy()
                         arr = arr.reshape(*shape, arr.shape[-1])
                         store.setdefault(p + name, []).append(arr)
                 handles.append(gate.register_forward_hook(gate_hook))
@@ -135,4 +137,10 @@ class TransformersAdapter:
 
 
 def factory():
-    return TransformersAdapter()
+    """float32 weights and arithmetic (check with --profile float32)."""
+    return TransformersAdapter("float32")
+
+
+def factory_bf16():
+    """bfloat16 weights and activations, as engines serve the model (--profile bf16)."""
+    return TransformersAdapter("bfloat16")

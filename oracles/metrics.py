@@ -17,10 +17,14 @@ from __future__ import annotations
 import numpy as np
 
 TOPK = 5
+CONTINUOUS_METRICS = ("nmse", "max_rel", "norm")
+LOGIT_METRICS = CONTINUOUS_METRICS + ("top1", "topk", "kl")
 
 
 def continuous(c, e) -> dict:
     c, e = np.asarray(c, np.float64), np.asarray(e, np.float64)
+    if e.size == 0:
+        return {"nmse": 0.0, "max_rel": 0.0, "norm": 0.0}
     err = c - e
     ref2 = float(np.sum(e * e))
     n = max(e.size, 1)
@@ -103,3 +107,73 @@ def tokens(c, e, margin, eps: float) -> dict:
         if j >= len(c) or c[j] != e[j]:
             return {"mismatch": 1.0, "compared": j + 1}
     return {"mismatch": 0.0, "compared": len(e)}
+
+
+class Taint:
+    """Tokens whose routing legitimately differs (a forgiven near-tie that the candidate did
+    resolve the other way) and everything downstream of them: those tokens are left out of the
+    comparison of later outputs. In a causal model (prefill, decode) a token changed at position p
+    changes every later position of its row from the next layer on, so the taint spreads to the
+    end of the row."""
+
+    def __init__(self, causal: bool):
+        self.causal = causal
+        self.mask = None  # bool over the leading token axes ([b, s] or [T])
+
+    def count(self) -> int:
+        return 0 if self.mask is None else int(self.mask.sum())
+
+    def select(self, a, lead: int):
+        """a [*lead_axes, ...] -> the untainted tokens' rows, [n, ...] (or `a` when untainted)."""
+        a = np.asarray(a)
+        if self.mask is None or a.shape[:lead] != self.mask.shape:
+            return a
+        return a[~self.mask]
+
+    def update(self, c_idx, e_idx, margin, eps):
+        k = e_idx.shape[-1]
+        lead = e_idx.shape[:-1]
+        c2 = np.sort(np.asarray(c_idx).reshape(-1, k), -1)
+        e2 = np.sort(np.asarray(e_idx).reshape(-1, k), -1)
+        flipped = ((c2 != e2).any(-1) & forgiven(margin, eps)).reshape(lead)
+        if not flipped.any():
+            return
+        if self.causal and flipped.ndim == 2:
+            flipped = np.maximum.accumulate(flipped, axis=1)
+        self.mask = flipped if self.mask is None else (self.mask | flipped)
+
+
+def compare(name, kind, c, e, expected, tols, taint, c_idx=None):
+    """The metrics of one output -> (values, the metric names that are judged). Tokens tainted by
+    an earlier forgiven routing difference are left out; indices outputs update the taint."""
+    if kind in ("continuous", "logits") and taint is not None:
+        lead = taint.mask.ndim if taint.mask is not None else 0
+        c, e = taint.select(c, lead), taint.select(e, lead)
+    if kind == "continuous":
+        vals, names = continuous(c, e), CONTINUOUS_METRICS
+    elif kind == "logits":
+        vals, names = logits(c, e, tols["logit_eps"]), LOGIT_METRICS
+    elif kind == "indices":
+        margin = expected.get(name[: -len("topk_idx")] + "topk_margin")
+        lead = e.ndim - 1
+        cs, es = (taint.select(c, lead), taint.select(e, lead)) if taint else (c, e)
+        ms = taint.select(margin, lead) if (taint and margin is not None) else margin
+        vals, names = indices(cs, es, ms, tols["margin_eps"]), ("mismatch",)
+        if taint is not None and margin is not None:
+            taint.update(c, e, margin, tols["margin_eps"])
+    elif kind == "routing_weights":
+        stem = name[: -len("topk_weight")]
+        e_idx = expected[stem + "topk_idx"]
+        lead = e.ndim - 1
+        sel = (lambda a: taint.select(a, lead)) if taint else (lambda a: a)
+        margin = expected.get(stem + "topk_margin")
+        n_exp = expected[stem + "router_scores"].shape[-1] if stem + "router_scores" in expected \
+            else int(max(e_idx.max(), c_idx.max())) + 1
+        vals = routing_weights(sel(c_idx), sel(c), sel(e_idx), sel(e), n_exp,
+                                       None if margin is None else sel(margin), tols["margin_eps"])
+        names = CONTINUOUS_METRICS
+    else:  # tokens
+        vals, names = tokens(c, e, expected["tokens_margin"], tols["logit_eps"]), ("mismatch",)
+    if taint is not None and taint.count() and kind != "indices":
+        vals["not_compared"] = taint.count()
+    return vals, names

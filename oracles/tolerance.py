@@ -33,12 +33,6 @@ FLOORS = {
 }
 
 
-def _tol(profile, measured: dict) -> dict:
-    fl = FLOORS[profile]
-    return {m: {"tol": max(K * v, fl[m]), "calibrated": v} for m, v in measured.items()
-            if m in fl}
-
-
 def _flipped_margin(c_idx, e_idx, margin) -> float:
     k = e_idx.shape[-1]
     differ = (np.sort(c_idx.reshape(-1, k), -1) != np.sort(e_idx.reshape(-1, k), -1)).any(-1)
@@ -46,44 +40,37 @@ def _flipped_margin(c_idx, e_idx, margin) -> float:
     return float(m[differ].max()) if differ.any() else 0.0
 
 
-def calibrate(truth: dict, aux: dict, emulated: dict, profile: str) -> dict:
+def calibrate(truth: dict, aux: dict, emulated: dict, profile: str, causal: bool = False) -> dict:
     """{output name: {metric: {tol, calibrated}, (margin_eps | logit_eps): value}} for one
-    profile, from the emulated run's outputs."""
+    profile, from the emulated run's outputs, measured exactly as the checker measures a
+    candidate (tokens downstream of a forgiven routing difference left out)."""
     fl = FLOORS[profile]
+    expected = {**truth, **aux}
+    taint = metrics.Taint(causal)
     result = {}
     for name, e in truth.items():
         c = emulated[name]
         kind = output_type(name)
-        if kind == "continuous":
-            result[name] = _tol(profile, metrics.continuous(c, e))
-        elif kind == "logits":
-            eps = max(fl["logit_eps"], K * float(np.max(np.abs(c - e))))
-            entry = _tol(profile, metrics.logits(c, e, eps))
-            entry["logit_eps"] = eps
-            result[name] = entry
+        eps = {}
+        c_idx = None
+        if kind == "logits":
+            eps["logit_eps"] = max(fl["logit_eps"], K * float(np.max(np.abs(c - e))))
         elif kind == "indices":
-            scores = name[: -len("topk_idx")] + "router_scores"
-            margin = aux[name[: -len("topk_idx")] + "topk_margin"]
-            ds = float(np.max(np.abs(emulated[scores] - truth[scores])))
-            eps = max(fl["margin_eps"], K * ds, 2 * _flipped_margin(c, e, margin))
-            entry = {"mismatch": {"tol": 0.0, "calibrated": metrics.indices(c, e, margin, eps)["mismatch"]},
-                     "margin_eps": eps}
-            result[name] = entry
+            stem = name[: -len("topk_idx")]
+            ds = float(np.max(np.abs(emulated[stem + "router_scores"] - truth[stem + "router_scores"])))
+            eps["margin_eps"] = max(fl["margin_eps"], K * ds,
+                                    2 * _flipped_margin(c, e, aux[stem + "topk_margin"]))
         elif kind == "routing_weights":
-            idx = name[: -len("topk_weight")] + "topk_idx"
-            eps = result[idx]["margin_eps"]
-            margin = aux[name[: -len("topk_weight")] + "topk_margin"]
-            n_exp = truth[name[: -len("topk_weight")] + "router_scores"].shape[-1]
-            # the emulated run's own picks, forgiven tokens left out
-            m = metrics.routing_weights(emulated[idx], c, truth[idx], e, n_exp, margin, eps)
-            entry = _tol(profile, m)
-            entry["margin_eps"] = eps
-            result[name] = entry
+            eps["margin_eps"] = result[name[: -len("topk_weight")] + "topk_idx"]["margin_eps"]
+            c_idx = emulated[name[: -len("topk_weight")] + "topk_idx"]
         elif kind == "tokens":
             margin = np.asarray(aux["tokens_margin"]).reshape(-1)
             c1, e1 = c.reshape(-1), e.reshape(-1)
             diff = np.nonzero(c1[: len(e1)] != e1)[0]
-            eps = max(fl["logit_eps"], 2 * float(margin[diff[0]]) if len(diff) else 0.0)
-            result[name] = {"mismatch": {"tol": 0.0, "calibrated": float(len(diff) > 0)},
-                            "logit_eps": eps}
+            eps["logit_eps"] = max(fl["logit_eps"], 2 * float(margin[diff[0]]) if len(diff) else 0.0)
+        vals, names = metrics.compare(name, kind, c, e, expected, eps, taint, c_idx)
+        entry = {m: {"tol": max(K * vals[m], fl[m]) if m != "mismatch" else 0.0,
+                     "calibrated": vals[m]} for m in names}
+        entry.update(eps)
+        result[name] = entry
     return result

@@ -213,3 +213,19 @@ def test_bad_options_are_one_line_errors_with_exit_2(default_dir, args, words):
 def test_not_a_golden_directory_is_bad_input(tmp_path):
     r = run_cli("check", tmp_path, tmp_path, module="oracles")
     assert r.returncode == 2 and "manifest.json" in r.stderr
+
+
+def test_outputs_written_by_the_safetensors_library_are_read(default_dir, tmp_path):
+    """The file route as docs/conformance.md shows it: another writer, only the logits."""
+    from safetensors.numpy import load_file, save_file
+
+    import refimpl
+
+    out = tmp_path / "cand" / "cases" / "model.prefill.tiny"
+    os.makedirs(out)
+    d = os.path.join(default_dir, "cases", "model.prefill.tiny")
+    ids = load_file(os.path.join(d, "inputs.safetensors"))["input_ids"]
+    save_file({"logits": refimpl.load(d, dtype="float32").forward(ids)}, str(out / "outputs.safetensors"))
+    r = _case_result(run_check(default_dir, DirCandidate(str(tmp_path / "cand")), only="model.prefill.tiny"),
+                     "model.prefill.tiny")
+    assert r["status"] == "pass" and "layers.0.attn_out" in r["not_provided"]
