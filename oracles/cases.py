@@ -44,6 +44,7 @@ class Case:
     weights: dict | None = None  # model cases: checkpoint tensors in the HF layout
     conventions: dict = field(default_factory=dict)  # topic -> the alternative its expected follows
     expect_under: str | None = None  # a mutant name: expected values follow that alternative
+    path: str | None = None  # the case directory, once written (config.json, model.safetensors)
 
     @property
     def is_model(self) -> bool:

@@ -74,7 +74,7 @@ def cmd_list(args) -> int:
         for name, doc in SUITE_DOCS.items():
             print(f"{name:<12} {len(suite_cases(name)):>3} cases  {doc}")
         return 0
-    for cid, _ in suite_cases(args.suite):
+    for cid, _ in suite_cases(args.suite):  # ids only: building full-width cases takes memory
         print(cid)
     return 0
 

@@ -200,8 +200,8 @@ class Golden:
         cfg = Config.from_json(cfgp) if os.path.exists(cfgp) else None
         weights = read_tensors(os.path.join(d, "model.safetensors")) if e.get("model") else None
         case = Case(cid, e["kind"], e["pins"], read_tensors(os.path.join(d, "inputs.safetensors")),
-                    params=e["params"], config=cfg, weights=weights, conventions=e["conventions"])
-        case.path = d
+                    params=e["params"], config=cfg, weights=weights, conventions=e["conventions"],
+                    path=d)
         return case
 
     def expected(self, cid: str) -> dict:

@@ -229,3 +229,21 @@ def test_outputs_written_by_the_safetensors_library_are_read(default_dir, tmp_pa
     r = _case_result(run_check(default_dir, DirCandidate(str(tmp_path / "cand")), only="model.prefill.tiny"),
                      "model.prefill.tiny")
     assert r["status"] == "pass" and "layers.0.attn_out" in r["not_provided"]
+
+
+def test_a_forgiven_routing_difference_taints_the_rest_of_its_row_in_a_causal_model():
+    from oracles.metrics import Taint
+
+    e_idx = np.array([[[0, 1], [2, 3], [4, 5], [6, 7]], [[0, 1], [2, 3], [4, 5], [6, 7]]])
+    c_idx = e_idx.copy()
+    c_idx[0, 1] = [2, 9]  # a near-tie resolved the other way at position 1 of row 0
+    c_idx[1, 2] = [4, 9]  # a decided token routed differently: a failure, not a taint
+    margin = np.array([[1.0, 1e-9, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    taint = Taint(causal=True)
+    taint.update(c_idx, e_idx, margin, eps=1e-6)
+    assert taint.mask.tolist() == [[False, True, True, True], [False, False, False, False]]
+    hidden = np.arange(2 * 4 * 3).reshape(2, 4, 3)
+    assert taint.select(hidden, 2).shape == (5, 3)
+    moe = Taint(causal=False)  # a single MoE layer: only the token itself
+    moe.update(c_idx.reshape(8, 2), e_idx.reshape(8, 2), margin.reshape(8), eps=1e-6)
+    assert moe.mask.tolist() == [False, True] + [False] * 6
