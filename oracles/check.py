@@ -150,9 +150,17 @@ def check_case(golden: Golden, entry: dict, candidate, profile: str) -> dict:
     tols_all = entry["tolerances"].get(profile)
     if tols_all is None:
         raise OraclesError(f"case {cid}: the manifest has no tolerances for profile {profile!r}")
+    res.update(judge(entry["kind"], entry["outputs"], expected, cand, tols_all))
+    return res
+
+
+def judge(kind: str, outputs: list, expected: dict, cand: dict, tols_all: dict) -> dict:
+    """Compare a candidate's outputs with the expected ones, in dataflow order.
+    outputs: [{name, type, required}] -> {status, first_failure, reason, outputs, not_provided}."""
+    res = {"outputs": [], "not_provided": []}
     first = None
-    taint = metrics.Taint(causal=entry["kind"] in CAUSAL_KINDS)
-    for o in entry["outputs"]:
+    taint = metrics.Taint(causal=kind in CAUSAL_KINDS)
+    for o in outputs:
         name = o["name"]
         out = {"name": name, "type": o["type"], "required": o["required"]}
         if name not in cand:
