@@ -346,8 +346,9 @@ def full_width():
         ("fw.rope_apply.v3", lambda c: rope_case(c, c3, [0, 4095, 4096, 100000], heads=128)),
         ("fw.gate.v3", lambda c: gate_case(c, c3, tokens=8, store=BF16,
                                            pins="256 experts in 8 groups, 4 kept, 8 active")),
-        ("fw.gate.v3_negative_biased", lambda c: gate_case(c, c3, tokens=8, bias_mean=-0.8,
-                                                           bias_std=0.3, store=BF16)),
+        ("fw.gate.v3_negative_biased", lambda c: gate_case(
+            c, c3, tokens=8, bias_mean=-2.0, bias_std=0.1, store=BF16,
+            pins="every biased score below zero: 8 picks from 128 kept experts")),
         ("fw.mla.v3", lambda c: mla_case(c, c3, 1, 3, "naive", store=BF16,
                                          pins="MLA at 7168 / 128 heads / q-lora 1536 / kv-lora 512")),
         ("fw.mla_decode.v3", lambda c: mla_decode_case(c, c3, 1, 3, store=BF16)),
