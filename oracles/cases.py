@@ -25,6 +25,11 @@ from refimpl import fp8, generate, mla, moe, norm, rope
 from refimpl.config import Config
 from refimpl.model import Model
 
+try:  # MTP and the training-time equations, where this refimpl has them
+    from refimpl import losses, mtp
+except ImportError:  # pragma: no cover - an older refimpl
+    losses = mtp = None
+
 # ---------------------------------------------------------------------------------------------
 # Case and kind
 # ---------------------------------------------------------------------------------------------
@@ -252,12 +257,20 @@ def run_decode(case, dtype):
     return {k: np.concatenate([st[k] for st in steps], axis=1) for k in steps[0]}
 
 
+def _layer_of_trace(case, name) -> int:
+    """The checkpoint layer of a trace name: layers.N.* -> N, mtp.K.layer.* -> the MTP layer."""
+    parts = name.split(".")
+    if parts[0] == "mtp":
+        return case.config.num_hidden_layers + int(parts[1]) - 1
+    return int(parts[1])
+
+
 def model_aux(case, out):
-    """topk_margin [b, s] for every MoE layer."""
+    """topk_margin [b, s] for every MoE layer (MTP modules' layers included)."""
     aux = {}
     for name, s in out.items():
         if name.endswith(".router_scores"):
-            i = int(name.split(".")[1])
+            i = _layer_of_trace(case, name)
             bias = case.weights.get(f"model.layers.{i}.mlp.gate.e_score_correction_bias")
             b, t, e = s.shape
             aux[name.replace("router_scores", "topk_margin")] = \
@@ -281,6 +294,64 @@ def greedy_aux(case, out):
 
 
 # ---------------------------------------------------------------------------------------------
+# MTP kinds and training-time values (SPEC.md sections 5, 6)
+# ---------------------------------------------------------------------------------------------
+
+
+def run_mtp_prefill(case, dtype):
+    """Teacher-forced MTP over input_ids [b, T]: the main trace and logits, then for each depth
+    k = 1..D the module's trace under mtp.k.* and mtp.k.logits [b, T-k, vocab] (index i predicts
+    t_{i+k+1}). Conventions: refimpl's mtp.DEFAULT (embedding first, h^0 after the final norm)."""
+    trace = {}
+    _model(case, dtype).forward(case.inputs["input_ids"], trace=trace, mtp=True,
+                                mtp_conventions=mtp.DEFAULT)
+    return trace
+
+
+def mtp_required(case):
+    return ["logits"] + [f"mtp.{k}.logits" for k in range(1, case.config.num_nextn_predict_layers + 1)]
+
+
+def run_mtp_module(case, dtype):
+    """One MTP module k (params.k) alone: input_ids [b, s] are the tokens t_{i+k}, h_prev
+    [b, s, d] is h^{k-1}_i; indices i = 0..s-1 -> the module's trace under mtp.k.*."""
+    trace = {}
+    model = _model(case, dtype)
+    h_prev = np.asarray(case.inputs["h_prev"], dtype=dtype)
+    mtp.module_forward(model, case.params["k"], case.inputs["input_ids"], h_prev, 0, None, trace,
+                       mtp.DEFAULT)
+    return trace
+
+
+def run_speculative(case, dtype):
+    """Greedy speculative decoding with the MTP modules (params.depth drafts per round): the
+    token stream, which must equal plain greedy decoding."""
+    model = _model(case, dtype)
+    rep = generate.decode(model, case.inputs["input_ids"][0], case.params["max_new_tokens"],
+                          use_mtp=True, depth=case.params["depth"], conventions=mtp.DEFAULT)
+    return {"tokens": np.array([rep.tokens], dtype=np.int64)}
+
+
+def run_training(case, dtype):
+    """Training-time values: balance loss (eqs. 17-20) of scores [T, E] with the chosen experts
+    idx [T, K], the expert load and the updated bias (b_i += gamma sign(mean load - load_i)),
+    and the MTP losses (eqs. 24-25) of mtp_logits.k [b, T-k, V] for tokens [b, T]."""
+    inp, p = case.inputs, case.params
+    idx = inp["idx"]
+    load = losses.expert_load(idx, inp["scores"].shape[-1])
+    out = {"balance_loss": np.array([losses.balance_loss(inp["scores"], idx.shape[-1], p["alpha"],
+                                                         selected=idx)], dtype=dtype),
+           "expert_load": load.astype(dtype),
+           "bias_updated": losses.update_bias(inp["bias"], load, p["gamma"]).astype(dtype)}
+    d = p["depth"]
+    logits = [inp[f"mtp_logits.{k}"] for k in range(1, d + 1)]
+    out["mtp_depth_losses"] = np.array([losses.mtp_depth_loss(lg, inp["tokens"], k)
+                                        for k, lg in enumerate(logits, 1)], dtype=dtype)
+    out["mtp_loss"] = np.array([losses.mtp_loss(logits, inp["tokens"], p["lam"])], dtype=dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Registration: name, computation, outputs a candidate must provide, doc
 # ---------------------------------------------------------------------------------------------
 
@@ -299,3 +370,12 @@ register("prefill", run_prefill, ["logits"], "model prefill: logits and named in
 register("decode", run_decode, ["logits"], "incremental decode through the latent cache",
          aux=model_aux)
 register("greedy", run_greedy, ["tokens"], "greedy token stream", aux=greedy_aux)
+if mtp is not None:
+    register("mtp_prefill", run_mtp_prefill, mtp_required,
+             "teacher-forced MTP: main and MTP logits with named intermediates", aux=model_aux)
+    register("mtp_module", run_mtp_module, lambda c: [f"mtp.{c.params['k']}.logits"],
+             "one MTP module (eqs. 21-23) on given tokens and h^{k-1}", aux=model_aux)
+    register("speculative", run_speculative, ["tokens"], "greedy speculative (MTP) token stream",
+             aux=greedy_aux)
+    register("training", run_training, ["balance_loss", "bias_updated", "mtp_loss"],
+             "balance loss, bias update and MTP loss values")

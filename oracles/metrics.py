@@ -114,21 +114,24 @@ class Taint:
     resolve the other way) and everything downstream of them: those tokens are left out of the
     comparison of later outputs. In a causal model (prefill, decode) a token changed at position p
     changes every later position of its row from the next layer on, so the taint spreads to the
-    end of the row."""
+    end of the row. One mask per token-axes shape (an MTP module's sequence is shorter)."""
 
     def __init__(self, causal: bool):
         self.causal = causal
-        self.mask = None  # bool over the leading token axes ([b, s] or [T])
+        self.masks = {}  # token-axes shape ([b, s] or [T]) -> bool mask
+
+    @property
+    def mask(self):
+        return next(iter(self.masks.values()), None)
 
     def count(self) -> int:
-        return 0 if self.mask is None else int(self.mask.sum())
+        return int(sum(m.sum() for m in self.masks.values()))
 
     def select(self, a, lead: int):
-        """a [*lead_axes, ...] -> the untainted tokens' rows, [n, ...] (or `a` when untainted)."""
+        """a [*token_axes, ...] -> the untainted tokens' rows, [n, ...] (or `a` when untainted)."""
         a = np.asarray(a)
-        if self.mask is None or a.shape[:lead] != self.mask.shape:
-            return a
-        return a[~self.mask]
+        m = self.masks.get(a.shape[:lead])
+        return a if m is None else a[~m]
 
     def update(self, c_idx, e_idx, margin, eps):
         k = e_idx.shape[-1]
@@ -140,15 +143,18 @@ class Taint:
             return
         if self.causal and flipped.ndim == 2:
             flipped = np.maximum.accumulate(flipped, axis=1)
-        self.mask = flipped if self.mask is None else (self.mask | flipped)
+        old = self.masks.get(lead)
+        self.masks[lead] = flipped if old is None else (old | flipped)
 
 
 def compare(name, kind, c, e, expected, tols, taint, c_idx=None):
     """The metrics of one output -> (values, the metric names that are judged). Tokens tainted by
     an earlier forgiven routing difference are left out; indices outputs update the taint."""
     if kind in ("continuous", "logits") and taint is not None:
-        lead = taint.mask.ndim if taint.mask is not None else 0
-        c, e = taint.select(c, lead), taint.select(e, lead)
+        for lead in sorted({len(shape) for shape in taint.masks}):
+            if np.asarray(e).shape[:lead] in taint.masks:
+                c, e = taint.select(c, lead), taint.select(e, lead)
+                break
     if kind == "continuous":
         vals, names = continuous(c, e), CONTINUOUS_METRICS
     elif kind == "logits":

@@ -13,6 +13,7 @@ MTP mutants (concat swapped, pre-norm h^0) join when refimpl has MTP.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +25,11 @@ from refimpl.backend import array_module
 from refimpl.ops import topk_indices
 
 from .emulate import patched
+
+try:
+    from refimpl import mtp
+except ImportError:  # pragma: no cover - an older refimpl
+    mtp = None
 
 
 @dataclass(frozen=True)
@@ -48,9 +54,9 @@ def extent(case) -> int:
     """How many positions the run spans: DeepSeek's model.py compares its runtime max_seq_len
     with original_max_position_embeddings; the smallest such setting that fits the case."""
     inp, p = case.inputs, case.params
-    if case.kind in ("prefill", "decode"):
+    if case.kind in ("prefill", "decode", "mtp_prefill", "mtp_module"):
         return inp["input_ids"].shape[1]
-    if case.kind == "greedy":
+    if case.kind in ("greedy", "speculative"):
         return inp["input_ids"].shape[1] + p["max_new_tokens"]
     if case.kind in ("yarn_tables", "rope_apply"):
         return int(np.max(inp["positions"])) + 1
@@ -172,6 +178,21 @@ def _patch_yarn_only_when_extended(case):
     plain = {name: getattr(rope, name) for name in ("inv_freq", "softmax_scale", "cos_sin_factor")}
     return patched([(rope, name, (lambda f: lambda cfg: f(cfg.replace(rope_scaling=None)))(f))
                     for name, f in plain.items()])
+
+
+# ---- MTP --------------------------------------------------------------------------------------
+
+def _mtp_convention(**change):
+    return patched([(mtp, "DEFAULT", dataclasses.replace(mtp.DEFAULT, **change))])
+
+
+if mtp is not None:
+    _register("mtp_concat_swapped", "MTP concat",
+              "feeds eh_proj [hnorm(h) ; enorm(Emb)], eq. (21) as printed, to weights trained "
+              "embedding first")(lambda case: _mtp_convention(concat="hidden_first"))
+    _register("mtp_pre_norm_h0", "MTP h0",
+              "feeds module 1 the last decoder layer's output before the final norm")(
+        lambda case: _mtp_convention(h0="pre_norm"))
 
 
 # ---- candidates -------------------------------------------------------------------------------

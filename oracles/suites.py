@@ -22,7 +22,7 @@ from refimpl.checkpoint import attention_shapes, random_weights
 from refimpl.config import Config, RopeScaling
 
 from . import OraclesError
-from .cases import Case
+from .cases import KINDS, Case
 
 SUITE_SEED = 20250101
 F32 = np.float32
@@ -156,16 +156,20 @@ def gate_ties_case(cid, cfg, near=False):
     return case
 
 
-def gate_bf16_resolution_case(cid):
+def gate_bf16_resolution_case(cid, cfg=None, store=F32):
     """The decision rests on a bias difference (1e-3) that bf16 cannot hold: experts 2 and 5
-    score identically, 5 has the larger float32 bias (0.501 vs 0.5, both 0.5 in bf16), three
-    experts are certain picks, the rest certain misses, so the 4th pick is 5, or 2 in bf16."""
-    cfg = Config.preset("tiny").replace(n_group=1, topk_group=1, num_nextn_predict_layers=0)
-    case = gate_case(cid, cfg, tokens=4, pins="a bias difference below bf16 resolution decides")
+    score identically, 5 has the larger float32 bias (0.501 vs 0.5, both 0.5 in bf16), K - 1
+    experts of the same group are certain picks (bias +2), the rest certain misses (bias -2), so
+    the K-th pick is 5, or 2 when the bias is rounded to bf16."""
+    cfg = cfg or Config.preset("tiny").replace(n_group=1, topk_group=1, num_nextn_predict_layers=0)
+    case = gate_case(cid, cfg, tokens=4, pins="a bias difference below bf16 resolution decides",
+                     store=store)
     w, b = case.inputs["gate_weight"], case.inputs["bias"]
+    certain = [0, 7, 9, 10, 11, 12, 13, 14][: cfg.num_experts_per_tok - 1]
+    assert max(certain) < cfg.experts_per_group
     w[5] = w[2]
     b[:] = -2.0
-    b[[0, 7, 9]] = 2.0
+    b[certain] = 2.0
     b[2], b[5] = 0.5, 0.501
     return case
 
@@ -244,6 +248,70 @@ def greedy_case(cid, cfg, prompt=6, new=10, pins="greedy stream"):
                 config=cfg, weights=w)
 
 
+def tiny_mtp(depth=1, **changes) -> Config:
+    """The tiny preset with `depth` MTP modules."""
+    return Config.preset("tiny").replace(num_nextn_predict_layers=depth, **changes)
+
+
+def mtp_weights(cfg, rng):
+    return {k: v.astype(F32) for k, v in random_weights(cfg, _seed(rng), mtp=True).items()}
+
+
+def mtp_prefill_case(cid, cfg, batch=2, seq=10, pins=None):
+    rng = case_rng(cid)
+    w = mtp_weights(cfg, rng)
+    ids = rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int64)
+    return Case(cid, "mtp_prefill", pins or f"teacher-forced MTP, depth {cfg.num_nextn_predict_layers}",
+                {"input_ids": ids}, config=cfg, weights=w)
+
+
+def mtp_module_case(cid, cfg, k=1, seq=6):
+    rng = case_rng(cid)
+    w = mtp_weights(cfg, rng)
+    inputs = {"input_ids": rng.integers(0, cfg.vocab_size, (1, seq)).astype(np.int64),
+              "h_prev": rng.normal(0, 1, (1, seq, cfg.hidden_size)).astype(F32)}
+    return Case(cid, "mtp_module", f"MTP module {k} on given tokens t_(i+k) and h^(k-1)", inputs,
+                params={"k": k}, config=cfg, weights=w)
+
+
+def speculative_case(cid, cfg, depth, prompt=5, new=10):
+    rng = case_rng(cid)
+    w = mtp_weights(cfg, rng)
+    ids = rng.integers(0, cfg.vocab_size, (1, prompt)).astype(np.int64)
+    return Case(cid, "speculative", f"greedy speculative decoding, {depth} draft(s) per round",
+                {"input_ids": ids}, params={"max_new_tokens": new, "depth": depth}, config=cfg,
+                weights=w)
+
+
+def training_case(cid, experts=16, k=4, tokens=12, vocab=64, depth=2):
+    rng = case_rng(cid)
+    scores = (1 / (1 + np.exp(-rng.normal(0, 1, (tokens, experts))))).astype(F32)
+    idx = np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens)]).astype(np.int64)
+    seq = tokens  # MTP tokens [b, T + 1]; depth k logits [b, T + 1 - k, V]
+    inputs = {"scores": scores, "idx": idx, "bias": rng.normal(0, 0.05, experts).astype(F32),
+              "tokens": rng.integers(0, vocab, (2, seq)).astype(np.int64)}
+    for d in range(1, depth + 1):
+        inputs[f"mtp_logits.{d}"] = rng.normal(0, 2, (2, seq - d, vocab)).astype(F32)
+    return Case(cid, "training", "balance loss, bias update, MTP loss", inputs,
+                params={"alpha": 1e-4, "gamma": 1e-3, "lam": 0.3, "depth": depth})
+
+
+def _mtp_cases():
+    """MTP cases, where refimpl has MTP (empty otherwise)."""
+    if "mtp_prefill" not in KINDS:
+        return []
+    return [
+        ("mtp_prefill.tiny", lambda c: mtp_prefill_case(c, tiny_mtp(1))),
+        ("mtp_prefill.depth2", lambda c: mtp_prefill_case(c, tiny_mtp(2), batch=1, seq=9,
+                                                          pins="MTP depth 2 (module 2 fed by module 1)")),
+        ("mtp_module.k1", lambda c: mtp_module_case(c, tiny_mtp(1), k=1)),
+        ("mtp_module.k2", lambda c: mtp_module_case(c, tiny_mtp(2), k=2)),
+        ("speculative.depth1", lambda c: speculative_case(c, tiny_mtp(1), 1)),
+        ("speculative.depth2", lambda c: speculative_case(c, tiny_mtp(2), 2)),
+        ("training.basic", lambda c: training_case(c)),
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # Suites
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +326,7 @@ def smoke():
         ("gate.tiny", lambda c: gate_case(c, tiny())),
         ("mla.tiny.naive", lambda c: mla_case(c, tiny(), 1, 5, "naive")),
         ("model.prefill.tiny", lambda c: prefill_case(c, tiny(), batch=1, seq=6)),
-    ]
+    ] + _mtp_cases()[:1]
 
 
 def default():
@@ -320,6 +388,7 @@ def default():
         ("model.decode.start1", lambda c: decode_case(c, t, prefill=1, steps=5, batch=1)),
         ("model.greedy.tiny", lambda c: greedy_case(c, t)),
     ]
+    cases += _mtp_cases()
     for i in range(4):
         cases.append((f"gate.drawn{i}", lambda c: gate_case(c, draw_config(case_rng(c + "/cfg")),
                                                              pins="drawn config and inputs")))
@@ -349,6 +418,7 @@ def full_width():
         ("fw.gate.v3_negative_biased", lambda c: gate_case(
             c, c3, tokens=8, bias_mean=-2.0, bias_std=0.1, store=BF16,
             pins="every biased score below zero: 8 picks from 128 kept experts")),
+        ("fw.gate.v3_bias_below_bf16", lambda c: gate_bf16_resolution_case(c, c3, store=BF16)),
         ("fw.mla.v3", lambda c: mla_case(c, c3, 1, 3, "naive", store=BF16,
                                          pins="MLA at 7168 / 128 heads / q-lora 1536 / kv-lora 512")),
         ("fw.mla_decode.v3", lambda c: mla_decode_case(c, c3, 1, 3, store=BF16)),
@@ -379,6 +449,15 @@ def conventions():
         ("rope_layout", lambda c: rope_case(c, t, np.arange(6), pins="which dimensions RoPE pairs"),
          [("adjacent_pairs", None), ("rotate_half", "rotate_half_rope")]),
     ]
+    if "mtp_prefill" in KINDS:
+        topics += [
+            ("mtp_concat", lambda c: mtp_prefill_case(c, tiny_mtp(1), batch=1, seq=8,
+                                                      pins="order of eh_proj's input"),
+             [("embedding_first", None), ("hidden_first", "mtp_concat_swapped")]),
+            ("mtp_h0", lambda c: mtp_prefill_case(c, tiny_mtp(1), batch=1, seq=8,
+                                                  pins="which main hidden state feeds module 1"),
+             [("final_norm", None), ("pre_norm", "mtp_pre_norm_h0")]),
+        ]
     cases = []
     for topic, build, alternatives in topics:
         for alt, mutant in alternatives:
