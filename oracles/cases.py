@@ -293,6 +293,20 @@ def greedy_aux(case, out):
     return {"tokens_margin": top2[..., 0] - top2[..., 1]}
 
 
+def run_fp8_quant(case, dtype):
+    """Weight block quantisation (SPEC.md section 7): w [out, in] -> q (e4m3 values, as float)
+    and scale_inv [ceil(out/128), ceil(in/128)], s = max(amax, 1e-4) / 448 per tile."""
+    q, s = fp8.quantize(np.asarray(case.inputs["w"]))
+    return {"q": fp8.decode_e4m3(q, np.float64).astype(dtype), "scale_inv": s.astype(dtype)}
+
+
+def run_fp8_act_quant(case, dtype):
+    """Activation quantisation per token per 128 channels: x [T, K] -> q (e4m3 values, as float)
+    [T, K] and s [T, ceil(K/128)]."""
+    q, s = fp8.quantize_activations(np.asarray(case.inputs["x"]))
+    return {"q": fp8.decode_e4m3(q, np.float64).astype(dtype), "s": s.astype(dtype)}
+
+
 # ---------------------------------------------------------------------------------------------
 # MTP kinds and training-time values (SPEC.md sections 5, 6)
 # ---------------------------------------------------------------------------------------------
@@ -379,3 +393,7 @@ if mtp is not None:
              aux=greedy_aux)
     register("training", run_training, ["balance_loss", "bias_updated", "mtp_loss"],
              "balance loss, bias update and MTP loss values")
+if hasattr(fp8, "quantize") and hasattr(fp8, "quantize_activations"):
+    register("fp8_quant", run_fp8_quant, ["q", "scale_inv"], "FP8 e4m3 block quantisation of a weight")
+    register("fp8_act_quant", run_fp8_act_quant, ["q", "s"],
+             "FP8 activation quantisation per token per 128 channels")

@@ -296,6 +296,28 @@ def training_case(cid, experts=16, k=4, tokens=12, vocab=64, depth=2):
                 params={"alpha": 1e-4, "gamma": 1e-3, "lam": 0.3, "depth": depth})
 
 
+def _fp8_cases():
+    """FP8 quantisation cases, where refimpl quantises (empty otherwise)."""
+    if "fp8_quant" not in KINDS:
+        return []
+
+    def weight(cid, shape):
+        rng = case_rng(cid)
+        w = rng.normal(0, shape[1] ** -0.5, shape)
+        w[:128, :128] *= 50
+        return Case(cid, "fp8_quant", f"block quantisation of a {shape[0]} x {shape[1]} weight",
+                    {"w": w.astype(F32)})
+
+    def acts(cid, shape):
+        rng = case_rng(cid)
+        x = rng.normal(0, 1, shape)
+        x[0, :100] *= 1e3  # one token with a very different range in its first block
+        return Case(cid, "fp8_act_quant", f"activation quantisation of [{shape[0]}, {shape[1]}]",
+                    {"x": x.astype(F32)})
+    return [("fp8_quant.unaligned", lambda c: weight(c, (576, 200))),
+            ("fp8_act_quant.unaligned", lambda c: acts(c, (6, 300)))]
+
+
 def _mtp_cases():
     """MTP cases, where refimpl has MTP (empty otherwise)."""
     if "mtp_prefill" not in KINDS:
@@ -388,7 +410,7 @@ def default():
         ("model.decode.start1", lambda c: decode_case(c, t, prefill=1, steps=5, batch=1)),
         ("model.greedy.tiny", lambda c: greedy_case(c, t)),
     ]
-    cases += _mtp_cases()
+    cases += _mtp_cases() + _fp8_cases()
     for i in range(4):
         cases.append((f"gate.drawn{i}", lambda c: gate_case(c, draw_config(case_rng(c + "/cfg")),
                                                              pins="drawn config and inputs")))
