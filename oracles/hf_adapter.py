@@ -29,7 +29,11 @@ class TransformersAdapter:
 
     def supports(self, case):
         if case.kind.startswith("mtp") or case.kind == "speculative":
-            return "transformers drops the MTP layers (it implements no MTP module)"
+            n = case.config.num_hidden_layers
+            if n != 61:
+                return (f"transformers runs MTP only as checkpoint layer 61 (a 61-layer main "
+                        f"model); this case has {n} layers, so it drops the MTP layers")
+            return "MTP through transformers' MtpModel is not wired into this adapter"
         if case.kind.startswith("fp8"):
             return "transformers' FP8 path needs a GPU (fine-grained FP8 kernels); no FP8 on CPU"
         if case.kind not in MODEL_KINDS:
