@@ -35,6 +35,26 @@ from .suites import SUITE_DOCS, SUITE_SEED, suite_cases
 
 SUITE_FORMAT = 1
 
+# The conventions every expected value follows unless a case says otherwise (SPEC.md section 9).
+CONVENTIONS = {
+    "expert_group_mask": "-inf", "group_score": "sum of the top-2 biased scores",
+    "gate_precision": "router in float64 (float32 or better), bias float32 or better",
+    "bias_in_weights": "never", "yarn_activation": "always when rope_scaling is yarn",
+    "softmax_mscale": "m(s, mscale_all_dim)^2; cos/sin times m(s, mscale)/m(s, mscale_all_dim)",
+    "rope_layout": "adjacent pairs (2i, 2i+1)", "topk_ties": "lower index",
+    "norm_topk_prob_false": "honoured", "latent_norm_eps": "1e-6",
+}
+
+
+def conventions() -> dict:
+    out = dict(CONVENTIONS)
+    try:
+        from refimpl import mtp
+        out["mtp"] = mtp.DEFAULT.as_dict()
+    except ImportError:
+        pass
+    return out
+
 
 def sha256(path: str) -> str:
     h = hashlib.sha256()
@@ -118,7 +138,7 @@ def generate(out: str, suite: str = "default", only: str | None = None, progress
             "only": only, "generator": f"oracles {__version__}", "refimpl": refimpl.__version__,
             "numpy": np.__version__, "ml_dtypes": ml_dtypes.__version__,
             "python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}",
-            "seed": SUITE_SEED,
+            "seed": SUITE_SEED, "conventions": conventions(),
             "tolerance_rule": f"tol = max({tolerance.K:g} x calibrated error, floor)",
             "tolerance_k": tolerance.K, "floors": tolerance.FLOORS,
             "calibrated_by": tolerance.CALIBRATED_BY,

@@ -247,3 +247,13 @@ def test_a_forgiven_routing_difference_taints_the_rest_of_its_row_in_a_causal_mo
     moe = Taint(causal=False)  # a single MoE layer: only the token itself
     moe.update(c_idx.reshape(8, 2), e_idx.reshape(8, 2), margin.reshape(8), eps=1e-6)
     assert moe.mask.tolist() == [False, True] + [False] * 6
+
+
+def test_run_writes_an_adapter_as_files_that_check_accepts(default_dir, tmp_path):
+    cand = tmp_path / "cand"
+    r = run_cli("run", default_dir, "--adapter", "oracles.adapters:refimpl_float32", "--out", cand,
+                "--only", "gate.tiny,mla.tiny.naive", module="oracles")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(cand / "cases")) == ["gate.tiny", "mla.tiny.naive"]
+    r = run_cli("check", default_dir, cand, "--only", "gate.tiny,mla.tiny.naive", module="oracles")
+    assert r.returncode == 0, r.stdout

@@ -50,6 +50,7 @@ def test_manifest_records_versions_seeds_tolerances_and_every_sha256(default_dir
     m = json.load(open(os.path.join(default_dir, "manifest.json")))
     assert m["numpy"] == np.__version__ and m["generator"].startswith("oracles ")
     assert isinstance(m["seed"], int)
+    assert m["conventions"]["expert_group_mask"] == "-inf" and m["conventions"]["topk_ties"] == "lower index"
     for entry in m["cases"]:
         d = os.path.join(default_dir, "cases", entry["id"])
         assert sorted(entry["files"]) == sorted(os.listdir(d))
