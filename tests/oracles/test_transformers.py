@@ -40,3 +40,11 @@ def test_cases_transformers_cannot_run_are_skipped_with_the_reason(report):
     assert "component" in reasons["gate.tiny"]
     for cid in ("mtp_prefill.tiny", "speculative.depth1"):  # where refimpl has MTP
         assert cid not in [r["id"] for r in report["cases"]] or "61" in reasons[cid]
+
+
+def test_bf16_tolerances_calibrated_by_emulation_hold_for_transformers_in_bf16(default_dir):
+    bf16 = load_adapter("oracles.hf_adapter:factory_bf16")
+    rep = run_check(default_dir, bf16, "bf16", only="model.prefill.*")
+    ran = [r for r in rep["cases"] if r["status"] != "skip"]
+    assert len(ran) >= 8 and rep["ok"], [(r["id"], r.get("reason")) for r in ran if r["status"] != "pass"]
+    assert not run_check(default_dir, bf16, "float32", only="model.prefill.tiny")["ok"]
