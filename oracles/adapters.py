@@ -49,6 +49,10 @@ def refimpl_bf16():
     return RefimplAdapter("bf16")
 
 
+def refimpl_fp8():
+    return RefimplAdapter("fp8")
+
+
 def load_adapter(spec: str) -> AdapterCandidate:
     """'pkg.mod:factory' -> the candidate (factory() is called once)."""
     mod_name, sep, attr = spec.partition(":")

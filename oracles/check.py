@@ -187,9 +187,6 @@ def run_check(golden_path: str, candidate, profile: str = "float32", only: str |
               repro_base: str | None = None, progress=None) -> dict:
     """Check every case (matching `only`) -> the report (a JSON-able dict)."""
     if profile not in tolerance.PROFILES:
-        if profile == "fp8":
-            raise OraclesError("profile fp8 is not calibrated yet: it needs refimpl's FP8 "
-                               "activation quantisation (FP8 work in progress)")
         raise OraclesError(f"profile {profile!r} is not one of {', '.join(tolerance.PROFILES)}")
     golden = Golden(golden_path)
     entries = [e for e in golden.manifest["cases"] if matches(e["id"], only)]

@@ -2,7 +2,7 @@
 
     oracles list     [--suite NAME]
     oracles generate --out DIR [--suite NAME] [--only GLOB]
-    oracles check    GOLDEN [CANDIDATE | --adapter pkg.mod:factory] [--profile P] [--only GLOB] [--json REPORT]
+    oracles check    GOLDEN [CANDIDATE | --adapter pkg.mod:factory] [--profile float32|bf16|fp8] [--only GLOB] [--json REPORT]
     oracles run      GOLDEN --adapter pkg.mod:factory --out CANDIDATE   (adapter -> file route)
 
 check exits 0 when every checked case passes, 1 when some fail or are missing, 2 on bad input.

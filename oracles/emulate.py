@@ -6,6 +6,10 @@ Precisions (the tolerance profiles are calibrated from these):
 - bf16: weights and inputs rounded to bfloat16 (the gate bias stays float32, as checkpoints
   store it), float32 arithmetic, and every operator's output rounded to bfloat16 at its boundary
   (linear maps, norms, softmax, rope, SwiGLU, each decoder layer's residual stream).
+- fp8: bf16 as above, and the linear maps that DeepSeek-V3 ships in FP8 (attention projections,
+  expert and dense FFN weights; not the embedding, lm_head, gate or eh_proj, SPEC.md section 7)
+  use e4m3 weights with 128x128 block scales and e4m3 activations with per-token, per-128-channel
+  scales (refimpl.fp8's quantisers where this refimpl has them, the same rules otherwise).
 
 Patching replaces module attributes of refimpl for the duration of a `with` block and restores
 them after; refimpl itself has no switch for it.
@@ -20,12 +24,13 @@ import functools
 import ml_dtypes
 import numpy as np
 
-from refimpl import mla, model, moe, rope
+from refimpl import fp8, mla, model, moe, rope
+from refimpl.ops import silu
 
 from . import OraclesError
 from .cases import KINDS, Case
 
-PRECISIONS = ("float64", "float32", "bf16")
+PRECISIONS = ("float64", "float32", "bf16", "fp8")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 _KEEP_F32 = ("bias", "e_score_correction_bias")  # stored float32 in every checkpoint
 
@@ -71,13 +76,62 @@ def bf16_boundaries():
     return patched(reps)
 
 
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+_FP8_LINEARS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+                "gate_proj", "up_proj", "down_proj")
+
+
+def is_fp8_weight(name: str, a) -> bool:
+    """The linear maps V3 ships in FP8: by checkpoint name (model cases) or short name."""
+    stem = name[: -len(".weight")] if name.endswith(".weight") else name
+    return np.ndim(a) == 2 and stem.rsplit(".", 1)[-1] in _FP8_LINEARS
+
+
+def fp8_weight(w):
+    """Block quantise and dequantise a weight (s = max(amax, 1e-4) / 448 per 128x128 tile)."""
+    if hasattr(fp8, "quantize"):
+        q, s = fp8.quantize(np.asarray(w, np.float64))
+    else:
+        from .suites import quantize_fp8
+        q, s = quantize_fp8(np.asarray(w, np.float64))
+    return fp8.dequantize(q, s, dtype=np.float64).astype(np.float32)
+
+
+def fp8_activations(x, block: int = fp8.BLOCK):
+    """Quantise and dequantise activations per token per 128 channels, in float32."""
+    x = np.asarray(x, np.float32)
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if hasattr(fp8, "quantize_activations"):
+        q, s = fp8.quantize_activations(x2, block)
+        q = np.asarray(q).astype(np.float32)
+    else:
+        amax = np.maximum.reduceat(np.abs(x2), np.arange(0, k, block), axis=1)
+        s = (np.maximum(amax, 1e-4) / 448.0).astype(np.float32)
+        q = (x2 / np.repeat(s, block, axis=1)[:, :k]).astype(E4M3).astype(np.float32)
+    return (q * np.repeat(s, block, axis=1)[:, :k]).reshape(x.shape)
+
+
+def fp8_linears():
+    """FP8 activations into every FP8 linear map (the weights are FP8 already, see prepared)."""
+    def mla_linear(x, w):
+        return fp8_activations(x) @ np.asarray(w, np.float32).T
+
+    def swiglu(x, gate_proj, up_proj, down_proj):  # dense FFN, shared and routed experts
+        xa = fp8_activations(x)
+        return fp8_activations(silu(xa @ gate_proj.T) * (xa @ up_proj.T)) @ down_proj.T
+    return patched([(mla, "linear", mla_linear), (moe, "swiglu", swiglu)])
+
+
 def _cast(name, a, precision):
     a = np.asarray(a)
-    if not np.issubdtype(a.dtype, np.floating) or a.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
+    if not np.issubdtype(a.dtype, np.floating) or a.dtype == E4M3:
         return a  # ids, positions, e4m3 values: as stored
     if precision == "float64":
         return a.astype(np.float64)
-    if precision == "bf16" and not name.endswith(_KEEP_F32):
+    if precision == "fp8" and is_fp8_weight(name, a):
+        return fp8_weight(a)
+    if precision in ("bf16", "fp8") and not name.endswith(_KEEP_F32):
         return round_bf16(a)
     return a.astype(np.float32)
 
@@ -105,7 +159,9 @@ def run_case(case: Case, precision: str = "float64", mutant: str | None = None) 
     work = prepared(case, precision)
     stack = contextlib.ExitStack()
     with stack:
-        if precision == "bf16":
+        if precision == "fp8":
+            stack.enter_context(fp8_linears())  # inside the bf16 rounding of their outputs
+        if precision in ("bf16", "fp8"):
             stack.enter_context(bf16_boundaries())
         if mutant is not None:
             stack.enter_context(MUTANTS[mutant].patch(case))
@@ -113,7 +169,7 @@ def run_case(case: Case, precision: str = "float64", mutant: str | None = None) 
     result = {}
     for k, v in out.items():
         v = np.asarray(v)
-        if precision == "bf16":
+        if precision in ("bf16", "fp8"):
             v = round_bf16(v)
         result[k] = v.astype(np.int64 if np.issubdtype(v.dtype, np.integer) else np.float64)
     return result
