@@ -1,0 +1,399 @@
+"""Case kinds: what a golden case computes, written once and used three ways.
+
+A case is inputs (arrays as stored on disk), parameters, and for model cases a config and a
+checkpoint. Its kind is one function `run(case, dtype) -> {output name: array}` that computes the
+outputs with refimpl, in dataflow order. The same function
+
+- makes the expected values (float64, exact),
+- calibrates the tolerances (run again in float32 and in emulated bf16, see tolerance.py),
+- is the clean candidate and, with one refimpl function patched, each mutant (mutants.py).
+
+Adding a case kind is one function and one `register(...)` call at the bottom of this file.
+Output names are fixed and documented in docs/conformance.md; model cases use refimpl's trace
+names (`embed`, `layers.N.attn_out`, `layers.N.topk_idx`, `final_hidden`, `logits`, ...).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from refimpl import fp8, generate, mla, moe, norm, rope
+from refimpl.config import Config
+from refimpl.model import Model
+
+try:  # MTP and the training-time equations, where this refimpl has them
+    from refimpl import losses, mtp
+except ImportError:  # pragma: no cover - an older refimpl
+    losses = mtp = None
+
+# ---------------------------------------------------------------------------------------------
+# Case and kind
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One golden case. `inputs` and `weights` hold arrays in their STORED dtypes (float32,
+    bfloat16, e4m3, int64): every engine reads exactly these values."""
+
+    id: str
+    kind: str
+    pins: str  # one sentence: what this case pins down
+    inputs: dict
+    params: dict = field(default_factory=dict)
+    config: Config | None = None
+    weights: dict | None = None  # model cases: checkpoint tensors in the HF layout
+    conventions: dict = field(default_factory=dict)  # topic -> the alternative its expected follows
+    expect_under: str | None = None  # a mutant name: expected values follow that alternative
+    path: str | None = None  # the case directory, once written (config.json, model.safetensors)
+
+    @property
+    def is_model(self) -> bool:
+        return self.weights is not None
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    run: Callable  # (case, dtype) -> {name: array} in dataflow order
+    required: Callable  # (case) -> names a candidate must provide
+    doc: str
+    aux: Callable | None = None  # (case, outputs) -> expected-only tensors (routing margins)
+
+
+KINDS: dict[str, Kind] = {}
+
+
+def register(name: str, run, required, doc: str, aux=None) -> None:
+    KINDS[name] = Kind(name, run, required if callable(required) else (lambda c, r=tuple(required): r),
+                       doc, aux)
+
+
+def output_type(name: str) -> str:
+    """How an output is compared: by its name (documented in docs/conformance.md)."""
+    last = name.rsplit(".", 1)[-1]
+    if last == "topk_idx":
+        return "indices"
+    if last == "topk_weight":
+        return "routing_weights"
+    if last == "logits":
+        return "logits"
+    if last == "tokens":
+        return "tokens"
+    return "continuous"
+
+
+def matches(case_id: str, pattern: str | None) -> bool:
+    """--only: comma-separated globs."""
+    if not pattern:
+        return True
+    return any(fnmatch.fnmatchcase(case_id, p.strip()) for p in pattern.split(","))
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing margins: how far each token is from choosing differently
+# ---------------------------------------------------------------------------------------------
+
+
+def routing_margin(scores, bias, cfg: Config) -> np.ndarray:
+    """Per token, the smallest gap that decides its expert set: between the topk_group-th and the
+    next group score, and between the K-th and the next selectable biased score. A token whose
+    margin is within a profile's rounding may legitimately pick another set.  [T, E] -> [T]"""
+    s = np.asarray(scores, dtype=np.float64)
+    biased = s if (bias is None or not cfg.uses_bias) else s + np.asarray(bias, np.float64)
+    t, e = biased.shape
+    margin = np.full(t, np.inf)
+    if cfg.topk_method != "greedy" and cfg.topk_group < cfg.n_group:
+        g = moe.group_scores(biased, cfg.n_group, cfg.topk_method)
+        gs = -np.sort(-g, axis=-1)
+        margin = np.minimum(margin, gs[:, cfg.topk_group - 1] - gs[:, cfg.topk_group])
+        kept = np.argsort(-g, axis=-1, kind="stable")[:, :cfg.topk_group]
+        mask = np.zeros_like(g, dtype=bool)
+        np.put_along_axis(mask, kept, True, axis=-1)
+        biased = np.where(np.repeat(mask, e // cfg.n_group, axis=-1), biased, -np.inf)
+    k = cfg.num_experts_per_tok
+    if k < e:
+        bs = -np.sort(-biased, axis=-1)
+        gap = bs[:, k - 1] - bs[:, k]
+        margin = np.minimum(margin, np.where(np.isfinite(gap), gap, np.inf))
+    return margin
+
+
+# ---------------------------------------------------------------------------------------------
+# Component kinds
+# ---------------------------------------------------------------------------------------------
+
+
+def run_rms_norm(case, dtype):
+    x, w = case.inputs["x"], case.inputs["weight"]
+    return {"y": norm.rms_norm(x, w, case.params["eps"])}  # [n, d]
+
+
+def run_yarn_tables(case, dtype):
+    """inv_freq [d_R/2], cos/sin [n_pos, d_R/2] (times the cos/sin factor), softmax_scale [1]."""
+    cfg = case.config
+    freqs = rope.inv_freq(cfg)
+    cos, sin = rope.cos_sin(case.inputs["positions"], freqs, rope.cos_sin_factor(cfg))
+    return {"inv_freq": freqs.astype(dtype), "cos": cos.astype(dtype), "sin": sin.astype(dtype),
+            "softmax_scale": np.array([rope.softmax_scale(cfg)], dtype=dtype)}
+
+
+def run_rope_apply(case, dtype):
+    """x [b, s, H, d_R] at positions [s] -> rotated x, adjacent pairs (the checkpoint's layout)."""
+    cfg = case.config
+    cos, sin = rope.cos_sin(case.inputs["positions"], rope.inv_freq(cfg), rope.cos_sin_factor(cfg))
+    return {"out": rope.apply_rope(case.inputs["x"], cos, sin)}
+
+
+def _attn_weights(case):
+    keys = ("q_proj",) if case.config.q_lora_rank is None else ("q_a_proj", "q_a_layernorm", "q_b_proj")
+    keys += ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
+    return {k: case.inputs[k] for k in keys}
+
+
+def _mla(case, x, positions, cache_c_kv=None, cache_k_rope=None, form="naive"):
+    cfg = case.config
+    w = _attn_weights(case)
+    c_q, q_nope, q_rope_pre = mla.query(x, w, cfg.num_attention_heads, cfg.qk_nope_head_dim,
+                                        cfg.qk_rope_head_dim)
+    c_kv, k_rope_pre = mla.latent_kv(x, w, cfg.kv_lora_rank)
+    cos, sin = rope.cos_sin(positions, rope.inv_freq(cfg), rope.cos_sin_factor(cfg))
+    q_rope, k_rope = mla.rope_parts(q_rope_pre, k_rope_pre, cos, sin)
+    out = {} if c_q is None else {"c_q": c_q}
+    out.update(q_nope=q_nope, q_rope=q_rope, c_kv=c_kv, k_rope=k_rope)
+    all_c, all_k = c_kv, k_rope
+    if cache_c_kv is not None:  # one decode step against a filled latent cache
+        all_c = np.concatenate([cache_c_kv, c_kv], axis=1)
+        all_k = np.concatenate([cache_k_rope, k_rope], axis=1)
+    k_pos = np.arange(all_c.shape[1])
+    mask = mla.causal_mask(positions, k_pos, np)
+    attend = mla.attention_absorbed if form == "absorbed" else mla.attention_naive
+    o = attend(q_nope, q_rope, all_c, all_k, w["kv_b_proj"], rope.softmax_scale(cfg), mask)
+    out["attn_out"] = mla.output(o, w["o_proj"])
+    return out
+
+
+def run_mla(case, dtype):
+    """MLA on normalised x [b, s, d] at positions 0..s-1, naive or absorbed (params.form)."""
+    x = case.inputs["x"]
+    return _mla(case, x, np.arange(x.shape[1]), form=case.params["form"])
+
+
+def run_mla_decode(case, dtype):
+    """One token x [b, 1, d] at position `start` against a filled cache (normalised c_kv
+    [b, start, d_c] and roped k_rope [b, start, d_R] in the checkpoint's pair layout)."""
+    start = case.inputs["cache_c_kv"].shape[1]
+    return _mla(case, case.inputs["x"], np.array([start]), case.inputs["cache_c_kv"],
+                case.inputs["cache_k_rope"], form=case.params.get("form", "absorbed"))
+
+
+def run_gate(case, dtype):
+    """The router: scores [T, E], chosen experts [T, K] (largest first), weights [T, K]."""
+    bias = case.inputs.get("bias")
+    s, idx, g = moe.route(case.inputs["u"], case.inputs["gate_weight"], bias, case.config)
+    return {"router_scores": s, "topk_idx": idx.astype(np.int64), "topk_weight": g}
+
+
+def gate_aux(case, out):
+    return {"topk_margin": routing_margin(out["router_scores"], case.inputs.get("bias"), case.config)}
+
+
+def run_moe(case, dtype):
+    """One MoE layer without the residual: shared + gated routed experts.  x [T, d] -> out [T, d]."""
+    cfg, inp = case.config, case.inputs
+    x = inp["x"]
+    s, idx, g = moe.route(x, inp["gate_weight"], inp.get("bias"), cfg)
+    experts = [{k: inp[f"experts.{e}.{k}"] for k in ("gate_proj", "up_proj", "down_proj")}
+               for e in range(cfg.n_routed_experts)]
+    out = moe.routed_experts(x, idx, g, experts)
+    if cfg.n_shared_experts:
+        out = out + moe.swiglu(x, **{k: inp[f"shared_experts.{k}"]
+                                     for k in ("gate_proj", "up_proj", "down_proj")})
+    return {"router_scores": s, "topk_idx": idx.astype(np.int64), "topk_weight": g, "out": out}
+
+
+def moe_aux(case, out):
+    return {"topk_margin": routing_margin(out["router_scores"], case.inputs.get("bias"), case.config)}
+
+
+def run_fp8_dequant(case, dtype):
+    """W = q * s per 128x128 block (partial edge blocks).  q e4m3 [out, in], scale_inv f32."""
+    return {"w": fp8.dequantize(case.inputs["q"], case.inputs["scale_inv"], dtype=dtype)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model kinds
+# ---------------------------------------------------------------------------------------------
+
+
+def _model(case, dtype):
+    return Model.from_arrays(case.config, case.weights, dtype=np.dtype(dtype).name)
+
+
+def run_prefill(case, dtype):
+    """logits [b, s, vocab] of input_ids [b, s] from position 0, with every named intermediate."""
+    trace = {}
+    _model(case, dtype).forward(case.inputs["input_ids"], trace=trace)
+    return trace
+
+
+def run_decode(case, dtype):
+    """Prefill the first params.prefill tokens in one forward, then decode the rest one token at
+    a time through the latent cache; outputs are the decode steps' trace, concatenated on seq."""
+    ids = case.inputs["input_ids"]
+    p = case.params["prefill"]
+    model = _model(case, dtype)
+    cache = model.new_cache(batch=ids.shape[0], max_len=ids.shape[1])
+    model.forward(ids[:, :p], cache=cache)
+    steps = []
+    for j in range(p, ids.shape[1]):
+        tr = {}
+        model.forward(ids[:, j:j + 1], cache=cache, trace=tr)
+        steps.append(tr)
+    return {k: np.concatenate([st[k] for st in steps], axis=1) for k in steps[0]}
+
+
+def _layer_of_trace(case, name) -> int:
+    """The checkpoint layer of a trace name: layers.N.* -> N, mtp.K.layer.* -> the MTP layer."""
+    parts = name.split(".")
+    if parts[0] == "mtp":
+        return case.config.num_hidden_layers + int(parts[1]) - 1
+    return int(parts[1])
+
+
+def model_aux(case, out):
+    """topk_margin [b, s] for every MoE layer (MTP modules' layers included)."""
+    aux = {}
+    for name, s in out.items():
+        if name.endswith(".router_scores"):
+            i = _layer_of_trace(case, name)
+            bias = case.weights.get(f"model.layers.{i}.mlp.gate.e_score_correction_bias")
+            b, t, e = s.shape
+            aux[name.replace("router_scores", "topk_margin")] = \
+                routing_margin(s.reshape(b * t, e), bias, case.config).reshape(b, t)
+    return aux
+
+
+def run_greedy(case, dtype):
+    """Greedy continuation of prompt input_ids [1, P]: params.max_new_tokens ids [1, n]."""
+    model = _model(case, dtype)
+    toks = generate.greedy(model, case.inputs["input_ids"][0], case.params["max_new_tokens"])
+    return {"tokens": np.array([toks], dtype=np.int64)}
+
+
+def greedy_aux(case, out):
+    """tokens_margin [1, n]: the gap between the best and second-best logit at each step."""
+    ids = np.concatenate([case.inputs["input_ids"], out["tokens"][:, :-1]], axis=1)
+    logits = np.asarray(_model(case, np.float64).forward(ids))[:, case.inputs["input_ids"].shape[1] - 1:]
+    top2 = -np.sort(-logits, axis=-1)[..., :2]
+    return {"tokens_margin": top2[..., 0] - top2[..., 1]}
+
+
+def run_fp8_quant(case, dtype):
+    """Weight block quantisation (SPEC.md section 7): w [out, in] -> q (e4m3 values, as float)
+    and scale_inv [ceil(out/128), ceil(in/128)], s = max(amax, 1e-4) / 448 per tile."""
+    q, s = fp8.quantize(np.asarray(case.inputs["w"]))
+    return {"q": fp8.decode_e4m3(q, np.float64).astype(dtype), "scale_inv": s.astype(dtype)}
+
+
+def run_fp8_act_quant(case, dtype):
+    """Activation quantisation per token per 128 channels: x [T, K] -> q (e4m3 values, as float)
+    [T, K] and s [T, ceil(K/128)]."""
+    q, s = fp8.quantize_activations(np.asarray(case.inputs["x"]))
+    return {"q": fp8.decode_e4m3(q, np.float64).astype(dtype), "s": s.astype(dtype)}
+
+
+# ---------------------------------------------------------------------------------------------
+# MTP kinds and training-time values (SPEC.md sections 5, 6)
+# ---------------------------------------------------------------------------------------------
+
+
+def run_mtp_prefill(case, dtype):
+    """Teacher-forced MTP over input_ids [b, T]: the main trace and logits, then for each depth
+    k = 1..D the module's trace under mtp.k.* and mtp.k.logits [b, T-k, vocab] (index i predicts
+    t_{i+k+1}). Conventions: refimpl's mtp.DEFAULT (embedding first, h^0 after the final norm)."""
+    trace = {}
+    _model(case, dtype).forward(case.inputs["input_ids"], trace=trace, mtp=True,
+                                mtp_conventions=mtp.DEFAULT)
+    return trace
+
+
+def mtp_required(case):
+    return ["logits"] + [f"mtp.{k}.logits" for k in range(1, case.config.num_nextn_predict_layers + 1)]
+
+
+def run_mtp_module(case, dtype):
+    """One MTP module k (params.k) alone: input_ids [b, s] are the tokens t_{i+k}, h_prev
+    [b, s, d] is h^{k-1}_i; indices i = 0..s-1 -> the module's trace under mtp.k.*."""
+    trace = {}
+    model = _model(case, dtype)
+    h_prev = np.asarray(case.inputs["h_prev"], dtype=dtype)
+    mtp.module_forward(model, case.params["k"], case.inputs["input_ids"], h_prev, 0, None, trace,
+                       mtp.DEFAULT)
+    return trace
+
+
+def run_speculative(case, dtype):
+    """Greedy speculative decoding with the MTP modules (params.depth drafts per round): the
+    token stream, which must equal plain greedy decoding."""
+    model = _model(case, dtype)
+    rep = generate.decode(model, case.inputs["input_ids"][0], case.params["max_new_tokens"],
+                          use_mtp=True, depth=case.params["depth"], conventions=mtp.DEFAULT)
+    return {"tokens": np.array([rep.tokens], dtype=np.int64)}
+
+
+def run_training(case, dtype):
+    """Training-time values: balance loss (eqs. 17-20) of scores [T, E] with the chosen experts
+    idx [T, K], the expert load and the updated bias (b_i += gamma sign(mean load - load_i)),
+    and the MTP losses (eqs. 24-25) of mtp_logits.k [b, T-k, V] for tokens [b, T]."""
+    inp, p = case.inputs, case.params
+    idx = inp["idx"]
+    load = losses.expert_load(idx, inp["scores"].shape[-1])
+    out = {"balance_loss": np.array([losses.balance_loss(inp["scores"], idx.shape[-1], p["alpha"],
+                                                         selected=idx)], dtype=dtype),
+           "expert_load": load.astype(dtype),
+           "bias_updated": losses.update_bias(inp["bias"], load, p["gamma"]).astype(dtype)}
+    d = p["depth"]
+    logits = [inp[f"mtp_logits.{k}"] for k in range(1, d + 1)]
+    out["mtp_depth_losses"] = np.array([losses.mtp_depth_loss(lg, inp["tokens"], k)
+                                        for k, lg in enumerate(logits, 1)], dtype=dtype)
+    out["mtp_loss"] = np.array([losses.mtp_loss(logits, inp["tokens"], p["lam"])], dtype=dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: name, computation, outputs a candidate must provide, doc
+# ---------------------------------------------------------------------------------------------
+
+register("rms_norm", run_rms_norm, ["y"], "RMSNorm y = x / sqrt(mean(x^2) + eps) * w")
+register("yarn_tables", run_yarn_tables, ["inv_freq", "cos", "sin", "softmax_scale"],
+         "RoPE/YaRN frequencies, cos/sin tables at given positions, softmax scale")
+register("rope_apply", run_rope_apply, ["out"], "RoPE applied to adjacent pairs at given positions")
+register("mla", run_mla, ["attn_out"], "MLA prefill (naive or absorbed form), causal")
+register("mla_decode", run_mla_decode, ["attn_out"], "one MLA decode step against a filled cache")
+register("gate", run_gate, ["topk_idx", "topk_weight"], "router scores, expert choice and weights",
+         aux=gate_aux)
+register("moe", run_moe, ["out"], "one DeepSeekMoE layer (shared + routed experts)", aux=moe_aux)
+register("fp8_dequant", run_fp8_dequant, ["w"], "FP8 e4m3 block dequantisation")
+register("prefill", run_prefill, ["logits"], "model prefill: logits and named intermediates",
+         aux=model_aux)
+register("decode", run_decode, ["logits"], "incremental decode through the latent cache",
+         aux=model_aux)
+register("greedy", run_greedy, ["tokens"], "greedy token stream", aux=greedy_aux)
+if mtp is not None:
+    register("mtp_prefill", run_mtp_prefill, mtp_required,
+             "teacher-forced MTP: main and MTP logits with named intermediates", aux=model_aux)
+    register("mtp_module", run_mtp_module, lambda c: [f"mtp.{c.params['k']}.logits"],
+             "one MTP module (eqs. 21-23) on given tokens and h^{k-1}", aux=model_aux)
+    register("speculative", run_speculative, ["tokens"], "greedy speculative (MTP) token stream",
+             aux=greedy_aux)
+    register("training", run_training, ["balance_loss", "bias_updated", "mtp_loss"],
+             "balance loss, bias update and MTP loss values")
+if hasattr(fp8, "quantize") and hasattr(fp8, "quantize_activations"):
+    register("fp8_quant", run_fp8_quant, ["q", "scale_inv"], "FP8 e4m3 block quantisation of a weight")
+    register("fp8_act_quant", run_fp8_act_quant, ["q", "s"],
+             "FP8 activation quantisation per token per 128 channels")

@@ -1,0 +1,132 @@
+"""The `oracles` command line (DESIGN.md section 5). User errors: one line, exit 2.
+
+    oracles list     [--suite NAME]
+    oracles generate --out DIR [--suite NAME] [--only GLOB]
+    oracles check    GOLDEN [CANDIDATE | --adapter pkg.mod:factory] [--profile float32|bf16|fp8] [--only GLOB] [--json REPORT]
+    oracles run      GOLDEN --adapter pkg.mod:factory --out CANDIDATE   (adapter -> file route)
+
+check exits 0 when every checked case passes, 1 when some fail or are missing, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+
+from refimpl.errors import RefimplError
+
+
+def _progress(args):
+    if getattr(args, "quiet", False) or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="oracles", description="golden suites and a checker for "
+                                                            "DeepSeek-V3 engines")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ls = sub.add_parser("list", help="suites, or the cases of one suite")
+    ls.add_argument("--suite")
+    g = sub.add_parser("generate", help="write a golden suite")
+    g.add_argument("--out", required=True)
+    g.add_argument("--suite", default="default")
+    g.add_argument("--only", help="comma-separated globs of case ids")
+    g.add_argument("--quiet", action="store_true")
+    c = sub.add_parser("check", help="check a candidate against a golden suite")
+    c.add_argument("golden")
+    c.add_argument("candidate", nargs="?", help="directory with cases/<id>/outputs.safetensors")
+    c.add_argument("--adapter", help="pkg.module:factory of a Python engine adapter")
+    c.add_argument("--profile", default="float32")
+    c.add_argument("--only", help="comma-separated globs of case ids")
+    c.add_argument("--json", dest="json_out", help="write the report as JSON here")
+    c.add_argument("--quiet", action="store_true")
+    r = sub.add_parser("run", help="run an adapter and write its outputs (the file route)")
+    r.add_argument("golden")
+    r.add_argument("--adapter", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--only")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.cmd](args)
+    except RefimplError as e:  # OraclesError included
+        print(f"oracles: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_list(args) -> int:
+    from .suites import SUITE_DOCS, suite_cases
+
+    if not args.suite:
+        for name, doc in SUITE_DOCS.items():
+            print(f"{name:<12} {len(suite_cases(name)):>3} cases  {doc}")
+        return 0
+    for cid, _ in suite_cases(args.suite):  # ids only: building full-width cases takes memory
+        print(cid)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .golden import generate, suite_size
+
+    t = time.perf_counter()
+    m = generate(args.out, args.suite, args.only, progress=_progress(args))
+    dt = time.perf_counter() - t
+    print(f"wrote {args.out}: suite {args.suite}, {len(m['cases'])} cases, "
+          f"{suite_size(args.out) / 1e6:.1f} MB in {dt:.1f} s")
+    return 0
+
+
+def _write_json(path, obj):
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".oracles-", suffix=".json", dir=d)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def cmd_check(args) -> int:
+    from . import OraclesError
+    from .adapters import load_adapter
+    from .check import DirCandidate, format_report, run_check
+
+    if bool(args.candidate) == bool(args.adapter):
+        raise OraclesError("check needs exactly one of CANDIDATE (a directory) or --adapter pkg.mod:factory")
+    cand = load_adapter(args.adapter) if args.adapter else DirCandidate(args.candidate)
+    base = f"oracles check {shlex.quote(args.golden)} " + (
+        f"--adapter {args.adapter}" if args.adapter else shlex.quote(args.candidate))
+    t = time.perf_counter()
+    rep = run_check(args.golden, cand, args.profile, args.only, repro_base=base,
+                    progress=_progress(args))
+    rep["seconds"] = round(time.perf_counter() - t, 3)
+    print(format_report(rep))
+    if args.json_out:
+        _write_json(args.json_out, rep)
+    return 0 if rep["ok"] else 1
+
+
+def cmd_run(args) -> int:
+    from .adapters import load_adapter, write_outputs
+
+    skipped = write_outputs(args.golden, load_adapter(args.adapter), args.out, args.only)
+    for cid, why in skipped.items():
+        print(f"skipped {cid}: {why}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "generate": cmd_generate, "check": cmd_check, "run": cmd_run}

@@ -1,0 +1,508 @@
+"""The suites: smoke, default, full-width, conventions.
+
+A suite is a list of (case id, builder). Each builder draws from its own generator,
+`numpy.random.default_rng([SUITE_SEED, crc32(case id)])`, so a case's inputs depend only on its id
+and the seed (not on which other cases were generated, nor on --only), and regenerating gives
+byte-identical files.
+
+Drawn cases ("strategies"): `draw_config` and the input draws below play the part of hypothesis
+strategies, but draw from that seeded numpy generator, so expected values never depend on
+hypothesis's example database or version. Named edge cases are explicit builders.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import ml_dtypes
+import numpy as np
+
+from refimpl import mla, rope
+from refimpl.checkpoint import attention_shapes, random_weights
+from refimpl.config import Config, RopeScaling
+
+from . import OraclesError
+from .cases import KINDS, Case
+
+SUITE_SEED = 20250101
+F32 = np.float32
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def case_rng(case_id: str) -> np.random.Generator:
+    return np.random.default_rng([SUITE_SEED, zlib.crc32(case_id.encode())])
+
+
+def _seed(rng) -> int:
+    return int(rng.integers(0, 2**31))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+def tiny(**changes) -> Config:
+    """The tiny preset without MTP (YaRN active from an original context of 64)."""
+    return Config.preset("tiny").replace(num_nextn_predict_layers=0, **changes)
+
+
+def v3() -> Config:
+    return Config.preset("deepseek-v3")
+
+
+def draw_config(rng) -> Config:
+    """A small random DeepSeek-V3 config: every feature may vary, sizes stay tiny."""
+    heads = int(rng.choice([2, 4]))
+    rope_dim = int(rng.choice([4, 8]))
+    experts = int(rng.choice([8, 16]))
+    n_group = int(rng.choice([g for g in (1, 2, 4) if experts // g >= 2]))
+    topk_group = int(rng.integers(1, n_group + 1))
+    k = int(rng.integers(1, min(4, topk_group * experts // n_group) + 1))
+    yarn = rng.random() < 0.75
+    ms = [(1.0, 1.0), (0.707, 0.707), (1.0, 0.5)][int(rng.integers(0, 3))]
+    rs = RopeScaling(factor=float(rng.choice([4.0, 40.0])),
+                     original_max_position_embeddings=int(rng.choice([8, 16, 64])),
+                     beta_fast=32.0, beta_slow=1.0, mscale=ms[0], mscale_all_dim=ms[1]) if yarn else None
+    return Config(
+        vocab_size=int(rng.choice([64, 128])), hidden_size=int(rng.choice([32, 48])),
+        intermediate_size=64, moe_intermediate_size=int(rng.choice([16, 24])),
+        num_hidden_layers=int(rng.integers(2, 4)), num_attention_heads=heads,
+        kv_lora_rank=int(rng.choice([16, 24])), q_lora_rank=[None, 24][int(rng.integers(0, 2))],
+        qk_nope_head_dim=int(rng.choice([8, 16])), qk_rope_head_dim=rope_dim,
+        v_head_dim=int(rng.choice([8, 16])), n_routed_experts=experts,
+        n_shared_experts=int(rng.integers(0, 2)), num_experts_per_tok=k, n_group=n_group,
+        topk_group=topk_group, first_k_dense_replace=int(rng.integers(0, 2)),
+        routed_scaling_factor=float(rng.choice([1.0, 2.5])), norm_topk_prob=bool(rng.random() < 0.8),
+        rope_theta=10000.0, rope_scaling=rs, max_position_embeddings=512,
+        extra={"architectures": ["DeepseekV3ForCausalLM"], "torch_dtype": "float32"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Component builders
+# ---------------------------------------------------------------------------------------------
+
+def rms_norm_case(cid, n=6, d=64, eps=1e-6, scale=1.0):
+    rng = case_rng(cid)
+    return Case(cid, "rms_norm", f"RMSNorm over {d} channels, eps {eps:g}",
+                {"x": rng.normal(0, scale, (n, d)).astype(F32),
+                 "weight": rng.uniform(0.5, 1.5, d).astype(F32)}, params={"eps": eps})
+
+
+def yarn_case(cid, cfg, positions, pins):
+    return Case(cid, "yarn_tables", pins, {"positions": np.asarray(positions, np.int64)},
+                config=cfg)
+
+
+def rope_case(cid, cfg, positions, batch=1, heads=2, pins="RoPE on adjacent pairs"):
+    rng = case_rng(cid)
+    x = rng.normal(0, 1, (batch, len(positions), heads, cfg.qk_rope_head_dim)).astype(F32)
+    return Case(cid, "rope_apply", pins, {"x": x, "positions": np.asarray(positions, np.int64)},
+                config=cfg)
+
+
+def _attn_inputs(rng, cfg, store):
+    seed = _seed(rng)
+    from refimpl.checkpoint import random_tensor
+    return {k[:-len(".weight")]: random_tensor("model.layers.0.self_attn." + k, s, seed).astype(store)
+            for k, s in attention_shapes(cfg).items()}
+
+
+def mla_case(cid, cfg, batch, seq, form, store=F32, pins=None):
+    rng = case_rng(cid)
+    inputs = _attn_inputs(rng, cfg, store)
+    inputs["x"] = rng.normal(0, 1, (batch, seq, cfg.hidden_size)).astype(store)
+    return Case(cid, "mla", pins or f"MLA {form} form, {seq} tokens", inputs, params={"form": form},
+                config=cfg)
+
+
+def mla_decode_case(cid, cfg, batch, start, store=F32, pins=None):
+    """The cache holds `start` tokens made by the same weights from random hidden states."""
+    rng = case_rng(cid)
+    inputs = _attn_inputs(rng, cfg, store)
+    w = {k: np.asarray(v, np.float64) for k, v in inputs.items()}
+    prefix = rng.normal(0, 1, (batch, start, cfg.hidden_size))
+    c_kv, k_pre = mla.latent_kv(prefix, w, cfg.kv_lora_rank)
+    cos, sin = rope.cos_sin(np.arange(start), rope.inv_freq(cfg), rope.cos_sin_factor(cfg))
+    inputs["cache_c_kv"] = c_kv.astype(store)
+    inputs["cache_k_rope"] = rope.apply_rope(k_pre, cos, sin).astype(store)
+    inputs["x"] = rng.normal(0, 1, (batch, 1, cfg.hidden_size)).astype(store)
+    return Case(cid, "mla_decode", pins or f"one decode step at position {start} (absorbed form)",
+                inputs, params={"form": "absorbed"}, config=cfg)
+
+
+def gate_case(cid, cfg, tokens=16, bias_mean=0.0, bias_std=0.05, pins="router", store=F32):
+    rng = case_rng(cid)
+    d, e = cfg.hidden_size, cfg.n_routed_experts
+    inputs = {"u": rng.normal(0, 1, (tokens, d)).astype(store),
+              "gate_weight": rng.normal(0, d ** -0.5, (e, d)).astype(store)}
+    if cfg.uses_bias:
+        inputs["bias"] = rng.normal(bias_mean, bias_std, e).astype(F32)
+    return Case(cid, "gate", pins, inputs, config=cfg)
+
+
+def gate_ties_case(cid, cfg, near=False):
+    """Every odd expert is a copy of the even one before it (exact score ties inside groups) and
+    the second half of the groups copies the first (exact group-score ties); `near` adds 1e-6
+    to the copies' bias: near-ties, decided by the bias alone. Three experts per token, so that
+    a tie falls on the boundary of the chosen set."""
+    cfg = cfg.replace(num_experts_per_tok=3)
+    case = gate_case(cid, cfg, pins="exact ties" if not near else "near-ties (bias 1e-6 apart)")
+    w, b = case.inputs["gate_weight"], case.inputs["bias"]
+    w[1::2] = w[0::2]
+    b[1::2] = b[0::2] + (np.float32(1e-6) if near else np.float32(0))
+    half = cfg.n_routed_experts // 2
+    w[half:] = w[:half]
+    b[half:] = b[:half]
+    return case
+
+
+def gate_bf16_resolution_case(cid, cfg=None, store=F32):
+    """The decision rests on a bias difference (1e-3) that bf16 cannot hold: experts 2 and 5
+    score identically, 5 has the larger float32 bias (0.501 vs 0.5, both 0.5 in bf16), K - 1
+    experts of the same group are certain picks (bias +2), the rest certain misses (bias -2), so
+    the K-th pick is 5, or 2 when the bias is rounded to bf16."""
+    cfg = cfg or Config.preset("tiny").replace(n_group=1, topk_group=1, num_nextn_predict_layers=0)
+    case = gate_case(cid, cfg, tokens=4, pins="a bias difference below bf16 resolution decides",
+                     store=store)
+    w, b = case.inputs["gate_weight"], case.inputs["bias"]
+    certain = [0, 7, 9, 10, 11, 12, 13, 14][: cfg.num_experts_per_tok - 1]
+    assert max(certain) < cfg.experts_per_group
+    w[5] = w[2]
+    b[:] = -2.0
+    b[certain] = 2.0
+    b[2], b[5] = 0.5, 0.501
+    return case
+
+
+def moe_case(cid, cfg, tokens=12, pins="one MoE layer", bias_mean=0.0):
+    rng = case_rng(cid)
+    w = random_weights(cfg.replace(num_hidden_layers=cfg.first_k_dense_replace + 1), _seed(rng),
+                       mtp=False)
+    p = f"model.layers.{cfg.first_k_dense_replace}.mlp."
+    inputs = {"x": rng.normal(0, 1, (tokens, cfg.hidden_size)).astype(F32)}
+    for name, a in w.items():
+        if name.startswith(p):
+            short = name[len(p):]
+            short = {"gate.weight": "gate_weight", "gate.e_score_correction_bias": "bias"}.get(
+                short, short.removesuffix(".weight"))
+            inputs[short] = a.astype(F32)
+    if "bias" in inputs:
+        inputs["bias"] = (inputs["bias"] + np.float32(bias_mean)).astype(F32)
+    return Case(cid, "moe", pins, inputs, config=cfg)
+
+
+def quantize_fp8(w, block=128):
+    """Per block s = max(amax, 1e-4) / 448, q = round_e4m3(w / s) (SPEC.md section 7)."""
+    out, inp = w.shape
+    q = np.zeros(w.shape, dtype=ml_dtypes.float8_e4m3fn)
+    s = np.zeros((-(-out // block), -(-inp // block)), np.float32)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            tile = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
+            s[i, j] = max(float(np.abs(tile).max()), 1e-4) / 448.0
+            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = \
+                (tile / s[i, j]).astype(ml_dtypes.float8_e4m3fn)
+    return q, s
+
+
+def fp8_case(cid, shape, pins):
+    rng = case_rng(cid)
+    w = rng.normal(0, shape[1] ** -0.5, shape)
+    w[: min(128, shape[0]), : min(128, shape[1])] *= 50  # blocks of very different ranges
+    q, s = quantize_fp8(w)
+    return Case(cid, "fp8_dequant", pins, {"q": q, "scale_inv": s})
+
+
+# ---------------------------------------------------------------------------------------------
+# Model builders
+# ---------------------------------------------------------------------------------------------
+
+def model_weights(cfg, rng, store=F32, bias_mean=0.0):
+    w = {k: v.astype(store) for k, v in random_weights(cfg, _seed(rng), mtp=False).items()}
+    for k in w:
+        if k.endswith("e_score_correction_bias"):
+            w[k] = (w[k].astype(F32) + np.float32(bias_mean)).astype(F32)
+    return w
+
+
+def prefill_case(cid, cfg, batch=2, seq=12, pins="prefill", bias_mean=0.0):
+    rng = case_rng(cid)
+    w = model_weights(cfg, rng, bias_mean=bias_mean)
+    ids = rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int64)
+    return Case(cid, "prefill", pins, {"input_ids": ids}, config=cfg, weights=w)
+
+
+def decode_case(cid, cfg, prefill, steps, batch=2, pins=None):
+    rng = case_rng(cid)
+    w = model_weights(cfg, rng)
+    ids = rng.integers(0, cfg.vocab_size, (batch, prefill + steps)).astype(np.int64)
+    return Case(cid, "decode", pins or f"decode {steps} tokens after a prefill of {prefill}",
+                {"input_ids": ids}, params={"prefill": prefill}, config=cfg, weights=w)
+
+
+def greedy_case(cid, cfg, prompt=6, new=10, pins="greedy stream"):
+    rng = case_rng(cid)
+    w = model_weights(cfg, rng)
+    ids = rng.integers(0, cfg.vocab_size, (1, prompt)).astype(np.int64)
+    return Case(cid, "greedy", pins, {"input_ids": ids}, params={"max_new_tokens": new},
+                config=cfg, weights=w)
+
+
+def tiny_mtp(depth=1, **changes) -> Config:
+    """The tiny preset with `depth` MTP modules."""
+    return Config.preset("tiny").replace(num_nextn_predict_layers=depth, **changes)
+
+
+def mtp_weights(cfg, rng):
+    return {k: v.astype(F32) for k, v in random_weights(cfg, _seed(rng), mtp=True).items()}
+
+
+def mtp_prefill_case(cid, cfg, batch=2, seq=10, pins=None):
+    rng = case_rng(cid)
+    w = mtp_weights(cfg, rng)
+    ids = rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int64)
+    return Case(cid, "mtp_prefill", pins or f"teacher-forced MTP, depth {cfg.num_nextn_predict_layers}",
+                {"input_ids": ids}, config=cfg, weights=w)
+
+
+def mtp_module_case(cid, cfg, k=1, seq=6):
+    rng = case_rng(cid)
+    w = mtp_weights(cfg, rng)
+    inputs = {"input_ids": rng.integers(0, cfg.vocab_size, (1, seq)).astype(np.int64),
+              "h_prev": rng.normal(0, 1, (1, seq, cfg.hidden_size)).astype(F32)}
+    return Case(cid, "mtp_module", f"MTP module {k} on given tokens t_(i+k) and h^(k-1)", inputs,
+                params={"k": k}, config=cfg, weights=w)
+
+
+def speculative_case(cid, cfg, depth, prompt=5, new=10):
+    rng = case_rng(cid)
+    w = mtp_weights(cfg, rng)
+    ids = rng.integers(0, cfg.vocab_size, (1, prompt)).astype(np.int64)
+    return Case(cid, "speculative", f"greedy speculative decoding, {depth} draft(s) per round",
+                {"input_ids": ids}, params={"max_new_tokens": new, "depth": depth}, config=cfg,
+                weights=w)
+
+
+def training_case(cid, experts=16, k=4, tokens=12, vocab=64, depth=2):
+    rng = case_rng(cid)
+    scores = (1 / (1 + np.exp(-rng.normal(0, 1, (tokens, experts))))).astype(F32)
+    idx = np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens)]).astype(np.int64)
+    seq = tokens  # MTP tokens [b, T + 1]; depth k logits [b, T + 1 - k, V]
+    inputs = {"scores": scores, "idx": idx, "bias": rng.normal(0, 0.05, experts).astype(F32),
+              "tokens": rng.integers(0, vocab, (2, seq)).astype(np.int64)}
+    for d in range(1, depth + 1):
+        inputs[f"mtp_logits.{d}"] = rng.normal(0, 2, (2, seq - d, vocab)).astype(F32)
+    return Case(cid, "training", "balance loss, bias update, MTP loss", inputs,
+                params={"alpha": 1e-4, "gamma": 1e-3, "lam": 0.3, "depth": depth})
+
+
+def _fp8_cases():
+    """FP8 quantisation cases, where refimpl quantises (empty otherwise)."""
+    if "fp8_quant" not in KINDS:
+        return []
+
+    def weight(cid, shape):
+        rng = case_rng(cid)
+        w = rng.normal(0, shape[1] ** -0.5, shape)
+        w[:128, :128] *= 50
+        return Case(cid, "fp8_quant", f"block quantisation of a {shape[0]} x {shape[1]} weight",
+                    {"w": w.astype(F32)})
+
+    def acts(cid, shape):
+        rng = case_rng(cid)
+        x = rng.normal(0, 1, shape)
+        x[0, :100] *= 1e3  # one token with a very different range in its first block
+        return Case(cid, "fp8_act_quant", f"activation quantisation of [{shape[0]}, {shape[1]}]",
+                    {"x": x.astype(F32)})
+    return [("fp8_quant.unaligned", lambda c: weight(c, (576, 200))),
+            ("fp8_act_quant.unaligned", lambda c: acts(c, (6, 300)))]
+
+
+def _mtp_cases():
+    """MTP cases, where refimpl has MTP (empty otherwise)."""
+    if "mtp_prefill" not in KINDS:
+        return []
+    return [
+        ("mtp_prefill.tiny", lambda c: mtp_prefill_case(c, tiny_mtp(1))),
+        ("mtp_prefill.depth2", lambda c: mtp_prefill_case(c, tiny_mtp(2), batch=1, seq=9,
+                                                          pins="MTP depth 2 (module 2 fed by module 1)")),
+        ("mtp_module.k1", lambda c: mtp_module_case(c, tiny_mtp(1), k=1)),
+        ("mtp_module.k2", lambda c: mtp_module_case(c, tiny_mtp(2), k=2)),
+        ("speculative.depth1", lambda c: speculative_case(c, tiny_mtp(1), 1)),
+        ("speculative.depth2", lambda c: speculative_case(c, tiny_mtp(2), 2)),
+        ("training.basic", lambda c: training_case(c)),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Suites
+# ---------------------------------------------------------------------------------------------
+
+def _v2_routing():
+    return tiny(scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False)
+
+
+def smoke():
+    return [
+        ("rms_norm.basic", lambda c: rms_norm_case(c)),
+        ("gate.tiny", lambda c: gate_case(c, tiny())),
+        ("mla.tiny.naive", lambda c: mla_case(c, tiny(), 1, 5, "naive")),
+        ("model.prefill.tiny", lambda c: prefill_case(c, tiny(), batch=1, seq=6)),
+    ] + _mtp_cases()[:1]
+
+
+def default():
+    t = tiny()
+    cases = [
+        ("rms_norm.basic", lambda c: rms_norm_case(c)),
+        ("rms_norm.large_values", lambda c: rms_norm_case(c, d=96, eps=1e-5, scale=1e3)),
+        ("yarn_tables.v3", lambda c: yarn_case(
+            c, v3(), [0, 1, 7, 4095, 4096, 100000],
+            "V3 YaRN frequencies and tables at positions around and far beyond 4096")),
+        ("yarn_tables.tiny", lambda c: yarn_case(c, t, np.arange(0, 80, 7), "tiny YaRN tables")),
+        ("yarn_tables.no_yarn", lambda c: yarn_case(c, tiny(rope_scaling=None), np.arange(9),
+                                                    "plain RoPE")),
+        ("yarn_tables.mscale_differs", lambda c: yarn_case(
+            c, tiny(rope_scaling=RopeScaling(40.0, 64, 32.0, 1.0, 1.0, 0.707)), np.arange(0, 70, 9),
+            "cos/sin factor m(mscale)/m(mscale_all_dim) != 1, softmax uses mscale_all_dim")),
+        ("rope_apply.v3", lambda c: rope_case(c, v3(), [0, 1, 4095, 4096, 100000], heads=3,
+                                              pins="V3 RoPE beyond the original context")),
+        ("rope_apply.tiny", lambda c: rope_case(c, t, np.arange(10), batch=2)),
+        ("mla.tiny.naive", lambda c: mla_case(c, t, 2, 7, "naive")),
+        ("mla.tiny.absorbed", lambda c: mla_case(c, t, 2, 7, "absorbed")),
+        ("mla.one_token", lambda c: mla_case(c, t, 1, 1, "naive", pins="a one-token sequence")),
+        ("mla.q_lora_null", lambda c: mla_case(c, tiny(q_lora_rank=None), 1, 6, "naive",
+                                               pins="q_lora_rank null: direct q_proj")),
+        ("mla_decode.start5", lambda c: mla_decode_case(c, t, 2, 5)),
+        ("mla_decode.beyond_original", lambda c: mla_decode_case(
+            c, t, 1, 70, pins="decode at position 70, past the original 64")),
+        ("gate.tiny", lambda c: gate_case(c, t)),
+        ("gate.negative_biased", lambda c: gate_case(
+            c, t, bias_mean=-0.8, bias_std=0.3, pins="biased scores below zero (mask must be -inf)")),
+        ("gate.exact_ties", lambda c: gate_ties_case(c, t)),
+        ("gate.near_ties", lambda c: gate_ties_case(c, t, near=True)),
+        ("gate.bias_below_bf16", lambda c: gate_bf16_resolution_case(c)),
+        ("gate.softmax_scoring", lambda c: gate_case(c, _v2_routing(),
+                                                     pins="softmax scoring, max group score, no bias")),
+        ("moe.tiny", lambda c: moe_case(c, t)),
+        ("moe.negative_biased", lambda c: moe_case(c, t, bias_mean=-0.8,
+                                                   pins="MoE layer with biased scores below zero")),
+        ("fp8_dequant.unaligned", lambda c: fp8_case(c, (576, 200),
+                                                     "non-128-aligned FP8 blocks (576 x 200)")),
+        ("fp8_dequant.aligned", lambda c: fp8_case(c, (256, 256), "whole 128x128 blocks")),
+        ("model.prefill.tiny", lambda c: prefill_case(c, t)),
+        ("model.prefill.one_token", lambda c: prefill_case(c, t, batch=2, seq=1,
+                                                          pins="one-token sequences")),
+        ("model.prefill.negative_biased", lambda c: prefill_case(
+            c, t, bias_mean=-0.8, pins="gate biases near -0.8: many biased scores below zero")),
+        ("model.prefill.beyond_original", lambda c: prefill_case(
+            c, t, batch=1, seq=80, pins="positions 0..79, past original_max_position_embeddings 64")),
+        ("model.prefill.mscale_differs", lambda c: prefill_case(
+            c, tiny(rope_scaling=RopeScaling(40.0, 64, 32.0, 1.0, 1.0, 0.707)), batch=1, seq=10,
+            pins="mscale 1.0 vs mscale_all_dim 0.707: the softmax uses mscale_all_dim")),
+        ("model.prefill.q_lora_null", lambda c: prefill_case(c, tiny(q_lora_rank=None), batch=1,
+                                                            seq=8, pins="q_lora_rank null")),
+        ("model.prefill.no_yarn", lambda c: prefill_case(c, tiny(rope_scaling=None), batch=1, seq=8,
+                                                        pins="plain RoPE (no rope_scaling)")),
+        ("model.prefill.softmax_scoring", lambda c: prefill_case(c, _v2_routing(), batch=1, seq=8,
+                                                                pins="softmax scoring (V2 routing)")),
+        ("model.decode.start5", lambda c: decode_case(c, t, prefill=5, steps=4)),
+        ("model.decode.start1", lambda c: decode_case(c, t, prefill=1, steps=5, batch=1)),
+        ("model.greedy.tiny", lambda c: greedy_case(c, t)),
+    ]
+    cases += _mtp_cases() + _fp8_cases()
+    for i in range(4):
+        cases.append((f"gate.drawn{i}", lambda c: gate_case(c, draw_config(case_rng(c + "/cfg")),
+                                                             pins="drawn config and inputs")))
+    for i in range(2):
+        cases.append((f"mla.drawn{i}", lambda c: mla_case(c, draw_config(case_rng(c + "/cfg")), 2, 6,
+                                                          ["naive", "absorbed"][int(c[-1]) % 2],
+                                                          pins="drawn config and inputs")))
+        cases.append((f"moe.drawn{i}", lambda c: moe_case(c, draw_config(case_rng(c + "/cfg")),
+                                                          pins="drawn config and inputs")))
+    for i in range(3):
+        cases.append((f"model.prefill.drawn{i}", lambda c: prefill_case(
+            c, draw_config(case_rng(c + "/cfg")), batch=2, seq=9, pins="drawn config and inputs")))
+    return cases
+
+
+def full_width():
+    """Components at the real V3 shapes (few tokens, real dimensions); weights stored bf16."""
+    c3 = v3()
+    return [
+        ("fw.rms_norm.7168", lambda c: rms_norm_case(c, n=4, d=7168)),
+        ("fw.rms_norm.kv_latent", lambda c: rms_norm_case(c, n=4, d=512)),
+        ("fw.yarn_tables.v3", lambda c: yarn_case(
+            c, c3, [0, 1, 4095, 4096, 100000, 163839], "V3 YaRN tables up to 163839")),
+        ("fw.rope_apply.v3", lambda c: rope_case(c, c3, [0, 4095, 4096, 100000], heads=128)),
+        ("fw.gate.v3", lambda c: gate_case(c, c3, tokens=8, store=BF16,
+                                           pins="256 experts in 8 groups, 4 kept, 8 active")),
+        ("fw.gate.v3_negative_biased", lambda c: gate_case(
+            c, c3, tokens=8, bias_mean=-2.0, bias_std=0.1, store=BF16,
+            pins="every biased score below zero: 8 picks from 128 kept experts")),
+        ("fw.gate.v3_bias_below_bf16", lambda c: gate_bf16_resolution_case(c, c3, store=BF16)),
+        ("fw.mla.v3", lambda c: mla_case(c, c3, 1, 3, "naive", store=BF16,
+                                         pins="MLA at 7168 / 128 heads / q-lora 1536 / kv-lora 512")),
+        ("fw.mla_decode.v3", lambda c: mla_decode_case(c, c3, 1, 3, store=BF16)),
+        ("fw.fp8_dequant.kv_a", lambda c: fp8_case(c, (576, 7168),
+                                                   "kv_a_proj_with_mqa shape: scale (5, 56)")),
+    ]
+
+
+def conventions():
+    """For each topic of SPEC.md section 9, the same inputs with expected values under each
+    alternative; the check report says which alternative a candidate follows."""
+    t = tiny()
+    topics = [
+        ("yarn_activation", lambda c: prefill_case(c, t, batch=1, seq=10,
+                                                   pins="YaRN when the run is shorter than the original"),
+         [("always", None), ("only_when_extended", "yarn_only_when_extended")]),
+        ("group_mask", lambda c: gate_case(c, t, bias_mean=-0.8, bias_std=0.3,
+                                           pins="masked groups when biased scores are below zero"),
+         [("neg_inf", None), ("zero", "zero_group_mask")]),
+        ("gate_precision", lambda c: gate_bf16_resolution_case(c),
+         [("float32", None), ("bf16_bias", "bf16_gate_bias"), ("bf16_gate", "bf16_gate")]),
+        ("group_score", lambda c: gate_case(c, t, tokens=32, pins="how a group is scored"),
+         [("top2_sum", None), ("max", "group_score_max")]),
+        ("softmax_mscale", lambda c: prefill_case(
+            c, tiny(rope_scaling=RopeScaling(40.0, 64, 32.0, 1.0, 1.0, 0.707)), batch=1, seq=8,
+            pins="which YaRN factor scales the softmax"),
+         [("mscale_all_dim", None), ("mscale", "mscale_not_all_dim"), ("none", "no_softmax_mscale")]),
+        ("rope_layout", lambda c: rope_case(c, t, np.arange(6), pins="which dimensions RoPE pairs"),
+         [("adjacent_pairs", None), ("rotate_half", "rotate_half_rope")]),
+    ]
+    if "mtp_prefill" in KINDS:
+        topics += [
+            ("mtp_concat", lambda c: mtp_prefill_case(c, tiny_mtp(1), batch=1, seq=8,
+                                                      pins="order of eh_proj's input"),
+             [("embedding_first", None), ("hidden_first", "mtp_concat_swapped")]),
+            ("mtp_h0", lambda c: mtp_prefill_case(c, tiny_mtp(1), batch=1, seq=8,
+                                                  pins="which main hidden state feeds module 1"),
+             [("final_norm", None), ("pre_norm", "mtp_pre_norm_h0")]),
+        ]
+    cases = []
+    for topic, build, alternatives in topics:
+        for alt, mutant in alternatives:
+            def builder(cid, build=build, topic=topic, alt=alt, mutant=mutant):
+                case = build(f"conv.{topic}")  # the same inputs for every alternative
+                case.id = cid
+                case.conventions = {topic: alt}
+                case.expect_under = mutant
+                return case
+            cases.append((f"conv.{topic}.{alt}", builder))
+    return cases
+
+
+SUITES = {"smoke": smoke, "default": default, "full-width": full_width, "conventions": conventions}
+SUITE_DOCS = {
+    "smoke": "a few cases, seconds: one of each main kind",
+    "default": "every component and model kind with named edge cases and drawn cases",
+    "full-width": "components at the real V3 dimensions (hidden 7168, 128 heads, 256 experts)",
+    "conventions": "each SPEC.md section 9 alternative, labelled, to learn which one an engine follows",
+}
+
+
+def suite_cases(name: str):
+    if name not in SUITES:
+        raise OraclesError(f"suite {name!r} is unknown; choose one of {', '.join(SUITES)}")
+    return SUITES[name]()

@@ -1,0 +1,81 @@
+"""Tolerance profiles, derived rather than guessed.
+
+For each case and each profile, refimpl runs the case again in that precision (emulate.py:
+float32, or bf16 rounding at operator boundaries) and the error against the float64 truth is
+measured with the same metrics the checker uses. The tolerance is
+
+    tol = max(K * calibrated error, floor[profile][metric])
+
+and both numbers are recorded in the manifest. Routing margins are calibrated the same way: the
+largest router-score error times K (or twice the margin of any token the emulated run routed
+differently) is the profile's rounding, and tokens whose margin is within it are forgiven.
+
+The fp8 profile emulates FP8 weights and activations in the linear maps V3 ships in FP8, on top
+of the bf16 rounding (emulate.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import metrics
+from .cases import output_type
+
+K = 4.0
+PROFILES = ("float32", "bf16", "fp8")
+CALIBRATED_BY = {"float32": "float32", "bf16": "bf16", "fp8": "fp8"}  # profile -> emulated precision
+
+# Floors: about one operator's rounding error in that precision (unit roundoff u = 2^-24, 2^-8
+# and 2^-4 for float32, bf16 and e4m3: nmse ~ a few u^2, max_rel ~ a few u), so that an output
+# whose calibration saw no error (or few tokens, see Taint) still allows one rounding.
+FLOORS = {
+    "float32": {"nmse": 1e-11, "max_rel": 2e-5, "norm": 1e-6, "top1": 0.0, "topk": 0.02,
+                "kl": 1e-9, "mismatch": 0.0, "margin_eps": 1e-6, "logit_eps": 1e-4},
+    "bf16": {"nmse": 1e-4, "max_rel": 5e-2, "norm": 5e-3, "top1": 0.0, "topk": 0.1,
+             "kl": 1e-3, "mismatch": 0.0, "margin_eps": 1e-2, "logit_eps": 0.25},
+    "fp8": {"nmse": 5e-3, "max_rel": 0.3, "norm": 2e-2, "top1": 0.0, "topk": 0.2,
+            "kl": 1e-2, "mismatch": 0.0, "margin_eps": 3e-2, "logit_eps": 0.5},
+}
+
+
+def _flipped_margin(c_idx, e_idx, margin) -> float:
+    k = e_idx.shape[-1]
+    differ = (np.sort(c_idx.reshape(-1, k), -1) != np.sort(e_idx.reshape(-1, k), -1)).any(-1)
+    m = np.asarray(margin).reshape(-1)
+    return float(m[differ].max()) if differ.any() else 0.0
+
+
+def calibrate(truth: dict, aux: dict, emulated: dict, profile: str, causal: bool = False) -> dict:
+    """{output name: {metric: {tol, calibrated}, (margin_eps | logit_eps): value}} for one
+    profile, from the emulated run's outputs, measured exactly as the checker measures a
+    candidate (tokens downstream of a forgiven routing difference left out)."""
+    fl = FLOORS[profile]
+    expected = {**truth, **aux}
+    taint = metrics.Taint(causal)
+    result = {}
+    for name, e in truth.items():
+        c = emulated[name]
+        kind = output_type(name)
+        eps = {}
+        c_idx = None
+        if kind == "logits":
+            eps["logit_eps"] = max(fl["logit_eps"], K * float(np.max(np.abs(c - e))))
+        elif kind == "indices":
+            stem = name[: -len("topk_idx")]
+            ds = float(np.max(np.abs(emulated[stem + "router_scores"] - truth[stem + "router_scores"])))
+            eps["margin_eps"] = max(fl["margin_eps"], K * ds,
+                                    2 * _flipped_margin(c, e, aux[stem + "topk_margin"]))
+        elif kind == "routing_weights":
+            eps["margin_eps"] = result[name[: -len("topk_weight")] + "topk_idx"]["margin_eps"]
+            c_idx = emulated[name[: -len("topk_weight")] + "topk_idx"]
+        elif kind == "tokens":
+            margin = np.asarray(aux["tokens_margin"]).reshape(-1)
+            c1, e1 = c.reshape(-1), e.reshape(-1)
+            diff = np.nonzero(c1[: len(e1)] != e1)[0]
+            eps["logit_eps"] = max(fl["logit_eps"], 2 * float(margin[diff[0]]) if len(diff) else 0.0)
+        vals, names = metrics.compare(name, kind, c, e, expected, eps, taint, c_idx)
+        entry = {m: {"tol": max(K * vals[m], fl[m]) if m != "mismatch" else 0.0,
+                     "calibrated": vals[m]} for m in names}
+        entry.update(eps)
+        result[name] = entry
+    return result

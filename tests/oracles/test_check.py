@@ -1,0 +1,264 @@
+"""The checker: the clean reference passes, and every kind of bad or wrong candidate is reported
+as what it is (a failing output, a missing case, or bad input with exit code 2)."""
+
+import json
+import os
+import shlex
+import shutil
+
+import numpy as np
+import pytest
+
+from oracles import golden
+from oracles.adapters import load_adapter, write_outputs
+from oracles.check import AdapterCandidate, DirCandidate, run_check
+from refimpl.checkpoint import write_safetensors
+from tests.helpers import run_cli
+
+
+def _outputs(cand_dir, cid):
+    return golden.read_tensors(os.path.join(cand_dir, "cases", cid, "outputs.safetensors"))
+
+
+def _rewrite(cand_dir, cid, change):
+    """Apply change(outputs dict) to one case's candidate file."""
+    out = _outputs(cand_dir, cid)
+    change(out)
+    write_safetensors(os.path.join(cand_dir, "cases", cid, "outputs.safetensors"), out)
+
+
+@pytest.fixture
+def candidate(default_dir, tmp_path):
+    """A file-route candidate: refimpl in float32 on a few cases."""
+    out = tmp_path / "candidate"
+    write_outputs(default_dir, load_adapter("oracles.adapters:refimpl_float32"), out,
+                  only="model.prefill.tiny,gate.*,greedy*,model.greedy.tiny")
+    return str(out)
+
+
+ONLY = "model.prefill.tiny,gate.*,model.greedy.tiny"
+
+
+def _case_result(rep, cid):
+    return next(r for r in rep["cases"] if r["id"] == cid)
+
+
+def test_clean_reference_passes_the_default_suite_in_float32(default_dir, tmp_path):
+    report = tmp_path / "r.json"
+    r = run_cli("check", default_dir, "--adapter", "oracles.adapters:refimpl_float32",
+                "--json", report, module="oracles")
+    assert r.returncode == 0, r.stdout[-3000:]
+    rep = json.load(open(report))
+    assert rep["ok"] and rep["counts"]["fail"] == 0 and rep["counts"]["skip"] == 0
+    assert rep["counts"]["pass"] == len(golden.Golden(default_dir).cases)
+    assert "passed" in r.stdout.splitlines()[-1]
+
+
+def test_reference_in_emulated_bf16_passes_the_bf16_profile_but_not_float32(default_dir):
+    bf16 = load_adapter("oracles.adapters:refimpl_bf16")
+    assert run_check(default_dir, bf16, "bf16")["ok"]
+    assert not run_check(default_dir, bf16, "float32", only="model.*")["ok"]
+
+
+def test_reference_with_fp8_linears_passes_the_fp8_profile_only(default_dir):
+    fp8 = load_adapter("oracles.adapters:refimpl_fp8")
+    assert run_check(default_dir, fp8, "fp8")["ok"]
+    assert not run_check(default_dir, fp8, "bf16", only="model.prefill.tiny")["ok"]
+
+
+def test_file_route_candidate_passes(default_dir, candidate):
+    r = run_cli("check", default_dir, candidate, "--only", ONLY, module="oracles")
+    assert r.returncode == 0, r.stdout
+
+
+def test_cases_without_outputs_are_listed_as_missing_and_fail(default_dir, candidate):
+    rep = run_check(default_dir, DirCandidate(candidate), only=ONLY + ",mla.tiny.naive")
+    assert _case_result(rep, "mla.tiny.naive")["status"] == "missing"
+    assert rep["counts"]["missing"] == 1 and not rep["ok"]
+
+
+def test_missing_intermediates_are_listed_but_a_missing_required_output_fails(default_dir, candidate):
+    _rewrite(candidate, "model.prefill.tiny", lambda o: o.pop("layers.0.c_q"))
+    r = _case_result(run_check(default_dir, DirCandidate(candidate), only="model.prefill.tiny"),
+                     "model.prefill.tiny")
+    assert r["status"] == "pass" and r["not_provided"] == ["layers.0.c_q"]
+    _rewrite(candidate, "model.prefill.tiny", lambda o: o.pop("logits"))
+    r = _case_result(run_check(default_dir, DirCandidate(candidate), only="model.prefill.tiny"),
+                     "model.prefill.tiny")
+    assert r["status"] == "fail" and r["first_failure"] == "logits" and "missing" in r["reason"]
+
+
+@pytest.mark.parametrize("name, change, words", [
+    ("logits", lambda a: a[:, :-1], "shape"),
+    ("layers.1.topk_idx", lambda a: a.astype(np.float32), "integer dtype"),
+    ("logits", lambda a: a.astype(np.int64), "float dtype"),
+    ("layers.2.hidden", lambda a: np.where(np.arange(a.size).reshape(a.shape) == 3, np.nan, a), "NaN"),
+    ("logits", lambda a: np.full_like(a, np.inf), "NaN/Inf"),
+])
+def test_bad_candidate_tensors_fail_with_a_clear_message(default_dir, candidate, name, change, words):
+    def edit(o):
+        o[name] = np.ascontiguousarray(change(o[name]))
+    _rewrite(candidate, "model.prefill.tiny", edit)
+    r = _case_result(run_check(default_dir, DirCandidate(candidate), only="model.prefill.tiny"),
+                     "model.prefill.tiny")
+    assert r["status"] == "fail" and r["first_failure"] == name
+    assert words in r["reason"]
+
+
+def test_tampered_golden_is_bad_input(default_dir, candidate, tmp_path):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(default_dir, tampered)
+    p = tampered / "cases" / "gate.tiny" / "expected.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 1
+    p.write_bytes(bytes(data))
+    r = run_cli("check", tampered, candidate, "--only", ONLY, module="oracles")
+    assert r.returncode == 2
+    assert "sha256" in r.stderr and "gate.tiny" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_unreadable_candidate_file_is_bad_input(default_dir, candidate):
+    with open(os.path.join(candidate, "cases", "gate.tiny", "outputs.safetensors"), "wb") as f:
+        f.write(b"not safetensors")
+    r = run_cli("check", default_dir, candidate, "--only", "gate.tiny", module="oracles")
+    assert r.returncode == 2 and "outputs.safetensors" in r.stderr
+
+
+def test_report_names_the_first_failing_intermediate_and_a_command_that_reproduces_it(
+        default_dir, candidate, tmp_path):
+    def edit(o):  # a small error in layer 1's attention, which then flows downstream
+        o["layers.1.attn_out"] = o["layers.1.attn_out"] * 1.001
+        o["layers.1.h_attn"] = o["layers.1.h_attn"] + 1e-3 * o["layers.1.attn_out"]
+        o["logits"] = o["logits"] * 1.001
+    _rewrite(candidate, "model.prefill.tiny", edit)
+    report = tmp_path / "r.json"
+    r = run_cli("check", default_dir, candidate, "--only", ONLY, "--json", report, module="oracles")
+    assert r.returncode == 1
+    rep = json.load(open(report))
+    res = _case_result(rep, "model.prefill.tiny")
+    assert res["first_failure"] == "layers.1.attn_out"
+    assert "layers.1.attn_out" in r.stdout and res["repro"] in r.stdout
+    argv = shlex.split(res["repro"])
+    assert argv[:2] == ["oracles", "check"]
+    again = run_cli(*argv[1:], "--json", tmp_path / "again.json", module="oracles")
+    assert again.returncode == 1
+    rep2 = json.load(open(tmp_path / "again.json"))
+    assert [c["id"] for c in rep2["cases"]] == ["model.prefill.tiny"]
+    assert rep2["cases"][0]["first_failure"] == "layers.1.attn_out"
+
+
+def test_a_wrong_scale_fails_even_where_the_direction_is_right(default_dir, candidate):
+    _rewrite(candidate, "model.prefill.tiny", lambda o: o.update(logits=o["logits"] * 1.0001))
+    r = _case_result(run_check(default_dir, DirCandidate(candidate), only="model.prefill.tiny"),
+                     "model.prefill.tiny")
+    assert r["first_failure"] == "logits" and "norm" in r["reason"]
+
+
+def test_near_tie_tokens_are_forgiven_and_decided_tokens_are_not(default_dir, candidate):
+    def swap_tie(o):  # exact ties: odd experts copy the even one before them
+        idx = o["topk_idx"]
+        t, j = next((t, j) for t in range(len(idx)) for j in range(idx.shape[1])
+                    if idx[t, j] % 2 == 0 and idx[t, j] + 1 not in idx[t])
+        idx[t, j] += 1  # the tied partner instead: a legitimate choice (torch.topk is unspecified)
+    _rewrite(candidate, "gate.exact_ties", swap_tie)
+    rep = run_check(default_dir, DirCandidate(candidate), only="gate.exact_ties")
+    r = _case_result(rep, "gate.exact_ties")
+    assert r["status"] == "pass" and "forgiven" in r["outputs"][1].get("message", "")
+
+    def swap_decided(o):
+        idx = o["topk_idx"]
+        idx[0, 0] = next(e for e in range(16) if e not in idx[0])
+    _rewrite(candidate, "gate.tiny", swap_decided)
+    r = _case_result(run_check(default_dir, DirCandidate(candidate), only="gate.tiny"), "gate.tiny")
+    assert r["status"] == "fail" and r["first_failure"] == "topk_idx"
+
+
+def test_a_changed_greedy_token_fails(default_dir, candidate):
+    def edit(o):
+        o["tokens"][0, 3] = (o["tokens"][0, 3] + 1) % 256
+    _rewrite(candidate, "model.greedy.tiny", edit)
+    r = _case_result(run_check(default_dir, DirCandidate(candidate), only="model.greedy.tiny"),
+                     "model.greedy.tiny")
+    assert r["status"] == "fail" and r["first_failure"] == "tokens"
+
+
+class _Partial:
+    """An adapter that supports only gates and crashes on one of them."""
+
+    def supports(self, case):
+        return True if case.kind == "gate" else "only gates here"
+
+    def run(self, case):
+        if case.id == "gate.tiny":
+            raise RuntimeError("kernel exploded")
+        from oracles.emulate import run_case
+        return run_case(case, "float32")
+
+
+def test_adapter_skips_are_listed_with_reasons_and_crashes_fail(default_dir):
+    rep = run_check(default_dir, AdapterCandidate(_Partial(), "partial"), only="gate.*,rms_norm.*")
+    assert _case_result(rep, "rms_norm.basic") == {**_case_result(rep, "rms_norm.basic"),
+                                                   "status": "skip", "reason": "only gates here"}
+    crashed = _case_result(rep, "gate.tiny")
+    assert crashed["status"] == "fail" and "kernel exploded" in crashed["reason"]
+    assert _case_result(rep, "gate.negative_biased")["status"] == "pass"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--adapter", "no_such_module:factory"], "cannot import"),
+    (["--adapter", "oracles.adapters"], "pkg.module:factory"),
+    (["--adapter", "oracles.adapters:refimpl_float32", "--profile", "int4"], "not one of"),
+    ([], "exactly one of"),
+])
+def test_bad_options_are_one_line_errors_with_exit_2(default_dir, args, words):
+    r = run_cli("check", default_dir, *args, "--only", "gate.tiny", module="oracles")
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_not_a_golden_directory_is_bad_input(tmp_path):
+    r = run_cli("check", tmp_path, tmp_path, module="oracles")
+    assert r.returncode == 2 and "manifest.json" in r.stderr
+
+
+def test_outputs_written_by_the_safetensors_library_are_read(default_dir, tmp_path):
+    """The file route as docs/conformance.md shows it: another writer, only the logits."""
+    from safetensors.numpy import load_file, save_file
+
+    import refimpl
+
+    out = tmp_path / "cand" / "cases" / "model.prefill.tiny"
+    os.makedirs(out)
+    d = os.path.join(default_dir, "cases", "model.prefill.tiny")
+    ids = load_file(os.path.join(d, "inputs.safetensors"))["input_ids"]
+    save_file({"logits": refimpl.load(d, dtype="float32").forward(ids)}, str(out / "outputs.safetensors"))
+    r = _case_result(run_check(default_dir, DirCandidate(str(tmp_path / "cand")), only="model.prefill.tiny"),
+                     "model.prefill.tiny")
+    assert r["status"] == "pass" and "layers.0.attn_out" in r["not_provided"]
+
+
+def test_a_forgiven_routing_difference_taints_the_rest_of_its_row_in_a_causal_model():
+    from oracles.metrics import Taint
+
+    e_idx = np.array([[[0, 1], [2, 3], [4, 5], [6, 7]], [[0, 1], [2, 3], [4, 5], [6, 7]]])
+    c_idx = e_idx.copy()
+    c_idx[0, 1] = [2, 9]  # a near-tie resolved the other way at position 1 of row 0
+    c_idx[1, 2] = [4, 9]  # a decided token routed differently: a failure, not a taint
+    margin = np.array([[1.0, 1e-9, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    taint = Taint(causal=True)
+    taint.update(c_idx, e_idx, margin, eps=1e-6)
+    assert taint.mask.tolist() == [[False, True, True, True], [False, False, False, False]]
+    hidden = np.arange(2 * 4 * 3).reshape(2, 4, 3)
+    assert taint.select(hidden, 2).shape == (5, 3)
+    moe = Taint(causal=False)  # a single MoE layer: only the token itself
+    moe.update(c_idx.reshape(8, 2), e_idx.reshape(8, 2), margin.reshape(8), eps=1e-6)
+    assert moe.mask.tolist() == [False, True] + [False] * 6
+
+
+def test_run_writes_an_adapter_as_files_that_check_accepts(default_dir, tmp_path):
+    cand = tmp_path / "cand"
+    r = run_cli("run", default_dir, "--adapter", "oracles.adapters:refimpl_float32", "--out", cand,
+                "--only", "gate.tiny,mla.tiny.naive", module="oracles")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(cand / "cases")) == ["gate.tiny", "mla.tiny.naive"]
+    r = run_cli("check", default_dir, cand, "--only", "gate.tiny,mla.tiny.naive", module="oracles")
+    assert r.returncode == 0, r.stdout

@@ -1,0 +1,68 @@
+"""The checker catches the bugs real engines shipped (SPEC.md section 9): the default suite fails
+every mutant in the catalogue, and the report names the intermediate where the bug first shows."""
+
+import pytest
+
+from oracles.adapters import load_adapter
+from oracles.check import run_check
+from oracles.mutants import MUTANTS, mtp
+from tests.helpers import run_cli
+
+# mutant -> (a case it must fail, the first failing output the report must name there),
+# reasoned from where each bug enters the dataflow:
+FIRST_FAILURE = {
+    # routing bugs show in the first MoE layer (layer 0 is dense in the tiny preset)
+    "zero_group_mask": ("model.prefill.negative_biased", "layers.1.topk_idx"),
+    "group_score_max": ("model.prefill.tiny", "layers.1.topk_idx"),
+    "bias_in_weights": ("model.prefill.tiny", "layers.1.topk_weight"),
+    "bf16_gate": ("model.prefill.tiny", "layers.1.router_scores"),
+    # a bias difference below bf16 resolution decides this case's 4th expert
+    "bf16_gate_bias": ("gate.bias_below_bf16", "topk_idx"),
+    # the softmax factor changes nothing before the attention output
+    "no_softmax_mscale": ("model.prefill.tiny", "layers.0.attn_out"),
+    "mscale_not_all_dim": ("model.prefill.mscale_differs", "layers.0.attn_out"),
+    # rope bugs show in the rotated query of the first layer
+    "rotate_half_rope": ("model.prefill.tiny", "layers.0.q_rope"),
+    "yarn_only_when_extended": ("model.prefill.tiny", "layers.0.q_rope"),
+}
+
+SPEC_TOPICS = {"expert-group mask", "gate precision", "bias in weights", "group score",
+               "YaRN activation", "mscale", "rope layout"}
+
+if mtp is not None:  # where refimpl has MTP
+    FIRST_FAILURE.update({
+        # the concatenation is eh_proj's input; h^0 is recorded as the module's h_prev
+        "mtp_concat_swapped": ("mtp_prefill.tiny", "mtp.1.eh_proj"),
+        "mtp_pre_norm_h0": ("mtp_prefill.tiny", "mtp.1.h_prev"),
+    })
+    SPEC_TOPICS |= {"MTP concat", "MTP h0"}
+
+
+def test_the_catalogue_covers_the_spec_topics_and_each_mutant_has_an_expectation():
+    assert set(FIRST_FAILURE) == set(MUTANTS)
+    assert {m.spec_topic for m in MUTANTS.values()} == SPEC_TOPICS
+
+
+@pytest.mark.parametrize("name", sorted(FIRST_FAILURE))
+def test_default_suite_fails_the_mutant_at_the_right_intermediate(default_dir, name):
+    rep = run_check(default_dir, load_adapter(f"oracles.mutants:{name}"), "float32")
+    assert not rep["ok"]
+    cid, first = FIRST_FAILURE[name]
+    res = next(r for r in rep["cases"] if r["id"] == cid)
+    assert res["status"] == "fail"
+    assert res["first_failure"] == first, res.get("reason")
+
+
+def test_yarn_only_when_extended_passes_where_the_run_is_longer_than_the_original(default_dir):
+    rep = run_check(default_dir, load_adapter("oracles.mutants:yarn_only_when_extended"), "float32",
+                    only="model.prefill.beyond_original,model.prefill.tiny")
+    status = {r["id"]: r["status"] for r in rep["cases"]}
+    assert status == {"model.prefill.beyond_original": "pass", "model.prefill.tiny": "fail"}
+
+
+def test_a_mutant_is_a_failing_candidate_on_the_command_line(default_dir):
+    r = run_cli("check", default_dir, "--adapter", "oracles.mutants:zero_group_mask",
+                "--only", "model.*", module="oracles")
+    assert r.returncode == 1
+    assert "layers.1.topk_idx" in r.stdout
+    assert "--only model.prefill.negative_biased --profile float32" in r.stdout
