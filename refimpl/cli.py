@@ -15,6 +15,18 @@ from .backend import to_numpy
 from .errors import InputError, RefimplError
 
 
+def _model_options(p) -> None:
+    """How a checkpoint is run: precision, device, memory budget, FP8 emulation."""
+    p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--max-memory", default=None,
+                   help="keep the process under this size (e.g. 8GB, 6GiB) by releasing weights "
+                        "after use and reading them again when needed")
+    p.add_argument("--fp8-activations", action="store_true",
+                   help="emulate an FP8 engine: FP8-stored projections multiply activations "
+                        "quantised per token per 128 channels, accumulating in float32")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="refimpl", description="DeepSeek-V3 reference implementation")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -47,14 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", required=True)
     g.add_argument("--tokens", required=True, help=".npy file of integer ids [batch, seq]")
     g.add_argument("--out", required=True, help=".npy file for logits [batch, seq, vocab]")
-    g.add_argument("--dtype", default="float64", choices=["float64", "float32"])
-    g.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    g.add_argument("--max-memory", default=None,
-                   help="keep the process under this size (e.g. 8GB, 6GiB) by releasing weights "
-                        "after use and reading them again when needed")
-    g.add_argument("--fp8-activations", action="store_true",
-                   help="emulate an FP8 engine: FP8-stored projections multiply activations "
-                        "quantised per token per 128 channels, accumulating in float32")
+    _model_options(g)
     g.add_argument("--incremental", action="store_true",
                    help="prefill the first token, then decode the rest one at a time through the "
                         "latent cache")
@@ -64,14 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint", required=True)
     r.add_argument("--prompt", required=True, help="comma-separated token ids, e.g. 1,2,3")
     r.add_argument("--max-new-tokens", type=int, default=32)
-    r.add_argument("--dtype", default="float64", choices=["float64", "float32"])
-    r.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    r.add_argument("--max-memory", default=None,
-                   help="keep the process under this size (e.g. 8GB, 6GiB) by releasing weights "
-                        "after use and reading them again when needed")
-    r.add_argument("--fp8-activations", action="store_true",
-                   help="emulate an FP8 engine: FP8-stored projections multiply activations "
-                        "quantised per token per 128 channels, accumulating in float32")
+    _model_options(r)
     r.add_argument("--json", action="store_true")
     r.add_argument("--mtp", action="store_true",
                    help="speculative decoding: the MTP modules draft, the main model verifies in "
