@@ -23,7 +23,6 @@ import mmap
 import os
 import shutil
 import struct
-import tempfile
 import zlib
 
 import ml_dtypes
@@ -31,6 +30,7 @@ import numpy as np
 
 from . import fp8
 from .fp8 import scale_shape
+from .atomic import atomic_directory
 from .config import Config
 from .errors import CheckpointError
 
@@ -636,8 +636,7 @@ def write_checkpoint(out: str | os.PathLike, cfg: Config, entries: list, produce
     if need > free:
         raise CheckpointError(f"{out}: the checkpoint needs {need:,} bytes but only {free:,} are "
                               "free there (--dry-run shows the plan without writing)")
-    tmp = tempfile.mkdtemp(prefix=".refimpl-", dir=parent)
-    try:
+    with atomic_directory(out, CheckpointError) as tmp:
         _config_for(cfg, store_dtype, fp8_layout, ue8m0).to_json(os.path.join(tmp, "config.json"))
         weight_map = {}
         for k, run in enumerate(runs):
@@ -651,12 +650,6 @@ def write_checkpoint(out: str | os.PathLike, cfg: Config, entries: list, produce
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
                 f.write("\n")
-        if os.path.isdir(out):
-            os.rmdir(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_checkpoint(out: str | os.PathLike, cfg: Config, weights: dict[str, np.ndarray],
