@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 import refimpl
+from refimpl import mtp
 from refimpl.checkpoint import SafetensorsFile, write_safetensors
 from refimpl.config import Config
 from refimpl.errors import RefimplError
@@ -47,13 +48,7 @@ CONVENTIONS = {
 
 
 def conventions() -> dict:
-    out = dict(CONVENTIONS)
-    try:
-        from refimpl import mtp
-        out["mtp"] = mtp.DEFAULT.as_dict()
-    except ImportError:
-        pass
-    return out
+    return {**CONVENTIONS, "mtp": mtp.DEFAULT.as_dict()}
 
 
 def sha256(path: str) -> str:

@@ -7,7 +7,6 @@ a published alternative (YaRN only when extended, 0-masked groups, bf16 gate) to
 convention an engine follows.
 
 Each mutant is also a candidate: `oracles check GOLDEN --adapter oracles.mutants:zero_group_mask`.
-MTP mutants (concat swapped, pre-norm h^0) join when refimpl has MTP.
 """
 
 from __future__ import annotations
@@ -20,16 +19,11 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
-from refimpl import mla, moe, rope
+from refimpl import mla, moe, mtp, rope
 from refimpl.backend import array_module
 from refimpl.ops import topk_indices
 
 from .emulate import patched
-
-try:
-    from refimpl import mtp
-except ImportError:  # pragma: no cover - an older refimpl
-    mtp = None
 
 
 @dataclass(frozen=True)
@@ -186,13 +180,12 @@ def _mtp_convention(**change):
     return patched([(mtp, "DEFAULT", dataclasses.replace(mtp.DEFAULT, **change))])
 
 
-if mtp is not None:
-    _register("mtp_concat_swapped", "MTP concat",
-              "feeds eh_proj [hnorm(h) ; enorm(Emb)], eq. (21) as printed, to weights trained "
-              "embedding first")(lambda case: _mtp_convention(concat="hidden_first"))
-    _register("mtp_pre_norm_h0", "MTP h0",
-              "feeds module 1 the last decoder layer's output before the final norm")(
-        lambda case: _mtp_convention(h0="pre_norm"))
+_register("mtp_concat_swapped", "MTP concat",
+          "feeds eh_proj [hnorm(h) ; enorm(Emb)], eq. (21) as printed, to weights trained "
+          "embedding first")(lambda case: _mtp_convention(concat="hidden_first"))
+_register("mtp_pre_norm_h0", "MTP h0",
+          "feeds module 1 the last decoder layer's output before the final norm")(
+    lambda case: _mtp_convention(h0="pre_norm"))
 
 
 # ---- candidates -------------------------------------------------------------------------------

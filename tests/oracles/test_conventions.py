@@ -5,10 +5,10 @@ import pytest
 
 from oracles.adapters import load_adapter
 from oracles.check import run_check
-from oracles.mutants import mtp
 
 OURS = {"yarn_activation": "always", "group_mask": "neg_inf", "gate_precision": "float32",
-        "group_score": "top2_sum", "softmax_mscale": "mscale_all_dim", "rope_layout": "adjacent_pairs"}
+        "group_score": "top2_sum", "softmax_mscale": "mscale_all_dim", "rope_layout": "adjacent_pairs",
+        "mtp_concat": "embedding_first", "mtp_h0": "final_norm"}
 ALTERNATIVES = [
     ("yarn_only_when_extended", "yarn_activation", "only_when_extended"),
     ("zero_group_mask", "group_mask", "zero"),
@@ -18,11 +18,9 @@ ALTERNATIVES = [
     ("mscale_not_all_dim", "softmax_mscale", "mscale"),
     ("no_softmax_mscale", "softmax_mscale", "none"),
     ("rotate_half_rope", "rope_layout", "rotate_half"),
+    ("mtp_concat_swapped", "mtp_concat", "hidden_first"),
+    ("mtp_pre_norm_h0", "mtp_h0", "pre_norm"),
 ]
-if mtp is not None:  # where refimpl has MTP
-    OURS.update(mtp_concat="embedding_first", mtp_h0="final_norm")
-    ALTERNATIVES += [("mtp_concat_swapped", "mtp_concat", "hidden_first"),
-                     ("mtp_pre_norm_h0", "mtp_h0", "pre_norm")]
 
 
 def _followed(rep):
