@@ -61,6 +61,8 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {}
+# kinds whose tokens attend to earlier ones: a routing difference at position p reaches p onward
+CAUSAL_KINDS = ("prefill", "decode", "mtp_prefill", "mtp_module")
 
 
 def register(name: str, run, required, doc: str, aux=None) -> None:

@@ -30,7 +30,7 @@ from refimpl.config import Config
 from refimpl.errors import RefimplError
 
 from . import OraclesError, __version__, tolerance
-from .cases import KINDS, Case, matches, output_type
+from .cases import CAUSAL_KINDS, KINDS, Case, matches, output_type
 from .emulate import run_case
 from .suites import SUITE_DOCS, SUITE_SEED, suite_cases
 
@@ -76,7 +76,7 @@ def compute(case: Case) -> tuple[dict, dict, dict]:
     for profile in tolerance.PROFILES:
         emulated = run_case(case, tolerance.CALIBRATED_BY[profile], case.expect_under)
         tols[profile] = tolerance.calibrate(truth, aux, emulated, profile,
-                                             causal=case.kind in ("prefill", "decode"))
+                                             causal=case.kind in CAUSAL_KINDS)
     return truth, aux, tols
 
 

@@ -114,9 +114,11 @@ def tokens(c, e, margin, eps: float) -> dict:
 class Taint:
     """Tokens whose routing legitimately differs (a forgiven near-tie that the candidate did
     resolve the other way) and everything downstream of them: those tokens are left out of the
-    comparison of later outputs. In a causal model (prefill, decode) a token changed at position p
-    changes every later position of its row from the next layer on, so the taint spreads to the
-    end of the row. One mask per token-axes shape (an MTP module's sequence is shorter)."""
+    comparison of later outputs. In a causal model (prefill, decode, MTP) a token changed at
+    position p changes every later position of its row from the next layer on, so the taint
+    spreads to the end of the row. One mask per token-axes shape: an MTP module's sequence is
+    shorter, and its index i continues position i of the main model (h^0_i) and of the module
+    before it (h^(k-1)_i), so it also takes their masks, cut to its length."""
 
     def __init__(self, causal: bool):
         self.causal = causal
@@ -129,10 +131,20 @@ class Taint:
     def count(self) -> int:
         return int(sum(m.sum() for m in self.masks.values()))
 
+    def mask_for(self, shape):
+        """The left-out tokens of an output whose token axes are `shape`, or None: its own mask
+        and, in a causal model, the masks of the longer sequences of the same rows, cut to it."""
+        m = self.masks.get(shape)
+        if self.causal and len(shape) == 2:
+            for s, other in self.masks.items():
+                if len(s) == 2 and s[0] == shape[0] and s[1] > shape[1]:
+                    m = other[:, :shape[1]] if m is None else (m | other[:, :shape[1]])
+        return m
+
     def select(self, a, lead: int):
         """a [*token_axes, ...] -> the untainted tokens' rows, [n, ...] (or `a` when untainted)."""
         a = np.asarray(a)
-        m = self.masks.get(a.shape[:lead])
+        m = self.mask_for(a.shape[:lead])
         return a if m is None else a[~m]
 
     def update(self, c_idx, e_idx, margin, eps):
@@ -154,7 +166,7 @@ def compare(name, kind, c, e, expected, tols, taint, c_idx=None):
     an earlier forgiven routing difference are left out; indices outputs update the taint."""
     if kind in ("continuous", "logits") and taint is not None:
         for lead in sorted({len(shape) for shape in taint.masks}):
-            if np.asarray(e).shape[:lead] in taint.masks:
+            if taint.mask_for(np.asarray(e).shape[:lead]) is not None:
                 c, e = taint.select(c, lead), taint.select(e, lead)
                 break
     if kind == "continuous":

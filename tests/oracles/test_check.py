@@ -249,6 +249,9 @@ def test_a_forgiven_routing_difference_taints_the_rest_of_its_row_in_a_causal_mo
     assert taint.mask.tolist() == [[False, True, True, True], [False, False, False, False]]
     hidden = np.arange(2 * 4 * 3).reshape(2, 4, 3)
     assert taint.select(hidden, 2).shape == (5, 3)
+    # an MTP module (one index shorter) continues positions 0..2 of these rows
+    assert taint.mask_for((2, 3)).tolist() == [[False, True, True], [False, False, False]]
+    assert taint.select(hidden[:, :3], 2).shape == (4, 3)
     moe = Taint(causal=False)  # a single MoE layer: only the token itself
     moe.update(c_idx.reshape(8, 2), e_idx.reshape(8, 2), margin.reshape(8), eps=1e-6)
     assert moe.mask.tolist() == [False, True] + [False] * 6

@@ -48,6 +48,26 @@ def test_default_suite_fails_the_mutant_at_the_right_intermediate(default_dir, n
     assert res["first_failure"] == first, res.get("reason")
 
 
+# The looser profiles still catch every mutant but the gate-precision ones, which are within bf16
+# rounding by definition: a case each fails in the fp8 profile (the first-failure case above, or
+# one where the bug is larger than fp8 rounding).
+FP8_PROFILE_CASE = {"bias_in_weights": "model.prefill.negative_biased", "group_score_max": "moe.tiny"}
+GATE_PRECISION = ("bf16_gate", "bf16_gate_bias")
+
+
+@pytest.mark.parametrize("name", sorted(set(FIRST_FAILURE) - set(GATE_PRECISION)))
+def test_the_fp8_profile_still_catches_the_mutant(default_dir, name):
+    cid = FP8_PROFILE_CASE.get(name, FIRST_FAILURE[name][0])
+    rep = run_check(default_dir, load_adapter(f"oracles.mutants:{name}"), "fp8", only=cid)
+    assert rep["counts"]["fail"] == 1
+
+
+@pytest.mark.parametrize("name", GATE_PRECISION)
+def test_gate_precision_mutants_pass_the_bf16_and_fp8_profiles(default_dir, name):
+    for profile in ("bf16", "fp8"):
+        assert run_check(default_dir, load_adapter(f"oracles.mutants:{name}"), profile)["ok"], profile
+
+
 def test_yarn_only_when_extended_passes_where_the_run_is_longer_than_the_original(default_dir):
     rep = run_check(default_dir, load_adapter("oracles.mutants:yarn_only_when_extended"), "float32",
                     only="model.prefill.beyond_original,model.prefill.tiny")
