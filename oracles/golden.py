@@ -76,7 +76,8 @@ def compute(case: Case) -> tuple[dict, dict, dict]:
     for profile in tolerance.PROFILES:
         emulated = run_case(case, tolerance.CALIBRATED_BY[profile], case.expect_under)
         tols[profile] = tolerance.calibrate(truth, aux, emulated, profile,
-                                             causal=case.kind in CAUSAL_KINDS)
+                                             causal=case.kind in CAUSAL_KINDS,
+                                             exact_ties=case.params.get("exact_ties", "forgiven"))
     return truth, aux, tols
 
 

@@ -32,14 +32,15 @@ class Mutant:
     spec_topic: str  # the SPEC.md section 9 row
     bug: str  # what the buggy implementation does
     patch: Callable  # (case) -> context manager
+    allowed: bool = False  # not a bug: an alternative the checker accepts (the default suite passes)
 
 
 MUTANTS: dict[str, Mutant] = {}
 
 
-def _register(name, topic, bug):
+def _register(name, topic, bug, allowed=False):
     def deco(fn):
-        MUTANTS[name] = Mutant(name, topic, bug, fn)
+        MUTANTS[name] = Mutant(name, topic, bug, fn, allowed)
         return fn
     return deco
 
@@ -127,6 +128,18 @@ def _patch_bf16_gate(case):
     return patched([(moe, "router_scores", scores), (moe, "select_experts", select)])
 
 
+def _topk_higher_index(x, k: int):
+    """The k largest along the last axis, largest first, ties to the HIGHER index."""
+    return x.shape[-1] - 1 - topk_indices(x[..., ::-1], k)
+
+
+@_register("ties_higher_index", "top-k ties",
+           "breaks exact ties between groups or experts by the higher index (torch.topk leaves "
+           "the order unspecified)", allowed=True)
+def _patch_ties_higher_index(case):
+    return patched([(moe, "topk_indices", _topk_higher_index)])
+
+
 # ---- RoPE / YaRN ------------------------------------------------------------------------------
 
 @_register("no_softmax_mscale", "mscale",
@@ -195,7 +208,8 @@ def _factory(name):
         from .adapters import RefimplAdapter
         return RefimplAdapter(precision="float32", mutant=name)
     factory.__name__ = name
-    factory.__doc__ = f"refimpl in float32 with one bug: {MUTANTS[name].bug}"
+    what = "one allowed alternative" if MUTANTS[name].allowed else "one bug"
+    factory.__doc__ = f"refimpl in float32 with {what}: {MUTANTS[name].bug}"
     return factory
 
 

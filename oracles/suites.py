@@ -432,8 +432,16 @@ def full_width():
 
 def conventions():
     """For each topic of SPEC.md section 9, the same inputs with expected values under each
-    alternative; the check report says which alternative a candidate follows."""
+    alternative; the check report says which alternative a candidate follows.
+
+    Top-k ties: every token's choice rests on exact ties (gate.exact_ties's inputs). The
+    lower_index and higher_index cases do not forgive exact ties (params exact_ties "decided"),
+    so they tell the two rules apart; "unspecified" forgives them, as the other suites do, so an
+    engine that breaks ties some other way passes it and is not failed (NOT_FOLLOWED for the
+    rest), while wrong router scores fail all three. (Every token is tied, so where ties are
+    forgiven no expert weight is compared: the default suite checks those.)"""
     t = tiny()
+    decided = {"exact_ties": "decided"}
     topics = [
         ("yarn_activation", lambda c: prefill_case(c, t, batch=1, seq=10,
                                                    pins="YaRN when the run is shorter than the original"),
@@ -457,15 +465,19 @@ def conventions():
         ("mtp_h0", lambda c: mtp_prefill_case(c, tiny_mtp(1), batch=1, seq=8,
                                               pins="which main hidden state feeds module 1"),
          [("final_norm", None), ("pre_norm", "mtp_pre_norm_h0")]),
+        ("topk_ties", lambda c: gate_ties_case(c, t),
+         [("lower_index", None, decided), ("higher_index", "ties_higher_index", decided),
+          ("unspecified", None)]),
     ]
     cases = []
     for topic, build, alternatives in topics:
-        for alt, mutant in alternatives:
-            def builder(cid, build=build, topic=topic, alt=alt, mutant=mutant):
+        for alt, mutant, *params in alternatives:
+            def builder(cid, build=build, topic=topic, alt=alt, mutant=mutant, params=params):
                 case = build(f"conv.{topic}")  # the same inputs for every alternative
                 case.id = cid
                 case.conventions = {topic: alt}
                 case.expect_under = mutant
+                case.params.update(*params)
                 return case
             cases.append((f"conv.{topic}.{alt}", builder))
     return cases
