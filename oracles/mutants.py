@@ -7,6 +7,8 @@ a published alternative (YaRN only when extended, 0-masked groups, bf16 gate) to
 convention an engine follows.
 
 Each mutant is also a candidate: `oracles check GOLDEN --adapter oracles.mutants:zero_group_mask`.
+`ties_higher_index` is not a bug but an allowed alternative (`allowed=True`: torch.topk leaves
+the order of ties unspecified): the default suite passes it and the conventions suite labels it.
 """
 
 from __future__ import annotations
