@@ -21,14 +21,9 @@ from typing import Callable
 
 import numpy as np
 
-from refimpl import fp8, generate, mla, moe, norm, rope
+from refimpl import fp8, generate, losses, mla, moe, mtp, norm, rope
 from refimpl.config import Config
 from refimpl.model import Model
-
-try:  # MTP and the training-time equations, where this refimpl has them
-    from refimpl import losses, mtp
-except ImportError:  # pragma: no cover - an older refimpl
-    losses = mtp = None
 
 # ---------------------------------------------------------------------------------------------
 # Case and kind
@@ -66,6 +61,8 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {}
+# kinds whose tokens attend to earlier ones: a routing difference at position p reaches p onward
+CAUSAL_KINDS = ("prefill", "decode", "mtp_prefill", "mtp_module")
 
 
 def register(name: str, run, required, doc: str, aux=None) -> None:
@@ -384,16 +381,14 @@ register("prefill", run_prefill, ["logits"], "model prefill: logits and named in
 register("decode", run_decode, ["logits"], "incremental decode through the latent cache",
          aux=model_aux)
 register("greedy", run_greedy, ["tokens"], "greedy token stream", aux=greedy_aux)
-if mtp is not None:
-    register("mtp_prefill", run_mtp_prefill, mtp_required,
-             "teacher-forced MTP: main and MTP logits with named intermediates", aux=model_aux)
-    register("mtp_module", run_mtp_module, lambda c: [f"mtp.{c.params['k']}.logits"],
-             "one MTP module (eqs. 21-23) on given tokens and h^{k-1}", aux=model_aux)
-    register("speculative", run_speculative, ["tokens"], "greedy speculative (MTP) token stream",
-             aux=greedy_aux)
-    register("training", run_training, ["balance_loss", "bias_updated", "mtp_loss"],
-             "balance loss, bias update and MTP loss values")
-if hasattr(fp8, "quantize") and hasattr(fp8, "quantize_activations"):
-    register("fp8_quant", run_fp8_quant, ["q", "scale_inv"], "FP8 e4m3 block quantisation of a weight")
-    register("fp8_act_quant", run_fp8_act_quant, ["q", "s"],
-             "FP8 activation quantisation per token per 128 channels")
+register("mtp_prefill", run_mtp_prefill, mtp_required,
+         "teacher-forced MTP: main and MTP logits with named intermediates", aux=model_aux)
+register("mtp_module", run_mtp_module, lambda c: [f"mtp.{c.params['k']}.logits"],
+         "one MTP module (eqs. 21-23) on given tokens and h^{k-1}", aux=model_aux)
+register("speculative", run_speculative, ["tokens"], "greedy speculative (MTP) token stream",
+         aux=greedy_aux)
+register("training", run_training, ["balance_loss", "bias_updated", "mtp_loss"],
+         "balance loss, bias update and MTP loss values")
+register("fp8_quant", run_fp8_quant, ["q", "scale_inv"], "FP8 e4m3 block quantisation of a weight")
+register("fp8_act_quant", run_fp8_act_quant, ["q", "s"],
+         "FP8 activation quantisation per token per 128 channels")

@@ -16,13 +16,12 @@ import ml_dtypes
 import numpy as np
 
 from . import OraclesError, metrics, tolerance
-from .cases import matches
+from .cases import CAUSAL_KINDS, matches
 from .golden import Golden, read_tensors
 
 FLOAT_DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16),
                 np.dtype(ml_dtypes.bfloat16))
 CONTINUOUS_METRICS, LOGIT_METRICS = metrics.CONTINUOUS_METRICS, metrics.LOGIT_METRICS
-CAUSAL_KINDS = ("prefill", "decode")
 
 
 class DirCandidate:

@@ -8,8 +8,10 @@ Precisions (the tolerance profiles are calibrated from these):
   (linear maps, norms, softmax, rope, SwiGLU, each decoder layer's residual stream).
 - fp8: bf16 as above, and the linear maps that DeepSeek-V3 ships in FP8 (attention projections,
   expert and dense FFN weights; not the embedding, lm_head, gate or eh_proj, SPEC.md section 7)
-  use e4m3 weights with 128x128 block scales and e4m3 activations with per-token, per-128-channel
-  scales (refimpl.fp8's quantisers where this refimpl has them, the same rules otherwise).
+  run through refimpl's own FP8 path: weights block-quantised by fp8.quantize and multiplied by
+  fp8.fp8_gemm (activations quantised per token per 128 channels by fp8.quantize_activations,
+  per-128-block float32 accumulation, as DeepSeek's fp8_gemm); model cases run
+  Model(fp8_activations=True). kv_b_proj is dequantised, as that path keeps it.
 
 Patching replaces module attributes of refimpl for the duration of a `with` block and restores
 them after; refimpl itself has no switch for it.
@@ -25,9 +27,10 @@ import ml_dtypes
 import numpy as np
 
 from refimpl import fp8, mla, model, moe, rope
-from refimpl.ops import silu
+from refimpl.checkpoint import FP8_PROJECTIONS
+from refimpl.model import ArraySource, Model
 
-from . import OraclesError
+from . import OraclesError, cases
 from .cases import KINDS, Case
 
 PRECISIONS = ("float64", "float32", "bf16", "fp8")
@@ -77,50 +80,54 @@ def bf16_boundaries():
 
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
-_FP8_LINEARS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
-                "gate_proj", "up_proj", "down_proj")
 
 
 def is_fp8_weight(name: str, a) -> bool:
-    """The linear maps V3 ships in FP8: by checkpoint name (model cases) or short name."""
+    """The linear maps V3 ships in FP8 (refimpl.checkpoint.FP8_PROJECTIONS), by checkpoint name
+    (model cases) or by the short names of component cases (`q_a_proj`, `experts.3.up_proj`)."""
     stem = name[: -len(".weight")] if name.endswith(".weight") else name
-    return np.ndim(a) == 2 and stem.rsplit(".", 1)[-1] in _FP8_LINEARS
+    return np.ndim(a) == 2 and stem.rsplit(".", 1)[-1] in FP8_PROJECTIONS
 
 
-def fp8_weight(w):
-    """Block quantise and dequantise a weight (s = max(amax, 1e-4) / 448 per 128x128 tile)."""
-    if hasattr(fp8, "quantize"):
-        q, s = fp8.quantize(np.asarray(w, np.float64))
-    else:
-        from .suites import quantize_fp8
-        q, s = quantize_fp8(np.asarray(w, np.float64))
-    return fp8.dequantize(q, s, dtype=np.float64).astype(np.float32)
+def fp8_weight(name: str, w):
+    """A weight V3 ships in FP8, held as an FP8 engine holds it: refimpl's block quantisation
+    (fp8.quantize), kept as stored (fp8.BlockFP8), so that refimpl's ops.linear multiplies it
+    with fp8.fp8_gemm: activations quantised per token per 128 channels, e4m3 products summed
+    per 128-wide block in float32, each block scaled and accumulated in float32. kv_b_proj is
+    dequantised instead, as Model(fp8_activations=True) and DeepSeek's absorbed attention use it
+    (split per head, no activation quantisation)."""
+    q, s = fp8.quantize(np.asarray(w, np.float64))
+    if name.removesuffix(".weight").endswith("kv_b_proj"):
+        return fp8.dequantize(q, s, dtype=np.float32)
+    return fp8.BlockFP8(q, s)
 
 
-def fp8_activations(x, block: int = fp8.BLOCK):
-    """Quantise and dequantise activations per token per 128 channels, in float32."""
-    x = np.asarray(x, np.float32)
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if hasattr(fp8, "quantize_activations"):
-        q, s = fp8.quantize_activations(x2, block)
-        q = np.asarray(q).astype(np.float32)
-    else:
-        amax = np.maximum.reduceat(np.abs(x2), np.arange(0, k, block), axis=1)
-        s = (np.maximum(amax, 1e-4) / 448.0).astype(np.float32)
-        q = (x2 / np.repeat(s, block, axis=1)[:, :k]).astype(E4M3).astype(np.float32)
-    return (q * np.repeat(s, block, axis=1)[:, :k]).reshape(x.shape)
+class FP8Arrays(ArraySource):
+    """Model weights in memory whose FP8 linears are fp8.BlockFP8 (see fp8_weight), read through
+    the interface refimpl's Model(fp8_activations=True) uses for a stored FP8 checkpoint."""
+
+    def dtype(self, name: str) -> str:
+        return "F8_E4M3" if isinstance(self.arrays[name], fp8.BlockFP8) else "F32"
+
+    def stored_fp8(self, name: str):
+        a = self.arrays[name]
+        return a.q, a.scale_inv
+
+    def weight(self, name, dtype=np.float64):
+        a = self.arrays.get(name)
+        if isinstance(a, fp8.BlockFP8):
+            return fp8.dequantize(a.q, a.scale_inv, dtype=dtype)
+        return super().weight(name, dtype)
 
 
-def fp8_linears():
-    """FP8 activations into every FP8 linear map (the weights are FP8 already, see prepared)."""
-    def mla_linear(x, w):
-        return fp8_activations(x) @ np.asarray(w, np.float32).T
-
-    def swiglu(x, gate_proj, up_proj, down_proj):  # dense FFN, shared and routed experts
-        xa = fp8_activations(x)
-        return fp8_activations(silu(xa @ gate_proj.T) * (xa @ up_proj.T)) @ down_proj.T
-    return patched([(mla, "linear", mla_linear), (moe, "swiglu", swiglu)])
+def fp8_models():
+    """Model cases run refimpl's FP8 path: Model(fp8_activations=True) over FP8Arrays.
+    Component cases need nothing: their FP8 weights are BlockFP8 inputs, which ops.linear runs
+    through fp8.fp8_gemm."""
+    def fp8_model(case, dtype):
+        return Model(case.config, FP8Arrays(case.config, case.weights),
+                     dtype=np.dtype(dtype).name, fp8_activations=True)
+    return patched([(cases, "_model", fp8_model)])
 
 
 def _cast(name, a, precision):
@@ -130,7 +137,7 @@ def _cast(name, a, precision):
     if precision == "float64":
         return a.astype(np.float64)
     if precision == "fp8" and is_fp8_weight(name, a):
-        return fp8_weight(a)
+        return fp8_weight(name, a)
     if precision in ("bf16", "fp8") and not name.endswith(_KEEP_F32):
         return round_bf16(a)
     return a.astype(np.float32)
@@ -160,7 +167,7 @@ def run_case(case: Case, precision: str = "float64", mutant: str | None = None) 
     stack = contextlib.ExitStack()
     with stack:
         if precision == "fp8":
-            stack.enter_context(fp8_linears())  # inside the bf16 rounding of their outputs
+            stack.enter_context(fp8_models())
         if precision in ("bf16", "fp8"):
             stack.enter_context(bf16_boundaries())
         if mutant is not None:

@@ -24,12 +24,13 @@ import ml_dtypes
 import numpy as np
 
 import refimpl
+from refimpl import mtp
 from refimpl.checkpoint import SafetensorsFile, write_safetensors
 from refimpl.config import Config
 from refimpl.errors import RefimplError
 
 from . import OraclesError, __version__, tolerance
-from .cases import KINDS, Case, matches, output_type
+from .cases import CAUSAL_KINDS, KINDS, Case, matches, output_type
 from .emulate import run_case
 from .suites import SUITE_DOCS, SUITE_SEED, suite_cases
 
@@ -47,13 +48,7 @@ CONVENTIONS = {
 
 
 def conventions() -> dict:
-    out = dict(CONVENTIONS)
-    try:
-        from refimpl import mtp
-        out["mtp"] = mtp.DEFAULT.as_dict()
-    except ImportError:
-        pass
-    return out
+    return {**CONVENTIONS, "mtp": mtp.DEFAULT.as_dict()}
 
 
 def sha256(path: str) -> str:
@@ -81,7 +76,8 @@ def compute(case: Case) -> tuple[dict, dict, dict]:
     for profile in tolerance.PROFILES:
         emulated = run_case(case, tolerance.CALIBRATED_BY[profile], case.expect_under)
         tols[profile] = tolerance.calibrate(truth, aux, emulated, profile,
-                                             causal=case.kind in ("prefill", "decode"))
+                                             causal=case.kind in CAUSAL_KINDS,
+                                             exact_ties=case.params.get("exact_ties", "forgiven"))
     return truth, aux, tols
 
 

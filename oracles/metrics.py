@@ -62,21 +62,22 @@ def logits(c, e, margin_eps: float) -> dict:
     return out
 
 
-def forgiven(margin, eps: float):
-    """Tokens whose routing margin is within the profile's rounding (may choose differently)."""
-    return np.asarray(margin, np.float64).reshape(-1) <= eps
+def forgiven(margin, eps: float, exact_ties: bool = True):
+    """Tokens whose routing margin is within the profile's rounding (may choose differently).
+    exact_ties=False: an exact tie (margin 0) is decided by the case's tie-break convention
+    (the conventions suite's topk_ties cases), not forgiven."""
+    m = np.asarray(margin, np.float64).reshape(-1)
+    return (m <= eps) & ((m > 0) | exact_ties)
 
 
-def indices(c, e, margin, eps: float) -> dict:
+def indices(c, e, margin, eps: float, exact_ties: bool = True) -> dict:
     """Expert sets per token; order within a token's K picks does not matter."""
     k = e.shape[-1]
     c2 = np.sort(np.asarray(c).reshape(-1, k), axis=-1)
     e2 = np.sort(np.asarray(e).reshape(-1, k), axis=-1)
     bad = (c2 != e2).any(axis=-1)
-    if margin is not None:
-        bad &= ~forgiven(margin, eps)
-    return {"mismatch": float(bad.mean()) if len(bad) else 0.0,
-            "forgiven": int(forgiven(margin, eps).sum()) if margin is not None else 0}
+    ok = np.zeros(len(bad), bool) if margin is None else forgiven(margin, eps, exact_ties)
+    return {"mismatch": float((bad & ~ok).mean()) if len(bad) else 0.0, "forgiven": int(ok.sum())}
 
 
 def dense_weights(idx, w, n_experts: int):
@@ -90,10 +91,10 @@ def dense_weights(idx, w, n_experts: int):
     return out
 
 
-def routing_weights(c_idx, c_w, e_idx, e_w, n_experts, margin, eps) -> dict:
+def routing_weights(c_idx, c_w, e_idx, e_w, n_experts, margin, eps, exact_ties=True) -> dict:
     dc, de = dense_weights(c_idx, c_w, n_experts), dense_weights(e_idx, e_w, n_experts)
     if margin is not None:
-        keep = ~forgiven(margin, eps)
+        keep = ~forgiven(margin, eps, exact_ties)
         dc, de = dc[keep], de[keep]
     if de.size == 0:
         return {"nmse": 0.0, "max_rel": 0.0, "norm": 0.0}
@@ -114,9 +115,11 @@ def tokens(c, e, margin, eps: float) -> dict:
 class Taint:
     """Tokens whose routing legitimately differs (a forgiven near-tie that the candidate did
     resolve the other way) and everything downstream of them: those tokens are left out of the
-    comparison of later outputs. In a causal model (prefill, decode) a token changed at position p
-    changes every later position of its row from the next layer on, so the taint spreads to the
-    end of the row. One mask per token-axes shape (an MTP module's sequence is shorter)."""
+    comparison of later outputs. In a causal model (prefill, decode, MTP) a token changed at
+    position p changes every later position of its row from the next layer on, so the taint
+    spreads to the end of the row. One mask per token-axes shape: an MTP module's sequence is
+    shorter, and its index i continues position i of the main model (h^0_i) and of the module
+    before it (h^(k-1)_i), so it also takes their masks, cut to its length."""
 
     def __init__(self, causal: bool):
         self.causal = causal
@@ -129,18 +132,28 @@ class Taint:
     def count(self) -> int:
         return int(sum(m.sum() for m in self.masks.values()))
 
+    def mask_for(self, shape):
+        """The left-out tokens of an output whose token axes are `shape`, or None: its own mask
+        and, in a causal model, the masks of the longer sequences of the same rows, cut to it."""
+        m = self.masks.get(shape)
+        if self.causal and len(shape) == 2:
+            for s, other in self.masks.items():
+                if len(s) == 2 and s[0] == shape[0] and s[1] > shape[1]:
+                    m = other[:, :shape[1]] if m is None else (m | other[:, :shape[1]])
+        return m
+
     def select(self, a, lead: int):
         """a [*token_axes, ...] -> the untainted tokens' rows, [n, ...] (or `a` when untainted)."""
         a = np.asarray(a)
-        m = self.masks.get(a.shape[:lead])
+        m = self.mask_for(a.shape[:lead])
         return a if m is None else a[~m]
 
-    def update(self, c_idx, e_idx, margin, eps):
+    def update(self, c_idx, e_idx, margin, eps, exact_ties=True):
         k = e_idx.shape[-1]
         lead = e_idx.shape[:-1]
         c2 = np.sort(np.asarray(c_idx).reshape(-1, k), -1)
         e2 = np.sort(np.asarray(e_idx).reshape(-1, k), -1)
-        flipped = ((c2 != e2).any(-1) & forgiven(margin, eps)).reshape(lead)
+        flipped = ((c2 != e2).any(-1) & forgiven(margin, eps, exact_ties)).reshape(lead)
         if not flipped.any():
             return
         if self.causal and flipped.ndim == 2:
@@ -154,7 +167,7 @@ def compare(name, kind, c, e, expected, tols, taint, c_idx=None):
     an earlier forgiven routing difference are left out; indices outputs update the taint."""
     if kind in ("continuous", "logits") and taint is not None:
         for lead in sorted({len(shape) for shape in taint.masks}):
-            if np.asarray(e).shape[:lead] in taint.masks:
+            if taint.mask_for(np.asarray(e).shape[:lead]) is not None:
                 c, e = taint.select(c, lead), taint.select(e, lead)
                 break
     if kind == "continuous":
@@ -166,9 +179,10 @@ def compare(name, kind, c, e, expected, tols, taint, c_idx=None):
         lead = e.ndim - 1
         cs, es = (taint.select(c, lead), taint.select(e, lead)) if taint else (c, e)
         ms = taint.select(margin, lead) if (taint and margin is not None) else margin
-        vals, names = indices(cs, es, ms, tols["margin_eps"]), ("mismatch",)
+        ties = tols.get("exact_ties", "forgiven") == "forgiven"
+        vals, names = indices(cs, es, ms, tols["margin_eps"], ties), ("mismatch",)
         if taint is not None and margin is not None:
-            taint.update(c, e, margin, tols["margin_eps"])
+            taint.update(c, e, margin, tols["margin_eps"], ties)
     elif kind == "routing_weights":
         stem = name[: -len("topk_weight")]
         e_idx = expected[stem + "topk_idx"]
@@ -178,7 +192,8 @@ def compare(name, kind, c, e, expected, tols, taint, c_idx=None):
         n_exp = expected[stem + "router_scores"].shape[-1] if stem + "router_scores" in expected \
             else int(max(e_idx.max(), c_idx.max())) + 1
         vals = routing_weights(sel(c_idx), sel(c), sel(e_idx), sel(e), n_exp,
-                                       None if margin is None else sel(margin), tols["margin_eps"])
+                               None if margin is None else sel(margin), tols["margin_eps"],
+                               tols.get("exact_ties", "forgiven") == "forgiven")
         names = CONTINUOUS_METRICS
     else:  # tokens
         vals, names = tokens(c, e, expected["tokens_margin"], tols["logit_eps"]), ("mismatch",)

@@ -7,7 +7,8 @@ a published alternative (YaRN only when extended, 0-masked groups, bf16 gate) to
 convention an engine follows.
 
 Each mutant is also a candidate: `oracles check GOLDEN --adapter oracles.mutants:zero_group_mask`.
-MTP mutants (concat swapped, pre-norm h^0) join when refimpl has MTP.
+`ties_higher_index` is not a bug but an allowed alternative (`allowed=True`: torch.topk leaves
+the order of ties unspecified): the default suite passes it and the conventions suite labels it.
 """
 
 from __future__ import annotations
@@ -20,16 +21,11 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
-from refimpl import mla, moe, rope
+from refimpl import mla, moe, mtp, rope
 from refimpl.backend import array_module
 from refimpl.ops import topk_indices
 
 from .emulate import patched
-
-try:
-    from refimpl import mtp
-except ImportError:  # pragma: no cover - an older refimpl
-    mtp = None
 
 
 @dataclass(frozen=True)
@@ -38,14 +34,15 @@ class Mutant:
     spec_topic: str  # the SPEC.md section 9 row
     bug: str  # what the buggy implementation does
     patch: Callable  # (case) -> context manager
+    allowed: bool = False  # not a bug: an alternative the checker accepts (the default suite passes)
 
 
 MUTANTS: dict[str, Mutant] = {}
 
 
-def _register(name, topic, bug):
+def _register(name, topic, bug, allowed=False):
     def deco(fn):
-        MUTANTS[name] = Mutant(name, topic, bug, fn)
+        MUTANTS[name] = Mutant(name, topic, bug, fn, allowed)
         return fn
     return deco
 
@@ -133,6 +130,18 @@ def _patch_bf16_gate(case):
     return patched([(moe, "router_scores", scores), (moe, "select_experts", select)])
 
 
+def _topk_higher_index(x, k: int):
+    """The k largest along the last axis, largest first, ties to the HIGHER index."""
+    return x.shape[-1] - 1 - topk_indices(x[..., ::-1], k)
+
+
+@_register("ties_higher_index", "top-k ties",
+           "breaks exact ties between groups or experts by the higher index (torch.topk leaves "
+           "the order unspecified)", allowed=True)
+def _patch_ties_higher_index(case):
+    return patched([(moe, "topk_indices", _topk_higher_index)])
+
+
 # ---- RoPE / YaRN ------------------------------------------------------------------------------
 
 @_register("no_softmax_mscale", "mscale",
@@ -186,13 +195,12 @@ def _mtp_convention(**change):
     return patched([(mtp, "DEFAULT", dataclasses.replace(mtp.DEFAULT, **change))])
 
 
-if mtp is not None:
-    _register("mtp_concat_swapped", "MTP concat",
-              "feeds eh_proj [hnorm(h) ; enorm(Emb)], eq. (21) as printed, to weights trained "
-              "embedding first")(lambda case: _mtp_convention(concat="hidden_first"))
-    _register("mtp_pre_norm_h0", "MTP h0",
-              "feeds module 1 the last decoder layer's output before the final norm")(
-        lambda case: _mtp_convention(h0="pre_norm"))
+_register("mtp_concat_swapped", "MTP concat",
+          "feeds eh_proj [hnorm(h) ; enorm(Emb)], eq. (21) as printed, to weights trained "
+          "embedding first")(lambda case: _mtp_convention(concat="hidden_first"))
+_register("mtp_pre_norm_h0", "MTP h0",
+          "feeds module 1 the last decoder layer's output before the final norm")(
+    lambda case: _mtp_convention(h0="pre_norm"))
 
 
 # ---- candidates -------------------------------------------------------------------------------
@@ -202,7 +210,8 @@ def _factory(name):
         from .adapters import RefimplAdapter
         return RefimplAdapter(precision="float32", mutant=name)
     factory.__name__ = name
-    factory.__doc__ = f"refimpl in float32 with one bug: {MUTANTS[name].bug}"
+    what = "one allowed alternative" if MUTANTS[name].allowed else "one bug"
+    factory.__doc__ = f"refimpl in float32 with {what}: {MUTANTS[name].bug}"
     return factory
 
 

@@ -17,12 +17,12 @@ import zlib
 import ml_dtypes
 import numpy as np
 
-from refimpl import mla, rope
+from refimpl import fp8, mla, rope
 from refimpl.checkpoint import attention_shapes, random_weights
 from refimpl.config import Config, RopeScaling
 
 from . import OraclesError
-from .cases import KINDS, Case
+from .cases import Case
 
 SUITE_SEED = 20250101
 F32 = np.float32
@@ -191,25 +191,11 @@ def moe_case(cid, cfg, tokens=12, pins="one MoE layer", bias_mean=0.0):
     return Case(cid, "moe", pins, inputs, config=cfg)
 
 
-def quantize_fp8(w, block=128):
-    """Per block s = max(amax, 1e-4) / 448, q = round_e4m3(w / s) (SPEC.md section 7)."""
-    out, inp = w.shape
-    q = np.zeros(w.shape, dtype=ml_dtypes.float8_e4m3fn)
-    s = np.zeros((-(-out // block), -(-inp // block)), np.float32)
-    for i in range(s.shape[0]):
-        for j in range(s.shape[1]):
-            tile = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
-            s[i, j] = max(float(np.abs(tile).max()), 1e-4) / 448.0
-            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = \
-                (tile / s[i, j]).astype(ml_dtypes.float8_e4m3fn)
-    return q, s
-
-
 def fp8_case(cid, shape, pins):
     rng = case_rng(cid)
     w = rng.normal(0, shape[1] ** -0.5, shape)
     w[: min(128, shape[0]), : min(128, shape[1])] *= 50  # blocks of very different ranges
-    q, s = quantize_fp8(w)
+    q, s = fp8.quantize(w)
     return Case(cid, "fp8_dequant", pins, {"q": q, "scale_inv": s})
 
 
@@ -297,10 +283,7 @@ def training_case(cid, experts=16, k=4, tokens=12, vocab=64, depth=2):
 
 
 def _fp8_cases():
-    """FP8 quantisation cases, where refimpl quantises (empty otherwise)."""
-    if "fp8_quant" not in KINDS:
-        return []
-
+    """FP8 quantisation cases (weights and activations, non-128-aligned)."""
     def weight(cid, shape):
         rng = case_rng(cid)
         w = rng.normal(0, shape[1] ** -0.5, shape)
@@ -319,9 +302,7 @@ def _fp8_cases():
 
 
 def _mtp_cases():
-    """MTP cases, where refimpl has MTP (empty otherwise)."""
-    if "mtp_prefill" not in KINDS:
-        return []
+    """MTP, speculative decoding and training-time cases."""
     return [
         ("mtp_prefill.tiny", lambda c: mtp_prefill_case(c, tiny_mtp(1))),
         ("mtp_prefill.depth2", lambda c: mtp_prefill_case(c, tiny_mtp(2), batch=1, seq=9,
@@ -451,8 +432,16 @@ def full_width():
 
 def conventions():
     """For each topic of SPEC.md section 9, the same inputs with expected values under each
-    alternative; the check report says which alternative a candidate follows."""
+    alternative; the check report says which alternative a candidate follows.
+
+    Top-k ties: every token's choice rests on exact ties (gate.exact_ties's inputs). The
+    lower_index and higher_index cases do not forgive exact ties (params exact_ties "decided"),
+    so they tell the two rules apart; "unspecified" forgives them, as the other suites do, so an
+    engine that breaks ties some other way passes it and is not failed (NOT_FOLLOWED for the
+    rest), while wrong router scores fail all three. (Every token is tied, so where ties are
+    forgiven no expert weight is compared: the default suite checks those.)"""
     t = tiny()
+    decided = {"exact_ties": "decided"}
     topics = [
         ("yarn_activation", lambda c: prefill_case(c, t, batch=1, seq=10,
                                                    pins="YaRN when the run is shorter than the original"),
@@ -470,24 +459,25 @@ def conventions():
          [("mscale_all_dim", None), ("mscale", "mscale_not_all_dim"), ("none", "no_softmax_mscale")]),
         ("rope_layout", lambda c: rope_case(c, t, np.arange(6), pins="which dimensions RoPE pairs"),
          [("adjacent_pairs", None), ("rotate_half", "rotate_half_rope")]),
+        ("mtp_concat", lambda c: mtp_prefill_case(c, tiny_mtp(1), batch=1, seq=8,
+                                                  pins="order of eh_proj's input"),
+         [("embedding_first", None), ("hidden_first", "mtp_concat_swapped")]),
+        ("mtp_h0", lambda c: mtp_prefill_case(c, tiny_mtp(1), batch=1, seq=8,
+                                              pins="which main hidden state feeds module 1"),
+         [("final_norm", None), ("pre_norm", "mtp_pre_norm_h0")]),
+        ("topk_ties", lambda c: gate_ties_case(c, t),
+         [("lower_index", None, decided), ("higher_index", "ties_higher_index", decided),
+          ("unspecified", None)]),
     ]
-    if "mtp_prefill" in KINDS:
-        topics += [
-            ("mtp_concat", lambda c: mtp_prefill_case(c, tiny_mtp(1), batch=1, seq=8,
-                                                      pins="order of eh_proj's input"),
-             [("embedding_first", None), ("hidden_first", "mtp_concat_swapped")]),
-            ("mtp_h0", lambda c: mtp_prefill_case(c, tiny_mtp(1), batch=1, seq=8,
-                                                  pins="which main hidden state feeds module 1"),
-             [("final_norm", None), ("pre_norm", "mtp_pre_norm_h0")]),
-        ]
     cases = []
     for topic, build, alternatives in topics:
-        for alt, mutant in alternatives:
-            def builder(cid, build=build, topic=topic, alt=alt, mutant=mutant):
+        for alt, mutant, *params in alternatives:
+            def builder(cid, build=build, topic=topic, alt=alt, mutant=mutant, params=params):
                 case = build(f"conv.{topic}")  # the same inputs for every alternative
                 case.id = cid
                 case.conventions = {topic: alt}
                 case.expect_under = mutant
+                case.params.update(*params)
                 return case
             cases.append((f"conv.{topic}.{alt}", builder))
     return cases

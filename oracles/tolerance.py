@@ -45,10 +45,12 @@ def _flipped_margin(c_idx, e_idx, margin) -> float:
     return float(m[differ].max()) if differ.any() else 0.0
 
 
-def calibrate(truth: dict, aux: dict, emulated: dict, profile: str, causal: bool = False) -> dict:
+def calibrate(truth: dict, aux: dict, emulated: dict, profile: str, causal: bool = False,
+              exact_ties: str = "forgiven") -> dict:
     """{output name: {metric: {tol, calibrated}, (margin_eps | logit_eps): value}} for one
     profile, from the emulated run's outputs, measured exactly as the checker measures a
-    candidate (tokens downstream of a forgiven routing difference left out)."""
+    candidate (tokens downstream of a forgiven routing difference left out). exact_ties
+    "decided": the routing outputs are marked so that exact ties are not forgiven."""
     fl = FLOORS[profile]
     expected = {**truth, **aux}
     taint = metrics.Taint(causal)
@@ -65,8 +67,11 @@ def calibrate(truth: dict, aux: dict, emulated: dict, profile: str, causal: bool
             ds = float(np.max(np.abs(emulated[stem + "router_scores"] - truth[stem + "router_scores"])))
             eps["margin_eps"] = max(fl["margin_eps"], K * ds,
                                     2 * _flipped_margin(c, e, aux[stem + "topk_margin"]))
+            if exact_ties != "forgiven":
+                eps["exact_ties"] = exact_ties
         elif kind == "routing_weights":
-            eps["margin_eps"] = result[name[: -len("topk_weight")] + "topk_idx"]["margin_eps"]
+            idx_entry = result[name[: -len("topk_weight")] + "topk_idx"]
+            eps.update({k: idx_entry[k] for k in ("margin_eps", "exact_ties") if k in idx_entry})
             c_idx = emulated[name[: -len("topk_weight")] + "topk_idx"]
         elif kind == "tokens":
             margin = np.asarray(aux["tokens_margin"]).reshape(-1)

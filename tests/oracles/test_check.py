@@ -249,6 +249,9 @@ def test_a_forgiven_routing_difference_taints_the_rest_of_its_row_in_a_causal_mo
     assert taint.mask.tolist() == [[False, True, True, True], [False, False, False, False]]
     hidden = np.arange(2 * 4 * 3).reshape(2, 4, 3)
     assert taint.select(hidden, 2).shape == (5, 3)
+    # an MTP module (one index shorter) continues positions 0..2 of these rows
+    assert taint.mask_for((2, 3)).tolist() == [[False, True, True], [False, False, False]]
+    assert taint.select(hidden[:, :3], 2).shape == (4, 3)
     moe = Taint(causal=False)  # a single MoE layer: only the token itself
     moe.update(c_idx.reshape(8, 2), e_idx.reshape(8, 2), margin.reshape(8), eps=1e-6)
     assert moe.mask.tolist() == [False, True] + [False] * 6
@@ -262,3 +265,31 @@ def test_run_writes_an_adapter_as_files_that_check_accepts(default_dir, tmp_path
     assert sorted(os.listdir(cand / "cases")) == ["gate.tiny", "mla.tiny.naive"]
     r = run_cli("check", default_dir, cand, "--only", "gate.tiny,mla.tiny.naive", module="oracles")
     assert r.returncode == 0, r.stdout
+
+
+def test_the_fp8_profile_is_calibrated_through_refimpls_fp8_gemm(default_dir, monkeypatch):
+    """Every FP8 linear of the emulated fp8 run goes through refimpl.fp8.fp8_gemm (weights as
+    stored BlockFP8), in component and model cases alike; kv_b_proj is dequantised."""
+    from refimpl import fp8, ops
+    from oracles.emulate import run_case
+
+    shapes = []
+
+    def spy(x, w, block=fp8.BLOCK):
+        shapes.append(w.shape)
+        return fp8.fp8_gemm(x, w, block)
+    monkeypatch.setattr(ops, "fp8_gemm", spy)
+    g = golden.Golden(default_dir)
+    for cid in ("mla.tiny.naive", "model.prefill.tiny"):
+        shapes.clear()
+        case = g.load_case(cid)
+        run_case(case, "fp8")
+        cfg = case.config
+        q_a = (cfg.q_lora_rank, cfg.hidden_size)
+        kv_b = (cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
+        assert q_a in shapes and kv_b not in shapes, (cid, set(shapes))
+        if case.is_model:  # dense FFN and experts too
+            assert (cfg.moe_intermediate_size, cfg.hidden_size) in shapes
+    shapes.clear()
+    run_case(g.load_case("model.prefill.tiny"), "bf16")
+    assert shapes == []

@@ -4,11 +4,14 @@ one an engine follows."""
 import pytest
 
 from oracles.adapters import load_adapter
-from oracles.check import run_check
-from oracles.mutants import mtp
+from oracles.check import AdapterCandidate, run_check
+from oracles.emulate import run_case
 
 OURS = {"yarn_activation": "always", "group_mask": "neg_inf", "gate_precision": "float32",
-        "group_score": "top2_sum", "softmax_mscale": "mscale_all_dim", "rope_layout": "adjacent_pairs"}
+        "group_score": "top2_sum", "softmax_mscale": "mscale_all_dim", "rope_layout": "adjacent_pairs",
+        "mtp_concat": "embedding_first", "mtp_h0": "final_norm", "topk_ties": "lower_index"}
+# passed by every candidate with a right gate, whatever its tie-break
+ALSO = {"topk_ties": ["unspecified"]}
 ALTERNATIVES = [
     ("yarn_only_when_extended", "yarn_activation", "only_when_extended"),
     ("zero_group_mask", "group_mask", "zero"),
@@ -18,11 +21,10 @@ ALTERNATIVES = [
     ("mscale_not_all_dim", "softmax_mscale", "mscale"),
     ("no_softmax_mscale", "softmax_mscale", "none"),
     ("rotate_half_rope", "rope_layout", "rotate_half"),
+    ("mtp_concat_swapped", "mtp_concat", "hidden_first"),
+    ("mtp_pre_norm_h0", "mtp_h0", "pre_norm"),
+    ("ties_higher_index", "topk_ties", "higher_index"),
 ]
-if mtp is not None:  # where refimpl has MTP
-    OURS.update(mtp_concat="embedding_first", mtp_h0="final_norm")
-    ALTERNATIVES += [("mtp_concat_swapped", "mtp_concat", "hidden_first"),
-                     ("mtp_pre_norm_h0", "mtp_h0", "pre_norm")]
 
 
 def _followed(rep):
@@ -31,7 +33,7 @@ def _followed(rep):
 
 def test_the_reference_follows_this_projects_conventions_and_passes(conventions_dir):
     rep = run_check(conventions_dir, load_adapter("oracles.adapters:refimpl_float32"))
-    assert _followed(rep) == {t: [a] for t, a in OURS.items()}
+    assert _followed(rep) == {t: sorted([a] + ALSO.get(t, [])) for t, a in OURS.items()}
     assert rep["ok"] and rep["counts"]["not_followed"] > 0
 
 
@@ -40,4 +42,32 @@ def test_an_engine_with_another_convention_is_labelled_with_it(conventions_dir, 
                                                               alternative):
     rep = run_check(conventions_dir, load_adapter(f"oracles.mutants:{mutant}"),
                     only=f"conv.{topic}.*")
-    assert _followed(rep) == {topic: [alternative]}
+    assert _followed(rep) == {topic: sorted([alternative] + ALSO.get(topic, []))}
+
+
+class _Ties:
+    """refimpl in float32 with ties to the lower index on even tokens and to the higher index on
+    odd ones (neither rule), its router scores optionally scaled (a wrong gate)."""
+
+    def __init__(self, score_scale=1.0):
+        self.score_scale = score_scale
+
+    def supports(self, case):
+        return True
+
+    def run(self, case):
+        out = run_case(case, "float32")
+        higher = run_case(case, "float32", "ties_higher_index")
+        for k in ("topk_idx", "topk_weight"):
+            out[k][1::2] = higher[k][1::2]
+        out["router_scores"] = out["router_scores"] * self.score_scale
+        return out
+
+
+def test_an_engine_with_another_tie_break_is_not_failed_but_a_wrong_gate_is(conventions_dir):
+    mixed = run_check(conventions_dir, AdapterCandidate(_Ties(), "mixed"), only="conv.topk_ties.*")
+    assert mixed["ok"] and mixed["counts"]["not_followed"] == 2
+    assert _followed(mixed) == {"topk_ties": ["unspecified"]}
+    wrong = run_check(conventions_dir, AdapterCandidate(_Ties(score_scale=1.01), "wrong"),
+                      only="conv.topk_ties.*")
+    assert wrong["counts"]["fail"] == 3 and _followed(wrong) == {"topk_ties": []}

@@ -1,13 +1,10 @@
-"""FP8 quantisation cases (where refimpl quantises): the expected values follow SPEC.md section 7,
-checked here from the formula."""
+"""FP8 quantisation cases: the expected values follow SPEC.md section 7, checked here from the
+formula."""
 
 import numpy as np
 import pytest
 
 from oracles import golden
-from oracles.cases import KINDS
-
-pytestmark = pytest.mark.skipif("fp8_quant" not in KINDS, reason="this refimpl has no FP8 quantisation")
 
 
 def test_weight_scales_are_the_tile_amax_over_448_with_a_floor(default_dir):
