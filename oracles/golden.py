@@ -17,14 +17,13 @@ import hashlib
 import json
 import os
 import platform
-import shutil
-import tempfile
 
 import ml_dtypes
 import numpy as np
 
 import refimpl
 from refimpl import mtp
+from refimpl.atomic import atomic_directory
 from refimpl.checkpoint import SafetensorsFile, write_safetensors
 from refimpl.config import Config
 from refimpl.errors import RefimplError
@@ -112,16 +111,10 @@ def write_case(case: Case, case_dir: str) -> dict:
 
 def generate(out: str, suite: str = "default", only: str | None = None, progress=None) -> dict:
     """Write the suite (or the cases matching `only`) to `out`, atomically -> the manifest."""
-    out = os.fspath(out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise OraclesError(f"{out}: already exists and is not an empty directory")
     builders = [(cid, b) for cid, b in suite_cases(suite) if matches(cid, only)]
     if not builders:
         raise OraclesError(f"suite {suite!r}: no case matches --only {only!r}")
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".oracles-", dir=parent)
-    try:
+    with atomic_directory(out, OraclesError, prefix=".oracles-") as tmp:
         entries = []
         it = builders
         if progress:
@@ -143,13 +136,6 @@ def generate(out: str, suite: str = "default", only: str | None = None, progress
         with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1, default=_json_default)
             f.write("\n")
-        os.chmod(tmp, 0o755)
-        if os.path.isdir(out):
-            os.rmdir(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
