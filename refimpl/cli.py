@@ -25,6 +25,7 @@ def _model_options(p) -> None:
     p.add_argument("--fp8-activations", action="store_true",
                    help="emulate an FP8 engine: FP8-stored projections multiply activations "
                         "quantised per token per 128 channels, accumulating in float32")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -187,11 +188,21 @@ def _memory_options(args) -> dict:
     return {"max_memory": mem, "fp8_activations": args.fp8_activations}
 
 
-def cmd_logits(args) -> int:
+def _load_model(args):
+    """The checkpoint as the options say, with per-layer progress on a terminal."""
     from .model import load
 
-    tokens = _load_tokens(args.tokens)
     model = load(args.checkpoint, dtype=args.dtype, device=args.device, **_memory_options(args))
+    if not args.quiet and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        model.progress = lambda it, **kw: tqdm(it, leave=False, **kw)
+    return model
+
+
+def cmd_logits(args) -> int:
+    tokens = _load_tokens(args.tokens)
+    model = _load_model(args)
     model.check_tokens(tokens)
     _save_npy(args.out, run_logits(model, tokens, args.incremental))
     return 0
@@ -209,12 +220,11 @@ def _parse_prompt(text: str) -> list[int]:
 
 def cmd_generate(args) -> int:
     from .generate import decode
-    from .model import load
 
     prompt = _parse_prompt(args.prompt)
     if args.temperature < 0:
         raise InputError(f"--temperature must be >= 0, got {args.temperature}")
-    model = load(args.checkpoint, dtype=args.dtype, device=args.device, **_memory_options(args))
+    model = _load_model(args)
     model.check_tokens(np.array([prompt]))
     rep = decode(model, prompt, args.max_new_tokens, use_mtp=args.mtp,
                  temperature=args.temperature, seed=args.seed)

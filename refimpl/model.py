@@ -196,6 +196,9 @@ class Model:
         self.inv_freq = rope.inv_freq(cfg)
         self.cos_sin_factor = rope.cos_sin_factor(cfg)
         self.softmax_scale = rope.softmax_scale(cfg)
+        # progress(iterable, desc=...) -> iterable, e.g. tqdm: set by the command line on a
+        # terminal so a long forward shows its layers; None (quiet) for library use.
+        self.progress = None
 
     @classmethod
     def from_arrays(cls, cfg: Config, arrays: dict, **kw) -> "Model":
@@ -269,7 +272,10 @@ class Model:
         mask = mla.causal_mask(positions, np.arange(start + s), xp)
         h = self.weights.rows("model.embed_tokens.weight", tokens)  # [b, s] -> [b, s, d]
         _record(trace, "embed", h)
-        for i in range(cfg.num_hidden_layers):
+        layers = range(cfg.num_hidden_layers)
+        if self.progress is not None:
+            layers = self.progress(layers, desc=f"forward of {b}x{s} tokens", unit="layer")
+        for i in layers:
             h = self.decoder_layer(i, h, cos, sin, mask, start, cache, trace)
         if cache is not None:
             cache.length = start + s
