@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from .backend import array_module
+
 BLOCK = 128
 E4M3_MAX = 448.0
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -65,6 +67,19 @@ def dequantize(q, scale_inv, block: int = BLOCK, dtype=np.float64):
         vals = decode_e4m3(q[rows], dtype) if fp8 else np.asarray(q[rows], dtype=dtype)
         np.multiply(vals, s_row, out=w[rows])  # W[i, j] = q[i, j] * s[i//128, j//128]
     return w
+
+
+def dequantize_bits(bits, scale_inv, block: int = BLOCK, dtype=np.float64):
+    """The same W = q * s from the raw e4m3 bit patterns, with the array module of `bits`: on a
+    GPU the stored byte per weight is what crosses the bus, and decoding happens on the device.
+
+    bits: uint8 [out, in] (numpy or cupy); scale_inv: [ceil(out/block), ceil(in/block)] -> [out, in]"""
+    xp = array_module(bits)
+    out, inp = bits.shape
+    table = xp.asarray(_E4M3_VALUES.astype(dtype))  # 256 bit patterns -> values
+    s = xp.asarray(scale_inv).astype(dtype)
+    s_full = xp.repeat(xp.repeat(s, block, axis=0)[:out], block, axis=1)[:, :inp]  # [out, in]
+    return table[bits] * s_full  # W[i, j] = q[i, j] * s[i//128, j//128]
 
 
 def block_scales(w, block: int = BLOCK, ue8m0: bool = False) -> np.ndarray:

@@ -93,6 +93,9 @@ class WeightStore:
         return (self.fp8_linears and hasattr(self.source, "dtype")
                 and ".kv_b_proj." not in name and self.source.dtype(name) == "F8_E4M3")
 
+    def _stored_fp8(self, name: str) -> bool:
+        return hasattr(self.source, "stored_fp8") and self.source.dtype(name) == "F8_E4M3"
+
     def nbytes(self, name: str) -> int:
         """Bytes the materialised tensor takes (from the header: nothing is read)."""
         n = math.prod(self.source.shape(name))
@@ -110,6 +113,9 @@ class WeightStore:
         self._make_room(size)
         if self._keeps_fp8(name):
             a = fp8.BlockFP8(*self.source.stored_fp8(name))
+        elif self.xp is not np and self._stored_fp8(name):
+            q, s = self.source.stored_fp8(name)  # 1 byte per weight crosses to the device
+            a = fp8.dequantize_bits(self.xp.asarray(q.view(np.uint8)), s, dtype=self.dtype)
         else:
             a = self.xp.asarray(self.source.weight(name, self.dtype))
         self._resident[name] = a

@@ -159,3 +159,13 @@ def test_quantize_shapes_and_dtypes(shape):
     assert s.shape == fp8.scale_shape(shape) and s.dtype == np.float32
     assert np.all(fp8.decode_e4m3(q) == 448.0)  # every block's amax maps to the e4m3 maximum
     assert np.allclose(fp8.dequantize(q, s), 1.0, rtol=2.0 ** -23, atol=0)  # 448 x float32(1/448)
+
+
+@given(st.integers(1, 300), st.integers(1, 300), st.integers(0, 2**31))
+def test_dequantize_from_bit_patterns_equals_dequantize(rows, cols, seed):
+    """The device path (raw bytes decoded by a 256-entry table) equals the host path, partial
+    edge blocks included."""
+    rng = np.random.default_rng(seed)
+    q = fp8.round_e4m3(rng.normal(0, 100, (rows, cols)))
+    s = rng.uniform(1e-4, 1.0, fp8.scale_shape((rows, cols))).astype(np.float32)
+    np.testing.assert_array_equal(fp8.dequantize_bits(q.view(np.uint8), s), fp8.dequantize(q, s))

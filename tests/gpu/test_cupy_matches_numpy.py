@@ -73,3 +73,15 @@ def test_tiny_model_prefill_and_decode(cp):
     gpu.forward(tokens[:, :69], cache=c2)
     assert rel_err(to_numpy(gpu.forward(tokens[:, 69:], cache=c2)),
                    cpu.forward(tokens[:, 69:], cache=c1)) < TOL
+
+
+def test_fp8_checkpoint_dequantised_on_the_device(cp, tmp_path):
+    """FP8 weights cross to the device as stored bytes and are decoded there: same logits."""
+    import refimpl
+    from refimpl.checkpoint import make_checkpoint
+
+    make_checkpoint(tmp_path / "fp8", Config.preset("tiny"), seed=0, fp8=True, shards=2)
+    tokens = np.random.default_rng(4).integers(0, 256, (1, 40))
+    cpu = refimpl.load(tmp_path / "fp8").forward(tokens)
+    gpu = refimpl.load(tmp_path / "fp8", device="gpu").forward(tokens)
+    assert rel_err(to_numpy(gpu), cpu) < TOL
