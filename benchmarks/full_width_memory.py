@@ -4,8 +4,11 @@ Builds an FP8 checkpoint in the published layout with every width of the deepsee
 (hidden 7168, 128 heads, q-lora 1536, kv-lora 512, 256 routed experts of 2048 plus one shared,
 dense FFN 18432) but only four layers - one dense, two MoE and the MTP layer - and a small
 vocabulary; then, in a fresh process under --max-memory, runs a 1 x T prefill through the
-latent cache, the MTP layer over the prefill, and a few greedy decode steps, and reports peak RSS
-against the budget and against what a full materialisation of the checkpoint would need.
+latent cache, refimpl's MTP module teacher-forced over the prefill through its own latent cache
+slot (mtp.Drafter.extend), and a few speculative decode steps as generate.decode(use_mtp=True)
+runs them (an MTP draft, one main forward over [token, draft], verification, the module advanced
+through its cache), and reports peak RSS against the budget and against what a full
+materialisation of the checkpoint would need.
 
     python benchmarks/full_width_memory.py --dir /some/scratch/dir [--max-memory 6GB]
 
@@ -32,12 +35,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import refimpl  # noqa: E402
-from refimpl import fp8, mla, rope  # noqa: E402
+from refimpl import fp8, mtp  # noqa: E402
 from refimpl.checkpoint import (Checkpoint, random_tensor, stored_entries, tensor_plan,  # noqa: E402
                                 write_checkpoint)
 from refimpl.memory import format_bytes, parse_memory, peak_rss  # noqa: E402
-from refimpl.norm import rms_norm  # noqa: E402
-from refimpl.ops import linear  # noqa: E402
+from refimpl.generate import verify  # noqa: E402
 
 POOL = 4  # distinct quantised matrices per FP8 shape
 
@@ -78,25 +80,6 @@ def build(out: str, cfg: refimpl.Config, shards: int) -> float:
     return time.perf_counter() - t0
 
 
-def mtp_over_prefill(model, tokens, h_final):
-    """The MTP module (SPEC.md section 6) over the prefill, to execute its full-width tensors:
-    h' = eh_proj [enorm(Emb(t_{i+1})) ; hnorm(h_i)], one decoder layer, shared_head.  (A stand-in
-    until the model's own MTP path lands; only its memory and time are measured here.)"""
-    cfg, w = model.cfg, model.weights
-    n = cfg.num_hidden_layers
-    p = f"model.layers.{n}."
-    emb = w.rows("model.embed_tokens.weight", tokens[:, 1:])  # [1, T-1, d]
-    x = np.concatenate([rms_norm(emb, w.get(p + "enorm.weight"), cfg.rms_norm_eps),
-                        rms_norm(h_final[:, :-1], w.get(p + "hnorm.weight"), cfg.rms_norm_eps)], axis=-1)
-    h = linear(x, w.get(p + "eh_proj.weight"))  # eq. (21), embedding first: [1, T-1, d]
-    positions = np.arange(h.shape[1])
-    cos, sin = rope.cos_sin(positions, model.inv_freq, model.cos_sin_factor, np)
-    mask = mla.causal_mask(positions, positions, np)
-    h = model.decoder_layer(n, h, cos, sin, mask, 0, None, None)  # eq. (22)
-    h = rms_norm(h, w.get(p + "shared_head.norm.weight"), cfg.rms_norm_eps)
-    return w.linear(h, p + "shared_head.head.weight")  # eq. (23), logits [1, T-1, vocab]
-
-
 def measure(path: str, max_memory: int, dtype: str, n_tokens: int, n_decode: int) -> dict:
     """Runs in a fresh process: load, prefill, MTP, decode; returns the figures."""
     t0 = time.perf_counter()
@@ -104,9 +87,11 @@ def measure(path: str, max_memory: int, dtype: str, n_tokens: int, n_decode: int
     ckpt: Checkpoint = model.weights.source
     t_load = time.perf_counter() - t0
     cfg = model.cfg
+    assert mtp.has_weights(model), "the checkpoint has no complete MTP layer"
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (1, n_tokens))
-    cache = model.new_cache(batch=1, max_len=n_tokens + n_decode)
+    # main slots and the MTP module's slot; each speculative step writes at most 2 positions
+    cache = model.new_cache(batch=1, max_len=n_tokens + 2 * n_decode + 1, mtp=True)
     store = model.weights
     phases = {}
 
@@ -120,15 +105,36 @@ def measure(path: str, max_memory: int, dtype: str, n_tokens: int, n_decode: int
         return out
 
     trace = {}
-    h = phase("prefill", lambda: model.hidden_states(tokens, cache, trace))
+    h0, h = phase("prefill", lambda: mtp.main_hidden(model, tokens, cache, trace))
     logits = model.logits(h)
     assert np.isfinite(logits).all()
-    mtp_logits = phase("mtp", lambda: mtp_over_prefill(model, tokens, h))
-    assert np.isfinite(mtp_logits).all()
-    nxt = int(np.argmax(logits[0, -1]))
+    out = [int(np.argmax(logits[0, -1]))]
+    # the MTP module teacher-forced over the prefill (every input a known token), through its own
+    # latent cache slot: what generate.decode(use_mtp=True) does after the prefill
+    drafter = mtp.Drafter(model, cache)
+    mtp_logits = phase("mtp", lambda: drafter.extend(tokens[0].tolist() + out, h0))
+    assert mtp_logits[0].shape == (1, n_tokens, cfg.vocab_size) and np.isfinite(mtp_logits[0]).all()
+    assert cache.mtp_lengths == [n_tokens]
+    drafted = accepted = 0
     for k in range(n_decode):
-        step = phase(f"decode{k + 1}", lambda: model.forward(np.array([[nxt]]), cache=cache))
-        nxt = int(np.argmax(step[0, -1]))
+        # one speculative round of generate.decode(use_mtp=True) with D = 1: draft t_{n+1} from
+        # the module, verify [t_n, draft] in one main forward, roll back past a rejected draft,
+        # and advance the module over the committed tokens through its latent cache
+        def step():
+            drafts, dlogits = drafter.draft(1)
+            start = cache.length
+            x = np.array([[out[-1], *drafts]], dtype=np.int64)
+            h0_new, h_new = mtp.main_hidden(model, x, cache)
+            new = verify(drafts, dlogits, model.logits(h_new)[0], 0.0, None)
+            a = len(new) - 1
+            cache.length = start + a + 1
+            drafter.extend(new, h0_new[:, :a + 1])
+            return new, len(drafts), a
+
+        new, d, a = phase(f"decode{k + 1}", step)
+        out.extend(new)
+        drafted, accepted = drafted + d, accepted + a
+    assert cache.mtp_lengths[0] == cache.length == len(drafter.tokens) - 1
     itemsize = np.dtype(dtype).itemsize
     params = sum(math.prod(ckpt.shape(n)) for n in ckpt.names() if not n.endswith("_scale_inv"))
     experts_used = {layer: len(set(trace[f"layers.{layer}.topk_idx"].reshape(-1).tolist()))
@@ -142,6 +148,8 @@ def measure(path: str, max_memory: int, dtype: str, n_tokens: int, n_decode: int
                                         for f in os.listdir(path) if f.endswith(".safetensors")),
         "load_seconds": t_load, "phases": phases, "experts_routed_in_prefill": experts_used,
         "layer_types_executed": ["dense (layer 0)", "moe (layers 1, 2)", "mtp (layer 3)"],
+        "generated": out, "mtp_drafted": drafted, "mtp_accepted": accepted,
+        "cache_length": cache.length, "mtp_cache_length": cache.mtp_lengths[0],
         "cpu_count": os.cpu_count(), "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
     }
 
@@ -149,7 +157,8 @@ def measure(path: str, max_memory: int, dtype: str, n_tokens: int, n_decode: int
 def report(r: dict) -> str:
     gb = format_bytes
     lines = [f"full-width memory benchmark: {r['dtype']}, 1 x {r['tokens']} prefill, "
-             f"MTP over the prefill, {r['decode_steps']} decode steps, {r['cpu_count']} CPUs "
+             f"MTP module over the prefill (latent cache), {r['decode_steps']} speculative "
+             f"decode steps (MTP drafts), {r['cpu_count']} CPUs "
              f"(BLAS threads: {r['blas_threads']})",
              "",
              "| figure | value |", "|---|---|",
@@ -163,6 +172,9 @@ def report(r: dict) -> str:
              f"| checkpoint on disk (FP8 layout) | {gb(r['checkpoint_bytes_on_disk'])} |",
              f"| load (headers only) | {r['load_seconds']:.2f} s |",
              f"| experts routed in the prefill, per MoE layer | {r['experts_routed_in_prefill']} |",
+             f"| MTP drafts accepted (random weights) | {r['mtp_accepted']} of {r['mtp_drafted']} |",
+             f"| latent cache filled: main / MTP module | {r['cache_length']} / "
+             f"{r['mtp_cache_length']} positions |",
              "", "| phase | seconds | stored bytes read | bytes materialised | tensors | peak RSS so far |",
              "|---|---|---|---|---|---|"]
     for name, p in r["phases"].items():

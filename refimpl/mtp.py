@@ -110,19 +110,28 @@ def _record(trace, name, value):
         trace[name] = to_numpy(value)
 
 
-def embedding(model, k: int, conv: Conventions = DEFAULT):
-    """The embedding table module k uses (see Conventions.weights)."""
+def embedding_name(cfg, k: int, conv: Conventions = DEFAULT) -> str:
+    """The checkpoint name of the embedding table module k uses (see Conventions.weights)."""
     if conv.weights == "module":
-        return model.weights.get(f"model.layers.{layer_index(model.cfg, k)}.embed_tokens.weight")
-    return model.weights.get("model.embed_tokens.weight")
+        return f"model.layers.{layer_index(cfg, k)}.embed_tokens.weight"
+    return "model.embed_tokens.weight"
+
+
+def head_name(cfg, k: int, conv: Conventions = DEFAULT) -> str:
+    """The checkpoint name of the output head module k uses (see Conventions.weights)."""
+    if conv.weights == "module":
+        return f"model.layers.{layer_index(cfg, k)}.shared_head.head.weight"
+    return "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+
+
+def embedding(model, k: int, conv: Conventions = DEFAULT):
+    """The embedding table module k uses, materialised whole (see Conventions.weights)."""
+    return model.weights.get(embedding_name(model.cfg, k, conv))
 
 
 def head(model, k: int, conv: Conventions = DEFAULT):
-    """The output head module k uses (see Conventions.weights)."""
-    if conv.weights == "module":
-        return model.weights.get(f"model.layers.{layer_index(model.cfg, k)}.shared_head.head.weight")
-    name = "model.embed_tokens.weight" if model.cfg.tie_word_embeddings else "lm_head.weight"
-    return model.weights.get(name)
+    """The output head module k uses, materialised whole (see Conventions.weights)."""
+    return model.weights.get(head_name(model.cfg, k, conv))
 
 
 def module_forward(model, k: int, tokens_k, h_prev, start: int, cache=None, trace=None,
@@ -148,7 +157,9 @@ def module_forward(model, k: int, tokens_k, h_prev, start: int, cache=None, trac
                          f"({cfg.max_position_embeddings})")
     cos, sin = rope.cos_sin(pos, model.inv_freq, model.cos_sin_factor, xp)
     mask = mla.causal_mask(idx, np.arange(start + s), xp)  # causal over the module's own indices
-    emb = embedding(model, k, conv)[xp.asarray(tokens_k)]  # Emb(t_{i+k}): [b, s, d]
+    # Emb(t_{i+k}): [b, s, d]; by rows and the head below streamed, as the main model does, so
+    # that a budget (--max-memory) never has to hold a whole vocabulary-sized matrix
+    emb = w.rows(embedding_name(cfg, k, conv), np.asarray(tokens_k))
     if conv.first_embedding == "zero" and start == 0:
         emb = emb.copy()
         emb[:, 0] = 0.0
@@ -160,7 +171,7 @@ def module_forward(model, k: int, tokens_k, h_prev, start: int, cache=None, trac
     h = model.decoder_layer(L, x, cos, sin, mask, start, cache, trace, prefix=name + "layer.")  # eq. (22)
     hn = rms_norm(h, w.get(p + "shared_head.norm.weight"), cfg.rms_norm_eps)
     _record(trace, name + "head_norm", hn)
-    logits = linear(hn, head(model, k, conv))  # eq. (23), before the softmax
+    logits = w.linear(hn, head_name(cfg, k, conv))  # eq. (23), before the softmax
     _record(trace, name + "logits", logits)
     out = hn if conv.chain == "head_norm" else h
     _record(trace, name + "hidden", out)

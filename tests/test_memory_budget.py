@@ -10,6 +10,7 @@ import pytest
 import refimpl
 from refimpl.checkpoint import make_checkpoint
 from refimpl.fp8 import BlockFP8
+from refimpl.generate import decode
 from refimpl.memory import parse_memory
 from refimpl.model import working_sets
 from tests.helpers import rel_err, run_cli
@@ -136,3 +137,26 @@ def test_fp8_activations_on_the_command_line(ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     want = refimpl.load(ckpt, fp8_activations=True).forward(TOKENS)
     assert rel_err(np.load(tmp_path / "l.npy"), want) == 0.0
+
+
+def test_the_mtp_modules_read_the_embedding_by_rows_and_stream_the_head_under_a_budget(ckpt):
+    """MTP shares the main model's embedding and head (mtp.Conventions.weights="main"): under a
+    budget they are read by rows and streamed there too, never held whole, teacher-forced and
+    through the MTP latent cache alike."""
+    free = refimpl.load(ckpt)
+    want_logits, want_mtp = free.forward(TOKENS, mtp=True)
+    want_decode = decode(free, TOKENS[:1], 4, use_mtp=True).tokens
+    tight = refimpl.load(ckpt)
+    budget = max(sum(tight.weights.nbytes(n) for n in names)
+                 for layer in range(TINY.num_layers_with_mtp) for names in working_sets(TINY, layer))
+    tight.weights.max_bytes = budget
+    assert tight.weights.nbytes("lm_head.weight") > budget // 2  # so the head must be streamed
+    whole = []  # tensors materialised whole
+    source_weight = tight.weights.source.weight
+    tight.weights.source.weight = lambda name, *a, **k: whole.append(name) or source_weight(name, *a, **k)
+    logits, got_mtp = tight.forward(TOKENS, mtp=True)
+    assert np.array_equal(logits, want_logits)
+    assert all(np.array_equal(a, b) for a, b in zip(got_mtp, want_mtp))
+    assert decode(tight, TOKENS[:1], 4, use_mtp=True).tokens == want_decode
+    assert "model.embed_tokens.weight" not in whole and "lm_head.weight" not in whole
+    assert tight.weights.peak_bytes <= budget
