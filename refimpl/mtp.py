@@ -124,16 +124,6 @@ def head_name(cfg, k: int, conv: Conventions = DEFAULT) -> str:
     return "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
 
 
-def embedding(model, k: int, conv: Conventions = DEFAULT):
-    """The embedding table module k uses, materialised whole (see Conventions.weights)."""
-    return model.weights.get(embedding_name(model.cfg, k, conv))
-
-
-def head(model, k: int, conv: Conventions = DEFAULT):
-    """The output head module k uses, materialised whole (see Conventions.weights)."""
-    return model.weights.get(head_name(model.cfg, k, conv))
-
-
 def module_forward(model, k: int, tokens_k, h_prev, start: int, cache=None, trace=None,
                    conv: Conventions = DEFAULT):
     """MTP module k on the indices start .. start+s-1 of its sequence.
