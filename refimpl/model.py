@@ -212,9 +212,10 @@ class Model:
 
     # ---- cache ---------------------------------------------------------------------------------
     def new_cache(self, batch: int = 1, max_len: int | None = None, mtp: bool = False) -> LatentCache:
-        """An empty latent cache for `batch` rows of up to `max_len` tokens (default: 4096 or
-        max_position_embeddings if smaller - 163,840 positions of V3 in float64 would be 46 GB).  With mtp=True it also has one slot per MTP module
-        (num_nextn_predict_layers more, each with its own length in mtp_lengths)."""
+        """An empty latent cache for `batch` rows of up to `max_len` tokens (default: 4096, or
+        max_position_embeddings if smaller: V3's 163,840 positions would be 46 GB in float64).
+        With mtp=True it also has one slot per MTP module (num_nextn_predict_layers more, each
+        with its own length in mtp_lengths)."""
         cfg, xp = self.cfg, self.xp
         max_len = min(4096, cfg.max_position_embeddings) if max_len is None else max_len
         if max_len < 1 or max_len > cfg.max_position_embeddings:
