@@ -47,6 +47,7 @@ MAX_DIM = 2 ** 40  # no real dimension comes near; a zero-sized tensor can't hid
 
 ATTN_NORMS = ("q_a_layernorm", "kv_a_layernorm")
 FFN_PROJ = ("gate_proj", "up_proj", "down_proj")
+BIAS_SUFFIX = "mlp.gate.e_score_correction_bias"
 MTP_EXTRA = ("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens")
 
 
@@ -310,6 +311,9 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.where)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
     def dtype(self, name: str) -> str:
         return self.files[self.where[name]].tensors[name][0]
 
@@ -330,18 +334,27 @@ class Checkpoint:
     def check_against_config(self) -> None:
         """Every tensor of the main model is present with the shape config.json implies (headers
         only). MTP layers are optional as a whole (transformers' save_pretrained drops them), but
-        a checkpoint holding part of an MTP layer is refused."""
+        a checkpoint holding part of an MTP layer is refused.  The gate bias's existence comes from
+        the checkpoint (SPEC.md section 9): without any e_score_correction_bias, selection uses
+        the scores alone; with some, every MoE layer must have one."""
         cfg = self.config
-        self._check_plan(tensor_plan(cfg, mtp=False))
+        biasless = not any(n.endswith(BIAS_SUFFIX) for n in self.where)
+
+        def planned(plan):
+            return {n: s for n, s in plan.items() if not (biasless and n.endswith(BIAS_SUFFIX))}
+
+        self._check_plan(planned(tensor_plan(cfg, mtp=False)))
         for layer in range(cfg.num_hidden_layers, cfg.num_layers_with_mtp):
-            plan = layer_plan(cfg, layer)
+            plan = planned(layer_plan(cfg, layer))
             if any(n in self.where for n in plan):
                 self._check_plan(plan)
 
     def has_mtp(self) -> bool:
+        """All num_nextn_predict_layers MTP modules are stored."""
         cfg = self.config
         return cfg.num_nextn_predict_layers > 0 and all(
-            n in self.where for n in layer_plan(cfg, cfg.num_hidden_layers))
+            n in self.where for layer in range(cfg.num_hidden_layers, cfg.num_layers_with_mtp)
+            for n in layer_plan(cfg, layer) if not n.endswith(BIAS_SUFFIX))
 
     def check_scales(self) -> int:
         """Every FP8 tensor has a float `<name>_scale_inv` whose shape fits it (headers only)

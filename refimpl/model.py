@@ -57,6 +57,9 @@ class ArraySource:
     def names(self):
         return list(self.arrays)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.arrays
+
     def shape(self, name):
         return tuple(self.arrays[name].shape)
 
@@ -376,7 +379,8 @@ class Model:
         p = f"model.layers.{i}.mlp."
         b, s, d = x.shape
         u = x.reshape(b * s, d)  # [T, d]
-        bias = w.get(p + "gate.e_score_correction_bias") if cfg.uses_bias else None
+        bias_name = p + "gate.e_score_correction_bias"  # present or not as the checkpoint says
+        bias = w.get(bias_name) if cfg.uses_bias and bias_name in w.source else None
         scores, idx, g = moe.route(u, w.get(p + "gate.weight"), bias, cfg)
         _record(trace, name + "router_scores", scores.reshape(b, s, -1))
         _record(trace, name + "topk_idx", idx.reshape(b, s, -1))

@@ -199,7 +199,7 @@ def teacher_forced(model, tokens, h0, trace=None, conv: Conventions = DEFAULT, d
 
 def has_weights(model, depths=None) -> bool:
     """True when the weight source holds every tensor of MTP modules 1..depths (default D)."""
-    from .checkpoint import layer_plan
+    from .checkpoint import BIAS_SUFFIX, layer_plan
 
     cfg = model.cfg
     n = cfg.num_nextn_predict_layers if depths is None else depths
@@ -207,7 +207,8 @@ def has_weights(model, depths=None) -> bool:
         return False
     names = set(model.weights.source.names())
     return all(name in names for k in range(1, n + 1)
-               for name in layer_plan(cfg, layer_index(cfg, k)))
+               for name in layer_plan(cfg, layer_index(cfg, k))
+               if not name.endswith(BIAS_SUFFIX))  # the gate bias is optional (see Checkpoint)
 
 
 # ---- incremental MTP over a growing sequence ------------------------------------------------------

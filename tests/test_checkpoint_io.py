@@ -127,3 +127,48 @@ def test_safetensors_files_are_readable_by_the_safetensors_library(tiny_dir):
     n = "model.layers.1.mlp.experts.0.gate_proj.weight"
     np.testing.assert_array_equal(d[n], c.raw(n))
     assert json.load(open(os.path.join(tiny_dir, "config.json")))["model_type"] == "deepseek_v3"
+
+
+def test_gate_bias_existence_comes_from_the_checkpoint(tiny_dir, tmp_path):
+    """Without any e_score_correction_bias the model selects by the scores alone (as a zero bias
+    would); with the bias missing from only some layers the checkpoint is refused."""
+    c = Checkpoint(tiny_dir)
+    arrays = {n: np.array(c.raw(n)) for n in c.names() if not n.endswith("e_score_correction_bias")}
+    os.makedirs(tmp_path / "nobias")
+    TINY.to_json(tmp_path / "nobias" / "config.json")
+    write_safetensors(str(tmp_path / "nobias" / "model.safetensors"), arrays)
+    tokens = np.random.default_rng(1).integers(0, 256, (1, 30))
+    got = refimpl.load(tmp_path / "nobias", max_memory=8 * 2**30).forward(tokens)
+    zero = {n: np.array(c.raw(n)) for n in c.names()}
+    for n in zero:
+        if n.endswith("e_score_correction_bias"):
+            zero[n] = np.zeros_like(zero[n])
+    np.testing.assert_array_equal(got, refimpl.Model.from_arrays(TINY, zero).forward(tokens))
+    assert rel_err(got, refimpl.load(tiny_dir).forward(tokens)) > 1e-6  # the bias mattered
+    _copy_without(tiny_dir, tmp_path / "partial", drop="model.layers.2.mlp.gate.e_score_correction_bias")
+    with pytest.raises(CheckpointError, match="layers.2.mlp.gate.e_score_correction_bias is missing"):
+        refimpl.load(tmp_path / "partial")
+
+
+def test_has_mtp_needs_every_module(tmp_path):
+    cfg = TINY.replace(num_nextn_predict_layers=2)
+    w = random_weights(cfg, 0)
+    save_checkpoint(tmp_path / "d2", cfg, w)
+    assert Checkpoint(tmp_path / "d2").has_mtp()
+    c = Checkpoint(tmp_path / "d2")
+    arrays = {n: np.array(c.raw(n)) for n in c.names() if not n.startswith("model.layers.4.")}
+    os.makedirs(tmp_path / "d1")
+    cfg.to_json(tmp_path / "d1" / "config.json")
+    write_safetensors(str(tmp_path / "d1" / "model.safetensors"), arrays)
+    assert not Checkpoint(tmp_path / "d1").has_mtp()
+
+
+def test_a_biasless_checkpoint_still_runs_its_mtp_module(tiny_dir, tmp_path):
+    c = Checkpoint(tiny_dir)
+    arrays = {n: np.array(c.raw(n)) for n in c.names() if not n.endswith("e_score_correction_bias")}
+    os.makedirs(tmp_path / "nobias")
+    TINY.to_json(tmp_path / "nobias" / "config.json")
+    write_safetensors(str(tmp_path / "nobias" / "model.safetensors"), arrays)
+    assert Checkpoint(tmp_path / "nobias").has_mtp()
+    logits, mtp_logits = refimpl.load(tmp_path / "nobias").forward(np.arange(9).reshape(1, 9), mtp=True)
+    assert mtp_logits[0].shape == (1, 8, TINY.vocab_size) and np.isfinite(mtp_logits[0]).all()
