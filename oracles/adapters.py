@@ -11,13 +11,14 @@ config.json and model.safetensors for model cases).
 from __future__ import annotations
 
 import importlib
+import math
 import os
 
 import numpy as np
 
 from . import OraclesError
 from .cases import KINDS
-from .check import AdapterCandidate
+from .check import DEFAULT_CASE_TIMEOUT, AdapterCandidate, CaseError, _Worker
 from .golden import Golden
 from refimpl.checkpoint import write_safetensors
 
@@ -53,41 +54,74 @@ def refimpl_fp8():
     return RefimplAdapter("fp8")
 
 
-def load_adapter(spec: str) -> AdapterCandidate:
-    """'pkg.mod:factory' -> the candidate (factory() is called once)."""
+def load_adapter(spec: str, timeout: float = DEFAULT_CASE_TIMEOUT) -> AdapterCandidate:
+    """'pkg.mod:factory' -> the candidate (factory() is called once). The import and the factory
+    run on the candidate's worker thread with the same timeout as each case; whatever goes
+    wrong there (an exception, sys.exit, no return) is one line and exit 2."""
     mod_name, sep, attr = spec.partition(":")
     if not sep or not mod_name or not attr:
         raise OraclesError(f"--adapter {spec!r} must look like pkg.module:factory")
+    if not (timeout >= 0 and math.isfinite(timeout)):
+        raise OraclesError(f"--case-timeout {timeout!r}: must be a number of seconds >= 0")
+    worker = _Worker() if timeout else None
+
+    def make():
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise OraclesError(f"--adapter {spec}: cannot import {mod_name} ({e})") from None
+        except BaseException as e:  # noqa: BLE001 - anything the module does at import
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            raise OraclesError(f"--adapter {spec}: importing {mod_name} raised "
+                               f"{type(e).__name__}: {e}") from None
+        factory = getattr(mod, attr, None)
+        if factory is None or not callable(factory):
+            raise OraclesError(f"--adapter {spec}: {mod_name} has no callable {attr}")
+        try:
+            adapter = factory()
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            raise OraclesError(f"--adapter {spec}: the factory raised {type(e).__name__}: {e}") from None
+        if not (callable(getattr(adapter, "supports", None)) and callable(getattr(adapter, "run", None))):
+            raise OraclesError(f"--adapter {spec}: the factory's object needs supports(case) and run(case)")
+        return adapter
+
     try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise OraclesError(f"--adapter {spec}: cannot import {mod_name} ({e})") from None
-    try:
-        factory = getattr(mod, attr)
-    except AttributeError:
-        raise OraclesError(f"--adapter {spec}: {mod_name} has no {attr}") from None
-    adapter = factory()
-    if not (hasattr(adapter, "supports") and hasattr(adapter, "run")):
-        raise OraclesError(f"--adapter {spec}: the factory's object needs supports(case) and run(case)")
-    return AdapterCandidate(adapter, spec)
+        adapter = worker.call(make, timeout, "the factory") if worker is not None else make()
+    except TimeoutError:
+        raise OraclesError(f"--adapter {spec}: importing it and calling the factory did not return "
+                           f"within {timeout:g} s (--case-timeout)") from None
+    return AdapterCandidate(adapter, spec, timeout=timeout, worker=worker)
 
 
-def write_outputs(golden_path: str, candidate: AdapterCandidate, out: str, only=None) -> dict:
+def write_outputs(golden_path: str, candidate: AdapterCandidate, out: str, only=None,
+                  errors: dict | None = None) -> dict:
     """The file route driven by an adapter: CANDIDATE/cases/<id>/outputs.safetensors for every
-    supported case -> {case id: skip reason} for the others."""
+    supported case -> {case id: skip reason} for the others. A case whose adapter call fails
+    (raises, exits, times out) gets no file; its one-line reason goes to `errors`."""
     from .cases import matches
 
     golden = Golden(golden_path)
     skipped = {}
+    errors = {} if errors is None else errors
     for cid in golden.cases:
         if not matches(cid, only):
             continue
-        case = golden.load_case(cid)
-        ok = candidate.adapter.supports(case)
-        if ok is not True:
-            skipped[cid] = str(ok)
+        if candidate.stuck:
+            errors[cid] = f"not run: the adapter is stuck ({candidate.stuck})"
             continue
-        outs = candidate.adapter.run(case)
+        case = golden.load_case(cid)
+        try:
+            ok = candidate.supports(cid, lambda: case)
+            if ok is not True:
+                skipped[cid] = ok
+                continue
+            outs = candidate.outputs(cid, lambda: case)
+        except CaseError as e:
+            errors[cid] = str(e)
+            continue
         d = os.path.join(out, "cases", cid)
         os.makedirs(d, exist_ok=True)
         write_safetensors(os.path.join(d, "outputs.safetensors"),

@@ -10,22 +10,35 @@ provided; NaN or Inf never passes; a wrong shape or dtype fails with what was ex
 from __future__ import annotations
 
 import os
+import queue
 import shlex
+import threading
 
 import ml_dtypes
 import numpy as np
 
-from . import OraclesError, metrics, tolerance
+from . import OraclesError, metrics, tolerance, untrusted
 from .cases import CAUSAL_KINDS, matches
 from .golden import Golden, read_tensors
+from .untrusted import escape
 
 FLOAT_DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16),
                 np.dtype(ml_dtypes.bfloat16))
 CONTINUOUS_METRICS, LOGIT_METRICS = metrics.CONTINUOUS_METRICS, metrics.LOGIT_METRICS
 
 
+DEFAULT_CASE_TIMEOUT = 600.0  # seconds per call into an adapter (supports, run); --case-timeout
+MIN_COMPARED = 0.5  # a case judging fewer of its required outputs' positions is INCONCLUSIVE
+
+
+class CaseError(Exception):
+    """What went wrong running one case in a candidate (it raised, exited, returned something
+    that is not outputs, or did not return in time): the case's one-line ERROR reason."""
+
+
 class DirCandidate:
-    """The file route: CANDIDATE/cases/<id>/outputs.safetensors."""
+    """The file route: CANDIDATE/cases/<id>/outputs.safetensors (a regular file inside
+    CANDIDATE, checked like a golden suite's files)."""
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
@@ -37,27 +50,109 @@ class DirCandidate:
         return True
 
     def outputs(self, case_id, load):
-        p = os.path.join(self.path, "cases", case_id, "outputs.safetensors")
-        if not os.path.exists(p):
+        p = untrusted.inside(self.path, f"cases/{case_id}/outputs.safetensors",
+                             f"candidate outputs of case {case_id!r}", missing_ok=True)
+        if p is None:
             return None
         return read_tensors(p)
 
 
-class AdapterCandidate:
-    """A Python engine: `factory()` returns an object with supports(case) and run(case)."""
+class _Worker:
+    """One daemon thread that makes every call into an adapter (import, factory, supports, run),
+    so that the checker can stop waiting for one that never returns. All calls run on this same
+    thread, in order: engines that keep per-thread state (CUDA contexts, MLX streams) see one
+    thread. A Python thread cannot be killed: after a timeout the worker is abandoned (`stuck`)
+    and no further call is made; the process exits without waiting for it."""
 
-    def __init__(self, adapter, label: str):
-        self.adapter, self.label = adapter, label
+    def __init__(self):
+        self.jobs = queue.Queue()
+        self.stuck = None
+        threading.Thread(target=self._loop, name="oracles-adapter", daemon=True).start()
+
+    def _loop(self):
+        while True:
+            fn, box, done = self.jobs.get()
+            try:
+                box["value"] = fn()
+            except BaseException as e:  # noqa: BLE001 - SystemExit included; handed to the caller
+                box["error"] = e
+            done.set()
+
+    def call(self, fn, timeout: float, what: str):
+        """fn() on the worker -> its value; its exception re-raised here; TimeoutError when it
+        does not return within `timeout` seconds."""
+        if self.stuck:
+            raise TimeoutError(f"not run: {self.stuck}")
+        box, done = {}, threading.Event()
+        self.jobs.put((fn, box, done))
+        if not done.wait(timeout):
+            self.stuck = f"{what} did not return within {timeout:g} s"
+            raise TimeoutError(self.stuck)
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+
+def call_adapter(worker, fn, timeout, what):
+    """fn() with the timeout (worker None or timeout 0: inline, no timeout). KeyboardInterrupt
+    (the user's) propagates; everything else, SystemExit included, becomes a CaseError."""
+    try:
+        return worker.call(fn, timeout, what) if worker is not None else fn()
+    except KeyboardInterrupt:
+        raise
+    except TimeoutError as e:
+        raise CaseError(f"timed out: {e}") from None
+    except SystemExit as e:
+        raise CaseError(f"{what} called sys.exit({e.code!r}): an adapter must return or raise") from None
+    except BaseException as e:  # noqa: BLE001 - an engine crashing on a case fails that case
+        raise CaseError(f"{what} raised {type(e).__name__}: {e}") from None
+
+
+class AdapterCandidate:
+    """A Python engine: `factory()` returns an object with supports(case) and run(case). Every
+    call runs on one worker thread with a per-call timeout (`timeout` seconds; 0 runs calls
+    inline in the calling thread, without a timeout)."""
+
+    def __init__(self, adapter, label: str, timeout: float = DEFAULT_CASE_TIMEOUT, worker=None):
+        self.adapter, self.label, self.timeout = adapter, label, timeout
+        self.worker = worker if worker is not None or not timeout else _Worker()
+
+    @property
+    def stuck(self):
+        return self.worker.stuck if self.worker is not None else None
+
+    def _call(self, fn, what):
+        return call_adapter(self.worker, fn, self.timeout, what)
 
     def supports(self, case_id, load):
-        ok = self.adapter.supports(load())
-        return True if ok is True else (str(ok) if ok else "not supported")
+        case = load()
+        ok = self._call(lambda: self.adapter.supports(case), "supports()")
+        if ok is True or (isinstance(ok, np.bool_) and bool(ok)):
+            return True
+        return str(ok) if ok else "not supported"
 
     def outputs(self, case_id, load):
-        out = self.adapter.run(load())
-        if not isinstance(out, dict):
-            raise TypeError(f"run() returned {type(out).__name__}, not a dict of arrays")
-        return {k: _as_numpy(v) for k, v in out.items()}
+        case = load()
+        out = self._call(lambda: _as_outputs(self.adapter.run(case)), "run()")
+        for k, v in out.items():
+            if not isinstance(k, str):
+                raise CaseError(f"run() returned an output named {k!r}, not a string")
+            if v.dtype.kind not in "biuf" and v.dtype != ml_dtypes.bfloat16:
+                raise CaseError(f"run() returned output {k!r} as {v.dtype} values, not numbers")
+        return out
+
+
+def _as_outputs(out):
+    """run()'s result -> {name: numpy array} (on the adapter's thread: torch calls stay there)."""
+    if not isinstance(out, dict):
+        raise TypeError(f"run() returned {type(out).__name__}, not a dict of arrays")
+    res = {}
+    for k, v in out.items():
+        try:
+            res[k] = _as_numpy(v)
+        except Exception as e:  # noqa: BLE001 - a value that is no array
+            raise TypeError(f"output {k!r}: {type(v).__name__} is not an array ({e})") from None
+    return res
 
 
 def _as_numpy(v):
@@ -74,7 +169,11 @@ def _as_numpy(v):
 def _metric_failures(values: dict, tols: dict, names) -> list[str]:
     bad = []
     for m in names:
-        if m in values and m in tols and not values[m] <= tols[m]["tol"]:
+        if m not in values:
+            continue
+        if m not in tols:
+            bad.append(f"{m} {values[m]:.3g}: the suite has no tolerance for it")
+        elif not values[m] <= tols[m]["tol"]:
             bad.append(f"{m} {values[m]:.3g} > tol {tols[m]['tol']:.3g}")
     return bad
 
@@ -110,6 +209,10 @@ def _check_output(out: dict, c, e, expected: dict, cand: dict, tols: dict, taint
     vals, names = metrics.compare(name, kind, c, e, expected, tols, taint, c_idx)
     out["metrics"] = vals
     out["tol"] = {m: tols[m]["tol"] for m in names if m in tols}
+    if not any(m in vals for m in names):
+        out.update(status="not_compared", message=f"not compared: all {vals.get('positions', '')} "
+                   "positions are downstream of forgiven routing differences")
+        return
     bad = _metric_failures(vals, tols, names)
     out["status"] = "fail" if bad else "pass"
     if bad:
@@ -118,10 +221,15 @@ def _check_output(out: dict, c, e, expected: dict, cand: dict, tols: dict, taint
         out["message"] = f"{vals['forgiven']} near-tie token(s) forgiven"
 
 
-def check_case(golden: Golden, entry: dict, candidate, profile: str) -> dict:
+def check_case(golden: Golden, entry: dict, candidate, profile: str,
+               min_compared: float = MIN_COMPARED) -> dict:
     cid = entry["id"]
     res = {"id": cid, "kind": entry["kind"], "pins": entry["pins"],
            "conventions": entry.get("conventions", {}), "outputs": [], "not_provided": []}
+    tols_all = entry["tolerances"].get(profile)
+    if tols_all is None:
+        raise OraclesError(f"case {cid!r}: the manifest has no tolerances for profile {profile!r}")
+    required = golden.required(cid)
     cache = {}
 
     def load():
@@ -129,36 +237,39 @@ def check_case(golden: Golden, entry: dict, candidate, profile: str) -> dict:
             cache["case"] = golden.load_case(cid)
         return cache["case"]
 
-    ok = candidate.supports(cid, load)
-    if ok is not True:
-        res.update(status="skip", reason=ok)
-        return res
     try:
+        ok = candidate.supports(cid, load)
+        if ok is not True:
+            res.update(status="skip", reason=ok)
+            return res
         cand = candidate.outputs(cid, load)
-    except OraclesError:
-        raise
-    except Exception as e:  # noqa: BLE001 - an engine crashing on a case fails that case
-        res.update(status="fail", reason=f"candidate raised {type(e).__name__}: {e}",
-                   first_failure=None)
+    except CaseError as e:
+        res.update(status="error", reason=str(e), first_failure=None)
         return res
     if cand is None:
         res.update(status="missing", reason="no outputs.safetensors for this case",
                    first_failure=None)
         return res
-    expected = golden.expected(cid)
-    tols_all = entry["tolerances"].get(profile)
-    if tols_all is None:
-        raise OraclesError(f"case {cid}: the manifest has no tolerances for profile {profile!r}")
-    res.update(judge(entry["kind"], entry["outputs"], expected, cand, tols_all))
+    outputs = [{**o, "required": o["required"] or o["name"] in required} for o in entry["outputs"]]
+    res.update(judge(entry["kind"], outputs, golden.expected(cid), cand, tols_all, min_compared))
     return res
 
 
-def judge(kind: str, outputs: list, expected: dict, cand: dict, tols_all: dict) -> dict:
+def judge(kind: str, outputs: list, expected: dict, cand: dict, tols_all: dict,
+          min_compared: float = MIN_COMPARED) -> dict:
     """Compare a candidate's outputs with the expected ones, in dataflow order.
-    outputs: [{name, type, required}] -> {status, first_failure, reason, outputs, not_provided}."""
+    outputs: [{name, type, required}] -> {status, first_failure, reason, outputs, not_provided,
+    checked, compared}. A routing output the candidate does not give (logits only) is taken
+    from the golden's margins: every near-tie token may have gone either way, so it and its
+    downstream are left out (metrics.Taint.assume). A case that judged less than `min_compared`
+    of its required outputs' token positions is INCONCLUSIVE, never PASS."""
     res = {"outputs": [], "not_provided": []}
     first = None
     taint = metrics.Taint(causal=kind in CAUSAL_KINDS)
+    assumed = False
+    worst = None  # (fraction, compared, positions, exact, name) of the least-compared required output
+    checked = 0
+    any_position = False  # some required output compared at least one position
     for o in outputs:
         name = o["name"]
         out = {"name": name, "type": o["type"], "required": o["required"]}
@@ -167,42 +278,105 @@ def judge(kind: str, outputs: list, expected: dict, cand: dict, tols_all: dict) 
                 out.update(status="fail", message="missing (a required output)")
             else:
                 res["not_provided"].append(name)
+                margin = expected.get(name[: -len("topk_idx")] + "topk_margin")
+                if o["type"] == "indices" and margin is not None:
+                    t = tols_all[name]
+                    taint.assume(expected[name], margin, t["margin_eps"],
+                                 t.get("exact_ties", "forgiven") == "forgiven")
+                    assumed = True
                 continue
         else:
             _check_output(out, cand[name], expected[name], expected, cand, tols_all[name], taint)
         res["outputs"].append(out)
         if out["status"] == "fail" and first is None:
             first = out
+        if o["required"] and out["status"] in ("pass", "not_compared"):
+            v = out.get("metrics", {})
+            if out["status"] == "pass":
+                checked += 1
+            n, of, exact = v.get("compared"), v.get("positions"), v.get("exact_tie_positions", 0)
+            any_position |= out["status"] == "pass" and (of is None or n > 0)
+            if of is not None:
+                # positions left out because of exact ties decided the other way (a tie-break
+                # convention) do not count against the case; near-tie ones do
+                f = n / (of - exact) if of > exact else 1.0
+                if worst is None or f < worst[0]:
+                    worst = (f, n, of, exact, name)
     if taint.count():
         res["not_compared"] = f"{taint.count()} token(s) downstream of a forgiven routing difference"
-    res["status"] = "fail" if first else "pass"
+    res["checked"] = checked
+    if worst is not None:
+        res["compared"] = {"output": worst[4], "positions": worst[1], "of": worst[2],
+                           "exact_tie_positions": worst[3], "fraction": round(worst[0], 6)}
     res["first_failure"] = first["name"] if first else None
     if first:
+        res["status"] = "fail"
         res["reason"] = f"{first['name']}: {first['message']}"
+    elif not any_position and checked_any(outputs):
+        res["status"] = "inconclusive"
+        res["reason"] = "no position of any required output was compared"
+    elif worst is not None and worst[0] < min_compared:
+        res["status"] = "inconclusive"
+        res["reason"] = (f"{worst[4]}: only {worst[1]} of {worst[2]} positions compared (minimum "
+                         f"{min_compared:.0%}); the rest follow near-tie routing the candidate "
+                         + ("did not report" if assumed else "resolved the other way"))
+    else:
+        res["status"] = "pass"
     return res
 
 
+def checked_any(outputs) -> bool:
+    return any(o["required"] for o in outputs)
+
+
+STATUSES = ("pass", "fail", "missing", "error", "inconclusive", "skip", "not_followed")
+
+
 def run_check(golden_path: str, candidate, profile: str = "float32", only: str | None = None,
-              repro_base: str | None = None, progress=None) -> dict:
-    """Check every case (matching `only`) -> the report (a JSON-able dict)."""
+              repro_base: str | None = None, progress=None, expect_digest: str | None = None,
+              allow_empty: bool = False, allow_inconclusive: bool = False,
+              min_compared: float = MIN_COMPARED) -> dict:
+    """Check every case (matching `only`) -> the report (a JSON-able dict). ok is False when a
+    case fails, is missing or errs, when one is inconclusive (unless allow_inconclusive), and
+    when no required output was compared at all (unless allow_empty)."""
     if profile not in tolerance.PROFILES:
         raise OraclesError(f"profile {profile!r} is not one of {', '.join(tolerance.PROFILES)}")
-    golden = Golden(golden_path)
+    golden = Golden(golden_path, expect_digest=expect_digest)
     entries = [e for e in golden.manifest["cases"] if matches(e["id"], only)]
     if not entries:
         raise OraclesError(f"{golden_path}: no case matches --only {only!r}")
     results = []
     it = progress(entries, desc="checking", unit="case") if progress else entries
     for entry in it:
-        r = check_case(golden, entry, candidate, profile)
-        if r["status"] in ("fail", "missing") and repro_base:
+        stuck = getattr(candidate, "stuck", None)
+        if stuck:
+            r = {"id": entry["id"], "kind": entry["kind"], "pins": entry["pins"],
+                 "conventions": entry.get("conventions", {}), "outputs": [], "not_provided": [],
+                 "status": "error", "first_failure": None,
+                 "reason": f"not run: the adapter is stuck ({stuck})"}
+        else:
+            r = check_case(golden, entry, candidate, profile, min_compared)
+        if r["status"] in ("fail", "missing", "error", "inconclusive") and repro_base and not stuck:
             r["repro"] = f"{repro_base} --only {shlex.quote(r['id'])} --profile {profile}"
         results.append(r)
     _mark_alternatives(results)
-    counts = {s: sum(r["status"] == s for r in results)
-              for s in ("pass", "fail", "missing", "skip", "not_followed")}
-    return {"golden": golden_path, "suite": golden.manifest.get("suite"), "candidate": candidate.label,
-            "profile": profile, "counts": counts, "ok": counts["fail"] == 0 and counts["missing"] == 0,
+    counts = {s: sum(r["status"] == s for r in results) for s in STATUSES}
+    checked = sum(r.get("checked", 0) for r in results)
+    empty = checked == 0
+    ok = (counts["fail"] == 0 and counts["missing"] == 0 and counts["error"] == 0
+          and (allow_inconclusive or counts["inconclusive"] == 0) and (allow_empty or not empty))
+    notes = []
+    if empty:
+        notes.append("nothing was checked: no case compared a required output ("
+                      + ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s]) + ")"
+                      + ("" if allow_empty else "; pass --allow-empty to accept that"))
+    if counts["inconclusive"]:
+        notes.append(f"{counts['inconclusive']} case(s) inconclusive: too few positions compared"
+                     + ("" if allow_inconclusive else "; pass --allow-inconclusive to accept that"))
+    return {"golden": golden_path, "suite": golden.manifest.get("suite"),
+            "suite_digest": golden.digest, "candidate": candidate.label,
+            "profile": profile, "counts": counts, "checked_outputs": checked, "ok": ok,
+            "min_compared": min_compared, "notes": notes,
             "conventions": conventions_summary(results), "cases": results}
 
 
@@ -228,6 +402,8 @@ def conventions_summary(results) -> dict:
 
 
 def format_report(rep: dict) -> str:
+    """The text report. Everything that came from a file (case ids, kinds, reasons, names) is
+    escaped (untrusted.escape): one report line per case, whatever the suite holds."""
     rows = [("case", "kind", "result", "first failing output / note")]
     for r in rep["cases"]:
         note = r.get("reason", "")
@@ -238,7 +414,7 @@ def format_report(rep: dict) -> str:
                 note = (note + "; " if note else "") + r["not_compared"] + " not compared"
             if r["not_provided"]:
                 note = (note + "; " if note else "") + f"{len(r['not_provided'])} intermediate(s) not provided"
-        rows.append((r["id"], r["kind"], r["status"].upper(), note))
+        rows.append(tuple(escape(x) for x in (r["id"], r["kind"], r["status"].upper(), note)))
     w = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {d}" for a, b, c, d in rows]
     lines.insert(1, "-" * min(120, sum(w) + 6 + max(len(r[3]) for r in rows)))
@@ -246,16 +422,20 @@ def format_report(rep: dict) -> str:
     if repro:
         lines.append("")
         lines.append("reproduce:")
-        lines += [f"  {r['repro']}" for r in repro]
+        lines += [f"  {escape(r['repro'])}" for r in repro]
     if rep["conventions"]:
         lines.append("")
         lines.append("conventions this candidate follows:")
         for topic, alts in rep["conventions"].items():
             passed = [a for a, ok in alts.items() if ok]
-            lines.append(f"  {topic}: {', '.join(passed) if passed else 'none of ' + ', '.join(alts)}")
+            lines.append(escape(f"  {topic}: {', '.join(passed) if passed else 'none of ' + ', '.join(alts)}"))
     c = rep["counts"]
     lines.append("")
-    lines.append(f"{rep['candidate']} vs {rep['suite']} ({rep['profile']} profile): {c['pass']} passed, "
-                 f"{c['fail']} failed, {c['missing']} missing, {c['skip']} skipped"
-                 + (f", {c['not_followed']} alternative(s) not followed" if c["not_followed"] else ""))
+    lines.append(f"suite digest (sha256 of manifest.json): {rep['suite_digest']}")
+    lines += [f"oracles: {escape(n)}" for n in rep.get("notes", [])]
+    extra = [f"{c[s]} {label}" for s, label in (("error", "error(s)"), ("inconclusive", "inconclusive"),
+                                                 ("not_followed", "alternative(s) not followed")) if c[s]]
+    lines.append(escape(f"{rep['candidate']} vs {rep['suite']} ({rep['profile']} profile): {c['pass']} passed, "
+                        f"{c['fail']} failed, {c['missing']} missing, {c['skip']} skipped")
+                 + "".join(f", {x}" for x in extra))
     return "\n".join(lines)

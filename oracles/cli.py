@@ -3,15 +3,19 @@
     oracles list     [--suite NAME]
     oracles generate --out DIR [--suite NAME] [--only GLOB]
     oracles check    GOLDEN [CANDIDATE | --adapter pkg.mod:factory] [--profile float32|bf16|fp8] [--only GLOB] [--json REPORT]
+                     [--expect-digest HEX] [--case-timeout SECONDS] [--allow-empty] [--allow-inconclusive]
     oracles run      GOLDEN --adapter pkg.mod:factory --out CANDIDATE   (adapter -> file route)
 
-check exits 0 when every checked case passes, 1 when some fail or are missing, 2 on bad input.
+check exits 0 when every checked case passes; 1 when a case fails, is missing, errs (the adapter
+raised, exited or timed out) or is inconclusive, or when nothing was checked at all; 2 on bad
+input (one line on stderr, text from files escaped).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -19,6 +23,8 @@ import tempfile
 import time
 
 from refimpl.errors import RefimplError
+
+from .untrusted import escape
 
 
 def _progress(args):
@@ -31,10 +37,27 @@ def _progress(args):
     return tqdm
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and exit 2, like every other user error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {escape(message)} (see {self.prog} --help)\n")
+
+
+def _seconds(text):
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return v
+
+
 def _parser():
-    p = argparse.ArgumentParser(prog="oracles", description="golden suites and a checker for "
+    p = _Parser(prog="oracles", description="golden suites and a checker for "
                                                             "DeepSeek-V3 engines")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     ls = sub.add_parser("list", help="suites, or the cases of one suite")
     ls.add_argument("--suite")
     g = sub.add_parser("generate", help="write a golden suite")
@@ -49,12 +72,22 @@ def _parser():
     c.add_argument("--profile", default="float32")
     c.add_argument("--only", help="comma-separated globs of case ids")
     c.add_argument("--json", dest="json_out", help="write the report as JSON here")
+    c.add_argument("--expect-digest", metavar="HEX",
+                   help="refuse the suite unless sha256(manifest.json) is HEX (pin it in CI)")
+    c.add_argument("--case-timeout", type=_seconds, default=600.0, metavar="SECONDS",
+                   help="stop waiting for an adapter call after this long (default 600; 0: no limit, "
+                        "calls run in the main thread)")
+    c.add_argument("--allow-empty", action="store_true",
+                   help="exit 0 even if no required output was compared (all skipped or declined)")
+    c.add_argument("--allow-inconclusive", action="store_true",
+                   help="exit 0 even if a case compared too few positions to decide")
     c.add_argument("--quiet", action="store_true")
     r = sub.add_parser("run", help="run an adapter and write its outputs (the file route)")
     r.add_argument("golden")
     r.add_argument("--adapter", required=True)
     r.add_argument("--out", required=True)
     r.add_argument("--only")
+    r.add_argument("--case-timeout", type=_seconds, default=600.0, metavar="SECONDS")
     return p
 
 
@@ -63,7 +96,7 @@ def main(argv=None) -> int:
     try:
         return COMMANDS[args.cmd](args)
     except RefimplError as e:  # OraclesError included
-        print(f"oracles: error: {e}", file=sys.stderr)
+        print(f"oracles: error: {escape(e)}", file=sys.stderr)
         return 2
 
 
@@ -106,12 +139,13 @@ def cmd_check(args) -> int:
 
     if bool(args.candidate) == bool(args.adapter):
         raise OraclesError("check needs exactly one of CANDIDATE (a directory) or --adapter pkg.mod:factory")
-    cand = load_adapter(args.adapter) if args.adapter else DirCandidate(args.candidate)
+    cand = load_adapter(args.adapter, args.case_timeout) if args.adapter else DirCandidate(args.candidate)
     base = f"oracles check {shlex.quote(args.golden)} " + (
         f"--adapter {args.adapter}" if args.adapter else shlex.quote(args.candidate))
     t = time.perf_counter()
     rep = run_check(args.golden, cand, args.profile, args.only, repro_base=base,
-                    progress=_progress(args))
+                    progress=_progress(args), expect_digest=args.expect_digest,
+                    allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive)
     rep["seconds"] = round(time.perf_counter() - t, 3)
     print(format_report(rep))
     if args.json_out:
@@ -122,11 +156,15 @@ def cmd_check(args) -> int:
 def cmd_run(args) -> int:
     from .adapters import load_adapter, write_outputs
 
-    skipped = write_outputs(args.golden, load_adapter(args.adapter), args.out, args.only)
+    errors = {}
+    skipped = write_outputs(args.golden, load_adapter(args.adapter, args.case_timeout), args.out,
+                            args.only, errors=errors)
     for cid, why in skipped.items():
-        print(f"skipped {cid}: {why}")
-    print(f"wrote {args.out}")
-    return 0
+        print(escape(f"skipped {cid}: {why}"))
+    for cid, why in errors.items():
+        print(escape(f"error {cid}: {why}"))
+    print(f"wrote {args.out}" + (f" ({len(errors)} case(s) failed to run)" if errors else ""))
+    return 1 if errors else 0
 
 
 COMMANDS = {"list": cmd_list, "generate": cmd_generate, "check": cmd_check, "run": cmd_run}

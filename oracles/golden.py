@@ -28,7 +28,7 @@ from refimpl.checkpoint import SafetensorsFile, write_safetensors
 from refimpl.config import Config
 from refimpl.errors import RefimplError
 
-from . import OraclesError, __version__, tolerance
+from . import OraclesError, __version__, tolerance, untrusted
 from .cases import CAUSAL_KINDS, KINDS, Case, matches, output_type
 from .emulate import run_case
 from .suites import SUITE_DOCS, SUITE_SEED, suite_cases
@@ -140,7 +140,7 @@ def generate(out: str, suite: str = "default", only: str | None = None, progress
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading
+# Reading: a suite is untrusted input (docs/conformance.md, "Receiving a suite from someone else")
 # ---------------------------------------------------------------------------------------------
 
 def read_tensors(path: str) -> dict:
@@ -157,24 +157,44 @@ def read_metadata(path: str) -> dict:
         return json.loads(f.read(n)).get("__metadata__", {})
 
 
-class Golden:
-    """A golden suite directory, its files verified against the manifest's sha256 on opening."""
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON")
 
-    def __init__(self, path: str, verify: bool = True):
+
+class Golden:
+    """A golden suite directory. On opening: manifest.json is read (a regular file inside the
+    suite, at most 64 MiB), its sha256 is the suite digest (compared with `expect_digest` when
+    given), every field the checker uses is validated (manifest.validate), and every file listed
+    is verified against its sha256 (names checked before any path is built; files must be
+    regular files inside the suite; nothing unlisted may sit in a case directory). Only listed,
+    verified files are read afterwards."""
+
+    def __init__(self, path: str, verify: bool = True, expect_digest: str | None = None):
+        from . import manifest as schema
+
         self.path = os.fspath(path)
-        mpath = os.path.join(self.path, "manifest.json")
         if not os.path.isdir(self.path):
             raise OraclesError(f"{self.path}: not a golden suite directory")
+        mpath = os.path.join(self.path, "manifest.json")
+        if not os.path.lexists(mpath):
+            raise OraclesError(f"{mpath}: missing: not a golden suite directory")
+        raw = untrusted.read_bytes(untrusted.inside(self.path, "manifest.json", "manifest.json"),
+                                   "manifest.json", untrusted.MAX_MANIFEST)
+        self.digest = hashlib.sha256(raw).hexdigest()
+        if expect_digest is not None:
+            want = schema.parse_digest(expect_digest)
+            if want != self.digest:
+                raise OraclesError(f"{self.path}: suite digest {self.digest} is not the expected "
+                                   f"{want}: this is not the suite you pinned")
         try:
-            with open(mpath, encoding="utf-8") as f:
-                self.manifest = json.load(f)
-        except FileNotFoundError:
-            raise OraclesError(f"{mpath}: missing: not a golden suite directory") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            m = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
             raise OraclesError(f"{mpath}: not valid JSON ({e})") from None
-        if not isinstance(self.manifest, dict) or not isinstance(self.manifest.get("cases"), list):
-            raise OraclesError(f"{mpath}: no list of cases")
+        except RecursionError:
+            raise OraclesError(f"{mpath}: JSON nested too deeply") from None
+        self.manifest = schema.validate(m, mpath)
         self.cases = {c["id"]: c for c in self.manifest["cases"]}
+        self._verified = set()
         if verify:
             self.verify()
 
@@ -182,32 +202,75 @@ class Golden:
         return os.path.join(self.path, "cases", cid)
 
     def verify(self) -> None:
-        """Every file listed is present with its recorded sha256."""
+        """Every file listed is a regular file inside the suite with its recorded sha256, and
+        nothing unlisted sits in a case directory."""
         for cid, entry in self.cases.items():
+            d = untrusted.inside(self.path, f"cases/{cid}", f"case {cid!r}: its directory", kind="dir")
             for fname, digest in entry["files"].items():
                 p = os.path.join(self.case_dir(cid), fname)
-                if not os.path.exists(p):
-                    raise OraclesError(f"{p}: listed in the manifest but missing")
-                got = sha256(p)
+                real = untrusted.inside(self.path, f"cases/{cid}/{fname}", f"case {cid!r}: file {fname!r}")
+                got = untrusted.sha256_file(real, f"case {cid!r}: file {fname!r}")
                 if got != digest:
                     raise OraclesError(f"{p}: sha256 {got[:12]}... does not match the manifest's "
                                        f"{digest[:12]}...: the golden suite was modified; regenerate it")
+            extra = [f for f in untrusted.listed_tree(d) if f not in entry["files"]]
+            if extra:
+                raise OraclesError(f"{os.path.join(self.case_dir(cid), extra[0])}: not listed in the "
+                                   f"manifest's files for case {cid!r}: a suite holds only listed files")
+            self._verified.add(cid)
+
+    def file(self, cid: str, name: str, required: bool = True) -> str | None:
+        """The checked path of a file of case `cid` that the manifest lists (None when it does not
+        list it and not `required`)."""
+        entry = self.cases[cid]
+        if name not in entry["files"]:
+            if not required:
+                return None
+            raise OraclesError(f"case {cid!r}: the manifest's files do not list {name!r}, which "
+                               f"this case needs")
+        real = untrusted.inside(self.path, f"cases/{cid}/{name}", f"case {cid!r}: file {name!r}")
+        if cid not in self._verified:
+            got = untrusted.sha256_file(real, f"case {cid!r}: file {name!r}")
+            if got != entry["files"][name]:
+                raise OraclesError(f"{os.path.join(self.case_dir(cid), name)}: sha256 {got[:12]}... "
+                                   f"does not match the manifest's: the golden suite was modified")
+        return real
+
+    def _config(self, cid: str):
+        p = self.file(cid, "config.json", required=False)
+        if p is None:
+            return None
+        try:
+            return Config.from_json(p)
+        except RefimplError as e:
+            raise OraclesError(f"case {cid!r}: {e}") from None
 
     def load_case(self, cid: str) -> Case:
         """The case as a candidate sees it: inputs, params, config, checkpoint (model cases)
         and its directory (`case.path`)."""
         e = self.cases[cid]
         d = self.case_dir(cid)
-        cfgp = os.path.join(d, "config.json")
-        cfg = Config.from_json(cfgp) if os.path.exists(cfgp) else None
-        weights = read_tensors(os.path.join(d, "model.safetensors")) if e.get("model") else None
-        case = Case(cid, e["kind"], e["pins"], read_tensors(os.path.join(d, "inputs.safetensors")),
+        cfg = self._config(cid)
+        weights = read_tensors(self.file(cid, "model.safetensors")) if e["model"] else None
+        case = Case(cid, e["kind"], e["pins"], read_tensors(self.file(cid, "inputs.safetensors")),
                     params=e["params"], config=cfg, weights=weights, conventions=e["conventions"],
                     path=d)
         return case
 
+    def required(self, cid: str) -> set:
+        """The outputs the case's kind requires (its contract, cases.KINDS), from its params and
+        config; the manifest may flag more as required, never fewer (manifest.validate)."""
+        from .manifest import contract
+        e = self.cases[cid]
+        return contract(e, lambda: self._config(cid), lambda: self.load_case(cid))
+
     def expected(self, cid: str) -> dict:
-        return read_tensors(os.path.join(self.case_dir(cid), "expected.safetensors"))
+        """The expected tensors, checked against the manifest's outputs (every output present,
+        with the recorded shape and a dtype of its type) and the margins the checker reads."""
+        from .manifest import check_expected
+        exp = read_tensors(self.file(cid, "expected.safetensors"))
+        check_expected(self.cases[cid], exp, os.path.join(self.case_dir(cid), "expected.safetensors"))
+        return exp
 
 
 def suite_size(path: str) -> int:

@@ -8,8 +8,12 @@ logits       the above, plus top1 (fraction of positions whose argmax differs, c
 indices      mismatch: fraction of tokens whose expert SET differs, forgiving tokens whose
              routing margin is within the profile's rounding
 routing_weights   continuous metrics on the dense [T, E] weight matrix, forgiven tokens left out
-tokens       mismatch: 1 if the streams differ before the first step whose logit margin is
-             within the profile's rounding, else 0
+tokens       mismatch: 1 if the streams part at a step whose logit margin is beyond the
+             profile's rounding, else 0 (a candidate may continue either way at a near-tie)
+
+Nothing compared is not zero error: when every position of an output is left out (downstream of
+forgiven routing differences), its metrics are absent, not 0.0, and `compared` / `positions`
+say how many token positions were compared; the checker makes such a case INCONCLUSIVE.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ LOGIT_METRICS = CONTINUOUS_METRICS + ("top1", "topk", "kl")
 
 def continuous(c, e) -> dict:
     c, e = np.asarray(c, np.float64), np.asarray(e, np.float64)
-    if e.size == 0:
-        return {"nmse": 0.0, "max_rel": 0.0, "norm": 0.0}
+    if e.size == 0:  # nothing to compare: no metric values
+        return {}
     err = c - e
     ref2 = float(np.sum(e * e))
     n = max(e.size, 1)
@@ -45,7 +49,7 @@ def logits(c, e, margin_eps: float) -> dict:
     out = continuous(c, e)
     c, e = np.asarray(c, np.float64), np.asarray(e, np.float64)
     if e.size == 0:  # every position left out (downstream of forgiven routing differences)
-        return {**out, "top1": 0.0, "topk": 0.0, "kl": 0.0}
+        return {}
     v = e.shape[-1]
     c2, e2 = c.reshape(-1, v), e.reshape(-1, v)
     srt = -np.sort(-e2, axis=-1)
@@ -77,7 +81,9 @@ def indices(c, e, margin, eps: float, exact_ties: bool = True) -> dict:
     e2 = np.sort(np.asarray(e).reshape(-1, k), axis=-1)
     bad = (c2 != e2).any(axis=-1)
     ok = np.zeros(len(bad), bool) if margin is None else forgiven(margin, eps, exact_ties)
-    return {"mismatch": float((bad & ~ok).mean()) if len(bad) else 0.0, "forgiven": int(ok.sum())}
+    if not len(bad):
+        return {"forgiven": 0}
+    return {"mismatch": float((bad & ~ok).mean()), "forgiven": int(ok.sum())}
 
 
 def dense_weights(idx, w, n_experts: int):
@@ -96,20 +102,21 @@ def routing_weights(c_idx, c_w, e_idx, e_w, n_experts, margin, eps, exact_ties=T
     if margin is not None:
         keep = ~forgiven(margin, eps, exact_ties)
         dc, de = dc[keep], de[keep]
-    if de.size == 0:
-        return {"nmse": 0.0, "max_rel": 0.0, "norm": 0.0}
     return continuous(dc, de)
 
 
 def tokens(c, e, margin, eps: float) -> dict:
+    """The streams agree up to step d, so the candidate saw the same context there: parting at
+    d is acceptable only if step d is a near-tie (and then nothing after d can be compared)."""
     c, e = np.asarray(c).reshape(-1), np.asarray(e).reshape(-1)
     m = np.asarray(margin, np.float64).reshape(-1)
-    for j in range(len(e)):
-        if m[j] <= eps:  # a near-tie: any continuation from here on is acceptable
-            return {"mismatch": 0.0, "compared": j}
+    n = len(e)
+    for j in range(n):
         if j >= len(c) or c[j] != e[j]:
-            return {"mismatch": 1.0, "compared": j + 1}
-    return {"mismatch": 0.0, "compared": len(e)}
+            if m[j] <= eps:  # a near-tie: either continuation is acceptable from here on
+                return {"mismatch": 0.0, "compared": j, "positions": n}
+            return {"mismatch": 1.0, "compared": j + 1, "positions": n}
+    return {"mismatch": 0.0, "compared": n, "positions": n}
 
 
 class Taint:
@@ -119,11 +126,16 @@ class Taint:
     position p changes every later position of its row from the next layer on, so the taint
     spreads to the end of the row. One mask per token-axes shape: an MTP module's sequence is
     shorter, and its index i continues position i of the main model (h^0_i) and of the module
-    before it (h^(k-1)_i), so it also takes their masks, cut to its length."""
+    before it (h^(k-1)_i), so it also takes their masks, cut to its length.
+
+    `near` keeps the same masks for near-tie flips only (margin > 0, a rounding question), apart
+    from exact ties decided the other way (margin 0, a tie-break convention the conventions suite
+    labels): only the former make a case INCONCLUSIVE (cover)."""
 
     def __init__(self, causal: bool):
         self.causal = causal
         self.masks = {}  # token-axes shape ([b, s] or [T]) -> bool mask
+        self.near = {}  # the same, near-tie flips (and their downstream) only
 
     @property
     def mask(self):
@@ -132,15 +144,27 @@ class Taint:
     def count(self) -> int:
         return int(sum(m.sum() for m in self.masks.values()))
 
-    def mask_for(self, shape):
+    def mask_for(self, shape, masks=None):
         """The left-out tokens of an output whose token axes are `shape`, or None: its own mask
         and, in a causal model, the masks of the longer sequences of the same rows, cut to it."""
-        m = self.masks.get(shape)
+        masks = self.masks if masks is None else masks
+        m = masks.get(shape)
         if self.causal and len(shape) == 2:
-            for s, other in self.masks.items():
+            for s, other in masks.items():
                 if len(s) == 2 and s[0] == shape[0] and s[1] > shape[1]:
                     m = other[:, :shape[1]] if m is None else (m | other[:, :shape[1]])
         return m
+
+    def cover(self, shape) -> tuple[int, int, int]:
+        """For an output whose token axes are `shape` -> (positions compared, positions, positions
+        left out only because of exact ties decided the other way)."""
+        n = int(np.prod(shape))
+        m = self.mask_for(shape)
+        if m is None:
+            return n, n, 0
+        near = self.mask_for(shape, self.near)
+        exact = int((m & ~near).sum()) if near is not None else int(m.sum())
+        return n - int(m.sum()), n, exact
 
     def select(self, a, lead: int):
         """a [*token_axes, ...] -> the untainted tokens' rows, [n, ...] (or `a` when untainted)."""
@@ -153,21 +177,40 @@ class Taint:
         lead = e_idx.shape[:-1]
         c2 = np.sort(np.asarray(c_idx).reshape(-1, k), -1)
         e2 = np.sort(np.asarray(e_idx).reshape(-1, k), -1)
-        flipped = ((c2 != e2).any(-1) & forgiven(margin, eps, exact_ties)).reshape(lead)
-        if not flipped.any():
-            return
-        if self.causal and flipped.ndim == 2:
-            flipped = np.maximum.accumulate(flipped, axis=1)
-        old = self.masks.get(lead)
-        self.masks[lead] = flipped if old is None else (old | flipped)
+        flipped = (c2 != e2).any(-1) & forgiven(margin, eps, exact_ties)
+        self._add(flipped.reshape(lead), (flipped & _positive(margin)).reshape(lead))
+
+    def assume(self, e_idx, margin, eps, exact_ties=True):
+        """The routing a candidate did not report (logits-only): any token whose margin is within
+        the profile's rounding may have gone either way, so all of them count as flipped, from
+        the golden's own margins."""
+        lead = np.asarray(e_idx).shape[:-1]
+        f = forgiven(margin, eps, exact_ties)
+        self._add(f.reshape(lead), (f & _positive(margin)).reshape(lead))
+
+    def _add(self, flipped, near):
+        for masks, new in ((self.masks, flipped), (self.near, near)):
+            if not new.any():
+                continue
+            if self.causal and new.ndim == 2:
+                new = np.maximum.accumulate(new, axis=1)
+            old = masks.get(new.shape)
+            masks[new.shape] = new if old is None else (old | new)
+
+
+def _positive(margin):
+    return np.asarray(margin, np.float64).reshape(-1) > 0
 
 
 def compare(name, kind, c, e, expected, tols, taint, c_idx=None):
     """The metrics of one output -> (values, the metric names that are judged). Tokens tainted by
-    an earlier forgiven routing difference are left out; indices outputs update the taint."""
+    an earlier forgiven routing difference are left out; indices outputs update the taint.
+    Where tokens were left out, `compared` and `positions` count the token positions."""
+    cover = None
     if kind in ("continuous", "logits") and taint is not None:
         for lead in sorted({len(shape) for shape in taint.masks}):
             if taint.mask_for(np.asarray(e).shape[:lead]) is not None:
+                cover = taint.cover(np.asarray(e).shape[:lead])
                 c, e = taint.select(c, lead), taint.select(e, lead)
                 break
     if kind == "continuous":
@@ -179,6 +222,8 @@ def compare(name, kind, c, e, expected, tols, taint, c_idx=None):
         lead = e.ndim - 1
         cs, es = (taint.select(c, lead), taint.select(e, lead)) if taint else (c, e)
         ms = taint.select(margin, lead) if (taint and margin is not None) else margin
+        if taint is not None and taint.mask_for(np.asarray(e).shape[:lead]) is not None:
+            cover = taint.cover(np.asarray(e).shape[:lead])
         ties = tols.get("exact_ties", "forgiven") == "forgiven"
         vals, names = indices(cs, es, ms, tols["margin_eps"], ties), ("mismatch",)
         if taint is not None and margin is not None:
@@ -195,8 +240,14 @@ def compare(name, kind, c, e, expected, tols, taint, c_idx=None):
                                None if margin is None else sel(margin), tols["margin_eps"],
                                tols.get("exact_ties", "forgiven") == "forgiven")
         names = CONTINUOUS_METRICS
+        if taint is not None and taint.mask_for(np.asarray(e).shape[:lead]) is not None:
+            cover = taint.cover(np.asarray(e).shape[:lead])
     else:  # tokens
         vals, names = tokens(c, e, expected["tokens_margin"], tols["logit_eps"]), ("mismatch",)
     if taint is not None and taint.count() and kind != "indices":
         vals["not_compared"] = taint.count()
+    if cover is not None:
+        vals["compared"], vals["positions"], exact = cover
+        if exact:
+            vals["exact_tie_positions"] = exact
     return vals, names

@@ -65,7 +65,9 @@ def test_the_fp8_profile_still_catches_the_mutant(default_dir, name):
 @pytest.mark.parametrize("name", GATE_PRECISION)
 def test_gate_precision_mutants_pass_the_bf16_and_fp8_profiles(default_dir, name):
     for profile in ("bf16", "fp8"):
-        assert run_check(default_dir, load_adapter(f"oracles.mutants:{name}"), profile)["ok"], profile
+        rep = run_check(default_dir, load_adapter(f"oracles.mutants:{name}"), profile,
+                        allow_inconclusive=True)
+        assert rep["ok"] and rep["counts"]["fail"] == 0, profile
 
 
 def test_an_allowed_alternative_passes_the_default_suite_where_it_chooses_differently(default_dir):

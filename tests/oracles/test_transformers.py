@@ -50,6 +50,10 @@ def test_tolerances_calibrated_by_emulation_hold_for_transformers_in_bf16(defaul
     for profile in ("bf16", "fp8"):
         rep = run_check(default_dir, DirCandidate(str(out)), profile, only="model.prefill.*")
         ran = [r for r in rep["cases"] if r["status"] != "missing"]
-        assert len(ran) >= 8 and all(r["status"] == "pass" for r in ran), \
-            (profile, [(r["id"], r.get("reason")) for r in ran if r["status"] != "pass"])
+        # no case fails; a case where its routing near-ties left too few positions to compare
+        # is inconclusive, never passed
+        passed = [r for r in ran if r["status"] == "pass"]
+        assert len(ran) >= 8 and len(passed) >= 6 and all(
+            r["status"] == "pass" or (r["status"] == "inconclusive" and r["compared"]["fraction"] < 0.5)
+            for r in ran), (profile, [(r["id"], r.get("reason")) for r in ran if r["status"] != "pass"])
     assert not run_check(default_dir, DirCandidate(str(out)), "float32", only="model.prefill.tiny")["ok"]

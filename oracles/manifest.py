@@ -1,0 +1,274 @@
+"""manifest.json as untrusted input: every field the checker reads, validated before it is used.
+
+A suite received from someone else is checked for what can be checked without recomputing it
+(docs/conformance.md, "Receiving a suite from someone else"):
+
+- names: case ids are single plain names, file names plain relative names (untrusted.check_name),
+  sha256 digests 64 hex digits;
+- structure: each case's kind is one this checker knows, its outputs are a non-empty list of
+  {name, type, required, shape, dtype} whose type is the one the name implies (cases.output_type),
+  and every output its kind's contract requires is present and flagged required (`contract`);
+- files: inputs.safetensors and expected.safetensors are listed (model cases also a config.json
+  and weights), so no output can be dropped by un-listing its file;
+- tolerances, for every profile this checker judges: every metric the output type is judged on is
+  present (a metric left out would not be judged), each tol finite, >= 0, not looser than the
+  shipped rule max(K x calibrated, floor) (tolerance.K, tolerance.FLOORS), mismatch tols 0, and
+  every tol and margin below a ceiling at which a zero or random output would pass
+  (tolerance.CEILINGS).
+
+Errors are one line naming the manifest, the case and the field.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from . import OraclesError, metrics, tolerance
+from .cases import KINDS, Case, output_type
+from .untrusted import check_name
+
+HEX64 = re.compile(r"[0-9a-f]{64}")
+# metric names judged per output type, and the forgiveness margin it needs
+JUDGED = {
+    "continuous": (metrics.CONTINUOUS_METRICS, ()),
+    "logits": (metrics.LOGIT_METRICS, ("logit_eps",)),
+    "indices": (("mismatch",), ("margin_eps",)),
+    "routing_weights": (metrics.CONTINUOUS_METRICS, ("margin_eps",)),
+    "tokens": (("mismatch",), ("logit_eps",)),
+}
+MODEL_FILES = "config.json and a *.safetensors checkpoint"
+
+
+def parse_digest(text: str) -> str:
+    """--expect-digest: 64 hex digits, optionally prefixed 'sha256:' -> lower-case hex."""
+    d = str(text).strip().lower()
+    d = d[len("sha256:"):] if d.startswith("sha256:") else d
+    if not HEX64.fullmatch(d):
+        raise OraclesError(f"--expect-digest {text!r}: not a sha256 digest (64 hex digits)")
+    return d
+
+
+class _Where:
+    def __init__(self, mpath, cid=None):
+        self.mpath, self.cid = mpath, cid
+
+    def error(self, field, what):
+        at = f"case {self.cid!r}: " if self.cid is not None else ""
+        return OraclesError(f"{self.mpath}: {at}field {field!r} {what}")
+
+
+def _typed(d: dict, key, types, where: _Where, optional=False, field=None):
+    field = field or key
+    if key not in d:
+        if optional:
+            return None
+        raise where.error(field, "is missing")
+    v = d[key]
+    names = {bool: "a boolean", str: "a string", dict: "an object", list: "a list", int: "an integer"}
+    ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in _tuple(types))
+    if not ok:
+        want = " or ".join(names.get(t, t.__name__) for t in _tuple(types))
+        raise where.error(field, f"must be {want}, not {_json_type(v)}")
+    return v
+
+
+def _tuple(t):
+    return t if isinstance(t, tuple) else (t,)
+
+
+def _json_type(v) -> str:
+    return {bool: "a boolean", str: "a string", dict: "an object", list: "a list", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _number(v, field, where, lo=0.0, hi=None) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise where.error(field, f"must be a number, not {_json_type(v)}")
+    x = float(v)
+    if not math.isfinite(x) or x < lo:
+        raise where.error(field, f"is {v!r}: must be finite and >= {lo:g}")
+    if hi is not None and x > hi:
+        raise where.error(field, f"is {v!r}: above the ceiling {hi:g} at which a wrong output "
+                                 f"would pass (tolerance.CEILINGS); refusing the suite")
+    return x
+
+
+def validate(m, mpath: str) -> dict:
+    """The manifest, validated (module docstring) -> it, unchanged."""
+    top = _Where(mpath)
+    if not isinstance(m, dict):
+        raise OraclesError(f"{mpath}: not a JSON object")
+    cases = _typed(m, "cases", list, top)
+    if not cases:
+        raise top.error("cases", "is an empty list")
+    seen = set()
+    for i, entry in enumerate(cases):
+        if not isinstance(entry, dict):
+            raise top.error(f"cases[{i}]", f"must be an object, not {_json_type(entry)}")
+        cid = _typed(entry, "id", str, top, field=f"cases[{i}].id")
+        check_name(cid, f"{mpath}: case id", nested=False)
+        if cid in seen:
+            raise top.error(f"cases[{i}].id", f"repeats the case id {cid!r}")
+        seen.add(cid)
+        validate_case(entry, _Where(mpath, cid))
+    return m
+
+
+def validate_case(e: dict, where: _Where) -> None:
+    kind = _typed(e, "kind", str, where)
+    if kind not in KINDS:
+        raise where.error("kind", f"{kind!r} is not a case kind this checker knows "
+                                  f"({', '.join(KINDS)})")
+    _typed(e, "pins", str, where)
+    _typed(e, "params", dict, where)
+    is_model = _typed(e, "model", bool, where)
+    conv = _typed(e, "conventions", dict, where)
+    for k, v in conv.items():
+        if not isinstance(v, str):
+            raise where.error(f"conventions.{k}", f"must be a string, not {_json_type(v)}")
+    aux = _typed(e, "aux", list, where, optional=True) or []
+    if not all(isinstance(a, str) for a in aux):
+        raise where.error("aux", "must be a list of strings")
+    # outputs
+    outputs = _typed(e, "outputs", list, where)
+    if not outputs:
+        raise where.error("outputs", "is an empty list: a case must compare something")
+    names = []
+    for j, o in enumerate(outputs):
+        f = f"outputs[{j}]"
+        if not isinstance(o, dict):
+            raise where.error(f, f"must be an object, not {_json_type(o)}")
+        name = _typed(o, "name", str, where, field=f + ".name")
+        if not name or not name.isprintable():
+            raise where.error(f + ".name", f"{name!r} is empty or holds control characters")
+        if name in names:
+            raise where.error(f + ".name", f"repeats the output {name!r}")
+        names.append(name)
+        typ = _typed(o, "type", str, where, field=f + ".type")
+        if typ != output_type(name):
+            raise where.error(f + ".type", f"is {typ!r}, but output {name!r} is compared as "
+                                           f"{output_type(name)!r}")
+        _typed(o, "required", bool, where, field=f + ".required")
+        shape = _typed(o, "shape", list, where, field=f + ".shape")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+            raise where.error(f + ".shape", "must be a list of non-negative integers")
+        _typed(o, "dtype", str, where, field=f + ".dtype")
+        if typ == "routing_weights" and name[: -len("topk_weight")] + "topk_idx" not in names:
+            raise where.error(f + ".name", f"{name!r} needs its topk_idx output listed before it")
+    # files
+    files = _typed(e, "files", dict, where)
+    for fname, digest in files.items():
+        check_name(fname, f"{where.mpath}: case {where.cid!r}: file name")
+        if not isinstance(digest, str) or not HEX64.fullmatch(digest):
+            raise where.error(f"files.{fname}", "must be a sha256 digest (64 lower-case hex digits)")
+    for need in ("inputs.safetensors", "expected.safetensors"):
+        if need not in files:
+            raise where.error("files", f"does not list {need!r}, which every case needs")
+    if is_model:
+        base = [f.rsplit("/", 1)[-1] for f in files]
+        weights = [b for b in base if b.endswith(".safetensors")
+                   and b not in ("inputs.safetensors", "expected.safetensors")]
+        if "config.json" not in base or not weights:
+            raise where.error("files", f"does not list {MODEL_FILES}, which a model case needs")
+    # tolerances
+    tols = _typed(e, "tolerances", dict, where)
+    for profile in tolerance.PROFILES:
+        if profile in tols:
+            validate_tolerances(tols[profile], outputs, profile, where)
+
+
+def validate_tolerances(t, outputs, profile: str, where: _Where) -> None:
+    """One profile's tolerances: every judged metric present, finite, not looser than the rule,
+    under the ceilings."""
+    if not isinstance(t, dict):
+        raise where.error(f"tolerances.{profile}", f"must be an object, not {_json_type(t)}")
+    floors, ceil = tolerance.FLOORS[profile], tolerance.CEILINGS
+    for o in outputs:
+        name, typ = o["name"], o["type"]
+        f0 = f"tolerances.{profile}.{name}"
+        ent = t.get(name)
+        if not isinstance(ent, dict):
+            raise where.error(f0, "is missing or not an object: the output could not be judged")
+        judged, eps = JUDGED[typ]
+        for m in judged:
+            f = f"{f0}.{m}"
+            v = ent.get(m)
+            if not isinstance(v, dict):
+                raise where.error(f, "is missing or not an object: the metric would not be judged")
+            tol = _number(v.get("tol"), f + ".tol", where, hi=ceil[m])
+            cal = _number(v.get("calibrated"), f + ".calibrated", where)
+            rule = 0.0 if m == "mismatch" else max(tolerance.K * cal, floors[m])
+            if tol > rule * (1 + 1e-12):
+                raise where.error(f + ".tol", f"is {tol:g}, looser than this checker's rule "
+                                              f"max({tolerance.K:g} x calibrated {cal:g}, floor "
+                                              f"{floors[m]:g}) = {rule:g}; refusing the suite")
+        for k in eps:
+            _number(ent.get(k), f"{f0}.{k}", where, hi=ceil[k])
+        ties = ent.get("exact_ties", "forgiven")
+        if ties not in ("forgiven", "decided"):
+            raise where.error(f"{f0}.exact_ties", f"is {ties!r}: must be 'forgiven' or 'decided'")
+
+
+def contract(e: dict, get_config, get_case) -> set:
+    """The outputs the case's kind requires, checked against the manifest: each must be listed
+    and flagged required -> the set of names. Kinds whose contract needs the config (MTP depth)
+    get it; a kind that needs more gets the whole case."""
+    kind = KINDS[e["kind"]]
+    cid = e["id"]
+    try:
+        try:
+            light = Case(cid, e["kind"], e["pins"], {}, params=e["params"], config=get_config())
+            need = list(kind.required(light))
+        except OraclesError:
+            raise
+        except Exception:  # noqa: BLE001 - the kind's contract reads more than params and config
+            need = list(kind.required(get_case()))
+    except OraclesError:
+        raise
+    except Exception as ex:  # noqa: BLE001 - params that do not fit the kind
+        raise OraclesError(f"case {cid!r}: its params or config do not fit kind {e['kind']!r} "
+                           f"({type(ex).__name__}: {ex})") from None
+    flagged = {o["name"]: o["required"] for o in e["outputs"]}
+    for n in need:
+        if n not in flagged:
+            raise OraclesError(f"case {cid!r}: field 'outputs' lacks {n!r}, which kind "
+                               f"{e['kind']!r} requires; refusing the suite")
+        if not flagged[n]:
+            raise OraclesError(f"case {cid!r}: output {n!r} is flagged not required, but kind "
+                               f"{e['kind']!r} requires it; refusing the suite")
+    return set(need)
+
+
+def check_expected(e: dict, exp: dict, path: str) -> None:
+    """expected.safetensors against the manifest: every output present with its recorded shape
+    and a dtype of its type; the margins the checker reads have one value per token."""
+    import numpy as np
+
+    cid = e["id"]
+    for o in e["outputs"]:
+        name, typ = o["name"], o["type"]
+        if name not in exp:
+            raise OraclesError(f"{path}: case {cid!r}: output {name!r} is listed in the manifest "
+                               "but missing from the expected file")
+        a = exp[name]
+        if list(a.shape) != o["shape"]:
+            raise OraclesError(f"{path}: case {cid!r}: output {name!r} has shape {list(a.shape)}, "
+                               f"the manifest says {o['shape']}")
+        integer = typ in ("indices", "tokens")
+        if integer != bool(np.issubdtype(a.dtype, np.integer)) or \
+                not (integer or np.issubdtype(a.dtype, np.floating)):
+            raise OraclesError(f"{path}: case {cid!r}: output {name!r} has dtype {a.dtype}, not "
+                               f"{'an integer' if integer else 'a float'} dtype")
+        if typ == "indices":
+            if a.ndim < 1 or a.shape[-1] < 1:
+                raise OraclesError(f"{path}: case {cid!r}: output {name!r} has no expert axis")
+            m = exp.get(name[: -len("topk_idx")] + "topk_margin")
+            if m is not None and m.size != a.size // a.shape[-1]:
+                raise OraclesError(f"{path}: case {cid!r}: the routing margin of {name!r} has "
+                                   f"{m.size} values for {a.size // a.shape[-1]} tokens")
+        if typ == "tokens":
+            m = exp.get("tokens_margin")
+            if m is None or m.size < a.size:
+                raise OraclesError(f"{path}: case {cid!r}: 'tokens_margin' is missing or shorter "
+                                   "than the token stream")
