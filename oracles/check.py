@@ -312,14 +312,14 @@ def judge(kind: str, outputs: list, expected: dict, cand: dict, tols_all: dict,
     if first:
         res["status"] = "fail"
         res["reason"] = f"{first['name']}: {first['message']}"
-    elif not any_position and checked_any(outputs):
-        res["status"] = "inconclusive"
-        res["reason"] = "no position of any required output was compared"
     elif worst is not None and worst[0] < min_compared:
         res["status"] = "inconclusive"
         res["reason"] = (f"{worst[4]}: only {worst[1]} of {worst[2]} positions compared (minimum "
                          f"{min_compared:.0%}); the rest follow near-tie routing the candidate "
                          + ("did not report" if assumed else "resolved the other way"))
+    elif not any_position and checked_any(outputs):
+        res["status"] = "inconclusive"
+        res["reason"] = "no position of any required output was compared"
     else:
         res["status"] = "pass"
     return res
@@ -345,6 +345,8 @@ def run_check(golden_path: str, candidate, profile: str = "float32", only: str |
     entries = [e for e in golden.manifest["cases"] if matches(e["id"], only)]
     if not entries:
         raise OraclesError(f"{golden_path}: no case matches --only {only!r}")
+    for e in entries:  # every case's contract, before running anything
+        golden.required(e["id"])
     results = []
     it = progress(entries, desc="checking", unit="case") if progress else entries
     for entry in it:

@@ -10,6 +10,8 @@ A suite received from someone else is checked for what can be checked without re
   and every output its kind's contract requires is present and flagged required (`contract`);
 - files: inputs.safetensors and expected.safetensors are listed (model cases also a config.json
   and weights), so no output can be dropped by un-listing its file;
+- conventions labels (which turn a failure into NOT_FOLLOWED when another alternative passes):
+  only the conventions suite's own cases, conv.<topic>.<alternative>, may carry one;
 - tolerances, for every profile this checker judges: every metric the output type is judged on is
   present (a metric left out would not be judged), each tol finite, >= 0, not looser than the
   shipped rule max(K x calibrated, floor) (tolerance.K, tolerance.FLOORS), mismatch tols 0, and
@@ -21,6 +23,7 @@ Errors are one line naming the manifest, the case and the field.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -38,6 +41,13 @@ JUDGED = {
     "tokens": (("mismatch",), ("logit_eps",)),
 }
 MODEL_FILES = "config.json and a *.safetensors checkpoint"
+
+
+@functools.lru_cache(maxsize=1)
+def known_conventions() -> frozenset:
+    """(topic, alternative) of every labelled case of the conventions suite (suites.py)."""
+    from .suites import suite_cases
+    return frozenset(tuple(cid.split(".", 2)[1:]) for cid, _ in suite_cases("conventions"))
 
 
 def parse_digest(text: str) -> str:
@@ -127,6 +137,11 @@ def validate_case(e: dict, where: _Where) -> None:
     for k, v in conv.items():
         if not isinstance(v, str):
             raise where.error(f"conventions.{k}", f"must be a string, not {_json_type(v)}")
+    if conv:  # a label turns a failure into NOT_FOLLOWED: only the conventions suite's own cases
+        (topic, alt), = conv.items() if len(conv) == 1 else ((None, None),)
+        if where.cid != f"conv.{topic}.{alt}" or (topic, alt) not in known_conventions():
+            raise where.error("conventions", f"{conv!r} is not the label of a conventions case "
+                                             "this checker knows (conv.<topic>.<alternative>)")
     aux = _typed(e, "aux", list, where, optional=True) or []
     if not all(isinstance(a, str) for a in aux):
         raise where.error("aux", "must be a list of strings")
