@@ -157,6 +157,11 @@ def read_metadata(path: str) -> dict:
         return json.loads(f.read(n)).get("__metadata__", {})
 
 
+def _identity(path: str) -> tuple:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _reject_constant(name):
     raise ValueError(f"{name} is not JSON")
 
@@ -195,6 +200,7 @@ class Golden:
         self.manifest = schema.validate(m, mpath)
         self.cases = {c["id"]: c for c in self.manifest["cases"]}
         self._verified = set()
+        self._identity = {}  # (case, file) -> what it was when verified
         if verify:
             self.verify()
 
@@ -213,6 +219,7 @@ class Golden:
                 if got != digest:
                     raise OraclesError(f"{p}: sha256 {got[:12]}... does not match the manifest's "
                                        f"{digest[:12]}...: the golden suite was modified; regenerate it")
+                self._identity[(cid, fname)] = _identity(real)
             extra = [f for f in untrusted.listed_tree(d) if f not in entry["files"]]
             if extra:
                 raise OraclesError(f"{os.path.join(self.case_dir(cid), extra[0])}: not listed in the "
@@ -229,6 +236,9 @@ class Golden:
             raise OraclesError(f"case {cid!r}: the manifest's files do not list {name!r}, which "
                                f"this case needs")
         real = untrusted.inside(self.path, f"cases/{cid}/{name}", f"case {cid!r}: file {name!r}")
+        if cid in self._verified and self._identity.get((cid, name)) != _identity(real):
+            raise OraclesError(f"{os.path.join(self.case_dir(cid), name)}: replaced or modified "
+                               "since its sha256 was verified")
         if cid not in self._verified:
             got = untrusted.sha256_file(real, f"case {cid!r}: file {name!r}")
             if got != entry["files"][name]:

@@ -275,9 +275,20 @@ def check_expected(e: dict, exp: dict, path: str) -> None:
                 not (integer or np.issubdtype(a.dtype, np.floating)):
             raise OraclesError(f"{path}: case {cid!r}: output {name!r} has dtype {a.dtype}, not "
                                f"{'an integer' if integer else 'a float'} dtype")
+        if typ in ("indices", "logits", "tokens") and (a.ndim < 1 or a.shape[-1] < 1):
+            raise OraclesError(f"{path}: case {cid!r}: output {name!r} of shape {list(a.shape)} "
+                               "has no last axis to compare along")
+        if typ == "routing_weights":
+            idx = exp[name[: -len("topk_weight")] + "topk_idx"]
+            if a.shape != idx.shape:
+                raise OraclesError(f"{path}: case {cid!r}: output {name!r} has shape "
+                                   f"{list(a.shape)}, its topk_idx {list(idx.shape)}")
         if typ == "indices":
-            if a.ndim < 1 or a.shape[-1] < 1:
-                raise OraclesError(f"{path}: case {cid!r}: output {name!r} has no expert axis")
+            scores = exp.get(name[: -len("topk_idx")] + "router_scores")
+            if scores is not None and (scores.ndim < 1 or a.size and not (
+                    0 <= a.min() and a.max() < scores.shape[-1])):
+                raise OraclesError(f"{path}: case {cid!r}: output {name!r} holds expert indices "
+                                   "outside its router_scores")
             m = exp.get(name[: -len("topk_idx")] + "topk_margin")
             if m is not None and m.size != a.size // a.shape[-1]:
                 raise OraclesError(f"{path}: case {cid!r}: the routing margin of {name!r} has "

@@ -264,6 +264,41 @@ def test_an_expected_file_that_disagrees_with_the_manifest_is_refused(small, sui
     _one_line_error(*main("check", suite, small[1])[::2], "shape")
 
 
+def test_a_file_replaced_after_verification_is_not_read(small, suite):
+    g = golden.Golden(suite)
+    p = os.path.join(suite, "cases", "gate.tiny", "inputs.safetensors")
+    shutil.copy(p, p + ".new")
+    os.replace(p + ".new", p)  # same bytes, another file: what a swap after the check looks like
+    with pytest.raises(golden.OraclesError, match="since its sha256 was verified"):
+        g.load_case("gate.tiny")
+
+
+def _rehash(d, cid, name):
+    p = os.path.join(d, "cases", cid, name)
+    _edit(d, lambda m: _case(m, cid)["files"].update({name: golden.sha256(p)}))
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda e: e.update(topk_idx=e["topk_idx"] + 100), "outside its router_scores"),
+    (lambda e: e.update(topk_weight=e["topk_weight"][:, :1]), "shape"),
+    (lambda e: e.pop("topk_margin"), None),  # no margin: nothing forgiven, still judged
+])
+def test_an_expected_file_rewritten_with_a_new_sha256_is_still_checked_for_consistency(
+        small, suite, change, words):
+    p = os.path.join(suite, "cases", "gate.tiny", "expected.safetensors")
+    exp = golden.read_tensors(p)
+    change(exp)
+    write_safetensors(p, exp)
+    _rehash(suite, "gate.tiny", "expected.safetensors")
+    if words is None:
+        assert main("check", suite, small[1])[0] == 0
+        assert main("check", suite, small[2])[0] == 1
+    else:
+        _edit(suite, lambda m: [o.update(shape=list(exp[o["name"]].shape))
+                                for o in _case(m, "gate.tiny")["outputs"]])
+        _one_line_error(*main("check", suite, small[1])[::2], words)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks that pass without checking; adapters
 # ---------------------------------------------------------------------------------------------
@@ -474,3 +509,106 @@ def test_a_logits_only_engine_with_a_real_bug_still_fails(default_dir):
     inner = load_adapter("oracles.mutants:no_softmax_mscale").adapter
     rep = run_check(default_dir, AdapterCandidate(_LogitsOnly(inner), "buggy"), "bf16", only="model.prefill.*")
     assert rep["counts"]["fail"] >= 1 and rep["counts"]["pass"] <= 2 and not rep["ok"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzzing the manifest
+# ---------------------------------------------------------------------------------------------
+
+SENTINEL = "oracles-outside-sentinel"
+_opened = []
+
+
+def _audit(event, args):
+    if event == "open" and args and SENTINEL in str(args[0]):
+        _opened.append(str(args[0]))
+
+
+def _nodes(x, path=()):
+    """Every (path, value) in a JSON tree."""
+    yield path, x
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _nodes(v, path + (k,))
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _nodes(v, path + (i,))
+
+
+def _evil_values(outside):
+    from hypothesis import strategies as st
+    names = [f"{outside}/secret.safetensors", "../../../" + SENTINEL + "/secret.safetensors",
+             f"../../{SENTINEL}/secret.safetensors", "/dev/zero", "a/../../x", "x\n y", "\x1b[2J",
+             "model.safetensors", "expected.safetensors", "inputs.safetensors", "a\\b", "", ".",
+             "logits", "topk_idx", "gate", "prefill", "float32", "forgiven", "decided"]
+    return st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from([1e300, -1.0, 0.0, 1e-12]),
+                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=4),
+                     st.sampled_from(names), st.lists(st.integers(0, 4), max_size=3),
+                     st.dictionaries(st.sampled_from(["tol", "calibrated", "x"]), st.floats(0, 1), max_size=2))
+
+
+def test_fuzzed_manifests_check_like_the_valid_one_or_are_one_line_errors(small, tmp_path):
+    """Any edit of manifest.json (a value replaced, a key dropped, a file renamed) either checks
+    like the valid suite (or more strictly: never a pass for the wrong candidate), or is one
+    escaped line with exit 2, within seconds; nothing outside the suite is ever opened (a FIFO
+    outside it would hang, and an audit hook records every open)."""
+    import signal
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    outside = tmp_path / SENTINEL
+    outside.mkdir()
+    os.mkfifo(outside / "secret.safetensors")
+    (outside / "secret.json").write_text("{}")
+    d = tmp_path / "suite"
+    shutil.copytree(small[0], d)
+    valid = _manifest(d)
+    rc0, out0, _ = main("check", d, small[1])
+    assert rc0 == 0
+    statuses0 = [ln.split()[:3] for ln in out0.splitlines()[2:5]]
+    if not getattr(sys, "_oracles_audit", False):
+        sys.addaudithook(_audit)
+        sys._oracles_audit = True
+    nodes = [p for p, _ in _nodes(valid) if p]
+
+    def timeout(*_):
+        raise TimeoutError("a check of a fuzzed manifest took more than 20 s")
+
+    @settings(max_examples=max(150, settings().max_examples), deadline=None)
+    @given(st.sampled_from(nodes), st.sampled_from(["replace", "drop", "rename"]), _evil_values(outside))
+    def check(path, how, value):
+        import copy
+        m = copy.deepcopy(valid)
+        parent = m
+        for k in path[:-1]:
+            parent = parent[k]
+        key = path[-1]
+        if how == "drop" and isinstance(parent, dict):
+            del parent[key]
+        elif how == "rename" and isinstance(parent, dict) and isinstance(value, str):
+            parent[value] = parent.pop(key)
+        else:
+            parent[key] = value
+        _write_manifest(d, m)
+        _opened.clear()
+        old = signal.signal(signal.SIGALRM, timeout)
+        signal.alarm(20)
+        try:
+            good = main("check", d, small[1])
+            bad = main("check", d, small[2])
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+        assert not _opened, _opened
+        for rc, out, err in (good, bad):
+            assert "Traceback" not in out + err
+            if rc == 2:
+                _one_line_error(rc, err)
+            else:
+                assert rc in (0, 1) and all(ln.isprintable() for ln in out.splitlines())
+        assert bad[0] != 0, "the wrong candidate passed an edited suite"
+        if good[0] == 0:
+            assert [ln.split()[:3] for ln in good[1].splitlines()[2:5]] == statuses0
+
+    check()
