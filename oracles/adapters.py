@@ -18,7 +18,7 @@ import numpy as np
 
 from . import OraclesError
 from .cases import KINDS
-from .check import DEFAULT_CASE_TIMEOUT, AdapterCandidate, CaseError, _Worker
+from .check import DEFAULT_CASE_TIMEOUT, AdapterCandidate, AdapterTimeout, CaseError, _text, _Worker
 from .golden import Golden
 from refimpl.checkpoint import write_safetensors
 
@@ -74,7 +74,7 @@ def load_adapter(spec: str, timeout: float = DEFAULT_CASE_TIMEOUT) -> AdapterCan
             if isinstance(e, KeyboardInterrupt):
                 raise
             raise OraclesError(f"--adapter {spec}: importing {mod_name} raised "
-                               f"{type(e).__name__}: {e}") from None
+                               f"{type(e).__name__}: {_text(e)}") from None
         factory = getattr(mod, attr, None)
         if factory is None or not callable(factory):
             raise OraclesError(f"--adapter {spec}: {mod_name} has no callable {attr}")
@@ -83,14 +83,14 @@ def load_adapter(spec: str, timeout: float = DEFAULT_CASE_TIMEOUT) -> AdapterCan
         except BaseException as e:  # noqa: BLE001
             if isinstance(e, KeyboardInterrupt):
                 raise
-            raise OraclesError(f"--adapter {spec}: the factory raised {type(e).__name__}: {e}") from None
+            raise OraclesError(f"--adapter {spec}: the factory raised {type(e).__name__}: {_text(e)}") from None
         if not (callable(getattr(adapter, "supports", None)) and callable(getattr(adapter, "run", None))):
             raise OraclesError(f"--adapter {spec}: the factory's object needs supports(case) and run(case)")
         return adapter
 
     try:
         adapter = worker.call(make, timeout, "the factory") if worker is not None else make()
-    except TimeoutError:
+    except AdapterTimeout:
         raise OraclesError(f"--adapter {spec}: importing it and calling the factory did not return "
                            f"within {timeout:g} s (--case-timeout)") from None
     return AdapterCandidate(adapter, spec, timeout=timeout, worker=worker)

@@ -36,6 +36,10 @@ class CaseError(Exception):
     that is not outputs, or did not return in time): the case's one-line ERROR reason."""
 
 
+class AdapterTimeout(Exception):
+    """A call into an adapter did not return in time (the worker thread is abandoned)."""
+
+
 class DirCandidate:
     """The file route: CANDIDATE/cases/<id>/outputs.safetensors (a regular file inside
     CANDIDATE, checked like a golden suite's files)."""
@@ -79,15 +83,15 @@ class _Worker:
             done.set()
 
     def call(self, fn, timeout: float, what: str):
-        """fn() on the worker -> its value; its exception re-raised here; TimeoutError when it
+        """fn() on the worker -> its value; its exception re-raised here; AdapterTimeout when it
         does not return within `timeout` seconds."""
         if self.stuck:
-            raise TimeoutError(f"not run: {self.stuck}")
+            raise AdapterTimeout(f"not run: {self.stuck}")
         box, done = {}, threading.Event()
         self.jobs.put((fn, box, done))
         if not done.wait(timeout):
             self.stuck = f"{what} did not return within {timeout:g} s"
-            raise TimeoutError(self.stuck)
+            raise AdapterTimeout(self.stuck)
         if "error" in box:
             raise box["error"]
         return box["value"]
@@ -100,12 +104,29 @@ def call_adapter(worker, fn, timeout, what):
         return worker.call(fn, timeout, what) if worker is not None else fn()
     except KeyboardInterrupt:
         raise
-    except TimeoutError as e:
+    except AdapterTimeout as e:
         raise CaseError(f"timed out: {e}") from None
     except SystemExit as e:
-        raise CaseError(f"{what} called sys.exit({e.code!r}): an adapter must return or raise") from None
+        raise CaseError(f"{what} called sys.exit({_text(e.code)}): an adapter must return or raise") from None
     except BaseException as e:  # noqa: BLE001 - an engine crashing on a case fails that case
-        raise CaseError(f"{what} raised {type(e).__name__}: {e}") from None
+        raise CaseError(f"{what} raised {type(e).__name__}: {_text(e)}") from None
+
+
+def _text(x, limit: int = 2000) -> str:
+    """str(x) from an adapter, whatever its __str__ does, cut to `limit` characters."""
+    try:
+        t = str(x)
+    except Exception:  # noqa: BLE001
+        t = f"<{type(x).__name__} whose str() raised>"
+    return t if len(t) <= limit else t[:limit] + f"... ({len(t) - limit} more characters)"
+
+
+def _verdict(ok):
+    """supports()'s answer -> True, or the reason to skip (on the adapter's thread: any
+    __bool__ or __str__ it runs is the adapter's)."""
+    if ok is True or (isinstance(ok, np.bool_) and bool(ok)):
+        return True
+    return _text(ok) if ok else "not supported"
 
 
 class AdapterCandidate:
@@ -126,10 +147,7 @@ class AdapterCandidate:
 
     def supports(self, case_id, load):
         case = load()
-        ok = self._call(lambda: self.adapter.supports(case), "supports()")
-        if ok is True or (isinstance(ok, np.bool_) and bool(ok)):
-            return True
-        return str(ok) if ok else "not supported"
+        return self._call(lambda: _verdict(self.adapter.supports(case)), "supports()")
 
     def outputs(self, case_id, load):
         case = load()

@@ -312,6 +312,9 @@ ADAPTERS = {
     "strings": "def run(self, case):\n        return {'topk_idx': np.array(['a', 'b'])}",
     "decline": "def supports(self, case):\n        return 'declined\\n  gate.tiny  gate  PASS'",
     "hang": "def run(self, case):\n        RELEASE.wait()\n        return {}",
+    "array_verdict": "def supports(self, case):\n        return np.array([1, 2])",
+    "own_timeout": "def run(self, case):\n        raise TimeoutError('its own')",
+    "huge_message": "def run(self, case):\n        raise RuntimeError('x' * 10**6)",
 }
 
 
@@ -346,7 +349,8 @@ def _adapter_module(tmp_path, monkeypatch, name, method="", top="", factory="ret
 
 
 @pytest.mark.parametrize("kind", ["exit_run", "exit_supports", "raise_supports", "raise_run",
-                                  "not_a_dict", "strings"])
+                                  "not_a_dict", "strings", "array_verdict", "own_timeout",
+                                  "huge_message"])
 def test_an_adapter_that_raises_or_exits_is_an_error_for_that_case(small, tmp_path, monkeypatch, kind):
     spec = _adapter_module(tmp_path, monkeypatch, f"ad_{kind}", ADAPTERS[kind])
     rc, out, err = main("check", small[0], "--adapter", spec, "--json", tmp_path / "r.json")
@@ -357,6 +361,10 @@ def test_an_adapter_that_raises_or_exits_is_an_error_for_that_case(small, tmp_pa
         assert "FAKE PASS line" in out and "\\n" in out and "\\x1b" in out
     if kind.startswith("exit"):
         assert "sys.exit(0)" in rep["cases"][0]["reason"]
+    if kind == "own_timeout":
+        assert "raised TimeoutError: its own" in rep["cases"][0]["reason"]
+    if kind == "huge_message":
+        assert len(rep["cases"][0]["reason"]) < 3000
 
 
 def test_an_adapter_that_declines_every_case_has_checked_nothing(small, tmp_path, monkeypatch):
