@@ -23,13 +23,36 @@ Errors are one line naming the manifest, the case and the field.
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 
 from . import OraclesError, metrics, tolerance
-from .cases import KINDS, Case, output_type
+from .schema import output_type
 from .untrusted import check_name
+
+# The outputs each case kind requires: its contract. cases.py registers the same lists with the
+# functions that compute them (tests/oracles/test_untrusted.py holds the two equal); they are
+# written out here so that reading a suite does not import the forward pass. A callable takes
+# (params, config).
+REQUIRED = {
+    "rms_norm": ("y",), "yarn_tables": ("inv_freq", "cos", "sin", "softmax_scale"),
+    "rope_apply": ("out",), "mla": ("attn_out",), "mla_decode": ("attn_out",),
+    "gate": ("topk_idx", "topk_weight"), "moe": ("out",), "fp8_dequant": ("w",),
+    "prefill": ("logits",), "decode": ("logits",), "greedy": ("tokens",),
+    "mtp_prefill": lambda params, cfg: ["logits"] + [f"mtp.{k}.logits"
+                                                    for k in range(1, cfg.num_nextn_predict_layers + 1)],
+    "mtp_module": lambda params, cfg: [f"mtp.{int(params['k'])}.logits"],
+    "speculative": ("tokens",), "training": ("balance_loss", "bias_updated", "mtp_loss"),
+    "fp8_quant": ("q", "scale_inv"), "fp8_act_quant": ("q", "s"),
+}
+# The labelled alternatives of the conventions suite (suites.conventions(); a test holds them equal).
+CONVENTION_ALTERNATIVES = {
+    "yarn_activation": ("always", "only_when_extended"), "group_mask": ("neg_inf", "zero"),
+    "gate_precision": ("float32", "bf16_bias", "bf16_gate"), "group_score": ("top2_sum", "max"),
+    "softmax_mscale": ("mscale_all_dim", "mscale", "none"),
+    "rope_layout": ("adjacent_pairs", "rotate_half"), "mtp_concat": ("embedding_first", "hidden_first"),
+    "mtp_h0": ("final_norm", "pre_norm"), "topk_ties": ("lower_index", "higher_index", "unspecified"),
+}
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 # metric names judged per output type, and the forgiveness margin it needs
@@ -41,13 +64,6 @@ JUDGED = {
     "tokens": (("mismatch",), ("logit_eps",)),
 }
 MODEL_FILES = "config.json and a *.safetensors checkpoint"
-
-
-@functools.lru_cache(maxsize=1)
-def known_conventions() -> frozenset:
-    """(topic, alternative) of every labelled case of the conventions suite (suites.py)."""
-    from .suites import suite_cases
-    return frozenset(tuple(cid.split(".", 2)[1:]) for cid, _ in suite_cases("conventions"))
 
 
 def parse_digest(text: str) -> str:
@@ -127,9 +143,9 @@ def validate(m, mpath: str) -> dict:
 
 def validate_case(e: dict, where: _Where) -> None:
     kind = _typed(e, "kind", str, where)
-    if kind not in KINDS:
+    if kind not in REQUIRED:
         raise where.error("kind", f"{kind!r} is not a case kind this checker knows "
-                                  f"({', '.join(KINDS)})")
+                                  f"({', '.join(REQUIRED)})")
     _typed(e, "pins", str, where)
     _typed(e, "params", dict, where)
     is_model = _typed(e, "model", bool, where)
@@ -139,7 +155,7 @@ def validate_case(e: dict, where: _Where) -> None:
             raise where.error(f"conventions.{k}", f"must be a string, not {_json_type(v)}")
     if conv:  # a label turns a failure into NOT_FOLLOWED: only the conventions suite's own cases
         (topic, alt), = conv.items() if len(conv) == 1 else ((None, None),)
-        if where.cid != f"conv.{topic}.{alt}" or (topic, alt) not in known_conventions():
+        if where.cid != f"conv.{topic}.{alt}" or alt not in CONVENTION_ALTERNATIVES.get(topic, ()):
             raise where.error("conventions", f"{conv!r} is not the label of a conventions case "
                                              "this checker knows (conv.<topic>.<alternative>)")
     aux = _typed(e, "aux", list, where, optional=True) or []
@@ -225,33 +241,28 @@ def validate_tolerances(t, outputs, profile: str, where: _Where) -> None:
             raise where.error(f"{f0}.exact_ties", f"is {ties!r}: must be 'forgiven' or 'decided'")
 
 
-def contract(e: dict, get_config, get_case) -> set:
-    """The outputs the case's kind requires, checked against the manifest: each must be listed
-    and flagged required -> the set of names. Kinds whose contract needs the config (MTP depth)
-    get it; a kind that needs more gets the whole case."""
-    kind = KINDS[e["kind"]]
-    cid = e["id"]
-    try:
+def contract(e: dict, get_config) -> set:
+    """The outputs the case's kind requires (REQUIRED; the MTP kinds read the depth from the
+    case's config.json or params), checked against the manifest: each must be listed and flagged
+    required -> the set of names."""
+    cid, kind = e["id"], e["kind"]
+    need = REQUIRED[kind]
+    if callable(need):
+        cfg = get_config()
         try:
-            light = Case(cid, e["kind"], e["pins"], {}, params=e["params"], config=get_config())
-            need = list(kind.required(light))
-        except OraclesError:
-            raise
-        except Exception:  # noqa: BLE001 - the kind's contract reads more than params and config
-            need = list(kind.required(get_case()))
-    except OraclesError:
-        raise
-    except Exception as ex:  # noqa: BLE001 - params that do not fit the kind
-        raise OraclesError(f"case {cid!r}: its params or config do not fit kind {e['kind']!r} "
-                           f"({type(ex).__name__}: {ex})") from None
+            need = need(e["params"], cfg)
+        except (KeyError, TypeError, ValueError, AttributeError) as ex:
+            what = "config.json" if cfg is None else "params"
+            raise OraclesError(f"case {cid!r}: its {what} do not give what kind {kind!r} needs "
+                               f"({type(ex).__name__}: {ex})") from None
     flagged = {o["name"]: o["required"] for o in e["outputs"]}
     for n in need:
         if n not in flagged:
             raise OraclesError(f"case {cid!r}: field 'outputs' lacks {n!r}, which kind "
-                               f"{e['kind']!r} requires; refusing the suite")
+                               f"{kind!r} requires; refusing the suite")
         if not flagged[n]:
             raise OraclesError(f"case {cid!r}: output {n!r} is flagged not required, but kind "
-                               f"{e['kind']!r} requires it; refusing the suite")
+                               f"{kind!r} requires it; refusing the suite")
     return set(need)
 
 

@@ -620,3 +620,26 @@ def test_fuzzed_manifests_check_like_the_valid_one_or_are_one_line_errors(small,
             assert [ln.split()[:3] for ln in good[1].splitlines()[2:5]] == statuses0
 
     check()
+
+
+def test_the_readers_contracts_are_the_case_kinds_own():
+    """manifest.REQUIRED (the reading side, no forward pass) says what cases.py registers."""
+    import dataclasses
+
+    from oracles.cases import KINDS
+    from oracles.manifest import CONVENTION_ALTERNATIVES, REQUIRED
+    from oracles.schema import Case
+    from oracles.suites import suite_cases
+    from refimpl import Config
+
+    assert set(REQUIRED) == set(KINDS)
+    cfg = dataclasses.replace(Config.preset("tiny"), num_nextn_predict_layers=2)
+    for kind, need in REQUIRED.items():
+        case = Case("x", kind, "", {}, params={"k": 2}, config=cfg)
+        got = need(case.params, cfg) if callable(need) else list(need)
+        assert got == list(KINDS[kind].required(case)), kind
+    labelled = {}
+    for cid, _ in suite_cases("conventions"):
+        topic, alt = cid.split(".", 2)[1:]
+        labelled.setdefault(topic, []).append(alt)
+    assert {t: tuple(a) for t, a in labelled.items()} == CONVENTION_ALTERNATIVES
