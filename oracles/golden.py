@@ -258,8 +258,13 @@ class Golden:
                                    f"does not match the manifest's: the golden suite was modified")
         return real
 
+    def _listed(self, cid: str, *names) -> str:
+        """The first of `names` the case's files list (a model case keeps its checkpoint in
+        model/ since suite format 2, next to the inputs before), else the last."""
+        return next((n for n in names if n in self.cases[cid]["files"]), names[-1])
+
     def _config(self, cid: str):
-        p = self.file(cid, "config.json", required=False)
+        p = self.file(cid, self._listed(cid, "model/config.json", "config.json"), required=False)
         if p is None:
             return None
         try:
@@ -273,7 +278,8 @@ class Golden:
         e = self.cases[cid]
         d = self.case_dir(cid)
         cfg = self._config(cid)
-        weights = read_tensors(self.file(cid, "model.safetensors")) if e["model"] else None
+        weights = read_tensors(self.file(cid, self._listed(cid, "model/model.safetensors",
+                                                           "model.safetensors"))) if e["model"] else None
         case = Case(cid, e["kind"], e["pins"], read_tensors(self.file(cid, "inputs.safetensors")),
                     params=e["params"], config=cfg, weights=weights, conventions=e["conventions"],
                     path=d)
@@ -283,7 +289,13 @@ class Golden:
         """The outputs the case's kind requires (its contract, manifest.REQUIRED), from its params
         and config; the manifest may flag more as required, never fewer."""
         from .manifest import contract
-        return contract(self.cases[cid], lambda: self._config(cid))
+
+        def input_names():
+            try:
+                return set(SafetensorsFile(self.file(cid, "inputs.safetensors")).tensors)
+            except RefimplError as e:
+                raise OraclesError(str(e)) from None
+        return contract(self.cases[cid], lambda: self._config(cid), input_names)
 
     def expected(self, cid: str) -> dict:
         """The expected tensors, checked against the manifest's outputs (every output present,

@@ -33,18 +33,29 @@ from .untrusted import check_name
 # The outputs each case kind requires: its contract. cases.py registers the same lists with the
 # functions that compute them (tests/oracles/test_untrusted.py holds the two equal); they are
 # written out here so that reading a suite does not import the forward pass. A callable takes
-# (params, config).
+# (params, config(), input names()): the case's params, and functions that read its config.json
+# and the tensor names of its inputs.safetensors (both verified files).
 REQUIRED = {
     "rms_norm": ("y",), "yarn_tables": ("inv_freq", "cos", "sin", "softmax_scale"),
     "rope_apply": ("out",), "mla": ("attn_out",), "mla_decode": ("attn_out",),
     "gate": ("topk_idx", "topk_weight"), "moe": ("out",), "fp8_dequant": ("w",),
     "prefill": ("logits",), "decode": ("logits",), "greedy": ("tokens",),
-    "mtp_prefill": lambda params, cfg: ["logits"] + [f"mtp.{k}.logits"
-                                                    for k in range(1, cfg.num_nextn_predict_layers + 1)],
-    "mtp_module": lambda params, cfg: [f"mtp.{int(params['k'])}.logits"],
+    "mtp_prefill": lambda params, cfg, inputs: ["logits"] + [
+        f"mtp.{k}.logits" for k in range(1, cfg().num_nextn_predict_layers + 1)],
+    "mtp_module": lambda params, cfg, inputs: [f"mtp.{_int(params['k'])}.logits"],
     "speculative": ("tokens",), "training": ("balance_loss", "bias_updated", "mtp_loss"),
     "fp8_quant": ("q", "scale_inv"), "fp8_act_quant": ("q", "s"),
+    # scenario kinds (oracles/scenarios.py): one request.<r>.logits per request.<r>.input_ids
+    "schedule": lambda params, cfg, inputs: [f"request.{r}.logits" for r in range(
+        next(r for r in range(len(inputs()) + 1) if f"request.{r}.input_ids" not in inputs()))],
+    "mtp_speculation": ("tokens",),
 }
+
+
+def _int(v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{v!r} is not an integer")
+    return v
 # The labelled alternatives of the conventions suite (suites.conventions(); a test holds them equal).
 CONVENTION_ALTERNATIVES = {
     "yarn_activation": ("always", "only_when_extended"), "group_mask": ("neg_inf", "zero"),
@@ -241,20 +252,18 @@ def validate_tolerances(t, outputs, profile: str, where: _Where) -> None:
             raise where.error(f"{f0}.exact_ties", f"is {ties!r}: must be 'forgiven' or 'decided'")
 
 
-def contract(e: dict, get_config) -> set:
-    """The outputs the case's kind requires (REQUIRED; the MTP kinds read the depth from the
-    case's config.json or params), checked against the manifest: each must be listed and flagged
-    required -> the set of names."""
+def contract(e: dict, get_config, get_input_names) -> set:
+    """The outputs the case's kind requires (REQUIRED; some read the case's config.json, params
+    or input names), checked against the manifest: each must be listed and flagged required ->
+    the set of names."""
     cid, kind = e["id"], e["kind"]
     need = REQUIRED[kind]
     if callable(need):
-        cfg = get_config()
         try:
-            need = need(e["params"], cfg)
+            need = need(e["params"], get_config, get_input_names)
         except (KeyError, TypeError, ValueError, AttributeError) as ex:
-            what = "config.json" if cfg is None else "params"
-            raise OraclesError(f"case {cid!r}: its {what} do not give what kind {kind!r} needs "
-                               f"({type(ex).__name__}: {ex})") from None
+            raise OraclesError(f"case {cid!r}: its params, config.json or inputs do not give what "
+                               f"kind {kind!r} needs ({type(ex).__name__}: {ex})") from None
     flagged = {o["name"]: o["required"] for o in e["outputs"]}
     for n in need:
         if n not in flagged:
