@@ -13,6 +13,7 @@ import os
 import queue
 import shlex
 import threading
+import weakref
 
 import ml_dtypes
 import numpy as np
@@ -75,12 +76,19 @@ class _Worker:
 
     def _loop(self):
         while True:
-            fn, box, done = self.jobs.get()
+            job = self.jobs.get()
+            if job is None:  # close(): the candidate is gone
+                return
+            fn, box, done = job
             try:
                 box["value"] = fn()
             except BaseException as e:  # noqa: BLE001 - SystemExit included; handed to the caller
                 box["error"] = e
             done.set()
+            del job, fn, box, done  # hold nothing of the candidate between calls
+
+    def close(self) -> None:
+        self.jobs.put(None)
 
     def call(self, fn, timeout: float, what: str):
         """fn() on the worker -> its value; its exception re-raised here; AdapterTimeout when it
@@ -137,6 +145,8 @@ class AdapterCandidate:
     def __init__(self, adapter, label: str, timeout: float = DEFAULT_CASE_TIMEOUT, worker=None):
         self.adapter, self.label, self.timeout = adapter, label, timeout
         self.worker = worker if worker is not None or not timeout else _Worker()
+        if self.worker is not None:  # its thread ends with the candidate (unless it is stuck)
+            weakref.finalize(self, self.worker.close)
 
     @property
     def stuck(self):
@@ -146,12 +156,12 @@ class AdapterCandidate:
         return call_adapter(self.worker, fn, self.timeout, what)
 
     def supports(self, case_id, load):
-        case = load()
-        return self._call(lambda: _verdict(self.adapter.supports(case)), "supports()")
+        case, adapter = load(), self.adapter
+        return self._call(lambda: _verdict(adapter.supports(case)), "supports()")
 
     def outputs(self, case_id, load):
-        case = load()
-        out = self._call(lambda: _as_outputs(self.adapter.run(case)), "run()")
+        case, adapter = load(), self.adapter
+        out = self._call(lambda: _as_outputs(adapter.run(case)), "run()")
         for k, v in out.items():
             if not isinstance(k, str):
                 raise CaseError(f"run() returned an output named {k!r}, not a string")

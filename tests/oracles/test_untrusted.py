@@ -645,3 +645,22 @@ def test_the_readers_contracts_are_the_case_kinds_own():
         topic, alt = cid.split(".", 2)[1:]
         labelled.setdefault(topic, []).append(alt)
     assert {t: tuple(a) for t, a in labelled.items()} == CONVENTION_ALTERNATIVES
+
+
+def test_an_adapters_worker_thread_ends_with_its_candidate(small):
+    import gc
+    import threading
+
+    def workers():
+        return sum(t.name == "oracles-adapter" and t.is_alive() for t in threading.enumerate())
+
+    before = workers()
+    cand = load_adapter("oracles.adapters:refimpl_float32")
+    assert run_check(small[0], cand, only="gate.tiny")["ok"] and workers() == before + 1
+    del cand
+    gc.collect()
+    for _ in range(100):
+        if workers() == before:
+            break
+        time.sleep(0.05)
+    assert workers() == before
