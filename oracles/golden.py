@@ -187,7 +187,7 @@ class Golden:
     verified files are read afterwards."""
 
     def __init__(self, path: str, verify: bool = True, expect_digest: str | None = None):
-        from . import manifest as schema
+        from . import manifest
 
         self.path = os.fspath(path)
         if not os.path.isdir(self.path):
@@ -199,7 +199,7 @@ class Golden:
                                    "manifest.json", untrusted.MAX_MANIFEST)
         self.digest = hashlib.sha256(raw).hexdigest()
         if expect_digest is not None:
-            want = schema.parse_digest(expect_digest)
+            want = manifest.parse_digest(expect_digest)
             if want != self.digest:
                 raise OraclesError(f"{self.path}: suite digest {self.digest} is not the expected "
                                    f"{want}: this is not the suite you pinned")
@@ -209,7 +209,7 @@ class Golden:
             raise OraclesError(f"{mpath}: not valid JSON ({e})") from None
         except RecursionError:
             raise OraclesError(f"{mpath}: JSON nested too deeply") from None
-        self.manifest = schema.validate(m, mpath)
+        self.manifest = manifest.validate(m, mpath)
         self.cases = {c["id"]: c for c in self.manifest["cases"]}
         self._verified = set()
         self._identity = {}  # (case, file) -> what it was when verified

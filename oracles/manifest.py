@@ -6,7 +6,7 @@ A suite received from someone else is checked for what can be checked without re
 - names: case ids are single plain names, file names plain relative names (untrusted.check_name),
   sha256 digests 64 hex digits;
 - structure: each case's kind is one this checker knows, its outputs are a non-empty list of
-  {name, type, required, shape, dtype} whose type is the one the name implies (cases.output_type),
+  {name, type, required, shape, dtype} whose type is the one the name implies (schema.output_type),
   and every output its kind's contract requires is present and flagged required (`contract`);
 - files: inputs.safetensors and expected.safetensors are listed (model cases also a config.json
   and weights), so no output can be dropped by un-listing its file;
@@ -46,8 +46,7 @@ REQUIRED = {
     "speculative": ("tokens",), "training": ("balance_loss", "bias_updated", "mtp_loss"),
     "fp8_quant": ("q", "scale_inv"), "fp8_act_quant": ("q", "s"),
     # scenario kinds (oracles/scenarios.py): one request.<r>.logits per request.<r>.input_ids
-    "schedule": lambda params, cfg, inputs: [f"request.{r}.logits" for r in range(
-        next(r for r in range(len(inputs()) + 1) if f"request.{r}.input_ids" not in inputs()))],
+    "schedule": lambda params, cfg, inputs: [f"request.{r}.logits" for r in range(_requests(inputs()))],
     "mtp_speculation": ("tokens",),
 }
 
@@ -56,6 +55,15 @@ def _int(v) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{v!r} is not an integer")
     return v
+
+
+def _requests(input_names) -> int:
+    """How many requests a scenario case holds: request.0.input_ids, request.1.input_ids, ..."""
+    n = 0
+    while f"request.{n}.input_ids" in input_names:
+        n += 1
+    return n
+
 # The labelled alternatives of the conventions suite (suites.conventions(); a test holds them equal).
 CONVENTION_ALTERNATIVES = {
     "yarn_activation": ("always", "only_when_extended"), "group_mask": ("neg_inf", "zero"),

@@ -3,6 +3,7 @@ gives one escaped line and exit 2 (bad input) or a counted ERROR / INCONCLUSIVE 
 a pass without checking, never a read outside the suite, never a hang or a traceback."""
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -16,7 +17,7 @@ import pytest
 
 from oracles import cli, golden, metrics
 from oracles.adapters import load_adapter, write_outputs
-from oracles.check import AdapterCandidate, DirCandidate, judge, run_check
+from oracles.check import AdapterCandidate, judge, run_check
 from refimpl.checkpoint import write_safetensors
 from tests.helpers import run_cli
 
@@ -220,7 +221,6 @@ def test_tighter_tolerances_are_accepted_and_judge_more_strictly(small, suite):
 def test_the_suite_digest_is_printed_and_pinned(small, suite, tmp_path):
     digest = golden.Golden(suite).digest
     with open(os.path.join(suite, "manifest.json"), "rb") as f:
-        import hashlib
         assert digest == hashlib.sha256(f.read()).hexdigest()
     rc, out, _ = main("check", suite, small[1], "--json", tmp_path / "r.json", "--expect-digest", digest.upper())
     assert rc == 0 and digest in out and json.load(open(tmp_path / "r.json"))["suite_digest"] == digest
