@@ -19,7 +19,7 @@ from oracles import cli, golden, metrics
 from oracles.adapters import load_adapter, write_outputs
 from oracles.check import AdapterCandidate, judge, run_check
 from refimpl.checkpoint import write_safetensors
-from tests.helpers import run_cli
+from tests.helpers import ROOT, run_cli
 
 ONLY = "gate.tiny,rms_norm.basic,model.prefill.tiny"
 
@@ -525,11 +525,12 @@ def test_a_logits_only_engine_with_a_real_bug_still_fails(default_dir):
 
 SENTINEL = "oracles-outside-sentinel"
 _opened = []
+_watching = []
 
 
 def _audit(event, args):
-    if event == "open" and args and SENTINEL in str(args[0]):
-        _opened.append(str(args[0]))
+    if _watching and event == "open" and args and isinstance(args[0], (str, bytes)):
+        _opened.append(os.fsdecode(args[0]))
 
 
 def _nodes(x, path=()):
@@ -558,8 +559,8 @@ def _evil_values(outside):
 def test_fuzzed_manifests_check_like_the_valid_one_or_are_one_line_errors(small, tmp_path):
     """Any edit of manifest.json (a value replaced, a key dropped, a file renamed) either checks
     like the valid suite (or more strictly: never a pass for the wrong candidate), or is one
-    escaped line with exit 2, within seconds; nothing outside the suite is ever opened (a FIFO
-    outside it would hang, and an audit hook records every open)."""
+    escaped line with exit 2, within seconds; nothing outside the suite and the candidate is
+    ever opened (an audit hook records every open; a FIFO planted outside would also hang)."""
     import signal
 
     from hypothesis import given, settings
@@ -579,6 +580,7 @@ def test_fuzzed_manifests_check_like_the_valid_one_or_are_one_line_errors(small,
         sys.addaudithook(_audit)
         sys._oracles_audit = True
     nodes = [p for p, _ in _nodes(valid) if p]
+    outcomes = []
 
     def timeout(*_):
         raise TimeoutError("a check of a fuzzed manifest took more than 20 s")
@@ -602,24 +604,32 @@ def test_fuzzed_manifests_check_like_the_valid_one_or_are_one_line_errors(small,
         _opened.clear()
         old = signal.signal(signal.SIGALRM, timeout)
         signal.alarm(20)
+        _watching.append(True)
         try:
             good = main("check", d, small[1])
             bad = main("check", d, small[2])
         finally:
+            _watching.clear()
             signal.alarm(0)
             signal.signal(signal.SIGALRM, old)
-        assert not _opened, _opened
+        allowed = [str(d), small[1], small[2], ROOT, sys.prefix, sys.base_prefix, sys.exec_prefix]
+        stray = [p for p in _opened if not any(os.path.realpath(p).startswith(os.path.realpath(a) + os.sep)
+                                               for a in allowed)]
+        assert not stray and not any(SENTINEL in p for p in _opened), stray
         for rc, out, err in (good, bad):
             assert "Traceback" not in out + err
             if rc == 2:
                 _one_line_error(rc, err)
             else:
                 assert rc in (0, 1) and all(ln.isprintable() for ln in out.splitlines())
+        outcomes.append(good[0])
         assert bad[0] != 0, "the wrong candidate passed an edited suite"
         if good[0] == 0:
             assert [ln.split()[:3] for ln in good[1].splitlines()[2:5]] == statuses0
 
     check()
+    assert outcomes.count(0) and outcomes.count(2), outcomes  # both sides were reached
+    print("fuzzed manifests: exit 0/1/2 =", [outcomes.count(k) for k in (0, 1, 2)])
 
 
 def test_the_readers_contracts_are_the_case_kinds_own():
