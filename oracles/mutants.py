@@ -39,6 +39,7 @@ from refimpl.backend import array_module
 from refimpl.ops import boundary, topk_indices
 
 from .adapters import RefimplAdapter
+from .emulate import patched
 
 
 @dataclass(frozen=True)
@@ -51,19 +52,6 @@ class Mutant:
 
 
 MUTANTS: dict[str, Mutant] = {}
-
-
-@contextlib.contextmanager
-def patched(replacements):
-    """replacements: [(module_or_class, attribute, new_value)]; restored on exit."""
-    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in replacements]
-    try:
-        for obj, name, value in replacements:
-            setattr(obj, name, value)
-        yield
-    finally:
-        for obj, name, value in reversed(saved):
-            setattr(obj, name, value)
 
 
 def _register(name, topic, bug, allowed=False):
