@@ -233,12 +233,17 @@ def routing_figure(data: dict, path: str) -> None:
 
 # ---- all -----------------------------------------------------------------------------------------
 
-def make_all(out_dir: str) -> dict:
-    """Write every figure into out_dir; return {file name: the numbers it shows}."""
-    os.makedirs(out_dir, exist_ok=True)
+def figure_data() -> dict:
+    """{file name: the numbers its figure shows}."""
     cfg = Config.preset("deepseek-v3")
-    data = {"yarn_ramp.png": yarn_data(cfg), "mla_cache.png": cache_data(cfg),
+    return {"yarn_ramp.png": yarn_data(cfg), "mla_cache.png": cache_data(cfg),
             "routing.png": routing_data()}
+
+
+def make_all(out_dir: str) -> dict:
+    """Write every figure into out_dir; return figure_data()."""
+    os.makedirs(out_dir, exist_ok=True)
+    data = figure_data()
     yarn_figure(data["yarn_ramp.png"], os.path.join(out_dir, "yarn_ramp.png"))
     cache_figure(data["mla_cache.png"], os.path.join(out_dir, "mla_cache.png"))
     routing_figure(data["routing.png"], os.path.join(out_dir, "routing.png"))
