@@ -54,6 +54,8 @@ class Conventions:
              as vLLM and Megatron-LM do) or "token" (i + k, the position of t_{i+k}, as
              transformers does). RoPE scores depend only on position differences, so logits agree
              to rounding; the cached k^R differ by a rotation.
+    first_embedding: the embedding at module index 0, Emb(t_k). "keep" (as at every other index,
+             eq. (21)) or "zero" (replaced by zeros, as vLLM and SGLang do at position 0).
     """
 
     concat: str = "embedding_first"
