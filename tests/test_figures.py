@@ -100,6 +100,13 @@ def test_routing_figure_groups_experts_and_weights(drawn):
     np.testing.assert_allclose(r["with_bias"]["group_scores"], [0.80, 1.20, 1.18, 0.55], atol=1e-15)
     assert r["without_bias"]["groups_kept"] == [0, 2]
     assert r["with_bias"]["groups_kept"] == [1, 2]
+    # moe.group_mask: the biased scores of the kept groups, -inf elsewhere
+    s, b = np.array(r["scores"]), np.array(r["bias"])
+    for case, shift, kept in (("without_bias", 0.0, [0, 2]), ("with_bias", b, [1, 2])):
+        expected = np.full(16, -np.inf)
+        for g in kept:
+            expected[4 * g:4 * g + 4] = (s + shift)[4 * g:4 * g + 4]
+        np.testing.assert_array_equal(r[case]["masked"], expected)
     # top-4 of the kept groups, largest first: expert 1 (s = 0.20) beats expert 4 (0.55) of a
     # masked group; with the bias, expert 0 (the highest s) is no longer chosen
     assert r["without_bias"]["experts"] == [0, 8, 9, 1]

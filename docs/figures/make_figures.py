@@ -25,7 +25,6 @@ import numpy as np  # noqa: E402
 
 from refimpl import accounting, moe, rope  # noqa: E402
 from refimpl.config import Config  # noqa: E402
-from refimpl.ops import topk_indices  # noqa: E402
 
 FILES = ("yarn_ramp.png", "mla_cache.png", "routing.png")
 DPI = 80
@@ -169,11 +168,12 @@ def routing_data(example: dict = ROUTING_EXAMPLE) -> dict:
     for case, bias in (("without_bias", None), ("with_bias", b)):
         biased = s if bias is None else s + bias
         group_score = moe.group_scores(biased, G, "noaux_tc")  # top-2 sum per group
-        kept = topk_indices(group_score, M)
+        masked = moe.group_mask(biased, G, M, "noaux_tc")  # -inf outside the M kept groups
+        kept = np.unique(np.flatnonzero(np.isfinite(masked[0])) // (s.shape[-1] // G))
         idx = moe.select_experts(s, bias, G, M, K, "noaux_tc")
         g = moe.routing_weights(s, idx, True, scale)  # from s: the bias never enters
-        out[case] = {"group_scores": group_score[0], "groups_kept": sorted(kept[0].tolist()),
-                     "experts": idx[0].tolist(), "weights": g[0]}
+        out[case] = {"group_scores": group_score[0], "groups_kept": kept.tolist(),
+                     "masked": masked[0], "experts": idx[0].tolist(), "weights": g[0]}
     # what the weights would be if the bias entered them (the early vLLM defect, SPEC.md 9)
     idx = np.array([out["with_bias"]["experts"]])
     out["with_bias"]["weights_if_bias_entered"] = moe.routing_weights(s + b, idx, True, scale)[0]
