@@ -24,10 +24,9 @@ import numpy as np
 
 from refimpl import mla, moe, mtp, rope
 from refimpl.backend import array_module
-from refimpl.ops import topk_indices
+from refimpl.ops import boundary, topk_indices
 
 from .adapters import RefimplAdapter
-from .emulate import patched
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,19 @@ class Mutant:
 
 
 MUTANTS: dict[str, Mutant] = {}
+
+
+@contextlib.contextmanager
+def patched(replacements):
+    """replacements: [(module_or_class, attribute, new_value)]; restored on exit."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in replacements]
+    try:
+        for obj, name, value in replacements:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
 
 
 def _register(name, topic, bug, allowed=False):
@@ -157,7 +169,7 @@ def _apply_rope_halves(x, cos, sin):
     c, s = rope.pair_tables(x, cos, sin)
     half = x.shape[-1] // 2
     a, b = x[..., :half], x[..., half:]
-    return xp.concatenate([a * c - b * s, a * s + b * c], axis=-1)
+    return boundary(xp.concatenate([a * c - b * s, a * s + b * c], axis=-1))
 
 
 @_register("rotate_half_rope", "rope layout",

@@ -25,6 +25,7 @@ from .checkpoint import Checkpoint
 from .config import Config
 from .errors import InputError, RefimplError
 from .norm import rms_norm
+from .ops import boundary
 from .trace import ignore, recorder
 from .weights import ArraySource, ExpertView, LazyGroup, WeightStore, weight_budget
 
@@ -90,7 +91,7 @@ def decoder_layer(h, w: WeightStore, cfg: Config, i: int, step: Step, record=ign
     record("ffn_norm", x)
     f = ffn(x, w, cfg, i, record)
     record("ffn_out", f)
-    h = h + f
+    h = boundary(h + f)  # the layer's output: an operator boundary (ops.rounding)
     record("hidden", h)
     return h
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from .backend import array_module
 from .config import Config, RopeScaling
+from .ops import boundary
 
 
 def base_inv_freq(d_rope: int, theta: float):
@@ -107,7 +108,7 @@ def apply_rope(x, cos, sin):
     out = xp.empty_like(x)
     out[..., 0::2] = a * c - b * s
     out[..., 1::2] = a * s + b * c
-    return out
+    return boundary(out)
 
 
 def pair_tables(x, cos, sin):
