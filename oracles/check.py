@@ -238,8 +238,9 @@ def _check_output(out: dict, c, e, expected: dict, cand: dict, tols: dict, taint
     out["metrics"] = vals
     out["tol"] = {m: tols[m]["tol"] for m in names if m in tols}
     if not any(m in vals for m in names):
-        out.update(status="not_compared", message=f"not compared: all {vals.get('positions', '')} "
-                   "positions are downstream of forgiven routing differences")
+        n = vals.get("positions")
+        out.update(status="not_compared", message=(f"not compared: all {n} positions" if n else
+                   "not compared: every token") + " follow forgiven routing differences")
         return
     bad = _metric_failures(vals, tols, names)
     out["status"] = "fail" if bad else "pass"
@@ -323,6 +324,8 @@ def judge(kind: str, outputs: list, expected: dict, cand: dict, tols_all: dict,
             if out["status"] == "pass":
                 checked += 1
             n, of, exact = v.get("compared"), v.get("positions"), v.get("exact_tie_positions", 0)
+            if out["status"] == "not_compared" and of is None:
+                n, of = 0, 1
             any_position |= out["status"] == "pass" and (of is None or n > 0)
             if of is not None:
                 # positions left out because of exact ties decided the other way (a tie-break
@@ -412,11 +415,14 @@ def run_check(golden_path: str, candidate, profile: str = "float32", only: str |
 
 def _mark_alternatives(results) -> None:
     """Conventions cases: when one alternative of a topic passes, the others are conventions
-    this candidate does not follow (status not_followed), not failures. When none passes, they
-    all stay failures."""
+    this candidate does not follow (status not_followed), not failures; so are the ones too
+    close to call in this profile (inconclusive: the passing one decides the label). When none
+    passes, they all stay failures (or inconclusive)."""
     passed = {t for r in results if r["status"] == "pass" for t in r.get("conventions", {})}
     for r in results:
-        if r["status"] == "fail" and any(t in passed for t in r.get("conventions", {})):
+        if r["status"] in ("fail", "inconclusive") and any(t in passed for t in r.get("conventions", {})):
+            if r["status"] == "inconclusive":
+                r["reason"] = "inconclusive: " + r["reason"]
             r["status"] = "not_followed"
             r.pop("repro", None)
 

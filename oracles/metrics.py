@@ -7,7 +7,8 @@ logits       the above, plus top1 (fraction of positions whose argmax differs, c
              sets) and kl (mean KL(softmax(e) || softmax(c)))
 indices      mismatch: fraction of tokens whose expert SET differs, forgiving tokens whose
              routing margin is within the profile's rounding
-routing_weights   continuous metrics on the dense [T, E] weight matrix, forgiven tokens left out
+routing_weights   continuous metrics on the dense [T, E] weight matrix, leaving out forgiven
+             tokens routed to another expert set
 tokens       mismatch: 1 if the streams part at a step whose logit margin is beyond the
              profile's rounding, else 0 (a candidate may continue either way at a near-tie)
 
@@ -94,9 +95,14 @@ def dense_weights(idx, w, n_experts: int):
 
 
 def routing_weights(c_idx, c_w, e_idx, e_w, n_experts, margin, eps, exact_ties=True) -> dict:
+    """Tokens left out: forgiven ones the candidate routed to another expert set (their weights
+    belong to other experts). A near-tie token routed to the expected set is compared."""
     dc, de = dense_weights(c_idx, c_w, n_experts), dense_weights(e_idx, e_w, n_experts)
     if margin is not None:
-        keep = ~forgiven(margin, eps, exact_ties)
+        k = np.shape(e_idx)[-1]
+        differ = (np.sort(np.asarray(c_idx).reshape(-1, k), -1)
+                  != np.sort(np.asarray(e_idx).reshape(-1, k), -1)).any(-1)
+        keep = ~(forgiven(margin, eps, exact_ties) & differ)
         dc, de = dc[keep], de[keep]
     return continuous(dc, de)
 

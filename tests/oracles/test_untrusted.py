@@ -674,3 +674,22 @@ def test_an_adapters_worker_thread_ends_with_its_candidate(small):
             break
         time.sleep(0.05)
     assert workers() == before
+
+
+def test_weights_of_a_near_tie_token_routed_to_the_expected_set_are_compared():
+    """Only a forgiven token routed elsewhere leaves the weight comparison: a near-tie token
+    with the expected experts and wrong weights fails."""
+    e_idx = np.array([[0, 1], [2, 3]])
+    e_w = np.array([[0.6, 0.4], [0.5, 0.5]])
+    margin = np.array([1e-9, 1.0])  # token 0 is a near-tie
+    assert metrics.routing_weights(e_idx, e_w * [[2.0], [1.0]], e_idx, e_w, 4, margin, 1e-6)["nmse"] > 0.1
+    flipped = np.array([[0, 3], [2, 3]])  # token 0 went to another (allowed) set: left out
+    assert metrics.routing_weights(flipped, e_w, e_idx, e_w, 4, margin, 1e-6)["nmse"] == 0.0
+
+
+def test_the_reference_is_not_failed_by_alternatives_too_close_to_call(conventions_dir):
+    """In bf16 the gate-precision alternatives are within rounding: too close to call, they are
+    not the alternatives this candidate follows (another one passes), not a failed run."""
+    rep = run_check(conventions_dir, load_adapter("oracles.adapters:refimpl_float32"), "bf16")
+    assert rep["ok"] and rep["counts"]["inconclusive"] == 0 and rep["counts"]["fail"] == 0
+    assert rep["conventions"]["gate_precision"]["float32"]
