@@ -62,11 +62,8 @@ def load_adapter(spec: str, timeout: float = DEFAULT_CASE_TIMEOUT) -> AdapterCan
     mod_name, sep, attr = spec.partition(":")
     if not sep or not mod_name or not attr:
         raise OraclesError(f"--adapter {spec!r} must look like pkg.module:factory")
-    if not (timeout >= 0 and math.isfinite(timeout)):
-        raise OraclesError(f"--case-timeout {timeout!r}: must be a number of seconds >= 0")
-    worker = _Worker() if timeout else None
 
-    def make():
+    def factory():
         try:
             mod = importlib.import_module(mod_name)
         except ImportError as e:
@@ -76,25 +73,41 @@ def load_adapter(spec: str, timeout: float = DEFAULT_CASE_TIMEOUT) -> AdapterCan
                 raise
             raise OraclesError(f"--adapter {spec}: importing {mod_name} raised "
                                f"{type(e).__name__}: {_text(e)}") from None
-        factory = getattr(mod, attr, None)
-        if factory is None or not callable(factory):
+        f = getattr(mod, attr, None)
+        if f is None or not callable(f):
             raise OraclesError(f"--adapter {spec}: {mod_name} has no callable {attr}")
+        return f()
+
+    return make_candidate(factory, spec, timeout)
+
+
+def make_candidate(factory, label: str, timeout: float = DEFAULT_CASE_TIMEOUT) -> AdapterCandidate:
+    """factory() -> an adapter, called on the candidate's worker thread (where every later call
+    runs, so an engine built there keeps its thread) with the case timeout -> the candidate.
+    An exception, sys.exit or no return in the factory is one line and exit 2 naming `label`."""
+    if not (timeout >= 0 and math.isfinite(timeout)):
+        raise OraclesError(f"--case-timeout {timeout!r}: must be a number of seconds >= 0")
+    worker = _Worker() if timeout else None
+
+    def make():
         try:
             adapter = factory()
+        except OraclesError:
+            raise
         except BaseException as e:  # noqa: BLE001
             if isinstance(e, KeyboardInterrupt):
                 raise
-            raise OraclesError(f"--adapter {spec}: the factory raised {type(e).__name__}: {_text(e)}") from None
+            raise OraclesError(f"{label}: the factory raised {type(e).__name__}: {_text(e)}") from None
         if not (callable(getattr(adapter, "supports", None)) and callable(getattr(adapter, "run", None))):
-            raise OraclesError(f"--adapter {spec}: the factory's object needs supports(case) and run(case)")
+            raise OraclesError(f"{label}: the factory's object needs supports(case) and run(case)")
         return adapter
 
     try:
         adapter = worker.call(make, timeout, "the factory") if worker is not None else make()
     except AdapterTimeout:
-        raise OraclesError(f"--adapter {spec}: importing it and calling the factory did not return "
-                           f"within {timeout:g} s (--case-timeout)") from None
-    return AdapterCandidate(adapter, spec, timeout=timeout, worker=worker)
+        raise OraclesError(f"{label}: building the adapter did not return within {timeout:g} s "
+                           "(--case-timeout)") from None
+    return AdapterCandidate(adapter, label, timeout=timeout, worker=worker)
 
 
 def write_outputs(golden_path: str, candidate: AdapterCandidate, out: str, only=None,
