@@ -4,7 +4,7 @@
     oracles generate --out DIR [--suite NAME] [--only GLOB]
     oracles check    GOLDEN [CANDIDATE | --adapter pkg.mod:factory] [--profile float32|bf16|fp8] [--only GLOB] [--json REPORT]
                      [--expect-digest HEX] [--case-timeout SECONDS] [--allow-empty] [--allow-inconclusive]
-    oracles run      GOLDEN --adapter pkg.mod:factory --out CANDIDATE   (adapter -> file route)
+    oracles run      GOLDEN --adapter pkg.mod:factory --out CANDIDATE [--expect-digest HEX] [--case-timeout S]
 
 check exits 0 when every checked case passes; 1 when a case fails, is missing, errs (the adapter
 raised, exited or timed out) or is inconclusive, or when nothing was checked at all; 2 on bad
@@ -88,6 +88,7 @@ def _parser():
     r.add_argument("--out", required=True)
     r.add_argument("--only")
     r.add_argument("--case-timeout", type=_seconds, default=600.0, metavar="SECONDS")
+    r.add_argument("--expect-digest", metavar="HEX")
     return p
 
 
@@ -158,7 +159,7 @@ def cmd_run(args) -> int:
 
     errors = {}
     skipped = write_outputs(args.golden, load_adapter(args.adapter, args.case_timeout), args.out,
-                            args.only, errors=errors)
+                            args.only, errors=errors, expect_digest=args.expect_digest)
     for cid, why in skipped.items():
         print(escape(f"skipped {cid}: {why}"))
     for cid, why in errors.items():

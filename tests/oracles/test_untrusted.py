@@ -228,6 +228,8 @@ def test_the_suite_digest_is_printed_and_pinned(small, suite, tmp_path):
     _edit(suite, lambda m: m.update(suite_doc="edited"))  # any edit changes the digest
     _one_line_error(*main("check", suite, small[1], "--expect-digest", digest)[::2], "not the expected")
     _one_line_error(*main("check", suite, small[1], "--expect-digest", "abc")[::2], "64 hex")
+    _one_line_error(*main("run", suite, "--adapter", "oracles.adapters:refimpl_float32", "--out",
+                          tmp_path / "cand", "--expect-digest", digest)[::2], "not the expected")
 
 
 @pytest.mark.parametrize("change, field", [
