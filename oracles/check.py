@@ -348,16 +348,12 @@ def judge(kind: str, outputs: list, expected: dict, cand: dict, tols_all: dict,
         res["reason"] = (f"{worst[4]}: only {worst[1]} of {worst[2]} positions compared (minimum "
                          f"{min_compared:.0%}); the rest follow near-tie routing the candidate "
                          + ("did not report" if assumed else "resolved the other way"))
-    elif not any_position and checked_any(outputs):
+    elif not any_position and any(o["required"] for o in outputs):
         res["status"] = "inconclusive"
         res["reason"] = "no position of any required output was compared"
     else:
         res["status"] = "pass"
     return res
-
-
-def checked_any(outputs) -> bool:
-    return any(o["required"] for o in outputs)
 
 
 STATUSES = ("pass", "fail", "missing", "error", "inconclusive", "skip", "not_followed")
