@@ -229,12 +229,13 @@ def _read_header(path: str):
         raise CheckpointError(f"{shown}: file not found") from None
     except OSError as e:
         raise CheckpointError(f"{shown}: cannot read ({e.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{shown}: not a regular file")
+    size = st.st_size
     try:
         with os.fdopen(fd, "rb") as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise CheckpointError(f"{shown}: not a regular file")
-            size = st.st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{shown}: too short for a safetensors file ({size} bytes)")
@@ -443,6 +444,10 @@ class Checkpoint:
                     raise CheckpointError(f"{printable(self.file_of(name))}: {printable(name)} is "
                                           f"a block scale but {printable(base)} {got}; FP8 "
                                           "weights must be stored as F8_E4M3")
+            elif dtype not in FLOAT_DTYPES and name + "_scale_inv" in self.where:
+                raise CheckpointError(f"{printable(self.file_of(name))}: {printable(name)} has a "
+                                      f"block scale but is stored as {dtype}; FP8 weights must "
+                                      "be stored as F8_E4M3")
             elif dtype not in FLOAT_DTYPES:
                 role = _role(name)
                 raise CheckpointError(f"{printable(self.file_of(name))}: tensor {printable(name)} "

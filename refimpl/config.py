@@ -149,6 +149,10 @@ class Config:
         """Build from a parsed config.json; `source` names the file in error messages."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        bad = jsonfile.nonfinite_path(d)
+        if bad is not None:
+            raise ConfigError(f"{source}: {printable(bad)} must be a finite number, got NaN or "
+                              "Infinity")
         d = dict(d)
         model_type = d.get("model_type", "deepseek_v3")
         if not isinstance(model_type, str) or model_type not in _MODEL_TYPES:
@@ -191,7 +195,8 @@ class Config:
         """Read a config.json: strict JSON (no NaN or Infinity, no duplicate keys), a regular
         file, then every field checked as from_dict does."""
         path = os.fspath(path)
-        return cls.from_dict(jsonfile.load(path, ConfigError), source=printable(path))
+        return cls.from_dict(jsonfile.load(path, ConfigError, allow_nonfinite=True),
+                             source=printable(path))
 
     @classmethod
     def preset(cls, name: str) -> "Config":

@@ -8,6 +8,7 @@ only if it is a regular file of bounded size (a FIFO or /dev/zero would hang a r
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 
@@ -33,12 +34,15 @@ def _no_duplicates(pairs):
     return d
 
 
-def loads(text: str | bytes, where: str, error=RefimplError):
-    """Parse strict JSON -> the value; `error(f"{where}: ...")` on anything else."""
+def loads(text: str | bytes, where: str, error=RefimplError, allow_nonfinite: bool = False):
+    """Parse strict JSON -> the value; `error(f"{where}: ...")` on anything else.
+    allow_nonfinite: read NaN/Infinity as floats, for a caller that refuses them itself naming
+    the field (see `nonfinite_path`)."""
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+        return json.loads(text, parse_constant=float if allow_nonfinite else _no_constant,
+                          object_pairs_hook=_no_duplicates)
     except _Refused as e:
         raise error(f"{where}: not valid JSON: {e}") from None
     except UnicodeDecodeError as e:
@@ -58,10 +62,11 @@ def read_regular(path: str, error=RefimplError, limit: int = MAX_JSON_FILE) -> b
         raise error(f"{shown}: file not found") from None
     except OSError as e:
         raise error(f"{shown}: cannot read ({e.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise error(f"{shown}: not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise error(f"{shown}: not a regular file")
         if st.st_size > limit:
             raise error(f"{shown}: {st.st_size:,} bytes, more than the {limit:,} allowed for it")
         try:
@@ -73,7 +78,22 @@ def read_regular(path: str, error=RefimplError, limit: int = MAX_JSON_FILE) -> b
     return data
 
 
-def load(path: str | os.PathLike, error=RefimplError, limit: int = MAX_JSON_FILE):
+def load(path: str | os.PathLike, error=RefimplError, limit: int = MAX_JSON_FILE,
+         allow_nonfinite: bool = False):
     """A strict JSON file -> its value."""
     path = os.fspath(path)
-    return loads(read_regular(path, error, limit), printable(path), error)
+    return loads(read_regular(path, error, limit), printable(path), error, allow_nonfinite)
+
+
+def nonfinite_path(value, path: str = "") -> str | None:
+    """The dotted path of the first NaN or infinite float inside a parsed JSON value, or None."""
+    stack = [(value, path)]
+    while stack:
+        v, p = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return p or "(the value)"
+        if isinstance(v, dict):
+            stack.extend((x, f"{p}.{k}" if p else str(k)) for k, x in reversed(v.items()))
+        elif isinstance(v, list):
+            stack.extend((x, f"{p}[{i}]") for i, x in reversed(list(enumerate(v))))
+    return None
