@@ -284,7 +284,7 @@ def _read_rope(d: dict, source: str) -> tuple[float, RopeScaling | None]:
     if kind not in ("yarn", "deepseek_yarn"):
         raise ConfigError(f"{source}: rope type {kind!r} is not supported (only 'yarn' or 'default')")
     for key in ("factor", "original_max_position_embeddings"):
-        if key not in params:
+        if params.get(key) is None:
             raise ConfigError(f"{source}: rope_scaling.{key} is required for yarn")
     if params.get("attention_factor") is not None:
         raise ConfigError(f"{source}: rope_scaling.attention_factor is not supported (DeepSeek's "

@@ -239,6 +239,14 @@ def test_duplicate_keys_are_refused(tmp_path):
         Config.from_json(_written(tmp_path, text))
 
 
+@pytest.mark.parametrize("key", ["factor", "original_max_position_embeddings"])
+def test_null_for_a_required_yarn_field_is_refused(key):  # found by tests/test_fuzz_inputs.py
+    d = Config.preset("tiny").to_dict()
+    d["rope_scaling"][key] = None
+    with pytest.raises(ConfigError, match=f"rope_scaling.{key} is required for yarn"):
+        Config.from_dict(d, source="cfg.json")
+
+
 def test_float_for_original_max_position_embeddings_is_refused():
     d = Config.preset("tiny").to_dict()
     d["rope_scaling"]["original_max_position_embeddings"] = 64.5
