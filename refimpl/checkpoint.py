@@ -273,15 +273,15 @@ def _read_header(path: str):
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"{where}: unknown dtype {brief(dtype)}")
-        if not (isinstance(shape, list) and all(type(x) is int and x >= 0 for x in shape)):
-            raise CheckpointError(f"{where}: shape {brief(shape)} is not a list of non-negative "
-                                  "integers")
-        if len(shape) > 8 or any(x > MAX_DIM for x in shape):
-            raise CheckpointError(f"{where}: shape {brief(shape)} has more than 8 dimensions or "
-                                  f"one larger than {MAX_DIM}")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(type(x) is int for x in offs)):
+        if not (type(shape) is list and len(shape) <= 8
+                and all(type(x) is int and 0 <= x <= MAX_DIM for x in shape)):
+            raise CheckpointError(f"{where}: shape {brief(shape)} is not a list of at most 8 "
+                                  f"integers from 0 to {MAX_DIM}")
+        if not (type(offs) is list and len(offs) == 2):
             raise CheckpointError(f"{where}: data_offsets {brief(offs)} is not two integers")
         begin, end = offs
+        if type(begin) is not int or type(end) is not int:
+            raise CheckpointError(f"{where}: data_offsets {brief(offs)} is not two integers")
         if not 0 <= begin <= end <= data_size:
             raise CheckpointError(f"{where}: data_offsets {offs} lie outside the {data_size} "
                                   "bytes of data (truncated file or lying header)")
@@ -337,7 +337,7 @@ class Checkpoint:
                         raise CheckpointError(f"{printable(path)}: tensor {printable(t)} is in "
                                               f"both {printable(self.where[t])} and {printable(fname)}")
                     self.where[t] = fname
-        self.check_dtypes()
+        self.fp8_tensors = self.check_dtypes()
 
     def _open(self, fname: str) -> SafetensorsFile:
         if fname not in self.files:
@@ -353,12 +353,16 @@ class Checkpoint:
         weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{shown}: not a valid index (needs an object weight_map)")
+        plain = set()  # file names already checked (163 for V3's 91,991 tensors)
         for name, fname in weight_map.items():
-            if not (isinstance(fname, str) and fname.endswith(".safetensors")
-                    and fname == os.path.basename(fname) and not fname.startswith(".")
-                    and "\\" not in fname):
-                raise CheckpointError(f"{shown}: tensor {printable(name)} maps to {brief(fname)}, "
-                                      "not a plain .safetensors file name in the checkpoint")
+            if fname not in plain if isinstance(fname, str) else True:
+                if not (isinstance(fname, str) and fname.endswith(".safetensors")
+                        and fname == os.path.basename(fname) and not fname.startswith(".")
+                        and "\\" not in fname):
+                    raise CheckpointError(f"{shown}: tensor {printable(name)} maps to "
+                                          f"{brief(fname)}, not a plain .safetensors file name "
+                                          "in the checkpoint")
+                plain.add(fname)
             if name not in self._open(fname).tensors:
                 raise CheckpointError(f"{shown}: tensor {printable(name)} is not in "
                                       f"{printable(fname)}")
@@ -415,24 +419,21 @@ class Checkpoint:
 
     def check_scales(self) -> int:
         """Every FP8 tensor has a float `<name>_scale_inv` whose shape fits it (headers only)
-        -> the number of FP8 tensors."""
-        count = 0
-        for name in self.where:
-            if self.dtype(name) != "F8_E4M3":
-                continue
-            count += 1
-            self._scale_name(name)
-        return count
+        -> the number of FP8 tensors.  (Checked when the checkpoint is opened: check_dtypes.)"""
+        return self.fp8_tensors
 
-    def check_dtypes(self) -> None:
+    def check_dtypes(self) -> int:
         """Every stored dtype fits the tensor's role (headers only; SPEC.md section 7): weights,
         norms, the gate and its bias floating point (F64, F32, F16, BF16); FP8 only as F8_E4M3,
         on a 2-d weight with a float `<name>_scale_inv` of the block shape; a `_scale_inv` only
-        beside an F8_E4M3 weight (FP8 bytes declared as I8, U8 or BOOL would drop their scale)."""
+        beside an F8_E4M3 weight (FP8 bytes declared as I8, U8 or BOOL would drop their scale).
+        -> the number of FP8 tensors."""
+        fp8_count = 0
         for name in self.where:
             dtype = self.dtype(name)
             if dtype == "F8_E4M3":
                 self._scale_name(name)
+                fp8_count += 1
             elif name.endswith("_scale_inv"):
                 base = name[:-len("_scale_inv")]
                 if dtype not in FLOAT_DTYPES:
@@ -454,6 +455,7 @@ class Checkpoint:
                                       f"({role}) is stored as {dtype}; a {role} must be floating "
                                       "point (F32, BF16, F16 or F64, or F8_E4M3 with a "
                                       "weight_scale_inv for a 2-d weight)")
+        return fp8_count
 
     def _scale_name(self, name: str) -> str:
         """The checked name of an FP8 tensor's scale (SPEC.md section 7)."""

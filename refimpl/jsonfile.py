@@ -26,11 +26,13 @@ def _no_constant(name):
 
 
 def _no_duplicates(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise _Refused(f"duplicate key {printable(k)[:80]!r}")
-        d[k] = v
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _Refused(f"duplicate key {printable(k)[:80]!r}")
+            seen.add(k)
     return d
 
 

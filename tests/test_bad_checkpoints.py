@@ -320,9 +320,9 @@ def test_header_dtype_given_as_a_list(good, tmp_path):
 
 @pytest.mark.parametrize("change, needle", [
     ({"dtype": "F32", "shape": [64], "data_offsets": [0, 256], "extra": 1}, "exactly dtype"),
-    ({"dtype": "F32", "shape": [64.0], "data_offsets": [0, 256]}, "non-negative integers"),
+    ({"dtype": "F32", "shape": [64.0], "data_offsets": [0, 256]}, "is not a list of at most 8 integers"),
     ({"dtype": "F32", "shape": [64], "data_offsets": [0.0, 256]}, "not two integers"),
-    ({"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}, "non-negative integers"),
+    ({"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}, "is not a list of at most 8 integers"),
 ])
 def test_entries_of_the_wrong_json_types(good, tmp_path, change, needle):
     d, f = model_file(good, "float", tmp_path)
