@@ -431,7 +431,15 @@ def test_tensor_names_with_control_characters_are_escaped(good, tmp_path):
     d = copy(good["float"], tmp_path)
     t = arrays(d)
     forged = "x\nrefimpl: all 5 cases passed\x1b[1A"
-    t[forged] = np.ones(3, dtype=np.int32)
+    t["model." + forged] = np.ones(3, dtype=np.int32)
     write_safetensors(os.path.join(d, "model.safetensors"), t)
     msg = info_refused(d)  # exactly one line
-    assert "x\\nrefimpl: all 5 cases passed\\x1b[1A" in msg and "\x1b" not in msg
+    assert "model.x\\nrefimpl: all 5 cases passed\\x1b[1A" in msg and "\x1b" not in msg
+
+
+def test_integer_tensors_outside_the_models_names_are_not_read_and_allowed(good, tmp_path):
+    # a golden case directory keeps int64 inputs beside its model.safetensors
+    d = copy(good["float"], tmp_path)
+    write_safetensors(os.path.join(d, "inputs.safetensors"), {"input_ids": np.arange(6).reshape(2, 3)})
+    rc, out, err = run_main("info", "--checkpoint", d)
+    assert rc == 0, err
