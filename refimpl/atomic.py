@@ -9,8 +9,8 @@ Rules shared by both:
 - the destination's parent must exist and be a directory; the destination must not be a symbolic
   link (a rename would replace the link, not what it points to); a file destination must not be a
   directory; a directory destination must not exist or be an empty directory (never merged into);
-- temporaries are named `.NAME.<tag>-tmp-<pid>-<random>` beside NAME; those whose process is no
-  longer alive (a killed earlier run) are removed before a new one is made;
+- temporaries are named `.NAME.<tag>-tmp-<host>-<pid>-<random>` beside NAME; those made on this
+  machine by a process no longer alive (a killed earlier run) are removed before a new one is made;
 - permissions follow the umask (files 0666 & ~umask, directories 0777 & ~umask), as any new file;
 - losing a race (another writer created or replaced the destination meanwhile) is an error, and
   the loser's temporary is removed;
@@ -25,16 +25,20 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import stat
 
 from .errors import RefimplError, printable
 
-_STALE = r"^\..+\.{tag}-tmp-(\d+)-[0-9a-f]+$"
+# This machine's name in temporaries: a process id is only meaningful on the machine (or in the
+# container) that made it, and a shared directory may be written from several.
+HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+_STALE = r"^\..+\.{tag}-tmp-{host}-(\d+)-[0-9a-f]+$"
 
 
 def _tmp_name(dest: str, tag: str) -> str:
     parent, base = os.path.split(dest)
-    return os.path.join(parent, f".{base}.{tag}-tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    return os.path.join(parent, f".{base}.{tag}-tmp-{HOST}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def _alive(pid: int) -> bool:
@@ -50,8 +54,9 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale(parent: str, tag: str = "refimpl") -> list[str]:
-    """Remove temporaries of kind `tag` in `parent` whose writing process is dead -> their paths."""
-    pattern = re.compile(_STALE.format(tag=re.escape(tag)))
+    """Remove temporaries of kind `tag` in `parent` made on this machine by a process that is no
+    longer alive -> their paths."""
+    pattern = re.compile(_STALE.format(tag=re.escape(tag), host=re.escape(HOST)))
     removed = []
     try:
         names = os.listdir(parent)

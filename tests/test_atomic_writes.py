@@ -257,20 +257,24 @@ def dead_pid():
 
 def test_stale_temporaries_of_dead_writers_are_removed_and_no_others(tmp_path):
     dead = dead_pid()
-    stale_dir = tmp_path / f".old.refimpl-tmp-{dead}-0123abcd"
+    host = atomic.HOST
+    stale_dir = tmp_path / f".old.refimpl-tmp-{host}-{dead}-0123abcd"
     stale_dir.mkdir()
     (stale_dir / "model.safetensors").write_bytes(bytes(1 << 20))
-    stale_file = tmp_path / f".l.npy.refimpl-tmp-{dead}-beef"
+    stale_file = tmp_path / f".l.npy.refimpl-tmp-{host}-{dead}-beef"
     stale_file.write_bytes(b"half")
-    live = tmp_path / ".x.refimpl-tmp-1-cafe"  # pid 1 is alive
+    live = tmp_path / f".x.refimpl-tmp-{host}-1-cafe"  # pid 1 is alive
+    elsewhere = tmp_path / f".y.refimpl-tmp-{host}x-{dead}-cafe"  # another machine's: its pid means nothing here
+    elsewhere.write_bytes(b"theirs")
     live.write_bytes(b"someone's")
-    other_kind = tmp_path / f".s.oracles-tmp-{dead}-feed"  # not refimpl's to remove
+    other_kind = tmp_path / f".s.oracles-tmp-{host}-{dead}-feed"  # not refimpl's to remove
     other_kind.mkdir()
     unrelated = tmp_path / ".keepme"
     unrelated.write_text("x")
     rc, _, err = run_main("make-checkpoint", "--preset", "tiny", "--out", tmp_path / "new")
     assert rc == 0, err
-    assert sorted(os.listdir(tmp_path)) == sorted([live.name, other_kind.name, unrelated.name, "new"])
+    assert sorted(os.listdir(tmp_path)) == sorted([live.name, elsewhere.name, other_kind.name,
+                                                   unrelated.name, "new"])
     rc, _, err = run_main("generate", "--suite", "smoke", "--only", "gate.*", "--out",
                           tmp_path / "suite", module="oracles")
     assert rc == 0, err
