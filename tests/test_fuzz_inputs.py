@@ -291,3 +291,61 @@ def test_mutated_config_json_reads_as_written_or_is_refused_naming_the_field(key
             else:
                 assert rc == 0, err
         assert listing(root) == before
+
+
+# ---- model.safetensors.index.json -------------------------------------------------------------
+
+SHARDS = [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
+INDEX_FILES = st.one_of(st.sampled_from(SHARDS), st.sampled_from(
+    ["../" + SHARDS[0], "/etc/passwd", "", ".", "..", SHARDS[0] + " ", "sub/" + SHARDS[0],
+     "model.safetensors", "config.json", 7, None, [SHARDS[0]]]))
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("fuzz-index") / "ckpt")
+    make_checkpoint(d, TINY, seed=0, fp8=True, shards=3)
+    with open(os.path.join(d, "model.safetensors.index.json")) as f:
+        return d, contents(d), json.load(f)
+
+
+@given(how=st.sampled_from(["map", "map", "drop", "add", "twice", "not an object"]),
+       name=st.sampled_from(NAMES), target=INDEX_FILES)
+@example(how="map", name="model.embed_tokens.weight", target=SHARDS[0])  # where it is: loads
+def test_mutated_index_files_load_equal_or_are_refused_in_one_line(sharded, how, name, target):
+    src, want, index = sharded
+    text = json.dumps(index)
+    wm = dict(index["weight_map"])
+    if how == "map":
+        wm[name] = target
+    elif how == "drop":
+        del wm[name]
+    elif how == "add":
+        wm["model.layers.0.self_attn.ghost.weight"] = target
+    if how == "twice":
+        entry = f'"{name}": "{index["weight_map"][name]}"'
+        text = text.replace(entry, f'{entry}, "{name}": {json.dumps(target)}')
+    elif how == "not an object":
+        text = json.dumps(dict(index, weight_map=list(wm.items())))
+    else:
+        text = json.dumps(dict(index, weight_map=wm))
+    with tempfile.TemporaryDirectory() as root:
+        d = os.path.join(root, "ckpt")
+        shutil.copytree(src, d)
+        with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+            f.write(text)
+        before = listing(root)
+        try:
+            got = contents(d)
+        except refimpl.RefimplError as e:
+            assert "\n" not in str(e) and d in str(e), str(e)
+            got = None
+        event("loaded" if got is not None else "refused")
+        if got is not None:
+            assert got == want
+        rc, _, err = run_timed("info", "--checkpoint", d)
+        if got is None:
+            one_line_error(rc, err)
+        else:
+            assert rc == 0, err
+        assert listing(root) == before
