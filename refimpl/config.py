@@ -3,7 +3,9 @@
 Accepts model_type deepseek_v3 and deepseek_v2, the published form of the rope settings
 (`rope_scaling` with `type`, top-level `rope_theta`) and the transformers 5 form
 (`rope_parameters` with `rope_type` and `rope_theta` inside). Numbers that don't fit together are
-refused with a ConfigError naming the field.
+refused with a ConfigError naming the field, and so is every field of the wrong JSON type
+(booleans are JSON booleans, integers JSON integers, floats finite and in FLOAT_RANGES) and every
+count above its sane maximum (LIMITS), before anything loops or allocates (docs/validation.md).
 """
 
 from __future__ import annotations
