@@ -17,6 +17,8 @@ import hashlib
 import os
 import stat
 
+from refimpl.errors import printable
+
 from . import OraclesError
 
 MAX_COMPONENT = 255  # bytes, as most file systems allow
@@ -27,11 +29,9 @@ MAX_MANIFEST = 64 << 20  # bytes: the full-width suite's manifest is ~0.2 MB
 def escape(text) -> str:
     """`text` with every character that is not printable (control characters, line and
     paragraph separators, bidi overrides) written as a Python escape: it prints as what it is,
-    on one line, and cannot forge report lines or move the cursor."""
-    s = str(text)
-    if s.isprintable():
-        return s
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s)
+    on one line, and cannot forge report lines or move the cursor (refimpl.errors.printable,
+    the one escaper of both command lines)."""
+    return printable(text)
 
 
 def check_name(name, what: str, nested: bool = True) -> str:
