@@ -211,7 +211,7 @@ def test_oracles_run_never_merges_into_an_existing_result(tmp_path, monkeypatch)
 
     out = tmp_path / "cand"
 
-    def fake_write_outputs(golden, candidate, where, only):
+    def fake_write_outputs(golden, candidate, where, only, **kw):
         os.makedirs(os.path.join(where, "cases", "a"))
         out.mkdir()  # another run published meanwhile
         (out / "stale").write_text("theirs")
