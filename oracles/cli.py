@@ -2,7 +2,7 @@
 
     oracles list     [--suite NAME]
     oracles generate --out DIR [--suite NAME] [--only GLOB]
-    oracles check    GOLDEN [CANDIDATE | --adapter pkg.mod:factory] [--profile float32|bf16|fp8] [--only GLOB] [--json REPORT]
+    oracles check    GOLDEN [CANDIDATE | --adapter pkg.mod:factory] [--profile float32|bf16|fp8] [--only GLOB] [--json REPORT] [--html REPORT.html]
     oracles run      GOLDEN --adapter pkg.mod:factory --out CANDIDATE   (adapter -> file route)
 
 check exits 0 when every checked case passes, 1 when some fail or are missing, 2 on bad input.
@@ -49,6 +49,7 @@ def _parser():
     c.add_argument("--profile", default="float32")
     c.add_argument("--only", help="comma-separated globs of case ids")
     c.add_argument("--json", dest="json_out", help="write the report as JSON here")
+    c.add_argument("--html", dest="html_out", help="write the report as one self-contained HTML page here")
     c.add_argument("--quiet", action="store_true")
     r = sub.add_parser("run", help="run an adapter and write its outputs (the file route)")
     r.add_argument("golden")
@@ -116,6 +117,9 @@ def cmd_check(args) -> int:
     print(format_report(rep))
     if args.json_out:
         _write_json(args.json_out, rep)
+    if args.html_out:
+        from .report_html import write_html
+        write_html(args.html_out, rep)
     return 0 if rep["ok"] else 1
 
 
