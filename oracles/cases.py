@@ -50,6 +50,11 @@ class Case:
     def is_model(self) -> bool:
         return self.weights is not None
 
+    @property
+    def schedule(self) -> dict | None:
+        """How an engine must run the case (scenario kinds, oracles/scenarios.py), or None."""
+        return self.params.get("schedule")
+
 
 @dataclass(frozen=True)
 class Kind:
@@ -58,16 +63,18 @@ class Kind:
     required: Callable  # (case) -> names a candidate must provide
     doc: str
     aux: Callable | None = None  # (case, outputs) -> expected-only tensors (routing margins)
+    alone: Callable | None = None  # (case, dtype) -> the expected outputs, when `run` takes
+    # another path to them (scenario kinds: run = through the schedule, alone = each request alone)
 
 
 KINDS: dict[str, Kind] = {}
 # kinds whose tokens attend to earlier ones: a routing difference at position p reaches p onward
-CAUSAL_KINDS = ("prefill", "decode", "mtp_prefill", "mtp_module")
+CAUSAL_KINDS = ("prefill", "decode", "mtp_prefill", "mtp_module", "schedule", "mtp_speculation")
 
 
-def register(name: str, run, required, doc: str, aux=None) -> None:
+def register(name: str, run, required, doc: str, aux=None, alone=None) -> None:
     KINDS[name] = Kind(name, run, required if callable(required) else (lambda c, r=tuple(required): r),
-                       doc, aux)
+                       doc, aux, alone)
 
 
 def output_type(name: str) -> str:
@@ -392,3 +399,7 @@ register("training", run_training, ["balance_loss", "bias_updated", "mtp_loss"],
 register("fp8_quant", run_fp8_quant, ["q", "scale_inv"], "FP8 e4m3 block quantisation of a weight")
 register("fp8_act_quant", run_fp8_act_quant, ["q", "s"],
          "FP8 activation quantisation per token per 128 channels")
+
+from . import scenarios  # noqa: E402 - the scenario kinds (schedule, mtp_speculation)
+
+scenarios.register_kinds(register)

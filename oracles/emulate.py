@@ -157,9 +157,11 @@ def working_dtype(precision: str):
     return np.float64 if precision == "float64" else np.float32
 
 
-def run_case(case: Case, precision: str = "float64", mutant: str | None = None) -> dict:
+def run_case(case: Case, precision: str = "float64", mutant: str | None = None,
+             alone: bool = False) -> dict:
     """The case's outputs from refimpl -> {name: float64 or int64 numpy array}, dataflow order.
-    `mutant` names an entry of mutants.MUTANTS whose patch is active during the run."""
+    `mutant` names an entry of mutants.MUTANTS whose patch is active during the run. `alone`:
+    the kind's standalone computation where it has one (the expected values of scenario kinds)."""
     from .mutants import MUTANTS
 
     kind = KINDS[case.kind]
@@ -172,7 +174,7 @@ def run_case(case: Case, precision: str = "float64", mutant: str | None = None) 
             stack.enter_context(bf16_boundaries())
         if mutant is not None:
             stack.enter_context(MUTANTS[mutant].patch(case))
-        out = kind.run(work, working_dtype(precision))
+        out = (kind.alone if alone and kind.alone else kind.run)(work, working_dtype(precision))
     result = {}
     for k, v in out.items():
         v = np.asarray(v)

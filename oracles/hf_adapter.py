@@ -28,6 +28,9 @@ class TransformersAdapter:
         transformers.utils.logging.disable_progress_bar()
 
     def supports(self, case):
+        if case.kind == "schedule":
+            return ("this adapter runs each request alone in one forward; it cannot express a "
+                    "serving schedule (chunked prefill, a shared prefix, a ragged batch)")
         if case.kind.startswith("mtp") or case.kind == "speculative":
             n = case.config.num_hidden_layers
             if n != 61:
