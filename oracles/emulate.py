@@ -26,9 +26,10 @@ import functools
 import ml_dtypes
 import numpy as np
 
-from refimpl import fp8, mla, model, moe, rope
+from refimpl import fp8, mla, model, moe, rope, weights
 from refimpl.checkpoint import FP8_PROJECTIONS
-from refimpl.model import ArraySource, Model
+from refimpl.model import Model
+from refimpl.weights import ArraySource
 
 from . import OraclesError, cases
 from .cases import KINDS, Case
@@ -73,10 +74,9 @@ def bf16_boundaries():
     """Round every operator's output to bf16 (see the module docstring). The gate's own linear
     map is left in float32 (refimpl computes router scores in at least float32, as HF does)."""
     targets = [(mla, "linear"), (mla, "rms_norm"), (mla, "softmax"), (mla, "apply_rope"),
-               (model, "linear"), (model, "rms_norm"), (moe, "swiglu"), (rope, "apply_rope")]
-    reps = [(obj, name, _rounding(getattr(obj, name))) for obj, name in targets]
-    reps.append((model.Model, "decoder_layer", _rounding(model.Model.decoder_layer)))
-    return patched(reps)
+               (weights, "linear"), (model, "rms_norm"), (moe, "swiglu"), (rope, "apply_rope"),
+               (model, "decoder_layer")]
+    return patched([(obj, name, _rounding(getattr(obj, name))) for obj, name in targets])
 
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -157,13 +157,10 @@ def working_dtype(precision: str):
     return np.float64 if precision == "float64" else np.float32
 
 
-def run_case(case: Case, precision: str = "float64", mutant: str | None = None,
-             alone: bool = False) -> dict:
+def run_case(case: Case, precision: str = "float64", mutant=None, alone: bool = False) -> dict:
     """The case's outputs from refimpl -> {name: float64 or int64 numpy array}, dataflow order.
-    `mutant` names an entry of mutants.MUTANTS whose patch is active during the run. `alone`:
-    the kind's standalone computation where it has one (the expected values of scenario kinds)."""
-    from .mutants import MUTANTS
-
+    `mutant` (a mutants.Mutant) is patched in during the run. `alone`: the kind's standalone
+    computation where it has one (the expected values of scenario kinds)."""
     kind = KINDS[case.kind]
     work = prepared(case, precision)
     stack = contextlib.ExitStack()
@@ -173,7 +170,7 @@ def run_case(case: Case, precision: str = "float64", mutant: str | None = None,
         if precision in ("bf16", "fp8"):
             stack.enter_context(bf16_boundaries())
         if mutant is not None:
-            stack.enter_context(MUTANTS[mutant].patch(case))
+            stack.enter_context(mutant.patch(case))
         out = (kind.alone if alone and kind.alone else kind.run)(work, working_dtype(precision))
     result = {}
     for k, v in out.items():

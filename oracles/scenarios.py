@@ -44,7 +44,7 @@ Kind `mtp_speculation` (greedy speculative decoding with the MTP modules):
 
 refimpl runs each schedule through its own latent cache (`run_schedule`: one packed cache of
 batch 1 whose slots are handed to requests by a block table, a shared prefix being the same
-slots; `run_speculation`: refimpl.mtp.Drafter), and tests/oracles/test_scenarios.py proves the
+slots; `run_speculation`: refimpl.generate.Drafter), and tests/oracles/test_scenarios.py proves the
 result equals the standalone one (`alone_*`) to 1e-12 in float64. The expected values are the
 standalone ones.
 """
@@ -53,9 +53,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from refimpl import generate, mtp, rope
+from refimpl import generate, mtp, names, rope
 from refimpl.backend import to_numpy
+from refimpl.model import Step, decoder_layer
 from refimpl.norm import rms_norm
+from refimpl.trace import recorder
 
 from . import OraclesError
 
@@ -204,13 +206,15 @@ class PackedRun:
         trace = {}
         xp = model.xp
         cos, sin = rope.cos_sin(pos, model.inv_freq, model.cos_sin_factor, xp)
-        h = model.weights.rows("model.embed_tokens.weight", ids)  # [1, s] -> [1, s, d]
-        trace["embed"] = to_numpy(h)
+        form = model.mla_form if model.mla_form != "auto" else ("absorbed" if start > 0 else "naive")
+        step = Step(cos, sin, xp.asarray(mask), start, model.softmax_scale, form, self.cache)
+        h = model.weights.rows(names.EMBED, ids)  # [1, s] -> [1, s, d]
+        recorder(trace)("embed", h)
         for i in range(cfg.num_hidden_layers):
-            h = model.decoder_layer(i, h, cos, sin, xp.asarray(mask), start, self.cache, trace)
+            h = decoder_layer(h, model.weights, cfg, i, step, recorder(trace, f"layers.{i}."))
         self.cache.length = start + s
-        h = rms_norm(h, model.weights.get("model.norm.weight"), cfg.rms_norm_eps)
-        trace["final_hidden"] = to_numpy(h)
+        h = rms_norm(h, model.weights.get(names.FINAL_NORM), cfg.rms_norm_eps)
+        recorder(trace)("final_hidden", h)
         model.logits(h, trace)
         row = 0
         for r, n in seg:
@@ -294,7 +298,7 @@ def _concat(parts: list[dict]) -> dict:
 
 
 def run_speculation(case, dtype) -> dict:
-    """Greedy speculative decoding through refimpl's latent cache and mtp.Drafter: each round,
+    """Greedy speculative decoding through refimpl's latent cache and generate.Drafter: each round,
     the newest token and up to D drafts go through the main model in one forward, drafts are
     kept while they equal its argmax, the cache rolls back past the rejected ones. Kept: the
     main trace at committed positions and each module's trace at its committed indices."""
@@ -306,10 +310,10 @@ def run_speculation(case, dtype) -> dict:
     conv = mtp.DEFAULT
     cache = model.new_cache(batch=1, max_len=prompt.shape[1] + n_new, mtp=True)
     main, modules = [{}], []
-    h0, h = mtp.main_hidden(model, prompt, cache, main[0], conv)
+    h0, h = model.main_hidden(prompt, cache, main[0], conv)
     logits = to_numpy(model.logits(h, main[0]))
     out = [int(np.argmax(logits[0, -1]))]
-    drafter = mtp.Drafter(model, cache, conv, depth)
+    drafter = generate.Drafter(model, cache, conv, depth)
     modules.append({})
     drafter.extend(prompt[0].tolist() + out, h0, modules[-1])
     while len(out) < n_new:
@@ -317,7 +321,7 @@ def run_speculation(case, dtype) -> dict:
         drafts, _ = drafter.draft(m) if m else ([], [])
         start = cache.length
         tr = {}
-        h0, h = mtp.main_hidden(model, np.array([[out[-1], *drafts]], np.int64), cache, tr, conv)
+        h0, h = model.main_hidden(np.array([[out[-1], *drafts]], np.int64), cache, tr, conv)
         logits = to_numpy(model.logits(h, tr))  # [1, 1 + m, vocab]
         new = generate.verify(drafts, None, logits[0], 0.0, None)
         a = len(new) - 1  # accepted drafts
