@@ -169,6 +169,9 @@ def run_fp8_dequant(case, dtype):
 
 
 def _model(case, dtype):
+    if any(k.endswith("_scale_inv") for k in case.weights):  # stored FP8 (edges.fp8_model_case)
+        from .emulate import FP8Arrays
+        return Model(case.config, FP8Arrays(case.config, case.weights), dtype=np.dtype(dtype).name)
     return Model.from_arrays(case.config, case.weights, dtype=np.dtype(dtype).name)
 
 

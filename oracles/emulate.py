@@ -36,7 +36,7 @@ from .cases import KINDS, Case
 
 PRECISIONS = ("float64", "float32", "bf16", "fp8")
 BF16 = np.dtype(ml_dtypes.bfloat16)
-_KEEP_F32 = ("bias", "e_score_correction_bias")  # stored float32 in every checkpoint
+_KEEP_F32 = ("bias", "e_score_correction_bias", "_scale_inv")  # stored float32 in every checkpoint
 
 
 @contextlib.contextmanager
@@ -104,7 +104,17 @@ def fp8_weight(name: str, w):
 
 class FP8Arrays(ArraySource):
     """Model weights in memory whose FP8 linears are fp8.BlockFP8 (see fp8_weight), read through
-    the interface refimpl's Model(fp8_activations=True) uses for a stored FP8 checkpoint."""
+    the interface refimpl's Model(fp8_activations=True) uses for a stored FP8 checkpoint.
+    Weights stored as a checkpoint stores them (an e4m3 `<name>` with a `<name>_scale_inv`, the
+    FP8 model cases) are paired into BlockFP8 first."""
+
+    def __init__(self, cfg, arrays: dict):
+        arrays = dict(arrays)
+        for name in [n for n in arrays if n.endswith("_scale_inv")]:
+            stem = name[: -len("_scale_inv")]
+            if stem in arrays and np.asarray(arrays[stem]).dtype == E4M3:
+                arrays[stem] = fp8.BlockFP8(arrays[stem], np.asarray(arrays.pop(name), np.float32))
+        super().__init__(cfg, arrays)
 
     def dtype(self, name: str) -> str:
         return "F8_E4M3" if isinstance(self.arrays[name], fp8.BlockFP8) else "F32"

@@ -37,7 +37,8 @@ class TransformersAdapter:
                 return (f"transformers runs MTP only as checkpoint layer 61 (a 61-layer main "
                         f"model); this case has {n} layers, so it drops the MTP layers")
             return "MTP through transformers' MtpModel is not wired into this adapter"
-        if case.kind.startswith("fp8"):
+        if case.kind.startswith("fp8") or (case.config is not None
+                                           and case.config.extra.get("quantization_config")):
             return "transformers' FP8 path needs a GPU (fine-grained FP8 kernels); no FP8 on CPU"
         if case.kind not in MODEL_KINDS:
             return f"transformers has no standalone entry point for component kind {case.kind!r}"

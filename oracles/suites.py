@@ -21,7 +21,7 @@ from refimpl import fp8, mla, rope
 from refimpl.checkpoint import attention_shapes, random_weights
 from refimpl.config import Config, RopeScaling
 
-from . import OraclesError, scenarios
+from . import OraclesError, edges, scenarios
 from .cases import Case
 
 SUITE_SEED = 20250101
@@ -392,6 +392,7 @@ def default():
         ("model.greedy.tiny", lambda c: greedy_case(c, t)),
     ]
     cases += _mtp_cases() + _fp8_cases()
+    cases += edges.default_cases(tiny, gate_case, moe_case)
     cases += scenarios.default_cases(tiny, tiny_mtp)
     for i in range(4):
         cases.append((f"gate.drawn{i}", lambda c: gate_case(c, draw_config(case_rng(c + "/cfg")),
