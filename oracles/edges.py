@@ -57,10 +57,22 @@ def gate_logits_below_88_case(cid, cfg, tokens=12):
     u[:, 0], w[:, 0] = 10.0, -9.3
     inputs = {"u": u.astype(F32), "gate_weight": w.astype(F32)}
     if cfg.uses_bias:
-        inputs["bias"] = rng.normal(0, 0.05, e).astype(F32)
+        inputs["bias"] = decisive_bias(rng, cfg)
     return Case(cid, "gate", "gate logits near -93: a float32 sigmoid 1/(1+exp(-x)) gives 0 and "
                              "the renormalisation 0/0; the weights are the softmax of the selected "
                              "logits", inputs, config=cfg)
+
+
+def decisive_bias(rng, cfg, margin=0.1) -> np.ndarray:
+    """A gate bias whose expert choice (scores ~0 next to it) is decided by more than `margin`
+    at the group and the expert level, so that no profile forgives it (draws until one is)."""
+    from .cases import routing_margin
+
+    for _ in range(1000):
+        b = rng.normal(0, 0.5, cfg.n_routed_experts).astype(F32)
+        if routing_margin(np.zeros((1, cfg.n_routed_experts)), b, cfg)[0] > margin:
+            return b
+    raise AssertionError("no decisive bias drawn")
 
 
 def fp8_model_config() -> Config:

@@ -54,8 +54,9 @@ from __future__ import annotations
 import numpy as np
 
 from refimpl import generate, mtp, names, rope
+from refimpl import model as model_mod
 from refimpl.backend import to_numpy
-from refimpl.model import Step, decoder_layer
+from refimpl.model import Step
 from refimpl.norm import rms_norm
 from refimpl.trace import recorder
 
@@ -194,15 +195,13 @@ class PackedRun:
         ids, pos = np.concatenate(ids)[None, :], np.concatenate(pos)
         s = ids.shape[1]
         new_slots = np.arange(start, start + s)
-        mask = np.zeros((s, start + s), dtype=bool)  # [queries, slots]
-        row = 0
+        tables, row = [], 0
         for r, n in seg:
-            table = np.concatenate([self.slots[r], new_slots[row:row + n]])
-            q_pos = np.arange(len(self.slots[r]), len(table))
-            mask[np.arange(row, row + n)[:, None], table[None, :]] = \
-                np.arange(len(table))[None, :] <= q_pos[:, None]
-            self.slots[r] = table
+            tables.append(np.concatenate([self.slots[r], new_slots[row:row + n]]))
             row += n
+        mask = batch_mask([(n, len(self.slots[r]), t) for (r, n), t in zip(seg, tables)], start + s)
+        for (r, _), t in zip(seg, tables):
+            self.slots[r] = t
         trace = {}
         xp = model.xp
         cos, sin = rope.cos_sin(pos, model.inv_freq, model.cos_sin_factor, xp)
@@ -211,7 +210,7 @@ class PackedRun:
         h = model.weights.rows(names.EMBED, ids)  # [1, s] -> [1, s, d]
         recorder(trace)("embed", h)
         for i in range(cfg.num_hidden_layers):
-            h = decoder_layer(h, model.weights, cfg, i, step, recorder(trace, f"layers.{i}."))
+            h = model_mod.decoder_layer(h, model.weights, cfg, i, step, recorder(trace, f"layers.{i}."))
         self.cache.length = start + s
         h = rms_norm(h, model.weights.get(names.FINAL_NORM), cfg.rms_norm_eps)
         recorder(trace)("final_hidden", h)
@@ -227,6 +226,21 @@ class PackedRun:
             for name in parts[0]:
                 out[request_name(r, name)] = np.concatenate([p[name] for p in parts], axis=1)
         return out
+
+
+def batch_mask(segments, n_slots: int) -> np.ndarray:
+    """The attention mask of one packed forward.  segments: per request in the batch, in row
+    order, (n new tokens, tokens held before, its block table after: slot of each position).
+    Row j (the request's token at position p) sees the slots of its own positions 0..p.
+    -> bool [sum n, n_slots]"""
+    mask = np.zeros((sum(n for n, _, _ in segments), n_slots), dtype=bool)  # [queries, slots]
+    row = 0
+    for n, held, table in segments:
+        q_pos = np.arange(held, held + n)
+        mask[np.arange(row, row + n)[:, None], table[None, :]] = \
+            np.arange(len(table))[None, :] <= q_pos[:, None]
+        row += n
+    return mask
 
 
 def run_schedule(case, dtype) -> dict:
@@ -450,7 +464,7 @@ def default_cases(tiny, tiny_mtp):
         ("scenario.prefix_cache.small", lambda c: prefix_cache_case(c, t, 20, 5, 7, 6)),
         ("scenario.ragged_batch.small", lambda c: ragged_batch_case(c, t, [9, 17, 4], 4)),
         ("scenario.decode.past_256", lambda c: long_decode_case(
-            c, t, 250, 12, pins="12 decode steps from position 250 to 261: past the first KV "
+            c, t, 240, 60, pins="60 decode steps from position 240 to 299: past the first KV "
                                 "block of 256 and past original_max_position_embeddings 64")),
         ("scenario.speculation.depth2.short", lambda c: speculation_case(
             c, tiny_mtp(2, num_hidden_layers=2), 2, 5, 24)),
