@@ -422,9 +422,10 @@ def ragged_batch_case(cid, cfg, prompts, decode, pins=None):
              fwd(*[(r, 1) for r in range(n) if r != late], (late, prompts[late])),
              fwd(*[(r, 1) for r in range(n)], repeat=decode)]
     lengths = [prompts[r] + (decode + 3 if r != late else decode) for r in range(n)]
+    first = " and ".join(str(prompts[r]) for r in range(n) if r != late)
     return schedule_case(cid, cfg, lengths, steps, pins or
-                         f"one batch of prompts of {', '.join(map(str, prompts))} tokens, then "
-                         "decode and prefill mixed in one forward")
+                         f"prompts of {first} tokens in one forward, then a {prompts[late]}-token "
+                         "prefill in the same forward as their decode steps")
 
 
 def long_decode_case(cid, cfg, prefill, steps, pins=None):
@@ -486,8 +487,9 @@ def suite(tiny, tiny_mtp):
             c, t, 100, 30, 40, 150,
             pins="a 100-token prefix computed once, reused by a second request that grows to 290")),
         ("scenario.ragged_batch.long", lambda c: ragged_batch_case(
-            c, t, [33, 70, 5], 200, pins="prompts of 33, 70 and 5 tokens in one batch, a late "
-                                         "prefill mixed with decode steps, then 200 decode steps")),
+            c, t, [33, 70, 5], 200, pins="prompts of 33 and 70 tokens in one forward, a 5-token "
+                                         "prefill mixed with their decode steps, then 200 decode "
+                                         "steps of all three")),
         ("scenario.decode.long", lambda c: long_decode_case(
             c, t, 20, 300, pins="300 decode steps after a 20-token prefill, to position 319")),
         ("scenario.speculation.depth2", lambda c: speculation_case(
