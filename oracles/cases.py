@@ -15,6 +15,7 @@ names (`embed`, `layers.N.attn_out`, `layers.N.topk_idx`, `final_hidden`, `logit
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -169,10 +170,16 @@ def run_fp8_dequant(case, dtype):
 
 
 def _model(case, dtype):
-    if any(k.endswith("_scale_inv") for k in case.weights):  # stored FP8 (edges.fp8_model_case)
-        from .emulate import FP8Arrays
-        return Model(case.config, FP8Arrays(case.config, case.weights), dtype=np.dtype(dtype).name)
-    return Model.from_arrays(case.config, case.weights, dtype=np.dtype(dtype).name)
+    """The case's model; weights kept as stored FP8 (fp8.BlockFP8, emulate.prepared for the fp8
+    profile) run through the FP8 GEMM, as an FP8 engine runs them. A case as written (a stored
+    FP8 checkpoint's e4m3 weights with their _scale_inv, edges.fp8_model_case) is read as the
+    float64 reference reads it: dequantised."""
+    if any(k.endswith("_scale_inv") for k in case.weights):
+        from .emulate import paired_fp8
+        case = dataclasses.replace(case, weights=paired_fp8(case.weights, "float64"))
+    stored_fp8 = any(isinstance(w, fp8.BlockFP8) for w in case.weights.values())
+    return Model.from_arrays(case.config, case.weights, dtype=np.dtype(dtype).name,
+                             fp8_activations=stored_fp8)
 
 
 def run_prefill(case, dtype):

@@ -9,6 +9,18 @@ convention an engine follows.
 Each mutant is also a candidate: `oracles check GOLDEN --adapter oracles.mutants:zero_group_mask`.
 `ties_higher_index` is not a bug but an allowed alternative (`allowed=True`: torch.topk leaves
 the order of ties unspecified): the default suite passes it and the conventions suite labels it.
+
+Adding one: a function (case) -> context manager, registered with its SPEC.md topic and the bug
+in one line, usually replacing one function of a refimpl module (the module attribute the math
+looks up, e.g. moe.group_mask, rope.softmax_scale) through `patched`:
+
+    @_register("my_bug", "spec topic", "what the buggy implementation does")
+    def _patch_my_bug(case):
+        return patched([(moe, "routing_weights", my_buggy_routing_weights)])
+
+A run applies it as `emulate.run_case(case, precision, MUTANTS["my_bug"])`; replacements that
+produce an operator's output should pass it through `ops.boundary`, like the function they
+replace, so that the bf16 and fp8 runs round it.
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ import numpy as np
 
 from refimpl import fp8, mla, moe, mtp, names, rope
 from refimpl.backend import array_module
-from refimpl.ops import topk_indices
+from refimpl.ops import boundary, topk_indices
 from refimpl.trace import ignore
 
 from .adapters import RefimplAdapter
@@ -162,7 +174,7 @@ def _apply_rope_halves(x, cos, sin):
     c, s = rope.pair_tables(x, cos, sin)
     half = x.shape[-1] // 2
     a, b = x[..., :half], x[..., half:]
-    return xp.concatenate([a * c - b * s, a * s + b * c], axis=-1)
+    return boundary(xp.concatenate([a * c - b * s, a * s + b * c], axis=-1))
 
 
 @_register("rotate_half_rope", "rope layout",

@@ -23,6 +23,7 @@ from .fp8 import scale_shape
 from .atomic import atomic_directory
 from .config import Config
 from .errors import CheckpointError
+from .names import ATTN_NORMS, BIAS_SUFFIX, FFN_PROJ, MTP_EXTRA, layer_of  # noqa: F401 (re-exported)
 
 # safetensors dtype names -> numpy dtypes (ml_dtypes for bf16 and fp8)
 DTYPES = {
@@ -34,8 +35,6 @@ DTYPES = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit on the JSON header
 MAX_DIM = 2 ** 40  # no real dimension comes near; a zero-sized tensor can't hide a huge one
-
-from .names import ATTN_NORMS, BIAS_SUFFIX, FFN_PROJ, MTP_EXTRA, layer_of  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------

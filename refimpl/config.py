@@ -35,7 +35,33 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class Config:
-    """Every number the forward pass needs; field names are the config.json keys."""
+    """Every number the forward pass needs; field names are the config.json keys.
+
+    The paper's symbols (sections 2.1-2.2, 4.2-4.3; docs/math.md), the field that holds each, and
+    its value in the deepseek-v3 preset:
+
+        d        hidden_size                            7168
+        n_h      num_attention_heads                    128
+        d_h      qk_nope_head_dim (keys, queries)       128
+                 v_head_dim (values; the paper's d_h)   128
+        d_h^R    qk_rope_head_dim                       64
+        d_c      kv_lora_rank                           512
+        d'_c     q_lora_rank (None: no query latent)    1536
+        L        num_hidden_layers                      61
+        N_s      n_shared_experts                       1
+        N_r      n_routed_experts                       256
+        K_r      num_experts_per_tok                    8
+        M        topk_group (groups kept per token)     4, of n_group = 8 groups (nodes)
+                 moe_intermediate_size (expert width)   2048
+                 intermediate_size (dense FFN width)    18432, in the first_k_dense_replace = 3
+        D        num_nextn_predict_layers               1
+        V        vocab_size                             129280
+        s        rope_scaling.factor                    40
+        alpha    rope_scaling.beta_slow                 1
+        beta     rope_scaling.beta_fast                 32
+        sqrt(t)  m(s, rope_scaling.mscale_all_dim)      0.1 ln 40 + 1 = 1.3688879
+                 routed_scaling_factor (not in eq. 13)  2.5
+    """
 
     vocab_size: int
     hidden_size: int

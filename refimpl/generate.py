@@ -11,6 +11,7 @@ import numpy as np
 from . import mtp, names
 from .backend import to_numpy
 from .errors import InputError, RefimplError
+from .ops import softmax
 
 
 def greedy(model, prompt, max_new_tokens: int) -> list[int]:
@@ -83,9 +84,7 @@ def _check_lengths(model, prompt, max_new_tokens):
 
 def probabilities(logits, temperature: float) -> np.ndarray:
     """softmax(logits / temperature) in float64 on the host.   [vocab] -> [vocab]"""
-    z = to_numpy(logits).astype(np.float64) / temperature
-    e = np.exp(z - z.max())
-    return e / e.sum()
+    return softmax(to_numpy(logits).astype(np.float64) / temperature)
 
 
 def accept_or_resample(p, q, draft: int, rng) -> tuple[bool, int]:

@@ -131,7 +131,15 @@ def attention_naive(q_nope, q_rope, c_kv, k_rope, kv_b_proj, scale, mask):
 
 def attention_absorbed(q_nope, q_rope, c_kv, k_rope, kv_b_proj, scale, mask):
     """eq. (10) in the latent space: q^C_i W^UK_i dotted with c^KV, W^UV applied after attention.
-    Same arguments and result as attention_naive."""
+    Same arguments and result as attention_naive.  In einsum subscripts (b batch, s queries,
+    t keys, h heads, d = d_h, r = d_R, c = d_c, v = d_v):
+
+        q_lat  = einsum("bshd,hdc->bshc", q^C, W^UK)                    q^C_i W^UK_i
+        scores = einsum("bshc,btc->bsht", q_lat, c^KV) + einsum("bshr,btr->bsht", q^R, k^R)
+        o      = einsum("bshc,hvc->bshv", einsum("bsht,btc->bshc", p, c^KV), W^UV)
+
+    computed below with matrix products instead: np.einsum was up to 3x slower per call on the
+    CPU and no faster over a whole decode (benchmarks/cpu_forward.md)."""
     b, s, n_heads, d_nope = q_nope.shape
     t, d_c = c_kv.shape[1], c_kv.shape[2]
     w_uk, w_uv = split_kv_b(kv_b_proj, n_heads, d_nope)

@@ -25,6 +25,7 @@ from .checkpoint import Checkpoint
 from .config import Config
 from .errors import InputError, RefimplError
 from .norm import rms_norm
+from .ops import boundary
 from .trace import ignore, recorder
 from .weights import ArraySource, ExpertView, LazyGroup, WeightStore, weight_budget
 
@@ -90,7 +91,7 @@ def decoder_layer(h, w: WeightStore, cfg: Config, i: int, step: Step, record=ign
     record("ffn_norm", x)
     f = ffn(x, w, cfg, i, record)
     record("ffn_out", f)
-    h = h + f
+    h = boundary(h + f)  # the layer's output: an operator boundary (ops.rounding)
     record("hidden", h)
     return h
 
@@ -274,7 +275,7 @@ class Model:
         L = names.mtp_layer(cfg, k)
         s = tokens_k.shape[1]
         if cache is None and start != 0:
-            raise RefimplError("module_forward without a cache must start at index 0")
+            raise RefimplError("mtp_module without a cache must start at index 0")
         idx = np.arange(start, start + s)
         pos = idx + (k if conv.positions == "token" else 0)
         if pos[-1] >= cfg.max_position_embeddings:

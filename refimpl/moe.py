@@ -12,7 +12,7 @@ experts.
 from __future__ import annotations
 
 from .backend import array_module, stable_argsort, to_numpy
-from .ops import linear, sigmoid, silu, softmax, topk_indices
+from .ops import linear, rounding, sigmoid, silu, softmax, topk_indices
 from .trace import ignore
 
 
@@ -40,17 +40,19 @@ def moe_ffn(x, gate_weight, bias, experts, shared, cfg, record=ignore):
 
 
 def swiglu(x, gate_proj, up_proj, down_proj):
-    """FFN(x) = down(silu(gate(x)) * up(x)) [arxiv 2002.05202 eq. 5].   [n, d] -> [n, d]"""
+    """FFN(x) = down(silu(gate(x)) * up(x)) [arxiv 2002.05202 eq. 5].   [..., d] -> [..., d]"""
     return linear(silu(linear(x, gate_proj)) * linear(x, up_proj), down_proj)
 
 
 def router_scores(u, gate_weight, scoring_func: str):
     """eq. (15): s_i,t = sigmoid(u_t . e_i) (V3), or softmax over experts (V2 configs).
-    Computed in at least float32.   u: [T, d], gate_weight: [E, d] -> [T, E]"""
+    Computed in at least float32 and never rounded to a lower emulated precision (engines run
+    the gate in float32; ops.rounding).   u: [T, d], gate_weight: [E, d] -> [T, E]"""
     xp = array_module(u)
     wd = xp.promote_types(u.dtype, xp.float32)
-    logits = linear(u.astype(wd, copy=False), gate_weight.astype(wd, copy=False))
-    return sigmoid(logits) if scoring_func == "sigmoid" else softmax(logits, axis=-1)
+    with rounding(None):
+        logits = linear(u.astype(wd, copy=False), gate_weight.astype(wd, copy=False))
+        return sigmoid(logits) if scoring_func == "sigmoid" else softmax(logits, axis=-1)
 
 
 def group_scores(biased, n_group: int, topk_method: str):

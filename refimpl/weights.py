@@ -26,7 +26,9 @@ STREAM_CHUNK = 64 * 2**20  # bytes of a streamed matrix (a large lm_head) materi
 
 
 class ArraySource:
-    """Weights held in memory (name -> array), with the same reading interface as Checkpoint."""
+    """Weights held in memory (name -> array), with the same reading interface as Checkpoint.
+    An fp8.BlockFP8 entry is a weight stored in FP8 (e4m3 + block scales): read dequantised, or
+    kept as stored by a store with fp8_linears (Model(fp8_activations=True))."""
 
     def __init__(self, cfg: Config, arrays: dict):
         self.config = cfg
@@ -41,10 +43,23 @@ class ArraySource:
     def shape(self, name):
         return tuple(self.arrays[name].shape)
 
+    def dtype(self, name: str) -> str:
+        """"F8_E4M3" for a stored-FP8 entry, else the array's numpy dtype name."""
+        a = self.arrays[name]
+        return "F8_E4M3" if isinstance(a, fp8.BlockFP8) else np.asarray(a).dtype.name
+
+    def stored_fp8(self, name: str):
+        """(q e4m3, scale_inv float32) of a stored-FP8 entry."""
+        a = self.arrays[name]
+        return a.q, a.scale_inv
+
     def weight(self, name, dtype=np.float64):
         if name not in self.arrays:
             raise CheckpointError(f"weights: tensor {name} is missing")
-        return np.asarray(self.arrays[name], dtype=dtype)
+        a = self.arrays[name]
+        if isinstance(a, fp8.BlockFP8):
+            return fp8.dequantize(a.q, a.scale_inv, dtype=dtype)
+        return np.asarray(a, dtype=dtype)
 
 
 class WeightStore:
