@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
-import tempfile
 import time
 
-from refimpl.errors import RefimplError
+from refimpl.atomic import atomic_directory, check_destination, write_text
+from refimpl.errors import RefimplError, printable
 
 
 def _progress(args):
@@ -64,7 +63,7 @@ def main(argv=None) -> int:
     try:
         return COMMANDS[args.cmd](args)
     except RefimplError as e:  # OraclesError included
-        print(f"oracles: error: {e}", file=sys.stderr)
+        print(f"oracles: error: {printable(e)}", file=sys.stderr)
         return 2
 
 
@@ -91,13 +90,11 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _write_json(path, obj):
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".oracles-", suffix=".json", dir=d)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+def _write_json(path, obj, expect=...):
+    """The report as JSON, atomically (refimpl.atomic: temporary beside it, then rename)."""
+    from . import OraclesError
+
+    write_text(path, json.dumps(obj, indent=1) + "\n", OraclesError, tag="oracles", expect=expect)
 
 
 def cmd_check(args) -> int:
@@ -107,6 +104,8 @@ def cmd_check(args) -> int:
 
     if bool(args.candidate) == bool(args.adapter):
         raise OraclesError("check needs exactly one of CANDIDATE (a directory) or --adapter pkg.mod:factory")
+    json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
+    html_dest = check_destination(args.html_out, "file", OraclesError) if args.html_out else None
     cand = load_adapter(args.adapter) if args.adapter else DirCandidate(args.candidate)
     base = f"oracles check {shlex.quote(args.golden)} " + (
         f"--adapter {args.adapter}" if args.adapter else shlex.quote(args.candidate))
@@ -116,17 +115,21 @@ def cmd_check(args) -> int:
     rep["seconds"] = round(time.perf_counter() - t, 3)
     print(format_report(rep))
     if args.json_out:
-        _write_json(args.json_out, rep)
+        _write_json(args.json_out, rep, expect=json_dest)
     if args.html_out:
-        from .report_html import write_html
-        write_html(args.html_out, rep)
+        from .report_html import render
+        write_text(args.html_out, render(rep), OraclesError, tag="oracles", expect=html_dest)
     return 0 if rep["ok"] else 1
 
 
 def cmd_run(args) -> int:
+    from . import OraclesError
     from .adapters import load_adapter, write_outputs
 
-    skipped = write_outputs(args.golden, load_adapter(args.adapter), args.out, args.only)
+    check_destination(args.out, "directory", OraclesError)  # before the adapter runs
+    adapter = load_adapter(args.adapter)
+    with atomic_directory(args.out, OraclesError, tag="oracles") as tmp:  # never merged into
+        skipped = write_outputs(args.golden, adapter, tmp, args.only)
     for cid, why in skipped.items():
         print(f"skipped {cid}: {why}")
     print(f"wrote {args.out}")

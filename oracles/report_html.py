@@ -21,7 +21,6 @@ import html
 import json
 import math
 import os
-import tempfile
 
 # statuses that get a chart (the ones a person has to look into)
 CHARTED = ("fail", "inconclusive")
@@ -334,25 +333,10 @@ def render(rep: dict) -> str:
 
 
 def write_html(path: str, rep: dict) -> None:
-    """Write render(rep) to `path` atomically (a temporary sibling, then renamed)."""
+    """Write render(rep) to `path` atomically (refimpl.atomic: a temporary beside it, renamed
+    when complete; an unusable destination is one line)."""
+    from refimpl.atomic import write_text
+
     from . import OraclesError
 
-    text = render(rep)
-    d = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise OraclesError(f"--html {path}: is a directory")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".oracles-", suffix=".html", dir=d)
-    except OSError as e:
-        raise OraclesError(f"--html {path}: cannot write there ({e.strerror})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text(path, render(rep), OraclesError, tag="oracles")
