@@ -263,3 +263,17 @@ def test_the_report_renders_in_headless_chromium(mutant_report, tmp_path):
     assert count(report_html.PASS_COLOUR) >= 144
     white = count("#ffffff")
     assert 0.5 * w * h < white < 0.99 * w * h
+
+
+def test_an_inconclusive_case_gets_a_chart_and_a_case_without_outputs_a_line(mutant_report):
+    rep = copy.deepcopy(mutant_report)
+    for r in rep["cases"]:
+        if r["status"] == "fail":
+            r["status"] = "pass"
+    rep["cases"][0].update(status="inconclusive", reason="compared 10% of tokens, below 50%")
+    rep["cases"].append({"id": "x.crashed", "kind": "prefill", "pins": "", "status": "error",
+                         "reason": "candidate raised ValueError: <boom>", "outputs": [],
+                         "not_provided": []})
+    page = parse(report_html.render(rep))
+    assert len(page.find("svg", "chart")) == 1
+    assert any("candidate raised ValueError: <boom>" in e["text"] for e in page.find("li"))
