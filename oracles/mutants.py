@@ -1,5 +1,7 @@
 """A catalogue of mutants: each one a bug that public DeepSeek-V3 implementations shipped
-(SPEC.md section 9), made by patching ONE refimpl function for the duration of a run.
+(SPEC.md sections 9 and 10), made by patching ONE function for the duration of a run: a refimpl
+function, or for the mixed-batch split the scenario runner's batch mask
+(oracles.scenarios.batch_mask), which drives refimpl through a serving schedule.
 
 They serve twice: tests show the default suite fails every mutant and names the right first
 intermediate (tests/oracles/test_mutants.py), and the conventions suite uses the ones that are
@@ -230,7 +232,7 @@ def _partial(q_nope, q_rope, c_kv, k_rope, kv_b_proj, scale, mask):
     total = e.sum(axis=-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         lse = (np.log(total) + safe)[..., 0]
-        o_lat = (e / total) @ c_kv[:, None]  # [b, H, s, d_c]
+        o_lat = boundary(e / total) @ c_kv[:, None]  # [b, H, s, d_c]
     o = o_lat @ w_uv.transpose(0, 2, 1)  # [b, H, s, d_v]
     return o.transpose(0, 2, 1, 3), lse.transpose(0, 2, 1)
 
