@@ -230,3 +230,15 @@ def test_speculation_accepts_drafts_at_depth_2_and_rejects_others(cid):
     rep = decode(_model(case, np.float64), case.inputs["input_ids"][0],
                  case.params["max_new_tokens"], use_mtp=True, depth=case.params["depth"])
     assert rep.accepted[1] >= 1 and rep.accepted[0] < rep.drafted[0]
+
+
+def test_a_long_scenario_suite_case_is_written_and_passed_by_the_reference(tmp_path):
+    """The scenarios suite end to end for one case (generate, then check the reference in
+    float32 and in emulated bf16 under their profiles): it is a suite like the others."""
+    from oracles.adapters import load_adapter
+
+    out = str(tmp_path / "scenarios")
+    golden.generate(out, "scenarios", only="scenario.prefix_cache.long")
+    assert run_check(out, load_adapter("oracles.adapters:refimpl_float32"), "float32")["ok"]
+    bf16 = load_adapter("oracles.adapters:refimpl_bf16")
+    assert run_check(out, bf16, "bf16")["ok"] and not run_check(out, bf16, "float32")["ok"]
