@@ -6,6 +6,23 @@ An adapter is any object with
 where `case` has .id, .kind, .params, .inputs (numpy arrays as stored), .config (refimpl Config or
 None), .weights (model cases: the checkpoint tensors) and .path (the case directory, holding
 config.json and model.safetensors for model cases).
+
+Scenario cases (kinds `schedule` and `mtp_speculation`, oracles/scenarios.py) also have
+.schedule (= .params["schedule"]; None for every other case): how the engine must run the
+requests, e.g. for `schedule`
+
+    {"format": 1, "requests": 2, "steps": [
+        {"op": "forward", "batch": [[0, 20]]},                          # one forward: request 0's next 20 tokens
+        {"op": "share_prefix", "request": 1, "from": 0, "length": 20},  # request 1 reuses those 20 cache entries
+        {"op": "forward", "batch": [[0, 5], [1, 7]]},                   # one batch: 5 more of 0, 7 of 1
+        {"op": "forward", "batch": [[1, 1]], "repeat": 3}]}             # three decode steps of request 1
+
+with request r's tokens in .inputs["request.<r>.input_ids"] [1, n_r], and outputs named
+request.<r>.logits (required) and request.<r>.<trace name> over the positions the schedule
+computes for r. An engine that cannot run a schedule as written returns a reason from
+supports(case) (the case is skipped, never passed); running the requests some other way would
+not test the path the case is for. oracles.scenarios.expand(schedule, lengths) checks a schedule
+and unrolls it into one entry per forward.
 """
 
 from __future__ import annotations

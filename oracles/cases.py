@@ -15,6 +15,7 @@ names (`embed`, `layers.N.attn_out`, `layers.N.topk_idx`, `final_hidden`, `logit
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,14 +40,16 @@ class Kind:
     required: Callable  # (case) -> names a candidate must provide
     doc: str
     aux: Callable | None = None  # (case, outputs) -> expected-only tensors (routing margins)
+    alone: Callable | None = None  # (case, dtype) -> the expected outputs, when `run` takes
+    # another path to them (scenario kinds: run = through the schedule, alone = each request alone)
 
 
 KINDS: dict[str, Kind] = {}
 
 
-def register(name: str, run, required, doc: str, aux=None) -> None:
+def register(name: str, run, required, doc: str, aux=None, alone=None) -> None:
     KINDS[name] = Kind(name, run, required if callable(required) else (lambda c, r=tuple(required): r),
-                       doc, aux)
+                       doc, aux, alone)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +171,12 @@ def run_fp8_dequant(case, dtype):
 
 def _model(case, dtype):
     """The case's model; weights kept as stored FP8 (fp8.BlockFP8, emulate.prepared for the fp8
-    profile) run through the FP8 GEMM, as an FP8 engine runs them."""
+    profile) run through the FP8 GEMM, as an FP8 engine runs them. A case as written (a stored
+    FP8 checkpoint's e4m3 weights with their _scale_inv, edges.fp8_model_case) is read as the
+    float64 reference reads it: dequantised."""
+    if any(k.endswith("_scale_inv") for k in case.weights):
+        from .emulate import paired_fp8
+        case = dataclasses.replace(case, weights=paired_fp8(case.weights, "float64"))
     stored_fp8 = any(isinstance(w, fp8.BlockFP8) for w in case.weights.values())
     return Model.from_arrays(case.config, case.weights, dtype=np.dtype(dtype).name,
                              fp8_activations=stored_fp8)
@@ -334,3 +342,7 @@ register("training", run_training, ["balance_loss", "bias_updated", "mtp_loss"],
 register("fp8_quant", run_fp8_quant, ["q", "scale_inv"], "FP8 e4m3 block quantisation of a weight")
 register("fp8_act_quant", run_fp8_act_quant, ["q", "s"],
          "FP8 activation quantisation per token per 128 channels")
+
+from . import scenarios  # noqa: E402 - the scenario kinds (schedule, mtp_speculation)
+
+scenarios.register_kinds(register)

@@ -52,7 +52,16 @@ class DirCandidate:
         self.label = self.path
 
     def supports(self, case_id, load):
-        return True
+        """True, or the reason in CANDIDATE/cases/<id>/skip.txt (an engine that cannot run the
+        case, e.g. cannot express its schedule, says so there): its first line, printable
+        characters only, at most 200."""
+        p = os.path.join(self.path, "cases", case_id, "skip.txt")
+        if not os.path.isfile(p):
+            return True
+        with open(p, "rb") as f:
+            line = f.read(4096).decode("utf-8", "replace").splitlines()[:1]
+        reason = "".join(ch for ch in (line[0] if line else "") if ch.isprintable()).strip()[:200]
+        return reason or "skipped (empty skip.txt)"
 
     def outputs(self, case_id, load):
         p = untrusted.inside(self.path, f"cases/{case_id}/outputs.safetensors",

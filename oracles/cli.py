@@ -3,7 +3,7 @@
     oracles list     [--suite NAME]
     oracles generate --out DIR [--suite NAME] [--only GLOB]
     oracles check    GOLDEN [CANDIDATE | --adapter pkg.mod:factory] [--profile float32|bf16|fp8] [--only GLOB] [--json REPORT]
-                     [--expect-digest HEX] [--case-timeout SECONDS] [--allow-empty] [--allow-inconclusive]
+                     [--html REPORT.html] [--expect-digest HEX] [--case-timeout SECONDS] [--allow-empty] [--allow-inconclusive]
     oracles run      GOLDEN --adapter pkg.mod:factory --out CANDIDATE [--expect-digest HEX] [--case-timeout S]
 
 check exits 0 when every checked case passes; 1 when a case fails, is missing, errs (the adapter
@@ -80,6 +80,7 @@ def _parser():
                    help="exit 0 even if no required output was compared (all skipped or declined)")
     c.add_argument("--allow-inconclusive", action="store_true",
                    help="exit 0 even if a case compared too few positions to decide")
+    c.add_argument("--html", dest="html_out", help="write the report as one self-contained HTML page here")
     c.add_argument("--quiet", action="store_true")
     r = sub.add_parser("run", help="run an adapter and write its outputs (the file route)")
     r.add_argument("golden")
@@ -138,6 +139,7 @@ def cmd_check(args) -> int:
     if bool(args.candidate) == bool(args.adapter):
         raise OraclesError("check needs exactly one of CANDIDATE (a directory) or --adapter pkg.mod:factory")
     json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
+    html_dest = check_destination(args.html_out, "file", OraclesError) if args.html_out else None
     cand = load_adapter(args.adapter, args.case_timeout) if args.adapter else DirCandidate(args.candidate)
     base = f"oracles check {shlex.quote(args.golden)} " + (
         f"--adapter {args.adapter}" if args.adapter else shlex.quote(args.candidate))
@@ -149,6 +151,9 @@ def cmd_check(args) -> int:
     print(format_report(rep))
     if args.json_out:
         _write_json(args.json_out, rep, expect=json_dest)
+    if args.html_out:
+        from .report_html import render
+        write_text(args.html_out, render(rep), OraclesError, tag="oracles", expect=html_dest)
     return 0 if rep["ok"] else 1
 
 

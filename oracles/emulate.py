@@ -38,7 +38,7 @@ from .cases import KINDS, Case
 
 PRECISIONS = ("float64", "float32", "bf16", "fp8")
 BF16 = np.dtype(ml_dtypes.bfloat16)
-_KEEP_F32 = ("bias", "e_score_correction_bias")  # stored float32 in every checkpoint
+_KEEP_F32 = ("bias", "e_score_correction_bias", "_scale_inv")  # stored float32 in every checkpoint
 
 
 @contextlib.contextmanager
@@ -85,6 +85,20 @@ def fp8_weight(name: str, w):
     return fp8.BlockFP8(q, s)
 
 
+def paired_fp8(weights: dict, precision: str) -> dict:
+    """A checkpoint's stored FP8 weights (an e4m3 `<name>` with its float32 `<name>_scale_inv`,
+    the FP8 model cases) as the precision holds them: kept as stored (fp8.BlockFP8, run through
+    the FP8 GEMM) for the fp8 profile, dequantised (fp8.dequantize) and cast otherwise."""
+    out = dict(weights)
+    for name in [n for n in out if n.endswith("_scale_inv")]:
+        stem = name[: -len("_scale_inv")]
+        if stem in out and np.asarray(out[stem]).dtype == E4M3:
+            q, s = out[stem], np.asarray(out.pop(name), np.float32)
+            out[stem] = fp8.BlockFP8(q, s) if precision == "fp8" else \
+                _cast(stem, fp8.dequantize(q, s, dtype=np.float64), precision)
+    return out
+
+
 def _cast(name, a, precision):
     a = np.asarray(a)
     if not np.issubdtype(a.dtype, np.floating) or a.dtype == E4M3:
@@ -105,25 +119,28 @@ def prepared(case: Case, precision: str) -> Case:
     return dataclasses.replace(
         case, inputs={k: _cast(k, v, precision) for k, v in case.inputs.items()},
         weights=None if case.weights is None else
-        {k: _cast(k, v, precision) for k, v in case.weights.items()})
+        paired_fp8({k: _cast(k, v, precision) for k, v in case.weights.items()}, precision))
 
 
 def working_dtype(precision: str):
     return np.float64 if precision == "float64" else np.float32
 
 
-def run_case(case: Case, precision: str = "float64", mutant=None) -> dict:
+def run_case(case: Case, precision: str = "float64", mutant=None, alone: bool = False) -> dict:
     """The case's outputs from refimpl -> {name: float64 or int64 numpy array}, dataflow order.
-    `mutant` (a mutants.Mutant) is patched in during the run."""
+    `mutant` (a mutants.Mutant) is patched in during the run. `alone`: the kind's standalone
+    computation where it has one (the expected values of scenario kinds)."""
     kind = KINDS[case.kind]
-    work = prepared(case, precision)
     stack = contextlib.ExitStack()
     with stack:
         if precision in ("bf16", "fp8"):
             stack.enter_context(ops.rounding(round_bf16))
         if mutant is not None:
             stack.enter_context(mutant.patch(case))
-        out = kind.run(work, working_dtype(precision))
+        # prepared inside the mutant: a candidate's own loading (dequantising a stored FP8
+        # checkpoint, quantising for the fp8 profile) has its bug too
+        work = prepared(case, precision)
+        out = (kind.alone if alone and kind.alone else kind.run)(work, working_dtype(precision))
     result = {}
     for k, v in out.items():
         v = np.asarray(v)

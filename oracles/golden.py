@@ -76,7 +76,7 @@ def compute(case: Case) -> tuple[dict, dict, dict]:
 
     kind = KINDS[case.kind]
     under = MUTANTS[case.expect_under] if case.expect_under else None
-    truth = run_case(case, "float64", under)
+    truth = run_case(case, "float64", under, alone=True)
     aux = kind.aux(case, truth) if kind.aux else {}
     tols = {}
     for profile in tolerance.PROFILES:

@@ -28,13 +28,17 @@ class TransformersAdapter:
         transformers.utils.logging.disable_progress_bar()
 
     def supports(self, case):
+        if case.kind == "schedule":
+            return ("this adapter runs each request alone in one forward; it cannot express a "
+                    "serving schedule (chunked prefill, a shared prefix, a ragged batch)")
         if case.kind.startswith("mtp") or case.kind == "speculative":
             n = case.config.num_hidden_layers
             if n != 61:
                 return (f"transformers runs MTP only as checkpoint layer 61 (a 61-layer main "
                         f"model); this case has {n} layers, so it drops the MTP layers")
             return "MTP through transformers' MtpModel is not wired into this adapter"
-        if case.kind.startswith("fp8"):
+        if case.kind.startswith("fp8") or (case.config is not None
+                                           and case.config.extra.get("quantization_config")):
             return "transformers' FP8 path needs a GPU (fine-grained FP8 kernels); no FP8 on CPU"
         if case.kind not in MODEL_KINDS:
             return f"transformers has no standalone entry point for component kind {case.kind!r}"

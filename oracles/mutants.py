@@ -1,5 +1,7 @@
 """A catalogue of mutants: each one a bug that public DeepSeek-V3 implementations shipped
-(SPEC.md section 9), made by patching ONE refimpl function for the duration of a run.
+(SPEC.md sections 9 and 10), made by patching ONE function for the duration of a run: a refimpl
+function, or for the mixed-batch split the scenario runner's batch mask
+(oracles.scenarios.batch_mask), which drives refimpl through a serving schedule.
 
 They serve twice: tests show the default suite fails every mutant and names the right first
 intermediate (tests/oracles/test_mutants.py), and the conventions suite uses the ones that are
@@ -34,9 +36,10 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
-from refimpl import mla, moe, mtp, rope
+from refimpl import fp8, mla, moe, mtp, names, rope
 from refimpl.backend import array_module
 from refimpl.ops import boundary, topk_indices
+from refimpl.trace import ignore
 
 from .adapters import RefimplAdapter
 from .emulate import patched
@@ -75,6 +78,10 @@ def extent(case) -> int:
         return inp["x"].shape[1]
     if case.kind == "mla_decode":
         return inp["cache_c_kv"].shape[1] + 1
+    if case.kind == "schedule":
+        return max(v.shape[1] for k, v in inp.items() if k.endswith("input_ids"))
+    if case.kind == "mtp_speculation":
+        return inp["input_ids"].shape[1] + p["max_new_tokens"]
     return 0
 
 
@@ -202,6 +209,282 @@ _register("mtp_concat_swapped", "MTP concat",
 _register("mtp_pre_norm_h0", "MTP h0",
           "feeds module 1 the last decoder layer's output before the final norm")(
     lambda case: _mtp_convention(h0="pre_norm"))
+
+
+# ---- serving paths (SPEC.md section 10; the scenario cases, oracles/scenarios.py) -------------
+#
+# attention_naive / attention_absorbed get q [b, s, ...] and keys [b, t, ...]: t > s means the
+# forward continues a cached context (keys 0..t-s-1) with s new tokens; s == 1 is a decode step.
+
+def _partial(q_nope, q_rope, c_kv, k_rope, kv_b_proj, scale, mask):
+    """Attention over a part of the keys -> (o [b, s, H, d_v], lse [b, s, H]): the natural-log
+    log-sum-exp of each query's scores (-inf where it sees none of them), the way a chunked
+    kernel returns its partial result."""
+    b, s, n_heads, d_nope = q_nope.shape
+    w_uk, w_uv = mla.split_kv_b(kv_b_proj, n_heads, d_nope)
+    q_lat = q_nope.transpose(0, 2, 1, 3) @ w_uk  # [b, H, s, d_c]
+    scores = (q_lat @ c_kv[:, None].transpose(0, 1, 3, 2)
+              + q_rope.transpose(0, 2, 1, 3) @ k_rope[:, None].transpose(0, 1, 3, 2)) * scale
+    scores = np.where(mask, scores, -np.inf)  # [b, H, s, t]
+    m = scores.max(axis=-1, keepdims=True)
+    safe = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(scores - safe)
+    total = e.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = (np.log(total) + safe)[..., 0]
+        o_lat = boundary(e / total) @ c_kv[:, None]  # [b, H, s, d_c]
+    o = o_lat @ w_uv.transpose(0, 2, 1)  # [b, H, s, d_v]
+    return o.transpose(0, 2, 1, 3), lse.transpose(0, 2, 1)
+
+
+def _chunked_attention(bug):
+    """Attention of a chunk over cached context + itself as a chunked-prefill kernel does it: the
+    context part and the new part separately, merged by their log-sum-exps,
+        o = (e^lse_ctx o_ctx + e^lse_new o_new) / (e^lse_ctx + e^lse_new),
+    with one `bug` in the merge. Decode steps and forwards without context are left alone."""
+    def wrap(original):
+        def attend(q_nope, q_rope, c_kv, k_rope, kv_b_proj, scale, mask):
+            s, t = q_nope.shape[1], c_kv.shape[1]
+            if s == 1 or t == s:
+                return original(q_nope, q_rope, c_kv, k_rope, kv_b_proj, scale, mask)
+            c = t - s
+            o1, l1 = _partial(q_nope, q_rope, c_kv[:, :c], k_rope[:, :c], kv_b_proj, scale, mask[:, :c])
+            o2, l2 = _partial(q_nope, q_rope, c_kv[:, c:], k_rope[:, c:], kv_b_proj, scale, mask[:, c:])
+            if bug == "base2":  # the context's lse in base 2, merged as if natural
+                l1 = l1 / np.log(2.0)
+            empty = ~np.isfinite(l1)
+            if bug == "finite_empty":  # an empty context: lse 0 and output 0, not -inf
+                l1 = np.where(empty, 0.0, l1)
+            o1 = np.where(empty[..., None], 0.0, o1)
+            m = np.maximum(np.where(np.isfinite(l1), l1, -np.inf), l2)
+            w1, w2 = np.exp(l1 - m), np.exp(l2 - m)  # exp(-inf) = 0 for an empty context
+            return ((w1[..., None] * o1 + w2[..., None] * o2) / (w1 + w2)[..., None]).astype(q_nope.dtype)
+        return attend
+    return patched([(mla, "attention_naive", wrap(mla.attention_naive)),
+                    (mla, "attention_absorbed", wrap(mla.attention_absorbed))])
+
+
+_register("lse_base2_merge", "chunked prefill",
+          "merges a chunk's attention with its cached context using the context's log-sum-exp "
+          "in base 2 as if it were natural (a chunked-prefix kernel)")(
+    lambda case: _chunked_attention("base2"))
+_register("empty_chunk_finite_lse", "chunked prefill",
+          "merges an EMPTY context part (a request with nothing cached, batched with requests "
+          "that have a context) with a finite log-sum-exp 0 instead of -inf")(
+    lambda case: _chunked_attention("finite_empty"))
+
+
+@_register("mixed_batch_missplit", "mixed batch",
+           "splits a forward that mixes decode tokens and a prefill at the wrong offset: the "
+           "first prefill token is run with the last decode token's attention metadata")
+def _patch_mixed_batch_missplit(case):
+    from . import scenarios
+
+    original = scenarios.batch_mask
+
+    def batch_mask(segments, n_slots):
+        mask = original(segments, n_slots)
+        rows = np.cumsum([0] + [n for n, _, _ in segments])
+        decode = [j for j, (n, _, _) in enumerate(segments) if n == 1]
+        prefill = [j for j, (n, _, _) in enumerate(segments) if n > 1]
+        if decode and prefill:  # one row off at the decode/prefill boundary
+            mask[rows[prefill[0]]] = mask[rows[decode[-1]]]
+        return mask
+    return patched([(scenarios, "batch_mask", batch_mask)])
+
+
+@_register("kv_stride_drift", "KV layout",
+           "an MLA decode kernel reads V (d_c wide) with its own stride inside a cache laid out "
+           "[c_kv ; k_rope] per token: after the first KV block of 256 tokens V drifts")
+def _patch_kv_stride_drift(case):
+    original = mla.attention_absorbed
+
+    def attend(q_nope, q_rope, c_kv, k_rope, kv_b_proj, scale, mask):
+        b, s, n_heads, d_nope = q_nope.shape
+        t, d_c = c_kv.shape[1], c_kv.shape[2]
+        if s != 1 or t <= 256:
+            return original(q_nope, q_rope, c_kv, k_rope, kv_b_proj, scale, mask)
+        flat = np.concatenate([c_kv, k_rope], axis=-1).reshape(b, -1)  # the cache's memory
+        width = flat.shape[1] // t
+        v = c_kv.copy()
+        for j in range(256, t):  # block 2 on: V advances d_c per token, K advances width
+            off = 256 * width + (j - 256) * d_c
+            v[:, j] = flat[:, off:off + d_c]
+        w_uk, w_uv = mla.split_kv_b(kv_b_proj, n_heads, d_nope)
+        q_lat = q_nope.transpose(0, 2, 1, 3) @ w_uk  # [b, H, 1, d_c]
+        scores = (q_lat @ c_kv[:, None].transpose(0, 1, 3, 2)
+                  + q_rope.transpose(0, 2, 1, 3) @ k_rope[:, None].transpose(0, 1, 3, 2)) * scale
+        p = mla.softmax(np.where(mask, scores, -np.inf), axis=-1)
+        o = (p @ v[:, None]) @ w_uv.transpose(0, 2, 1)  # [b, H, 1, d_v]
+        return o.transpose(0, 2, 1, 3).astype(q_nope.dtype)
+    return patched([(mla, "attention_absorbed", attend)])
+
+
+@_register("decode_no_softmax_mscale", "mscale",
+           "leaves YaRN's m(s, mscale_all_dim)^2 out of the softmax scale in decode steps only "
+           "(an FP8-KV decode path; prefill correct)")
+def _patch_decode_no_softmax_mscale(case):
+    rs = case.config.rope_scaling if case.config is not None else None
+    if rs is None:
+        return contextlib.nullcontext()
+    m2 = rope.yarn_mscale(rs.factor, rs.mscale_all_dim) ** 2
+
+    def wrap(original):
+        def attend(q_nope, q_rope, c_kv, k_rope, kv_b_proj, scale, mask):
+            if q_nope.shape[1] == 1 and c_kv.shape[1] > 1:  # a decode step
+                scale = scale / m2
+            return original(q_nope, q_rope, c_kv, k_rope, kv_b_proj, scale, mask)
+        return attend
+    return patched([(mla, "attention_naive", wrap(mla.attention_naive)),
+                    (mla, "attention_absorbed", wrap(mla.attention_absorbed))])
+
+
+# ---- routing weights and the residual (SPEC.md section 9) ------------------------------------
+
+@_register("rsf_twice", "routed scaling factor",
+           "applies routed_scaling_factor twice (folded into the grouped top-k and again after)")
+def _patch_rsf_twice(case):
+    original = moe.routing_weights
+    return patched([(moe, "routing_weights", lambda s, idx, norm, rsf: original(s, idx, norm, rsf) * rsf)])
+
+
+@_register("rsf_skipped_without_norm", "routed scaling factor",
+           "skips routed_scaling_factor when norm_topk_prob is false")
+def _patch_rsf_skipped_without_norm(case):
+    original = moe.routing_weights
+    return patched([(moe, "routing_weights",
+                     lambda s, idx, norm, rsf: original(s, idx, norm, rsf if norm else 1.0))])
+
+
+@_register("sigmoid_underflow", "top-k renormalisation",
+           "computes the gate sigmoid as 1 / (1 + exp(-x)) in the working precision: 0 below "
+           "-88.7 in float32, and 0/0 when every selected score is 0")
+def _patch_sigmoid_underflow(case):
+    original = moe.router_scores
+
+    def scores(u, gate_weight, scoring_func):
+        if scoring_func != "sigmoid":
+            return original(u, gate_weight, scoring_func)
+        wd = np.promote_types(u.dtype, np.float32)
+        logits = u.astype(wd) @ gate_weight.astype(wd).T
+        with np.errstate(over="ignore"):
+            return (1 / (1 + np.exp(-logits))).astype(wd)
+    return patched([(moe, "router_scores", scores)])
+
+
+@_register("topk_renorm_epsilon", "top-k renormalisation",
+           "adds 1e-20 to the renormalisation's denominator (transformers, SGLang): weights "
+           "~1e-20 when every selected score is below 1e-20")
+def _patch_topk_renorm_epsilon(case):
+    def weights(scores, idx, norm_topk_prob, rsf):
+        g = np.take_along_axis(scores, idx, axis=-1)
+        if norm_topk_prob:
+            g = g / (g.sum(axis=-1, keepdims=True) + 1e-20)
+        return g * rsf
+    return patched([(moe, "routing_weights", weights)])
+
+
+@_register("residual_rescaled_dense", "residual scaling",
+           "an fp16 overflow workaround that divides the residual stream by "
+           "routed_scaling_factor once per dense layer and never multiplies it back")
+def _patch_residual_rescaled_dense(case):
+    from refimpl import model
+
+    original = model.decoder_layer
+
+    def layer(h, w, cfg, i, step, record=ignore):
+        if cfg.is_moe_layer(i):
+            return original(h, w, cfg, i, step, record)
+        f = cfg.routed_scaling_factor
+
+        def rec(name, value):
+            record(name, value / f if name == "hidden" else value)
+        return original(h, w, cfg, i, step, rec) / f
+    return patched([(model, "decoder_layer", layer)])
+
+
+# ---- MTP (SPEC.md section 6) -----------------------------------------------------------------
+
+_register("mtp_chain_pre_norm", "MTP chain",
+          "feeds module k+1 (the drafts at step >= 2) module k's output before shared_head.norm")(
+    lambda case: _mtp_convention(chain="pre_head_norm"))
+_register("mtp_zero_first_embedding", "MTP embedding",
+          "zeroes the embedding at index 0 of each module (position 0)")(
+    lambda case: _mtp_convention(first_embedding="zero"))
+
+
+@_register("mtp_no_head_norm", "MTP head norm",
+           "skips shared_head.norm: the head reads the module's decoder output directly")
+def _patch_mtp_no_head_norm(case):
+    def module_forward(weights, cfg, k, emb, h_prev, trm, conv=mtp.DEFAULT, record=ignore):
+        """mtp.module_forward, eqs. (21)-(23), with the head norm left out."""
+        L = names.mtp_layer(cfg, k)
+        record("embed", emb)
+        record("h_prev", h_prev)
+        x = mtp.combine(emb, h_prev, weights.get(names.enorm(L)), weights.get(names.hnorm(L)),
+                        weights.get(names.eh_proj(L)), cfg.rms_norm_eps, conv.concat)
+        record("eh_proj", x)
+        h = trm(x)
+        hn = h  # the bug: no rms_norm(h, shared_head.norm)
+        record("head_norm", hn)
+        logits = weights.linear(hn, mtp.head_name(cfg, k, conv))
+        record("logits", logits)
+        out = hn if conv.chain == "head_norm" else h
+        record("hidden", out)
+        return out, logits
+    return patched([(mtp, "module_forward", module_forward)])
+
+
+# ---- FP8 weights and activations (SPEC.md section 7) ------------------------------------------
+
+def _dequantize_with(change_scale):
+    original = fp8.dequantize
+
+    def dequantize(q, scale_inv, block=fp8.BLOCK, dtype=np.float64):
+        return original(q, change_scale(np.asarray(scale_inv), q.shape, block), block, dtype)
+    return patched([(fp8, "dequantize", dequantize)])
+
+
+def _transposed(s, shape, block):
+    rows, cols = s.shape
+    return s.reshape(cols, rows).T  # the [rows, cols] buffer read as [cols, rows]
+
+
+def _partial_block(s, shape, block):
+    s = s.copy()
+    if shape[0] % block and s.shape[0] > 1:
+        s[-1] = s[-2]
+    if shape[1] % block and s.shape[1] > 1:
+        s[:, -1] = s[:, -2]
+    return s
+
+
+_register("fp8_scale_transposed", "FP8 scales",
+          "reads weight_scale_inv transposed (its [rows, cols] buffer as [cols, rows])")(
+    lambda case: _dequantize_with(_transposed))
+_register("fp8_partial_block_scale", "FP8 scales",
+          "gives a partial edge block (a dimension not a multiple of 128) the scale of the block "
+          "before it (block count by floor division)")(
+    lambda case: _dequantize_with(_partial_block))
+_register("fp8_pow2_scale_not_requantised", "FP8 scales",
+          "rounds the stored scales up to powers of two (UE8M0) without requantising the "
+          "e4m3 values")(
+    lambda case: _dequantize_with(
+        lambda s, shape, block: (2.0 ** np.ceil(np.log2(s.astype(np.float64)))).astype(np.float32)))
+
+
+@_register("e4m3fnuz_read", "FP8 format",
+           "reads e4m3fn bytes as e4m3fnuz (exponent bias 8): every value halved")
+def _patch_e4m3fnuz_read(case):
+    original = fp8.decode_e4m3
+    return patched([(fp8, "decode_e4m3", lambda q, dtype=np.float64: original(q, dtype) / 2)])
+
+
+@_register("fp8_amax_unclamped", "FP8 activation scale",
+           "computes a block's scale as amax / 448 without the 1e-4 floor: 0/0 for a block of "
+           "zeros, another scale for a tiny one")
+def _patch_fp8_amax_unclamped(case):
+    return patched([(fp8, "SCALE_FLOOR", 0.0)])
 
 
 # ---- candidates -------------------------------------------------------------------------------

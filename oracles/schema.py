@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from refimpl.config import Config
 
 # kinds whose tokens attend to earlier ones: a routing difference at position p reaches p onward
-CAUSAL_KINDS = ("prefill", "decode", "mtp_prefill", "mtp_module")
+CAUSAL_KINDS = ("prefill", "decode", "mtp_prefill", "mtp_module", "schedule", "mtp_speculation")
 
 
 @dataclass
@@ -34,6 +34,11 @@ class Case:
     @property
     def is_model(self) -> bool:
         return self.weights is not None
+
+    @property
+    def schedule(self) -> dict | None:
+        """How an engine must run the case (scenario kinds, oracles/scenarios.py), or None."""
+        return self.params.get("schedule")
 
 
 def output_type(name: str) -> str:

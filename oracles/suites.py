@@ -1,4 +1,4 @@
-"""The suites: smoke, default, full-width, conventions.
+"""The suites: smoke, default, full-width, conventions, scenarios (oracles/scenarios.py).
 
 A suite is a list of (case id, builder). Each builder draws from its own generator,
 `numpy.random.default_rng([SUITE_SEED, crc32(case id)])`, so a case's inputs depend only on its id
@@ -21,7 +21,7 @@ from refimpl import fp8, mla, names, rope
 from refimpl.checkpoint import attention_shapes, random_weights
 from refimpl.config import Config, RopeScaling
 
-from . import OraclesError
+from . import OraclesError, edges, scenarios
 from .cases import Case
 
 SUITE_SEED = 20250101
@@ -392,6 +392,8 @@ def default():
         ("model.greedy.tiny", lambda c: greedy_case(c, t)),
     ]
     cases += _mtp_cases() + _fp8_cases()
+    cases += edges.default_cases(tiny, gate_case, moe_case)
+    cases += scenarios.default_cases(tiny, tiny_mtp)
     for i in range(4):
         cases.append((f"gate.drawn{i}", lambda c: gate_case(c, draw_config(case_rng(c + "/cfg")),
                                                              pins="drawn config and inputs")))
@@ -483,12 +485,19 @@ def conventions():
     return cases
 
 
-SUITES = {"smoke": smoke, "default": default, "full-width": full_width, "conventions": conventions}
+def scenario_suite():
+    return scenarios.suite(tiny, tiny_mtp)
+
+
+SUITES = {"smoke": smoke, "default": default, "full-width": full_width, "conventions": conventions,
+          "scenarios": scenario_suite}
 SUITE_DOCS = {
     "smoke": "a few cases, seconds: one of each main kind",
     "default": "every component and model kind with named edge cases and drawn cases",
     "full-width": "components at the real V3 dimensions (hidden 7168, 128 heads, 256 experts)",
     "conventions": "each SPEC.md section 9 alternative, labelled, to learn which one an engine follows",
+    "scenarios": "serving schedules (chunked prefill, prefix cache, ragged batches, long decode, "
+                 "MTP speculation) past 256 positions; expected: each request alone",
 }
 
 

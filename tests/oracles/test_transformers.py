@@ -40,6 +40,9 @@ def test_cases_transformers_cannot_run_are_skipped_with_the_reason(report):
     assert "component" in reasons["gate.tiny"]
     for cid in ("mtp_prefill.tiny", "speculative.depth1"):
         assert "61" in reasons[cid]
+    assert "FP8" in reasons["model.prefill.fp8_blocks"]  # an FP8 checkpoint needs its GPU kernels
+    for cid in ("scenario.chunked_prefill.small", "scenario.ragged_batch.small"):
+        assert "schedule" in reasons[cid]  # it runs each request alone: it cannot express one
 
 
 def test_tolerances_calibrated_by_emulation_hold_for_transformers_in_bf16(default_dir, tmp_path):

@@ -1,0 +1,533 @@
+"""Serving scenarios: cases whose inputs say HOW an engine must run the requests, and whose
+expected outputs are what each request gives ALONE (SPEC.md section 10).
+
+A single whole-sequence prefill never takes the paths where serving engines broke: chunked
+prefill (attention over cached context plus a new chunk, merged by log-sum-exp), prefix caching
+(a second request reusing cache entries another request computed), ragged batches (requests of
+different lengths, prefill and decode mixed in one forward), long decodes (past the first KV
+block of ~256 tokens and past original_max_position_embeddings), and speculative decoding with
+MTP drafts at depth >= 2. Each scenario case makes the engine take one of them.
+
+Kind `schedule` (teacher-forced requests):
+
+    inputs   request.<r>.input_ids  int64 [1, n_r]   every token request r will ever hold
+    params   schedule = {"format": 1, "requests": R, "steps": [...]}, each step one of
+               {"op": "forward", "batch": [[r, n], ...], "repeat": k}
+                   ONE engine forward (one batch) holding, for each [r, n], the next n tokens of
+                   request r at its next positions, attending to request r's cache and causally
+                   to its own new tokens; done k times (default 1: a decode loop is one step
+                   repeated). Afterwards each r in the batch holds n more tokens.
+               {"op": "share_prefix", "request": r, "from": q, "length": L}
+                   request r (still empty) starts from the first L cache entries that request q
+                   computed (prefix caching: computed once, reused, not recomputed); the two
+                   requests' first L tokens are equal.
+             At the end every request holds all n_r of its tokens.
+    outputs  for each request r, over the positions the schedule computes FOR it (from its
+             shared length, 0 when none, to n_r - 1), the prefill trace names prefixed
+             `request.<r>.`: request.<r>.embed, request.<r>.layers.N.{attn_norm, ..., hidden},
+             request.<r>.final_hidden, request.<r>.logits (required) [1, n_r - L_r, vocab].
+
+Kind `mtp_speculation` (greedy speculative decoding with the MTP modules):
+
+    inputs   input_ids int64 [1, P]  (the prompt)
+    params   max_new_tokens N, depth D (drafts per round), schedule = {"format": 1, "steps":
+             [{"op": "speculate", "depth": D, "max_new_tokens": N}]}
+    outputs  tokens [1, N] (required; must equal plain greedy decoding), then the main model's
+             prefill trace names (embed, layers.N.*, final_hidden, logits [1, P + N - 1, vocab])
+             at every committed position (the prompt and each accepted token; rejected drafts'
+             positions are discarded), then for each depth k the mtp_prefill names mtp.k.*
+             (mtp.k.logits [1, P + N - k, vocab]) at module k's committed indices (index i
+             predicts t_{i+k+1}), as the draft chain computes them incrementally. The stream
+             comes first: where a candidate's stream legitimately went another way (a forgiven
+             near-tie at step j), the rest is compared only over the positions before it
+             (metrics.Taint.stream).
+
+refimpl runs each schedule through its own latent cache (`run_schedule`: one packed cache of
+batch 1 whose slots are handed to requests by a block table, a shared prefix being the same
+slots; `run_speculation`: refimpl.generate.Drafter), and tests/oracles/test_scenarios.py proves the
+result equals the standalone one (`alone_*`) to 1e-12 in float64. The expected values are the
+standalone ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refimpl import generate, mtp, names, rope
+from refimpl import model as model_mod
+from refimpl.backend import to_numpy
+from refimpl.model import Step
+from refimpl.norm import rms_norm
+from refimpl.trace import recorder
+
+from . import OraclesError
+
+SCHEDULE_FORMAT = 1
+SCHEDULE_KINDS = ("schedule", "mtp_speculation")
+
+
+def request_name(r: int, name: str) -> str:
+    return f"request.{r}.{name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The schedule: checked before it runs (a suite is untrusted input)
+# ---------------------------------------------------------------------------------------------
+
+def _int(v, where: str, low: int = 0) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise OraclesError(f"{where}: expected an integer >= {low}, got {v!r}")
+    return v
+
+
+def expand(schedule, lengths: list[int], where: str = "params.schedule") -> list[tuple]:
+    """A `schedule` kind's schedule -> its steps one by one: ("forward", [(r, n), ...]) or
+    ("share", r, q, L), repeats unrolled. Refused with one line naming the step when it is
+    malformed or does not end with every request holding all of its tokens."""
+    if not isinstance(schedule, dict) or schedule.get("format") != SCHEDULE_FORMAT:
+        raise OraclesError(f"{where}: not a format-{SCHEDULE_FORMAT} schedule")
+    n_req = len(lengths)
+    if schedule.get("requests") != n_req:
+        raise OraclesError(f"{where}.requests: {schedule.get('requests')!r}, but the inputs hold "
+                           f"{n_req} request(s)")
+    steps = schedule.get("steps")
+    if not isinstance(steps, list) or not steps:
+        raise OraclesError(f"{where}.steps: expected a non-empty list")
+    held, shared, out = [0] * n_req, {}, []
+    for j, st in enumerate(steps):
+        w = f"{where}.steps[{j}]"
+        if not isinstance(st, dict):
+            raise OraclesError(f"{w}: expected an object")
+        if st.get("op") == "share_prefix":
+            r = _int(st.get("request"), w + ".request")
+            q = _int(st.get("from"), w + ".from")
+            length = _int(st.get("length"), w + ".length", 1)
+            if r >= n_req or q >= n_req or r == q:
+                raise OraclesError(f"{w}: requests {r} and {q} must be two of 0..{n_req - 1}")
+            if held[r] != 0:
+                raise OraclesError(f"{w}: request {r} already holds {held[r]} token(s)")
+            if length > held[q]:
+                raise OraclesError(f"{w}: request {q} holds only {held[q]} token(s), not {length}")
+            held[r] = length
+            shared[r] = length
+            out.append(("share", r, q, length))
+        elif st.get("op") == "forward":
+            batch = st.get("batch")
+            if not isinstance(batch, list) or not batch:
+                raise OraclesError(f"{w}.batch: expected a non-empty list of [request, tokens]")
+            pairs = []
+            for item in batch:
+                if not (isinstance(item, list) and len(item) == 2):
+                    raise OraclesError(f"{w}.batch: {item!r} is not [request, tokens]")
+                r, n = _int(item[0], w + ".batch request"), _int(item[1], w + ".batch tokens", 1)
+                if r >= n_req:
+                    raise OraclesError(f"{w}.batch: request {r} is not one of 0..{n_req - 1}")
+                pairs.append((r, n))
+            if len({r for r, _ in pairs}) != len(pairs):
+                raise OraclesError(f"{w}.batch: a request appears twice in one forward")
+            for _ in range(_int(st.get("repeat", 1), w + ".repeat", 1)):
+                for r, n in pairs:
+                    if held[r] + n > lengths[r]:
+                        raise OraclesError(f"{w}: request {r} would hold {held[r] + n} tokens, "
+                                           f"but has only {lengths[r]}")
+                    held[r] += n
+                out.append(("forward", pairs))
+        else:
+            raise OraclesError(f"{w}.op: {st.get('op')!r} is not forward or share_prefix")
+    short = [r for r in range(n_req) if held[r] != lengths[r]]
+    if short:
+        r = short[0]
+        raise OraclesError(f"{where}: request {r} ends holding {held[r]} of its {lengths[r]} tokens")
+    return out
+
+
+def shared_lengths(schedule, n_req: int) -> list[int]:
+    """Per request, how many of its first positions another request computed (0 when none)."""
+    out = [0] * n_req
+    for st in schedule["steps"]:
+        if st.get("op") == "share_prefix":
+            out[st["request"]] = st["length"]
+    return out
+
+
+def request_tokens(case) -> list[np.ndarray]:
+    """request.<r>.input_ids [1, n_r] -> [n_r] int64 each, r = 0, 1, ..."""
+    out = []
+    while f"request.{len(out)}.input_ids" in case.inputs:
+        out.append(np.asarray(case.inputs[f"request.{len(out)}.input_ids"]).reshape(-1).astype(np.int64))
+    if not out:
+        raise OraclesError(f"case {case.id}: no request.0.input_ids among its inputs")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# refimpl through a schedule: one packed latent cache and a block table
+# ---------------------------------------------------------------------------------------------
+
+class PackedRun:
+    """The requests of a schedule in one latent cache of batch 1, as a paged serving engine
+    holds them: each forward appends its tokens' latents at the next free slots, and
+    slots[r] (request r's block table) lists the slot of each of its positions. Sharing a prefix
+    copies block-table entries, not latents. A query of request r at position p attends to
+    slots[r][0..p] only (its mask), at RoPE position p."""
+
+    def __init__(self, model, tokens: list[np.ndarray]):
+        self.model, self.tokens = model, tokens
+        self.cache = model.new_cache(batch=1, max_len=sum(len(t) for t in tokens))
+        self.slots = [np.zeros(0, np.int64) for _ in tokens]
+        self.traces = [[] for _ in tokens]  # per request, the trace of each of its forwards
+
+    def share(self, r: int, q: int, length: int) -> None:
+        if not np.array_equal(self.tokens[r][:length], self.tokens[q][:length]):
+            raise OraclesError(f"share_prefix: requests {r} and {q} differ in their first {length} tokens")
+        self.slots[r] = self.slots[q][:length].copy()
+
+    def forward(self, batch) -> None:
+        """One forward over the packed new tokens of every [r, n] in the batch."""
+        model, cfg = self.model, self.model.cfg
+        start = self.cache.length
+        ids, pos, seg = [], [], []
+        for r, n in batch:
+            held = len(self.slots[r])
+            ids.append(self.tokens[r][held:held + n])
+            pos.append(np.arange(held, held + n))
+            seg.append((r, n))
+        ids, pos = np.concatenate(ids)[None, :], np.concatenate(pos)
+        s = ids.shape[1]
+        new_slots = np.arange(start, start + s)
+        tables, row = [], 0
+        for r, n in seg:
+            tables.append(np.concatenate([self.slots[r], new_slots[row:row + n]]))
+            row += n
+        mask = batch_mask([(n, len(self.slots[r]), t) for (r, n), t in zip(seg, tables)], start + s)
+        for (r, _), t in zip(seg, tables):
+            self.slots[r] = t
+        trace = {}
+        xp = model.xp
+        cos, sin = rope.cos_sin(pos, model.inv_freq, model.cos_sin_factor, xp)
+        form = model.mla_form if model.mla_form != "auto" else ("absorbed" if start > 0 else "naive")
+        step = Step(cos, sin, xp.asarray(mask), start, model.softmax_scale, form, self.cache)
+        h = model.weights.rows(names.EMBED, ids)  # [1, s] -> [1, s, d]
+        recorder(trace)("embed", h)
+        for i in range(cfg.num_hidden_layers):
+            h = model_mod.decoder_layer(h, model.weights, cfg, i, step, recorder(trace, f"layers.{i}."))
+        self.cache.length = start + s
+        h = rms_norm(h, model.weights.get(names.FINAL_NORM), cfg.rms_norm_eps)
+        recorder(trace)("final_hidden", h)
+        model.logits(h, trace)
+        row = 0
+        for r, n in seg:
+            self.traces[r].append({k: v[:, row:row + n] for k, v in trace.items()})
+            row += n
+
+    def outputs(self) -> dict:
+        out = {}
+        for r, parts in enumerate(self.traces):
+            for name in parts[0]:
+                out[request_name(r, name)] = np.concatenate([p[name] for p in parts], axis=1)
+        return out
+
+
+def batch_mask(segments, n_slots: int) -> np.ndarray:
+    """The attention mask of one packed forward.  segments: per request in the batch, in row
+    order, (n new tokens, tokens held before, its block table after: slot of each position).
+    Row j (the request's token at position p) sees the slots of its own positions 0..p.
+    -> bool [sum n, n_slots]"""
+    mask = np.zeros((sum(n for n, _, _ in segments), n_slots), dtype=bool)  # [queries, slots]
+    row = 0
+    for n, held, table in segments:
+        q_pos = np.arange(held, held + n)
+        mask[np.arange(row, row + n)[:, None], table[None, :]] = \
+            np.arange(len(table))[None, :] <= q_pos[:, None]
+        row += n
+    return mask
+
+
+def run_schedule(case, dtype) -> dict:
+    """The `schedule` kind through refimpl: every step of params.schedule on one PackedRun."""
+    from .cases import _model
+
+    tokens = request_tokens(case)
+    steps = expand(case.params.get("schedule"), [len(t) for t in tokens])
+    run = PackedRun(_model(case, dtype), tokens)
+    for st in steps:
+        if st[0] == "share":
+            run.share(*st[1:])
+        else:
+            run.forward(st[1])
+    return run.outputs()
+
+
+def alone_schedule(case, dtype) -> dict:
+    """What each request gives alone: one whole-sequence forward per request, cut to the
+    positions the schedule computes for it."""
+    from .cases import _model
+
+    tokens = request_tokens(case)
+    model = _model(case, dtype)
+    start = shared_lengths(case.params["schedule"], len(tokens))
+    out = {}
+    for r, t in enumerate(tokens):
+        trace = {}
+        model.forward(t[None, :], trace=trace)
+        out.update({request_name(r, k): v[:, start[r]:] for k, v in trace.items()})
+    return out
+
+
+def schedule_required(case):
+    return [request_name(r, "logits") for r in range(len(request_tokens(case)))]
+
+
+def schedule_aux(case, out):
+    """request.<r>.layers.N.topk_margin for every MoE layer of every request."""
+    from .cases import model_aux
+
+    aux = {}
+    for r in range(len(request_tokens(case))):
+        p = request_name(r, "")
+        mine = {k[len(p):]: v for k, v in out.items() if k.startswith(p)}
+        aux.update({p + k: v for k, v in model_aux(case, mine).items()})
+    return aux
+
+
+# ---------------------------------------------------------------------------------------------
+# Speculative decoding with the MTP modules
+# ---------------------------------------------------------------------------------------------
+
+def _speculation_params(case) -> tuple[int, int]:
+    p = case.params
+    n, d = p.get("max_new_tokens"), p.get("depth")
+    _int(n, "params.max_new_tokens", 1)
+    _int(d, "params.depth", 1)
+    if d > case.config.num_nextn_predict_layers:
+        raise OraclesError(f"case {case.id}: params.depth {d} exceeds the model's "
+                           f"{case.config.num_nextn_predict_layers} MTP module(s)")
+    return n, d
+
+
+def _concat(parts: list[dict]) -> dict:
+    """Traces of consecutive chunks -> one trace, concatenated on the sequence axis."""
+    names = list(dict.fromkeys(k for p in parts for k in p))
+    return {k: np.concatenate([p[k] for p in parts if k in p], axis=1) for k in names}
+
+
+def run_speculation(case, dtype) -> dict:
+    """Greedy speculative decoding through refimpl's latent cache and generate.Drafter: each round,
+    the newest token and up to D drafts go through the main model in one forward, drafts are
+    kept while they equal its argmax, the cache rolls back past the rejected ones. Kept: the
+    main trace at committed positions and each module's trace at its committed indices."""
+    from .cases import _model
+
+    n_new, depth = _speculation_params(case)
+    model = _model(case, dtype)
+    prompt = np.asarray(case.inputs["input_ids"], np.int64)
+    conv = mtp.DEFAULT
+    cache = model.new_cache(batch=1, max_len=prompt.shape[1] + n_new, mtp=True)
+    main, modules = [{}], []
+    h0, h = model.main_hidden(prompt, cache, main[0], conv)
+    logits = to_numpy(model.logits(h, main[0]))
+    out = [int(np.argmax(logits[0, -1]))]
+    drafter = generate.Drafter(model, cache, conv, depth)
+    modules.append({})
+    drafter.extend(prompt[0].tolist() + out, h0, modules[-1])
+    while len(out) < n_new:
+        m = min(depth, n_new - len(out) - 1)
+        drafts, _ = drafter.draft(m) if m else ([], [])
+        start = cache.length
+        tr = {}
+        h0, h = model.main_hidden(np.array([[out[-1], *drafts]], np.int64), cache, tr, conv)
+        logits = to_numpy(model.logits(h, tr))  # [1, 1 + m, vocab]
+        new = generate.verify(drafts, None, logits[0], 0.0, None)
+        a = len(new) - 1  # accepted drafts
+        cache.length = start + a + 1  # roll back past the rejected drafts
+        main.append({k: v[:, :a + 1] for k, v in tr.items()})
+        out.extend(new)
+        modules.append({})
+        drafter.extend(new, h0[:, :a + 1], modules[-1])
+    return {"tokens": np.array([out[:n_new]], np.int64), **_concat(main), **_concat(modules)}
+
+
+def alone_speculation(case, dtype) -> dict:
+    """Plain greedy decoding, then one teacher-forced pass over the prompt and the N tokens:
+    the main trace at positions 0..P+N-2, module k's at indices 0..P+N-k-1."""
+    from .cases import _model
+
+    n_new, depth = _speculation_params(case)
+    model = _model(case, dtype)
+    prompt = np.asarray(case.inputs["input_ids"], np.int64)
+    toks = generate.greedy(model, prompt[0], n_new)
+    seq = np.concatenate([prompt, np.array([toks], np.int64)], axis=1)
+    trace = {}
+    model.forward(seq, trace=trace, mtp=True, mtp_conventions=mtp.DEFAULT)
+    main = {k: v[:, :-1] for k, v in trace.items() if not k.startswith("mtp.")}
+    modules = {k: v for k, v in trace.items() if k.startswith("mtp.") and int(k.split(".")[1]) <= depth}
+    return {"tokens": np.array([toks], np.int64), **main, **modules}
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders and suites
+# ---------------------------------------------------------------------------------------------
+
+def schedule_case(cid, cfg, lengths, steps, pins, share=None):
+    """Requests of the given lengths with random tokens (request r copies request q's first L
+    tokens for each (r, q, L) in `share`), run by `steps`."""
+    from .cases import Case
+    from .suites import case_rng, model_weights
+
+    rng = case_rng(cid)
+    w = model_weights(cfg, rng)
+    toks = [rng.integers(0, cfg.vocab_size, n).astype(np.int64) for n in lengths]
+    for r, q, length in share or ():
+        toks[r][:length] = toks[q][:length]
+    schedule = {"format": SCHEDULE_FORMAT, "requests": len(lengths), "steps": steps}
+    expand(schedule, lengths)  # a builder's schedule is checked like a suite's
+    inputs = {f"request.{r}.input_ids": t[None, :] for r, t in enumerate(toks)}
+    return Case(cid, "schedule", pins, inputs, params={"schedule": schedule}, config=cfg, weights=w)
+
+
+def fwd(*pairs, repeat=1):
+    st = {"op": "forward", "batch": [list(p) for p in pairs]}
+    if repeat != 1:
+        st["repeat"] = repeat
+    return st
+
+
+def chunked_prefill_case(cid, cfg, chunks, pins=None):
+    """One request prefilled in the given chunk sizes."""
+    return schedule_case(cid, cfg, [sum(chunks)], [fwd((0, c)) for c in chunks],
+                         pins or f"prefill in chunks of {', '.join(map(str, chunks))} tokens")
+
+
+def prefix_cache_case(cid, cfg, prefix, first, second, extend, pins=None):
+    """Request 0 computes a shared prefix (and `first` more tokens); request 1 reuses the
+    prefix's cache entries, adds `second` tokens in the same forward as request 0's, then is
+    extended by `extend` tokens alone, the last ones one at a time."""
+    steps = [fwd((0, prefix)),
+             {"op": "share_prefix", "request": 1, "from": 0, "length": prefix},
+             fwd((0, first), (1, second))]
+    steps += [fwd((1, extend - 3)), fwd((1, 1), repeat=3)] if extend > 3 else [fwd((1, 1), repeat=extend)]
+    return schedule_case(cid, cfg, [prefix + first, prefix + second + extend], steps,
+                         pins or f"a {prefix}-token prefix computed once and reused by a second "
+                                  "request, then extended", share=[(1, 0, prefix)])
+
+
+def ragged_batch_case(cid, cfg, prompts, decode, pins=None):
+    """Requests with different prompt lengths prefilled in ONE forward, then decoded together
+    (every forward a batch of one token per request); the shortest request then joins late:
+    its prefill shares a forward with the others' decode steps (a mixed batch)."""
+    n = len(prompts)
+    late = n - 1  # the last request arrives after the first decode steps
+    steps = [fwd(*[(r, prompts[r]) for r in range(n) if r != late]),
+             fwd(*[(r, 1) for r in range(n) if r != late], repeat=2),
+             fwd(*[(r, 1) for r in range(n) if r != late], (late, prompts[late])),
+             fwd(*[(r, 1) for r in range(n)], repeat=decode)]
+    lengths = [prompts[r] + (decode + 3 if r != late else decode) for r in range(n)]
+    first = " and ".join(str(prompts[r]) for r in range(n) if r != late)
+    return schedule_case(cid, cfg, lengths, steps, pins or
+                         f"prompts of {first} tokens in one forward, then a {prompts[late]}-token "
+                         "prefill in the same forward as their decode steps")
+
+
+def long_decode_case(cid, cfg, prefill, steps, pins=None):
+    """A short prefill, then `steps` decode steps one token at a time."""
+    return schedule_case(cid, cfg, [prefill + steps], [fwd((0, prefill)), fwd((0, 1), repeat=steps)],
+                         pins or f"{steps} decode steps after a {prefill}-token prefill, to "
+                                 f"position {prefill + steps - 1}")
+
+
+def predictable_mtp(weights: dict, cfg, layer_scale=0.3, hidden_share=0.1) -> dict:
+    """Weights whose MTP drafts are often right, so that verification accepts drafts at every
+    depth (random MTP weights never learned to predict the main model: their drafts are almost
+    never accepted). Every layer's attention and FFN outputs (o_proj, down_proj) are scaled by
+    `layer_scale`, so the main model's next token depends mostly on the current one, and each
+    module's eh_proj is [I ; hidden_share I]: it sees the embedding of its input token and a
+    little of h^(k-1) (enough that a wrong h^(k-1) shows in its logits), so it predicts what the
+    main model will."""
+    w = dict(weights)
+    d = cfg.hidden_size
+    for name in w:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            w[name] = (np.asarray(w[name], np.float64) * layer_scale).astype(w[name].dtype)
+    for k in range(1, cfg.num_nextn_predict_layers + 1):
+        eh = np.concatenate([np.eye(d), hidden_share * np.eye(d)], axis=1)  # [d, 2d]
+        w[names.eh_proj(names.mtp_layer(cfg, k))] = eh.astype(np.float32)
+    return w
+
+
+def speculation_case(cid, cfg, depth, prompt, new, pins=None):
+    """Greedy MTP speculation over predictable_mtp weights: some drafts are accepted at depth 2
+    (scenario.speculation.depth2: 50 of 244 at depth 1, 4 at depth 2) and most rejected, so
+    that verification both commits several tokens in one forward and rolls the cache back, and
+    module k >= 2 runs on drafts."""
+    from .cases import Case
+    from .suites import case_rng, mtp_weights
+
+    rng = case_rng(cid)
+    w = predictable_mtp(mtp_weights(cfg, rng), cfg)
+    ids = rng.integers(0, cfg.vocab_size, (1, prompt)).astype(np.int64)
+    params = {"max_new_tokens": new, "depth": depth,
+              "schedule": {"format": SCHEDULE_FORMAT,
+                           "steps": [{"op": "speculate", "depth": depth, "max_new_tokens": new}]}}
+    return Case(cid, "mtp_speculation", pins or f"greedy MTP speculation, {depth} drafts per round, "
+                                                f"{new} tokens to position {prompt + new - 1}",
+                {"input_ids": ids}, params=params, config=cfg, weights=w)
+
+
+def default_cases(tiny, tiny_mtp):
+    """Small scenarios for the default suite (seconds): each serving path once, on the tiny
+    preset cut to two layers (one dense, one MoE) to keep the suite small."""
+    t = tiny(num_hidden_layers=2)
+    return [
+        ("scenario.chunked_prefill.small", lambda c: chunked_prefill_case(
+            c, t, [1, 14, 3, 45, 5, 12],
+            pins="prefill in chunks of 1, 14, 3, 45, 5, 12 (chunk edges cross 16 and 64)")),
+        ("scenario.prefix_cache.small", lambda c: prefix_cache_case(c, t, 20, 5, 7, 6)),
+        ("scenario.ragged_batch.small", lambda c: ragged_batch_case(c, t, [9, 17, 4], 4)),
+        ("scenario.decode.past_256", lambda c: long_decode_case(
+            c, t, 240, 60, pins="60 decode steps from position 240 to 299: past the first KV "
+                                "block of 256 and past original_max_position_embeddings 64")),
+        ("scenario.speculation.depth2.short", lambda c: speculation_case(
+            c, tiny_mtp(2, num_hidden_layers=2), 2, 5, 24)),
+    ]
+
+
+def suite(tiny, tiny_mtp):
+    """The `scenarios` suite: the serving paths at lengths past 256 and past the original
+    context (tens of seconds to generate)."""
+    t = tiny()
+    return [
+        ("scenario.chunked_prefill.crossing", lambda c: chunked_prefill_case(
+            c, t, [1, 14, 3, 45, 5, 190, 42],
+            pins="300 tokens in chunks of 1, 14, 3, 45, 5, 190, 42: chunk edges cross 16, 64, 256")),
+        ("scenario.chunked_prefill.aligned", lambda c: chunked_prefill_case(
+            c, t, [1, 15, 17, 31, 65, 127, 44],
+            pins="300 tokens in chunks of 1, 15, 17, 31, 65, 127, 44: chunk edges land on 16, 64, 256")),
+        ("scenario.prefix_cache.long", lambda c: prefix_cache_case(
+            c, t, 100, 30, 40, 150,
+            pins="a 100-token prefix computed once, reused by a second request that grows to 290")),
+        ("scenario.ragged_batch.long", lambda c: ragged_batch_case(
+            c, t, [33, 70, 5], 200, pins="prompts of 33 and 70 tokens in one forward, a 5-token "
+                                         "prefill mixed with their decode steps, then 200 decode "
+                                         "steps of all three")),
+        ("scenario.decode.long", lambda c: long_decode_case(
+            c, t, 20, 300, pins="300 decode steps after a 20-token prefill, to position 319")),
+        ("scenario.speculation.depth2", lambda c: speculation_case(c, tiny_mtp(2), 2, 5, 300)),
+        ("scenario.speculation.depth3", lambda c: speculation_case(c, tiny_mtp(3), 3, 7, 120)),
+    ]
+
+
+def speculation_aux(case, out):
+    """tokens_margin (greedy_aux) and the routing margins of the main and MTP traces."""
+    from .cases import greedy_aux, model_aux
+
+    return {**greedy_aux(case, out), **model_aux(case, out)}
+
+
+def register_kinds(register) -> None:
+    register("schedule", run_schedule, schedule_required,
+             "requests run through a serving schedule (chunks, shared prefix, ragged batches); "
+             "expected: each request alone", aux=schedule_aux, alone=alone_schedule)
+    register("mtp_speculation", run_speculation, ["tokens"],
+             "greedy MTP speculative decoding: the token stream, the main trace at committed "
+             "positions and each module's incremental trace; expected: plain greedy and "
+             "teacher-forced MTP", aux=speculation_aux, alone=alone_speculation)
