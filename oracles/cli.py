@@ -4,6 +4,8 @@
     oracles generate --out DIR [--suite NAME] [--only GLOB]
     oracles check    GOLDEN [CANDIDATE | --adapter pkg.mod:factory] [--profile float32|bf16|fp8] [--only GLOB] [--json REPORT]
     oracles run      GOLDEN --adapter pkg.mod:factory --out CANDIDATE   (adapter -> file route)
+    check and run also take --engine transformers|mlx|llama.cpp|vllm [--engine-option KEY=VALUE]
+    (the built-in engine adapters, oracles/engines/) in place of --adapter.
 
 check exits 0 when every checked case passes, 1 when some fail or are missing, 2 on bad input.
 """
@@ -46,16 +48,44 @@ def _parser():
     c.add_argument("golden")
     c.add_argument("candidate", nargs="?", help="directory with cases/<id>/outputs.safetensors")
     c.add_argument("--adapter", help="pkg.module:factory of a Python engine adapter")
+    _engine_args(c)
     c.add_argument("--profile", default="float32")
     c.add_argument("--only", help="comma-separated globs of case ids")
     c.add_argument("--json", dest="json_out", help="write the report as JSON here")
     c.add_argument("--quiet", action="store_true")
     r = sub.add_parser("run", help="run an adapter and write its outputs (the file route)")
     r.add_argument("golden")
-    r.add_argument("--adapter", required=True)
+    r.add_argument("--adapter")
+    _engine_args(r)
     r.add_argument("--out", required=True)
     r.add_argument("--only")
     return p
+
+
+def _engine_args(p):
+    p.add_argument("--engine", help="a built-in engine adapter: transformers, mlx, llama.cpp, vllm")
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine setting (dtype, kv_cache_dtype, flash_attn, ...); repeatable")
+
+
+def _candidate_adapter(args):
+    """--adapter or --engine (exactly one) -> (AdapterCandidate, engine info or None, repro)."""
+    from . import OraclesError
+    from .adapters import load_adapter
+    from .check import AdapterCandidate
+
+    if args.adapter and args.engine:
+        raise OraclesError("give --adapter or --engine, not both")
+    if args.engine_option and not args.engine:
+        raise OraclesError("--engine-option needs --engine")
+    if args.adapter:
+        return load_adapter(args.adapter), None, f"--adapter {args.adapter}"
+    from . import engines
+
+    adapter, info = engines.load_engine(args.engine, engines.parse_options(args.engine_option))
+    repro = f"--engine {shlex.quote(args.engine)}" + "".join(
+        f" --engine-option {shlex.quote(o)}" for o in args.engine_option)
+    return AdapterCandidate(adapter, engines.label(info)), info, repro
 
 
 def main(argv=None) -> int:
@@ -101,18 +131,33 @@ def _write_json(path, obj):
 
 def cmd_check(args) -> int:
     from . import OraclesError
-    from .adapters import load_adapter
     from .check import DirCandidate, format_report, run_check
 
-    if bool(args.candidate) == bool(args.adapter):
-        raise OraclesError("check needs exactly one of CANDIDATE (a directory) or --adapter pkg.mod:factory")
-    cand = load_adapter(args.adapter) if args.adapter else DirCandidate(args.candidate)
-    base = f"oracles check {shlex.quote(args.golden)} " + (
-        f"--adapter {args.adapter}" if args.adapter else shlex.quote(args.candidate))
+    if bool(args.candidate) == bool(args.adapter or args.engine):
+        raise OraclesError("check needs exactly one of CANDIDATE (a directory), --adapter "
+                           "pkg.mod:factory or --engine NAME")
+    if args.candidate:
+        from .engines import read_info
+
+        if args.engine_option:
+            raise OraclesError("--engine-option needs --engine")
+        from .engines import RecordedSkips
+
+        cand, info, how = DirCandidate(args.candidate), read_info(args.candidate), shlex.quote(args.candidate)
+        if info:
+            cand = RecordedSkips(cand, info.pop("skipped"))
+    else:
+        cand, info, how = _candidate_adapter(args)
+    base = f"oracles check {shlex.quote(args.golden)} {how}"
     t = time.perf_counter()
     rep = run_check(args.golden, cand, args.profile, args.only, repro_base=base,
                     progress=_progress(args))
     rep["seconds"] = round(time.perf_counter() - t, 3)
+    if info:
+        from .engines import label
+
+        rep["engine"] = info
+        print(f"engine: {label(info)}")
     print(format_report(rep))
     if args.json_out:
         _write_json(args.json_out, rep)
@@ -120,9 +165,18 @@ def cmd_check(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .adapters import load_adapter, write_outputs
+    from . import OraclesError
+    from .adapters import write_outputs
 
-    skipped = write_outputs(args.golden, load_adapter(args.adapter), args.out, args.only)
+    if not (args.adapter or args.engine):
+        raise OraclesError("run needs --adapter pkg.mod:factory or --engine NAME")
+    cand, info, _ = _candidate_adapter(args)
+    skipped = write_outputs(args.golden, cand, args.out, args.only)
+    if info:
+        from .engines import label, write_info
+
+        write_info(args.out, info, skipped)
+        print(f"engine: {label(info)}")
     for cid, why in skipped.items():
         print(f"skipped {cid}: {why}")
     print(f"wrote {args.out}")
