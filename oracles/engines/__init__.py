@@ -23,9 +23,9 @@ from .. import OraclesError
 # --engine NAME -> (module, the distribution whose version is reported, the extra to install)
 ENGINES = {
     "transformers": ("oracles.engines.hf", "transformers", "peer"),
-    "mlx": ("oracles.engines.mlx_lm", "mlx-lm", "engine-mlx"),
-    "llama.cpp": ("oracles.engines.llama_cpp", "llama-cpp-python", "engine-llamacpp"),
-    "vllm": ("oracles.engines.vllm", "vllm", "engine-vllm"),
+    "mlx": ("oracles.engines.mlx_engine", "mlx-lm", "engine-mlx"),
+    "llama.cpp": ("oracles.engines.llama_cpp_engine", "llama-cpp-python", "engine-llamacpp"),
+    "vllm": ("oracles.engines.vllm_engine", "vllm", "engine-vllm"),
 }
 ENGINE_INFO_FILE = "engine.json"
 MODEL_KINDS = ("prefill", "decode", "greedy")
