@@ -34,6 +34,8 @@ from . import OraclesError, cases
 from .cases import KINDS, Case
 
 PRECISIONS = ("float64", "float32", "bf16", "fp8")
+# engine modes (oracles/engines/modes.py): a base precision above plus patches of their own
+MODE_PRECISIONS = ("f16_kv", "bf16_f32_experts", "fp8_kv")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 _KEEP_F32 = ("bias", "e_score_correction_bias")  # stored float32 in every checkpoint
 
@@ -163,6 +165,10 @@ def run_case(case: Case, precision: str = "float64", mutant: str | None = None) 
     from .mutants import MUTANTS
 
     kind = KINDS[case.kind]
+    mode = None
+    if precision in MODE_PRECISIONS:
+        from .engines.modes import MODES
+        mode, precision = MODES[precision], MODES[precision].base
     work = prepared(case, precision)
     stack = contextlib.ExitStack()
     with stack:
@@ -170,6 +176,8 @@ def run_case(case: Case, precision: str = "float64", mutant: str | None = None) 
             stack.enter_context(fp8_models())
         if precision in ("bf16", "fp8"):
             stack.enter_context(bf16_boundaries())
+        if mode is not None:
+            stack.enter_context(mode.patches())
         if mutant is not None:
             stack.enter_context(MUTANTS[mutant].patch(case))
         out = kind.run(work, working_dtype(precision))
