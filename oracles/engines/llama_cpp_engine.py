@@ -1,0 +1,146 @@
+"""llama.cpp through llama-cpp-python (extra `engine-llamacpp`; pip builds llama.cpp from source,
+about 25 minutes on 2 cores). A case's checkpoint directory is converted to GGUF by the
+HF-to-GGUF converter that llama-cpp-python's sdist vendors (vendor/llama.cpp/
+convert_hf_to_gguf.py, with its gguf-py), then loaded with llama_cpp.Llama.
+
+    oracles check GOLDEN --engine llama.cpp --engine-option converter=PATH/convert_hf_to_gguf.py \\
+        [--engine-option kv_cache_dtype=f32]
+
+The converter is found from the option `converter`, else the environment variable
+LLAMA_CPP_CONVERTER. It refuses a tokenizer whose pre-tokenizer hash it does not know; the
+suites' tokenizers are GPT-2-style byte-level BPE (GPT-2's split regex, oracles/engines/
+tokenizer.py), so the conversion declares the pre-tokenizer "gpt-2" by replacing the
+converter's get_vocab_base_pre for that run (the converter script, not llama.cpp). The cases
+feed token ids, so the tokenizer never changes an output.
+
+Options: dtype (float32 | bfloat16 | float16: the GGUF's --outtype), kv_cache_dtype (f16,
+llama.cpp's default | f32 | bf16 | q8_0: type_k and type_v), flash_attn (off | on), threads.
+Logits at every position (logits_all); decode evaluates forced tokens one at a time through
+llama.cpp's KV cache; greedy takes the first maximum. Intermediates are not reported:
+llama.cpp exposes them only through the C API's cb_eval graph callback, which llama-cpp-python's
+Llama does not take.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+from .. import OraclesError
+from . import model_case_support, resolve_options
+
+OPTIONS = {
+    "dtype": ("float32", ("float32", "bfloat16", "float16"), "GGUF weights (--outtype)"),
+    "kv_cache_dtype": ("f16", ("f16", "f32", "bf16", "q8_0"), "type_k and type_v"),
+    "flash_attn": ("off", ("off", "on"), "flash attention"),
+    "converter": ("", None, "convert_hf_to_gguf.py (else $LLAMA_CPP_CONVERTER)"),
+    "threads": ("2", None, "CPU threads"),
+}
+GGML_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "bf16": 30}
+OUTTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+# Run the vendored converter with the pre-tokenizer declared (see the module docstring).
+_CONVERT = """
+import runpy, sys
+conv = sys.argv[1]
+sys.path.insert(0, __import__("os").path.dirname(conv))
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sys.argv = [conv] + sys.argv[2:]
+runpy.run_path(conv, run_name="__main__")
+"""
+
+
+class Engine:
+    name = "llama.cpp"
+
+    def __init__(self, options: dict | None = None):
+        import llama_cpp
+
+        self.llama_cpp = llama_cpp
+        self.options = resolve_options(self.name, OPTIONS, options or {})
+        conv = self.options["converter"] or os.environ.get("LLAMA_CPP_CONVERTER", "")
+        if not conv or not os.path.isfile(conv):
+            raise OraclesError(
+                "--engine llama.cpp needs the HF-to-GGUF converter: --engine-option "
+                "converter=PATH/convert_hf_to_gguf.py or LLAMA_CPP_CONVERTER (it is "
+                "vendor/llama.cpp/convert_hf_to_gguf.py in llama-cpp-python's sdist)"
+                + (f"; {conv} is not a file" if conv else ""))
+        self.converter = os.path.abspath(conv)
+        self.options["converter"] = os.path.basename(conv)  # recorded without the machine's path
+        self.tmp = tempfile.TemporaryDirectory(prefix="oracles-gguf-")
+
+    def supports(self, case):
+        ok = model_case_support(case, self.name)
+        if ok is not True:
+            return ok
+        cfg = case.config
+        lite = cfg.num_hidden_layers in (26, 27)
+        if (cfg.q_lora_rank is None) != lite:
+            return (f"llama.cpp infers q-lora from the layer count (src/models/deepseek2.cpp: "
+                    f"is_lite = n_layer == 27 || n_layer == 26 ...): q_lora_rank "
+                    f"{cfg.q_lora_rank} with {cfg.num_hidden_layers} layers does not load")
+        if cfg.n_shared_experts == 0:
+            return ("llama.cpp's deepseek2 graph always loads a shared expert "
+                    "(ffn_*_shexp): n_shared_experts 0 has no tensor to load")
+        return True
+
+    def _gguf(self, case) -> str:
+        out = os.path.join(self.tmp.name, case.id + ".gguf")
+        if not os.path.exists(out):
+            cmd = [sys.executable, "-c", _CONVERT, self.converter, case.model_path, "--outfile", out,
+                   "--outtype", OUTTYPES[self.options["dtype"]]]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0 or not os.path.exists(out):
+                tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
+                raise RuntimeError(f"convert_hf_to_gguf.py failed on {case.id}: {tail[0]}")
+        return out
+
+    def _llama(self, case, n_ctx):
+        kv = GGML_TYPES[self.options["kv_cache_dtype"]]
+        threads = int(self.options["threads"])
+        return self.llama_cpp.Llama(
+            model_path=self._gguf(case), n_ctx=max(n_ctx, 16), n_batch=max(n_ctx, 16),
+            n_ubatch=max(n_ctx, 16), logits_all=True, n_threads=threads, n_threads_batch=threads,
+            type_k=kv, type_v=kv, flash_attn=self.options["flash_attn"] == "on", seed=0,
+            verbose=False)
+
+    def run(self, case):
+        ids = np.asarray(case.inputs["input_ids"], dtype=np.int64)
+        if case.kind == "greedy":
+            new = case.params["max_new_tokens"]
+            llm = self._llama(case, ids.shape[1] + new)
+            return {"tokens": np.array([self._greedy(llm, ids[0].tolist(), new)], np.int64)}
+        llm = self._llama(case, ids.shape[1])
+        rows = []
+        for r in ids:
+            llm.reset()
+            toks = r.tolist()
+            if case.kind == "prefill":
+                llm.eval(toks)
+                rows.append(np.array(llm.scores[: len(toks)], np.float32))
+            else:  # decode: the prefill, then one forced token at a time through the cache
+                p = case.params["prefill"]
+                llm.eval(toks[:p])
+                steps = []
+                for j in range(p, len(toks)):
+                    llm.eval([toks[j]])
+                    steps.append(np.array(llm.scores[j], np.float32))
+                rows.append(np.stack(steps))
+        return {"logits": np.stack(rows)}
+
+    @staticmethod
+    def _greedy(llm, prompt, new):
+        llm.reset()
+        llm.eval(prompt)
+        toks = []
+        while True:
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # first maximum: lower id on ties
+            toks.append(nxt)
+            if len(toks) == new:
+                return toks
+            llm.eval([nxt])
