@@ -5,7 +5,7 @@ Builds an FP8 checkpoint in the published layout with every width of the deepsee
 dense FFN 18432) but only four layers - one dense, two MoE and the MTP layer - and a small
 vocabulary; then, in a fresh process under --max-memory, runs a 1 x T prefill through the
 latent cache, refimpl's MTP module teacher-forced over the prefill through its own latent cache
-slot (mtp.Drafter.extend), and a few speculative decode steps as generate.decode(use_mtp=True)
+slot (generate.Drafter.extend), and a few speculative decode steps as generate.decode(use_mtp=True)
 runs them (an MTP draft, one main forward over [token, draft], verification, the module advanced
 through its cache), and reports peak RSS against the budget and against what a full
 materialisation of the checkpoint would need.
@@ -35,11 +35,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import refimpl  # noqa: E402
-from refimpl import fp8, mtp  # noqa: E402
+from refimpl import fp8  # noqa: E402
 from refimpl.checkpoint import (Checkpoint, random_tensor, stored_entries, tensor_plan,  # noqa: E402
                                 write_checkpoint)
 from refimpl.memory import format_bytes, parse_memory, peak_rss  # noqa: E402
-from refimpl.generate import verify  # noqa: E402
+from refimpl.generate import Drafter, verify  # noqa: E402
 
 POOL = 4  # distinct quantised matrices per FP8 shape
 
@@ -87,7 +87,7 @@ def measure(path: str, max_memory: int, dtype: str, n_tokens: int, n_decode: int
     ckpt: Checkpoint = model.weights.source
     t_load = time.perf_counter() - t0
     cfg = model.cfg
-    assert mtp.has_weights(model), "the checkpoint has no complete MTP layer"
+    assert model.has_mtp(), "the checkpoint has no complete MTP layer"
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (1, n_tokens))
     # main slots and the MTP module's slot; each speculative step writes at most 2 positions
@@ -105,13 +105,13 @@ def measure(path: str, max_memory: int, dtype: str, n_tokens: int, n_decode: int
         return out
 
     trace = {}
-    h0, h = phase("prefill", lambda: mtp.main_hidden(model, tokens, cache, trace))
+    h0, h = phase("prefill", lambda: model.main_hidden(tokens, cache, trace))
     logits = model.logits(h)
     assert np.isfinite(logits).all()
     out = [int(np.argmax(logits[0, -1]))]
     # the MTP module teacher-forced over the prefill (every input a known token), through its own
     # latent cache slot: what generate.decode(use_mtp=True) does after the prefill
-    drafter = mtp.Drafter(model, cache)
+    drafter = Drafter(model, cache)
     mtp_logits = phase("mtp", lambda: drafter.extend(tokens[0].tolist() + out, h0))
     assert mtp_logits[0].shape == (1, n_tokens, cfg.vocab_size) and np.isfinite(mtp_logits[0]).all()
     assert cache.mtp_lengths == [n_tokens]
@@ -124,7 +124,7 @@ def measure(path: str, max_memory: int, dtype: str, n_tokens: int, n_decode: int
             drafts, dlogits = drafter.draft(1)
             start = cache.length
             x = np.array([[out[-1], *drafts]], dtype=np.int64)
-            h0_new, h_new = mtp.main_hidden(model, x, cache)
+            h0_new, h_new = model.main_hidden(x, cache)
             new = verify(drafts, dlogits, model.logits(h_new)[0], 0.0, None)
             a = len(new) - 1
             cache.length = start + a + 1

@@ -9,9 +9,8 @@ kv-lora 512, 256 routed experts of 2048 plus one shared, the published YaRN sett
   moe           DeepSeekMoE layer (eqs. 12-16): gate, group-limited top-8 of 256, one shared
                 expert, 4096 tokens
 
-The refimpl side calls refimpl's own functions (mla.query, mla.latent_kv, mla.rope_parts,
-mla.attention_naive / attention_absorbed, mla.output, moe.route, moe.routed_experts, moe.swiglu)
-on cupy arrays. The torch side is the same math written independently in torch ops below, on the
+The refimpl side calls refimpl's own blocks (mla.attention_block, moe.moe_ffn: the functions the
+model and the golden cases run) on cupy arrays. The torch side is the same math written independently in torch ops below, on the
 same GPU, reading the very same weights through DLPack (no second copy: the MoE layer alone is
 256 * 3 * 2048 * 7168 * 4 B = 45 GB in float32). TF32 is OFF on both sides (torch:
 fp32_precision "ieee" / allow_tf32 False; cupy: CUPY_TF32 unset), so both do IEEE float32
@@ -335,28 +334,17 @@ def ffn_weights(rng, d, inter, dtype) -> dict:
 
 def refimpl_mla(x, w, cos, sin, mask, cfg: Config, scale: float, form: str, cache=None,
                 start: int = 0):
-    """One MLA block as Model.attention runs it: x [b, s, d] -> u [b, s, d]; with a cache
-    (c_kv [b, T, d_c], k_rope [b, T, d_R]) the new latents are written at `start` and the
-    attention runs over the cache up to start + s."""
-    _, q_nope, q_rope = mla.query(x, w, cfg.num_attention_heads, cfg.qk_nope_head_dim,
-                                  cfg.qk_rope_head_dim)
-    c_kv, k_rope = mla.latent_kv(x, w, cfg.kv_lora_rank)
-    q_rope, k_rope = mla.rope_parts(q_rope, k_rope, cos, sin)
-    if cache is not None:
-        s = x.shape[1]
-        cache[0][:, start:start + s] = c_kv
-        cache[1][:, start:start + s] = k_rope
-        c_kv, k_rope = cache[0][:, :start + s], cache[1][:, :start + s]
-    attend = mla.attention_absorbed if form == "absorbed" else mla.attention_naive
-    o = attend(q_nope, q_rope, c_kv, k_rope, w["kv_b_proj"], scale, mask)
-    return mla.output(o, w["o_proj"])
+    """One MLA block (mla.attention_block, as the model runs it): x [b, s, d] -> u [b, s, d];
+    with a cache (c_kv [b, T, d_c], k_rope [b, T, d_R]) the new latents are written at `start`
+    and the attention runs over the cache up to start + s."""
+    return mla.attention_block(x, w, cfg, cos, sin, mask, scale, form, cache, start)
 
 
 def refimpl_moe(u, gate_w, bias, experts, shared, cfg: Config):
-    """eq. (12) without the residual: u [T, d] -> (out [T, d], idx [T, K])."""
-    _, idx, g = moe.route(u, gate_w, bias, cfg)
-    out = moe.routed_experts(u, idx, g, experts)
-    return out + moe.swiglu(u, **shared), idx
+    """eq. (12) without the residual (moe.moe_ffn): u [T, d] -> (out [T, d], idx [T, K])."""
+    seen = {}
+    out = moe.moe_ffn(u, gate_w, bias, experts, shared, cfg, lambda name, v: seen.setdefault(name, v))
+    return out, seen["topk_idx"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,3 +1,5 @@
+"""`python -m oracles`: the oracles command line (cli.py)."""
+
 import sys
 
 from .cli import main

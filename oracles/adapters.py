@@ -16,7 +16,6 @@ import os
 import numpy as np
 
 from . import OraclesError
-from .cases import KINDS
 from .check import AdapterCandidate
 from .golden import Golden
 from refimpl.checkpoint import write_safetensors
@@ -24,12 +23,14 @@ from refimpl.checkpoint import write_safetensors
 
 class RefimplAdapter:
     """refimpl itself as a candidate, in float32 (or another precision), optionally with one
-    mutant patched in: the clean reference and every bug in mutants.py."""
+    mutant (a mutants.Mutant) patched in: the clean reference and every bug in mutants.py.
+    refimpl's forward pass is imported when the adapter is first used, not with this module."""
 
-    def __init__(self, precision: str = "float32", mutant: str | None = None):
+    def __init__(self, precision: str = "float32", mutant=None):
         self.precision, self.mutant = precision, mutant
 
     def supports(self, case):
+        from .cases import KINDS
         return True if case.kind in KINDS else f"kind {case.kind!r} is not known to this refimpl"
 
     def run(self, case):

@@ -15,42 +15,21 @@ names (`embed`, `layers.N.attn_out`, `layers.N.topk_idx`, `final_hidden`, `logit
 
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from refimpl import fp8, generate, losses, mla, moe, mtp, norm, rope
+from refimpl import fp8, generate, losses, mla, moe, mtp, names, norm, rope
 from refimpl.config import Config
 from refimpl.model import Model
+from refimpl.trace import recorder
+
+from .schema import CAUSAL_KINDS, Case, matches, output_type  # noqa: F401 (re-exported)
 
 # ---------------------------------------------------------------------------------------------
-# Case and kind
+# Kinds
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Case:
-    """One golden case. `inputs` and `weights` hold arrays in their STORED dtypes (float32,
-    bfloat16, e4m3, int64): every engine reads exactly these values."""
-
-    id: str
-    kind: str
-    pins: str  # one sentence: what this case pins down
-    inputs: dict
-    params: dict = field(default_factory=dict)
-    config: Config | None = None
-    weights: dict | None = None  # model cases: checkpoint tensors in the HF layout
-    conventions: dict = field(default_factory=dict)  # topic -> the alternative its expected follows
-    expect_under: str | None = None  # a mutant name: expected values follow that alternative
-    path: str | None = None  # the case directory, once written (inputs, expected)
-    model_path: str | None = None  # model cases, once written: the checkpoint directory engines load
-    edge: str | None = None  # a config no published model has (spec edge): why it is in the suite
-
-    @property
-    def is_model(self) -> bool:
-        return self.weights is not None
 
 
 @dataclass(frozen=True)
@@ -63,34 +42,11 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {}
-# kinds whose tokens attend to earlier ones: a routing difference at position p reaches p onward
-CAUSAL_KINDS = ("prefill", "decode", "mtp_prefill", "mtp_module")
 
 
 def register(name: str, run, required, doc: str, aux=None) -> None:
     KINDS[name] = Kind(name, run, required if callable(required) else (lambda c, r=tuple(required): r),
                        doc, aux)
-
-
-def output_type(name: str) -> str:
-    """How an output is compared: by its name (documented in docs/conformance.md)."""
-    last = name.rsplit(".", 1)[-1]
-    if last == "topk_idx":
-        return "indices"
-    if last == "topk_weight":
-        return "routing_weights"
-    if last == "logits":
-        return "logits"
-    if last == "tokens":
-        return "tokens"
-    return "continuous"
-
-
-def matches(case_id: str, pattern: str | None) -> bool:
-    """--only: comma-separated globs."""
-    if not pattern:
-        return True
-    return any(fnmatch.fnmatchcase(case_id, p.strip()) for p in pattern.split(","))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,13 +63,9 @@ def routing_margin(scores, bias, cfg: Config) -> np.ndarray:
     t, e = biased.shape
     margin = np.full(t, np.inf)
     if cfg.topk_method != "greedy" and cfg.topk_group < cfg.n_group:
-        g = moe.group_scores(biased, cfg.n_group, cfg.topk_method)
-        gs = -np.sort(-g, axis=-1)
+        gs = -np.sort(-moe.group_scores(biased, cfg.n_group, cfg.topk_method), axis=-1)
         margin = np.minimum(margin, gs[:, cfg.topk_group - 1] - gs[:, cfg.topk_group])
-        kept = np.argsort(-g, axis=-1, kind="stable")[:, :cfg.topk_group]
-        mask = np.zeros_like(g, dtype=bool)
-        np.put_along_axis(mask, kept, True, axis=-1)
-        biased = np.where(np.repeat(mask, e // cfg.n_group, axis=-1), biased, -np.inf)
+        biased = moe.group_mask(biased, cfg.n_group, cfg.topk_group, cfg.topk_method)
     k = cfg.num_experts_per_tok
     if k < e:
         bs = -np.sort(-biased, axis=-1)
@@ -148,31 +100,15 @@ def run_rope_apply(case, dtype):
     return {"out": rope.apply_rope(case.inputs["x"], cos, sin)}
 
 
-def _attn_weights(case):
-    keys = ("q_proj",) if case.config.q_lora_rank is None else ("q_a_proj", "q_a_layernorm", "q_b_proj")
-    keys += ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
-    return {k: case.inputs[k] for k in keys}
-
-
-def _mla(case, x, positions, cache_c_kv=None, cache_k_rope=None, form="naive"):
+def _mla(case, x, positions, cache=None, start=0, form="naive"):
+    """mla.attention_block on the case's weights -> its recorded intermediates."""
     cfg = case.config
-    w = _attn_weights(case)
-    c_q, q_nope, q_rope_pre = mla.query(x, w, cfg.num_attention_heads, cfg.qk_nope_head_dim,
-                                        cfg.qk_rope_head_dim)
-    c_kv, k_rope_pre = mla.latent_kv(x, w, cfg.kv_lora_rank)
+    w = {k: case.inputs[k] for k in names.attention_keys(cfg)}
     cos, sin = rope.cos_sin(positions, rope.inv_freq(cfg), rope.cos_sin_factor(cfg))
-    q_rope, k_rope = mla.rope_parts(q_rope_pre, k_rope_pre, cos, sin)
-    out = {} if c_q is None else {"c_q": c_q}
-    out.update(q_nope=q_nope, q_rope=q_rope, c_kv=c_kv, k_rope=k_rope)
-    all_c, all_k = c_kv, k_rope
-    if cache_c_kv is not None:  # one decode step against a filled latent cache
-        all_c = np.concatenate([cache_c_kv, c_kv], axis=1)
-        all_k = np.concatenate([cache_k_rope, k_rope], axis=1)
-    k_pos = np.arange(all_c.shape[1])
-    mask = mla.causal_mask(positions, k_pos, np)
-    attend = mla.attention_absorbed if form == "absorbed" else mla.attention_naive
-    o = attend(q_nope, q_rope, all_c, all_k, w["kv_b_proj"], rope.softmax_scale(cfg), mask)
-    out["attn_out"] = mla.output(o, w["o_proj"])
+    mask = mla.causal_mask(positions, np.arange(start + x.shape[1]), np)
+    out = {}
+    mla.attention_block(x, w, cfg, cos, sin, mask, rope.softmax_scale(cfg), form, cache, start,
+                        recorder(out))
     return out
 
 
@@ -185,9 +121,11 @@ def run_mla(case, dtype):
 def run_mla_decode(case, dtype):
     """One token x [b, 1, d] at position `start` against a filled cache (normalised c_kv
     [b, start, d_c] and roped k_rope [b, start, d_R] in the checkpoint's pair layout)."""
-    start = case.inputs["cache_c_kv"].shape[1]
-    return _mla(case, case.inputs["x"], np.array([start]), case.inputs["cache_c_kv"],
-                case.inputs["cache_k_rope"], form=case.params.get("form", "absorbed"))
+    x, c, k = case.inputs["x"], case.inputs["cache_c_kv"], case.inputs["cache_k_rope"]
+    start = c.shape[1]
+    slot = tuple(np.concatenate([a, np.zeros((a.shape[0], 1, a.shape[2]), a.dtype)], axis=1)
+                 for a in (c, k))  # the filled cache with room for the new token
+    return _mla(case, x, np.array([start]), slot, start, form=case.params.get("form", "absorbed"))
 
 
 def run_gate(case, dtype):
@@ -204,15 +142,14 @@ def gate_aux(case, out):
 def run_moe(case, dtype):
     """One MoE layer without the residual: shared + gated routed experts.  x [T, d] -> out [T, d]."""
     cfg, inp = case.config, case.inputs
-    x = inp["x"]
-    s, idx, g = moe.route(x, inp["gate_weight"], inp.get("bias"), cfg)
-    experts = [{k: inp[f"experts.{e}.{k}"] for k in ("gate_proj", "up_proj", "down_proj")}
+    experts = [{k: inp[f"experts.{e}.{k}"] for k in names.FFN_PROJ}
                for e in range(cfg.n_routed_experts)]
-    out = moe.routed_experts(x, idx, g, experts)
-    if cfg.n_shared_experts:
-        out = out + moe.swiglu(x, **{k: inp[f"shared_experts.{k}"]
-                                     for k in ("gate_proj", "up_proj", "down_proj")})
-    return {"router_scores": s, "topk_idx": idx.astype(np.int64), "topk_weight": g, "out": out}
+    shared = {k: inp[f"shared_experts.{k}"] for k in names.FFN_PROJ} if cfg.n_shared_experts else None
+    out = {}
+    y = moe.moe_ffn(inp["x"], inp["gate_weight"], inp.get("bias"), experts, shared, cfg,
+                    recorder(out))
+    out["out"] = y
+    return out
 
 
 def moe_aux(case, out):
@@ -230,7 +167,11 @@ def run_fp8_dequant(case, dtype):
 
 
 def _model(case, dtype):
-    return Model.from_arrays(case.config, case.weights, dtype=np.dtype(dtype).name)
+    """The case's model; weights kept as stored FP8 (fp8.BlockFP8, emulate.prepared for the fp8
+    profile) run through the FP8 GEMM, as an FP8 engine runs them."""
+    stored_fp8 = any(isinstance(w, fp8.BlockFP8) for w in case.weights.values())
+    return Model.from_arrays(case.config, case.weights, dtype=np.dtype(dtype).name,
+                             fp8_activations=stored_fp8)
 
 
 def run_prefill(case, dtype):
@@ -260,7 +201,7 @@ def _layer_of_trace(case, name) -> int:
     """The checkpoint layer of a trace name: layers.N.* -> N, mtp.K.layer.* -> the MTP layer."""
     parts = name.split(".")
     if parts[0] == "mtp":
-        return case.config.num_hidden_layers + int(parts[1]) - 1
+        return names.mtp_layer(case.config, int(parts[1]))
     return int(parts[1])
 
 
@@ -270,7 +211,7 @@ def model_aux(case, out):
     for name, s in out.items():
         if name.endswith(".router_scores"):
             i = _layer_of_trace(case, name)
-            bias = case.weights.get(f"model.layers.{i}.mlp.gate.e_score_correction_bias")
+            bias = case.weights.get(names.gate_bias(i))
             b, t, e = s.shape
             aux[name.replace("router_scores", "topk_margin")] = \
                 routing_margin(s.reshape(b * t, e), bias, case.config).reshape(b, t)
@@ -331,8 +272,7 @@ def run_mtp_module(case, dtype):
     trace = {}
     model = _model(case, dtype)
     h_prev = np.asarray(case.inputs["h_prev"], dtype=dtype)
-    mtp.module_forward(model, case.params["k"], case.inputs["input_ids"], h_prev, 0, None, trace,
-                       mtp.DEFAULT)
+    model.mtp_module(case.params["k"], case.inputs["input_ids"], h_prev, 0, None, trace, mtp.DEFAULT)
     return trace
 
 

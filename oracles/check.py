@@ -16,8 +16,8 @@ import ml_dtypes
 import numpy as np
 
 from . import OraclesError, metrics, tolerance
-from .cases import CAUSAL_KINDS, matches
 from .golden import Golden, read_tensors
+from .schema import CAUSAL_KINDS, matches
 
 FLOAT_DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16),
                 np.dtype(ml_dtypes.bfloat16))

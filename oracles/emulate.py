@@ -1,36 +1,38 @@
-"""Running a case's refimpl computation in a chosen precision, with refimpl functions patched.
+"""Running a case's refimpl computation in a chosen precision.
 
 Precisions (the tolerance profiles are calibrated from these):
 - float64: the truth.
 - float32: inputs and weights as float32, refimpl's float32 working dtype.
 - bf16: weights and inputs rounded to bfloat16 (the gate bias stays float32, as checkpoints
   store it), float32 arithmetic, and every operator's output rounded to bfloat16 at its boundary
-  (linear maps, norms, softmax, rope, SwiGLU, each decoder layer's residual stream).
+  through refimpl's one precision hook, `refimpl.ops.rounding(round_bf16)`: linear maps (SwiGLU's
+  projections, the MTP modules' eh_proj and the heads included), RMSNorms (enorm, hnorm and
+  shared_head.norm included), the attention softmax, RoPE, and each decoder layer's output; the
+  router stays float32.
 - fp8: bf16 as above, and the linear maps that DeepSeek-V3 ships in FP8 (attention projections,
   expert and dense FFN weights; not the embedding, lm_head, gate or eh_proj, SPEC.md section 7)
   run through refimpl's own FP8 path: weights block-quantised by fp8.quantize and multiplied by
   fp8.fp8_gemm (activations quantised per token per 128 channels by fp8.quantize_activations,
   per-128-block float32 accumulation, as DeepSeek's fp8_gemm); model cases run
-  Model(fp8_activations=True). kv_b_proj is dequantised, as that path keeps it.
+  Model(fp8_activations=True) (cases._model sees the fp8.BlockFP8 weights). kv_b_proj is
+  dequantised, as that path keeps it.
 
-Patching replaces module attributes of refimpl for the duration of a `with` block and restores
-them after; refimpl itself has no switch for it.
+Nothing is patched here: the precision is the case's arrays (`prepared`) and the rounding
+policy; mutants (mutants.py) patch refimpl functions for the duration of a run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 
 import ml_dtypes
 import numpy as np
 
-from refimpl import fp8, mla, model, moe, rope
+from refimpl import fp8, ops
 from refimpl.checkpoint import FP8_PROJECTIONS
-from refimpl.model import ArraySource, Model
 
-from . import OraclesError, cases
+from . import OraclesError
 from .cases import KINDS, Case
 
 PRECISIONS = ("float64", "float32", "bf16", "fp8")
@@ -40,45 +42,12 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 _KEEP_F32 = ("bias", "e_score_correction_bias")  # stored float32 in every checkpoint
 
 
-@contextlib.contextmanager
-def patched(replacements):
-    """replacements: [(module_or_class, attribute, new_value)]; restored on exit."""
-    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in replacements]
-    try:
-        for obj, name, value in replacements:
-            setattr(obj, name, value)
-        yield
-    finally:
-        for obj, name, value in reversed(saved):
-            setattr(obj, name, value)
-
-
 def round_bf16(x):
     """Round to the nearest bfloat16, keep float32 storage."""
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
         return x
     return x.astype(np.float32).astype(BF16).astype(np.float32)
-
-
-def _rounding(f):
-    @functools.wraps(f)
-    def wrapper(*a, **k):
-        out = f(*a, **k)
-        if isinstance(out, tuple):
-            return tuple(round_bf16(o) if o is not None else None for o in out)
-        return round_bf16(out)
-    return wrapper
-
-
-def bf16_boundaries():
-    """Round every operator's output to bf16 (see the module docstring). The gate's own linear
-    map is left in float32 (refimpl computes router scores in at least float32, as HF does)."""
-    targets = [(mla, "linear"), (mla, "rms_norm"), (mla, "softmax"), (mla, "apply_rope"),
-               (model, "linear"), (model, "rms_norm"), (moe, "swiglu"), (rope, "apply_rope")]
-    reps = [(obj, name, _rounding(getattr(obj, name))) for obj, name in targets]
-    reps.append((model.Model, "decoder_layer", _rounding(model.Model.decoder_layer)))
-    return patched(reps)
 
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -102,34 +71,6 @@ def fp8_weight(name: str, w):
     if name.removesuffix(".weight").endswith("kv_b_proj"):
         return fp8.dequantize(q, s, dtype=np.float32)
     return fp8.BlockFP8(q, s)
-
-
-class FP8Arrays(ArraySource):
-    """Model weights in memory whose FP8 linears are fp8.BlockFP8 (see fp8_weight), read through
-    the interface refimpl's Model(fp8_activations=True) uses for a stored FP8 checkpoint."""
-
-    def dtype(self, name: str) -> str:
-        return "F8_E4M3" if isinstance(self.arrays[name], fp8.BlockFP8) else "F32"
-
-    def stored_fp8(self, name: str):
-        a = self.arrays[name]
-        return a.q, a.scale_inv
-
-    def weight(self, name, dtype=np.float64):
-        a = self.arrays.get(name)
-        if isinstance(a, fp8.BlockFP8):
-            return fp8.dequantize(a.q, a.scale_inv, dtype=dtype)
-        return super().weight(name, dtype)
-
-
-def fp8_models():
-    """Model cases run refimpl's FP8 path: Model(fp8_activations=True) over FP8Arrays.
-    Component cases need nothing: their FP8 weights are BlockFP8 inputs, which ops.linear runs
-    through fp8.fp8_gemm."""
-    def fp8_model(case, dtype):
-        return Model(case.config, FP8Arrays(case.config, case.weights),
-                     dtype=np.dtype(dtype).name, fp8_activations=True)
-    return patched([(cases, "_model", fp8_model)])
 
 
 def _cast(name, a, precision):
@@ -159,11 +100,9 @@ def working_dtype(precision: str):
     return np.float64 if precision == "float64" else np.float32
 
 
-def run_case(case: Case, precision: str = "float64", mutant: str | None = None) -> dict:
+def run_case(case: Case, precision: str = "float64", mutant=None) -> dict:
     """The case's outputs from refimpl -> {name: float64 or int64 numpy array}, dataflow order.
-    `mutant` names an entry of mutants.MUTANTS whose patch is active during the run."""
-    from .mutants import MUTANTS
-
+    `mutant` (a mutants.Mutant) is patched in during the run."""
     kind = KINDS[case.kind]
     mode = None
     if precision in MODE_PRECISIONS:
@@ -172,14 +111,12 @@ def run_case(case: Case, precision: str = "float64", mutant: str | None = None) 
     work = prepared(case, precision)
     stack = contextlib.ExitStack()
     with stack:
-        if precision == "fp8":
-            stack.enter_context(fp8_models())
         if precision in ("bf16", "fp8"):
-            stack.enter_context(bf16_boundaries())
+            stack.enter_context(ops.rounding(round_bf16))
         if mode is not None:
             stack.enter_context(mode.patches())
         if mutant is not None:
-            stack.enter_context(MUTANTS[mutant].patch(case))
+            stack.enter_context(mutant.patch(case))
         out = kind.run(work, working_dtype(precision))
     result = {}
     for k, v in out.items():

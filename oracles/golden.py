@@ -26,16 +26,16 @@ import ml_dtypes
 import numpy as np
 
 import refimpl
-from refimpl import mtp
 from refimpl.atomic import atomic_directory
 from refimpl.checkpoint import SafetensorsFile, write_safetensors
 from refimpl.config import Config
 from refimpl.errors import RefimplError
 
 from . import OraclesError, __version__, tolerance
-from .cases import CAUSAL_KINDS, KINDS, Case, matches, output_type
-from .emulate import run_case
-from .suites import SUITE_DOCS, SUITE_SEED, suite_cases
+from .schema import CAUSAL_KINDS, Case, matches, output_type
+
+# Writing a suite runs refimpl (cases, emulate, suites, mutants): those are imported by the
+# writing functions below, so that reading and checking a suite never imports the forward pass.
 
 SUITE_FORMAT = 2  # 2: model cases in cases/<id>/model/ with tokenizer files (1: flat)
 MODEL_DIR = "model"
@@ -54,6 +54,8 @@ CONVENTIONS = {
 
 
 def conventions() -> dict:
+    from refimpl import mtp
+
     return {**CONVENTIONS, "mtp": mtp.DEFAULT.as_dict()}
 
 
@@ -75,12 +77,17 @@ def _json_default(o):
 
 def compute(case: Case) -> tuple[dict, dict, dict]:
     """-> (expected outputs, expected-only aux tensors, tolerances per profile)."""
+    from .cases import KINDS
+    from .emulate import run_case
+    from .mutants import MUTANTS
+
     kind = KINDS[case.kind]
-    truth = run_case(case, "float64", case.expect_under)
+    under = MUTANTS[case.expect_under] if case.expect_under else None
+    truth = run_case(case, "float64", under)
     aux = kind.aux(case, truth) if kind.aux else {}
     tols = {}
     for profile in tolerance.PROFILES:
-        emulated = run_case(case, tolerance.CALIBRATED_BY[profile], case.expect_under)
+        emulated = run_case(case, tolerance.CALIBRATED_BY[profile], under)
         tols[profile] = tolerance.calibrate(truth, aux, emulated, profile,
                                              causal=case.kind in CAUSAL_KINDS,
                                              exact_ties=case.params.get("exact_ties", "forgiven"))
@@ -89,6 +96,9 @@ def compute(case: Case) -> tuple[dict, dict, dict]:
 
 def write_case(case: Case, case_dir: str) -> dict:
     """Write one case's files -> its manifest entry."""
+    from .cases import KINDS
+    from .suites import SUITE_SEED
+
     os.makedirs(case_dir)
     truth, aux, tols = compute(case)
     if case.weights is not None:
@@ -133,6 +143,8 @@ def write_model_dir(model_dir: str, cfg: Config, weights: dict) -> None:
 
 def generate(out: str, suite: str = "default", only: str | None = None, progress=None) -> dict:
     """Write the suite (or the cases matching `only`) to `out`, atomically -> the manifest."""
+    from .suites import SUITE_DOCS, SUITE_SEED, suite_cases
+
     builders = [(cid, b) for cid, b in suite_cases(suite) if matches(cid, only)]
     if not builders:
         raise OraclesError(f"suite {suite!r}: no case matches --only {only!r}")

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from refimpl.ops import log_softmax
+
 TOPK = 5
 CONTINUOUS_METRICS = ("nmse", "max_rel", "norm")
 LOGIT_METRICS = CONTINUOUS_METRICS + ("top1", "topk", "kl")
@@ -35,12 +37,6 @@ def continuous(c, e) -> dict:
             "norm": abs(float(np.sqrt(np.sum(c * c))) / max(ref2 ** 0.5, tiny) - 1.0)}
 
 
-def _log_softmax(x):
-    m = x.max(axis=-1, keepdims=True)
-    y = x - m
-    return y - np.log(np.exp(y).sum(axis=-1, keepdims=True))
-
-
 def logits(c, e, margin_eps: float) -> dict:
     out = continuous(c, e)
     c, e = np.asarray(c, np.float64), np.asarray(e, np.float64)
@@ -57,7 +53,7 @@ def logits(c, e, margin_eps: float) -> dict:
     te = np.argsort(-e2, axis=-1, kind="stable")[:, :k]
     overlap = [len(set(a) & set(b)) / k for a, b in zip(tc.tolist(), te.tolist())]
     out["topk"] = 1.0 - float(np.mean(overlap)) if overlap else 0.0
-    lp, lq = _log_softmax(e2), _log_softmax(c2)
+    lp, lq = log_softmax(e2), log_softmax(c2)
     out["kl"] = max(float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1))), 0.0)
     return out
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,9 +24,9 @@ import numpy as np
 
 from refimpl import mla, moe, mtp, rope
 from refimpl.backend import array_module
-from refimpl.ops import topk_indices
+from refimpl.ops import boundary, topk_indices
 
-from .emulate import patched
+from .adapters import RefimplAdapter
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,19 @@ class Mutant:
 
 
 MUTANTS: dict[str, Mutant] = {}
+
+
+@contextlib.contextmanager
+def patched(replacements):
+    """replacements: [(module_or_class, attribute, new_value)]; restored on exit."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in replacements]
+    try:
+        for obj, name, value in replacements:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
 
 
 def _register(name, topic, bug, allowed=False):
@@ -66,21 +80,10 @@ def extent(case) -> int:
 
 # ---- routing ----------------------------------------------------------------------------------
 
-def _select_zero_mask(scores, bias, n_group, topk_group, top_k, topk_method):
-    xp = array_module(scores)
-    biased = scores if bias is None else scores + bias.astype(scores.dtype, copy=False)
-    if topk_method != "greedy" and topk_group < n_group:
-        e = biased.shape[1]
-        kept = topk_indices(moe.group_scores(biased, n_group, topk_method), topk_group)
-        group_mask = (kept[:, :, None] == xp.arange(n_group)).any(axis=1)
-        biased = xp.where(xp.repeat(group_mask, e // n_group, axis=-1), biased, 0.0)  # the bug
-    return topk_indices(biased, top_k)
-
-
 @_register("zero_group_mask", "expert-group mask",
            "masks experts of dropped groups with 0.0 instead of -inf: wrong picks when s + b < 0")
 def _patch_zero_group_mask(case):
-    return patched([(moe, "select_experts", _select_zero_mask)])
+    return patched([(moe, "group_mask", functools.partial(moe.group_mask, fill=0.0))])
 
 
 @_register("bias_in_weights", "bias in weights",
@@ -163,12 +166,10 @@ def _patch_mscale_not_all_dim(case):
 def _apply_rope_halves(x, cos, sin):
     """The bug: rotates (x_i, x_{i + d/2}) (rotate-half) on weights laid out in adjacent pairs."""
     xp = array_module(x)
-    extra = x.ndim - 3
-    c = cos.reshape(cos.shape[:1] + (1,) * extra + cos.shape[1:]).astype(x.dtype, copy=False)
-    s = sin.reshape(sin.shape[:1] + (1,) * extra + sin.shape[1:]).astype(x.dtype, copy=False)
+    c, s = rope.pair_tables(x, cos, sin)
     half = x.shape[-1] // 2
     a, b = x[..., :half], x[..., half:]
-    return xp.concatenate([a * c - b * s, a * s + b * c], axis=-1)
+    return boundary(xp.concatenate([a * c - b * s, a * s + b * c], axis=-1))
 
 
 @_register("rotate_half_rope", "rope layout",
@@ -207,8 +208,7 @@ _register("mtp_pre_norm_h0", "MTP h0",
 
 def _factory(name):
     def factory():
-        from .adapters import RefimplAdapter
-        return RefimplAdapter(precision="float32", mutant=name)
+        return RefimplAdapter(precision="float32", mutant=MUTANTS[name])
     factory.__name__ = name
     what = "one allowed alternative" if MUTANTS[name].allowed else "one bug"
     factory.__doc__ = f"refimpl in float32 with {what}: {MUTANTS[name].bug}"

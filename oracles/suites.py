@@ -17,7 +17,7 @@ import zlib
 import ml_dtypes
 import numpy as np
 
-from refimpl import fp8, mla, rope
+from refimpl import fp8, mla, names, rope
 from refimpl.checkpoint import attention_shapes, random_weights
 from refimpl.config import Config, RopeScaling
 
@@ -105,7 +105,7 @@ def rope_case(cid, cfg, positions, batch=1, heads=2, pins="RoPE on adjacent pair
 def _attn_inputs(rng, cfg, store):
     seed = _seed(rng)
     from refimpl.checkpoint import random_tensor
-    return {k[:-len(".weight")]: random_tensor("model.layers.0.self_attn." + k, s, seed).astype(store)
+    return {k[:-len(".weight")]: random_tensor(names.attention(0) + k, s, seed).astype(store)
             for k, s in attention_shapes(cfg).items()}
 
 
@@ -180,7 +180,7 @@ def moe_case(cid, cfg, tokens=12, pins="one MoE layer", bias_mean=0.0):
     rng = case_rng(cid)
     w = random_weights(cfg.replace(num_hidden_layers=cfg.first_k_dense_replace + 1), _seed(rng),
                        mtp=False)
-    p = f"model.layers.{cfg.first_k_dense_replace}.mlp."
+    p = names.mlp(cfg.first_k_dense_replace)
     inputs = {"x": rng.normal(0, 1, (tokens, cfg.hidden_size)).astype(F32)}
     for name, a in w.items():
         if name.startswith(p):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import metrics
-from .cases import output_type
+from .schema import output_type
 
 K = 4.0
 PROFILES = ("float32", "bf16", "fp8", "f16_kv", "bf16_f32_experts", "fp8_kv")

@@ -9,9 +9,18 @@
 
 from .config import Config, RopeScaling
 from .errors import CheckpointError, ConfigError, InputError, RefimplError
-from .model import LatentCache, Model, load
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """Model, LatentCache and load import the forward pass (model.py) on first use, so that
+    `import refimpl.config` (or oracles' checker) does not."""
+    if name in ("Model", "LatentCache", "load"):
+        from . import model
+        return getattr(model, name)
+    raise AttributeError(f"module 'refimpl' has no attribute {name!r}")
+
 
 __all__ = ["Config", "RopeScaling", "Model", "LatentCache", "load", "RefimplError", "ConfigError",
            "CheckpointError", "InputError", "__version__"]

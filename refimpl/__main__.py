@@ -1,3 +1,5 @@
+"""`python -m refimpl`: the refimpl command line (cli.py)."""
+
 import sys
 
 from .cli import main

@@ -1,18 +1,8 @@
 """Checkpoints in the Hugging Face layout: safetensors read (memory-mapped, sharded) and written,
 the tensor plan (every name and shape a config implies), and synthetic well-scaled models.
 
-All checkpoint naming lives here (SPEC.md sections 4-7):
-
-    model.embed_tokens.weight, model.norm.weight, lm_head.weight
-    model.layers.N.{input_layernorm, post_attention_layernorm}.weight
-    model.layers.N.self_attn.{q_a_proj, q_a_layernorm, q_b_proj | q_proj,
-                              kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj}.weight
-    model.layers.N.mlp.{gate_proj, up_proj, down_proj}.weight               (dense layers)
-    model.layers.N.mlp.gate.weight, model.layers.N.mlp.gate.e_score_correction_bias
-    model.layers.N.mlp.experts.E.{gate_proj, up_proj, down_proj}.weight
-    model.layers.N.mlp.shared_experts.{gate_proj, up_proj, down_proj}.weight
-    MTP module k at N = num_hidden_layers + k - 1: the layer above plus
-    enorm, hnorm, eh_proj, shared_head.norm, shared_head.head, embed_tokens
+The tensor names themselves are in names.py (SPEC.md sections 4-7); the plan here says which of
+them a config implies, with their shapes.
 """
 
 from __future__ import annotations
@@ -28,7 +18,7 @@ import zlib
 import ml_dtypes
 import numpy as np
 
-from . import fp8
+from . import fp8, names
 from .fp8 import scale_shape
 from .atomic import atomic_directory
 from .config import Config
@@ -45,10 +35,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit on the JSON header
 MAX_DIM = 2 ** 40  # no real dimension comes near; a zero-sized tensor can't hide a huge one
 
-ATTN_NORMS = ("q_a_layernorm", "kv_a_layernorm")
-FFN_PROJ = ("gate_proj", "up_proj", "down_proj")
-BIAS_SUFFIX = "mlp.gate.e_score_correction_bias"
-MTP_EXTRA = ("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens")
+from .names import ATTN_NORMS, BIAS_SUFFIX, FFN_PROJ, MTP_EXTRA, layer_of  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,41 +66,50 @@ def ffn_shapes(d: int, inter: int) -> dict[str, tuple]:
 
 def layer_plan(cfg: Config, layer: int) -> dict[str, tuple]:
     """Every tensor of decoder layer `layer` (MTP layers included) -> shape."""
-    d = cfg.hidden_size
-    p = f"model.layers.{layer}."
-    plan = {p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,)}
-    plan.update({p + "self_attn." + k: v for k, v in attention_shapes(cfg).items()})
+    d, i = cfg.hidden_size, layer
+    plan = {names.input_norm(i): (d,), names.post_attention_norm(i): (d,)}
+    plan.update({names.attention(i) + k: v for k, v in attention_shapes(cfg).items()})
     if cfg.is_moe_layer(layer):
-        plan[p + "mlp.gate.weight"] = (cfg.n_routed_experts, d)
+        plan[names.gate_weight(i)] = (cfg.n_routed_experts, d)
         if cfg.uses_bias:
-            plan[p + "mlp.gate.e_score_correction_bias"] = (cfg.n_routed_experts,)
+            plan[names.gate_bias(i)] = (cfg.n_routed_experts,)
         for e in range(cfg.n_routed_experts):
-            plan.update({f"{p}mlp.experts.{e}.{k}": v
+            plan.update({names.expert(i, e) + k: v
                          for k, v in ffn_shapes(d, cfg.moe_intermediate_size).items()})
         if cfg.n_shared_experts:
             shared = cfg.n_shared_experts * cfg.moe_intermediate_size
-            plan.update({p + "mlp.shared_experts." + k: v for k, v in ffn_shapes(d, shared).items()})
+            plan.update({names.shared_experts(i) + k: v for k, v in ffn_shapes(d, shared).items()})
     else:
-        plan.update({p + "mlp." + k: v for k, v in ffn_shapes(d, cfg.intermediate_size).items()})
+        plan.update({names.mlp(i) + k: v for k, v in ffn_shapes(d, cfg.intermediate_size).items()})
     if layer >= cfg.num_hidden_layers:  # an MTP module
-        plan[p + "enorm.weight"] = (d,)
-        plan[p + "hnorm.weight"] = (d,)
-        plan[p + "eh_proj.weight"] = (d, 2 * d)
-        plan[p + "shared_head.norm.weight"] = (d,)
-        plan[p + "shared_head.head.weight"] = (cfg.vocab_size, d)
-        plan[p + "embed_tokens.weight"] = (cfg.vocab_size, d)
+        plan[names.enorm(i)] = (d,)
+        plan[names.hnorm(i)] = (d,)
+        plan[names.eh_proj(i)] = (d, 2 * d)
+        plan[names.shared_head_norm(i)] = (d,)
+        plan[names.mtp_head(i)] = (cfg.vocab_size, d)
+        plan[names.mtp_embed(i)] = (cfg.vocab_size, d)
     return plan
+
+
+def mtp_stored(cfg: Config, stored, depths: int | None = None) -> bool:
+    """Whether the tensor names `stored` hold MTP modules 1..depths (default: all
+    num_nextn_predict_layers) completely, the optional gate bias aside: the one MTP-presence
+    check (Checkpoint.has_mtp, WeightStore.has_mtp)."""
+    n = cfg.num_nextn_predict_layers if depths is None else depths
+    return n >= 1 and all(name in stored for k in range(1, n + 1)
+                          for name in layer_plan(cfg, names.mtp_layer(cfg, k))
+                          if not name.endswith(BIAS_SUFFIX))
 
 
 def tensor_plan(cfg: Config, mtp: bool = True) -> dict[str, tuple]:
     """name -> shape for the whole checkpoint, in dataflow order."""
-    plan = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size)}
+    plan = {names.EMBED: (cfg.vocab_size, cfg.hidden_size)}
     n = cfg.num_layers_with_mtp if mtp else cfg.num_hidden_layers
     for layer in range(n):
         plan.update(layer_plan(cfg, layer))
-    plan["model.norm.weight"] = (cfg.hidden_size,)
+    plan[names.FINAL_NORM] = (cfg.hidden_size,)
     if not cfg.tie_word_embeddings:
-        plan["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+        plan[names.LM_HEAD] = (cfg.vocab_size, cfg.hidden_size)
     return plan
 
 
@@ -143,14 +139,6 @@ def storage_plan(cfg: Config, fp8: bool = True, mtp: bool = True,
     BF16 like the main ones.  For deepseek-v3 this gives the published 91,991 tensors and
     688,574,839,360 bytes."""
     return {n: (d, s) for n, d, s in stored_entries(tensor_plan(cfg, mtp=mtp), fp8, store_dtype)}
-
-
-def layer_of(name: str) -> int | None:
-    """The decoder layer index in a tensor name, or None for embedding, final norm and head."""
-    parts = name.split(".")
-    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
-        return int(parts[2])
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,10 +339,7 @@ class Checkpoint:
 
     def has_mtp(self) -> bool:
         """All num_nextn_predict_layers MTP modules are stored."""
-        cfg = self.config
-        return cfg.num_nextn_predict_layers > 0 and all(
-            n in self.where for layer in range(cfg.num_hidden_layers, cfg.num_layers_with_mtp)
-            for n in layer_plan(cfg, layer) if not n.endswith(BIAS_SUFFIX))
+        return mtp_stored(self.config, self.where)
 
     def check_scales(self) -> int:
         """Every FP8 tensor has a float `<name>_scale_inv` whose shape fits it (headers only)

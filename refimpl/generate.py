@@ -1,4 +1,6 @@
-"""Greedy decoding through the latent cache, and sampled / MTP speculative decoding (`decode`)."""
+"""Decoding: greedy through the latent cache, sampled, and speculative with the MTP modules
+(`decode`, paper section 5.4.3), whose incremental state machine is `Drafter`.  The equations
+are elsewhere (model.py, mtp.py); this is the bookkeeping of caches, drafts and verification."""
 
 from __future__ import annotations
 
@@ -6,8 +8,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import mtp, names
 from .backend import to_numpy
-from .errors import InputError
+from .errors import InputError, RefimplError
+from .ops import softmax
 
 
 def greedy(model, prompt, max_new_tokens: int) -> list[int]:
@@ -80,9 +84,7 @@ def _check_lengths(model, prompt, max_new_tokens):
 
 def probabilities(logits, temperature: float) -> np.ndarray:
     """softmax(logits / temperature) in float64 on the host.   [vocab] -> [vocab]"""
-    z = to_numpy(logits).astype(np.float64) / temperature
-    e = np.exp(z - z.max())
-    return e / e.sum()
+    return softmax(to_numpy(logits).astype(np.float64) / temperature)
 
 
 def accept_or_resample(p, q, draft: int, rng) -> tuple[bool, int]:
@@ -132,19 +134,17 @@ def decode(model, prompt, max_new_tokens: int, use_mtp: bool = False, depth: int
     the main model's own token at the first rejection (or after the last draft) is appended, so
     every round adds at least one token and greedy output equals plain greedy decoding exactly.
     The main cache is rolled back to the accepted prefix (cache.length), the MTP modules' caches
-    never commit draft-dependent entries (mtp.Drafter).  Pass `cache` (made with mtp=True and
+    never commit draft-dependent entries (Drafter).  Pass `cache` (made with mtp=True and
     max_len >= prompt + max_new_tokens) to inspect it afterwards."""
-    from . import mtp
-
     prompt, total = _check_lengths(model, prompt, max_new_tokens)
     conv = conventions or mtp.DEFAULT
     D = 0
     if use_mtp:
-        D = mtp.depth(model) if depth is None else depth
-        if depth is not None and not 1 <= depth <= mtp.depth(model):
-            raise InputError(f"MTP depth {depth} must be in 1..num_nextn_predict_layers "
-                             f"({mtp.depth(model)})")
-        if D < 1 or not mtp.has_weights(model, D):
+        n = model.cfg.num_nextn_predict_layers
+        D = n if depth is None else depth
+        if depth is not None and not 1 <= depth <= n:
+            raise InputError(f"MTP depth {depth} must be in 1..num_nextn_predict_layers ({n})")
+        if D < 1 or not model.has_mtp(D):
             raise InputError(f"MTP decoding (--mtp) needs MTP layers, but the weights have none "
                              f"(num_nextn_predict_layers {model.cfg.num_nextn_predict_layers}, "
                              f"no complete layer {model.cfg.num_hidden_layers})")
@@ -159,21 +159,21 @@ def decode(model, prompt, max_new_tokens: int, use_mtp: bool = False, depth: int
     if max_new_tokens == 0:
         return rep
     cache = cache or model.new_cache(batch=1, max_len=total, mtp=D > 0)
-    h0, h = mtp.main_hidden(model, prompt, cache, None, conv) if D else \
+    h0, h = model.main_hidden(prompt, cache, None, conv) if D else \
         (None, model.hidden_states(prompt, cache))
     logits = model.logits(h[:, -1:])
     rep.forward_passes = 1
     out = [pick(logits[0, -1])]
     drafter = None
     if D:
-        drafter = mtp.Drafter(model, cache, conv, D)
+        drafter = Drafter(model, cache, conv, D)
         drafter.extend(prompt[0].tolist() + out, h0)
     while len(out) < max_new_tokens:
         m = min(D, max_new_tokens - len(out) - 1)
         drafts, dlogits = drafter.draft(m, pick) if m else ([], [])
         start = cache.length
         x = np.array([[out[-1], *drafts]], dtype=np.int64)  # [1, 1 + m]
-        h0, h = mtp.main_hidden(model, x, cache, None, conv) if D else \
+        h0, h = model.main_hidden(x, cache, None, conv) if D else \
             (None, model.hidden_states(x, cache))
         logits = model.logits(h)[0]  # [1 + m, vocab]
         rep.forward_passes += 1
@@ -188,3 +188,106 @@ def decode(model, prompt, max_new_tokens: int, use_mtp: bool = False, depth: int
             drafter.extend(new, h0[:, :a + 1])
     rep.tokens = out[:max_new_tokens]
     return rep
+
+
+class Drafter:
+    """Incremental MTP through the latent cache, for decoding.
+
+    Committed state: the tokens t_0..t_{n-1} known to be right, the main model's hidden states
+    h^0 for positions 0..c_0-1 (c_0 = cache.length), and for each module k the indices
+    0..c_k-1 computed from right inputs (c_k = cache.mtp_lengths[k-1]), where
+    c_k = min(c_{k-1}, n - k): index i needs h^{k-1}_i and t_{i+k}.
+
+    `extend` adds committed tokens and main hidden states and advances every module over its newly
+    computable indices.  `draft(m)` proposes t_n .. t_{n+m-1} from the chain: module 1 at index
+    n-2 gives the first; module k >= 2 then runs TENTATIVELY over its indices c_k .. n-2, whose
+    inputs include earlier drafts; these entries are written past cache.mtp_lengths[k-1], so they
+    are discarded (overwritten by the next extend) whatever the verification decides.  Rolling
+    back is therefore only resetting lengths: the main model's to the accepted prefix, the modules'
+    never move past committed indices.
+    """
+
+    def __init__(self, model, cache, conv: mtp.Conventions = mtp.DEFAULT, depths: int | None = None):
+        n = model.cfg.num_nextn_predict_layers
+        D = n if depths is None else depths
+        if D < 1 or D > n:
+            raise InputError(f"MTP depth {D} must be in 1..num_nextn_predict_layers ({n})")
+        if len(cache.c_kv) < names.mtp_layer(model.cfg, D) + 1 or len(cache.mtp_lengths) < D:
+            raise RefimplError("the cache has no MTP slots; make it with model.new_cache(mtp=True)")
+        self.model, self.cache, self.conv, self.D = model, cache, conv, D
+        self.tokens: list[int] = []
+        self.h0_len = 0  # c_0 as seen by the drafter (must follow cache.length)
+        xp, d = model.xp, model.cfg.hidden_size
+        # pending[k]: h^k for indices c_{k+1} .. c_k - 1 (computed, not yet used by module k+1)
+        self.pending = [xp.zeros((cache.batch, 0, d), model.dtype) for _ in range(D)]
+        self.last_logits = [None] * D  # logits at each module's last committed index
+
+    def committed(self, k: int) -> int:
+        """c_k: indices of module k (k >= 1) computed from right inputs; c_0 is the main model's."""
+        return self.h0_len if k == 0 else self.cache.mtp_lengths[k - 1]
+
+    def extend(self, new_tokens, new_h0, trace=None) -> list:
+        """Commit `new_tokens` (ids appended to the sequence) and `new_h0` [b, s, d] (the main
+        model's h^0 at the next s positions) and advance every module.  Returns, per module k, the
+        logits [b, s_k, vocab] at its newly committed indices (predicting t_{i+k+1})."""
+        xp = self.model.xp
+        self.tokens.extend(int(t) for t in new_tokens)
+        self.pending[0] = xp.concatenate([self.pending[0], new_h0], axis=1)
+        self.h0_len += new_h0.shape[1]
+        n = len(self.tokens)
+        if self.h0_len > n:
+            raise RefimplError(f"{self.h0_len} main hidden states for only {n} tokens")
+        seq = np.array(self.tokens, dtype=np.int64)
+        out = []
+        for k in range(1, self.D + 1):
+            start = self.committed(k)
+            stop = max(start, min(self.committed(k - 1), n - k))
+            s = stop - start
+            if s == 0:
+                out.append(xp.zeros((self.cache.batch, 0, self.model.cfg.vocab_size), self.model.dtype))
+                continue
+            idx = np.arange(start, stop)
+            h, logits = self.model.mtp_module(k, seq[idx + k][None, :], self.pending[k - 1][:, :s],
+                                              start, self.cache, trace, self.conv)
+            self.pending[k - 1] = self.pending[k - 1][:, s:]
+            if k < self.D:
+                self.pending[k] = xp.concatenate([self.pending[k], h], axis=1)
+            self.cache.mtp_lengths[k - 1] = stop
+            self.last_logits[k - 1] = logits[:, -1]
+            out.append(logits)
+        return out
+
+    def draft(self, m: int, choose=None) -> tuple[list[int], list]:
+        """Propose the next m tokens t_n .. t_{n+m-1} (m <= D) with the MTP chain.
+
+        choose(logits [vocab]) -> id picks each draft (default: argmax, ties to the lower id).
+        Needs every module caught up: c_0 = n - 1 (the last token is the main model's newest,
+        not yet run by it).  Returns (drafts, the logits each was chosen from)."""
+        if m < 0 or m > self.D:
+            raise InputError(f"cannot draft {m} tokens with {self.D} MTP modules")
+        if m == 0:
+            return [], []
+        choose = choose or (lambda v: int(np.argmax(to_numpy(v))))
+        n = len(self.tokens)
+        if self.h0_len != n - 1 or self.committed(1) != n - 1:
+            raise RefimplError("draft needs the main model one token behind the sequence and the "
+                               "modules caught up (call extend first)")
+        xp = self.model.xp
+        ext = list(self.tokens)
+        logits1 = self.last_logits[0][0]
+        drafts, dlogits = [choose(logits1)], [logits1]
+        ext.append(drafts[0])
+        h_tent = xp.zeros((1, 0, self.model.cfg.hidden_size), self.model.dtype)  # tentative h^1
+        for k in range(2, m + 1):
+            start, stop = self.committed(k), n - 1
+            idx = np.arange(start, stop)
+            # h^{k-1} at start..stop-1: committed pending ones, then the tentative ones
+            h_prev = xp.concatenate([self.pending[k - 1], h_tent], axis=1)
+            assert h_prev.shape[1] == stop - start, (h_prev.shape, start, stop)
+            toks = np.array(ext, dtype=np.int64)[idx + k][None, :]
+            h_tent, logits = self.model.mtp_module(k, toks, h_prev, start, self.cache, None,
+                                                   self.conv)
+            drafts.append(choose(logits[0, -1]))
+            dlogits.append(logits[0, -1])
+            ext.append(drafts[-1])
+        return drafts, dlogits

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import ops
 from .errors import InputError
 
 
 def log_softmax(logits):
-    """log softmax over the last axis, with max-subtraction.   [..., V] -> [..., V]"""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    """log softmax over the last axis in float64.   [..., V] -> [..., V]"""
+    return ops.log_softmax(np.asarray(logits, dtype=np.float64))
 
 
 def mtp_depth_loss(logits_k, tokens, k: int):
@@ -50,8 +49,7 @@ def mtp_loss(mtp_logits, tokens, lam: float):
 def topk_mask(scores, k: int):
     """1 where s_i,t is among the K largest of its row (ties to the lower index).  [T, E] -> [T, E]"""
     scores = np.asarray(scores)
-    idx = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
-    return selection_mask(idx, scores.shape[-1])
+    return selection_mask(ops.topk_indices(scores, k), scores.shape[-1])
 
 
 def selection_mask(idx, n_experts: int):

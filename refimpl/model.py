@@ -1,27 +1,33 @@
-"""The model: embedding, decoder layers (MLA + dense FFN or DeepSeekMoE, pre-norm residual),
-final norm, lm_head; prefill and incremental decode through the latent cache; named traces.
+"""The model (paper Figure 2; SPEC.md section 3): embedding, decoder layers, final norm, output
+head, and on top the MTP modules (Figure 3; their equations are in mtp.py).
 
     h = Emb(tokens)
-    for each layer:  h = h + MLA(RMSNorm(h));  h = h + FFN_or_MoE(RMSNorm(h))
-    logits = lm_head(RMSNorm(h))
+    for each layer i:  h = h + MLA(RMSNorm(h));  h = h + FFN_i(RMSNorm(h))     decoder_layer
+    logits = Head(RMSNorm(h))
+
+FFN_i is a dense SwiGLU in the first first_k_dense_replace layers and DeepSeekMoE after.  The
+math lives in mla.py (attention_block, eqs. 1-11), moe.py (moe_ffn, eqs. 12-16), norm.py,
+rope.py and mtp.py (eqs. 21-23); weights come from weights.WeightStore by their checkpoint names
+(names.py); named intermediates go through trace.recorder.  This file wires them together:
+positions, the causal mask, the latent cache, prefill and incremental decode.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import fp8, mla, moe, rope
+from . import mla, moe, mtp, names, rope
 from .backend import device_module, to_numpy, working_dtype
-from .checkpoint import Checkpoint, layer_of
+from .checkpoint import Checkpoint
 from .config import Config
-from .errors import CheckpointError, InputError, RefimplError
+from .errors import InputError, RefimplError
 from .norm import rms_norm
-from .ops import linear
+from .ops import boundary
+from .trace import ignore, recorder
+from .weights import ArraySource, ExpertView, LazyGroup, WeightStore, weight_budget
 
 MLA_FORMS = ("naive", "absorbed", "auto")
 
@@ -47,140 +53,57 @@ class LatentCache:
         return self.c_kv[0].shape[1]
 
 
-class ArraySource:
-    """Weights held in memory (name -> array), with the same reading interface as Checkpoint."""
+@dataclass
+class Step:
+    """What every layer of one forward shares besides its weights: the RoPE tables of the new
+    tokens' positions, the causal mask [s, t], where the tokens start in the cache, the softmax
+    scale, the MLA form, and the latent cache (None: attend over the new tokens only)."""
 
-    def __init__(self, cfg: Config, arrays: dict):
-        self.config = cfg
-        self.arrays = arrays
+    cos: object
+    sin: object
+    mask: object
+    start: int
+    scale: float
+    form: str  # "naive" or "absorbed"
+    cache: LatentCache | None = None
 
-    def names(self):
-        return list(self.arrays)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.arrays
-
-    def shape(self, name):
-        return tuple(self.arrays[name].shape)
-
-    def weight(self, name, dtype=np.float64):
-        if name not in self.arrays:
-            raise CheckpointError(f"weights: tensor {name} is missing")
-        return np.asarray(self.arrays[name], dtype=dtype)
+    def slot(self, layer: int):
+        """The cache slot of `layer`, (c_kv [b, T, d_c], k_rope [b, T, d_R]), or None."""
+        return None if self.cache is None else (self.cache.c_kv[layer], self.cache.k_rope[layer])
 
 
-class WeightStore:
-    """Materialises tensors from a source in the working dtype on the device, when first used.
+def decoder_layer(h, w: WeightStore, cfg: Config, i: int, step: Step, record=ignore):
+    """Decoder layer i (MTP layers included): the pre-norm residual block of Figure 2,
 
-    With `max_bytes` (the weight budget) it keeps at most that many bytes of materialised weights:
-    before a tensor is materialised, the least recently used ones are released until it fits.
-    Layers run in order and experts one at a time, so a step's working set (one layer's attention,
-    one FFN, one expert) is always the most recent and is never released while in use, as long
-    as the budget holds the largest working set (Model checks that up front).
+        h = h + MLA(RMSNorm(h))          eqs. (1)-(11), mla.attention_block
+        h = h + FFN(RMSNorm(h))          SwiGLU, or DeepSeekMoE eq. (12), moe.moe_ffn
 
-    With `fp8_linears`, FP8-stored projections are kept as stored (e4m3 + scales, a BlockFP8) so
-    that ops.linear runs them through the emulated FP8 GEMM (fp8.fp8_gemm).  kv_b_proj stays
-    dequantised: the absorbed form splits it per head (as DeepSeek's absorbed path does)."""
-
-    def __init__(self, source, xp, dtype, max_bytes: int | None = None, fp8_linears: bool = False):
-        self.source, self.xp, self.dtype = source, xp, np.dtype(dtype)
-        self.max_bytes, self.fp8_linears = max_bytes, fp8_linears
-        self._resident: OrderedDict = OrderedDict()  # name -> array, least recently used first
-        self.resident_bytes = 0
-        self.peak_bytes = 0  # most bytes of weights held at once
-        self.materialised = 0  # tensors materialised, re-reads after release included
-        self.materialised_bytes = 0
-        self.read_bytes = 0  # bytes of stored tensors read to materialise them
-
-    def _keeps_fp8(self, name: str) -> bool:
-        return (self.fp8_linears and hasattr(self.source, "dtype")
-                and ".kv_b_proj." not in name and self.source.dtype(name) == "F8_E4M3")
-
-    def _stored_fp8(self, name: str) -> bool:
-        return hasattr(self.source, "stored_fp8") and self.source.dtype(name) == "F8_E4M3"
-
-    def nbytes(self, name: str) -> int:
-        """Bytes the materialised tensor takes (from the header: nothing is read)."""
-        n = math.prod(self.source.shape(name))
-        if self._keeps_fp8(name):
-            rows, cols = fp8.scale_shape(self.source.shape(name))
-            return n + 4 * rows * cols
-        return n * self.dtype.itemsize
-
-    def get(self, name: str):
-        a = self._resident.get(name)
-        if a is not None:
-            self._resident.move_to_end(name)
-            return a
-        size = self.nbytes(name)
-        self._make_room(size)
-        if self._keeps_fp8(name):
-            a = fp8.BlockFP8(*self.source.stored_fp8(name))
-        elif self.xp is not np and self._stored_fp8(name):
-            q, s = self.source.stored_fp8(name)  # 1 byte per weight crosses to the device
-            a = fp8.dequantize_bits(self.xp.asarray(q.view(np.uint8)), s, dtype=self.dtype)
-        else:
-            a = self.xp.asarray(self.source.weight(name, self.dtype))
-        self._resident[name] = a
-        self.resident_bytes += size
-        self.peak_bytes = max(self.peak_bytes, self.resident_bytes)
-        self.materialised += 1
-        self.materialised_bytes += size
-        if hasattr(self.source, "stored_nbytes"):
-            self.read_bytes += self.source.stored_nbytes(name)
-        return a
-
-    def _make_room(self, size: int) -> None:
-        if self.max_bytes is None:
-            return
-        while self._resident and self.resident_bytes + size > self.max_bytes:
-            self.release(next(iter(self._resident)))
-
-    def release(self, name: str) -> None:
-        """Drop a materialised tensor (read again from the source when next needed)."""
-        a = self._resident.pop(name, None)
-        if a is not None:
-            self.resident_bytes -= self.nbytes(name)
-
-    def rows(self, name: str, ids):
-        """Rows `ids` of a 2-d tensor (an embedding lookup): resident if it is, else read from
-        the source without materialising the whole matrix.   ids int [...] -> [..., cols]"""
-        a = self._resident.get(name)
-        if a is not None or not hasattr(self.source, "rows"):
-            return self.get(name)[self.xp.asarray(ids)]
-        return self.xp.asarray(self.source.rows(name, np.asarray(ids), self.dtype))
-
-    def linear(self, x, name: str):
-        """linear(x, W) for tensor `name`; a matrix too large for half the budget (a 129280-row
-        lm_head in float64) is streamed in row chunks instead of held.   [..., in] -> [..., out]"""
-        if (self.max_bytes is None or name in self._resident or not hasattr(self.source, "rows")
-                or self.nbytes(name) <= self.max_bytes // 2):
-            return linear(x, self.get(name))
-        out_rows, cols = self.source.shape(name)
-        step = max(1, STREAM_CHUNK // (cols * self.dtype.itemsize))
-        parts = [linear(x, self.xp.asarray(self.source.rows(name, np.arange(a, min(a + step, out_rows)),
-                                                            self.dtype)))
-                 for a in range(0, out_rows, step)]
-        return self.xp.concatenate(parts, axis=-1)
-
-    def group(self, prefix: str, keys) -> dict:
-        """{key: get(prefix + key + '.weight')} for checkpoint keys (`q_a_proj`, ...)."""
-        return {k: self.get(f"{prefix}{k}.weight") for k in keys}
+    h [b, s, d] -> [b, s, d].  record: attn_norm, the attention block's names, h_attn, ffn_norm,
+    the router's names (MoE layers), ffn_out, hidden."""
+    eps = cfg.rms_norm_eps
+    x = rms_norm(h, w.get(names.input_norm(i)), eps)
+    record("attn_norm", x)
+    h = h + mla.attention_block(x, w.group(names.attention(i), names.attention_keys(cfg)), cfg,
+                                step.cos, step.sin, step.mask, step.scale, step.form,
+                                step.slot(i), step.start, record)
+    record("h_attn", h)
+    x = rms_norm(h, w.get(names.post_attention_norm(i)), eps)
+    record("ffn_norm", x)
+    f = ffn(x, w, cfg, i, record)
+    record("ffn_out", f)
+    h = boundary(h + f)  # the layer's output: an operator boundary (ops.rounding)
+    record("hidden", h)
+    return h
 
 
-class ExpertView:
-    """experts[e] -> {gate_proj, up_proj, down_proj} of routed expert e, read when first asked."""
-
-    def __init__(self, store: WeightStore, prefix: str):
-        self.store, self.prefix = store, prefix
-
-    def __getitem__(self, e: int) -> dict:
-        return self.store.group(f"{self.prefix}{e}.", ("gate_proj", "up_proj", "down_proj"))
-
-
-def _record(trace, name, value):
-    if trace is not None:
-        trace[name] = to_numpy(value)
+def ffn(x, w: WeightStore, cfg: Config, i: int, record=ignore):
+    """Layer i's feed-forward block without the residual: one SwiGLU in the first
+    first_k_dense_replace layers, DeepSeekMoE (shared + gated routed experts) after."""
+    if not cfg.is_moe_layer(i):
+        return moe.swiglu(x, **w.group(names.mlp(i), names.FFN_PROJ))
+    bias = w.optional(names.gate_bias(i)) if cfg.uses_bias else None  # the checkpoint decides
+    shared = LazyGroup(w, names.shared_experts(i), names.FFN_PROJ) if cfg.n_shared_experts else None
+    return moe.moe_ffn(x, w.get(names.gate_weight(i)), bias, ExpertView(w, i), shared, cfg, record)
 
 
 class Model:
@@ -230,6 +153,17 @@ class Model:
             k_rope=[xp.zeros((batch, max_len, cfg.qk_rope_head_dim), self.dtype) for _ in range(n)],
             mtp_lengths=[0] * (cfg.num_nextn_predict_layers if mtp else 0))
 
+    def step(self, positions, n_keys: int, start: int, cache=None, query_index=None) -> Step:
+        """The Step for new tokens at RoPE `positions` [s], attending causally to key indices
+        0..n_keys-1 (query_index [s]: the tokens' own indices, default `positions`)."""
+        q = positions if query_index is None else query_index
+        cos, sin = rope.cos_sin(positions, self.inv_freq, self.cos_sin_factor, self.xp)
+        form = self.mla_form
+        if form == "auto":
+            form = "absorbed" if start > 0 else "naive"
+        return Step(cos, sin, mla.causal_mask(q, np.arange(n_keys), self.xp), start,
+                    self.softmax_scale, form, cache)
+
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, tokens, cache: LatentCache | None = None, trace: dict | None = None,
                 mtp: bool = False, mtp_conventions=None):
@@ -245,25 +179,10 @@ class Model:
         h = self.hidden_states(tokens, cache, trace)
         return self.logits(h, trace)
 
-    def _forward_mtp(self, tokens, cache, trace, conv):
-        from . import mtp as mtp_mod
-
-        if cache is not None:
-            raise InputError("forward(mtp=True) is teacher-forced over a whole sequence and takes "
-                             "no cache; decode incrementally with mtp.Drafter")
-        if not mtp_mod.has_weights(self):
-            raise InputError("forward(mtp=True): the weights hold no MTP layers (layer "
-                             f"{self.cfg.num_hidden_layers} and on)")
-        conv = conv or mtp_mod.DEFAULT
-        tokens = self.check_tokens(tokens)
-        h0, h = mtp_mod.main_hidden(self, tokens, None, trace, conv)
-        logits = self.logits(h, trace)
-        return logits, mtp_mod.teacher_forced(self, tokens, h0, trace, conv)
-
     def hidden_states(self, tokens, cache=None, trace=None, final_norm=True):
         """The final hidden state after the last norm: [batch, seq, d] (with final_norm=False,
         the last decoder layer's output, before that norm)."""
-        cfg, xp = self.cfg, self.xp
+        cfg = self.cfg
         tokens = self.check_tokens(tokens)
         b, s = tokens.shape
         start = 0
@@ -277,29 +196,26 @@ class Model:
         if start + s > cfg.max_position_embeddings:
             raise InputError(f"positions up to {start + s - 1} exceed max_position_embeddings "
                              f"({cfg.max_position_embeddings})")
-        positions = np.arange(start, start + s)
-        cos, sin = rope.cos_sin(positions, self.inv_freq, self.cos_sin_factor, xp)
-        mask = mla.causal_mask(positions, np.arange(start + s), xp)
-        h = self.weights.rows("model.embed_tokens.weight", tokens)  # [b, s] -> [b, s, d]
-        _record(trace, "embed", h)
+        step = self.step(np.arange(start, start + s), start + s, start, cache)
+        h = self.weights.rows(names.EMBED, tokens)  # [b, s] -> [b, s, d]
+        recorder(trace)("embed", h)
         layers = range(cfg.num_hidden_layers)
         if self.progress is not None:
             layers = self.progress(layers, desc=f"forward of {b}x{s} tokens", unit="layer")
         for i in layers:
-            h = self.decoder_layer(i, h, cos, sin, mask, start, cache, trace)
+            h = decoder_layer(h, self.weights, cfg, i, step, recorder(trace, f"layers.{i}."))
         if cache is not None:
             cache.length = start + s
         if not final_norm:
             return h
-        h = rms_norm(h, self.weights.get("model.norm.weight"), cfg.rms_norm_eps)
-        _record(trace, "final_hidden", h)
+        h = rms_norm(h, self.weights.get(names.FINAL_NORM), cfg.rms_norm_eps)
+        recorder(trace)("final_hidden", h)
         return h
 
     def logits(self, h, trace=None):
-        """lm_head(h): [batch, seq, d] -> [batch, seq, vocab]."""
-        head = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
-        out = self.weights.linear(h, head)
-        _record(trace, "logits", out)
+        """The output head: [batch, seq, d] -> [batch, seq, vocab]."""
+        out = self.weights.linear(h, names.head(self.cfg))
+        recorder(trace)("logits", out)
         return out
 
     def check_tokens(self, tokens) -> np.ndarray:
@@ -318,129 +234,79 @@ class Model:
                              f"vocabulary [0, {self.cfg.vocab_size})")
         return t.astype(np.int64)
 
-    # ---- one decoder layer ---------------------------------------------------------------------
-    def decoder_layer(self, i, h, cos, sin, mask, start, cache, trace, prefix=None):
-        """Pre-norm residual block: h + MLA(norm(h)), then + FFN/MoE(norm(.))."""
-        cfg, w = self.cfg, self.weights
-        p = f"model.layers.{i}."
-        name = prefix or f"layers.{i}."
-        x = rms_norm(h, w.get(p + "input_layernorm.weight"), cfg.rms_norm_eps)
-        _record(trace, name + "attn_norm", x)
-        a = self.attention(i, x, cos, sin, mask, start, cache, trace, name)
-        h = h + a
-        _record(trace, name + "h_attn", h)
-        x = rms_norm(h, w.get(p + "post_attention_layernorm.weight"), cfg.rms_norm_eps)
-        _record(trace, name + "ffn_norm", x)
-        f = self.moe(i, x, trace, name) if cfg.is_moe_layer(i) else self.dense_ffn(i, x)
-        _record(trace, name + "ffn_out", f)
-        h = h + f
-        _record(trace, name + "hidden", h)
-        return h
+    # ---- MTP modules (Figure 3; the equations are in mtp.py) ------------------------------------
+    def has_mtp(self, depths: int | None = None) -> bool:
+        """True when the weights hold every MTP module 1..depths (default: all)."""
+        return self.weights.has_mtp(self.cfg, depths)
 
-    def attention(self, i, x, cos, sin, mask, start, cache, trace, name, cache_layer=None):
-        """MLA for layer i on normalised x [b, s, d] -> [b, s, d]; writes the cache if given."""
+    def _forward_mtp(self, tokens, cache, trace, conv):
+        if cache is not None:
+            raise InputError("forward(mtp=True) is teacher-forced over a whole sequence and takes "
+                             "no cache; decode incrementally with generate.Drafter")
+        if not self.has_mtp():
+            raise InputError("forward(mtp=True): the weights hold no MTP layers (layer "
+                             f"{self.cfg.num_hidden_layers} and on)")
+        conv = conv or mtp.DEFAULT
+        tokens = self.check_tokens(tokens)
+        h0, h = self.main_hidden(tokens, None, trace, conv)
+        logits = self.logits(h, trace)
+        return logits, self.teacher_forced(tokens, h0, trace, conv)
+
+    def main_hidden(self, tokens, cache=None, trace=None, conv: mtp.Conventions = mtp.DEFAULT):
+        """(h^0 for module 1, the main model's final hidden state after its norm) for `tokens`.
+        With conv.h0 == "pre_norm", h^0 is the last decoder layer's output."""
+        if conv.h0 == "final_norm":
+            h = self.hidden_states(tokens, cache, trace)
+            return h, h
+        pre = self.hidden_states(tokens, cache, trace, final_norm=False)
+        return pre, rms_norm(pre, self.weights.get(names.FINAL_NORM), self.cfg.rms_norm_eps)
+
+    def mtp_module(self, k: int, tokens_k, h_prev, start: int = 0, cache=None, trace=None,
+                   conv: mtp.Conventions = mtp.DEFAULT):
+        """MTP module k on the indices start .. start+s-1 of its sequence (mtp.module_forward).
+
+        tokens_k int [b, s]: tokens_k[:, j] = t_{start+j+k};  h_prev [b, s, d]: h^{k-1}_{start+j}.
+        With a cache (made with mtp=True), attends over the module's cached indices 0..start-1 too
+        and writes indices start.. into slot names.mtp_layer(cfg, k) (it does NOT move
+        cache.mtp_lengths: the caller decides which indices are committed).  Without a cache start
+        must be 0.  -> (h^k [b, s, d] as fed to module k+1 (Conventions.chain), logits
+        [b, s, vocab])."""
         cfg = self.cfg
-        keys = (("q_proj",) if cfg.q_lora_rank is None else ("q_a_proj", "q_a_layernorm", "q_b_proj")) \
-            + ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
-        w = self.weights.group(f"model.layers.{i}.self_attn.", keys)
-        c_q, q_nope, q_rope = mla.query(x, w, cfg.num_attention_heads, cfg.qk_nope_head_dim,
-                                        cfg.qk_rope_head_dim)
-        c_kv, k_rope = mla.latent_kv(x, w, cfg.kv_lora_rank)
-        q_rope, k_rope = mla.rope_parts(q_rope, k_rope, cos, sin)
-        if c_q is not None:
-            _record(trace, name + "c_q", c_q)
-        for n, v in (("q_nope", q_nope), ("q_rope", q_rope), ("c_kv", c_kv), ("k_rope", k_rope)):
-            _record(trace, name + n, v)
-        s = x.shape[1]
-        if cache is not None:  # append to the latent cache, attend over everything in it
-            layer = i if cache_layer is None else cache_layer
-            cache.c_kv[layer][:, start:start + s] = c_kv
-            cache.k_rope[layer][:, start:start + s] = k_rope
-            c_kv = cache.c_kv[layer][:, :start + s]
-            k_rope = cache.k_rope[layer][:, :start + s]
-        form = self.mla_form
-        if form == "auto":
-            form = "absorbed" if start > 0 else "naive"
-        attend = mla.attention_absorbed if form == "absorbed" else mla.attention_naive
-        o = attend(q_nope, q_rope, c_kv, k_rope, w["kv_b_proj"], self.softmax_scale, mask)
-        out = mla.output(o, w["o_proj"])
-        _record(trace, name + "attn_out", out)
+        L = names.mtp_layer(cfg, k)
+        s = tokens_k.shape[1]
+        if cache is None and start != 0:
+            raise RefimplError("module_forward without a cache must start at index 0")
+        idx = np.arange(start, start + s)
+        pos = idx + (k if conv.positions == "token" else 0)
+        if pos[-1] >= cfg.max_position_embeddings:
+            raise InputError(f"MTP module {k}: position {int(pos[-1])} exceeds "
+                             f"max_position_embeddings ({cfg.max_position_embeddings})")
+        # causal over the module's own indices; RoPE at the convention's positions
+        step = self.step(pos, start + s, start, cache, query_index=idx)
+        emb = mtp.embedding(self.weights, cfg, k, tokens_k, start, conv)
+
+        def trm(x):  # eq. (22): TRM_k, one decoder layer with the module's own cache slot
+            return decoder_layer(x, self.weights, cfg, L, step, recorder(trace, f"mtp.{k}.layer."))
+        return mtp.module_forward(self.weights, cfg, k, emb, h_prev, trm, conv,
+                                  recorder(trace, f"mtp.{k}."))
+
+    def teacher_forced(self, tokens, h0, trace=None, conv: mtp.Conventions = mtp.DEFAULT,
+                       depths=None) -> list:
+        """Every module over a whole sequence, without a cache (training-time view).
+
+        tokens int [b, T]; h0 [b, T, d] (main_hidden's first result).  Returns D arrays, the k-th
+        [b, T-k, vocab]: logits of module k at index i, predicting t_{i+k+1} (empty when T <= k)."""
+        tokens = np.asarray(tokens)
+        b, T = tokens.shape
+        h = h0
+        out = []
+        for k in range(1, (self.cfg.num_nextn_predict_layers if depths is None else depths) + 1):
+            if T - k <= 0:
+                out.append(self.xp.zeros((b, 0, self.cfg.vocab_size), self.dtype))
+                continue
+            h, logits = self.mtp_module(k, tokens[:, k:], h[:, :T - k], 0, None, trace, conv)
+            out.append(logits)
         return out
-
-    def dense_ffn(self, i, x):
-        """The first first_k_dense_replace layers: one SwiGLU FFN."""
-        w = self.weights.group(f"model.layers.{i}.mlp.", ("gate_proj", "up_proj", "down_proj"))
-        b, s, d = x.shape
-        return moe.swiglu(x.reshape(b * s, d), **w).reshape(b, s, d)
-
-    def moe(self, i, x, trace, name):
-        """eq. (12) without the residual: shared experts + gated routed experts."""
-        cfg, w = self.cfg, self.weights
-        p = f"model.layers.{i}.mlp."
-        b, s, d = x.shape
-        u = x.reshape(b * s, d)  # [T, d]
-        bias_name = p + "gate.e_score_correction_bias"  # present or not as the checkpoint says
-        bias = w.get(bias_name) if cfg.uses_bias and bias_name in w.source else None
-        scores, idx, g = moe.route(u, w.get(p + "gate.weight"), bias, cfg)
-        _record(trace, name + "router_scores", scores.reshape(b, s, -1))
-        _record(trace, name + "topk_idx", idx.reshape(b, s, -1))
-        _record(trace, name + "topk_weight", g.reshape(b, s, -1))
-        out = moe.routed_experts(u, idx, g, ExpertView(w, p + "experts."))
-        if cfg.n_shared_experts:
-            out = out + moe.swiglu(u, **w.group(p + "shared_experts.",
-                                                ("gate_proj", "up_proj", "down_proj")))
-        return out.reshape(b, s, d)
-
-
-# bytes kept out of the weight budget: activations, temporaries and allocator slack; the stored
-# pages of the tensor being converted come on top (weight_budget)
-ACTIVATION_RESERVE = 512 * 2**20
-STREAM_CHUNK = 64 * 2**20  # bytes of a streamed matrix (a large lm_head) materialised at a time
-
-
-def working_sets(cfg: Config, layer: int) -> list[list[str]]:
-    """The tensors a step of `layer` holds at once: its norms, its attention, its dense FFN, or
-    its gate, shared experts and ONE routed expert (experts run one at a time)."""
-    from .checkpoint import layer_plan
-
-    plan = list(layer_plan(cfg, layer))
-    p = f"model.layers.{layer}."
-    attn = [n for n in plan if n.startswith(p + "self_attn.")]
-    norms = [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-    ffn = [n for n in plan if n.startswith(p + "mlp.") and ".experts." not in n]
-    expert = [n for n in plan if n.startswith(p + "mlp.experts.0.")]
-    mtp = [p + k for k in ("enorm.weight", "hnorm.weight", "eh_proj.weight")] \
-        if layer >= cfg.num_hidden_layers else []
-    return [attn + norms, ffn, expert, mtp]
-
-
-def weight_budget(store: WeightStore, cfg: Config, max_memory: int) -> int:
-    """Bytes of weights the store may hold so that the process stays under `max_memory`: what is
-    left after the memory in use now, ACTIVATION_RESERVE, and the largest stored tensor (its
-    mapped pages are resident while it is converted).  Refused (naming the tensors) when that
-    cannot hold the largest working set; the embedding is read by rows and a large lm_head is
-    streamed, so neither must fit."""
-    from .memory import current_rss, format_bytes
-
-    stored = set(store.source.names())
-    pages = max((store.source.stored_nbytes(n) for n in stored if layer_of(n) is not None),
-                default=0) if hasattr(store.source, "stored_nbytes") else 0
-    reserve = ACTIVATION_RESERVE + pages
-    budget = max_memory - current_rss() - reserve
-    need, worst = 0, []
-    for layer in range(cfg.num_layers_with_mtp):  # MTP layers count when they are stored
-        for names in working_sets(cfg, layer):
-            size = sum(store.nbytes(n) for n in names if n in stored)
-            if size > need:
-                need, worst = size, names
-    if budget < need:
-        what = worst[0].rsplit(".", 2)[0] + "..." if worst else "weights"
-        raise InputError(f"--max-memory {format_bytes(max_memory)} is too small: after "
-                         f"{format_bytes(current_rss())} in use and a {format_bytes(reserve)} "
-                         f"reserve for activations and reading, {format_bytes(max(budget, 0))} "
-                         f"is left for weights, "
-                         f"but one step ({what}) needs {format_bytes(need)} in {store.dtype.name}")
-    return budget
 
 
 def load(path: str | os.PathLike, dtype="float64", device="cpu", mla_form="auto",

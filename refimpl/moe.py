@@ -1,28 +1,58 @@
 """DeepSeekMoE (paper section 2.1.2, eqs. 12-16; SPEC.md section 5).
 
-The gate scores every routed expert, a bias steers only the SELECTION (auxiliary-loss-free load
-balancing), selection is limited to the best groups of experts, and the output adds shared and
-routed SwiGLU experts to the input. Ties go to the lower index, for groups and for experts.
+The gate scores every routed expert (eq. 15), a bias steers only the SELECTION (eq. 16,
+auxiliary-loss-free load balancing), selection is limited to the best groups of experts
+(node-limited routing, section 2.1.2: M groups chosen by the sum of their top K_r/M = 2 biased
+scores; `group_mask`), the weights come from the unbiased scores (eqs. 13-14) times the
+routed scaling factor (2.5 for V3: a config value, not in eq. 13), and the output adds shared
+and routed SwiGLU experts (eq. 12, `moe_ffn`). Ties go to the lower index, for groups and for
+experts.
 """
 
 from __future__ import annotations
 
 from .backend import array_module, stable_argsort, to_numpy
-from .ops import linear, sigmoid, silu, softmax, topk_indices
+from .ops import linear, rounding, sigmoid, silu, softmax, topk_indices
+from .trace import ignore
+
+
+def moe_ffn(x, gate_weight, bias, experts, shared, cfg, record=ignore):
+    """The DeepSeekMoE block, eq. (12) without the residual:
+
+        sum_{i<=N_s} FFN^(s)_i(u) + sum_{i<=N_r} g_i FFN^(r)_i(u)
+
+    with the gate g of eqs. (13)-(16) (`route`).  x [..., d] -> [..., d].
+    gate_weight [E, d]: the centroids e_i; bias [E] or None (the checkpoint has none);
+    experts[e] -> {gate_proj, up_proj, down_proj} of routed expert e (read when routed to);
+    shared: {gate_proj, up_proj, down_proj} (the N_s shared experts as one SwiGLU of width
+    N_s * moe_intermediate_size) or None.
+    record: router_scores [..., E], topk_idx [..., K], topk_weight [..., K]."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    u = x.reshape(-1, d)  # [T, d]
+    scores, idx, g = route(u, gate_weight, bias, cfg)
+    record("router_scores", scores.reshape(*lead, -1))
+    record("topk_idx", idx.reshape(*lead, -1))
+    record("topk_weight", g.reshape(*lead, -1))
+    out = routed_experts(u, idx, g, experts)
+    if shared is not None:
+        out = out + swiglu(u, **shared)
+    return out.reshape(*lead, d)
 
 
 def swiglu(x, gate_proj, up_proj, down_proj):
-    """FFN(x) = down(silu(gate(x)) * up(x)) [arxiv 2002.05202 eq. 5].   [n, d] -> [n, d]"""
+    """FFN(x) = down(silu(gate(x)) * up(x)) [arxiv 2002.05202 eq. 5].   [..., d] -> [..., d]"""
     return linear(silu(linear(x, gate_proj)) * linear(x, up_proj), down_proj)
 
 
 def router_scores(u, gate_weight, scoring_func: str):
     """eq. (15): s_i,t = sigmoid(u_t . e_i) (V3), or softmax over experts (V2 configs).
-    Computed in at least float32.   u: [T, d], gate_weight: [E, d] -> [T, E]"""
+    Computed in at least float32 and never rounded to a lower emulated precision (engines run
+    the gate in float32; ops.rounding).   u: [T, d], gate_weight: [E, d] -> [T, E]"""
     xp = array_module(u)
     wd = xp.promote_types(u.dtype, xp.float32)
-    logits = linear(u.astype(wd, copy=False), gate_weight.astype(wd, copy=False))
-    return sigmoid(logits) if scoring_func == "sigmoid" else softmax(logits, axis=-1)
+    with rounding(None):
+        logits = linear(u.astype(wd, copy=False), gate_weight.astype(wd, copy=False))
+        return sigmoid(logits) if scoring_func == "sigmoid" else softmax(logits, axis=-1)
 
 
 def group_scores(biased, n_group: int, topk_method: str):
@@ -36,24 +66,33 @@ def group_scores(biased, n_group: int, topk_method: str):
     return g.max(axis=-1)
 
 
+def group_mask(biased, n_group: int, topk_group: int, topk_method: str, fill=float("-inf")):
+    """Node-limited routing (section 2.1.2): keep the experts of the topk_group best groups by
+    group_scores (ties to the lower group index) and replace every other expert's biased score
+    by `fill`: -inf, so that no excluded expert is ever chosen (0 would let one in when every
+    kept s + b is negative).   [T, E] -> [T, E]"""
+    xp = array_module(biased)
+    e = biased.shape[-1]
+    kept = topk_indices(group_scores(biased, n_group, topk_method), topk_group)  # [T, topk_group]
+    groups = (kept[:, :, None] == xp.arange(n_group)).any(axis=1)  # [T, G]
+    experts = xp.repeat(groups, e // n_group, axis=-1)  # [T, E]
+    return xp.where(experts, biased, fill)
+
+
 def select_experts(scores, bias, n_group: int, topk_group: int, top_k: int, topk_method: str):
     """eq. (16) with group-limited routing: the top_k experts by s + b among the topk_group best
-    groups; experts of other groups are excluded at -inf (never 0).  Largest first, ties to the
-    lower index.  scores [T, E], bias [E] or None -> indices [T, top_k]"""
-    xp = array_module(scores)
+    groups (group_mask).  Largest first, ties to the lower index.
+    scores [T, E], bias [E] or None -> indices [T, top_k]"""
     biased = scores if bias is None else scores + bias.astype(scores.dtype, copy=False)
     if topk_method != "greedy" and topk_group < n_group:
-        t, e = biased.shape
-        kept = topk_indices(group_scores(biased, n_group, topk_method), topk_group)  # [T, topk_group]
-        group_mask = (kept[:, :, None] == xp.arange(n_group)).any(axis=1)  # [T, G]
-        expert_mask = xp.repeat(group_mask, e // n_group, axis=-1)  # [T, E]
-        biased = xp.where(expert_mask, biased, -xp.inf)
+        biased = group_mask(biased, n_group, topk_group, topk_method)
     return topk_indices(biased, top_k)
 
 
 def routing_weights(scores, idx, norm_topk_prob: bool, routed_scaling_factor: float):
     """eqs. (13)-(14): g'_i = s_i for the selected experts (the bias never enters), normalised to
-    sum 1 when norm_topk_prob, then times routed_scaling_factor.   -> [T, top_k]"""
+    sum 1 when norm_topk_prob, then times routed_scaling_factor (a config value, 2.5 for V3; not
+    in eq. 13, applied once).   -> [T, top_k]"""
     xp = array_module(scores)
     g = xp.take_along_axis(scores, idx, axis=-1)
     if norm_topk_prob:

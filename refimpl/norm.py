@@ -4,6 +4,7 @@ layer and in MTP."""
 from __future__ import annotations
 
 from .backend import array_module
+from .ops import boundary
 
 
 def rms_norm(x, weight, eps: float):
@@ -12,4 +13,4 @@ def rms_norm(x, weight, eps: float):
     x: [..., d]; weight: [d]."""
     xp = array_module(x)
     ms = xp.mean(x * x, axis=-1, keepdims=True)  # [..., 1]
-    return x / xp.sqrt(ms + eps) * weight
+    return boundary(x / xp.sqrt(ms + eps) * weight)

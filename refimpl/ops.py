@@ -1,20 +1,52 @@
-"""The few array operations every section shares: linear maps, SiLU, a masked softmax and a
-top-k whose ties go to the lower index."""
+"""The few array operations every section shares: linear maps, SiLU, softmax and log-softmax, a
+top-k whose ties go to the lower index, and the one hook for emulating a lower precision
+(`rounding` / `boundary`)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 from .backend import array_module, stable_argsort
 from .fp8 import BlockFP8, fp8_gemm
+
+# ---- precision emulation: one explicit hook ------------------------------------------------------
+#
+# refimpl computes in its working dtype (float64 or float32).  An engine running in bf16 stores
+# every operator's output in bf16; to measure what that costs (oracles' tolerance calibration),
+# a caller runs refimpl inside `with rounding(policy):` and every operator boundary passes its
+# output through policy(array) -> array.  The boundaries: ops.linear, norm.rms_norm, ops.softmax
+# (attention probabilities), rope.apply_rope, and each decoder layer's output (model.py); so
+# SwiGLU's projections, the MTP modules' enorm / hnorm / eh_proj / shared_head.norm and the
+# output heads are rounded like every other.  The router runs with rounding suspended
+# (`rounding(None)`), as engines compute the gate in float32.  Outside a `with` nothing is rounded.
+_POLICY = contextvars.ContextVar("refimpl_rounding", default=None)
+
+
+@contextlib.contextmanager
+def rounding(policy):
+    """Within the block, boundary(x) returns policy(x) (None: no rounding)."""
+    token = _POLICY.set(policy)
+    try:
+        yield
+    finally:
+        _POLICY.reset(token)
+
+
+def boundary(x):
+    """x, an operator's output, as the active rounding policy keeps it (x itself when none)."""
+    policy = _POLICY.get()
+    return x if policy is None else policy(x)
 
 
 def linear(x, weight):
     """y = x W^T with the checkpoint's [out, in] weight layout.   [..., in] -> [..., out]
     A weight kept as stored FP8 (fp8.BlockFP8) goes through the emulated FP8 GEMM."""
     if isinstance(weight, BlockFP8):
-        return fp8_gemm(x, weight).astype(x.dtype)
+        return boundary(fp8_gemm(x, weight).astype(x.dtype))
     # one 2-d product (a batched 3-d one would copy W^T per call on cupy)
     y = x.reshape(-1, x.shape[-1]) @ weight.T  # [n, in] -> [n, out]
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return boundary(y.reshape(*x.shape[:-1], weight.shape[0]))
 
 
 def silu(x):
@@ -36,7 +68,15 @@ def softmax(x, axis=-1):
     xp = array_module(x)
     m = xp.max(x, axis=axis, keepdims=True)
     e = xp.exp(x - m)
-    return e / xp.sum(e, axis=axis, keepdims=True)
+    return boundary(e / xp.sum(e, axis=axis, keepdims=True))
+
+
+def log_softmax(x, axis=-1):
+    """log softmax with max-subtraction: (x - max) - log(sum(exp(x - max))), in x's precision
+    (losses and the checker's KL metric pass float64)."""
+    xp = array_module(x)
+    z = x - xp.max(x, axis=axis, keepdims=True)
+    return z - xp.log(xp.sum(xp.exp(z), axis=axis, keepdims=True))
 
 
 def topk_indices(x, k: int):

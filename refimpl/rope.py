@@ -14,6 +14,7 @@ import numpy as np
 
 from .backend import array_module
 from .config import Config, RopeScaling
+from .ops import boundary
 
 
 def base_inv_freq(d_rope: int, theta: float):
@@ -96,11 +97,18 @@ def apply_rope(x, cos, sin):
 
     x: [batch, seq, (heads,) d_R]; cos, sin: [seq, d_R/2] -> same shape as x, x's dtype."""
     xp = array_module(x)
-    extra = x.ndim - 3  # broadcast over a heads axis when present
-    c = cos.reshape(cos.shape[:1] + (1,) * extra + cos.shape[1:]).astype(x.dtype, copy=False)
-    s = sin.reshape(sin.shape[:1] + (1,) * extra + sin.shape[1:]).astype(x.dtype, copy=False)
+    c, s = pair_tables(x, cos, sin)
     a, b = x[..., 0::2], x[..., 1::2]
     out = xp.empty_like(x)
     out[..., 0::2] = a * c - b * s
     out[..., 1::2] = a * s + b * c
-    return out
+    return boundary(out)
+
+
+def pair_tables(x, cos, sin):
+    """cos, sin [seq, d_R/2] shaped to broadcast against x [batch, seq, (heads,) d_R/2 or d_R]
+    (over a heads axis when present), in x's dtype."""
+    extra = x.ndim - 3
+    c = cos.reshape(cos.shape[:1] + (1,) * extra + cos.shape[1:]).astype(x.dtype, copy=False)
+    s = sin.reshape(sin.shape[:1] + (1,) * extra + sin.shape[1:]).astype(x.dtype, copy=False)
+    return c, s

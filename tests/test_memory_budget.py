@@ -12,7 +12,7 @@ from refimpl.checkpoint import make_checkpoint
 from refimpl.fp8 import BlockFP8
 from refimpl.generate import decode
 from refimpl.memory import parse_memory
-from refimpl.model import working_sets
+from refimpl.weights import working_sets
 from tests.helpers import rel_err, run_cli
 
 TINY = refimpl.Config.preset("tiny")

@@ -75,3 +75,22 @@ def test_latent_projection_splits_one_matrix_and_normalises_only_c_kv():
 def test_causal_mask():
     m = mla.causal_mask(np.arange(2, 4), np.arange(4), np)
     assert m.tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+@given(st.integers(0, 2**31), shapes)
+def test_absorbed_mla_equals_its_einsum_subscripts(seed, shape):
+    """The subscripts attention_absorbed's docstring gives (DeepSeek's einsum style), computed
+    with np.einsum: the matrix-product code computes the same contractions."""
+    b, s, past, heads, d_nope, d_rope, d_v, d_c = shape
+    t = past + s
+    q_nope, q_rope, c_kv, k_rope, kv_b = _inputs(seed, b, s, t, heads, d_nope, d_rope, d_v, d_c)
+    mask = mla.causal_mask(np.arange(past, t), np.arange(t), np)
+    w_uk, w_uv = mla.split_kv_b(kv_b, heads, d_nope)
+    q_lat = np.einsum("bshd,hdc->bshc", q_nope, w_uk)
+    scores = (np.einsum("bshc,btc->bsht", q_lat, c_kv)
+              + np.einsum("bshr,btr->bsht", q_rope, k_rope)) * 0.3
+    scores = np.where(mask[:, None, :], scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.einsum("bshc,hvc->bshv", np.einsum("bsht,btc->bshc", p, c_kv), w_uv)
+    assert rel_err(mla.attention_absorbed(q_nope, q_rope, c_kv, k_rope, kv_b, 0.3, mask), want) < 1e-12

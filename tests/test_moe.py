@@ -68,6 +68,10 @@ def test_excluded_groups_are_minus_inf_not_zero():
     biased = scores + bias
     zero_masked = np.where([[False, False, True, True]], biased, 0.0)
     assert np.argsort(-zero_masked[0], kind="stable")[:2].tolist() == [0, 1]
+    # group_mask is that one place, its fill a parameter (the zero_group_mask mutant's 0.0)
+    np.testing.assert_array_equal(moe.group_mask(biased, 2, 1, "noaux_tc"),
+                                  [[-np.inf, -np.inf, biased[0, 2], biased[0, 3]]])
+    np.testing.assert_array_equal(moe.group_mask(biased, 2, 1, "noaux_tc", fill=0.0), zero_masked)
 
 
 def test_exact_ties_go_to_the_lower_index():

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 import refimpl
 from refimpl import mtp
+from refimpl.generate import Drafter
+from refimpl.model import Step, decoder_layer
 from refimpl.checkpoint import random_weights
 from refimpl.norm import rms_norm
 from tests.helpers import rel_err, tiny_model
@@ -60,7 +62,8 @@ def per_position_module1(model, tokens):
         pos = np.arange(i + 1)
         cos, sin = rope.cos_sin(pos, model.inv_freq, model.cos_sin_factor, np)
         mask = mla.causal_mask(pos, pos, np)
-        hk = model.decoder_layer(L, hp[None, :i + 1], cos, sin, mask, 0, None, None)[0, -1]
+        step = Step(cos, sin, mask, 0, model.softmax_scale, "naive")
+        hk = decoder_layer(hp[None, :i + 1], model.weights, cfg, L, step)[0, -1]
         hn = rms_norm(hk, w.get(p + "shared_head.norm.weight"), cfg.rms_norm_eps)
         out.append(w.get("lm_head.weight") @ hn)
     return np.array(out)
@@ -147,11 +150,11 @@ def test_forward_mtp_without_mtp_weights_is_a_clear_error():
 
 
 def incremental_mtp_logits(model, tokens, cuts):
-    """Main model and MTP modules fed chunk by chunk through one latent cache (mtp.Drafter);
+    """Main model and MTP modules fed chunk by chunk through one latent cache (Drafter);
     returns each depth's logits at its committed indices, concatenated."""
     cache = model.new_cache(1, tokens.shape[1], mtp=True)
-    drafter = mtp.Drafter(model, cache)
-    got = [[] for _ in range(mtp.depth(model))]
+    drafter = Drafter(model, cache)
+    got = [[] for _ in range(model.cfg.num_nextn_predict_layers)]
     bounds = [0, *cuts, tokens.shape[1]]
     for a, b in zip(bounds[:-1], bounds[1:]):
         h0 = model.hidden_states(tokens[:, a:b], cache)

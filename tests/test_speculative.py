@@ -18,9 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refimpl
-from refimpl import mtp
 from refimpl.checkpoint import random_weights
-from refimpl.generate import accept_or_resample, decode, greedy
+from refimpl.generate import Drafter, accept_or_resample, decode, greedy
 from tests.helpers import rel_err
 
 
@@ -66,7 +65,7 @@ def reference_caches(model, seq, main_len):
     forward, the MTP modules advanced over the whole sequence in one step."""
     cache = model.new_cache(1, len(seq), mtp=True)
     h0 = model.hidden_states(np.array([seq[:main_len]]), cache)
-    mtp.Drafter(model, cache).extend(seq, h0)
+    Drafter(model, cache).extend(seq, h0)
     return cache
 
 

@@ -31,10 +31,11 @@ from refimpl import moe, rope
 
 from .. import OraclesError, metrics
 from ..check import AdapterCandidate, DirCandidate, run_check
-from ..emulate import patched, run_case
+from ..emulate import run_case
 from ..golden import Golden, generate
 from ..mutants import MUTANTS
 from . import ENGINES, installed, label, load_engine
+from .modes import patched
 
 # (engine, options, suite, profiles to check the same outputs against)
 RUNS = [
@@ -97,7 +98,7 @@ SOURCES = {
 
 def _variant_logits(case, name):
     if name in MUTANTS:
-        return run_case(case, "float32", name)["logits"]
+        return run_case(case, "float32", MUTANTS[name])["logits"]
     patch = ENGINE_VARIANTS[name][0]
     with patch():
         return run_case(case, "float32")["logits"]

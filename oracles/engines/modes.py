@@ -15,7 +15,10 @@ these modes, exactly as the float32, bf16 and fp8 profiles come from emulate.py'
   the bf16 profile, and the latent cache entries rounded to float8_e4m3fn (saturating at 448)
   where attention reads them; queries and probabilities stay bf16 (the cache is dequantised).
 
-Patching replaces refimpl module attributes for the duration of a `with` block (emulate.patched).
+The bf16 rounding is refimpl's own hook (ops.rounding); the cache modes wrap the two attention
+forms (mla.attention_naive / attention_absorbed, which mla.attention_block calls with the cache
+entries it reads) and float32_experts suspends the rounding inside moe.routed_experts, each for
+the duration of a `with` block (module attributes replaced, then restored).
 """
 
 from __future__ import annotations
@@ -28,12 +31,24 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
-from refimpl import mla, moe
+from refimpl import mla, moe, ops
 
 F16 = np.dtype(np.float16)
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
-_SWIGLU = moe.swiglu  # the unpatched expert FFN (captured at import, before any patch)
+
+
+@contextlib.contextmanager
+def patched(replacements):
+    """replacements: [(module, attribute, new value)]; restored on exit."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in replacements]
+    try:
+        for obj, name, value in replacements:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
 
 
 def round_to(x, dtype):
@@ -66,8 +81,6 @@ def _softmax_rounded(softmax, dtype):
 
 def kv_cache(cache_dtype, operand_dtype=None):
     """The latent cache (and optionally the operands multiplied with it) rounded."""
-    from ..emulate import patched
-
     reps = [(mla, f, _kv_rounded(getattr(mla, f), cache_dtype, operand_dtype))
             for f in ("attention_naive", "attention_absorbed")]
     if operand_dtype is not None:
@@ -76,20 +89,14 @@ def kv_cache(cache_dtype, operand_dtype=None):
 
 
 def float32_experts():
-    """The routed experts computed without the bf16 boundary rounding (float32 GEMMs on the
-    bf16-rounded weights the case already holds)."""
-    from ..emulate import patched
-
+    """The routed experts computed with the rounding hook suspended: float32 GEMMs on the
+    bf16-rounded weights the case already holds, nothing rounded inside or at the end."""
     routed = moe.routed_experts
 
     @functools.wraps(routed)
     def wrapper(*a, **k):
-        rounded = moe.swiglu
-        moe.swiglu = _SWIGLU
-        try:
+        with ops.rounding(None):
             return routed(*a, **k)
-        finally:
-            moe.swiglu = rounded
     return patched([(moe, "routed_experts", wrapper)])
 
 

@@ -6,6 +6,7 @@ import pytest
 from oracles.adapters import load_adapter
 from oracles.check import AdapterCandidate, run_check
 from oracles.emulate import run_case
+from oracles.mutants import MUTANTS
 
 OURS = {"yarn_activation": "always", "group_mask": "neg_inf", "gate_precision": "float32",
         "group_score": "top2_sum", "softmax_mscale": "mscale_all_dim", "rope_layout": "adjacent_pairs",
@@ -57,7 +58,7 @@ class _Ties:
 
     def run(self, case):
         out = run_case(case, "float32")
-        higher = run_case(case, "float32", "ties_higher_index")
+        higher = run_case(case, "float32", MUTANTS["ties_higher_index"])
         for k in ("topk_idx", "topk_weight"):
             out[k][1::2] = higher[k][1::2]
         out["router_scores"] = out["router_scores"] * self.score_scale

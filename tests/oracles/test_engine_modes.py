@@ -14,7 +14,8 @@ from oracles.adapters import RefimplAdapter, load_adapter
 from oracles.check import AdapterCandidate, run_check
 from oracles.engines import modes
 from oracles.golden import Golden
-from refimpl import moe
+from refimpl import moe, ops
+from oracles.mutants import MUTANTS
 from tests.oracles.test_mutants import FIRST_FAILURE, FP8_PROFILE_CASE, GATE_PRECISION
 
 NEW = ("f16_kv", "bf16_f32_experts", "fp8_kv")
@@ -81,7 +82,7 @@ def test_float32_experts_computes_the_routed_experts_unrounded():
         return out
 
     want = by_hand()
-    with emulate.bf16_boundaries():
+    with ops.rounding(emulate.round_bf16):
         rounded = moe.routed_experts(x, idx, w, experts)
         with modes.float32_experts():
             plain = moe.routed_experts(x, idx, w, experts)

@@ -19,6 +19,7 @@ from oracles import engines, metrics  # noqa: E402
 from oracles.adapters import RefimplAdapter  # noqa: E402
 from oracles.check import AdapterCandidate, run_check  # noqa: E402
 from oracles.golden import Golden  # noqa: E402
+from oracles.mutants import MUTANTS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,6 @@ def test_mlx_logits_equal_the_zero_group_mask_mutant(default_dir, mlx_engine):
     g = Golden(default_dir)
     case = g.load_case("model.prefill.negative_biased")
     got = mlx_engine.run(case)["logits"]
-    mutant = RefimplAdapter("float32", "zero_group_mask").run(case)["logits"]
+    mutant = RefimplAdapter("float32", MUTANTS["zero_group_mask"]).run(case)["logits"]
     truth = g.expected(case.id)["logits"]
     assert metrics.continuous(got, mutant)["nmse"] < 1e-10 < metrics.continuous(got, truth)["nmse"]

@@ -9,6 +9,7 @@ from oracles import golden
 from oracles.cases import KINDS, output_type
 from oracles.check import judge
 from oracles.emulate import run_case
+from oracles.mutants import MUTANTS
 from oracles.suites import draw_config, gate_case, rope_case
 
 seeds = st.integers(0, 2**32 - 1)
@@ -43,7 +44,7 @@ def test_the_order_of_a_tokens_experts_does_not_matter(seed, rnd):
 def test_biased_weights_are_caught_unless_one_normalised_expert_hides_them(seed):
     cfg = draw_config(np.random.default_rng(seed))
     case = gate_case(f"prop.{seed}", cfg)
-    res = _judge(case, run_case(case, "float32", mutant="bias_in_weights"))
+    res = _judge(case, run_case(case, "float32", mutant=MUTANTS["bias_in_weights"]))
     if cfg.num_experts_per_tok == 1 and cfg.norm_topk_prob:  # the one weight is 1 either way
         assert res["status"] == "pass"
     else:
@@ -54,7 +55,7 @@ def test_biased_weights_are_caught_unless_one_normalised_expert_hides_them(seed)
 def test_rotate_half_rope_is_always_caught(seed):
     cfg = draw_config(np.random.default_rng(seed))  # d_R is 4 or 8: the layouts differ
     case = rope_case(f"prop.{seed}", cfg, np.arange(1, 6))
-    res = _judge(case, run_case(case, "float32", mutant="rotate_half_rope"))
+    res = _judge(case, run_case(case, "float32", mutant=MUTANTS["rotate_half_rope"]))
     assert res["status"] == "fail" and res["first_failure"] == "out"
 
 
