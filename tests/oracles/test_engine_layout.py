@@ -138,3 +138,17 @@ def test_format_1_suites_are_still_read(tmp_path):
 def test_a_vocabulary_too_small_for_a_merge_is_refused():
     with pytest.raises(ValueError, match="no room"):
         tokenizer.vocabulary(4, 0, 1)
+
+
+def test_our_safetensors_writer_stores_non_contiguous_views_as_they_read(tmp_path):
+    """safetensors 0.8.0's save_file writes a non-contiguous numpy view wrong; refimpl's writer
+    (used for suites and `oracles run` candidates) makes every array contiguous first."""
+    from refimpl.checkpoint import write_safetensors
+
+    x = np.arange(48, dtype=np.float32).reshape(6, 8)
+    views = {"strided": x[:, ::2], "transposed": x.T, "reversed": x[::-1], "column": x[:, 3]}
+    assert not any(v.flags.c_contiguous for v in views.values())
+    write_safetensors(str(tmp_path / "v.safetensors"), views)
+    back = golden.read_tensors(str(tmp_path / "v.safetensors"))
+    for k, v in views.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
