@@ -84,13 +84,23 @@ def test_run_and_check_with_the_transformers_engine_record_name_version_options(
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.load(open(rep))["engine"] == {k: info[k] for k in ("engine", "version", "options")}
     assert f"engine: transformers {transformers.__version__}" in r.stdout
-    # the same through check --engine, in bf16 against the bf16 profile; float32 fails it
+    # the same through check --engine, in bf16 against the bf16 profile
     r = run_cli("check", smoke_dir, "--engine", "transformers", "--engine-option", "dtype=bfloat16",
                 "--profile", "bf16", "--only", "model.*", "--json", rep, module="oracles")
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.load(open(rep))["engine"]["options"]["dtype"] == "bfloat16"
-    r = run_cli("check", smoke_dir, "--engine", "transformers", "--engine-option", "dtype=bfloat16",
-                "--only", "model.*", module="oracles")
-    assert r.returncode == 1 and "--engine transformers --engine-option dtype=bfloat16" in r.stdout
-    _one_line_error(run_cli("check", smoke_dir, "--engine", "transformers", "--engine-option",
-                            "flash=on", module="oracles"), "transformers has no such option")
+
+
+@pytest.mark.peer
+def test_a_bf16_engine_fails_float32_with_a_repro_naming_its_options(smoke_dir):
+    pytest.importorskip("transformers")
+    from oracles.check import AdapterCandidate, run_check
+
+    adapter, info = engines.load_engine("transformers", {"dtype": "bfloat16"})
+    base = "oracles check g --engine transformers --engine-option dtype=bfloat16"
+    rep = run_check(smoke_dir, AdapterCandidate(adapter, engines.label(info)), "float32",
+                    only="model.*", repro_base=base)
+    (r,) = rep["cases"]
+    assert r["status"] == "fail" and r["repro"].startswith(base)
+    with pytest.raises(engines.OraclesError, match="transformers has no such option"):
+        engines.load_engine("transformers", {"flash": "on"})
