@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
-import tempfile
 import time
 
-from refimpl.errors import RefimplError
+from refimpl.atomic import atomic_directory, check_destination, write_text
+from refimpl.errors import RefimplError, printable
 
 
 def _progress(args):
@@ -93,7 +92,7 @@ def main(argv=None) -> int:
     try:
         return COMMANDS[args.cmd](args)
     except RefimplError as e:  # OraclesError included
-        print(f"oracles: error: {e}", file=sys.stderr)
+        print(f"oracles: error: {printable(e)}", file=sys.stderr)
         return 2
 
 
@@ -120,13 +119,11 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _write_json(path, obj):
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".oracles-", suffix=".json", dir=d)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+def _write_json(path, obj, expect=...):
+    """The report as JSON, atomically (refimpl.atomic: temporary beside it, then rename)."""
+    from . import OraclesError
+
+    write_text(path, json.dumps(obj, indent=1) + "\n", OraclesError, tag="oracles", expect=expect)
 
 
 def cmd_check(args) -> int:
@@ -149,6 +146,7 @@ def cmd_check(args) -> int:
     else:
         cand, info, how = _candidate_adapter(args)
     base = f"oracles check {shlex.quote(args.golden)} {how}"
+    json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
     t = time.perf_counter()
     rep = run_check(args.golden, cand, args.profile, args.only, repro_base=base,
                     progress=_progress(args))
@@ -160,7 +158,7 @@ def cmd_check(args) -> int:
         print(f"engine: {label(info)}")
     print(format_report(rep))
     if args.json_out:
-        _write_json(args.json_out, rep)
+        _write_json(args.json_out, rep, expect=json_dest)
     return 0 if rep["ok"] else 1
 
 
@@ -170,12 +168,17 @@ def cmd_run(args) -> int:
 
     if not (args.adapter or args.engine):
         raise OraclesError("run needs --adapter pkg.mod:factory or --engine NAME")
+    check_destination(args.out, "directory", OraclesError)  # before the adapter runs
     cand, info, _ = _candidate_adapter(args)
-    skipped = write_outputs(args.golden, cand, args.out, args.only)
-    if info:
-        from .engines import label, write_info
+    with atomic_directory(args.out, OraclesError, tag="oracles") as tmp:  # never merged into
+        skipped = write_outputs(args.golden, cand, tmp, args.only)
+        if info:
+            from .engines import write_info
 
-        write_info(args.out, info, skipped)
+            write_info(tmp, info, skipped)
+    if info:
+        from .engines import label
+
         print(f"engine: {label(info)}")
     for cid, why in skipped.items():
         print(f"skipped {cid}: {why}")

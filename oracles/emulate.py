@@ -17,8 +17,9 @@ Precisions (the tolerance profiles are calibrated from these):
   Model(fp8_activations=True) (cases._model sees the fp8.BlockFP8 weights). kv_b_proj is
   dequantised, as that path keeps it.
 
-Nothing is patched here: the precision is the case's arrays (`prepared`) and the rounding
-policy; mutants (mutants.py) patch refimpl functions for the duration of a run.
+No refimpl function is patched for a precision: the precision is the case's arrays (`prepared`)
+and the rounding policy.  Mutants (mutants.py) do patch one refimpl function each for the
+duration of a run, through `patched`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,19 @@ PRECISIONS = ("float64", "float32", "bf16", "fp8")
 MODE_PRECISIONS = ("f16_kv", "bf16_f32_experts", "fp8_kv")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 _KEEP_F32 = ("bias", "e_score_correction_bias")  # stored float32 in every checkpoint
+
+
+@contextlib.contextmanager
+def patched(replacements):
+    """replacements: [(module_or_class, attribute, new_value)]; restored on exit (mutants.py)."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in replacements]
+    try:
+        for obj, name, value in replacements:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
 
 
 def round_bf16(x):

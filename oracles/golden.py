@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 
 import refimpl
-from refimpl.atomic import atomic_directory
+from refimpl.atomic import atomic_directory, check_destination, write_text
 from refimpl.checkpoint import SafetensorsFile, write_safetensors
 from refimpl.config import Config
 from refimpl.errors import RefimplError
@@ -148,7 +148,8 @@ def generate(out: str, suite: str = "default", only: str | None = None, progress
     builders = [(cid, b) for cid, b in suite_cases(suite) if matches(cid, only)]
     if not builders:
         raise OraclesError(f"suite {suite!r}: no case matches --only {only!r}")
-    with atomic_directory(out, OraclesError, prefix=".oracles-") as tmp:
+    check_destination(out, "directory", OraclesError)  # before the cases are computed
+    with atomic_directory(out, OraclesError, tag="oracles") as tmp:
         entries = []
         it = builders
         if progress:
@@ -167,9 +168,9 @@ def generate(out: str, suite: str = "default", only: str | None = None, progress
             "calibrated_by": tolerance.CALIBRATED_BY,
             "cases": entries,
         }
-        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1, default=_json_default)
-            f.write("\n")
+        write_text(os.path.join(tmp, "manifest.json"),
+                   json.dumps(manifest, indent=1, default=_json_default) + "\n", OraclesError,
+                   tag="oracles")
     return manifest
 
 

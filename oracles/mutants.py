@@ -9,6 +9,18 @@ convention an engine follows.
 Each mutant is also a candidate: `oracles check GOLDEN --adapter oracles.mutants:zero_group_mask`.
 `ties_higher_index` is not a bug but an allowed alternative (`allowed=True`: torch.topk leaves
 the order of ties unspecified): the default suite passes it and the conventions suite labels it.
+
+Adding one: a function (case) -> context manager, registered with its SPEC.md topic and the bug
+in one line, usually replacing one function of a refimpl module (the module attribute the math
+looks up, e.g. moe.group_mask, rope.softmax_scale) through `patched`:
+
+    @_register("my_bug", "spec topic", "what the buggy implementation does")
+    def _patch_my_bug(case):
+        return patched([(moe, "routing_weights", my_buggy_routing_weights)])
+
+A run applies it as `emulate.run_case(case, precision, MUTANTS["my_bug"])`; replacements that
+produce an operator's output should pass it through `ops.boundary`, like the function they
+replace, so that the bf16 and fp8 runs round it.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from refimpl.backend import array_module
 from refimpl.ops import boundary, topk_indices
 
 from .adapters import RefimplAdapter
+from .emulate import patched
 
 
 @dataclass(frozen=True)
@@ -39,19 +52,6 @@ class Mutant:
 
 
 MUTANTS: dict[str, Mutant] = {}
-
-
-@contextlib.contextmanager
-def patched(replacements):
-    """replacements: [(module_or_class, attribute, new_value)]; restored on exit."""
-    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in replacements]
-    try:
-        for obj, name, value in replacements:
-            setattr(obj, name, value)
-        yield
-    finally:
-        for obj, name, value in reversed(saved):
-            setattr(obj, name, value)
 
 
 def _register(name, topic, bug, allowed=False):

@@ -12,17 +12,19 @@ import math
 import mmap
 import os
 import shutil
+import stat
 import struct
 import zlib
 
 import ml_dtypes
 import numpy as np
 
-from . import fp8, names
+from . import fp8, jsonfile, names
 from .fp8 import scale_shape
-from .atomic import atomic_directory
-from .config import Config
-from .errors import CheckpointError
+from .atomic import atomic_directory, atomic_file, check_destination, write_text
+from .config import Config, brief
+from .errors import CheckpointError, printable
+from .names import ATTN_NORMS, BIAS_SUFFIX, FFN_PROJ, MTP_EXTRA, layer_of  # noqa: F401 (re-exported)
 
 # safetensors dtype names -> numpy dtypes (ml_dtypes for bf16 and fp8)
 DTYPES = {
@@ -34,8 +36,6 @@ DTYPES = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit on the JSON header
 MAX_DIM = 2 ** 40  # no real dimension comes near; a zero-sized tensor can't hide a huge one
-
-from .names import ATTN_NORMS, BIAS_SUFFIX, FFN_PROJ, MTP_EXTRA, layer_of  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +122,24 @@ FP8_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b
 STORAGE_BYTES = {k: v.itemsize for k, v in DTYPES.items()}
 
 
+def _role(name: str) -> str:
+    """What a tensor is, in words, for error messages."""
+    if name.endswith("e_score_correction_bias"):
+        return "gate bias"
+    if name.endswith("mlp.gate.weight"):
+        return "router gate"
+    parts = name.split(".")
+    if len(parts) >= 2 and "norm" in parts[-2]:
+        return "norm weight"
+    if "embed_tokens" in name:
+        return "embedding"
+    if name.endswith(("lm_head.weight", "shared_head.head.weight")):
+        return "output head"
+    if name.endswith("_proj.weight"):
+        return "projection"
+    return "weight"
+
+
 def is_fp8_weight(name: str) -> bool:
     """True for the linear weights the published checkpoint stores as FP8 e4m3 (SPEC.md 7)."""
     parts = name.split(".")
@@ -178,56 +196,80 @@ class SafetensorsFile:
             self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # what norms, scales, the gate and its bias may be
+MODEL_PREFIXES = ("model.", "lm_head.")  # every tensor name the model reads (SPEC.md section 6)
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
 def _read_header(path: str):
     """Parse and check a safetensors header -> ({name: (dtype, shape, (begin, end))}, data_start).
 
-    Every check needed so that reading afterwards cannot go outside the file or misread it:
-    header length within the file, JSON object, known dtypes, shapes of non-negative ints,
-    offsets inside the data and matching the shape, no two tensors overlapping."""
+    At least as strict as the safetensors library, so that reading afterwards cannot go outside
+    the file or misread it: a regular file; header length within the file and the format's
+    limit; the header exactly one JSON object (no duplicate keys, no NaN); `__metadata__` an
+    object of strings; each entry exactly dtype (a known name), shape (non-negative integers)
+    and data_offsets (two integers) whose span is prod(shape) x the dtype's size; the entries
+    together cover the data region exactly: no overlap, no hole, no trailing bytes."""
+    shown = printable(path)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise CheckpointError(f"{shown}: file not found") from None
+    except OSError as e:
+        raise CheckpointError(f"{shown}: cannot read ({e.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{shown}: not a regular file")
+    size = st.st_size
+    try:
+        with os.fdopen(fd, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{path}: too short for a safetensors file ({size} bytes)")
+                raise CheckpointError(f"{shown}: too short for a safetensors file ({size} bytes)")
             (n,) = struct.unpack("<Q", head)
             if n > size - 8:
-                raise CheckpointError(f"{path}: header length {n} is larger than the file "
+                raise CheckpointError(f"{shown}: header length {n} is larger than the file "
                                       f"({size} bytes): truncated or not safetensors")
             if n > MAX_HEADER:
-                raise CheckpointError(f"{path}: header length {n} exceeds the {MAX_HEADER}-byte limit")
+                raise CheckpointError(f"{shown}: header length {n} exceeds the {MAX_HEADER}-byte limit")
             raw = f.read(n)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
-    except RecursionError:
-        raise CheckpointError(f"{path}: header JSON is nested too deeply") from None
+        raise CheckpointError(f"{shown}: cannot read ({e.strerror})") from None
+    if len(raw) != n:
+        raise CheckpointError(f"{shown}: the file shrank while being read")
+    if not raw.startswith(b"{"):
+        raise CheckpointError(f"{shown}: header does not start with '{{' (not safetensors, or a "
+                              "header length that does not match the header)")
+    header = jsonfile.loads(raw, f"{shown}: header", CheckpointError)
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object")
+        raise CheckpointError(f"{shown}: header is not a JSON object")
     data_size = size - 8 - n
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict)
+                                 and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{shown}: __metadata__ must be an object of strings")
     tensors, spans = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        where = f"{path}: tensor {name}"
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise CheckpointError(f"{where}: entry needs dtype, shape and data_offsets")
+        where = f"{shown}: tensor {printable(name)}"
+        if not isinstance(info, dict) or info.keys() != _ENTRY_KEYS:
+            got = sorted(info) if isinstance(info, dict) else type(info).__name__
+            raise CheckpointError(f"{where}: entry must have exactly dtype, shape and "
+                                  f"data_offsets, got {brief(got)}")
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(isinstance(x, int) and not isinstance(x, bool)
-                                                 and x >= 0 for x in shape)):
-            raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-        if len(shape) > 8 or any(x > MAX_DIM for x in shape):
-            raise CheckpointError(f"{where}: shape {shape!r} has more than 8 dimensions or one "
-                                  f"larger than {MAX_DIM}")
-        if not (isinstance(offs, list) and len(offs) == 2 and
-                all(isinstance(x, int) and not isinstance(x, bool) for x in offs)):
-            raise CheckpointError(f"{where}: data_offsets {offs!r} is not two integers")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise CheckpointError(f"{where}: unknown dtype {brief(dtype)}")
+        if not (type(shape) is list and len(shape) <= 8
+                and all(type(x) is int and 0 <= x <= MAX_DIM for x in shape)):
+            raise CheckpointError(f"{where}: shape {brief(shape)} is not a list of at most 8 "
+                                  f"integers from 0 to {MAX_DIM}")
+        if not (type(offs) is list and len(offs) == 2):
+            raise CheckpointError(f"{where}: data_offsets {brief(offs)} is not two integers")
         begin, end = offs
+        if type(begin) is not int or type(end) is not int:
+            raise CheckpointError(f"{where}: data_offsets {brief(offs)} is not two integers")
         if not 0 <= begin <= end <= data_size:
             raise CheckpointError(f"{where}: data_offsets {offs} lie outside the {data_size} "
                                   "bytes of data (truncated file or lying header)")
@@ -238,9 +280,21 @@ def _read_header(path: str):
         tensors[name] = (dtype, tuple(shape), (begin, end))
         spans.append((begin, end, name))
     spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise CheckpointError(f"{path}: tensors {n0} and {n1} overlap in the data")
+    covered = 0  # the data region is covered exactly, in order (as the safetensors library checks)
+    for k, (begin, end, name) in enumerate(spans):
+        if begin < covered:
+            other = next(o for b, e, o in spans[:k] if e > begin)
+            raise CheckpointError(f"{shown}: tensors {printable(other)} and {printable(name)} "
+                                  "overlap in the data")
+        if begin > covered:
+            raise CheckpointError(f"{shown}: bytes {covered} to {begin} of the data belong to no "
+                                  f"tensor (a hole before {printable(name)}): not a valid "
+                                  "safetensors file")
+        covered = end
+    if covered != data_size:
+        raise CheckpointError(f"{shown}: {data_size - covered} trailing bytes after the last "
+                              f"tensor (the data region is {data_size} bytes, the tensors cover "
+                              f"{covered}): not a valid safetensors file")
     return tensors, 8 + n
 
 
@@ -252,7 +306,7 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike):
         path = os.fspath(path)
         if not os.path.isdir(path):
-            raise CheckpointError(f"{path}: not a checkpoint directory")
+            raise CheckpointError(f"{printable(path)}: not a checkpoint directory")
         self.path = path
         self.config = Config.from_json(os.path.join(path, "config.json"))
         self.files: dict[str, SafetensorsFile] = {}
@@ -263,36 +317,43 @@ class Checkpoint:
         else:
             names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
             if not names:
-                raise CheckpointError(f"{path}: no .safetensors files and no index")
+                raise CheckpointError(f"{printable(path)}: no .safetensors files and no index")
             for fname in names:
                 st = self._open(fname)
                 for t in st.tensors:
                     if t in self.where:
-                        raise CheckpointError(f"{path}: tensor {t} is in both {self.where[t]} "
-                                              f"and {fname}")
+                        raise CheckpointError(f"{printable(path)}: tensor {printable(t)} is in "
+                                              f"both {printable(self.where[t])} and {printable(fname)}")
                     self.where[t] = fname
+        self.fp8_tensors = self.check_dtypes()
 
     def _open(self, fname: str) -> SafetensorsFile:
         if fname not in self.files:
             full = os.path.join(self.path, fname)
             if not os.path.exists(full):
-                raise CheckpointError(f"{full}: shard named by the index is missing")
+                raise CheckpointError(f"{printable(full)}: shard named by the index is missing")
             self.files[fname] = SafetensorsFile(full)
         return self.files[fname]
 
     def _open_index(self, index: str) -> None:
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid index ({e!r})") from None
+        shown = printable(index)
+        doc = jsonfile.load(index, CheckpointError)
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
         if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: weight_map is not an object")
+            raise CheckpointError(f"{shown}: not a valid index (needs an object weight_map)")
+        plain = set()  # file names already checked (163 for V3's 91,991 tensors)
         for name, fname in weight_map.items():
-            if not isinstance(fname, str) or os.sep in fname or fname.startswith(".."):
-                raise CheckpointError(f"{index}: tensor {name} maps to a bad file name {fname!r}")
+            if fname not in plain if isinstance(fname, str) else True:
+                if not (isinstance(fname, str) and fname.endswith(".safetensors")
+                        and fname == os.path.basename(fname) and not fname.startswith(".")
+                        and "\\" not in fname):
+                    raise CheckpointError(f"{shown}: tensor {printable(name)} maps to "
+                                          f"{brief(fname)}, not a plain .safetensors file name "
+                                          "in the checkpoint")
+                plain.add(fname)
             if name not in self._open(fname).tensors:
-                raise CheckpointError(f"{index}: tensor {name} is not in {fname}")
+                raise CheckpointError(f"{shown}: tensor {printable(name)} is not in "
+                                      f"{printable(fname)}")
             self.where[name] = fname
 
     # ---- queries that read headers only -----------------------------------------------------
@@ -343,30 +404,63 @@ class Checkpoint:
 
     def check_scales(self) -> int:
         """Every FP8 tensor has a float `<name>_scale_inv` whose shape fits it (headers only)
+        -> the number of FP8 tensors.  (Checked when the checkpoint is opened: check_dtypes.)"""
+        return self.fp8_tensors
+
+    def check_dtypes(self) -> int:
+        """Every stored dtype fits the tensor's role (headers only; SPEC.md section 7): weights,
+        norms, the gate and its bias floating point (F64, F32, F16, BF16); FP8 only as F8_E4M3,
+        on a 2-d weight with a float `<name>_scale_inv` of the block shape; a `_scale_inv` only
+        beside an F8_E4M3 weight (FP8 bytes declared as I8, U8 or BOOL would drop their scale).
+        Tensors outside the model's names (`model.`, `lm_head.`) are never read and not checked
+        (a golden case directory holds int64 inputs beside its model).
         -> the number of FP8 tensors."""
-        count = 0
+        fp8_count = 0
         for name in self.where:
-            if self.dtype(name) != "F8_E4M3":
-                continue
-            count += 1
-            self._scale_name(name)
-        return count
+            dtype = self.dtype(name)
+            if dtype == "F8_E4M3":
+                self._scale_name(name)
+                fp8_count += 1
+            elif name.endswith("_scale_inv"):
+                base = name[:-len("_scale_inv")]
+                if dtype not in FLOAT_DTYPES:
+                    raise CheckpointError(f"{printable(self.file_of(name))}: {printable(name)} "
+                                          f"(an FP8 scale) is stored as {dtype}, expected a float "
+                                          "dtype (F32 as published)")
+                if base not in self.where or self.dtype(base) != "F8_E4M3":
+                    got = "is missing" if base not in self.where else f"is {self.dtype(base)}"
+                    raise CheckpointError(f"{printable(self.file_of(name))}: {printable(name)} is "
+                                          f"a block scale but {printable(base)} {got}; FP8 "
+                                          "weights must be stored as F8_E4M3")
+            elif dtype not in FLOAT_DTYPES and name + "_scale_inv" in self.where:
+                raise CheckpointError(f"{printable(self.file_of(name))}: {printable(name)} has a "
+                                      f"block scale but is stored as {dtype}; FP8 weights must "
+                                      "be stored as F8_E4M3")
+            elif dtype not in FLOAT_DTYPES and name.startswith(MODEL_PREFIXES):
+                role = _role(name)
+                raise CheckpointError(f"{printable(self.file_of(name))}: tensor {printable(name)} "
+                                      f"({role}) is stored as {dtype}; a {role} must be floating "
+                                      "point (F32, BF16, F16 or F64, or F8_E4M3 with a "
+                                      "weight_scale_inv for a 2-d weight)")
+        return fp8_count
 
     def _scale_name(self, name: str) -> str:
         """The checked name of an FP8 tensor's scale (SPEC.md section 7)."""
         sname = name + "_scale_inv"
         if sname not in self.where:
-            raise CheckpointError(f"{self.file_of(name)}: FP8 tensor {name} has no {sname}")
+            raise CheckpointError(f"{printable(self.file_of(name))}: FP8 tensor {printable(name)} "
+                                  f"has no {printable(sname)}")
         shape, want = self.shape(sname), scale_shape(self.shape(name)) if len(self.shape(name)) == 2 else None
         if want is None:
-            raise CheckpointError(f"{self.file_of(name)}: FP8 tensor {name} has shape "
-                                  f"{list(self.shape(name))}; only 2-d weights can be block-scaled")
+            raise CheckpointError(f"{printable(self.file_of(name))}: FP8 tensor {printable(name)} "
+                                  f"has shape {list(self.shape(name))}; only 2-d weights can be "
+                                  "block-scaled")
         if shape != want:
-            raise CheckpointError(f"{self.file_of(sname)}: {sname} has shape {list(shape)}, "
-                                  f"a {list(self.shape(name))} weight needs {list(want)}")
-        if self.dtype(sname) not in ("F32", "F64", "BF16", "F16"):
-            raise CheckpointError(f"{self.file_of(sname)}: {sname} has dtype {self.dtype(sname)}, "
-                                  "expected a float dtype (F32 as published)")
+            raise CheckpointError(f"{printable(self.file_of(sname))}: {printable(sname)} has shape "
+                                  f"{list(shape)}, a {list(self.shape(name))} weight needs {list(want)}")
+        if self.dtype(sname) not in FLOAT_DTYPES:
+            raise CheckpointError(f"{printable(self.file_of(sname))}: {printable(sname)} has dtype "
+                                  f"{self.dtype(sname)}, expected a float dtype (F32 as published)")
         return sname
 
     def inventory(self) -> dict:
@@ -390,17 +484,19 @@ class Checkpoint:
     def _check_plan(self, plan: dict) -> None:
         for name, shape in plan.items():
             if name not in self.where:
-                raise CheckpointError(f"{self.path}: tensor {name} is missing from the checkpoint")
+                raise CheckpointError(f"{printable(self.path)}: tensor {name} is missing from the "
+                                      "checkpoint")
             got = self.shape(name)
             if got != shape:
-                raise CheckpointError(f"{self.file_of(name)}: tensor {name} has shape "
+                raise CheckpointError(f"{printable(self.file_of(name))}: tensor {name} has shape "
                                       f"{list(got)}, config.json implies {list(shape)}")
 
     # ---- reading bodies -----------------------------------------------------------------------
     def raw(self, name: str) -> np.ndarray:
         """The stored array, as stored (a read-only memory-mapped view)."""
         if name not in self.where:
-            raise CheckpointError(f"{self.path}: tensor {name} is missing from the checkpoint")
+            raise CheckpointError(f"{printable(self.path)}: tensor {printable(name)} is missing "
+                                  "from the checkpoint")
         return self.files[self.where[name]].array(name)
 
     def weight(self, name: str, dtype=np.float64) -> np.ndarray:
@@ -410,7 +506,7 @@ class Checkpoint:
         if stored.dtype == DTYPES["F8_E4M3"]:
             sname = self._scale_name(name)
             s = self.raw(sname)
-            self._check_finite(sname, s)
+            self._check_scale(sname, s)
             arr = fp8.dequantize(stored, s, dtype=dtype)
         else:
             arr = np.array(stored, dtype=dtype)  # a private, writable copy in working precision
@@ -424,7 +520,7 @@ class Checkpoint:
         q, s = np.array(self.raw(name)), np.array(self.raw(sname), dtype=np.float32)
         self._drop(name)
         self._drop(sname)
-        self._check_finite(sname, s)
+        self._check_scale(sname, s)
         self._check_finite(name, q)
         return q, s
 
@@ -441,6 +537,16 @@ class Checkpoint:
     def _drop(self, name: str) -> None:
         self.files[self.where[name]].drop_pages(name)
 
+    def _check_scale(self, name: str, s: np.ndarray) -> None:
+        """An FP8 block scale must be finite and strictly positive (a zero or negative scale
+        silently zeroes or flips a block): checked when read, cheap (one value per 128x128)."""
+        bad = fp8.bad_scales(s)
+        if bad:
+            layer = layer_of(name)
+            at = "" if layer is None else f" (layer {layer})"
+            raise CheckpointError(f"{printable(self.file_of(name))}: {printable(name)}{at} holds "
+                                  f"{bad}; FP8 block scales must be finite and positive")
+
     def _check_finite(self, name: str, arr: np.ndarray, chunk: int = 1 << 22) -> None:
         """NaN or Inf anywhere -> an error naming the tensor and its layer (checked in chunks,
         so no full-size temporary)."""
@@ -453,7 +559,8 @@ class Checkpoint:
         if bad:
             layer = layer_of(name)
             at = "" if layer is None else f" (layer {layer})"
-            raise CheckpointError(f"{self.file_of(name)}: tensor {name}{at} contains NaN or Inf")
+            raise CheckpointError(f"{printable(self.file_of(name))}: tensor {printable(name)}{at} "
+                                  "contains NaN or Inf")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,20 +593,13 @@ def write_safetensors_planned(path: str, entries, produce, metadata: dict | None
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name, dtype, shape in entries:
-                a = np.ascontiguousarray(produce(name))
-                assert a.dtype == DTYPES[dtype] and a.shape == tuple(shape), (name, a.dtype, a.shape)
-                f.write(memoryview(a.reshape(-1).view(np.uint8)))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, CheckpointError) as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, dtype, shape in entries:
+            a = np.ascontiguousarray(produce(name))
+            assert a.dtype == DTYPES[dtype] and a.shape == tuple(shape), (name, a.dtype, a.shape)
+            f.write(memoryview(a.reshape(-1).view(np.uint8)))
 
 
 def shard_entries(entries: list, shards: int) -> list[list]:
@@ -624,16 +724,14 @@ def write_checkpoint(out: str | os.PathLike, cfg: Config, entries: list, produce
     plus model.safetensors.index.json.  Everything goes to a temporary sibling directory that is
     renamed when complete, so a failure leaves nothing half written."""
     out = os.fspath(out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise CheckpointError(f"{out}: already exists and is not an empty directory")
+    check_destination(out, "directory", CheckpointError)
     parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
     runs = [entries] if shards is None else shard_entries(entries, shards)
     need = sum(math.prod(sh) * STORAGE_BYTES[d] for _, d, sh in entries)
     free = shutil.disk_usage(parent).free
     if need > free:
-        raise CheckpointError(f"{out}: the checkpoint needs {need:,} bytes but only {free:,} are "
-                              "free there (--dry-run shows the plan without writing)")
+        raise CheckpointError(f"{printable(out)}: the checkpoint needs {need:,} bytes but only "
+                              f"{free:,} are free there (--dry-run shows the plan without writing)")
     with atomic_directory(out, CheckpointError) as tmp:
         _config_for(cfg, store_dtype, fp8_layout, ue8m0).to_json(os.path.join(tmp, "config.json"))
         weight_map = {}
@@ -645,9 +743,8 @@ def write_checkpoint(out: str | os.PathLike, cfg: Config, entries: list, produce
                 progress(k + 1, len(runs))
         if shards is not None:
             index = {"metadata": {"total_size": need}, "weight_map": weight_map}
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2)
-                f.write("\n")
+            write_text(os.path.join(tmp, "model.safetensors.index.json"),
+                       json.dumps(index, indent=2) + "\n", CheckpointError)
 
 
 def save_checkpoint(out: str | os.PathLike, cfg: Config, weights: dict[str, np.ndarray],

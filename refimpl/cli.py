@@ -12,7 +12,47 @@ import tempfile
 import numpy as np
 
 from .backend import to_numpy
-from .errors import InputError, RefimplError
+from .errors import InputError, RefimplError, printable
+
+MAX_SEED = 2 ** 63 - 1
+TEMPERATURE_RANGE = (1e-6, 1e6)  # besides 0 (greedy): softmax(logits / T) stays finite
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (`refimpl: error: ...`, exit 2) like every other
+    user error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog.split()[0]}: error: {printable(message)} "
+                     f"(see {self.prog} --help)\n")
+
+
+def _int_in(lo: int, hi: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is not between {lo} and {hi:,}")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
+def _temperature(text: str) -> float:
+    try:
+        t = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    lo, hi = TEMPERATURE_RANGE
+    if not (t == 0 or lo <= t <= hi):  # NaN fails both
+        raise argparse.ArgumentTypeError(f"{text} must be 0 (greedy) or a finite number from "
+                                         f"{lo:g} to {hi:g}")
+    return t
+
+
+_seed = _int_in(0, MAX_SEED)
 
 
 def _model_options(p) -> None:
@@ -29,21 +69,22 @@ def _model_options(p) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="refimpl", description="DeepSeek-V3 reference implementation")
+    p = _Parser(prog="refimpl", description="DeepSeek-V3 reference implementation")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("demo", help="the main job on the built-in tiny model: make it, run it, "
                                     "print a logits summary and greedy tokens")
     d.add_argument("--preset", default="tiny")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--tokens", type=int, default=16, help="prompt length")
-    d.add_argument("--new", type=int, default=8, help="greedy tokens to generate")
+    d.add_argument("--seed", type=_seed, default=0)
+    d.add_argument("--tokens", type=_int_in(1, 1024), default=16, help="prompt length")
+    d.add_argument("--new", type=_int_in(0, 1024), default=8, help="greedy tokens to generate")
 
     m = sub.add_parser("make-checkpoint", help="write a random but well-scaled model (HF layout)")
     m.add_argument("--preset", default="tiny")
     m.add_argument("--config", help="a config.json to use instead of a preset")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--out", help="the directory to write (not needed with --dry-run)")
+    m.add_argument("--seed", type=_seed, default=0)
+    m.add_argument("--out", help="the directory to write (not needed with --dry-run); it must "
+                                 "not exist or be empty, and its parent must exist")
     m.add_argument("--store-dtype", default=None, choices=["float64", "float32", "bfloat16"],
                    help="dtype of the stored floats (default float32; bfloat16 with --fp8, as "
                         "published)")
@@ -51,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="the published layout: projections in FP8 e4m3 with 128x128 float32 "
                         "block scales (weight_scale_inv), the rest BF16, the gate bias F32")
     m.add_argument("--ue8m0", action="store_true", help="with --fp8: power-of-two scales (V3.1)")
-    m.add_argument("--shards", type=int, default=None,
+    m.add_argument("--shards", type=_int_in(1, 100_000), default=None,
                    help="write N files model-0000k-of-0000N.safetensors and an index")
     m.add_argument("--dry-run", action="store_true",
                    help="print the tensors, dtypes and bytes that would be written; write nothing")
@@ -59,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("logits", help="logits of a token file")
     g.add_argument("--checkpoint", required=True)
     g.add_argument("--tokens", required=True, help=".npy file of integer ids [batch, seq]")
-    g.add_argument("--out", required=True, help=".npy file for logits [batch, seq, vocab]")
+    g.add_argument("--out", required=True, help=".npy file for logits [batch, seq, vocab] "
+                                                "(replaced atomically; its directory must exist)")
     _model_options(g)
     g.add_argument("--incremental", action="store_true",
                    help="prefill the first token, then decode the rest one at a time through the "
@@ -69,16 +111,16 @@ def _parser() -> argparse.ArgumentParser:
                                         "the MTP modules")
     r.add_argument("--checkpoint", required=True)
     r.add_argument("--prompt", required=True, help="comma-separated token ids, e.g. 1,2,3")
-    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--max-new-tokens", type=_int_in(0, 1 << 24), default=32)
     _model_options(r)
     r.add_argument("--json", action="store_true")
     r.add_argument("--mtp", action="store_true",
                    help="speculative decoding: the MTP modules draft, the main model verifies in "
                         "one forward; greedy output is identical to plain greedy decoding")
-    r.add_argument("--temperature", type=float, default=0.0,
-                   help="0 (default): greedy; > 0: sample from softmax(logits / temperature), "
-                        "with --mtp accepting drafts by min(1, p/q)")
-    r.add_argument("--seed", type=int, default=None, help="random seed for --temperature > 0")
+    r.add_argument("--temperature", type=_temperature, default=0.0,
+                   help="0 (default): greedy; from 1e-6 to 1e6: sample from "
+                        "softmax(logits / temperature), with --mtp accepting drafts by min(1, p/q)")
+    r.add_argument("--seed", type=_seed, default=None, help="random seed for --temperature > 0")
     i = sub.add_parser("info", help="parameters (total, active, MTP, per layer), KV-cache bytes "
                                     "and the checkpoint layout, from a config or a checkpoint")
     src = i.add_mutually_exclusive_group(required=True)
@@ -97,37 +139,39 @@ def main(argv=None) -> int:
     try:
         return COMMANDS[args.cmd](args)
     except RefimplError as e:
-        print(f"refimpl: error: {e}", file=sys.stderr)
+        print(f"refimpl: error: {printable(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine's answer about a file the user named (or its disk)
+        where = f"{printable(e.filename)}: " if e.filename else ""
+        print(f"refimpl: error: {where}{printable(e.strerror or e)}", file=sys.stderr)
         return 2
 
 
 def _load_tokens(path: str) -> np.ndarray:
+    shown = printable(path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise InputError(f"{shown}: not a regular file")
     try:
         t = np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
+        raise InputError(f"{shown}: file not found") from None
     except (ValueError, OSError, EOFError) as e:
-        raise InputError(f"{path}: not a readable .npy array ({e})") from None
+        raise InputError(f"{shown}: not a readable .npy array ({printable(e)})") from None
     if not isinstance(t, np.ndarray):
-        raise InputError(f"{path}: not a single .npy array")
+        raise InputError(f"{shown}: not a single .npy array")
     if not np.issubdtype(t.dtype, np.integer):
-        raise InputError(f"{path}: tokens must be integers, got dtype {t.dtype}")
+        raise InputError(f"{shown}: tokens must be integers, got dtype {t.dtype}")
     if t.ndim != 2:
-        raise InputError(f"{path}: tokens must have rank 2 [batch, seq], got shape {list(t.shape)}")
+        raise InputError(f"{shown}: tokens must have rank 2 [batch, seq], got shape {list(t.shape)}")
     return t
 
 
-def _save_npy(path: str, a: np.ndarray) -> None:
-    """np.save to a temporary name in the same directory, then rename."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".refimpl-", suffix=".npy", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, a)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _save_npy(path: str, a: np.ndarray, expect=...) -> None:
+    """np.save atomically: a temporary name beside `path`, then rename (refimpl.atomic)."""
+    from .atomic import atomic_file
+
+    with atomic_file(path, InputError, expect=expect) as f:
+        np.save(f, a)
 
 
 def _config_from(args):
@@ -157,6 +201,10 @@ def cmd_make_checkpoint(args) -> int:
         return 0
     if not args.out:
         raise InputError("make-checkpoint needs --out DIR (or --dry-run)")
+    from .atomic import check_destination
+    from .errors import CheckpointError
+
+    check_destination(args.out, "directory", CheckpointError)
     bar = None
     if args.shards and args.shards > 1 and sys.stderr.isatty():  # progress on a terminal only
         from tqdm import tqdm
@@ -167,7 +215,7 @@ def cmd_make_checkpoint(args) -> int:
                     progress=None if bar is None else (lambda k, n: bar.update(1)))
     if bar is not None:
         bar.close()
-    print(f"wrote {args.out}")
+    print(f"wrote {printable(args.out)}")
     return 0
 
 
@@ -201,10 +249,13 @@ def _load_model(args):
 
 
 def cmd_logits(args) -> int:
+    from .atomic import check_destination
+
+    dest = check_destination(args.out, "file", InputError)  # before any work
     tokens = _load_tokens(args.tokens)
     model = _load_model(args)
     model.check_tokens(tokens)
-    _save_npy(args.out, run_logits(model, tokens, args.incremental))
+    _save_npy(args.out, run_logits(model, tokens, args.incremental), expect=dest)
     return 0
 
 
@@ -212,7 +263,8 @@ def _parse_prompt(text: str) -> list[int]:
     try:
         ids = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise InputError(f"--prompt {text!r} is not comma-separated integers") from None
+        raise InputError(f"--prompt {printable(repr(text))[:80]} is not comma-separated "
+                         "integers") from None
     if not ids:
         raise InputError("--prompt is empty")
     return ids
@@ -222,8 +274,6 @@ def cmd_generate(args) -> int:
     from .generate import decode
 
     prompt = _parse_prompt(args.prompt)
-    if args.temperature < 0:
-        raise InputError(f"--temperature must be >= 0, got {args.temperature}")
     model = _load_model(args)
     model.check_tokens(np.array([prompt]))
     rep = decode(model, prompt, args.max_new_tokens, use_mtp=args.mtp,
@@ -330,7 +380,7 @@ def _print_info(title: str, info: dict) -> None:
           f"{info['fp8_bytes_read_per_decode_token']:,}")
     st = info.get("stored")
     if st:
-        print(f"stored in {st['path']}: {st['tensors']:,} tensors in {st['files']} file(s), "
+        print(f"stored in {printable(st['path'])}: {st['tensors']:,} tensors in {st['files']} file(s), "
               f"{st['bytes']:,} bytes, {st['params']:,} parameters (scales not counted); "
               + ", ".join(f"{k} {v:,}" for k, v in st["by_dtype"].items()))
         print(f"  matches config.json: every tensor present with its implied shape; "
@@ -345,11 +395,11 @@ def cmd_info(args) -> int:
 
     if args.checkpoint:
         ckpt = Checkpoint(args.checkpoint)
-        cfg, title = ckpt.config, f"checkpoint {args.checkpoint}"
+        cfg, title = ckpt.config, f"checkpoint {printable(args.checkpoint)}"
         stored = ckpt.inventory()
     else:
         cfg = Config.from_json(args.config) if args.config else Config.preset(args.preset)
-        title = f"config {args.config}" if args.config else f"preset {args.preset}"
+        title = f"config {printable(args.config)}" if args.config else f"preset {printable(args.preset)}"
         stored = None
     info = accounting.summary(cfg, cache_dtype=args.cache_dtype)
     if stored:

@@ -3,7 +3,9 @@
 Accepts model_type deepseek_v3 and deepseek_v2, the published form of the rope settings
 (`rope_scaling` with `type`, top-level `rope_theta`) and the transformers 5 form
 (`rope_parameters` with `rope_type` and `rope_theta` inside). Numbers that don't fit together are
-refused with a ConfigError naming the field.
+refused with a ConfigError naming the field, and so is every field of the wrong JSON type
+(booleans are JSON booleans, integers JSON integers, floats finite and in FLOAT_RANGES) and every
+count above its sane maximum (LIMITS), before anything loops or allocates (docs/validation.md).
 """
 
 from __future__ import annotations
@@ -15,10 +17,52 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 
-from .errors import ConfigError
+from . import jsonfile
+from .errors import ConfigError, printable
 
 _SCORING = ("sigmoid", "softmax")
 _TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+
+# Sane maxima for every count (docs/validation.md): far above any published DeepSeek model (V3's
+# value in the comment), far below what would make a loop over layers or experts, or an
+# allocation, run for minutes.  Checked before anything loops or allocates.
+LIMITS = {
+    "vocab_size": 1 << 22,  # 129,280
+    "hidden_size": 1 << 16,  # 7,168
+    "intermediate_size": 1 << 20,  # 18,432
+    "moe_intermediate_size": 1 << 20,  # 2,048
+    "num_hidden_layers": 1024,  # 61
+    "num_attention_heads": 1024,  # 128
+    "kv_lora_rank": 1 << 16,  # 512
+    "q_lora_rank": 1 << 16,  # 1,536
+    "qk_nope_head_dim": 1 << 12,  # 128
+    "qk_rope_head_dim": 1 << 12,  # 64
+    "v_head_dim": 1 << 12,  # 128
+    "n_routed_experts": 1 << 12,  # 256
+    "n_shared_experts": 64,  # 1
+    "num_experts_per_tok": 1 << 12,  # 8
+    "n_group": 1 << 12,  # 8
+    "topk_group": 1 << 12,  # 4
+    "first_k_dense_replace": 1024,  # 3
+    "moe_layer_freq": 1024,  # 1
+    "max_position_embeddings": 1 << 24,  # 163,840
+    "num_nextn_predict_layers": 16,  # 1
+}
+# Tensors a config may imply, all layers and experts together (V3: 91,991 with FP8 scales).
+MAX_TENSORS = 1 << 20
+# Finite floats and their ranges: (low, high, low inclusive).
+FLOAT_RANGES = {
+    "rms_norm_eps": (0.0, 1.0, False),
+    "rope_theta": (1.0, 1e12, False),
+    "routed_scaling_factor": (0.0, 1e6, False),
+    "rope_scaling.factor": (0.0, 1e6, False),
+    "rope_scaling.beta_fast": (0.0, 1e6, False),
+    "rope_scaling.beta_slow": (0.0, 1e6, False),
+    "rope_scaling.mscale": (0.0, 1e3, True),
+    "rope_scaling.mscale_all_dim": (0.0, 1e3, True),
+}
+MAX_TOKEN_ID = (1 << 31) - 1
 
 
 @dataclass(frozen=True)
@@ -35,7 +79,33 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class Config:
-    """Every number the forward pass needs; field names are the config.json keys."""
+    """Every number the forward pass needs; field names are the config.json keys.
+
+    The paper's symbols (sections 2.1-2.2, 4.2-4.3; docs/math.md), the field that holds each, and
+    its value in the deepseek-v3 preset:
+
+        d        hidden_size                            7168
+        n_h      num_attention_heads                    128
+        d_h      qk_nope_head_dim (keys, queries)       128
+                 v_head_dim (values; the paper's d_h)   128
+        d_h^R    qk_rope_head_dim                       64
+        d_c      kv_lora_rank                           512
+        d'_c     q_lora_rank (None: no query latent)    1536
+        L        num_hidden_layers                      61
+        N_s      n_shared_experts                       1
+        N_r      n_routed_experts                       256
+        K_r      num_experts_per_tok                    8
+        M        topk_group (groups kept per token)     4, of n_group = 8 groups (nodes)
+                 moe_intermediate_size (expert width)   2048
+                 intermediate_size (dense FFN width)    18432, in the first_k_dense_replace = 3
+        D        num_nextn_predict_layers               1
+        V        vocab_size                             129280
+        s        rope_scaling.factor                    40
+        alpha    rope_scaling.beta_slow                 1
+        beta     rope_scaling.beta_fast                 32
+        sqrt(t)  m(s, rope_scaling.mscale_all_dim)      0.1 ln 40 + 1 = 1.3688879
+                 routed_scaling_factor (not in eq. 13)  2.5
+    """
 
     vocab_size: int
     hidden_size: int
@@ -107,10 +177,15 @@ class Config:
         """Build from a parsed config.json; `source` names the file in error messages."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        bad = jsonfile.nonfinite_path(d)
+        if bad is not None:
+            raise ConfigError(f"{source}: {printable(bad)} must be a finite number, got NaN or "
+                              "Infinity")
         d = dict(d)
         model_type = d.get("model_type", "deepseek_v3")
-        if model_type not in ("deepseek_v3", "deepseek_v2"):
-            raise ConfigError(f"{source}: model_type {model_type!r} is not deepseek_v3 or deepseek_v2")
+        if not isinstance(model_type, str) or model_type not in _MODEL_TYPES:
+            raise ConfigError(f"{source}: model_type {brief(model_type)} is not deepseek_v3 or "
+                              "deepseek_v2")
         v2 = model_type == "deepseek_v2"
         rope_theta, rope_scaling = _read_rope(d, source)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_scaling", "rope_theta"}
@@ -137,21 +212,19 @@ class Config:
         if kwargs.get("topk_group") is None:
             kwargs["topk_group"] = 1
         if isinstance(kwargs.get("eos_token_id"), list):
+            for t in kwargs["eos_token_id"]:
+                _token_id(t, "eos_token_id", source)
             d["eos_token_id_list"] = kwargs["eos_token_id"]
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0] if kwargs["eos_token_id"] else None
         return _build(cls, source, rope_theta, rope_scaling, d, kwargs)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "Config":
+        """Read a config.json: strict JSON (no NaN or Infinity, no duplicate keys), a regular
+        file, then every field checked as from_dict does."""
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, source=path)
+        return cls.from_dict(jsonfile.load(path, ConfigError, allow_nonfinite=True),
+                             source=printable(path))
 
     @classmethod
     def preset(cls, name: str) -> "Config":
@@ -196,12 +269,10 @@ class Config:
 
     def to_json(self, path: str | os.PathLike, rope_form: str = "published") -> None:
         """Write config.json atomically (temporary name, then rename)."""
-        path = os.fspath(path)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(rope_form), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        from .atomic import write_text
+
+        write_text(path, json.dumps(self.to_dict(rope_form), indent=2, allow_nan=False) + "\n",
+                   ConfigError)
 
 
 def _build(cls, source, rope_theta, rope_scaling, extra, kwargs):
@@ -222,6 +293,7 @@ def _read_rope(d: dict, source: str) -> tuple[float, RopeScaling | None]:
         params = dict(params)
         kind = params.pop("rope_type", params.pop("type", "default"))
         theta = params.pop("rope_theta", d.get("rope_theta", 10000.0))
+        field_name = "rope_parameters.rope_theta"
     else:
         params = d.get("rope_scaling")
         theta = d.get("rope_theta", 10000.0)
@@ -231,13 +303,16 @@ def _read_rope(d: dict, source: str) -> tuple[float, RopeScaling | None]:
             raise ConfigError(f"{source}: rope_scaling must be an object or null")
         params = dict(params)
         kind = params.pop("type", params.pop("rope_type", "default"))
-    theta = _number(theta, "rope_theta", source)
+        field_name = "rope_theta"
+    theta = _number(theta, field_name, source)
+    if not isinstance(kind, str):
+        raise ConfigError(f"{source}: rope type {brief(kind)} is not a string")
     if kind == "default":
         return theta, None
     if kind not in ("yarn", "deepseek_yarn"):
         raise ConfigError(f"{source}: rope type {kind!r} is not supported (only 'yarn' or 'default')")
     for key in ("factor", "original_max_position_embeddings"):
-        if key not in params:
+        if params.get(key) is None:
             raise ConfigError(f"{source}: rope_scaling.{key} is required for yarn")
     if params.get("attention_factor") is not None:
         raise ConfigError(f"{source}: rope_scaling.attention_factor is not supported (DeepSeek's "
@@ -249,24 +324,61 @@ def _read_rope(d: dict, source: str) -> tuple[float, RopeScaling | None]:
     kw = {k: v for k, v in params.items() if k in names and v is not None}
     for k, v in kw.items():
         _number(v, f"rope_scaling.{k}", source)
-    kw["original_max_position_embeddings"] = int(kw["original_max_position_embeddings"])
     return theta, RopeScaling(**kw)
+
+
+def brief(v, width: int = 60) -> str:
+    """A value from a file, for an error message: its repr, escaped, cut to `width` characters."""
+    r = printable(repr(v))
+    return r if len(r) <= width else r[:width - 3] + "..."
 
 
 def _number(v, name, source):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"{source}: {name} must be a number, got {v!r}")
+        raise ConfigError(f"{source}: {name} must be a number, got {brief(v)}")
+    if not math.isfinite(v):
+        raise ConfigError(f"{source}: {name} must be finite, got {v}")
     return v
 
 
+def _token_id(v, name, source=None):
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TOKEN_ID:
+        where = f"{source}: " if source else ""
+        raise ConfigError(f"{where}{name} must be a token id (an integer from 0 to {MAX_TOKEN_ID}) "
+                          f"or null, got {brief(v)}")
+
+
 def _validate(c: Config) -> None:
-    """Refuse numbers that don't fit together; each message names the field."""
-    def need_int(name, lo=1):
-        v = getattr(c, name)
+    """Refuse fields of the wrong JSON type, out of range, or that don't fit together; each
+    message names the field.  Types and bounds come first, so that nothing below (nor any
+    caller) loops or allocates by a count that was never bounded."""
+    def need_int(name, lo=1, v=None, hi=None):
+        v = getattr(c, name) if v is None else v
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"{name} must be an integer, got {v!r}")
-        if v < lo:
-            raise ConfigError(f"{name} must be >= {lo}, got {v}")
+            raise ConfigError(f"{name} must be an integer, got {brief(v)}")
+        hi = LIMITS[name] if hi is None else hi
+        if not lo <= v <= hi:
+            raise ConfigError(f"{name} must be from {lo} to {hi:,}, got {v}")
+
+    def need_float(name, v):
+        lo, hi, closed = FLOAT_RANGES[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {brief(v)}")
+        if not math.isfinite(v) or not (lo <= v if closed else lo < v) or v > hi:
+            interval = f"{'[' if closed else '('}{lo:g}, {hi:g}]"
+            raise ConfigError(f"{name} must be a finite number in {interval}, got {v}")
+
+    def need_choice(name, choices):
+        v = getattr(c, name)
+        if not isinstance(v, str) or v not in choices:
+            raise ConfigError(f"{name} must be one of {choices}, got {brief(v)}")
+
+    def need_bool(name):
+        v = getattr(c, name)
+        if not isinstance(v, bool):
+            raise ConfigError(f"{name} must be true or false (a JSON boolean), got {brief(v)}")
 
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                  "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
@@ -277,22 +389,39 @@ def _validate(c: Config) -> None:
         need_int(name, lo=0)
     if c.q_lora_rank is not None:
         need_int("q_lora_rank")
+    for name in ("norm_topk_prob", "tie_word_embeddings", "attention_bias"):
+        need_bool(name)
+    need_choice("model_type", _MODEL_TYPES)
+    need_choice("scoring_func", _SCORING)
+    need_choice("topk_method", _TOPK_METHODS)
+    need_choice("hidden_act", ("silu",))
+    for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor"):
+        need_float(name, getattr(c, name))
+    _token_id(c.bos_token_id, "bos_token_id")
+    _token_id(c.eos_token_id, "eos_token_id")
+    rs = c.rope_scaling
+    if rs is not None:
+        if not isinstance(rs, RopeScaling):
+            raise ConfigError(f"rope_scaling must be YaRN settings or null, got {brief(rs)}")
+        for f in dataclasses.fields(RopeScaling):
+            if f.name == "original_max_position_embeddings":
+                need_int(f"rope_scaling.{f.name}", v=rs.original_max_position_embeddings,
+                         hi=LIMITS["max_position_embeddings"])
+            else:
+                need_float(f"rope_scaling.{f.name}", getattr(rs, f.name))
+        if not rs.beta_fast > rs.beta_slow:
+            raise ConfigError(f"rope_scaling: beta_fast ({rs.beta_fast}) must exceed beta_slow "
+                              f"({rs.beta_slow}) > 0")
+    tensors = c.num_layers_with_mtp * (3 * c.n_routed_experts + 32)  # an upper bound of the plan
+    if tensors > MAX_TENSORS:
+        raise ConfigError(f"num_hidden_layers + num_nextn_predict_layers ({c.num_layers_with_mtp}) x "
+                          f"n_routed_experts ({c.n_routed_experts}) imply about {tensors:,} tensors, "
+                          f"more than the {MAX_TENSORS:,} allowed")
+    # -- relations between fields --
     if c.qk_rope_head_dim % 2:
         raise ConfigError(f"qk_rope_head_dim must be even (rotation acts on pairs), got {c.qk_rope_head_dim}")
-    if c.scoring_func not in _SCORING:
-        raise ConfigError(f"scoring_func must be one of {_SCORING}, got {c.scoring_func!r}")
-    if c.topk_method not in _TOPK_METHODS:
-        raise ConfigError(f"topk_method must be one of {_TOPK_METHODS}, got {c.topk_method!r}")
-    if c.hidden_act != "silu":
-        raise ConfigError(f"hidden_act must be 'silu' (SwiGLU), got {c.hidden_act!r}")
     if c.attention_bias:
         raise ConfigError("attention_bias true is not supported (DeepSeek-V2/V3 projections have no bias)")
-    if not (isinstance(c.rms_norm_eps, (int, float)) and c.rms_norm_eps > 0):
-        raise ConfigError(f"rms_norm_eps must be a positive number, got {c.rms_norm_eps!r}")
-    if not (isinstance(c.rope_theta, (int, float)) and c.rope_theta > 1):
-        raise ConfigError(f"rope_theta must be a number > 1, got {c.rope_theta!r}")
-    if not isinstance(c.routed_scaling_factor, (int, float)) or c.routed_scaling_factor <= 0:
-        raise ConfigError(f"routed_scaling_factor must be positive, got {c.routed_scaling_factor!r}")
     if c.n_routed_experts:
         need_int("n_routed_experts")
         need_int("moe_intermediate_size")
@@ -310,17 +439,6 @@ def _validate(c: Config) -> None:
         if c.topk_method == "noaux_tc" and c.n_routed_experts // c.n_group < 2 and c.n_group > 1:
             raise ConfigError("n_group: noaux_tc scores a group by its top-2 experts, so each group "
                               f"needs at least 2 experts ({c.n_routed_experts} experts / {c.n_group} groups)")
-    rs = c.rope_scaling
-    if rs is not None:
-        if not rs.factor > 0:
-            raise ConfigError(f"rope_scaling.factor must be positive, got {rs.factor}")
-        if not rs.original_max_position_embeddings > 0:
-            raise ConfigError("rope_scaling.original_max_position_embeddings must be positive")
-        if not rs.beta_fast > rs.beta_slow > 0:
-            raise ConfigError(f"rope_scaling: beta_fast ({rs.beta_fast}) must exceed beta_slow "
-                              f"({rs.beta_slow}) > 0")
-        if not (math.isfinite(rs.mscale) and math.isfinite(rs.mscale_all_dim)):
-            raise ConfigError("rope_scaling.mscale and mscale_all_dim must be finite")
 
 
 def _deepseek_v3() -> Config:

@@ -36,6 +36,18 @@ def scale_shape(shape, block: int = BLOCK) -> tuple[int, int]:
     return (-(-shape[0] // block), -(-shape[1] // block))
 
 
+def bad_scales(scale_inv) -> str:
+    """'' when every block scale is finite and strictly positive, else what is wrong in words
+    (a zero scale zeroes its block, a negative one flips it, NaN/Inf poison it)."""
+    s = np.asarray(scale_inv, dtype=np.float64)
+    finite = np.isfinite(s)
+    if not finite.all():
+        return f"NaN or Inf ({int((~finite).sum())} scale(s))"
+    if not (s > 0).all():
+        return f"{int((s <= 0).sum())} zero or negative scale(s) (min {s.min():g})"
+    return ""
+
+
 def decode_e4m3(q, dtype=np.float64) -> np.ndarray:
     """e4m3fn array -> the same values in `dtype` (exact: every e4m3 value fits float16 and up)."""
     return _E4M3_VALUES.astype(dtype)[np.asarray(q).view(np.uint8)]

@@ -275,7 +275,7 @@ class Model:
         L = names.mtp_layer(cfg, k)
         s = tokens_k.shape[1]
         if cache is None and start != 0:
-            raise RefimplError("module_forward without a cache must start at index 0")
+            raise RefimplError("mtp_module without a cache must start at index 0")
         idx = np.arange(start, start + s)
         pos = idx + (k if conv.positions == "token" else 0)
         if pos[-1] >= cfg.max_position_embeddings:

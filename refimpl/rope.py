@@ -1,8 +1,10 @@
-"""RoPE and YaRN (paper section 2.1.1 eqs. 3 and 9; SPEC.md section 3).
+"""RoPE and YaRN (paper section 2.1.1 eqs. 3 and 8; YaRN: section 4.3; SPEC.md section 3).
 
 Rotary embedding acts only on the decoupled parts q^R and k^R, rotating ADJACENT pairs
 (2i, 2i+1) of the checkpoint's layout. YaRN stretches the low frequencies by the factor s, keeps
 the high ones, ramps between, and scales attention by m(s, mscale_all_dim)^2 in the softmax.
+Section 4.3's hyper-parameters map onto the config as: s = rope_scaling.factor (40),
+alpha = beta_slow (1), beta = beta_fast (32), sqrt(t) = 0.1 ln s + 1 = m(s, mscale_all_dim).
 All tables are computed in float64 whatever the working precision.
 """
 
@@ -30,8 +32,10 @@ def correction_dim(rotations: float, d_rope: int, theta: float, original_len: in
 
 
 def correction_range(rs: RopeScaling, d_rope: int, theta: float) -> tuple[int, int]:
-    """(low, high) = (max(floor(cd(beta_fast)), 0), min(ceil(cd(beta_slow)), d_R - 1)).
-    For the V3 preset: (10, 23)."""
+    """(low, high) = (max(floor(cd(beta_fast)), 0), min(ceil(cd(beta_slow)), d_R - 1)), with
+    section 4.3's alpha = beta_slow and beta = beta_fast (V3: alpha = 1, beta = 32): frequencies
+    turning more than beta times over the original context keep their value, fewer than alpha
+    times are interpolated.  For the V3 preset: (10, 23)."""
     low = math.floor(correction_dim(rs.beta_fast, d_rope, theta, rs.original_max_position_embeddings))
     high = math.ceil(correction_dim(rs.beta_slow, d_rope, theta, rs.original_max_position_embeddings))
     return max(low, 0), min(high, d_rope - 1)
@@ -54,7 +58,8 @@ def yarn_inv_freq(rs: RopeScaling, d_rope: int, theta: float):
 
 
 def yarn_mscale(s: float, k: float) -> float:
-    """m(s, k) = 0.1 * k * ln(s) + 1 for s > 1, else 1."""
+    """m(s, k) = 0.1 * k * ln(s) + 1 for s > 1, else 1.  With k = mscale_all_dim = 1 this is
+    section 4.3's sqrt(t) = 0.1 ln s + 1 (V3: 0.1 ln 40 + 1 = 1.3688879)."""
     return 0.1 * k * math.log(s) + 1.0 if s > 1 else 1.0
 
 
@@ -75,7 +80,8 @@ def cos_sin_factor(cfg: Config) -> float:
 
 
 def softmax_scale(cfg: Config) -> float:
-    """(d_h + d_h^R)^-0.5 * m(s, mscale_all_dim)^2 (V3: 192^-0.5 * 1.3688879^2 = 0.13523378)."""
+    """eq. (10)'s 1/sqrt(d_h + d_h^R), times YaRN's t (section 4.3, sqrt(t) = m(s, mscale_all_dim)):
+    (d_h + d_h^R)^-0.5 * m(s, mscale_all_dim)^2 (V3: 192^-0.5 * 1.3688879^2 = 0.13523378)."""
     scale = cfg.qk_head_dim ** -0.5
     rs = cfg.rope_scaling
     if rs is not None:
@@ -92,7 +98,7 @@ def cos_sin(positions, freqs, factor: float = 1.0, xp=np):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate adjacent pairs (x_2i, x_2i+1) by the angle of frequency i (eqs. 3 and 9):
+    """Rotate adjacent pairs (x_2i, x_2i+1) by the angle of frequency i (eqs. 3 and 8):
     (a, b) -> (a cos - b sin, a sin + b cos).
 
     x: [batch, seq, (heads,) d_R]; cos, sin: [seq, d_R/2] -> same shape as x, x's dtype."""

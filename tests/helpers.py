@@ -21,6 +21,23 @@ def run_cli(*args, module="refimpl", cwd=None):
                           text=True, env=env, cwd=cwd, timeout=600)
 
 
+def run_main(*args, module="refimpl"):
+    """The command line in this process (fast: no interpreter start) -> (exit code, stdout,
+    stderr).  An exception that escapes main() is a traceback for a user: it fails the test."""
+    import contextlib
+    import importlib
+    import io
+
+    main = importlib.import_module(f"{module}.cli").main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()
+
+
 def tiny_model(seed=0, cfg=None, **kw):
     """The tiny preset (or cfg) with random well-scaled weights, in memory."""
     cfg = cfg or refimpl.Config.preset("tiny")

@@ -2,13 +2,14 @@
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
 
 import refimpl
 from refimpl.checkpoint import make_checkpoint
-from tests.helpers import rel_err, run_cli
+from tests.helpers import rel_err, run_cli, run_main
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +92,65 @@ def test_make_checkpoint_bad_preset_and_prompt(ckpt, tmp_path):
     _one_line_error(run_cli("generate", "--checkpoint", ckpt, "--prompt", "1,a"), "--prompt")
     _one_line_error(run_cli("generate", "--checkpoint", ckpt, "--prompt", "1",
                             "--max-new-tokens", "5000"), "max_position_embeddings")
+
+
+# ---- option values and escaping (issue 10) ------------------------------------------------------
+
+@pytest.mark.parametrize("argv, needle", [
+    (["generate", "--checkpoint", "C", "--prompt", "1", "--temperature", "nan"], "--temperature"),
+    (["generate", "--checkpoint", "C", "--prompt", "1", "--temperature", "inf"], "--temperature"),
+    (["generate", "--checkpoint", "C", "--prompt", "1", "--temperature", "-0.5"], "--temperature"),
+    (["generate", "--checkpoint", "C", "--prompt", "1", "--temperature", "1e-300"], "--temperature"),
+    (["generate", "--checkpoint", "C", "--prompt", "1", "--temperature", "1", "--seed", "-1"], "--seed"),
+    (["make-checkpoint", "--seed", "-1", "--dry-run"], "--seed"),
+    (["make-checkpoint", "--seed", str(2**70), "--dry-run"], "--seed"),
+    (["demo", "--seed", "-3"], "--seed"),
+    (["demo", "--tokens", "0"], "--tokens"),
+    (["generate", "--checkpoint", "C", "--prompt", "1", "--max-new-tokens", "-2"], "--max-new-tokens"),
+    (["make-checkpoint", "--shards", "0", "--dry-run"], "--shards"),
+    (["logits", "--checkpoint", "C"], "required"),
+])
+def test_bad_option_values_are_one_line_exit_2(ckpt, argv, needle):
+    rc, out, err = run_main(*[ckpt if a == "C" else a for a in argv])
+    assert rc == 2 and out == "", (rc, out, err)
+    assert err.startswith("refimpl: error: ") and err.count("\n") == 1 and needle in err, err
+
+
+def test_temperature_zero_and_a_seed_are_accepted(ckpt):
+    rc, out, err = run_main("generate", "--checkpoint", ckpt, "--prompt", "1,2", "--max-new-tokens",
+                            "2", "--temperature", "0.7", "--seed", "0")
+    assert rc == 0 and len(out.strip().split(",")) == 2, err
+
+
+def test_huge_counts_are_refused_at_once_by_every_command(tmp_path):
+    cfg = refimpl.Config.preset("tiny").to_dict()
+    for key, value in (("num_hidden_layers", 10**9), ("n_routed_experts", 10**8),
+                       ("num_nextn_predict_layers", 10**8)):
+        bad = dict(cfg, **{key: value})
+        d = tmp_path / key
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(bad))
+        np.save(tmp_path / "t.npy", np.array([[1, 2]]))
+        for argv in (["info", "--config", d / "config.json"],
+                     ["make-checkpoint", "--config", d / "config.json", "--dry-run"],
+                     ["make-checkpoint", "--config", d / "config.json", "--out", d / "out"],
+                     ["info", "--checkpoint", d],
+                     ["logits", "--checkpoint", d, "--tokens", tmp_path / "t.npy",
+                      "--out", tmp_path / "l.npy"]):
+            t = time.perf_counter()
+            rc, _, err = run_main(*argv)
+            assert time.perf_counter() - t < 2.0, argv
+            assert rc == 2 and err.count("\n") == 1 and key in err and "must be from" in err, err
+        assert os.listdir(d) == ["config.json"]
+
+
+def test_file_contents_are_escaped_before_printing(ckpt, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cfg = json.load(open(ckpt / "config.json"))
+    cfg["topk_method"] = "x\r\nrefimpl: error: none\u2028\x1b[2J"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = run_main("info", "--checkpoint", bad)
+    assert rc == 2 and err.count("\n") == 1 and "\r" not in err and "\x1b" not in err, err
+    assert "\u2028" not in err and "x\\r\\nrefimpl: error: none\\u2028\\x1b[2J" in err
+

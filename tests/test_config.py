@@ -2,11 +2,12 @@
 
 import json
 import os
+import time
 
 import pytest
 
 from refimpl import Config, ConfigError
-from refimpl.config import RopeScaling
+from refimpl.config import LIMITS, RopeScaling
 
 SHARED_V3 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference",
                          "deepseek-v3-config.json")
@@ -119,3 +120,159 @@ def test_not_json_is_refused_naming_the_file(tmp_path):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="preset 'huge' is unknown"):
         Config.preset("huge")
+
+
+# ---- untrusted config.json: strict JSON types, finite floats in range, bounded counts ----------
+
+def _written(tmp_path, text):
+    p = tmp_path / "config.json"
+    p.write_text(text)
+    return p
+
+
+def _refused_json(tmp_path, change, *needles):
+    """Write the tiny config with `change` (raw JSON text per key) and expect a ConfigError
+    naming the file and `needles`."""
+    d = Config.preset("tiny").to_dict()
+    text = json.dumps(d)
+    for key, raw in change.items():
+        assert f'"{key}": ' in text, key
+        head, tail = text.split(f'"{key}": ', 1)
+        value_end = len(json.dumps(d[key])) if key in d else None
+        text = head + f'"{key}": {raw}' + tail[value_end:]
+    p = _written(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        Config.from_json(p)
+    msg = str(e.value)
+    assert "\n" not in msg and str(p) in msg, msg
+    for n in needles:
+        assert n in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("key, raw", [
+    ("routed_scaling_factor", "NaN"), ("rope_theta", "Infinity"), ("rms_norm_eps", "-Infinity"),
+    ("rms_norm_eps", "NaN"),
+])
+def test_nan_and_infinity_are_refused_naming_the_field(tmp_path, key, raw):
+    _refused_json(tmp_path, {key: raw}, key, "finite")
+
+
+def test_nan_inside_rope_scaling_is_named_by_its_path(tmp_path):
+    d = Config.preset("tiny").to_dict()
+    text = json.dumps(d).replace('"factor": 40.0', '"factor": NaN')
+    with pytest.raises(ConfigError, match=r"rope_scaling\.factor must be a finite number"):
+        Config.from_json(_written(tmp_path, text))
+
+
+@pytest.mark.parametrize("key, raw", [
+    ("tie_word_embeddings", '"false"'), ("norm_topk_prob", '"no"'), ("norm_topk_prob", "1"),
+    ("attention_bias", '"false"'), ("tie_word_embeddings", "0"), ("norm_topk_prob", "null"),
+])
+def test_string_or_number_booleans_are_refused(tmp_path, key, raw):
+    _refused_json(tmp_path, {key: raw}, key, "true or false")
+
+
+@pytest.mark.parametrize("key, raw", [
+    ("num_hidden_layers", "64.9"), ("hidden_size", "64.0"), ("vocab_size", "true"),
+    ("n_routed_experts", '"16"'), ("num_nextn_predict_layers", "[1]"),
+])
+def test_floats_booleans_or_strings_for_integers_are_refused(tmp_path, key, raw):
+    _refused_json(tmp_path, {key: raw}, key, "must be an integer")
+
+
+@pytest.mark.parametrize("key, raw", [
+    ("routed_scaling_factor", "true"), ("rope_theta", '"10000"'), ("rms_norm_eps", "false"),
+])
+def test_booleans_or_strings_for_floats_are_refused(tmp_path, key, raw):
+    _refused_json(tmp_path, {key: raw}, key, "must be a number")
+
+
+@pytest.mark.parametrize("key, raw", [
+    ("rms_norm_eps", "2.0"), ("rope_theta", "1e300"), ("routed_scaling_factor", "-1"),
+    ("routed_scaling_factor", "0"),
+])
+def test_floats_out_of_their_documented_range_are_refused(tmp_path, key, raw):
+    _refused_json(tmp_path, {key: raw}, key, "finite number in")
+
+
+@pytest.mark.parametrize("key, raw", [
+    ("scoring_func", '["sigmoid"]'), ("topk_method", "1"), ("hidden_act", '"gelu"'),
+    ("model_type", '["deepseek_v3"]'),
+])
+def test_strings_outside_their_known_sets_are_refused(tmp_path, key, raw):
+    _refused_json(tmp_path, {key: raw}, key)
+
+
+@pytest.mark.parametrize("key", sorted(LIMITS))
+def test_every_count_has_a_documented_maximum(key):
+    d = Config.preset("tiny").to_dict()
+    d[key] = LIMITS[key] + 1
+    with pytest.raises(ConfigError, match=f"{key} must be from"):
+        Config.from_dict(d, source="cfg.json")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("num_hidden_layers", 10**9), ("n_routed_experts", 10**8), ("num_nextn_predict_layers", 10**8),
+    ("vocab_size", 2**63), ("hidden_size", 10**30),
+])
+def test_huge_counts_are_refused_at_once(key, value):
+    d = Config.preset("tiny").to_dict()
+    d[key] = value
+    t = time.perf_counter()
+    with pytest.raises(ConfigError, match=key):
+        Config.from_dict(d, source="cfg.json")
+    assert time.perf_counter() - t < 0.5
+
+
+def test_counts_each_within_bounds_whose_product_is_huge_are_refused():
+    d = Config.preset("tiny").to_dict()
+    d.update(num_hidden_layers=1000, n_routed_experts=4096, n_group=1, topk_group=1)
+    with pytest.raises(ConfigError, match="imply about .* tensors, more than the 1,048,576"):
+        Config.from_dict(d, source="cfg.json")
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    text = json.dumps(Config.preset("tiny").to_dict())
+    text = text.replace('"hidden_size": 64', '"hidden_size": 64, "hidden_size": 32')
+    with pytest.raises(ConfigError, match="duplicate key 'hidden_size'"):
+        Config.from_json(_written(tmp_path, text))
+
+
+@pytest.mark.parametrize("key", ["factor", "original_max_position_embeddings"])
+def test_null_for_a_required_yarn_field_is_refused(key):  # found by tests/test_fuzz_inputs.py
+    d = Config.preset("tiny").to_dict()
+    d["rope_scaling"][key] = None
+    with pytest.raises(ConfigError, match=f"rope_scaling.{key} is required for yarn"):
+        Config.from_dict(d, source="cfg.json")
+
+
+def test_float_for_original_max_position_embeddings_is_refused():
+    d = Config.preset("tiny").to_dict()
+    d["rope_scaling"]["original_max_position_embeddings"] = 64.5
+    with pytest.raises(ConfigError, match="original_max_position_embeddings must be an integer"):
+        Config.from_dict(d, source="cfg.json")
+
+
+def test_token_ids_must_be_non_negative_integers():
+    for bad in (-1, 1.5, "1", True, [1, "x"]):
+        d = Config.preset("tiny").to_dict()
+        d["eos_token_id"] = bad
+        with pytest.raises(ConfigError, match="eos_token_id must be a token id"):
+            Config.from_dict(d, source="cfg.json")
+
+
+def test_a_fifo_or_directory_is_not_read(tmp_path):
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        Config.from_json(tmp_path / "fifo.json")  # would block for ever if opened plainly
+    with pytest.raises(ConfigError, match="not a regular file"):
+        Config.from_json(tmp_path)
+
+
+def test_values_from_the_file_are_escaped_in_messages():
+    d = Config.preset("tiny").to_dict()
+    d["scoring_func"] = "x\nrefimpl: all good\x1b[2K"
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict(d, source="cfg.json")
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value) and "\\n" in str(e.value)

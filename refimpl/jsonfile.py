@@ -1,0 +1,101 @@
+"""JSON from files we did not write (config.json, an index, a safetensors header): parsed
+exactly as JSON says, and nothing more.
+
+Python's json module accepts NaN, Infinity and -Infinity (not JSON) and keeps the last of
+duplicate keys (so two readers can disagree on a file); both are refused here. A file is read
+only if it is a regular file of bounded size (a FIFO or /dev/zero would hang a reader)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+
+from .errors import RefimplError, printable
+
+MAX_JSON_FILE = 64 * 1024 * 1024  # far above any config.json or index (V3's index: 9 MB)
+
+
+class _Refused(ValueError):
+    pass
+
+
+def _no_constant(name):
+    raise _Refused(f"{name} is not a JSON number")
+
+
+def _no_duplicates(pairs):
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _Refused(f"duplicate key {printable(k)[:80]!r}")
+            seen.add(k)
+    return d
+
+
+def loads(text: str | bytes, where: str, error=RefimplError, allow_nonfinite: bool = False):
+    """Parse strict JSON -> the value; `error(f"{where}: ...")` on anything else.
+    allow_nonfinite: read NaN/Infinity as floats, for a caller that refuses them itself naming
+    the field (see `nonfinite_path`)."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return json.loads(text, parse_constant=float if allow_nonfinite else _no_constant,
+                          object_pairs_hook=_no_duplicates)
+    except _Refused as e:
+        raise error(f"{where}: not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise error(f"{where}: JSON nested too deeply") from None
+
+
+def read_regular(path: str, error=RefimplError, limit: int = MAX_JSON_FILE) -> bytes:
+    """The bytes of `path`, which must be a regular file of at most `limit` bytes."""
+    shown = printable(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise error(f"{shown}: file not found") from None
+    except OSError as e:
+        raise error(f"{shown}: cannot read ({e.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise error(f"{shown}: not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        if st.st_size > limit:
+            raise error(f"{shown}: {st.st_size:,} bytes, more than the {limit:,} allowed for it")
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise error(f"{shown}: cannot read ({e.strerror})") from None
+    if len(data) > limit:
+        raise error(f"{shown}: more than the {limit:,} bytes allowed for it")
+    return data
+
+
+def load(path: str | os.PathLike, error=RefimplError, limit: int = MAX_JSON_FILE,
+         allow_nonfinite: bool = False):
+    """A strict JSON file -> its value."""
+    path = os.fspath(path)
+    return loads(read_regular(path, error, limit), printable(path), error, allow_nonfinite)
+
+
+def nonfinite_path(value, path: str = "") -> str | None:
+    """The dotted path of the first NaN or infinite float inside a parsed JSON value, or None."""
+    stack = [(value, path)]
+    while stack:
+        v, p = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return p or "(the value)"
+        if isinstance(v, dict):
+            stack.extend((x, f"{p}.{k}" if p else str(k)) for k, x in reversed(v.items()))
+        elif isinstance(v, list):
+            stack.extend((x, f"{p}[{i}]") for i, x in reversed(list(enumerate(v))))
+    return None
