@@ -133,6 +133,7 @@ def cmd_check(args) -> int:
     if bool(args.candidate) == bool(args.adapter or args.engine):
         raise OraclesError("check needs exactly one of CANDIDATE (a directory), --adapter "
                            "pkg.mod:factory or --engine NAME")
+    json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
     if args.candidate:
         from .engines import read_info
 
@@ -146,7 +147,6 @@ def cmd_check(args) -> int:
     else:
         cand, info, how = _candidate_adapter(args)
     base = f"oracles check {shlex.quote(args.golden)} {how}"
-    json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
     t = time.perf_counter()
     rep = run_check(args.golden, cand, args.profile, args.only, repro_base=base,
                     progress=_progress(args))

@@ -35,7 +35,7 @@ from ..emulate import run_case
 from ..golden import Golden, generate
 from ..mutants import MUTANTS
 from . import ENGINES, installed, label, load_engine
-from .modes import patched
+from ..emulate import patched
 
 # (engine, options, suite, profiles to check the same outputs against)
 RUNS = [
@@ -295,6 +295,7 @@ def main(argv=None) -> int:
                 raise OraclesError(f"--engines: {e!r} is unknown; choose from {', '.join(ENGINES)}")
         with contextlib.ExitStack() as stack:
             work = args.work or stack.enter_context(tempfile.TemporaryDirectory(prefix="oracles-matrix-"))
+            os.makedirs(work, exist_ok=True)
             suites, rows = {}, []
             for engine, options, suite, profiles in RUNS:
                 if engine not in wanted:

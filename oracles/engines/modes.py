@@ -23,7 +23,6 @@ the duration of a `with` block (module attributes replaced, then restored).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Callable
@@ -33,22 +32,11 @@ import numpy as np
 
 from refimpl import mla, moe, ops
 
+from ..emulate import patched
+
 F16 = np.dtype(np.float16)
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
-
-
-@contextlib.contextmanager
-def patched(replacements):
-    """replacements: [(module, attribute, new value)]; restored on exit."""
-    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in replacements]
-    try:
-        for obj, name, value in replacements:
-            setattr(obj, name, value)
-        yield
-    finally:
-        for obj, name, value in reversed(saved):
-            setattr(obj, name, value)
 
 
 def round_to(x, dtype):
