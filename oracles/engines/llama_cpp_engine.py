@@ -16,14 +16,20 @@ feed token ids, so the tokenizer never changes an output.
 Options: dtype (float32 | bfloat16 | float16: the GGUF's --outtype), kv_cache_dtype (f16,
 llama.cpp's default | f32 | bf16 | q8_0: type_k and type_v), flash_attn (off | on), threads.
 Logits at every position (logits_all); decode evaluates forced tokens one at a time through
-llama.cpp's KV cache; greedy takes the first maximum. Intermediates are not reported:
-llama.cpp exposes them only through the C API's cb_eval graph callback, which llama-cpp-python's
-Llama does not take.
+llama.cpp's KV cache; greedy takes the first maximum. Intermediates come from llama.cpp's own
+graph callback (llama_context_params.cb_eval, the hook its eval-callback tool uses): the
+adapter hands llama-cpp-python's Llama context parameters with cb_eval set (option
+intermediates=on; no llama.cpp source is patched) and copies the named graph tensors as they
+are computed: attn_norm-N, attn_out-N, ffn_inp-N (the residual after attention), ffn_norm-N,
+ffn_out-N, ffn_moe_topk-N, l_out-N, result_norm, under refimpl's names (GRAPH_NAMES). The
+tensor struct is read with ctypes as ggml.h lays it out (ggml_tensor, the vendored version).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -39,7 +45,46 @@ OPTIONS = {
     "flash_attn": ("off", ("off", "on"), "flash attention"),
     "converter": ("", None, "convert_hf_to_gguf.py (else $LLAMA_CPP_CONVERTER)"),
     "threads": ("2", None, "CPU threads"),
+    "intermediates": ("on", ("on", "off"), "graph tensors through cb_eval"),
 }
+# llama.cpp graph tensor name (cb name "-" layer) -> refimpl trace name
+GRAPH_NAMES = {"attn_norm": "attn_norm", "attn_out": "attn_out", "ffn_inp": "h_attn",
+               "ffn_norm": "ffn_norm", "ffn_out": "ffn_out", "ffn_moe_topk": "topk_idx",
+               "l_out": "hidden"}
+GGML_F32, GGML_I32 = 0, 26
+
+
+class _GgmlTensor(ctypes.Structure):
+    """struct ggml_tensor (ggml/include/ggml.h): GGML_MAX_DIMS 4, GGML_MAX_OP_PARAMS 64,
+    GGML_MAX_SRC 10, GGML_MAX_NAME 64."""
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
+                ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int),
+                ("op_params", ctypes.c_int32 * 16), ("flags", ctypes.c_int32),
+                ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p),
+                ("name", ctypes.c_char * 64), ("extra", ctypes.c_void_p),
+                ("padding", ctypes.c_char * 8)]
+
+
+def _trace_name(graph_name: str) -> str | None:
+    if graph_name == "result_norm":
+        return "final_hidden"
+    m = re.fullmatch(r"([a-z_]+)-(\d+)", graph_name)
+    if m and m.group(1) in GRAPH_NAMES:
+        return f"layers.{m.group(2)}.{GRAPH_NAMES[m.group(1)]}"
+    return None
+
+
+def _tensor_array(t: _GgmlTensor) -> np.ndarray | None:
+    """The tensor's values as numpy [ne3, ne2, ne1, ne0] (F32 or I32, host memory)."""
+    dtype = {GGML_F32: np.float32, GGML_I32: np.int32}.get(t.type)
+    if dtype is None or not t.data:
+        return None
+    ne, nb = list(t.ne), list(t.nb)
+    span = sum((n - 1) * b for n, b in zip(ne, nb)) + np.dtype(dtype).itemsize
+    buf = (ctypes.c_char * span).from_address(t.data)
+    a = np.ndarray(shape=tuple(reversed(ne)), dtype=dtype, buffer=buf, strides=tuple(reversed(nb)))
+    return a.copy()
 GGML_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "bf16": 30}
 OUTTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
@@ -73,6 +118,7 @@ class Engine:
         self.converter = os.path.abspath(conv)
         self.options["converter"] = os.path.basename(conv)  # recorded without the machine's path
         self.tmp = tempfile.TemporaryDirectory(prefix="oracles-gguf-")
+        self.seen = None  # {trace name: [arrays]} while a forward is observed
 
     def supports(self, case):
         ok = model_case_support(case, self.name)
@@ -100,9 +146,41 @@ class Engine:
                 raise RuntimeError(f"convert_hf_to_gguf.py failed on {case.id}: {tail[0]}")
         return out
 
+    def _callback(self):
+        """A cb_eval that copies the wanted graph tensors into self.seen[trace name]."""
+        def cb(tensor, ask, user_data):
+            t = _GgmlTensor.from_address(tensor)
+            name = _trace_name(t.name.decode("utf-8", "replace"))
+            if ask:
+                return name is not None
+            if name is not None and self.seen is not None:
+                a = _tensor_array(t)
+                if a is not None:
+                    self.seen.setdefault(name, []).append(a.reshape(-1, a.shape[-1]))
+            return True
+        return self.llama_cpp.llama_cpp.ggml_backend_sched_eval_callback(cb)
+
     def _llama(self, case, n_ctx):
         kv = GGML_TYPES[self.options["kv_cache_dtype"]]
         threads = int(self.options["threads"])
+        if self.options["intermediates"] == "on":
+            binding = self.llama_cpp.llama_cpp
+            default = binding.llama_context_default_params
+            self._cb = self._callback()  # kept alive as long as the context
+
+            def with_callback():
+                p = default()
+                p.cb_eval = self._cb
+                p.cb_eval_user_data = None
+                return p
+            binding.llama_context_default_params = with_callback
+            try:
+                return self._new_llama(case, n_ctx, kv, threads)
+            finally:
+                binding.llama_context_default_params = default
+        return self._new_llama(case, n_ctx, kv, threads)
+
+    def _new_llama(self, case, n_ctx, kv, threads):
         return self.llama_cpp.Llama(
             model_path=self._gguf(case), n_ctx=max(n_ctx, 16), n_batch=max(n_ctx, 16),
             n_ubatch=max(n_ctx, 16), logits_all=True, n_threads=threads, n_threads_batch=threads,
@@ -116,22 +194,35 @@ class Engine:
             llm = self._llama(case, ids.shape[1] + new)
             return {"tokens": np.array([self._greedy(llm, ids[0].tolist(), new)], np.int64)}
         llm = self._llama(case, ids.shape[1])
-        rows = []
+        rows, traces = [], []
         for r in ids:
             llm.reset()
             toks = r.tolist()
             if case.kind == "prefill":
+                self.seen = {}
                 llm.eval(toks)
                 rows.append(np.array(llm.scores[: len(toks)], np.float32))
             else:  # decode: the prefill, then one forced token at a time through the cache
                 p = case.params["prefill"]
+                self.seen = None
                 llm.eval(toks[:p])
+                self.seen = {}
                 steps = []
                 for j in range(p, len(toks)):
                     llm.eval([toks[j]])
                     steps.append(np.array(llm.scores[j], np.float32))
                 rows.append(np.stack(steps))
-        return {"logits": np.stack(rows)}
+            traces.append(self.seen)
+            self.seen = None
+        out = {"logits": np.stack(rows)}
+        n = out["logits"].shape[1]
+        for name in traces[0]:
+            per_row = [np.concatenate(t[name]) if name in t else None for t in traces]
+            if any(a is None or a.shape[0] != n for a in per_row):
+                continue  # not one row per position (llama.cpp computed a subset): left out
+            a = np.stack(per_row)
+            out[name] = a.astype(np.int64) if a.dtype == np.int32 else a
+        return out
 
     @staticmethod
     def _greedy(llm, prompt, new):

@@ -36,6 +36,11 @@ def test_llama_cpp_f32_cache_fails_exactly_the_two_diagnosed_divergences(default
     status = {r["id"]: r["status"] for r in rep["cases"]}
     assert status == {"model.prefill.tiny": "pass", "model.decode.start5": "pass",
                       "model.prefill.mscale_differs": "fail", "model.prefill.softmax_scoring": "fail"}
+    first = {r["id"]: r.get("first_failure") for r in rep["cases"]}
+    # intermediates from llama.cpp's cb_eval: the wrong YaRN factor first shows in the residual
+    # after the first attention, the V2 group score in the first MoE layer's routing
+    assert first["model.prefill.mscale_differs"].startswith("layers.0.h_attn")
+    assert first["model.prefill.softmax_scoring"].startswith("layers.1.topk_idx")
     g = Golden(default_dir)
     for cid, variant in (("model.prefill.mscale_differs", "mscale_read_as_mscale_all_dim"),
                          ("model.prefill.softmax_scoring", "group_score_top2_for_v2")):
