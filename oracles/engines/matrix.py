@@ -46,6 +46,7 @@ RUNS = [
     ("mlx", {}, "engine", ["float32"]),
     ("mlx", {"dtype": "bfloat16", "expert_dtype": "float32"}, "default",
      ["bf16_f32_experts", "bf16", "float32"]),
+    ("mlx", {"dtype": "bfloat16"}, "default", ["bf16"]),  # bf16 experts: refused on a CPU
     ("llama.cpp", {"kv_cache_dtype": "f16"}, "default", ["f16_kv", "bf16", "float32"]),
     ("llama.cpp", {"kv_cache_dtype": "f32"}, "default", ["float32"]),
     ("llama.cpp", {"kv_cache_dtype": "f16"}, "engine", ["f16_kv", "float32"]),
@@ -143,11 +144,30 @@ def diagnose(golden: Golden, cid: str, logits, profile: str) -> tuple[str | None
                   f"{e_truth:.1e}, tol {tol:.1e})")
 
 
+class _Catching:
+    """An adapter whose run() errors are recorded (and its outputs left empty) instead of
+    stopping the matrix: the check then fails the case, and the error is its diagnosis."""
+
+    def __init__(self, adapter):
+        self.adapter, self.errors = adapter, {}
+
+    def supports(self, case):
+        return self.adapter.supports(case)
+
+    def run(self, case):
+        try:
+            return self.adapter.run(case)
+        except Exception as e:  # an engine's own refusal or crash, reported per case
+            self.errors[case.id] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            return {}
+
+
 def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
     """Run one engine configuration over one suite -> one row per profile."""
     from ..adapters import write_outputs
 
     adapter, info = load_engine(engine, dict(options))
+    adapter = _Catching(adapter)
     cand_dir = os.path.join(work, f"{engine}-{suite}-" + "-".join(f"{k}{v}" for k, v in sorted(options.items())))
     skipped = write_outputs(golden_dir, AdapterCandidate(adapter, label(info)), cand_dir)
     from . import RecordedSkips
@@ -169,7 +189,9 @@ def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
                 continue  # else listed under the first profile
             f = {"case": r["id"], "status": r["status"],
                  "first_failure": r.get("first_failure") or r.get("reason", "")}
-            if r["status"] == "fail" and golden.cases[r["id"]].get("model"):
+            if r["id"] in adapter.errors:
+                f["diagnosis"] = f"the engine raised {adapter.errors[r['id']]}"
+            elif r["status"] == "fail" and golden.cases[r["id"]].get("model"):
                 p = os.path.join(cand_dir, "cases", r["id"], "outputs.safetensors")
                 from ..golden import read_tensors
                 outs = read_tensors(p) if os.path.exists(p) else {}
@@ -252,7 +274,19 @@ def render(rows: list[dict]) -> str:
                        f"a bug ({', '.join(f'`{c}`' for c in r['precision_only'][:4])}"
                        f"{', ...' if len(r['precision_only']) > 4 else ''}); any other failure "
                        f"is the {first} profile's, listed there.")
+        raised = {}
         for f in r["failures"]:
+            if f.get("diagnosis", "").startswith("the engine raised"):
+                raised.setdefault(f["diagnosis"], []).append(f["case"])
+        for why, cids in raised.items():
+            any_fail = True
+            out.append(f"- **{r['engine']} {r['version']}** ({_opts(r['options'])}), {r['suite']} "
+                       f"suite, {r['profile']} profile: {len(cids)} case(s) FAIL with no outputs "
+                       f"({', '.join(f'`{c}`' for c in cids[:3])}{', ...' if len(cids) > 3 else ''}): "
+                       f"{why.rstrip('.')}.")
+        for f in r["failures"]:
+            if f.get("diagnosis", "") in raised:
+                continue
             any_fail = True
             out.append(f"- **{r['engine']} {r['version']}** ({_opts(r['options'])}), {r['suite']} "
                        f"suite, {r['profile']} profile: `{f['case']}` {f['status'].upper()} at "
