@@ -127,12 +127,13 @@ class Engine:
         cfg = case.config
         lite = cfg.num_hidden_layers in (26, 27)
         if (cfg.q_lora_rank is None) != lite:
-            return (f"llama.cpp infers q-lora from the layer count (src/models/deepseek2.cpp: "
+            return (f"llama.cpp infers q-lora from the layer count (src/models/deepseek2.cpp:8: "
                     f"is_lite = n_layer == 27 || n_layer == 26 ...): q_lora_rank "
-                    f"{cfg.q_lora_rank} with {cfg.num_hidden_layers} layers does not load")
+                    f"{cfg.q_lora_rank} with {cfg.num_hidden_layers} layers fails to load")
         if cfg.n_shared_experts == 0:
-            return ("llama.cpp's deepseek2 graph always loads a shared expert "
-                    "(ffn_*_shexp): n_shared_experts 0 has no tensor to load")
+            return ("llama.cpp's deepseek2 loader requires a shared expert (src/models/"
+                    "deepseek2.cpp: create_tensor ffn_*_shexp, GGML_ASSERT(layer.ffn_gate_shexp)): "
+                    "n_shared_experts 0 has no tensor to load, and the model fails to load")
         return True
 
     def _gguf(self, case) -> str:
