@@ -5,6 +5,8 @@
     oracles check    GOLDEN [CANDIDATE | --adapter pkg.mod:factory] [--profile float32|bf16|fp8] [--only GLOB] [--json REPORT]
                      [--html REPORT.html] [--expect-digest HEX] [--case-timeout SECONDS] [--allow-empty] [--allow-inconclusive]
     oracles run      GOLDEN --adapter pkg.mod:factory --out CANDIDATE [--expect-digest HEX] [--case-timeout S]
+    check and run also take --engine transformers|mlx|llama.cpp|vllm [--engine-option KEY=VALUE]
+    (the built-in engine adapters, oracles/engines/) in place of --adapter.
 
 check exits 0 when every checked case passes; 1 when a case fails, is missing, errs (the adapter
 raised, exited or timed out) or is inconclusive, or when nothing was checked at all; 2 on bad
@@ -68,6 +70,7 @@ def _parser():
     c.add_argument("golden")
     c.add_argument("candidate", nargs="?", help="directory with cases/<id>/outputs.safetensors")
     c.add_argument("--adapter", help="pkg.module:factory of a Python engine adapter")
+    _engine_args(c)
     c.add_argument("--profile", default="float32")
     c.add_argument("--only", help="comma-separated globs of case ids")
     c.add_argument("--json", dest="json_out", help="write the report as JSON here")
@@ -84,12 +87,48 @@ def _parser():
     c.add_argument("--quiet", action="store_true")
     r = sub.add_parser("run", help="run an adapter and write its outputs (the file route)")
     r.add_argument("golden")
-    r.add_argument("--adapter", required=True)
+    r.add_argument("--adapter")
+    _engine_args(r)
     r.add_argument("--out", required=True)
     r.add_argument("--only")
     r.add_argument("--case-timeout", type=_seconds, default=600.0, metavar="SECONDS")
     r.add_argument("--expect-digest", metavar="HEX")
     return p
+
+
+def _engine_args(p):
+    p.add_argument("--engine", help="a built-in engine adapter: transformers, mlx, llama.cpp, vllm")
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine setting (dtype, kv_cache_dtype, flash_attn, ...); repeatable")
+
+
+def _candidate_adapter(args):
+    """--adapter or --engine (exactly one) -> (AdapterCandidate, engine info or None, repro).
+    The adapter (an engine included) is built on the candidate's worker thread, where every
+    later call runs, under --case-timeout."""
+    from . import OraclesError
+    from .adapters import load_adapter, make_candidate
+
+    if args.adapter and args.engine:
+        raise OraclesError("give --adapter or --engine, not both")
+    if args.engine_option and not args.engine:
+        raise OraclesError("--engine-option needs --engine")
+    if args.adapter:
+        return load_adapter(args.adapter, args.case_timeout), None, f"--adapter {args.adapter}"
+    from . import engines
+
+    options = engines.parse_options(args.engine_option)
+    built = {}
+
+    def factory():
+        built["adapter"], built["info"] = engines.load_engine(args.engine, options)
+        return built["adapter"]
+    cand = make_candidate(factory, f"--engine {args.engine}", args.case_timeout)
+    info = built["info"]
+    cand.label = engines.label(info)
+    repro = f"--engine {shlex.quote(args.engine)}" + "".join(
+        f" --engine-option {shlex.quote(o)}" for o in args.engine_option)
+    return cand, info, repro
 
 
 def main(argv=None) -> int:
@@ -133,21 +172,34 @@ def _write_json(path, obj, expect=...):
 
 def cmd_check(args) -> int:
     from . import OraclesError
-    from .adapters import load_adapter
     from .check import DirCandidate, format_report, run_check
 
-    if bool(args.candidate) == bool(args.adapter):
-        raise OraclesError("check needs exactly one of CANDIDATE (a directory) or --adapter pkg.mod:factory")
+    if bool(args.candidate) == bool(args.adapter or args.engine):
+        raise OraclesError("check needs exactly one of CANDIDATE (a directory), --adapter "
+                           "pkg.mod:factory or --engine NAME")
     json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
     html_dest = check_destination(args.html_out, "file", OraclesError) if args.html_out else None
-    cand = load_adapter(args.adapter, args.case_timeout) if args.adapter else DirCandidate(args.candidate)
-    base = f"oracles check {shlex.quote(args.golden)} " + (
-        f"--adapter {args.adapter}" if args.adapter else shlex.quote(args.candidate))
+    if args.candidate:
+        from .engines import RecordedSkips, read_info
+
+        if args.engine_option:
+            raise OraclesError("--engine-option needs --engine")
+        cand, info, how = DirCandidate(args.candidate), read_info(args.candidate), shlex.quote(args.candidate)
+        if info:
+            cand = RecordedSkips(cand, info.pop("skipped"))
+    else:
+        cand, info, how = _candidate_adapter(args)
+    base = f"oracles check {shlex.quote(args.golden)} {how}"
     t = time.perf_counter()
     rep = run_check(args.golden, cand, args.profile, args.only, repro_base=base,
                     progress=_progress(args), expect_digest=args.expect_digest,
                     allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive)
     rep["seconds"] = round(time.perf_counter() - t, 3)
+    if info:
+        from .engines import label
+
+        rep["engine"] = info
+        print(f"engine: {label(info)}")
     print(format_report(rep))
     if args.json_out:
         _write_json(args.json_out, rep, expect=json_dest)
@@ -159,14 +211,24 @@ def cmd_check(args) -> int:
 
 def cmd_run(args) -> int:
     from . import OraclesError
-    from .adapters import load_adapter, write_outputs
+    from .adapters import write_outputs
 
+    if not (args.adapter or args.engine):
+        raise OraclesError("run needs --adapter pkg.mod:factory or --engine NAME")
     check_destination(args.out, "directory", OraclesError)  # before the adapter runs
-    adapter = load_adapter(args.adapter, args.case_timeout)
+    cand, info, _ = _candidate_adapter(args)
     errors = {}
     with atomic_directory(args.out, OraclesError, tag="oracles") as tmp:  # never merged into
-        skipped = write_outputs(args.golden, adapter, tmp, args.only, errors=errors,
+        skipped = write_outputs(args.golden, cand, tmp, args.only, errors=errors,
                                 expect_digest=args.expect_digest)
+        if info:
+            from .engines import write_info
+
+            write_info(tmp, info, skipped)
+    if info:
+        from .engines import label
+
+        print(f"engine: {label(info)}")
     for cid, why in skipped.items():
         print(escape(f"skipped {cid}: {why}"))
     for cid, why in errors.items():

@@ -37,6 +37,8 @@ from . import OraclesError
 from .cases import KINDS, Case
 
 PRECISIONS = ("float64", "float32", "bf16", "fp8")
+# engine modes (oracles/engines/modes.py): a base precision above plus patches of their own
+MODE_PRECISIONS = ("f16_kv", "bf16_f32_experts", "fp8_kv")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 _KEEP_F32 = ("bias", "e_score_correction_bias", "_scale_inv")  # stored float32 in every checkpoint
 
@@ -131,10 +133,16 @@ def run_case(case: Case, precision: str = "float64", mutant=None, alone: bool = 
     `mutant` (a mutants.Mutant) is patched in during the run. `alone`: the kind's standalone
     computation where it has one (the expected values of scenario kinds)."""
     kind = KINDS[case.kind]
+    mode = None
+    if precision in MODE_PRECISIONS:
+        from .engines.modes import MODES
+        mode, precision = MODES[precision], MODES[precision].base
     stack = contextlib.ExitStack()
     with stack:
         if precision in ("bf16", "fp8"):
             stack.enter_context(ops.rounding(round_bf16))
+        if mode is not None:
+            stack.enter_context(mode.patches())
         if mutant is not None:
             stack.enter_context(mutant.patch(case))
         # prepared inside the mutant: a candidate's own loading (dequantising a stored FP8

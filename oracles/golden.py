@@ -1,10 +1,14 @@
 """The golden suite on disk (DESIGN.md section 6): writing it and reading it back.
 
     DIR/manifest.json
-    DIR/cases/<id>/config.json            cases with a config (model cases: a complete HF config)
-    DIR/cases/<id>/model.safetensors      model cases: the checkpoint in the HF layout
+    DIR/cases/<id>/model/                 model cases: a clean checkpoint directory that engines
+                                          load as is (MODEL_FILES, nothing else)
+    DIR/cases/<id>/config.json            component cases that need a config
     DIR/cases/<id>/inputs.safetensors     inputs; parameters as JSON in its metadata ("params")
     DIR/cases/<id>/expected.safetensors   outputs in dataflow order (float64 / int64) + margins
+
+Format 1 (before model/ existed) kept config.json and model.safetensors next to the inputs;
+it is still read (Golden.load_case).
 
 A suite is written to a temporary sibling directory and renamed when complete. Nothing in it
 depends on the time or the machine's state beyond numpy's arithmetic, so regenerating on the same
@@ -33,7 +37,10 @@ from .schema import CAUSAL_KINDS, Case, matches, output_type
 # Writing a suite runs refimpl (cases, emulate, suites, mutants): those are imported by the
 # writing functions below, so that reading and checking a suite never imports the forward pass.
 
-SUITE_FORMAT = 1
+SUITE_FORMAT = 2  # 2: model cases in cases/<id>/model/ with tokenizer files (1: flat)
+MODEL_DIR = "model"
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "generation_config.json")
 
 # The conventions every expected value follows unless a case says otherwise (SPEC.md section 9).
 CONVENTIONS = {
@@ -94,22 +101,25 @@ def write_case(case: Case, case_dir: str) -> dict:
 
     os.makedirs(case_dir)
     truth, aux, tols = compute(case)
-    if case.config is not None:
-        case.config.to_json(os.path.join(case_dir, "config.json"))
     if case.weights is not None:
-        write_safetensors(os.path.join(case_dir, "model.safetensors"), case.weights, {"format": "pt"})
+        write_model_dir(os.path.join(case_dir, MODEL_DIR), case.config, case.weights)
+    elif case.config is not None:
+        case.config.to_json(os.path.join(case_dir, "config.json"))
     params = json.dumps(case.params, sort_keys=True, default=_json_default)
     write_safetensors(os.path.join(case_dir, "inputs.safetensors"), case.inputs,
                       {"format": "pt", "params": params, "case": case.id})
     write_safetensors(os.path.join(case_dir, "expected.safetensors"), {**truth, **aux},
                       {"format": "pt", "case": case.id})
     required = set(KINDS[case.kind].required(case))
-    files = sorted(os.listdir(case_dir))
+    files = sorted(os.path.relpath(os.path.join(root, f), case_dir).replace(os.sep, "/")
+                   for root, _, names in os.walk(case_dir) for f in names)
     return {
         "id": case.id, "kind": case.kind, "pins": case.pins, "doc": KINDS[case.kind].doc,
         "seed": [SUITE_SEED, "crc32(id)"], "conventions": case.conventions,
         "expected_under": case.expect_under or "this project's conventions (SPEC.md section 9)",
         "params": case.params, "model": case.is_model,
+        **({"model_dir": MODEL_DIR} if case.is_model else {}),
+        **({"edge": case.edge} if case.edge else {}),
         "inputs": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype)} for k, v in case.inputs.items()],
         "outputs": [{"name": k, "type": output_type(k), "required": k in required,
                      "shape": list(v.shape), "dtype": str(v.dtype)} for k, v in truth.items()],
@@ -117,6 +127,18 @@ def write_case(case: Case, case_dir: str) -> dict:
         "tolerances": tols,
         "files": {f: sha256(os.path.join(case_dir, f)) for f in files},
     }
+
+
+def write_model_dir(model_dir: str, cfg: Config, weights: dict) -> None:
+    """A checkpoint directory engines load as is: config.json, model.safetensors, a byte-level
+    BPE tokenizer matching the vocabulary, generation_config.json, and nothing else."""
+    from .engines import tokenizer
+
+    os.makedirs(model_dir)
+    cfg.to_json(os.path.join(model_dir, "config.json"))
+    write_safetensors(os.path.join(model_dir, "model.safetensors"), weights, {"format": "pt"})
+    tokenizer.write(model_dir, cfg)
+    assert sorted(os.listdir(model_dir)) == sorted(MODEL_FILES), os.listdir(model_dir)
 
 
 def generate(out: str, suite: str = "default", only: str | None = None, progress=None) -> dict:
@@ -279,12 +301,13 @@ class Golden:
         and its directory (`case.path`)."""
         e = self.cases[cid]
         d = self.case_dir(cid)
+        md = self.model_dir(cid)
         cfg = self._config(cid)
         weights = read_tensors(self.file(cid, self._listed(cid, "model/model.safetensors",
                                                            "model.safetensors"))) if e["model"] else None
         case = Case(cid, e["kind"], e["pins"], read_tensors(self.file(cid, "inputs.safetensors")),
                     params=e["params"], config=cfg, weights=weights, conventions=e["conventions"],
-                    path=d)
+                    path=d, model_path=md, edge=e.get("edge"))
         return case
 
     def required(self, cid: str) -> set:
@@ -298,6 +321,17 @@ class Golden:
             except RefimplError as e:
                 raise OraclesError(str(e)) from None
         return contract(self.cases[cid], lambda: self._config(cid), input_names)
+
+    def model_dir(self, cid: str) -> str | None:
+        """A model case's checkpoint directory (cases/<id>/model since suite format 2, the case
+        directory itself in format 1 suites), checked to stay inside the suite; None for
+        component cases.  Its files are the ones the manifest lists and hashes."""
+        if not self.cases[cid].get("model"):
+            return None
+        if f"{MODEL_DIR}/config.json" in self.cases[cid]["files"]:
+            return untrusted.inside(self.path, f"cases/{cid}/{MODEL_DIR}",
+                                    f"case {cid!r}: checkpoint directory", kind="dir")
+        return self.case_dir(cid)
 
     def expected(self, cid: str) -> dict:
         """The expected tensors, checked against the manifest's outputs (every output present,

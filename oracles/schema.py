@@ -29,7 +29,9 @@ class Case:
     weights: dict | None = None  # model cases: checkpoint tensors in the HF layout
     conventions: dict = field(default_factory=dict)  # topic -> the alternative its expected follows
     expect_under: str | None = None  # a mutant name: expected values follow that alternative
-    path: str | None = None  # the case directory, once written (config.json, model.safetensors)
+    path: str | None = None  # the case directory, once written (inputs, expected)
+    model_path: str | None = None  # model cases, once written: the checkpoint directory engines load
+    edge: str | None = None  # a config no published model has (spec edge): why it is in the suite
 
     @property
     def is_model(self) -> bool:

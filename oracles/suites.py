@@ -51,7 +51,9 @@ def v3() -> Config:
 
 
 def draw_config(rng) -> Config:
-    """A small random DeepSeek-V3 config: every feature may vary, sizes stay tiny."""
+    """A small random DeepSeek-V3 config: every feature may vary, sizes stay tiny, and the
+    choices stay those of published models (at least one shared expert, q-lora on: engines infer
+    "no q-lora" from the layer count of V2-Lite); spec edges are named cases (EDGE)."""
     heads = int(rng.choice([2, 4]))
     rope_dim = int(rng.choice([4, 8]))
     experts = int(rng.choice([8, 16]))
@@ -67,10 +69,10 @@ def draw_config(rng) -> Config:
         vocab_size=int(rng.choice([64, 128])), hidden_size=int(rng.choice([32, 48])),
         intermediate_size=64, moe_intermediate_size=int(rng.choice([16, 24])),
         num_hidden_layers=int(rng.integers(2, 4)), num_attention_heads=heads,
-        kv_lora_rank=int(rng.choice([16, 24])), q_lora_rank=[None, 24][int(rng.integers(0, 2))],
+        kv_lora_rank=int(rng.choice([16, 24])), q_lora_rank=int(rng.choice([24, 32])),
         qk_nope_head_dim=int(rng.choice([8, 16])), qk_rope_head_dim=rope_dim,
         v_head_dim=int(rng.choice([8, 16])), n_routed_experts=experts,
-        n_shared_experts=int(rng.integers(0, 2)), num_experts_per_tok=k, n_group=n_group,
+        n_shared_experts=int(rng.integers(1, 3)), num_experts_per_tok=k, n_group=n_group,
         topk_group=topk_group, first_k_dense_replace=int(rng.integers(0, 2)),
         routed_scaling_factor=float(rng.choice([1.0, 2.5])), norm_topk_prob=bool(rng.random() < 0.8),
         rope_theta=10000.0, rope_scaling=rs, max_position_embeddings=512,
@@ -319,8 +321,33 @@ def _mtp_cases():
 # Suites
 # ---------------------------------------------------------------------------------------------
 
+def as_v2(cfg: Config) -> Config:
+    """Labelled as published V2-routing models are: model_type deepseek_v2, DeepseekV2ForCausalLM
+    (engines pick their V2 code, which has group_limited_greedy and softmax scoring, by these)."""
+    return cfg.replace(model_type="deepseek_v2",
+                       extra={**cfg.extra, "architectures": ["DeepseekV2ForCausalLM"]})
+
+
 def _v2_routing():
-    return tiny(scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False)
+    return as_v2(tiny(scoring_func="softmax", topk_method="group_limited_greedy",
+                      norm_topk_prob=False))
+
+
+# Configs no published model has, kept because the spec allows them: each model case built on
+# one says so in the manifest ("edge") and engines may refuse it.
+EDGE = {
+    "q_lora_null": "q_lora_rank null with 3 layers: published no-q-lora models (V2-Lite) have "
+                   "27 layers, and llama.cpp infers q-lora from the layer count",
+    "no_shared_experts": "n_shared_experts 0: every published V2/V3 model has shared experts",
+}
+
+
+def edge(build, why):
+    def builder(cid):
+        case = build(cid)
+        case.edge = EDGE[why]
+        return case
+    return builder
 
 
 def smoke():
@@ -381,8 +408,11 @@ def default():
         ("model.prefill.mscale_differs", lambda c: prefill_case(
             c, tiny(rope_scaling=RopeScaling(40.0, 64, 32.0, 1.0, 1.0, 0.707)), batch=1, seq=10,
             pins="mscale 1.0 vs mscale_all_dim 0.707: the softmax uses mscale_all_dim")),
-        ("model.prefill.q_lora_null", lambda c: prefill_case(c, tiny(q_lora_rank=None), batch=1,
-                                                            seq=8, pins="q_lora_rank null")),
+        ("model.prefill.q_lora_null", edge(lambda c: prefill_case(
+            c, tiny(q_lora_rank=None), batch=1, seq=8, pins="q_lora_rank null"), "q_lora_null")),
+        ("model.prefill.no_shared_experts", edge(lambda c: prefill_case(
+            c, tiny(n_shared_experts=0), batch=1, seq=8, pins="no shared expert"),
+            "no_shared_experts")),
         ("model.prefill.no_yarn", lambda c: prefill_case(c, tiny(rope_scaling=None), batch=1, seq=8,
                                                         pins="plain RoPE (no rope_scaling)")),
         ("model.prefill.softmax_scoring", lambda c: prefill_case(c, _v2_routing(), batch=1, seq=8,
@@ -489,8 +519,53 @@ def scenario_suite():
     return scenarios.suite(tiny, tiny_mtp)
 
 
+
+def engine_config(**changes) -> Config:
+    """The real per-head widths of V2/V3 attention (kv_lora_rank 512, qk_rope_head_dim 64,
+    qk_nope_head_dim 128, v_head_dim 128: the 576-wide latent that vLLM's CPU MLA kernel and
+    llama.cpp's MLA path are built for) with few heads, layers and experts and a small
+    vocabulary; YaRN active from an original context of 64."""
+    return Config(
+        vocab_size=384, hidden_size=256, intermediate_size=256, moe_intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=512, q_lora_rank=128,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+        first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        scoring_func="sigmoid", topk_method="noaux_tc", rms_norm_eps=1e-6, rope_theta=10000.0,
+        rope_scaling=RopeScaling(factor=40.0, original_max_position_embeddings=64, beta_fast=32.0,
+                                 beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+        max_position_embeddings=2560, num_nextn_predict_layers=0,
+        extra={"architectures": ["DeepseekV3ForCausalLM"], "torch_dtype": "float32"},
+    ).replace(**changes)
+
+
+def engine():
+    """Model cases only, at the real attention widths (engine_config): what an engine that only
+    runs real shapes can load."""
+    e = engine_config()
+    v2 = as_v2(engine_config(scoring_func="softmax", topk_method="group_limited_greedy",
+                             norm_topk_prob=False,
+                             rope_scaling=RopeScaling(40.0, 64, 32.0, 1.0, 0.707, 0.707)))
+    return [
+        ("model.prefill.basic", lambda c: prefill_case(c, e, batch=2, seq=10)),
+        ("model.prefill.negative_biased", lambda c: prefill_case(
+            c, e, batch=1, seq=10, bias_mean=-0.8,
+            pins="gate biases near -0.8: many biased scores below zero")),
+        ("model.prefill.beyond_original", lambda c: prefill_case(
+            c, e, batch=1, seq=72, pins="positions 0..71, past original_max_position_embeddings 64")),
+        ("model.prefill.mscale_differs", lambda c: prefill_case(
+            c, engine_config(rope_scaling=RopeScaling(40.0, 64, 32.0, 1.0, 1.0, 0.707)), batch=1,
+            seq=10, pins="mscale 1.0 vs mscale_all_dim 0.707: the softmax uses mscale_all_dim")),
+        ("model.prefill.softmax_scoring", lambda c: prefill_case(
+            c, v2, batch=1, seq=10, pins="DeepSeek-V2 routing: softmax scores, group_limited_greedy "
+                                         "(max per group), mscale = mscale_all_dim = 0.707")),
+        ("model.decode.start5", lambda c: decode_case(c, e, prefill=5, steps=4, batch=1)),
+        ("model.greedy.basic", lambda c: greedy_case(c, e, prompt=6, new=8)),
+    ]
+
+
 SUITES = {"smoke": smoke, "default": default, "full-width": full_width, "conventions": conventions,
-          "scenarios": scenario_suite}
+          "scenarios": scenario_suite, "engine": engine}
 SUITE_DOCS = {
     "smoke": "a few cases, seconds: one of each main kind",
     "default": "every component and model kind with named edge cases and drawn cases",
@@ -498,6 +573,8 @@ SUITE_DOCS = {
     "conventions": "each SPEC.md section 9 alternative, labelled, to learn which one an engine follows",
     "scenarios": "serving schedules (chunked prefill, prefix cache, ragged batches, long decode, "
                  "MTP speculation) past 256 positions; expected: each request alone",
+    "engine": "model cases at the real attention widths (kv-lora 512, rope 64, nope 128, v 128) "
+              "that engines built for real shapes load",
 }
 
 

@@ -11,7 +11,9 @@ largest router-score error times K (or twice the margin of any token the emulate
 differently) is the profile's rounding, and tokens whose margin is within it are forgiven.
 
 The fp8 profile emulates FP8 weights and activations in the linear maps V3 ships in FP8, on top
-of the bf16 rounding (emulate.py).
+of the bf16 rounding (emulate.py). The engine-mode profiles f16_kv (llama.cpp's default float16
+KV cache), bf16_f32_experts (MLX-LM's bf16 on a CPU: expert GEMMs in float32) and fp8_kv (vLLM's
+e4m3 KV cache on bf16) are calibrated the same way from oracles/engines/modes.py's emulation.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from . import metrics
 from .schema import output_type
 
 K = 4.0
-PROFILES = ("float32", "bf16", "fp8")
-CALIBRATED_BY = {"float32": "float32", "bf16": "bf16", "fp8": "fp8"}  # profile -> emulated precision
+PROFILES = ("float32", "bf16", "fp8", "f16_kv", "bf16_f32_experts", "fp8_kv")
+# profile -> emulated precision (the last three: engine modes, oracles/engines/modes.py)
+CALIBRATED_BY = {p: p for p in PROFILES}
 
 # Floors: about one operator's rounding error in that precision (unit roundoff u = 2^-24, 2^-8
 # and 2^-4 for float32, bf16 and e4m3: nmse ~ a few u^2, max_rel ~ a few u), so that an output
@@ -36,6 +39,12 @@ FLOORS = {
     "fp8": {"nmse": 5e-3, "max_rel": 0.3, "norm": 2e-2, "top1": 0.0, "topk": 0.2,
             "kl": 1e-2, "mismatch": 0.0, "margin_eps": 3e-2, "logit_eps": 0.5},
 }
+# Engine modes: float16's unit roundoff is 2^-11; the other two are bf16 at heart (the e4m3 cache
+# of fp8_kv is one rounding on top of bf16's, as in the fp8 profile).
+FLOORS["f16_kv"] = {"nmse": 1e-7, "max_rel": 2e-3, "norm": 1e-4, "top1": 0.0, "topk": 0.05,
+                    "kl": 1e-6, "mismatch": 0.0, "margin_eps": 1e-3, "logit_eps": 2e-2}
+FLOORS["bf16_f32_experts"] = dict(FLOORS["bf16"])
+FLOORS["fp8_kv"] = dict(FLOORS["fp8"])
 
 
 # Ceilings, for any profile: a suite whose tolerance (or forgiveness margin) exceeds one is refused

@@ -239,7 +239,8 @@ def test_outputs_written_by_the_safetensors_library_are_read(default_dir, tmp_pa
     os.makedirs(out)
     d = os.path.join(default_dir, "cases", "model.prefill.tiny")
     ids = load_file(os.path.join(d, "inputs.safetensors"))["input_ids"]
-    save_file({"logits": refimpl.load(d, dtype="float32").forward(ids)}, str(out / "outputs.safetensors"))
+    model = refimpl.load(os.path.join(d, "model"), dtype="float32")
+    save_file({"logits": model.forward(ids)}, str(out / "outputs.safetensors"))
     r = _case_result(run_check(default_dir, DirCandidate(str(tmp_path / "cand")), only="model.prefill.tiny"),
                      "model.prefill.tiny")
     assert r["status"] == "pass" and "layers.0.attn_out" in r["not_provided"]

@@ -56,7 +56,9 @@ def test_manifest_records_versions_seeds_tolerances_and_every_sha256(default_dir
     assert m["conventions"]["expert_group_mask"] == "-inf" and m["conventions"]["topk_ties"] == "lower index"
     for entry in m["cases"]:
         d = os.path.join(default_dir, "cases", entry["id"])
-        assert sorted(entry["files"]) == sorted(os.listdir(d))
+        on_disk = [os.path.relpath(os.path.join(r, f), d).replace(os.sep, "/")
+                   for r, _, fs in os.walk(d) for f in fs]
+        assert sorted(entry["files"]) == sorted(on_disk)
         for f, digest in entry["files"].items():
             assert golden.sha256(os.path.join(d, f)) == digest
         for profile in ("float32", "bf16"):
@@ -72,7 +74,7 @@ def test_model_case_is_a_loadable_checkpoint_with_fixed_tensor_names(default_dir
     case, exp, entry = _case(default_dir, "model.prefill.tiny")
     ids = case.inputs["input_ids"]
     assert ids.dtype == np.int64 and ids.ndim == 2
-    model = refimpl.load(case.path)
+    model = refimpl.load(case.model_path)
     logits = model.forward(ids)
     assert exp["logits"].shape == ids.shape + (model.cfg.vocab_size,)
     assert exp["logits"].dtype == np.float64

@@ -18,7 +18,7 @@ def _case(suite_dir, cid):
 def test_speculative_stream_equals_plain_greedy(default_dir, cid):
     case, exp = _case(default_dir, cid)
     prompt = case.inputs["input_ids"][0]
-    plain = greedy(refimpl.load(case.path), prompt, case.params["max_new_tokens"])
+    plain = greedy(refimpl.load(case.model_path), prompt, case.params["max_new_tokens"])
     assert exp["tokens"][0].tolist() == plain
 
 

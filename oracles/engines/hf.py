@@ -1,0 +1,156 @@
+"""transformers (the `peer` extra): DeepseekV3ForCausalLM / DeepseekV2ForCausalLM loaded from a
+case's checkpoint directory with from_pretrained.
+
+    oracles check GOLDEN --engine transformers [--engine-option dtype=bfloat16]
+
+Options: dtype (float32 | bfloat16 | float16: weights and activations), attn_implementation
+(eager | sdpa). transformers keeps its KV cache in the model's dtype (kv_cache_dtype auto).
+Besides the logits it reports what forward hooks observe, under refimpl's trace names: embed,
+layers.N.{attn_norm, c_q, c_kv, attn_out, ffn_norm, router_scores, topk_idx, topk_weight,
+ffn_out, hidden}, final_hidden. (q_rope/k_rope are held in transformers' permuted layout and
+q_nope is not observable without patching, so they are not reported.) Decode runs through
+transformers' DynamicCache one forced token at a time; greedy takes the first maximum.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import model_case_support, resolve_options
+
+OPTIONS = {
+    "dtype": ("float32", ("float32", "bfloat16", "float16"), "weights and activations"),
+    "attn_implementation": ("eager", ("eager", "sdpa"), "attention kernel"),
+    "kv_cache_dtype": ("auto", ("auto",), "the cache is kept in the model's dtype"),
+}
+
+
+class Engine:
+    name = "transformers"
+
+    def __init__(self, options: dict | None = None):
+        import torch
+        import transformers
+
+        self.options = resolve_options(self.name, OPTIONS, options or {})
+        self.torch, self.transformers = torch, transformers
+        self.dtype = getattr(torch, self.options["dtype"])
+        transformers.logging.set_verbosity_error()  # load reports and rope notes off the report
+        transformers.utils.logging.disable_progress_bar()
+
+    def supports(self, case):
+        ok = model_case_support(case, self.name)
+        if ok is not True:
+            if case.kind.startswith("mtp") or case.kind == "speculative":
+                n = case.config.num_hidden_layers
+                return (f"transformers runs MTP only as checkpoint layer 61 (a 61-layer main "
+                        f"model); this case has {n} layers, so it drops the MTP layers")
+            if case.kind.startswith("fp8"):
+                return "transformers' FP8 path needs a GPU (fine-grained FP8 kernels); no FP8 on CPU"
+            return f"transformers has no standalone entry point for component kind {case.kind!r}"
+        cfg = case.config
+        if cfg.extra.get("quantization_config"):
+            return "transformers' FP8 path needs a GPU (fine-grained FP8 kernels); no FP8 on CPU"
+        if cfg.model_type == "deepseek_v3" and (cfg.scoring_func != "sigmoid"
+                                                or cfg.topk_method != "noaux_tc"):
+            return ("transformers' DeepseekV3 router implements only sigmoid scoring with "
+                    f"noaux_tc (this case: {cfg.scoring_func}, {cfg.topk_method})")
+        if cfg.model_type == "deepseek_v2" and cfg.topk_method not in ("greedy", "group_limited_greedy"):
+            return f"transformers' DeepseekV2 router has no topk_method {cfg.topk_method!r}"
+        if cfg.moe_layer_freq != 1:
+            return "transformers' DeepSeek models ignore moe_layer_freq != 1"
+        return True
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _load(self, case):
+        cls = (self.transformers.DeepseekV2ForCausalLM if case.config.model_type == "deepseek_v2"
+               else self.transformers.DeepseekV3ForCausalLM)
+        model = cls.from_pretrained(case.model_path, dtype=self.dtype,
+                                    attn_implementation=self.options["attn_implementation"])
+        model.eval()
+        return model
+
+    def _hooks(self, model, store, scoring):
+        """Forward hooks that append each observed intermediate to store[name]."""
+        handles = []
+
+        def keep(name, pick=lambda o: o):
+            def hook(module, args, output):
+                store.setdefault(name, []).append(pick(output).detach().float().numpy().copy())
+            return hook
+
+        for i, layer in enumerate(model.model.layers):
+            p = f"layers.{i}."
+            handles.append(layer.input_layernorm.register_forward_hook(keep(p + "attn_norm")))
+            attn = layer.self_attn
+            if getattr(attn, "q_a_layernorm", None) is not None:
+                handles.append(attn.q_a_layernorm.register_forward_hook(keep(p + "c_q")))
+            handles.append(attn.kv_a_layernorm.register_forward_hook(keep(p + "c_kv")))
+            handles.append(attn.register_forward_hook(keep(p + "attn_out", lambda o: o[0])))
+            handles.append(layer.post_attention_layernorm.register_forward_hook(keep(p + "ffn_norm")))
+            handles.append(layer.mlp.register_forward_hook(keep(p + "ffn_out")))
+            gate = getattr(layer.mlp, "gate", None)
+            if gate is not None and hasattr(gate, "weight") and gate.weight.dim() == 2 \
+                    and gate.weight.shape[0] != gate.weight.shape[1]:
+                def gate_hook(module, args, output, p=p):
+                    logits, weights, idx = output
+                    shape = args[0].shape[:-1]
+                    scores = logits.float().sigmoid() if scoring == "sigmoid" else logits.float().softmax(-1)
+                    for name, v in (("router_scores", scores), ("topk_idx", idx),
+                                    ("topk_weight", weights)):
+                        arr = v.detach()
+                        arr = (arr if arr.dtype == self.torch.int64 else arr.float()).numpy().copy()
+                        arr = arr.reshape(*shape, arr.shape[-1])
+                        store.setdefault(p + name, []).append(arr)
+                handles.append(gate.register_forward_hook(gate_hook))
+        return handles
+
+    def _forward(self, model, ids, cache=None):
+        with self.torch.no_grad():
+            return model(self.torch.tensor(ids), cache=cache, use_cache=cache is not None,
+                         output_hidden_states=True)
+
+    @staticmethod
+    def _hidden(out, n_layers, store):
+        hs = [h.detach().float().numpy() for h in out.hidden_states]
+        store.setdefault("embed", []).append(hs[0])
+        for i in range(n_layers - 1):
+            store.setdefault(f"layers.{i}.hidden", []).append(hs[i + 1])
+        store.setdefault("final_hidden", []).append(hs[n_layers])  # after the final norm
+        store.setdefault("logits", []).append(out.logits.detach().float().numpy())
+
+    # ---- run ---------------------------------------------------------------------------------
+    def run(self, case):
+        model = self._load(case)
+        n = case.config.num_hidden_layers
+        ids = np.asarray(case.inputs["input_ids"], dtype=np.int64)
+        if case.kind == "greedy":
+            return {"tokens": self._greedy(model, ids, case.params["max_new_tokens"])}
+        store = {}
+        handles = self._hooks(model, store, case.config.scoring_func)
+        try:
+            if case.kind == "prefill":
+                self._hidden(self._forward(model, ids), n, store)
+            else:  # decode: prefill, then one forced token at a time through the cache
+                p = case.params["prefill"]
+                cache = self.transformers.DynamicCache(config=model.config)
+                self._forward(model, ids[:, :p], cache)
+                store.clear()
+                for j in range(p, ids.shape[1]):
+                    self._hidden(self._forward(model, ids[:, j:j + 1], cache), n, store)
+        finally:
+            for h in handles:
+                h.remove()
+        return {k: np.concatenate(v, axis=1) for k, v in store.items()}
+
+    def _greedy(self, model, ids, new):
+        cache = self.transformers.DynamicCache(config=model.config)
+        out = self._forward(model, ids, cache)
+        toks = []
+        for _ in range(new):
+            nxt = int(self.torch.argmax(out.logits[0, -1]))  # first maximum: lower id on ties
+            toks.append(nxt)
+            if len(toks) == new:
+                break
+            out = self._forward(model, np.array([[nxt]]), cache)
+        return np.array([toks], dtype=np.int64)

@@ -1,0 +1,361 @@
+"""The engine matrix: every installed engine run over the suites in its real modes, checked
+against the profiles, each failure diagnosed; written as docs/engines.md (and the rows as JSON
+beside it, so that engines installed elsewhere keep their dated rows).
+
+    python -m oracles.engines.matrix --out docs/engines.md [--engines mlx,transformers] [--work DIR]
+
+Engines that are not importable here keep the rows they had (with their dates): run the same
+command from the interpreter that has them (vLLM wants a virtual environment of its own) with
+--engines NAME to refresh theirs. llama.cpp needs LLAMA_CPP_CONVERTER (see llama_cpp_engine.py).
+
+A failure's diagnosis is computed, not typed: the candidate's logits are compared with refimpl
+run with each mutant of the catalogue (oracles/mutants.py) and each engine behaviour below
+(ENGINE_VARIANTS); a variant whose logits the candidate's match within the profile's tolerance,
+while the truth's do not, is the diagnosis. SOURCES then names the engine's source line that
+implements that behaviour (read in the installed package or the sdist the engine is built from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+from refimpl import moe, rope
+
+from .. import OraclesError, metrics, tolerance
+from ..check import AdapterCandidate, DirCandidate, run_check
+from ..emulate import run_case
+from ..golden import Golden, generate
+from ..mutants import MUTANTS
+from . import ENGINES, installed, label, load_engine
+from ..emulate import patched
+
+# (engine, options, suite, profiles to check the same outputs against)
+RUNS = [
+    ("transformers", {}, "default", ["float32"]),
+    ("transformers", {}, "engine", ["float32"]),
+    ("transformers", {"dtype": "bfloat16"}, "default", ["bf16", "bf16_f32_experts", "fp8", "float32"]),
+    ("mlx", {}, "default", ["float32"]),
+    ("mlx", {}, "engine", ["float32"]),
+    ("mlx", {"dtype": "bfloat16", "expert_dtype": "float32"}, "default",
+     ["bf16_f32_experts", "bf16", "float32"]),
+    ("mlx", {"dtype": "bfloat16"}, "default", ["bf16"]),  # bf16 experts: refused on a CPU
+    ("llama.cpp", {"kv_cache_dtype": "f16"}, "default", ["f16_kv", "bf16", "float32"]),
+    ("llama.cpp", {"kv_cache_dtype": "f32"}, "default", ["float32"]),
+    ("llama.cpp", {"kv_cache_dtype": "f16"}, "engine", ["f16_kv", "float32"]),
+    ("vllm", {}, "engine", ["float32"]),
+    ("vllm", {"dtype": "bfloat16"}, "engine", ["bf16", "fp8", "float32"]),
+]
+
+
+def _cos_sin_factor_one():
+    """rope_scaling.mscale read as mscale_all_dim: the cos/sin factor m(mscale)/m(mscale_all_dim)
+    becomes 1 (the softmax factor m(mscale_all_dim)^2 stays right)."""
+    return patched([(rope, "cos_sin_factor", lambda cfg: 1.0)])
+
+
+def _group_score_top2_always():
+    """Every grouped router scores a group by its top-2 sum, V2's group_limited_greedy too."""
+    base = moe.group_scores
+    return patched([(moe, "group_scores", lambda b, g, method: base(b, g, "noaux_tc"))])
+
+
+ENGINE_VARIANTS = {
+    "mscale_read_as_mscale_all_dim": (_cos_sin_factor_one,
+                                      "rope_scaling.mscale is never read: mscale taken equal to "
+                                      "mscale_all_dim, so the cos/sin factor is 1"),
+    "group_score_top2_for_v2": (_group_score_top2_always,
+                                "V2's group_limited_greedy scored by the top-2 sum (V3's rule) "
+                                "instead of the group's best expert"),
+}
+
+# (engine, diagnosis) -> where the engine does it (the versions the matrix ran)
+SOURCES = {
+    ("mlx", "zero_group_mask"):
+        "mlx_lm/models/deepseek_v3.py:213-215 (mlx-lm 0.32.2), group_expert_select: "
+        "`scores = mx.put_along_axis(scores, mx.stop_gradient(group_idx), mx.array(0.0), axis=-2)` "
+        "sets the dropped groups' biased scores to 0.0, which outranks kept experts whose "
+        "biased score is below zero",
+    ("llama.cpp", "mscale_read_as_mscale_all_dim"):
+        "src/llama-context.cpp:185-195 (llama.cpp vendored by llama-cpp-python 0.3.36): "
+        "`// note: here we assume mscale == 1.0f` ... `if (model.arch == LLM_ARCH_DEEPSEEK2 && "
+        "mscale_all_dims != 1.0f) { mscale = mscale_all_dims; }`; the converter "
+        "(conversion/deepseek.py:386) writes only `0.1 * mscale_all_dim` "
+        "(rope_scaling.yarn_log_multiplier), never rope_scaling.mscale",
+    ("llama.cpp", "group_score_top2_for_v2"):
+        "src/llama-graph.cpp:2103-2105 (llama.cpp vendored by llama-cpp-python 0.3.36), "
+        "build_moe_ffn: `group_scores = ggml_argsort_top_k(ctx0, selection_groups, 2)` then "
+        "their sum, for every model with n_expert_groups > 1; GGUF has no topk_method, so "
+        "DeepSeek-V2's group_limited_greedy (max per group) is scored as V3's noaux_tc",
+}
+
+
+def _variant_logits(case, name, precision="float32"):
+    if name in MUTANTS:
+        return run_case(case, precision, MUTANTS[name])["logits"]
+    patch = ENGINE_VARIANTS[name][0]
+    with patch():
+        return run_case(case, precision)["logits"]
+
+
+def diagnose(golden: Golden, cid: str, logits, profile: str) -> tuple[str | None, str]:
+    """-> (variant name or None, one sentence) for a failed model case's candidate logits.
+    Each variant runs in the profile's emulated precision. A match: the candidate is within the
+    profile's logits tolerance of the variant and not of the expected. A likely match: the
+    variant is at least 10 times closer than the expected (a lower-precision mode can also flip
+    near-tie routing, which the variant's emulated run need not share)."""
+    entry = golden.cases[cid]
+    tol = entry["tolerances"][profile].get("logits", {}).get("nmse", {}).get("tol")
+    if logits is None or tol is None:
+        return None, "no logits to compare"
+    case = golden.load_case(cid)
+    truth = golden.expected(cid)["logits"]
+    logits = np.asarray(logits, np.float64)
+    if logits.shape != truth.shape:
+        return None, f"logits of shape {list(logits.shape)}, expected {list(truth.shape)}"
+    best = (None, np.inf)
+    names = [n for n, m in MUTANTS.items() if not m.allowed] + list(ENGINE_VARIANTS)
+    for name in names:
+        try:
+            v = _variant_logits(case, name, tolerance.CALIBRATED_BY[profile])
+        except Exception:  # a mutant that does not apply to this case's kind
+            continue
+        e = metrics.continuous(logits, v)["nmse"]
+        if e < best[1]:
+            best = (name, e)
+    e_truth = metrics.continuous(logits, truth)["nmse"]
+    name, e = best
+    what = (MUTANTS[name].bug if name in MUTANTS else ENGINE_VARIANTS[name][1]) if name else ""
+    if name is not None and e <= tol < e_truth:
+        return name, (f"its logits equal refimpl with `{name}` ({what}): nmse {e:.1e} against "
+                      f"it, {e_truth:.1e} against the expected")
+    if name is not None and 10 * e < e_truth:
+        return name, (f"likely `{name}` ({what}): its logits are {e_truth / e:.0f} times closer "
+                      f"to refimpl with it (nmse {e:.1e}) than to the expected ({e_truth:.1e}), "
+                      f"though not within the {profile} tolerance {tol:.1e}")
+    return None, (f"no variant of refimpl matches (closest `{name}`, nmse {e:.1e}; expected "
+                  f"{e_truth:.1e}, tol {tol:.1e})")
+
+
+class _Catching:
+    """An adapter whose run() errors are recorded (and its outputs left empty) instead of
+    stopping the matrix: the check then fails the case, and the error is its diagnosis."""
+
+    def __init__(self, adapter):
+        self.adapter, self.errors = adapter, {}
+
+    def supports(self, case):
+        return self.adapter.supports(case)
+
+    def run(self, case):
+        try:
+            return self.adapter.run(case)
+        except Exception as e:  # an engine's own refusal or crash, reported per case
+            self.errors[case.id] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            return {}
+
+
+def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
+    """Run one engine configuration over one suite -> one row per profile."""
+    from ..adapters import write_outputs
+
+    adapter, info = load_engine(engine, dict(options))
+    adapter = _Catching(adapter)
+    cand_dir = os.path.join(work, f"{engine}-{suite}-" + "-".join(f"{k}{v}" for k, v in sorted(options.items())))
+    skipped = write_outputs(golden_dir, AdapterCandidate(adapter, label(info)), cand_dir)
+    from . import RecordedSkips
+
+    golden = Golden(golden_dir)
+    rows = []
+    own_mode_passed = None  # cases that pass the first profile (the one emulating this mode)
+    for profile in profiles:
+        rep = run_check(golden_dir, RecordedSkips(DirCandidate(cand_dir), skipped), profile)
+        if own_mode_passed is None:
+            own_mode_passed = {r["id"] for r in rep["cases"] if r["status"] == "pass"}
+        failures, precision_only = [], []
+        for r in rep["cases"]:
+            if r["status"] not in ("fail", "missing", "inconclusive"):
+                continue
+            if profile != profiles[0]:
+                if r["id"] in own_mode_passed:
+                    precision_only.append(r["id"])  # passes the profile of its own mode
+                continue  # else listed under the first profile
+            f = {"case": r["id"], "status": r["status"],
+                 "first_failure": r.get("first_failure") or r.get("reason", "")}
+            if r["id"] in adapter.errors:
+                f["diagnosis"] = f"the engine raised {adapter.errors[r['id']]}"
+            elif r["status"] == "fail" and golden.cases[r["id"]].get("model"):
+                p = os.path.join(cand_dir, "cases", r["id"], "outputs.safetensors")
+                from ..golden import read_tensors
+                outs = read_tensors(p) if os.path.exists(p) else {}
+                name, why = diagnose(golden, r["id"], outs.get("logits"), profile)
+                f["diagnosis"] = why
+                if name is not None:
+                    f["variant"] = name
+                    f["source"] = SOURCES.get((engine, name), "")
+            failures.append(f)
+        c = rep["counts"]
+        rows.append({"engine": engine, "version": info["version"], "options": info["options"],
+                     "suite": suite, "profile": profile,
+                     "date": datetime.date.today().isoformat(),
+                     "passed": c["pass"], "failed": c["fail"] + c.get("missing", 0),
+                     "inconclusive": c.get("inconclusive", 0), "skipped": c["skip"],
+                     "failures": failures, "precision_only": precision_only,
+                     "skip_reasons": sorted({str(v) for v in skipped.values()})})
+    return rows
+
+
+def _opts(o: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in o.items() if k != "converter") or "defaults"
+
+
+def _collapse(reasons):
+    """'X has no standalone entry point for component kind 'k'' lines -> one line of kinds."""
+    import re
+
+    kinds, rest, head = [], [], None
+    for s in reasons:
+        m = re.match(r"(.*) has no standalone entry point for component kind '(.*)'$", s)
+        if m:
+            head = m.group(1)
+            kinds.append(m.group(2))
+        else:
+            rest.append(s)
+    if kinds:
+        rest.insert(0, f"{head} has no standalone entry point for the component kinds "
+                       + ", ".join(sorted(kinds)))
+    return rest
+
+
+def render(rows: list[dict]) -> str:
+    out = ["# Engine matrix", "",
+           "Real engines run over the golden suites by their built-in adapters "
+           "(`oracles run/check --engine NAME`), each in the modes it really runs, checked against "
+           "the tolerance profiles (docs/conformance.md). Regenerated by one command:", "",
+           "```", "python -m oracles.engines.matrix --out docs/engines.md", "```", "",
+           "The rows below were made on a 2-core CPU machine: transformers, MLX-LM and llama.cpp "
+           "from the project's .venv (`scripts/test.sh` installs transformers and MLX-LM; "
+           "llama-cpp-python built from source, `LLAMA_CPP_CONVERTER` pointing at its sdist's "
+           "converter), vLLM from a virtual environment of its own "
+           "(`venv-vllm/bin/python -m oracles.engines.matrix --out docs/engines.md --engines vllm`); "
+           "recipes in docs/conformance.md section 10. vLLM runs only the engine suite (its CPU MLA "
+           "kernel takes only the real latent width) and has no FP8 KV cache on a CPU, so the "
+           "fp8_kv profile has no real-engine row yet.", "",
+           "It runs the engines installed in that interpreter and keeps the dated rows of the "
+           "others (the rows are also in `docs/engines.json`). The first profile of each "
+           "configuration is the one that emulates its mode; the others show what a stricter or "
+           "different profile says of the same outputs. A failure's diagnosis is computed: the "
+           "engine's logits are compared with refimpl run with each mutant and known engine "
+           "behaviour (oracles/engines/matrix.py), and the source line is the engine's code that "
+           "does it.", "",
+           "| engine | version | options | suite | profile | passed | failed | inconclusive | skipped | run on |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['engine']} | {r['version']} | {_opts(r['options'])} | {r['suite']} | "
+                   f"{r['profile']} | {r['passed']} | {r['failed']} | {r['inconclusive']} | "
+                   f"{r['skipped']} | {r['date']} |")
+    out += ["", "## Failures", ""]
+    any_fail = False
+    for r in rows:
+        if r.get("precision_only"):
+            any_fail = True
+            first = next(x["profile"] for x in rows if x["engine"] == r["engine"]
+                         and x["options"] == r["options"] and x["suite"] == r["suite"])
+            out.append(f"- **{r['engine']} {r['version']}** ({_opts(r['options'])}), {r['suite']} "
+                       f"suite, {r['profile']} profile: {len(r['precision_only'])} case(s) fail "
+                       f"that pass the {first} profile, which emulates this mode: precision, not "
+                       f"a bug ({', '.join(f'`{c}`' for c in r['precision_only'][:4])}"
+                       f"{', ...' if len(r['precision_only']) > 4 else ''}); any other failure "
+                       f"is the {first} profile's, listed there.")
+        raised = {}
+        for f in r["failures"]:
+            if f.get("diagnosis", "").startswith("the engine raised"):
+                raised.setdefault(f["diagnosis"], []).append(f["case"])
+        for why, cids in raised.items():
+            any_fail = True
+            out.append(f"- **{r['engine']} {r['version']}** ({_opts(r['options'])}), {r['suite']} "
+                       f"suite, {r['profile']} profile: {len(cids)} case(s) FAIL with no outputs "
+                       f"({', '.join(f'`{c}`' for c in cids[:3])}{', ...' if len(cids) > 3 else ''}): "
+                       f"{why.rstrip('.')}.")
+        for f in r["failures"]:
+            if f.get("diagnosis", "") in raised:
+                continue
+            any_fail = True
+            out.append(f"- **{r['engine']} {r['version']}** ({_opts(r['options'])}), {r['suite']} "
+                       f"suite, {r['profile']} profile: `{f['case']}` {f['status'].upper()} at "
+                       f"`{f['first_failure']}`.")
+            if f.get("diagnosis"):
+                out.append(f"  Diagnosis: {f['diagnosis']}.")
+            if f.get("source"):
+                out.append(f"  Source: {f['source']}.")
+    if not any_fail:
+        out.append("None.")
+    out += ["", "## What each engine skips", ""]
+    seen = set()
+    for r in rows:
+        reasons = _collapse(r["skip_reasons"])
+        key = (r["engine"], tuple(reasons))
+        if key in seen or not reasons:
+            continue
+        seen.add(key)
+        out.append(f"- **{r['engine']}** ({r['suite']} suite):")
+        out += [f"  - {s}" for s in reasons]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m oracles.engines.matrix", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="the Markdown page (rows go to the same name .json)")
+    p.add_argument("--engines", help="comma-separated engine names (default: every installed one; "
+                                      "none: only rewrite the page from the rows)")
+    p.add_argument("--work", help="directory for suites and candidates (default: a temporary one)")
+    args = p.parse_args(argv)
+    data = os.path.splitext(args.out)[0] + ".json"
+    try:
+        old = json.load(open(data, encoding="utf-8")) if os.path.exists(data) else []
+        if args.engines == "none":  # re-render the page from the rows
+            wanted = []
+        else:
+            wanted = args.engines.split(",") if args.engines else [e for e in ENGINES if installed(e)]
+        for e in wanted:
+            if e not in ENGINES:
+                raise OraclesError(f"--engines: {e!r} is unknown; choose from {', '.join(ENGINES)}")
+        with contextlib.ExitStack() as stack:
+            work = args.work or stack.enter_context(tempfile.TemporaryDirectory(prefix="oracles-matrix-"))
+            os.makedirs(work, exist_ok=True)
+            suites, rows = {}, []
+            for engine, options, suite, profiles in RUNS:
+                if engine not in wanted:
+                    continue
+                if suite not in suites:
+                    suites[suite] = os.path.join(work, "golden-" + suite)
+                    if not os.path.exists(suites[suite]):
+                        generate(suites[suite], suite)
+                print(f"running {engine} {_opts(options)} on {suite} ...", file=sys.stderr, flush=True)
+                rows += run_one(engine, options, suite, profiles, suites[suite], work)
+        kept = [r for r in old if r["engine"] not in wanted]
+        order = {e: i for i, e in enumerate(ENGINES)}
+        rows = sorted(kept + rows, key=lambda r: order.get(r["engine"], 99))
+        with open(data + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+            f.write("\n")
+        with open(args.out + ".tmp", "w", encoding="utf-8") as f:
+            f.write(render(rows))
+        os.replace(data + ".tmp", data)
+        os.replace(args.out + ".tmp", args.out)
+    except OraclesError as e:
+        print(f"oracles: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({len(rows)} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
