@@ -65,7 +65,7 @@ def test_the_fp8_model_has_unaligned_widths_and_a_scale_per_block(default_dir):
         assert s.size >= 2
     # the suite's checkpoint, read by refimpl.load (safetensors, FP8 dequantised with its
     # weight_scale_inv), gives the expected logits: the stored layout is what was computed
-    model = refimpl.load(case.path)
+    model = refimpl.load(case.model_path)
     assert rel_err(model.forward(case.inputs["input_ids"]), exp["logits"]) < 1e-12
 
 

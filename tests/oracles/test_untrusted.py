@@ -203,7 +203,7 @@ def _every_tol(m, value):
     (lambda m: [o.update(required=False) for o in _case(m, "gate.tiny")["outputs"]], "requires"),
     (lambda m: _case(m, "model.prefill.tiny")["outputs"][-1].update(type="continuous"), "compared as"),
     (lambda m: _case(m, "gate.tiny")["files"].pop("expected.safetensors"), "expected.safetensors"),
-    (lambda m: _case(m, "model.prefill.tiny")["files"].pop("model.safetensors"), "model case"),
+    (lambda m: _case(m, "model.prefill.tiny")["files"].pop("model/model.safetensors"), "model case"),
     (lambda m: _case(m, "gate.tiny").update(conventions={"group_mask": "zero"}), "conventions"),
 ])
 def test_manifest_edits_that_would_loosen_the_check_are_refused(small, suite, change, words):
