@@ -41,6 +41,8 @@ class Engine:
     def supports(self, case):
         ok = model_case_support(case, self.name)
         if ok is not True:
+            if case.kind == "schedule":
+                return ok
             if case.kind.startswith("mtp") or case.kind == "speculative":
                 n = case.config.num_hidden_layers
                 return (f"transformers runs MTP only as checkpoint layer 61 (a 61-layer main "
