@@ -12,7 +12,6 @@ import math
 import mmap
 import os
 import shutil
-import stat
 import struct
 import zlib
 
@@ -211,16 +210,7 @@ def _read_header(path: str):
     and data_offsets (two integers) whose span is prod(shape) x the dtype's size; the entries
     together cover the data region exactly: no overlap, no hole, no trailing bytes."""
     shown = printable(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise CheckpointError(f"{shown}: file not found") from None
-    except OSError as e:
-        raise CheckpointError(f"{shown}: cannot read ({e.strerror})") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise CheckpointError(f"{shown}: not a regular file")
+    fd, st = jsonfile.open_regular(path, CheckpointError)
     size = st.st_size
     try:
         with os.fdopen(fd, "rb") as f:

@@ -55,8 +55,10 @@ def loads(text: str | bytes, where: str, error=RefimplError, allow_nonfinite: bo
         raise error(f"{where}: JSON nested too deeply") from None
 
 
-def read_regular(path: str, error=RefimplError, limit: int = MAX_JSON_FILE) -> bytes:
-    """The bytes of `path`, which must be a regular file of at most `limit` bytes."""
+def open_regular(path: str, error=RefimplError):
+    """-> (an open descriptor, its stat) of `path`, which must be a regular file: opened without
+    blocking (a FIFO does not hang) and checked on the descriptor, so nothing swaps it between
+    the check and the read.  The caller closes the descriptor."""
     shown = printable(path)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -68,6 +70,13 @@ def read_regular(path: str, error=RefimplError, limit: int = MAX_JSON_FILE) -> b
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise error(f"{shown}: not a regular file")
+    return fd, st
+
+
+def read_regular(path: str, error=RefimplError, limit: int = MAX_JSON_FILE) -> bytes:
+    """The bytes of `path`, which must be a regular file of at most `limit` bytes."""
+    shown = printable(path)
+    fd, st = open_regular(path, error)
     with os.fdopen(fd, "rb") as f:
         if st.st_size > limit:
             raise error(f"{shown}: {st.st_size:,} bytes, more than the {limit:,} allowed for it")
