@@ -519,24 +519,15 @@ def scenario_suite():
     return scenarios.suite(tiny, tiny_mtp)
 
 
-
 def engine_config(**changes) -> Config:
     """The real per-head widths of V2/V3 attention (kv_lora_rank 512, qk_rope_head_dim 64,
     qk_nope_head_dim 128, v_head_dim 128: the 576-wide latent that vLLM's CPU MLA kernel and
     llama.cpp's MLA path are built for) with few heads, layers and experts and a small
     vocabulary; YaRN active from an original context of 64."""
-    return Config(
-        vocab_size=384, hidden_size=256, intermediate_size=256, moe_intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=512, q_lora_rank=128,
-        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
-        first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
-        scoring_func="sigmoid", topk_method="noaux_tc", rms_norm_eps=1e-6, rope_theta=10000.0,
-        rope_scaling=RopeScaling(factor=40.0, original_max_position_embeddings=64, beta_fast=32.0,
-                                 beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
-        max_position_embeddings=2560, num_nextn_predict_layers=0,
-        extra={"architectures": ["DeepseekV3ForCausalLM"], "torch_dtype": "float32"},
-    ).replace(**changes)
+    return tiny(vocab_size=384, hidden_size=256, intermediate_size=256, moe_intermediate_size=64,
+                num_hidden_layers=2, kv_lora_rank=512, q_lora_rank=128, qk_nope_head_dim=128,
+                qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=8,
+                num_experts_per_tok=2).replace(**changes)
 
 
 def engine():
