@@ -315,12 +315,16 @@ class Golden:
         and config; the manifest may flag more as required, never fewer."""
         from .manifest import contract
 
-        def input_names():
+        def input_shapes():
             try:
-                return set(SafetensorsFile(self.file(cid, "inputs.safetensors")).tensors)
+                return {k: v[1] for k, v in SafetensorsFile(self.file(cid, "inputs.safetensors")).tensors.items()}
             except RefimplError as e:
                 raise OraclesError(str(e)) from None
-        return contract(self.cases[cid], lambda: self._config(cid), input_names)
+        need = contract(self.cases[cid], lambda: self._config(cid), lambda: set(input_shapes()))
+        if self.cases[cid]["kind"] == "schedule":  # the schedule against the inputs and outputs
+            from .schedule import check_entry
+            check_entry(self.cases[cid], input_shapes(), f"{self.path}: case {cid!r}")
+        return need
 
     def model_dir(self, cid: str) -> str | None:
         """A model case's checkpoint directory (cases/<id>/model since suite format 2, the case

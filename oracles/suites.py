@@ -516,7 +516,11 @@ def conventions():
 
 
 def scenario_suite():
-    return scenarios.suite(tiny, tiny_mtp)
+    """The serving scenarios at the real MLA widths (engine_config), so that vLLM's CPU MLA
+    kernel runs them; the decode past 4096 on a context of 5120 (YaRN factor 80)."""
+    return scenarios.suite(engine_config, lambda depth: engine_config(num_nextn_predict_layers=depth),
+                           lambda: engine_config(rope_scaling=RopeScaling(80.0, 64, 32.0, 1.0, 1.0, 1.0),
+                                                 max_position_embeddings=5120))
 
 
 def engine_config(**changes) -> Config:
