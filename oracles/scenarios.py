@@ -63,19 +63,9 @@ from refimpl.trace import recorder
 from . import OraclesError
 
 from .schedule import (SCHEDULE_FORMAT, Forward, Preempt, Share, _int, expand, plan,  # noqa: F401
-                       prompt_lengths, request_name, shared_lengths)
+                       prompt_lengths, request_name, request_tokens, shared_lengths)
 
 SCHEDULE_KINDS = ("schedule", "mtp_speculation")
-
-
-def request_tokens(case) -> list[np.ndarray]:
-    """request.<r>.input_ids [1, n_r] -> [n_r] int64 each, r = 0, 1, ..."""
-    out = []
-    while f"request.{len(out)}.input_ids" in case.inputs:
-        out.append(np.asarray(case.inputs[f"request.{len(out)}.input_ids"]).reshape(-1).astype(np.int64))
-    if not out:
-        raise OraclesError(f"case {case.id}: no request.0.input_ids among its inputs")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -189,6 +189,18 @@ def expand(schedule, lengths: list[int], where: str = "params.schedule") -> list
     return out
 
 
+def request_tokens(case) -> list:
+    """request.<r>.input_ids [1, n_r] -> [n_r] int64 each, r = 0, 1, ..."""
+    import numpy as np
+
+    out = []
+    while f"request.{len(out)}.input_ids" in case.inputs:
+        out.append(np.asarray(case.inputs[f"request.{len(out)}.input_ids"]).reshape(-1).astype(np.int64))
+    if not out:
+        raise OraclesError(f"case {case.id}: no request.0.input_ids among its inputs")
+    return out
+
+
 def shared_lengths(schedule, n_req: int) -> list[int]:
     """Per request, how many of its first positions another request computed (0 when none)."""
     out = [0] * n_req

@@ -139,15 +139,15 @@ def read_info(candidate_dir: str) -> dict | None:
     return {**{k: info.get(k) for k in ("engine", "version", "options")}, "skipped": skipped}
 
 
-def model_case_support(case, engine: str):
+def model_case_support(case, engine: str, schedules: bool = False):
     """The checks every built-in engine shares: only whole-model kinds (prefill, decode,
-    greedy) run; True or the reason."""
+    greedy; `schedule` when the adapter runs schedules) run; True or the reason."""
     if case.kind.startswith("mtp") or case.kind == "speculative":
         return f"{engine} does not expose the MTP modules to a caller"
-    if case.kind == "schedule":
+    if case.kind == "schedule" and not schedules:
         return (f"this {engine} adapter runs each request alone in one forward; it cannot express "
                 "a serving schedule (chunked prefill, a shared prefix, a ragged batch)")
-    if case.kind not in MODEL_KINDS:
+    if case.kind not in MODEL_KINDS + (("schedule",) if schedules else ()):
         return f"{engine} has no standalone entry point for component kind {case.kind!r}"
     if case.model_path is None:
         return "the case has no checkpoint directory"
