@@ -34,6 +34,7 @@ import os
 import numpy as np
 
 from . import OraclesError
+from .case_errors import write_error
 from .check import DEFAULT_CASE_TIMEOUT, AdapterCandidate, AdapterTimeout, CaseError, _text, _Worker
 from .golden import Golden
 from refimpl.checkpoint import write_safetensors
@@ -131,7 +132,8 @@ def write_outputs(golden_path: str, candidate: AdapterCandidate, out: str, only=
                   errors: dict | None = None, expect_digest: str | None = None) -> dict:
     """The file route driven by an adapter: CANDIDATE/cases/<id>/outputs.safetensors for every
     supported case -> {case id: skip reason} for the others. A case whose adapter call fails
-    (raises, exits, times out) gets no file; its one-line reason goes to `errors`."""
+    (raises, exits, times out) gets CANDIDATE/cases/<id>/error.txt (case_errors.py) instead of
+    outputs, and its one-line reason goes to `errors`."""
     from .schema import matches
 
     golden = Golden(golden_path, expect_digest=expect_digest)
@@ -150,8 +152,9 @@ def write_outputs(golden_path: str, candidate: AdapterCandidate, out: str, only=
                 skipped[cid] = ok
                 continue
             outs = candidate.outputs(cid, lambda: case)
-        except CaseError as e:
+        except CaseError as e:  # recorded per case: check reports it as ERROR, not missing
             errors[cid] = str(e)
+            write_error(os.path.join(out, "cases", cid), e)
             continue
         d = os.path.join(out, "cases", cid)
         os.makedirs(d, exist_ok=True)

@@ -64,6 +64,11 @@ class DirCandidate:
         return reason or "skipped (empty skip.txt)"
 
     def outputs(self, case_id, load):
+        from .case_errors import read_error
+
+        reason = read_error(self.path, case_id)  # the engine refused or crashed on it
+        if reason is not None:
+            raise CaseError(f"the run recorded: {reason}")
         p = untrusted.inside(self.path, f"cases/{case_id}/outputs.safetensors",
                              f"candidate outputs of case {case_id!r}", missing_ok=True)
         if p is None:

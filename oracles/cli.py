@@ -114,7 +114,7 @@ def _candidate_adapter(args):
     if args.engine_option and not args.engine:
         raise OraclesError("--engine-option needs --engine")
     if args.adapter:
-        return load_adapter(args.adapter, args.case_timeout), None, f"--adapter {args.adapter}"
+        return load_adapter(args.adapter, args.case_timeout), None, f"--adapter {args.adapter}", {}
     from . import engines
 
     options = engines.parse_options(args.engine_option)
@@ -128,7 +128,8 @@ def _candidate_adapter(args):
     cand.label = engines.label(info)
     repro = f"--engine {shlex.quote(args.engine)}" + "".join(
         f" --engine-option {shlex.quote(o)}" for o in args.engine_option)
-    return cand, info, repro
+    env = engines.environment(args.engine)  # what the engine read from the environment
+    return cand, info, repro, env
 
 
 def main(argv=None) -> int:
@@ -185,11 +186,13 @@ def cmd_check(args) -> int:
         if args.engine_option:
             raise OraclesError("--engine-option needs --engine")
         cand, info, how = DirCandidate(args.candidate), read_info(args.candidate), shlex.quote(args.candidate)
+        env = {}
         if info:
-            cand = RecordedSkips(cand, info.pop("skipped"))
+            cand = RecordedSkips(cand, info.pop("skipped"), info.pop("errors"))
     else:
-        cand, info, how = _candidate_adapter(args)
-    base = f"oracles check {shlex.quote(args.golden)} {how}"
+        cand, info, how, env = _candidate_adapter(args)
+    base = "".join(f"{k}={shlex.quote(v)} " for k, v in env.items()) + \
+        f"oracles check {shlex.quote(args.golden)} {how}"
     t = time.perf_counter()
     rep = run_check(args.golden, cand, args.profile, args.only, repro_base=base,
                     progress=_progress(args), expect_digest=args.expect_digest,
@@ -216,7 +219,7 @@ def cmd_run(args) -> int:
     if not (args.adapter or args.engine):
         raise OraclesError("run needs --adapter pkg.mod:factory or --engine NAME")
     check_destination(args.out, "directory", OraclesError)  # before the adapter runs
-    cand, info, _ = _candidate_adapter(args)
+    cand, info, _, _ = _candidate_adapter(args)
     errors = {}
     with atomic_directory(args.out, OraclesError, tag="oracles") as tmp:  # never merged into
         skipped = write_outputs(args.golden, cand, tmp, args.only, errors=errors,
@@ -224,7 +227,7 @@ def cmd_run(args) -> int:
         if info:
             from .engines import write_info
 
-            write_info(tmp, info, skipped)
+            write_info(tmp, info, skipped, errors)
     if info:
         from .engines import label
 

@@ -86,8 +86,17 @@ def load_engine(name: str, options: dict):
         raise OraclesError(f"--engine {name}: cannot import it ({e}); install it with "
                            f"pip install 'deepseek-v3-refimpl[{extra}]'") from None
     info = {"engine": name, "version": version(dist), "options": adapter.options}
+    if getattr(adapter, "SERVING", None):  # how it runs schedule cases (engine.json)
+        info["serving"] = adapter.SERVING
     adapter.info = info
     return adapter, info
+
+
+def environment(name: str) -> dict:
+    """The environment variables engine `name` reads that are set here ({name: value}): the
+    reproduce line carries them (llama.cpp's LLAMA_CPP_CONVERTER, vLLM's VLLM_* settings)."""
+    module = importlib.import_module(ENGINES[name][0]) if name in ENGINES else None
+    return {k: os.environ[k] for k in getattr(module, "ENVIRONMENT", ()) if k in os.environ}
 
 
 def label(info: dict) -> str:
@@ -95,21 +104,27 @@ def label(info: dict) -> str:
     return f"{info['engine']} {info['version']} ({opts})"
 
 
-def write_info(out: str, info: dict, skipped: dict) -> None:
+def write_info(out: str, info: dict, skipped: dict, errors: dict | None = None) -> None:
+    """CANDIDATE/engine.json: the engine, version, options, how it runs schedules, the cases it
+    skipped (reasons) and the cases it refused or crashed on (errors, also in each case's
+    error.txt)."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, ENGINE_INFO_FILE)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump({**info, "skipped": skipped}, f, indent=1)
+        json.dump({**info, "skipped": skipped, "errors": errors or {}}, f, indent=1)
         f.write("\n")
     os.replace(path + ".tmp", path)
 
 
 class RecordedSkips:
     """A directory candidate written by `oracles run --engine`: the cases the engine could not
-    run are skips with the engine's reason (engine.json), not missing outputs."""
+    run are skips with the engine's reason (engine.json), not missing outputs; the cases it
+    refused or crashed on are ERRORs with its message (engine.json's errors; each case's
+    error.txt says the same, and is what a candidate without engine.json is read by)."""
 
-    def __init__(self, inner, skipped: dict):
+    def __init__(self, inner, skipped: dict, errors: dict | None = None):
         self.inner, self.skipped, self.label = inner, skipped, inner.label
+        self.errors = errors or {}
 
     def supports(self, case_id, load):
         if case_id in self.skipped:
@@ -117,6 +132,10 @@ class RecordedSkips:
         return self.inner.supports(case_id, load)
 
     def outputs(self, case_id, load):
+        from ..check import CaseError
+
+        if case_id in self.errors:
+            raise CaseError(f"the run recorded: {self.errors[case_id]}")
         return self.inner.outputs(case_id, load)
 
 
@@ -136,7 +155,12 @@ def read_info(candidate_dir: str) -> dict | None:
     skipped = info.get("skipped", {})
     if not isinstance(skipped, dict):
         raise OraclesError(f"{path}: skipped must map case ids to reasons")
-    return {**{k: info.get(k) for k in ("engine", "version", "options")}, "skipped": skipped}
+    errors = info.get("errors", {})
+    if not isinstance(errors, dict) or not all(isinstance(v, str) for v in errors.values()):
+        raise OraclesError(f"{path}: errors must map case ids to one-line reasons")
+    return {**{k: info.get(k) for k in ("engine", "version", "options")},
+            **({"serving": info["serving"]} if isinstance(info.get("serving"), str) else {}),
+            "skipped": skipped, "errors": errors}
 
 
 def model_case_support(case, engine: str, schedules: bool = False):

@@ -27,6 +27,10 @@ OPTIONS = {
 
 class Engine:
     name = "transformers"
+    SERVING = ("schedule cases: each request with its own DynamicCache; one batched call per "
+               "forward step, rows left-padded (cache and new tokens), a 2D attention mask "
+               "and each request's own position_ids; a shared prefix is a copy of the donor's "
+               "first L cache entries; a preempted request's cache is dropped and recomputed")
 
     def __init__(self, options: dict | None = None):
         import torch
@@ -60,6 +64,13 @@ class Engine:
         if cfg.moe_layer_freq != 1:
             return "transformers' DeepSeek models ignore moe_layer_freq != 1"
         return True
+
+    def close(self):
+        """Free what the adapter holds (called on the thread that built it; idempotent):
+        models live only inside run(), so only the garbage collector has work left."""
+        import gc
+
+        gc.collect()
 
     # ---- helpers ---------------------------------------------------------------------------
     def _load(self, case):

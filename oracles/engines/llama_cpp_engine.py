@@ -100,6 +100,9 @@ runpy.run_path(conv, run_name="__main__")
 """
 
 
+ENVIRONMENT = ("LLAMA_CPP_CONVERTER",)  # read when the converter option is not given
+
+
 class Engine:
     name = "llama.cpp"
 
@@ -119,6 +122,18 @@ class Engine:
         self.options["converter"] = os.path.basename(conv)  # recorded without the machine's path
         self.tmp = tempfile.TemporaryDirectory(prefix="oracles-gguf-")
         self.seen = None  # {trace name: [arrays]} while a forward is observed
+        self._cb = None
+
+    def close(self):
+        """Free what the adapter holds (called on the thread that built it; idempotent): the
+        converted GGUF files, the graph callback; contexts live only inside run()."""
+        import gc
+
+        self._cb = None
+        gc.collect()
+        if self.tmp is not None:
+            self.tmp.cleanup()
+            self.tmp = None
 
     def supports(self, case):
         ok = model_case_support(case, self.name)

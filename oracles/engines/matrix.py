@@ -37,22 +37,33 @@ from ..mutants import MUTANTS
 from . import ENGINES, installed, label, load_engine
 from ..emulate import patched
 
-# (engine, options, suite, profiles to check the same outputs against)
+# (engine, options, suite, profiles to check the same outputs against). The scenarios suite is
+# the serving schedules at the real MLA widths: every engine in float32 and in its bf16 mode.
 RUNS = [
     ("transformers", {}, "default", ["float32"]),
     ("transformers", {}, "engine", ["float32"]),
     ("transformers", {"dtype": "bfloat16"}, "default", ["bf16", "bf16_f32_experts", "fp8", "float32"]),
+    ("transformers", {}, "scenarios", ["float32"]),
+    ("transformers", {"dtype": "bfloat16"}, "scenarios", ["bf16", "float32"]),
     ("mlx", {}, "default", ["float32"]),
     ("mlx", {}, "engine", ["float32"]),
     ("mlx", {"dtype": "bfloat16", "expert_dtype": "float32"}, "default",
      ["bf16_f32_experts", "bf16", "float32"]),
     ("mlx", {"dtype": "bfloat16"}, "default", ["bf16"]),  # bf16 experts: refused on a CPU
+    ("mlx", {}, "scenarios", ["float32"]),
+    ("mlx", {"dtype": "bfloat16", "expert_dtype": "float32"}, "scenarios", ["bf16_f32_experts", "float32"]),
     ("llama.cpp", {"kv_cache_dtype": "f16"}, "default", ["f16_kv", "bf16", "float32"]),
     ("llama.cpp", {"kv_cache_dtype": "f32"}, "default", ["float32"]),
     ("llama.cpp", {"kv_cache_dtype": "f16"}, "engine", ["f16_kv", "float32"]),
+    ("llama.cpp", {"kv_cache_dtype": "f32"}, "scenarios", ["float32"]),
+    ("llama.cpp", {"kv_cache_dtype": "f16"}, "scenarios", ["f16_kv", "float32"]),
+    ("llama.cpp", {"dtype": "bfloat16", "kv_cache_dtype": "bf16"}, "scenarios", ["bf16", "float32"]),
     ("vllm", {}, "engine", ["float32"]),
     ("vllm", {"dtype": "bfloat16"}, "engine", ["bf16", "fp8", "float32"]),
+    ("vllm", {}, "scenarios", ["float32"]),
+    ("vllm", {"dtype": "bfloat16"}, "scenarios", ["bf16", "float32"]),
 ]
+SCENARIO_GLOB = "scenario.*"  # a row per profile for these cases and one for the rest
 
 
 def _cos_sin_factor_one():
@@ -97,27 +108,45 @@ SOURCES = {
 }
 
 
+def _logits_of(out: dict):
+    """The logits a case compares: `logits`, or every request's request.<r>.logits of a
+    schedule case side by side along the positions (one array to measure)."""
+    if "logits" in out:
+        return np.asarray(out["logits"], np.float64)
+    parts = [np.asarray(out[k], np.float64) for k in sorted(
+        (k for k in out if k.startswith("request.") and k.endswith(".logits")),
+        key=lambda k: int(k.split(".")[1]))]
+    return np.concatenate(parts, axis=1) if parts else None
+
+
 def _variant_logits(case, name, precision="float32"):
     if name in MUTANTS:
-        return run_case(case, precision, MUTANTS[name])["logits"]
+        return _logits_of(run_case(case, precision, MUTANTS[name]))
     patch = ENGINE_VARIANTS[name][0]
     with patch():
-        return run_case(case, precision)["logits"]
+        return _logits_of(run_case(case, precision))
 
 
-def diagnose(golden: Golden, cid: str, logits, profile: str) -> tuple[str | None, str]:
-    """-> (variant name or None, one sentence) for a failed model case's candidate logits.
-    Each variant runs in the profile's emulated precision. A match: the candidate is within the
-    profile's logits tolerance of the variant and not of the expected. A likely match: the
-    variant is at least 10 times closer than the expected (a lower-precision mode can also flip
-    near-tie routing, which the variant's emulated run need not share)."""
+def diagnose(golden: Golden, cid: str, outputs, profile: str) -> tuple[str | None, str]:
+    """-> (variant name or None, one sentence) for a failed model case's candidate outputs (a
+    dict: its logits, a schedule case's request.<r>.logits; or the logits array itself). Each variant runs in the profile's
+    emulated precision (a schedule case through its schedule, so the serving-path mutants
+    apply). A match: the candidate is within the profile's logits tolerance of the variant and
+    not of the expected. A likely match: the variant is at least 10 times closer than the
+    expected (a lower-precision mode can also flip near-tie routing, which the variant's
+    emulated run need not share)."""
     entry = golden.cases[cid]
-    tol = entry["tolerances"][profile].get("logits", {}).get("nmse", {}).get("tol")
+    tols = entry["tolerances"][profile]
+    key = "logits" if "logits" in tols else "request.0.logits"
+    tol = tols.get(key, {}).get("nmse", {}).get("tol")
+    if outputs is None or isinstance(outputs, dict):
+        logits = _logits_of(outputs) if outputs else None
+    else:  # the logits themselves
+        logits = np.asarray(outputs, np.float64)
     if logits is None or tol is None:
         return None, "no logits to compare"
     case = golden.load_case(cid)
-    truth = golden.expected(cid)["logits"]
-    logits = np.asarray(logits, np.float64)
+    truth = _logits_of(golden.expected(cid))
     if logits.shape != truth.shape:
         return None, f"logits of shape {list(logits.shape)}, expected {list(truth.shape)}"
     best = (None, np.inf)
@@ -126,6 +155,8 @@ def diagnose(golden: Golden, cid: str, logits, profile: str) -> tuple[str | None
         try:
             v = _variant_logits(case, name, tolerance.CALIBRATED_BY[profile])
         except Exception:  # a mutant that does not apply to this case's kind
+            continue
+        if v is None or v.shape != logits.shape:
             continue
         e = metrics.continuous(logits, v)["nmse"]
         if e < best[1]:
@@ -144,71 +175,70 @@ def diagnose(golden: Golden, cid: str, logits, profile: str) -> tuple[str | None
                   f"{e_truth:.1e}, tol {tol:.1e})")
 
 
-class _Catching:
-    """An adapter whose run() errors are recorded (and its outputs left empty) instead of
-    stopping the matrix: the check then fails the case, and the error is its diagnosis."""
-
-    def __init__(self, adapter):
-        self.adapter, self.errors = adapter, {}
-
-    def supports(self, case):
-        return self.adapter.supports(case)
-
-    def run(self, case):
-        try:
-            return self.adapter.run(case)
-        except Exception as e:  # an engine's own refusal or crash, reported per case
-            self.errors[case.id] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            return {}
-
-
 def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
-    """Run one engine configuration over one suite -> one row per profile."""
-    from ..adapters import write_outputs
+    """Run one engine configuration over one suite (`oracles run`'s file route: a case the
+    engine refuses or crashes on is recorded, error.txt) -> one row per profile and case group
+    (the scenario cases, the others)."""
+    from fnmatch import fnmatchcase
 
-    adapter, info = load_engine(engine, dict(options))
-    adapter = _Catching(adapter)
-    cand_dir = os.path.join(work, f"{engine}-{suite}-" + "-".join(f"{k}{v}" for k, v in sorted(options.items())))
-    skipped = write_outputs(golden_dir, AdapterCandidate(adapter, label(info)), cand_dir)
+    from ..adapters import write_outputs
+    from ..golden import read_tensors
     from . import RecordedSkips
 
+    adapter, info = load_engine(engine, dict(options))
+    cand_dir = os.path.join(work, f"{engine}-{suite}-" + "-".join(f"{k}{v}" for k, v in sorted(options.items())))
+    errors = {}
+    candidate = AdapterCandidate(adapter, label(info))
+    try:
+        skipped = write_outputs(golden_dir, candidate, cand_dir, errors=errors)
+    finally:
+        close = getattr(adapter, "close", None)
+        if close is not None and not candidate.stuck:
+            candidate._call(close, "close()")
     golden = Golden(golden_dir)
+    groups = {"scenario": [c for c in golden.cases if fnmatchcase(c, SCENARIO_GLOB)]}
+    groups["model"] = [c for c in golden.cases if c not in groups["scenario"]]
     rows = []
-    own_mode_passed = None  # cases that pass the first profile (the one emulating this mode)
-    for profile in profiles:
-        rep = run_check(golden_dir, RecordedSkips(DirCandidate(cand_dir), skipped), profile)
-        if own_mode_passed is None:
-            own_mode_passed = {r["id"] for r in rep["cases"] if r["status"] == "pass"}
-        failures, precision_only = [], []
-        for r in rep["cases"]:
-            if r["status"] not in ("fail", "missing", "inconclusive"):
-                continue
-            if profile != profiles[0]:
-                if r["id"] in own_mode_passed:
-                    precision_only.append(r["id"])  # passes the profile of its own mode
-                continue  # else listed under the first profile
-            f = {"case": r["id"], "status": r["status"],
-                 "first_failure": r.get("first_failure") or r.get("reason", "")}
-            if r["id"] in adapter.errors:
-                f["diagnosis"] = f"the engine raised {adapter.errors[r['id']]}"
-            elif r["status"] == "fail" and golden.cases[r["id"]].get("model"):
-                p = os.path.join(cand_dir, "cases", r["id"], "outputs.safetensors")
-                from ..golden import read_tensors
-                outs = read_tensors(p) if os.path.exists(p) else {}
-                name, why = diagnose(golden, r["id"], outs.get("logits"), profile)
-                f["diagnosis"] = why
-                if name is not None:
-                    f["variant"] = name
-                    f["source"] = SOURCES.get((engine, name), "")
-            failures.append(f)
-        c = rep["counts"]
-        rows.append({"engine": engine, "version": info["version"], "options": info["options"],
-                     "suite": suite, "profile": profile,
-                     "date": datetime.date.today().isoformat(),
-                     "passed": c["pass"], "failed": c["fail"] + c.get("missing", 0),
-                     "inconclusive": c.get("inconclusive", 0), "skipped": c["skip"],
-                     "failures": failures, "precision_only": precision_only,
-                     "skip_reasons": sorted({str(v) for v in skipped.values()})})
+    for group, ids in groups.items():
+        if not ids:
+            continue
+        only = ",".join(ids)
+        own_mode_passed = None  # cases that pass the first profile (the one emulating this mode)
+        for profile in profiles:
+            rep = run_check(golden_dir, RecordedSkips(DirCandidate(cand_dir), skipped, errors),
+                            profile, only=only)
+            if own_mode_passed is None:
+                own_mode_passed = {r["id"] for r in rep["cases"] if r["status"] == "pass"}
+            failures, precision_only = [], []
+            for r in rep["cases"]:
+                if r["status"] not in ("fail", "missing", "inconclusive", "error"):
+                    continue
+                if profile != profiles[0]:
+                    if r["id"] in own_mode_passed:
+                        precision_only.append(r["id"])  # passes the profile of its own mode
+                    continue  # else listed under the first profile
+                f = {"case": r["id"], "status": r["status"],
+                     "first_failure": r.get("first_failure") or r.get("reason", "")}
+                if r["id"] in errors:
+                    f["diagnosis"] = f"the engine raised {errors[r['id']].split(' raised ', 1)[-1]}"
+                elif r["status"] == "fail" and golden.cases[r["id"]].get("model"):
+                    p = os.path.join(cand_dir, "cases", r["id"], "outputs.safetensors")
+                    outs = read_tensors(p) if os.path.exists(p) else {}
+                    name, why = diagnose(golden, r["id"], outs, profile)
+                    f["diagnosis"] = why
+                    if name is not None:
+                        f["variant"] = name
+                        f["source"] = SOURCES.get((engine, name), "")
+                failures.append(f)
+            c = rep["counts"]
+            rows.append({"engine": engine, "version": info["version"], "options": info["options"],
+                         "suite": suite, "cases": group, "profile": profile,
+                         "date": datetime.date.today().isoformat(),
+                         "passed": c["pass"], "failed": c["fail"] + c.get("missing", 0),
+                         "errors": c.get("error", 0),
+                         "inconclusive": c.get("inconclusive", 0), "skipped": c["skip"],
+                         "failures": failures, "precision_only": precision_only,
+                         "skip_reasons": sorted({str(v) for k, v in skipped.items() if k in ids})})
     return rows
 
 
@@ -255,19 +285,20 @@ def render(rows: list[dict]) -> str:
            "engine's logits are compared with refimpl run with each mutant and known engine "
            "behaviour (oracles/engines/matrix.py), and the source line is the engine's code that "
            "does it.", "",
-           "| engine | version | options | suite | profile | passed | failed | inconclusive | skipped | run on |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| engine | version | options | suite | cases | profile | passed | failed | errors | inconclusive | skipped | run on |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['engine']} | {r['version']} | {_opts(r['options'])} | {r['suite']} | "
-                   f"{r['profile']} | {r['passed']} | {r['failed']} | {r['inconclusive']} | "
-                   f"{r['skipped']} | {r['date']} |")
+                   f"{r.get('cases', 'all')} | {r['profile']} | {r['passed']} | {r['failed']} | "
+                   f"{r.get('errors', 0)} | {r['inconclusive']} | {r['skipped']} | {r['date']} |")
     out += ["", "## Failures", ""]
     any_fail = False
     for r in rows:
         if r.get("precision_only"):
             any_fail = True
             first = next(x["profile"] for x in rows if x["engine"] == r["engine"]
-                         and x["options"] == r["options"] and x["suite"] == r["suite"])
+                         and x["options"] == r["options"] and x["suite"] == r["suite"]
+                         and x.get("cases") == r.get("cases"))
             out.append(f"- **{r['engine']} {r['version']}** ({_opts(r['options'])}), {r['suite']} "
                        f"suite, {r['profile']} profile: {len(r['precision_only'])} case(s) fail "
                        f"that pass the {first} profile, which emulates this mode: precision, not "
@@ -281,7 +312,7 @@ def render(rows: list[dict]) -> str:
         for why, cids in raised.items():
             any_fail = True
             out.append(f"- **{r['engine']} {r['version']}** ({_opts(r['options'])}), {r['suite']} "
-                       f"suite, {r['profile']} profile: {len(cids)} case(s) FAIL with no outputs "
+                       f"suite, {r['profile']} profile: {len(cids)} case(s) ERROR (no outputs) "
                        f"({', '.join(f'`{c}`' for c in cids[:3])}{', ...' if len(cids) > 3 else ''}): "
                        f"{why.rstrip('.')}.")
         for f in r["failures"]:
@@ -301,11 +332,11 @@ def render(rows: list[dict]) -> str:
     seen = set()
     for r in rows:
         reasons = _collapse(r["skip_reasons"])
-        key = (r["engine"], tuple(reasons))
+        key = (r["engine"], r["suite"], tuple(reasons))
         if key in seen or not reasons:
             continue
         seen.add(key)
-        out.append(f"- **{r['engine']}** ({r['suite']} suite):")
+        out.append(f"- **{r['engine']}** ({r['suite']} suite, {r.get('cases', 'all')} cases):")
         out += [f"  - {s}" for s in reasons]
     return "\n".join(out) + "\n"
 
@@ -315,6 +346,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the Markdown page (rows go to the same name .json)")
     p.add_argument("--engines", help="comma-separated engine names (default: every installed one; "
                                       "none: only rewrite the page from the rows)")
+    p.add_argument("--suites", help="comma-separated suites to run (default: every suite of RUNS); "
+                                     "the other suites' rows are kept")
     p.add_argument("--work", help="directory for suites and candidates (default: a temporary one)")
     args = p.parse_args(argv)
     data = os.path.splitext(args.out)[0] + ".json"
@@ -327,12 +360,17 @@ def main(argv=None) -> int:
         for e in wanted:
             if e not in ENGINES:
                 raise OraclesError(f"--engines: {e!r} is unknown; choose from {', '.join(ENGINES)}")
+        known = sorted({r[2] for r in RUNS})
+        suites_wanted = args.suites.split(",") if args.suites else known
+        for name in suites_wanted:
+            if name not in known:
+                raise OraclesError(f"--suites: {name!r} is not one the matrix runs ({', '.join(known)})")
         with contextlib.ExitStack() as stack:
             work = args.work or stack.enter_context(tempfile.TemporaryDirectory(prefix="oracles-matrix-"))
             os.makedirs(work, exist_ok=True)
             suites, rows = {}, []
             for engine, options, suite, profiles in RUNS:
-                if engine not in wanted:
+                if engine not in wanted or suite not in suites_wanted:
                     continue
                 if suite not in suites:
                     suites[suite] = os.path.join(work, "golden-" + suite)
@@ -340,7 +378,7 @@ def main(argv=None) -> int:
                         generate(suites[suite], suite)
                 print(f"running {engine} {_opts(options)} on {suite} ...", file=sys.stderr, flush=True)
                 rows += run_one(engine, options, suite, profiles, suites[suite], work)
-        kept = [r for r in old if r["engine"] not in wanted]
+        kept = [r for r in old if r["engine"] not in wanted or r["suite"] not in suites_wanted]
         order = {e: i for i, e in enumerate(ENGINES)}
         rows = sorted(kept + rows, key=lambda r: order.get(r["engine"], 99))
         with open(data + ".tmp", "w", encoding="utf-8") as f:

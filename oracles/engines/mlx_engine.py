@@ -31,6 +31,12 @@ OPTIONS = {
 
 class Engine:
     name = "mlx"
+    SERVING = ("schedule cases through mlx_lm's caches: a one-request forward on the request's "
+               "own prompt cache (make_prompt_cache); several requests in one forward on the "
+               "batch cache its PromptProcessingBatch builds (KVCache.merge into BatchKVCache, "
+               "prepare(right_padding), finalize, extract); a shared prefix is a copy of the "
+               "donor's prompt cache trimmed to L (trim_prompt_cache); a preempted request's "
+               "cache is dropped and recomputed")
 
     def __init__(self, options: dict | None = None):
         import mlx.core as mx
@@ -59,6 +65,16 @@ class Engine:
         if cfg.model_type == "deepseek_v3" and cfg.topk_method != "noaux_tc":
             return f"MLX-LM's deepseek_v3 refuses topk_method {cfg.topk_method!r} (Unsupported topk method)"
         return True
+
+    def close(self):
+        """Free what MLX holds (called on the thread that built the adapter; idempotent): the
+        models live only inside run(); this returns MLX's buffer cache to the system."""
+        import gc
+
+        gc.collect()
+        clear = getattr(self.mx, "clear_cache", None) or getattr(getattr(self.mx, "metal", None), "clear_cache", None)
+        if clear is not None:
+            clear()
 
     # ---- loading ---------------------------------------------------------------------------
     def _load(self, case):

@@ -35,6 +35,9 @@ OPTIONS = {
 }
 
 
+ENVIRONMENT = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING")  # set unless given
+
+
 class Engine:
     name = "vllm"
 
@@ -45,6 +48,13 @@ class Engine:
 
         self.vllm = vllm
         self.options = resolve_options(self.name, OPTIONS, options or {})
+
+    def close(self):
+        """Free what the adapter holds (called on the thread that built it; idempotent): each
+        case's LLM is deleted at the end of run(); the garbage collector frees its engine."""
+        import gc
+
+        gc.collect()
 
     def supports(self, case):
         ok = model_case_support(case, "vLLM")

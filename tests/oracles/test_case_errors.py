@@ -1,0 +1,144 @@
+"""An engine's refusal or crash on the file route (oracles/case_errors.py): `oracles run` records
+it per case (CANDIDATE/cases/<id>/error.txt, and engine.json's errors for --engine), and
+`oracles check GOLDEN CANDIDATE` reports it as ERROR with its message, never as missing. The
+file is read as untrusted input. The reproduce line carries the environment an engine read."""
+
+import json
+import os
+import sys
+import textwrap
+
+import pytest
+
+from oracles import engines, golden
+from oracles.case_errors import ERROR_FILE, MAX_ERROR_BYTES, read_error
+from tests.helpers import run_main
+
+ONLY = "gate.tiny,model.prefill.tiny"
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("errors") / "suite")
+    golden.generate(out, "default", ONLY)
+    return out
+
+
+def _module(tmp_path, monkeypatch, name, body):
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop(name, None)
+    return f"{name}:factory"
+
+
+REFUSES_MODELS = """
+    class A:
+        def supports(self, case):
+            return True
+
+        def run(self, case):
+            if case.is_model:
+                raise RuntimeError("[GatherMM::eval] Currently only supports float32.\\nsecond line \\x1b[2J")
+            from oracles.emulate import run_case
+            return run_case(case, "float32")
+
+    def factory():
+        return A()
+"""
+
+
+def test_a_refused_case_is_recorded_and_checked_as_error_with_its_message(suite, tmp_path, monkeypatch):
+    spec = _module(tmp_path, monkeypatch, "refuses_models", REFUSES_MODELS)
+    cand = tmp_path / "cand"
+    rc, out, _ = run_main("run", suite, "--adapter", spec, "--out", cand, module="oracles")
+    assert rc == 1 and "error model.prefill.tiny: run() raised RuntimeError" in out
+    text = (cand / "cases" / "model.prefill.tiny" / ERROR_FILE).read_text()
+    assert text.count("\n") == 1 and "GatherMM" in text and "second line" in text  # one line
+    assert not (cand / "cases" / "model.prefill.tiny" / "outputs.safetensors").exists()
+    rc, out, _ = run_main("check", suite, cand, "--json", tmp_path / "r.json", module="oracles")
+    rep = json.load(open(tmp_path / "r.json"))
+    status = {r["id"]: (r["status"], r.get("reason", "")) for r in rep["cases"]}
+    assert status["gate.tiny"][0] == "pass"
+    assert status["model.prefill.tiny"][0] == "error" and "GatherMM" in status["model.prefill.tiny"][1]
+    assert rc == 1 and rep["counts"]["missing"] == 0 and rep["counts"]["error"] == 1
+    assert "\x1b" not in out and "\\x1b" in out  # escaped when printed
+
+
+def test_engine_json_records_the_errors_and_the_check_reads_them(suite, tmp_path, monkeypatch):
+    """The --engine route: engine.json lists the errors beside the skips; a candidate whose
+    error.txt is gone still reports the case as ERROR from engine.json."""
+    spec = _module(tmp_path, monkeypatch, "refuses_models2", REFUSES_MODELS)
+    monkeypatch.setitem(engines.ENGINES, "fake", ("refuses_models2_engine", "numpy", "none"))
+    (tmp_path / "refuses_models2_engine.py").write_text(textwrap.dedent("""
+        from refuses_models2 import A
+
+        class Engine(A):
+            SERVING = "one request at a time"
+
+            def __init__(self, options):
+                self.options = {"dtype": "float32"}
+    """))
+    cand = tmp_path / "cand"
+    rc, _, _ = run_main("run", suite, "--engine", "fake", "--out", cand, module="oracles")
+    info = json.load(open(cand / "engine.json"))
+    assert rc == 1 and "GatherMM" in info["errors"]["model.prefill.tiny"] and info["skipped"] == {}
+    assert info["serving"] == "one request at a time"
+    os.remove(cand / "cases" / "model.prefill.tiny" / ERROR_FILE)
+    rc, out, _ = run_main("check", suite, cand, module="oracles")
+    assert rc == 1 and "ERROR" in out and "GatherMM" in out and "0 missing" in out
+    assert spec
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p, outside: p.write_bytes(b"x" * (MAX_ERROR_BYTES + 1)), "larger than"),
+    (lambda p, outside: p.write_bytes(b"\n\n"), "is empty"),
+    (lambda p, outside: os.symlink(outside, p), "leads outside"),
+    (lambda p, outside: os.mkfifo(p), "not a regular file"),
+    (lambda p, outside: os.mkdir(p), "not a regular file"),
+])
+def test_the_error_file_is_read_as_untrusted_input(suite, tmp_path, make, message):
+    cand = tmp_path / "cand"
+    d = cand / "cases" / "model.prefill.tiny"
+    d.mkdir(parents=True)
+    outside = tmp_path / "secret.txt"
+    outside.write_text("secret\n")
+    make(d / ERROR_FILE, outside)
+    rc, _, err = run_main("check", suite, cand, "--only", "model.prefill.tiny", module="oracles")
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and message in lines[0], err
+    assert "secret" not in err.replace("secret.txt", "")
+
+
+def test_only_the_first_line_is_the_reason(tmp_path):
+    d = tmp_path / "cases" / "c"
+    d.mkdir(parents=True)
+    (d / ERROR_FILE).write_bytes(b"  RuntimeError: out of memory  \nTraceback ...\n")
+    assert read_error(str(tmp_path), "c") == "RuntimeError: out of memory"
+    assert read_error(str(tmp_path), "other") is None
+
+
+def test_the_reproduce_line_carries_the_environment_the_engine_read(suite, tmp_path, monkeypatch):
+    """llama.cpp reads LLAMA_CPP_CONVERTER: its reproduce line sets it (shown with a stand-in
+    engine that declares the same variable)."""
+    monkeypatch.setenv("LLAMA_CPP_CONVERTER", "/opt/llama cpp/convert_hf_to_gguf.py")
+    assert engines.environment("llama.cpp") == {"LLAMA_CPP_CONVERTER": "/opt/llama cpp/convert_hf_to_gguf.py"}
+    _module(tmp_path, monkeypatch, "env_engine", """
+        ENVIRONMENT = ("LLAMA_CPP_CONVERTER", "NOT_SET_ANYWHERE")
+
+        class Engine:
+            def __init__(self, options):
+                self.options = {}
+
+            def supports(self, case):
+                return True
+
+            def run(self, case):
+                return {"logits": case.inputs["input_ids"][..., None] * 0.0}
+    """)
+    monkeypatch.setitem(engines.ENGINES, "envfake", ("env_engine", "numpy", "none"))
+    rc, out, _ = run_main("check", suite, "--engine", "envfake", "--only", "model.prefill.tiny",
+                          module="oracles")
+    repro = [ln.strip() for ln in out.splitlines() if "--engine envfake" in ln]
+    assert rc == 1 and repro, out
+    assert repro[0].startswith("LLAMA_CPP_CONVERTER='/opt/llama cpp/convert_hf_to_gguf.py' oracles check ")
+    assert "NOT_SET_ANYWHERE" not in repro[0]
