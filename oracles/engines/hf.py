@@ -189,15 +189,7 @@ class Engine:
         past = [caches[c.request][0][0].shape[2] if c.request in caches else 0 for c in chunks]
         new = [c.recompute + c.n for c in chunks]
         big_c, big_n = max(past), max(new)
-        ids = np.zeros((b, big_n), np.int64)
-        pos = np.zeros((b, big_n), np.int64)
-        mask = np.zeros((b, big_c + big_n), np.int64)
-        for i, c in enumerate(chunks):
-            first = c.start - c.recompute
-            ids[i, big_n - new[i]:] = tokens[c.request][first:c.start + c.n]
-            pos[i, big_n - new[i]:] = np.arange(first, c.start + c.n)
-            mask[i, big_c - past[i]:big_c] = 1
-            mask[i, big_c + big_n - new[i]:] = 1
+        ids, pos, mask = self._padded_batch(tokens, chunks, past)
         n_layers = case.config.num_hidden_layers
         data = None
         if big_c:
@@ -239,6 +231,23 @@ class Engine:
             rows[name] = a
         for i, c in enumerate(chunks):  # the last n rows: its new tokens (recomputed ones dropped)
             outputs.add(c.request, {k: a[i:i + 1, big_n - c.n:] for k, a in rows.items()})
+
+    @staticmethod
+    def _padded_batch(tokens, chunks, past):
+        """-> input_ids [b, N], position_ids [b, N], attention mask [b, C + N]: row i is
+        [pad | its C_i cached entries | pad | its n_i new tokens], the mask 1 on its own entries."""
+        new = [c.recompute + c.n for c in chunks]
+        big_c, big_n = max(past), max(new)
+        ids = np.zeros((len(chunks), big_n), np.int64)
+        pos = np.zeros((len(chunks), big_n), np.int64)
+        mask = np.zeros((len(chunks), big_c + big_n), np.int64)
+        for i, c in enumerate(chunks):
+            first = c.start - c.recompute
+            ids[i, big_n - new[i]:] = tokens[c.request][first:c.start + c.n]
+            pos[i, big_n - new[i]:] = np.arange(first, c.start + c.n)
+            mask[i, big_c - past[i]:big_c] = 1
+            mask[i, big_c + big_n - new[i]:] = 1
+        return ids, pos, mask
 
     def _greedy(self, model, ids, new):
         cache = self.transformers.DynamicCache(config=model.config)

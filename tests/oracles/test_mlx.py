@@ -63,3 +63,35 @@ def test_mlx_fp8_checkpoint_is_loaded_in_bf16_and_passes_the_bf16_profile(defaul
     rep = run_check(default_dir, AdapterCandidate(mlx_engine, "mlx"), "bf16",
                     only="model.prefill.fp8_blocks")
     assert rep["counts"]["pass"] == 1, rep["cases"]
+
+
+SCHEDULES = "scenario.preemption.small,scenario.prefix_blocks.small,scenario.mixed_step.small"
+
+
+def test_mlx_runs_serving_schedules_through_its_caches_and_passes(default_dir, mlx_engine):
+    """Its prompt caches per request, its batch cache for several requests in one forward
+    (merge, right padding rolled back by finalize, extract), prefix copies trimmed to L, a
+    preempted request recomputed: every schedule case passes in float32 with its routing."""
+    rep = run_check(default_dir, AdapterCandidate(mlx_engine, "mlx"), "float32", only=SCHEDULES)
+    for r in rep["cases"]:
+        assert r["status"] == "pass", (r["id"], r.get("reason"))
+        checked = {o["name"] for o in r["outputs"] if o["status"] == "pass"}
+        assert {"request.0.logits", "request.1.logits", "request.1.layers.1.topk_idx"} <= checked
+
+
+def test_a_cache_left_unrolled_fails_the_schedule(default_dir):
+    """The runner is checked, not trusted: without BatchKVCache.finalize (the right padding of
+    a mixed-length forward left in the cache, where later tokens attend to it) the mixed-step
+    case fails."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    adapter, _ = engines.load_engine("mlx", {})
+    original = BatchKVCache.finalize
+    BatchKVCache.finalize = lambda self: setattr(self, "_right_padding", None)
+    try:
+        rep = run_check(default_dir, AdapterCandidate(adapter, "bug"), "float32",
+                        only="scenario.mixed_step.small")
+    finally:
+        BatchKVCache.finalize = original
+    (r,) = rep["cases"]
+    assert r["status"] == "fail" and r["first_failure"].startswith("request."), r
