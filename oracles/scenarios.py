@@ -420,19 +420,23 @@ def long_decode_case(cid, cfg, prefill, steps, chunk=None, pins=None):
                                  f"position {prefill + steps - 1}", prompts=[prefill])
 
 
-def preemption_case(cid, cfg, prompts, before, after, pins=None):
-    """Two requests prefilled and decoded together; request 1 is preempted after `before`
-    decode steps (its cache entries freed, as an engine does when its KV cache runs out), request
-    0 decodes alone, then request 1 resumes: its first forward recomputes everything it holds
-    (the recompute policy) and it decodes on, beside request 0."""
+def preemption_case(cid, cfg, prompts, before, alone, after, pins=None):
+    """Two requests prefilled together and decoded `before` steps; request 1 is then preempted
+    (its cache entries freed, as a paged engine does when its KV cache runs out), request 0
+    decodes `alone` steps to its end, and request 1 resumes: its first forward recomputes
+    everything it holds (the recompute policy), then it decodes `after` - 1 more steps. With
+    16-token blocks, prompts[1] + before a multiple of 16 and prompts[0] + before + alone within
+    request 0's blocks, a cache of exactly the blocks they hold makes a paged engine preempt
+    request 1 at that step and resume it only once request 0 has finished."""
     steps = [fwd((0, prompts[0]), (1, prompts[1])),
              fwd((0, 1), (1, 1), repeat=before),
              {"op": "preempt", "request": 1},
-             fwd((0, 1), repeat=3),
-             fwd((0, 1), (1, 1), repeat=after)]
-    return schedule_case(cid, cfg, [prompts[0] + before + 3 + after, prompts[1] + before + after],
-                         steps, pins or f"request 1 preempted after {before} decode steps and "
-                                        f"resumed by recomputing its {prompts[1] + before} tokens",
+             fwd((0, 1), repeat=alone),
+             fwd((1, 1), repeat=after)]
+    held = prompts[1] + before
+    return schedule_case(cid, cfg, [prompts[0] + before + alone, held + after], steps,
+                         pins or f"request 1 preempted after {before} decode steps, resumed once "
+                                 f"request 0 has finished by recomputing its {held} tokens",
                          prompts=prompts)
 
 
@@ -487,7 +491,7 @@ def default_cases(tiny, tiny_mtp):
         ("scenario.mixed_step.small", lambda c: mixed_step_case(c, t)),
         ("scenario.final_chunk.small", lambda c: final_chunk_case(c, t, [16, 16, 1], 4)),
         ("scenario.prefix_blocks.small", lambda c: prefix_blocks_case(c, t, [16, 17])),
-        ("scenario.preemption.small", lambda c: preemption_case(c, t, [10, 14], 3, 3)),
+        ("scenario.preemption.small", lambda c: preemption_case(c, t, [10, 14], 2, 3, 4)),
         ("scenario.decode.past_256", lambda c: long_decode_case(
             c, t, 240, 60, pins="60 decode steps from position 240 to 299: past the first KV "
                                 "block of 256 and past original_max_position_embeddings 64")),
@@ -520,7 +524,7 @@ def suite(cfg, cfg_mtp, long_cfg):
                                          "prefill mixed with their decode steps, then 200 decode "
                                          "steps of all three")),
         ("scenario.mixed_step", lambda c: mixed_step_case(c, t)),
-        ("scenario.preemption", lambda c: preemption_case(c, t, [40, 60], 20, 20)),
+        ("scenario.preemption", lambda c: preemption_case(c, t, [40, 60], 4, 20, 10)),
         ("scenario.decode.long", lambda c: long_decode_case(
             c, t, 20, 300, pins="300 decode steps after a 20-token prefill, to position 319")),
         ("scenario.decode.past_512", lambda c: long_decode_case(

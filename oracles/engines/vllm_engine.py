@@ -12,8 +12,10 @@ layer's router returns from select_experts, recorded in-process (VLLM_ENABLE_V1_
 LLM.apply_model) by swapping the router object's class for a recording subclass (record.py):
 no vLLM source is patched. (`enable_return_routed_experts`, option routing=true, would be the
 API for it, but it needs model runner V2, which needs Triton: not on a CPU.) Greedy streams are vLLM's own greedy sampling
-(temperature 0). Decode cases are skipped: vLLM's API takes a prompt and samples; it offers no
-way to step forced tokens through its KV cache.
+(temperature 0). Decode cases are real decode steps: the prefill is the prompt and each forced
+token is what vLLM samples, made so by a logits processor (vLLM's LogitsProcessor interface,
+vllm_serving.ForcedTokens) that runs after the raw logits are taken; schedule cases run through
+vLLM's own scheduler (vllm_serving.py).
 
 Options: dtype (float32 | bfloat16 | float16), kv_cache_dtype (auto | fp8 | fp8_e4m3 |
 fp8_e5m2; vLLM's CPU MLA backend accepts only auto), enforce_eager (true | false).
@@ -40,6 +42,14 @@ ENVIRONMENT = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING")  # se
 
 class Engine:
     name = "vllm"
+    SERVING = ("schedule cases through vLLM's own scheduler: one in-process LLMEngine, a request "
+               "added with its whole prompt before the forward that prefills it, each "
+               "LLMEngine.step() one scheduler step checked against the schedule; decode "
+               "tokens are real decode steps whose sampling a logits processor forces to the "
+               "schedule's tokens (raw logits reported from before it); a preemption is vLLM's "
+               "own, from a KV cache sized to the blocks held before it (recompute policy); "
+               "chunked prefill and prefix caching are off for MLA on a CPU (vllm/platforms/"
+               "cpu.py:516-530)")
 
     def __init__(self, options: dict | None = None):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the cases are tiny
@@ -57,35 +67,81 @@ class Engine:
         gc.collect()
 
     def supports(self, case):
-        ok = model_case_support(case, "vLLM")
+        ok = model_case_support(case, "vLLM", schedules=True)
         if ok is not True:
             return ok
-        if case.kind == "decode":
-            return ("not supported by this engine: vLLM's API takes a prompt and samples; it "
-                    "cannot step forced tokens through its KV cache")
         cfg = case.config
         if cfg.kv_lora_rank + cfg.qk_rope_head_dim != 576:
             return (f"vLLM's CPU MLA kernel supports only the real latent width 576 (kv_lora_rank "
                     f"512 + qk_rope_head_dim 64); this case has {cfg.kv_lora_rank} + "
                     f"{cfg.qk_rope_head_dim} (run the engine suite)")
+        if case.kind == "schedule":
+            from .vllm_serving import unsupported
+
+            return unsupported(case) or True
         return True
 
-    def _llm(self, case, routing):
+    def _llm(self, case, routing, max_len=None, blocks=None):
+        from .vllm_serving import forced_tokens_processor
+
         cfg = case.config
         kw = dict(model=case.model_path, skip_tokenizer_init=True, dtype=self.options["dtype"],
                   kv_cache_dtype=self.options["kv_cache_dtype"],
                   enforce_eager=self.options["enforce_eager"] == "true",
                   logprobs_mode="raw_logits", max_logprobs=cfg.vocab_size,
-                  max_model_len=min(cfg.max_position_embeddings, 1024), seed=0)
+                  max_model_len=max_len or min(cfg.max_position_embeddings, 1024), seed=0,
+                  logits_processors=[forced_tokens_processor()], async_scheduling=False)
+        if blocks is not None:  # the KV cache sized to force a preemption (vllm_serving.py)
+            kw["num_gpu_blocks_override"] = blocks
         if routing:
             kw["enable_return_routed_experts"] = True
         return self.vllm.LLM(**kw)
 
+    def _schedule(self, case):
+        from .vllm_serving import BLOCK, ScheduleRun, blocks_before_preemption, steps_of
+
+        tokens, _ = steps_of(case)
+        longest = max(len(t) for t in tokens) + 1  # and the token sampled after the last one
+        blocks = blocks_before_preemption(case)
+        max_len = longest if blocks is None else blocks * BLOCK
+        if max_len < longest:
+            raise RuntimeError(f"a KV cache of {blocks} blocks (the preemption point) holds "
+                               f"{max_len} tokens, fewer than the longest request ({longest})")
+        llm = self._llm(case, False, max_len=max(max_len, 16), blocks=blocks)
+        try:
+            return ScheduleRun(self.vllm, llm, case).run()
+        finally:
+            del llm
+
+    def _decode(self, llm, case, ids):
+        """Decode cases: the prefill is the prompt, each forced token a real decode step (the
+        ForcedTokens logits processor picks what is sampled); the logits are the raw ones of
+        each step (positions P..P+n-1: the sampled tokens' logprobs after the first)."""
+        p = case.params["prefill"]
+        n = ids.shape[1] - p
+        v = case.config.vocab_size
+        reqs, params = [], []
+        for r in ids:
+            reqs.append({"prompt_token_ids": r[:p].tolist()})
+            params.append(self.vllm.SamplingParams(
+                max_tokens=n + 1, temperature=0.0, logprobs=v, ignore_eos=True, detokenize=False,
+                extra_args={"oracles_forced": r[p:].tolist() + [0]}))
+        outs = llm.generate(reqs, params, use_tqdm=False)
+        logits = np.stack([np.stack([self._dense(e, v) for e in o.outputs[0].logprobs[1:]]) for o in outs])
+        got = np.array([list(o.outputs[0].token_ids[:n]) for o in outs])
+        if not np.array_equal(got, ids[:, p:]):
+            raise RuntimeError("vLLM sampled other tokens than the forced ones")
+        return {"logits": logits}
+
     def run(self, case):
+        if case.kind == "schedule":
+            return self._schedule(case)
         ids = np.asarray(case.inputs["input_ids"], dtype=np.int64)
         routing = self.options["routing"] == "true" and case.kind == "prefill"
         llm = self._llm(case, routing)
         try:
+            if case.kind == "decode":
+                return self._decode(llm, case, ids)
             if case.kind == "greedy":
                 sp = self.vllm.SamplingParams(max_tokens=case.params["max_new_tokens"], temperature=0.0,
                                               ignore_eos=True, detokenize=False)
