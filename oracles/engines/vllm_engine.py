@@ -91,8 +91,8 @@ class Engine:
                   logprobs_mode="raw_logits", max_logprobs=cfg.vocab_size,
                   max_model_len=max_len or min(cfg.max_position_embeddings, 1024), seed=0,
                   logits_processors=[forced_tokens_processor()], async_scheduling=False)
-        if blocks is not None:  # the KV cache sized to force a preemption (vllm_serving.py)
-            kw["num_gpu_blocks_override"] = blocks
+        if blocks is not None:  # the KV cache sized to force a preemption (vllm_serving.py),
+            kw["num_gpu_blocks_override"] = blocks + 1  # and the pool's null block (block_pool.py:187)
         if routing:
             kw["enable_return_routed_experts"] = True
         return self.vllm.LLM(**kw)

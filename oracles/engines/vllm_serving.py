@@ -174,7 +174,7 @@ class ScheduleRun:
             before = len(self.seen)
             for out in self.engine.step():
                 if out.finished:
-                    finals[int(out.request_id)] = out
+                    finals[int(_external(out.request_id))] = out
             if len(self.seen) != before + 1:
                 raise RuntimeError(f"step {j}: vLLM ran {len(self.seen) - before} scheduler steps "
                                    "for one engine step")
@@ -187,11 +187,11 @@ class ScheduleRun:
 
     def _verify(self, j, st: Forward, so, preempt) -> None:
         want = {str(c.request): c.recompute + c.n for c in st.chunks}
-        got = dict(so.num_scheduled_tokens)
+        got = {_external(k): v for k, v in so.num_scheduled_tokens.items()}
         if got != want:
             raise RuntimeError(f"step {j}: vLLM's scheduler scheduled {sorted(got.items())} "
                                f"(request: tokens), the schedule says {sorted(want.items())}")
-        preempted = set(getattr(so, "preempted_req_ids", None) or ())
+        preempted = {_external(k) for k in getattr(so, "preempted_req_ids", None) or ()}
         if preempted != ({str(preempt)} if preempt is not None else set()):
             raise RuntimeError(f"step {j}: vLLM preempted {sorted(preempted) or 'nothing'}, the "
                                f"schedule preempts {preempt if preempt is not None else 'nothing'}")
@@ -214,6 +214,12 @@ class ScheduleRun:
             rows += [_dense(e, v) for e in gen]
             res.add(r, {"logits": np.stack(rows)[None]})
         return res.result()
+
+
+def _external(request_id: str) -> str:
+    """Our request id ('3') from the engine's internal one ('3-89eb9407': vLLM appends a random
+    suffix, LLMEngine.add_request -> input_processor.assign_request_id)."""
+    return request_id.rsplit("-", 1)[0] if "-" in request_id else request_id
 
 
 def _dense(entry, v):
