@@ -67,7 +67,10 @@ class Engine:
         gc.collect()
 
     def supports(self, case):
-        ok = model_case_support(case, "vLLM", schedules=True)
+        if case.kind == "mtp_speculation":  # vLLM's own MTP drafter (deepseek_mtp)
+            ok = True if case.model_path else "the case has no checkpoint directory"
+        else:
+            ok = model_case_support(case, "vLLM", schedules=True)
         if ok is not True:
             return ok
         cfg = case.config
@@ -81,7 +84,23 @@ class Engine:
             return unsupported(case) or True
         return True
 
-    def _llm(self, case, routing, max_len=None, blocks=None):
+    def _speculate(self, case):
+        """MTP speculation cases: greedy decoding with vLLM's deepseek_mtp drafter proposing
+        `depth` tokens per step (speculative_config), which its rejection sampler verifies in
+        one forward of the main model; the stream must equal plain greedy decoding."""
+        ids = np.asarray(case.inputs["input_ids"], dtype=np.int64)
+        depth, n = case.params["depth"], case.params["max_new_tokens"]
+        llm = self._llm(case, False, max_len=ids.shape[1] + n + depth + 1,
+                        speculative={"method": "deepseek_mtp", "num_speculative_tokens": depth})
+        try:
+            sp = self.vllm.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
+                                          detokenize=False)
+            outs = llm.generate([{"prompt_token_ids": ids[0].tolist()}], sp, use_tqdm=False)
+            return {"tokens": np.array([list(outs[0].outputs[0].token_ids)], np.int64)}
+        finally:
+            del llm
+
+    def _llm(self, case, routing, max_len=None, blocks=None, speculative=None):
         from .vllm_serving import forced_tokens_processor
 
         cfg = case.config
@@ -90,11 +109,15 @@ class Engine:
                   enforce_eager=self.options["enforce_eager"] == "true",
                   logprobs_mode="raw_logits", max_logprobs=cfg.vocab_size,
                   max_model_len=max_len or min(cfg.max_position_embeddings, 1024), seed=0,
-                  logits_processors=[forced_tokens_processor()], async_scheduling=False)
+                  async_scheduling=False)
+        if speculative is None:  # vLLM refuses custom logits processors with speculation
+            kw["logits_processors"] = [forced_tokens_processor()]
         if blocks is not None:  # the KV cache sized to force a preemption (vllm_serving.py),
             kw["num_gpu_blocks_override"] = blocks + 1  # and the pool's null block (block_pool.py:187)
         if routing:
             kw["enable_return_routed_experts"] = True
+        if speculative is not None:
+            kw["speculative_config"] = speculative
         return self.vllm.LLM(**kw)
 
     def _schedule(self, case):
@@ -136,6 +159,8 @@ class Engine:
     def run(self, case):
         if case.kind == "schedule":
             return self._schedule(case)
+        if case.kind == "mtp_speculation":
+            return self._speculate(case)
         ids = np.asarray(case.inputs["input_ids"], dtype=np.int64)
         routing = self.options["routing"] == "true" and case.kind == "prefill"
         llm = self._llm(case, routing)
