@@ -126,7 +126,7 @@ class PackedRun:
             self.slots[r] = t
         trace = {}
         xp = model.xp
-        cos, sin = rope.cos_sin(pos, model.inv_freq, model.cos_sin_factor, xp)
+        cos, sin = rope.cos_sin(pos, model.inv_freq, model.cos_sin_factor, xp, model.dtype)
         form = model.mla_form if model.mla_form != "auto" else ("absorbed" if start > 0 else "naive")
         step = Step(cos, sin, xp.asarray(mask), start, model.softmax_scale, form, self.cache)
         h = model.weights.rows(names.EMBED, ids)  # [1, s] -> [1, s, d]
