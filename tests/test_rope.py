@@ -168,6 +168,6 @@ def test_the_model_forms_angles_in_its_working_precision():
     m64 = tiny_model()
     m32 = tiny_model(dtype="float32")
     pos = np.array([3, 900, 4000])
-    assert np.array_equal(m64.step(pos, 4001, 0).cos, rope.cos_sin(pos, m64.inv_freq, m64.cos_sin_factor)[0])
+    assert np.array_equal(m64.attention_context(pos, 4001, 0).cos, rope.cos_sin(pos, m64.inv_freq, m64.cos_sin_factor)[0])
     want = rope.cos_sin(pos, m32.inv_freq, m32.cos_sin_factor, dtype=np.float32)[0]
-    assert np.array_equal(np.asarray(m32.step(pos, 4001, 0).cos), want)
+    assert np.array_equal(np.asarray(m32.attention_context(pos, 4001, 0).cos), want)

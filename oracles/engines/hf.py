@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import model_case_support, resolve_options
+from .serving import Outputs, Preempt, Share, steps_of
 
 OPTIONS = {
     "dtype": ("float32", ("float32", "bfloat16", "float16"), "weights and activations"),
@@ -159,8 +160,6 @@ class Engine:
     # ---- serving schedules -------------------------------------------------------------------
     def _schedule(self, model, case):
         """A `schedule` case as a serving engine built on transformers runs it (SERVING)."""
-        from .serving import Outputs, Preempt, Share, steps_of
-
         tokens, steps = steps_of(case)
         outputs = Outputs(len(tokens))
         caches = {}  # request -> [(keys, values) per layer], each [1, heads, t, dim]

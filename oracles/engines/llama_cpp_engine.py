@@ -38,6 +38,7 @@ import numpy as np
 
 from .. import OraclesError
 from . import model_case_support, resolve_options
+from .serving import Outputs, Preempt, Share, steps_of
 
 OPTIONS = {
     "dtype": ("float32", ("float32", "bfloat16", "float16"), "GGUF weights (--outtype)"),
@@ -279,8 +280,6 @@ class Engine:
     def _schedule(self, case):
         """A `schedule` case in one llama.cpp context (SERVING): every Forward is one
         llama_decode of a batch holding each request's tokens under its seq_id."""
-        from .serving import Outputs, Preempt, Share, steps_of
-
         ll = self.llama_cpp.llama_cpp
         tokens, steps = steps_of(case)
         width = max(sum(c.recompute + c.n for c in st.chunks) for st in steps if not isinstance(st, (Share, Preempt)))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import model_case_support, resolve_options
+from .serving import Outputs, Preempt, Share, steps_of
 from .record import record_calls, restore
 
 OPTIONS = {
@@ -174,8 +175,6 @@ class Engine:
     def _schedule(self, model, case, store):
         """A `schedule` case through mlx_lm's serving caches (SERVING in the module docstring)."""
         import copy
-
-        from .serving import Outputs, Preempt, Share, steps_of
 
         mx, cache_mod = self.mx, self.cache
         tokens, steps = steps_of(case)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..schedule import Forward, Preempt, Share, plan, request_name, request_tokens
+from ..format.schedule import Forward, Preempt, Share, plan, request_name, request_tokens
 
 __all__ = ["Forward", "Preempt", "Share", "Outputs", "steps_of"]
 

@@ -24,10 +24,13 @@ fp8_e5m2; vLLM's CPU MLA backend accepts only auto), enforce_eager (true | false
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
 from . import model_case_support, resolve_options
+from . import vllm_serving
+from .record import record_method
 
 OPTIONS = {
     "dtype": ("float32", ("float32", "bfloat16", "float16"), "weights and activations"),
@@ -79,9 +82,7 @@ class Engine:
                     f"512 + qk_rope_head_dim 64); this case has {cfg.kv_lora_rank} + "
                     f"{cfg.qk_rope_head_dim} (run the engine suite)")
         if case.kind == "schedule":
-            from .vllm_serving import unsupported
-
-            return unsupported(case) or True
+            return vllm_serving.unsupported(case) or True
         return True
 
     def _speculate(self, case):
@@ -101,8 +102,6 @@ class Engine:
             del llm
 
     def _llm(self, case, routing, max_len=None, blocks=None, speculative=None):
-        from .vllm_serving import forced_tokens_processor
-
         cfg = case.config
         kw = dict(model=case.model_path, skip_tokenizer_init=True, dtype=self.options["dtype"],
                   kv_cache_dtype=self.options["kv_cache_dtype"],
@@ -111,7 +110,7 @@ class Engine:
                   max_model_len=max_len or min(cfg.max_position_embeddings, 1024), seed=0,
                   async_scheduling=False)
         if speculative is None:  # vLLM refuses custom logits processors with speculation
-            kw["logits_processors"] = [forced_tokens_processor()]
+            kw["logits_processors"] = [vllm_serving.forced_tokens_processor()]
         if blocks is not None:  # the KV cache sized to force a preemption (vllm_serving.py),
             kw["num_gpu_blocks_override"] = blocks + 1  # and the pool's null block (block_pool.py:187)
         if routing:
@@ -121,18 +120,16 @@ class Engine:
         return self.vllm.LLM(**kw)
 
     def _schedule(self, case):
-        from .vllm_serving import BLOCK, ScheduleRun, blocks_before_preemption, steps_of
-
-        tokens, _ = steps_of(case)
+        tokens, _ = vllm_serving.steps_of(case)
         longest = max(len(t) for t in tokens) + 1  # and the token sampled after the last one
-        blocks = blocks_before_preemption(case)
-        max_len = longest if blocks is None else blocks * BLOCK
+        blocks = vllm_serving.blocks_before_preemption(case)
+        max_len = longest if blocks is None else blocks * vllm_serving.BLOCK
         if max_len < longest:
             raise RuntimeError(f"a KV cache of {blocks} blocks (the preemption point) holds "
                                f"{max_len} tokens, fewer than the longest request ({longest})")
         llm = self._llm(case, False, max_len=max(max_len, 16), blocks=blocks)
         try:
-            return ScheduleRun(self.vllm, llm, case).run()
+            return vllm_serving.ScheduleRun(self.vllm, llm, case).run()
         finally:
             del llm
 
@@ -196,10 +193,6 @@ class Engine:
     @staticmethod
     def _record_routing(llm):
         """{layer: [topk_ids arrays]}: each MoE layer's router output, recorded per call."""
-        import re
-
-        from .record import record_method
-
         seen = {}
 
         def attach(model):

@@ -25,6 +25,7 @@ import math
 
 import numpy as np
 
+from .record import record_method
 from .serving import Forward, Outputs, Preempt, Share, steps_of
 
 BLOCK = 16  # the CPU MLA backend's block size (vllm/platforms/cpu.py:273-280)
@@ -144,8 +145,6 @@ class ScheduleRun:
         if scheduler is None:
             raise RuntimeError("vLLM's scheduler is not reachable in-process "
                                "(VLLM_ENABLE_V1_MULTIPROCESSING must be 0)")
-        from .record import record_method
-
         record_method(scheduler, "schedule", lambda out, *a, **k: self.seen.append(out))
 
     def _add(self, r: int) -> None:

@@ -10,8 +10,9 @@ import textwrap
 
 import pytest
 
-from oracles import engines, golden
-from oracles.case_errors import ERROR_FILE, MAX_ERROR_BYTES, read_error
+from oracles import engines
+from oracles.authoring import writer
+from oracles.format.case_errors import ERROR_FILE, MAX_ERROR_BYTES, read_error
 from tests.helpers import run_main
 
 ONLY = "gate.tiny,model.prefill.tiny"
@@ -20,7 +21,7 @@ ONLY = "gate.tiny,model.prefill.tiny"
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("errors") / "suite")
-    golden.generate(out, "default", ONLY)
+    writer.generate(out, "default", ONLY)
     return out
 
 
@@ -39,7 +40,7 @@ REFUSES_MODELS = """
         def run(self, case):
             if case.is_model:
                 raise RuntimeError("[GatherMM::eval] Currently only supports float32.\\nsecond line \\x1b[2J")
-            from oracles.emulate import run_case
+            from oracles.authoring.emulate import run_case
             return run_case(case, "float32")
 
     def factory():

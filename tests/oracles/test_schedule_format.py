@@ -11,9 +11,12 @@ import shutil
 import numpy as np
 import pytest
 
-from oracles import OraclesError, golden, scenarios
-from oracles.schedule import Chunk, Forward, Preempt, Share, check_entry, plan
-from oracles.suites import suite_cases
+from oracles import OraclesError
+from oracles.authoring import scenarios
+from oracles.authoring.kinds import case_model
+from oracles.authoring.suites import suite_cases
+from oracles.format import golden
+from oracles.format.schedule import Chunk, Forward, Preempt, Share, check_entry, plan
 
 DEFAULT = {cid: b for cid, b in suite_cases("default") if cid.startswith("scenario.")}
 SCENARIOS = dict(suite_cases("scenarios"))
@@ -123,8 +126,6 @@ def test_decode_steps_cross_512_1024_and_4096_positions():
 def test_a_preempted_request_is_recomputed_not_remembered():
     """refimpl's run frees the preempted request's cache entries: the recompute adds as many
     slots as it holds, and its outputs still equal the request alone (float64)."""
-    from oracles.cases import _model
-
     case = _case("scenario.preemption.small")
     tokens = scenarios.request_tokens(case)
     steps = _plan(case)
@@ -132,7 +133,7 @@ def test_a_preempted_request_is_recomputed_not_remembered():
     held = sum(c.n for st in steps[:pre] if isinstance(st, Forward) for c in st.chunks if c.request == 1)
     resumed = next(c for st in steps[pre:] if isinstance(st, Forward) for c in st.chunks if c.request == 1)
     assert resumed.recompute == held > 0
-    run = scenarios.PackedRun(_model(case, np.float64), tokens, max_len=sum(map(len, tokens)) + held)
+    run = scenarios.PackedRun(case_model(case, np.float64), tokens, max_len=sum(map(len, tokens)) + held)
     for st in steps:
         if isinstance(st, Share):
             run.share(st.request, st.donor, st.length)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 
-from . import OraclesError, untrusted
+from .. import OraclesError
+from . import untrusted
 
 ERROR_FILE = "error.txt"
 MAX_ERROR_BYTES = 4096

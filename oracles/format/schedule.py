@@ -1,4 +1,4 @@
-"""The serving schedule of a `schedule` case (oracles/scenarios.py), as the reading side sees it:
+"""The serving schedule of a `schedule` case (oracles/authoring/scenarios.py), as the reading side sees it:
 checked before anything runs it (a suite is untrusted input), unrolled step by step, and
 cross-checked against the case's inputs and expected outputs. Nothing here computes an output
 (no refimpl forward pass): the checker, the suite reader and the engine adapters use it.
@@ -26,7 +26,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import OraclesError
+import numpy as np
+
+from .. import OraclesError
 
 SCHEDULE_FORMAT = 1
 OPS = ("forward", "share_prefix", "preempt")
@@ -191,8 +193,6 @@ def expand(schedule, lengths: list[int], where: str = "params.schedule") -> list
 
 def request_tokens(case) -> list:
     """request.<r>.input_ids [1, n_r] -> [n_r] int64 each, r = 0, 1, ..."""
-    import numpy as np
-
     out = []
     while f"request.{len(out)}.input_ids" in case.inputs:
         out.append(np.asarray(case.inputs[f"request.{len(out)}.input_ids"]).reshape(-1).astype(np.int64))
