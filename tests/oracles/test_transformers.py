@@ -22,7 +22,7 @@ SCHEDULES = ("scenario.preemption.small", "scenario.prefix_blocks.small", "scena
 
 @pytest.fixture(scope="module")
 def report(default_dir):
-    from oracles.golden import Golden
+    from oracles.format.golden import Golden
 
     only = ",".join(c for c in Golden(default_dir).cases if not c.startswith("scenario.") or c in SCHEDULES
                     or c.startswith("scenario.speculation."))  # skipped: no time spent
