@@ -514,14 +514,14 @@ def suite(cfg, cfg_mtp, long_cfg):
         ("scenario.decode.long", lambda c: long_decode_case(
             c, t, 20, 300, pins="300 decode steps after a 20-token prefill, to position 319")),
         ("scenario.decode.past_512", lambda c: long_decode_case(
-            c, t, 500, 24, chunk=256, pins="a 500-token prefill, then 24 decode steps across "
-                                           "position 512, to 523")),
+            c, t, 500, 24, pins="a 500-token prefill in one forward, then 24 decode steps across "
+                                "position 512, to 523")),
         ("scenario.decode.past_1024", lambda c: long_decode_case(
-            c, t, 1010, 24, chunk=512, pins="a 1010-token prefill, then 24 decode steps across "
-                                            "position 1024, to 1033")),
+            c, t, 1010, 24, pins="a 1010-token prefill in one forward, then 24 decode steps "
+                                 "across position 1024, to 1033")),
         ("scenario.decode.past_4096", lambda c: long_decode_case(
-            c, long_cfg(), 4085, 24, chunk=1024, pins="a 4085-token prefill, then 24 decode steps "
-                                                      "across position 4096, to 4108")),
+            c, long_cfg(), 4085, 24, pins="a 4085-token prefill in one forward, then 24 decode "
+                                          "steps across position 4096, to 4108")),
         ("scenario.speculation.depth2", lambda c: speculation_case(c, cfg_mtp(2), 2, 5, 300)),
         ("scenario.speculation.depth3", lambda c: speculation_case(c, cfg_mtp(3), 3, 7, 120)),
     ]

@@ -189,3 +189,39 @@ def test_check_entry_takes_the_request_lengths_from_the_inputs():
     entry["outputs"].append({"name": "request.1.logits", "shape": [1, 4, 8]})
     with pytest.raises(OraclesError, match="names no request"):
         check_entry(entry, {"request.0.input_ids": [1, 4]}, "here")
+
+
+def test_what_vllm_can_express_is_decided_before_it_runs():
+    """vLLM on a CPU (MLA: no chunked prefill, no prefix caching, vllm/platforms/cpu.py) runs
+    the scenarios of whole prompts, decode steps and preemption, and skips the others naming
+    the line of vLLM that decides it (pure Python: no vLLM needed)."""
+    from oracles.engines import vllm_serving
+
+    runs = {cid for cid in SCENARIOS if cid.startswith("scenario.") and "speculation" not in cid
+            and vllm_serving.unsupported(_case(cid)) is None}
+    assert runs == {"scenario.ragged_batch.long", "scenario.preemption", "scenario.decode.long",
+                    "scenario.decode.past_512", "scenario.decode.past_1024", "scenario.decode.past_4096"}
+    why = vllm_serving.unsupported(_case("scenario.prefix_blocks.16"))
+    assert "prefix caching" in why and "vllm/platforms/cpu.py:516-530" in why
+    why = vllm_serving.unsupported(_case("scenario.final_chunk"))
+    assert "chunked prefill" in why and "cpu.py" in why
+    idle = _s([{"op": "forward", "batch": [[0, 3], [1, 3]]}, {"op": "forward", "batch": [[0, 1]]},
+               {"op": "forward", "batch": [[0, 1], [1, 1]]}], prompts=[3, 3], requests=2)
+    case = type("C", (), {"schedule": idle, "inputs": {"request.0.input_ids": np.zeros((1, 5), np.int64),
+                                                        "request.1.input_ids": np.zeros((1, 4), np.int64)},
+                          "id": "idle"})()
+    assert "scheduler.py:657-659" in vllm_serving.unsupported(case)
+
+
+def test_the_preemption_case_fills_exactly_the_blocks_a_paged_engine_would_preempt_at():
+    """With 16-token blocks the two requests hold 3 + 4 blocks before the preemption; the next
+    decode step of request 1 (position 64) needs a fifth block of its own, request 0's (44) none."""
+    from oracles.engines import vllm_serving
+
+    case = _case("scenario.preemption")
+    assert vllm_serving.blocks_before_preemption(case) == 7
+    steps = _plan(case)
+    (pre,) = [i for i, st in enumerate(steps) if isinstance(st, Preempt)]
+    before = {c.request: c.start + c.n for st in steps[:pre] if isinstance(st, Forward) for c in st.chunks}
+    assert before == {0: 44, 1: 64}
+    assert vllm_serving.blocks_before_preemption(_case("scenario.decode.long")) is None
