@@ -6,9 +6,11 @@
 Each engine is an optional extra (pyproject: peer, engine-mlx, engine-llamacpp, engine-vllm);
 its module is imported only when --engine names it, and refimpl/ never imports any of them.
 An adapter reports the engine's name, version and options (`info`), which `oracles run` writes
-to CANDIDATE/engine.json and `oracles check` puts in its report. matrix.py runs every installed
-engine over the suites and writes docs/engines.md; reference.py is refimpl itself (and each
-mutant) as a candidate.
+to CANDIDATE/engine.json and `oracles check` puts in its report, with how it runs serving
+schedules (`serving`) and the cases it skipped or refused. serving.py is what the adapters share
+to run a `schedule` case in their engine's own serving machinery (vllm_serving.py: vLLM's
+scheduler). matrix.py runs every installed engine over the suites and writes docs/engines.md;
+reference.py is refimpl itself (and each mutant) as a candidate.
 
 The engines are the top layer of oracles/ (format < checking < authoring < engines < cli): an
 engine adapter may use any layer below; nothing below imports an engine. An engine's own
