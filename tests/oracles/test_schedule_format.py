@@ -148,12 +148,13 @@ def test_a_preempted_request_is_recomputed_not_remembered():
 
 
 def _edit_manifest(src, dst, cid, edit):
-    shutil.copytree(src, dst)
-    p = os.path.join(dst, "manifest.json")
-    m = json.load(open(p))
-    entry = next(e for e in m["cases"] if e["id"] == cid)
-    edit(entry)
-    json.dump(m, open(p, "w"))
+    """A suite of one case copied from `src`, its manifest entry edited."""
+    os.makedirs(os.path.join(dst, "cases"))
+    shutil.copytree(os.path.join(src, "cases", cid), os.path.join(dst, "cases", cid))
+    m = json.load(open(os.path.join(src, "manifest.json")))
+    m["cases"] = [e for e in m["cases"] if e["id"] == cid]
+    edit(m["cases"][0])
+    json.dump(m, open(os.path.join(dst, "manifest.json"), "w"))
     return dst
 
 
@@ -166,16 +167,15 @@ def _edit_manifest(src, dst, cid, edit):
 def test_the_reader_cross_checks_a_schedule_against_inputs_and_outputs(default_dir, tmp_path, edit, message):
     """A suite whose schedule breaks its own rules, or whose outputs do not span the positions
     the schedule computes, is refused (one line, exit 2) before anything runs."""
-    from tests.helpers import run_cli
+    from tests.helpers import run_main
 
     d = _edit_manifest(default_dir, str(tmp_path / "g"), "scenario.prefix_cache.small", edit)
     g = golden.Golden(d, verify=False)
     with pytest.raises(OraclesError) as e:
         g.required("scenario.prefix_cache.small")
     assert message in str(e.value) and "\n" not in str(e.value)
-    r = run_cli("check", d, "--adapter", "oracles.adapters:refimpl_float32",
-                "--only", "scenario.prefix_cache.small", module="oracles")
-    assert r.returncode == 2 and message in r.stderr, r.stderr
+    rc, _, err = run_main("check", d, "--adapter", "oracles.adapters:refimpl_float32", module="oracles")
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_check_entry_takes_the_request_lengths_from_the_inputs():
