@@ -142,14 +142,15 @@ def module_forward(weights, cfg, k: int, emb, h_prev, context, conv: Conventions
     -> (h^k [b, s, d] as fed to module k+1 (Conventions.chain), logits [b, s, vocab]).
     record: embed, h_prev, eh_proj, the decoder layer's names under layer., head_norm, logits,
     hidden."""
-    L = names.mtp_layer(cfg, k)
+    module_layer = names.mtp_layer(cfg, k)  # the module's decoder layer in the checkpoint
     record("embed", emb)
     record("h_prev", h_prev)
-    x = combine(emb, h_prev, weights.get(names.enorm(L)), weights.get(names.hnorm(L)),
-                weights.get(names.eh_proj(L)), cfg.rms_norm_eps, conv.concat)  # eq. (21)
+    x = combine(emb, h_prev, weights.get(names.enorm(module_layer)),
+                weights.get(names.hnorm(module_layer)), weights.get(names.eh_proj(module_layer)),
+                cfg.rms_norm_eps, conv.concat)  # eq. (21)
     record("eh_proj", x)
     h = transformer(weights, cfg, k, x, context, record)  # eq. (22)
-    hn = rms_norm(h, weights.get(names.shared_head_norm(L)), cfg.rms_norm_eps)
+    hn = rms_norm(h, weights.get(names.shared_head_norm(module_layer)), cfg.rms_norm_eps)
     record("head_norm", hn)
     logits = weights.linear(hn, head_name(cfg, k, conv))  # eq. (23), before the softmax
     record("logits", logits)

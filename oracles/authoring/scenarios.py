@@ -375,7 +375,9 @@ def schedule_case(cid, cfg, lengths, steps, pins, share=None):
     return Case(cid, "schedule", pins, inputs, params={"schedule": schedule}, config=cfg, weights=w)
 
 
-def fwd(*pairs, repeat=1):
+def forward_step(*pairs, repeat=1):
+    """A `forward` step of a schedule: one engine forward holding [request, tokens] pairs,
+    `repeat` times."""
     st = {"op": "forward", "batch": [list(p) for p in pairs]}
     if repeat != 1:
         st["repeat"] = repeat
@@ -384,7 +386,7 @@ def fwd(*pairs, repeat=1):
 
 def chunked_prefill_case(cid, cfg, chunks, pins=None):
     """One request prefilled in the given chunk sizes."""
-    return schedule_case(cid, cfg, [sum(chunks)], [fwd((0, c)) for c in chunks],
+    return schedule_case(cid, cfg, [sum(chunks)], [forward_step((0, c)) for c in chunks],
                          pins or f"prefill in chunks of {', '.join(map(str, chunks))} tokens")
 
 
@@ -392,10 +394,13 @@ def prefix_cache_case(cid, cfg, prefix, first, second, extend, pins=None):
     """Request 0 computes a shared prefix (and `first` more tokens); request 1 reuses the
     prefix's cache entries, adds `second` tokens in the same forward as request 0's, then is
     extended by `extend` tokens alone, the last ones one at a time."""
-    steps = [fwd((0, prefix)),
+    steps = [forward_step((0, prefix)),
              {"op": "share_prefix", "request": 1, "from": 0, "length": prefix},
-             fwd((0, first), (1, second))]
-    steps += [fwd((1, extend - 3)), fwd((1, 1), repeat=3)] if extend > 3 else [fwd((1, 1), repeat=extend)]
+             forward_step((0, first), (1, second))]
+    if extend > 3:
+        steps += [forward_step((1, extend - 3)), forward_step((1, 1), repeat=3)]
+    else:
+        steps += [forward_step((1, 1), repeat=extend)]
     return schedule_case(cid, cfg, [prefix + first, prefix + second + extend], steps,
                          pins or f"a {prefix}-token prefix computed once and reused by a second "
                                   "request, then extended", share=[(1, 0, prefix)])
@@ -407,10 +412,10 @@ def ragged_batch_case(cid, cfg, prompts, decode, pins=None):
     its prefill shares a forward with the others' decode steps (a mixed batch)."""
     n = len(prompts)
     late = n - 1  # the last request arrives after the first decode steps
-    steps = [fwd(*[(r, prompts[r]) for r in range(n) if r != late]),
-             fwd(*[(r, 1) for r in range(n) if r != late], repeat=2),
-             fwd(*[(r, 1) for r in range(n) if r != late], (late, prompts[late])),
-             fwd(*[(r, 1) for r in range(n)], repeat=decode)]
+    steps = [forward_step(*[(r, prompts[r]) for r in range(n) if r != late]),
+             forward_step(*[(r, 1) for r in range(n) if r != late], repeat=2),
+             forward_step(*[(r, 1) for r in range(n) if r != late], (late, prompts[late])),
+             forward_step(*[(r, 1) for r in range(n)], repeat=decode)]
     lengths = [prompts[r] + (decode + 3 if r != late else decode) for r in range(n)]
     first = " and ".join(str(prompts[r]) for r in range(n) if r != late)
     return schedule_case(cid, cfg, lengths, steps, pins or
@@ -420,7 +425,8 @@ def ragged_batch_case(cid, cfg, prompts, decode, pins=None):
 
 def long_decode_case(cid, cfg, prefill, steps, pins=None):
     """A short prefill, then `steps` decode steps one token at a time."""
-    return schedule_case(cid, cfg, [prefill + steps], [fwd((0, prefill)), fwd((0, 1), repeat=steps)],
+    schedule = [forward_step((0, prefill)), forward_step((0, 1), repeat=steps)]
+    return schedule_case(cid, cfg, [prefill + steps], schedule,
                          pins or f"{steps} decode steps after a {prefill}-token prefill, to "
                                  f"position {prefill + steps - 1}")
 
