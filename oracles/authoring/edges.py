@@ -138,8 +138,26 @@ def weight_zero_and_tiny_case(cid, shape=(300, 200)):
                 {"w": w.astype(F32)})
 
 
+# What each edge-value case exposes: the bug it is built to show (docs/conformance.md section 1's
+# table is generated from this and each case's `pins`).
+EXPOSES = {
+    "gate.no_norm_topk_prob": "routed_scaling_factor skipped when there is no renormalisation, or "
+                              "applied twice (with norm_topk_prob true: `gate.tiny`)",
+    "moe.no_norm_topk_prob": "the same, through a whole MoE layer (with norm_topk_prob true: "
+                             "`moe.tiny`)",
+    "gate.logits_below_88": "a float32 sigmoid 1 / (1 + exp(-x)) returns 0 below -88.7 and the "
+                            "renormalisation is 0/0; an epsilon of 1e-20 gives weights ~1e-20",
+    "model.prefill.fp8_blocks": "scales read transposed, with the wrong block size or from the "
+                                "wrong block, inside the model path",
+    "fp8_act_quant.zero_and_tiny_blocks": "a missing amax clamp: 0/0 for the zero block, another "
+                                          "scale for the tiny one",
+    "fp8_quant.zero_and_tiny_blocks": "a missing amax clamp: 0/0 for the zero block, another scale "
+                                      "for the tiny one",
+}
+
+
 def default_cases(tiny, gate_case, moe_case):
-    """The edge-value cases of the default suite."""
+    """The edge-value cases of the default suite (each one's bug in EXPOSES)."""
     return [
         ("gate.no_norm_topk_prob", lambda c: gate_case(
             c, no_norm_topk(tiny), pins="norm_topk_prob false, routed_scaling_factor 2.5: the "
