@@ -1,4 +1,4 @@
-"""Multi-Token Prediction (paper section 2.2, eqs. 21-23; SPEC.md section 6).
+"""Multi-Token Prediction (paper section 2.2, eqs. 21-23; spec section 6).
 
 Module k (k = 1..D) works on its own sequence of indices i, aligned with the main model's
 positions: at index i it combines the embedding of token t_{i+k} with h^{k-1}_i, the previous
@@ -61,7 +61,7 @@ class Conventions:
              to rounding; the cached k^R differ by a rotation.
     first_embedding: Emb(t_k) at module k's first index i = 0. "keep" (the token's embedding,
              as the paper's eq. (21) and transformers compute it) or "zero" (zeroed, as vLLM and
-             SGLang do at position 0; docs/divergences.md).
+             SGLang do at position 0; spec section 9.2).
     """
 
     concat: str = "embedding_first"

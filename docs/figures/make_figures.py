@@ -190,7 +190,7 @@ def routing_data(example: dict = ROUTING_EXAMPLE) -> dict:
         g = moe.routing_weights(s, idx, True, scale)  # from s: the bias never enters
         out[case] = {"group_scores": group_score[0], "groups_kept": kept.tolist(),
                      "masked": masked[0], "experts": idx[0].tolist(), "weights": g[0]}
-    # what the weights would be if the bias entered them (the early vLLM defect, SPEC.md 9)
+    # what the weights would be if the bias entered them (the early vLLM defect, spec section 9)
     idx = np.array([out["with_bias"]["experts"]])
     out["with_bias"]["weights_if_bias_entered"] = moe.routing_weights(s + b, idx, True, scale)[0]
     return out

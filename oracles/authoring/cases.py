@@ -157,7 +157,7 @@ def run_greedy(case, dtype):
 
 
 def run_fp8_quant(case, dtype):
-    """Weight block quantisation (SPEC.md section 7): w [out, in] -> q (e4m3 values, as float)
+    """Weight block quantisation (spec section 7): w [out, in] -> q (e4m3 values, as float)
     and scale_inv [ceil(out/128), ceil(in/128)], s = max(amax, 1e-4) / 448 per tile."""
     q, s = fp8.quantize(np.asarray(case.inputs["w"]))
     return {"q": fp8.decode_e4m3(q, np.float64).astype(dtype), "scale_inv": s.astype(dtype)}
@@ -171,7 +171,7 @@ def run_fp8_act_quant(case, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# MTP kinds and training-time values (SPEC.md sections 5, 6)
+# MTP kinds and training-time values (spec sections 5, 6)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Edge values that expose swaps (SPEC.md sections 5, 7, 9 and 10): inputs built so that a bug
+"""Edge values that expose swaps (spec sections 5, 7, 9 and 10): inputs built so that a bug
 public engines shipped changes the outputs, where the default suite's other cases would not see it.
 
 - routed_scaling_factor 2.5 with norm_topk_prob false (gate and MoE; with norm_topk_prob true it
@@ -6,7 +6,7 @@ public engines shipped changes the outputs, where the default suite's other case
   routing weight.
 - gate logits below -88 (`gate.logits_below_88`): a float32 sigmoid written 1 / (1 + exp(-x))
   overflows exp at x < -88.7 and returns 0; when every selected score is 0 the renormalisation is
-  0 / 0. refimpl's behaviour (SPEC.md section 9, "top-k renormalisation"): the sigmoid is
+  0 / 0. refimpl's behaviour (spec section 9, "top-k renormalisation"): the sigmoid is
   computed from exp(-|x|) (refimpl.ops.sigmoid), which in float64 is exact down to about -745
   and in float32 stays a (subnormal) positive number down to about -103; the renormalisation has
   no epsilon, so the weights are the ratio of the selected scores, i.e. the softmax of the

@@ -1,5 +1,5 @@
 """Serving scenarios: cases whose inputs say HOW an engine must run the requests, and whose
-expected outputs are what each request gives ALONE (SPEC.md section 10).
+expected outputs are what each request gives ALONE (spec section 10).
 
 A single whole-sequence prefill never takes the paths where serving engines broke: chunked
 prefill (attention over cached context plus a new chunk, merged by log-sum-exp), prefix caching

@@ -387,7 +387,7 @@ def full_width():
 
 
 def conventions():
-    """For each topic of SPEC.md section 9, the same inputs with expected values under each
+    """For each topic of spec section 9, the same inputs with expected values under each
     alternative; the check report says which alternative a candidate follows.
 
     Top-k ties: every token's choice rests on exact ties (gate.exact_ties's inputs). The
