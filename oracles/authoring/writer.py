@@ -98,7 +98,7 @@ def write_case(case: Case, case_dir: str) -> dict:
     return {
         "id": case.id, "kind": case.kind, "pins": case.pins, "doc": KINDS[case.kind].doc,
         "seed": [SUITE_SEED, "crc32(id)"], "conventions": case.conventions,
-        "expected_under": case.expect_under or "this project's conventions (SPEC.md section 9)",
+        "expected_under": case.expect_under or "this project's conventions (spec section 9)",
         "params": case.params, "model": case.is_model,
         **({"model_dir": MODEL_DIR} if case.is_model else {}),
         **({"edge": case.edge} if case.edge else {}),
