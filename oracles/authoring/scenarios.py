@@ -494,7 +494,6 @@ def default_cases(tiny, tiny_mtp):
         ("scenario.prefix_cache.small", lambda c: prefix_cache_case(c, t, 20, 5, 7, 6)),
         ("scenario.ragged_batch.small", lambda c: ragged_batch_case(c, t, [9, 17, 4], 4)),
         ("scenario.mixed_step.small", lambda c: mixed_step_case(c, t)),
-        ("scenario.final_chunk.small", lambda c: final_chunk_case(c, t, [16, 16, 1], 4)),
         ("scenario.prefix_blocks.small", lambda c: prefix_blocks_case(c, t, [16, 17])),
         ("scenario.preemption.small", lambda c: preemption_case(c, t, [10, 14], 2, 3, 4)),
         ("scenario.decode.past_256", lambda c: long_decode_case(
