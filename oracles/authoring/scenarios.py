@@ -360,7 +360,10 @@ def prefix_blocks_case(cid, cfg, lengths, tail=1, decode=3, pins=None):
     """Request 0 computes a prompt longer than every shared length; request r (1, 2, ...) reuses
     its first lengths[r-1] cache entries, prefills `tail` more prompt tokens (all of them in ONE
     forward, mixed) and decodes `decode` tokens. Lengths at block multiples (16, 64, 256) take a
-    paged cache's full-block hit; one off takes a partial block."""
+    paged cache's full-block hit; one off takes a partial block. Each receiver's outputs are
+    tail + decode positions: with 4 of them the norm metric of a bf16 engine's attention output
+    varies by more than the bf16 floor from position to position (MLX: 0.0063 over 4 of the
+    donor's own positions, 0.0040 over 12), so the scenarios suite decodes 15."""
     donor = max(lengths) + 8
     n = len(lengths)
     steps = [forward_step((0, c)) for c in _chunks(donor, 128)]
@@ -520,9 +523,9 @@ def suite(cfg, cfg_mtp, long_cfg):
         ("scenario.prefix_cache.long", lambda c: prefix_cache_case(
             c, t, 100, 30, 40, 150,
             pins="a 100-token prefix computed once, reused by a second request that grows to 290")),
-        ("scenario.prefix_blocks.16", lambda c: prefix_blocks_case(c, t, [16, 15, 17])),
-        ("scenario.prefix_blocks.64", lambda c: prefix_blocks_case(c, t, [64, 63, 65])),
-        ("scenario.prefix_blocks.256", lambda c: prefix_blocks_case(c, t, [256, 255, 257])),
+        ("scenario.prefix_blocks.16", lambda c: prefix_blocks_case(c, t, [16, 15, 17], decode=15)),
+        ("scenario.prefix_blocks.64", lambda c: prefix_blocks_case(c, t, [64, 63, 65], decode=15)),
+        ("scenario.prefix_blocks.256", lambda c: prefix_blocks_case(c, t, [256, 255, 257], decode=15)),
         ("scenario.ragged_batch.long", lambda c: ragged_batch_case(
             c, t, [33, 70, 5], 200, pins="prompts of 33 and 70 tokens in one forward, a 5-token "
                                          "prefill mixed with their decode steps, then 200 decode "
