@@ -13,6 +13,7 @@ import os
 import queue
 import shlex
 import threading
+import time
 import weakref
 
 import ml_dtypes
@@ -365,16 +366,21 @@ def judge(kind: str, outputs: list, expected: dict, cand: dict, tols_all: dict,
     return res
 
 
-STATUSES = ("pass", "fail", "missing", "error", "inconclusive", "skip", "not_followed")
+# known and fixed: with --known (known.py)
+STATUSES = ("pass", "fail", "missing", "error", "inconclusive", "skip", "not_followed", "known",
+            "fixed")
 
 
 def run_check(golden_path: str, candidate, profile: str = "float32", only: str | None = None,
               repro_base: str | None = None, progress=None, expect_digest: str | None = None,
               allow_empty: bool = False, allow_inconclusive: bool = False,
-              min_compared: float = MIN_COMPARED) -> dict:
+              min_compared: float = MIN_COMPARED, known=None, allow_fixed: bool = False,
+              engine_options: dict | None = None, today=None) -> dict:
     """Check every case (matching `only`) -> the report (a JSON-able dict). ok is False when a
     case fails, is missing or errs, when one is inconclusive (unless allow_inconclusive), and
-    when no required output was compared at all (unless allow_empty)."""
+    when no required output was compared at all (unless allow_empty). known: a
+    known.KnownFile whose entries turn failures into KNOWN and passes into FIXED (which fail
+    the run unless allow_fixed)."""
     if profile not in tolerance.PROFILES:
         raise OraclesError(f"profile {profile!r} is not one of {', '.join(tolerance.PROFILES)}")
     golden = Golden(golden_path, expect_digest=expect_digest)
@@ -393,16 +399,24 @@ def run_check(golden_path: str, candidate, profile: str = "float32", only: str |
                  "status": "error", "first_failure": None,
                  "reason": f"not run: the adapter is stuck ({stuck})"}
         else:
+            t0 = time.perf_counter()
             r = check_case(golden, entry, candidate, profile, min_compared)
+            r["seconds"] = round(time.perf_counter() - t0, 3)
         if r["status"] in ("fail", "missing", "error", "inconclusive") and repro_base and not stuck:
             r["repro"] = f"{repro_base} --only {shlex.quote(r['id'])} --profile {profile}"
         results.append(r)
     _mark_alternatives(results)
+    known_section = None
+    if known is not None:
+        from .known import apply
+
+        known_section = apply(known, results, profile, engine_options, today)
     counts = {s: sum(r["status"] == s for r in results) for s in STATUSES}
     checked = sum(r.get("checked", 0) for r in results)
     empty = checked == 0
     ok = (counts["fail"] == 0 and counts["missing"] == 0 and counts["error"] == 0
-          and (allow_inconclusive or counts["inconclusive"] == 0) and (allow_empty or not empty))
+          and (allow_inconclusive or counts["inconclusive"] == 0) and (allow_empty or not empty)
+          and (allow_fixed or counts["fixed"] == 0))
     notes = []
     if empty:
         notes.append("nothing was checked: no case compared a required output ("
@@ -411,8 +425,22 @@ def run_check(golden_path: str, candidate, profile: str = "float32", only: str |
     if counts["inconclusive"]:
         notes.append(f"{counts['inconclusive']} case(s) inconclusive: too few positions compared"
                      + ("" if allow_inconclusive else "; pass --allow-inconclusive to accept that"))
+    if golden.pinned == "question":
+        notes.append("pinned by the question digest: the expected values and tolerances are tied "
+                     "to it by `oracles verify`, not by the digest")
+    if known_section is not None:
+        notes += known_section["notes"] + known_section["unmatched_notes"]
+        if counts["known"]:
+            notes.append(f"{counts['known']} known failure(s) (--known {known.path}): not failing the run")
+        if counts["fixed"]:
+            notes.append(f"{counts['fixed']} known failure(s) now pass (FIXED): remove their entries"
+                         + ("" if allow_fixed else " or pass --allow-fixed"))
+    rep_known = {"known": known_section} if known_section is not None else {}
     return {"golden": golden_path, "suite": golden.manifest.get("suite"),
-            "suite_digest": golden.digest, "candidate": candidate.label,
+            "suite_digest": golden.digest, "question_digest": golden.question_digest,
+            "pinned": golden.pinned,
+            "suite_made_with": {k: golden.manifest.get(k) for k in ("format", "generator", "refimpl")},
+            **rep_known, "candidate": candidate.label,
             "profile": profile, "counts": counts, "checked_outputs": checked, "ok": ok,
             "min_compared": min_compared, "notes": notes,
             "conventions": conventions_summary(results), "cases": results}
@@ -455,6 +483,8 @@ def format_report(rep: dict) -> str:
                 note = (note + "; " if note else "") + r["not_compared"] + " not compared"
             if r["not_provided"]:
                 note = (note + "; " if note else "") + f"{len(r['not_provided'])} intermediate(s) not provided"
+        elif r["status"] == "known":
+            note = f"{note} [known: {r['known']['reason']}]"
         rows.append(tuple(escape(x) for x in (r["id"], r["kind"], r["status"].upper(), note)))
     w = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {d}" for a, b, c, d in rows]
@@ -473,9 +503,14 @@ def format_report(rep: dict) -> str:
     c = rep["counts"]
     lines.append("")
     lines.append(f"suite digest (sha256 of manifest.json): {rep['suite_digest']}")
+    if rep.get("question_digest"):
+        lines.append(f"question digest (what the suite asks, the same on every machine): "
+                     f"{rep['question_digest']}" + (" (pinned)" if rep.get("pinned") == "question" else ""))
     lines += [f"oracles: {escape(n)}" for n in rep.get("notes", [])]
     extra = [f"{c[s]} {label}" for s, label in (("error", "error(s)"), ("inconclusive", "inconclusive"),
-                                                 ("not_followed", "alternative(s) not followed")) if c[s]]
+                                                 ("not_followed", "alternative(s) not followed"),
+                                                 ("known", "known"), ("fixed", "fixed"))
+             if c.get(s)]
     lines.append(escape(f"{rep['candidate']} vs {rep['suite']} ({rep['profile']} profile): {c['pass']} passed, "
                         f"{c['fail']} failed, {c['missing']} missing, {c['skip']} skipped")
                  + "".join(f", {x}" for x in extra))

@@ -84,7 +84,27 @@ def _parser():
     c.add_argument("--allow-inconclusive", action="store_true",
                    help="exit 0 even if a case compared too few positions to decide")
     c.add_argument("--html", dest="html_out", help="write the report as one self-contained HTML page here")
+    c.add_argument("--junit", dest="junit_out", metavar="FILE",
+                   help="write the report as JUnit XML here (one test case per golden case)")
+    c.add_argument("--known", metavar="FILE",
+                   help="a TOML file of known divergences: those failures are KNOWN, not failing")
+    c.add_argument("--allow-fixed", action="store_true",
+                   help="exit 0 even if a known failure now passes (FIXED)")
     c.add_argument("--quiet", action="store_true")
+    v = sub.add_parser("verify", help="regenerate a suite's expected values and tolerances here "
+                                      "and compare them with the suite's")
+    v.add_argument("golden")
+    v.add_argument("--only", help="comma-separated globs of case ids")
+    v.add_argument("--expect-digest", metavar="HEX",
+                   help="refuse the suite unless HEX is its question or manifest digest")
+    v.add_argument("--json", dest="json_out", help="write the verification as JSON here")
+    v.add_argument("--quiet", action="store_true")
+    d = sub.add_parser("diff", help="what changed between two check reports (--json) of one suite")
+    d.add_argument("old")
+    d.add_argument("new")
+    d.add_argument("--factor", type=float, default=10.0,
+                   help="flag outputs whose error / tolerance moved by more than this (default 10)")
+    d.add_argument("--json", dest="json_out", help="write the differences as JSON here")
     r = sub.add_parser("run", help="run an adapter and write its outputs (the file route)")
     r.add_argument("golden")
     r.add_argument("--adapter")
@@ -179,6 +199,12 @@ def cmd_check(args) -> int:
                            "pkg.mod:factory or --engine NAME")
     json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
     html_dest = check_destination(args.html_out, "file", OraclesError) if args.html_out else None
+    junit_dest = check_destination(args.junit_out, "file", OraclesError) if args.junit_out else None
+    known = None
+    if args.known:
+        from .known import load
+
+        known = load(args.known)
     if args.candidate:
         from .engines import RecordedSkips, read_info
 
@@ -193,7 +219,9 @@ def cmd_check(args) -> int:
     t = time.perf_counter()
     rep = run_check(args.golden, cand, args.profile, args.only, repro_base=base,
                     progress=_progress(args), expect_digest=args.expect_digest,
-                    allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive)
+                    allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive,
+                    known=known, allow_fixed=args.allow_fixed,
+                    engine_options=info.get("options") if info else None)
     rep["seconds"] = round(time.perf_counter() - t, 3)
     if info:
         from .engines import label
@@ -206,7 +234,36 @@ def cmd_check(args) -> int:
     if args.html_out:
         from .report_html import render
         write_text(args.html_out, render(rep), OraclesError, tag="oracles", expect=html_dest)
+    if args.junit_out:
+        from .junit import render as render_junit
+        write_text(args.junit_out, render_junit(rep, allow_inconclusive=args.allow_inconclusive,
+                                                allow_fixed=args.allow_fixed),
+                   OraclesError, tag="oracles", expect=junit_dest)
     return 0 if rep["ok"] else 1
+
+
+def cmd_verify(args) -> int:
+    from . import OraclesError
+    from .verify import format_verify, run_verify
+
+    json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
+    rep = run_verify(args.golden, args.only, args.expect_digest, progress=_progress(args))
+    print(format_verify(rep))
+    if args.json_out:
+        _write_json(args.json_out, rep.as_dict(), expect=json_dest)
+    return 0 if rep.ok else 1
+
+
+def cmd_diff(args) -> int:
+    from . import OraclesError
+    from .diff import diff, format_diff
+
+    json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
+    d = diff(args.old, args.new, args.factor)
+    print(format_diff(d))
+    if args.json_out:
+        _write_json(args.json_out, d.as_dict(), expect=json_dest)
+    return 1 if d.regressed else 0
 
 
 def cmd_run(args) -> int:
@@ -237,4 +294,5 @@ def cmd_run(args) -> int:
     return 1 if errors else 0
 
 
-COMMANDS = {"list": cmd_list, "generate": cmd_generate, "check": cmd_check, "run": cmd_run}
+COMMANDS = {"list": cmd_list, "generate": cmd_generate, "check": cmd_check, "run": cmd_run,
+            "verify": cmd_verify, "diff": cmd_diff}

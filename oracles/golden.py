@@ -37,10 +37,16 @@ from .schema import CAUSAL_KINDS, Case, matches, output_type
 # Writing a suite runs refimpl (cases, emulate, suites, mutants): those are imported by the
 # writing functions below, so that reading and checking a suite never imports the forward pass.
 
-SUITE_FORMAT = 2  # 2: model cases in cases/<id>/model/ with tokenizer files (1: flat)
+# 3: the manifest records its question digest (digest.py); 2: model cases in cases/<id>/model/
+# with tokenizer files; 1: flat. Every format is read.
+SUITE_FORMAT = 3
 MODEL_DIR = "model"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "generation_config.json")
+
+# "expected_under" of a case whose expected values follow this project's conventions (otherwise
+# the name of the mutant they follow)
+OWN_CONVENTIONS = "this project's conventions (SPEC.md section 9)"
 
 # The conventions every expected value follows unless a case says otherwise (SPEC.md section 9).
 CONVENTIONS = {
@@ -116,7 +122,7 @@ def write_case(case: Case, case_dir: str) -> dict:
     return {
         "id": case.id, "kind": case.kind, "pins": case.pins, "doc": KINDS[case.kind].doc,
         "seed": [SUITE_SEED, "crc32(id)"], "conventions": case.conventions,
-        "expected_under": case.expect_under or "this project's conventions (SPEC.md section 9)",
+        "expected_under": case.expect_under or OWN_CONVENTIONS,
         "params": case.params, "model": case.is_model,
         **({"model_dir": MODEL_DIR} if case.is_model else {}),
         **({"edge": case.edge} if case.edge else {}),
@@ -168,6 +174,11 @@ def generate(out: str, suite: str = "default", only: str | None = None, progress
             "calibrated_by": tolerance.CALIBRATED_BY,
             "cases": entries,
         }
+        from .digest import question_digest
+
+        q = question_digest(manifest)  # recorded next to "format"
+        manifest = {k2: v2 for k, v in manifest.items()
+                    for k2, v2 in ([(k, v), ("question_digest", q)] if k == "format" else [(k, v)])}
         write_text(os.path.join(tmp, "manifest.json"),
                    json.dumps(manifest, indent=1, default=_json_default) + "\n", OraclesError,
                    tag="oracles")
@@ -210,6 +221,7 @@ class Golden:
     verified files are read afterwards."""
 
     def __init__(self, path: str, verify: bool = True, expect_digest: str | None = None):
+        from . import digest as digests
         from . import manifest
 
         self.path = os.fspath(path)
@@ -221,18 +233,35 @@ class Golden:
         raw = untrusted.read_bytes(untrusted.inside(self.path, "manifest.json", "manifest.json"),
                                    "manifest.json", untrusted.MAX_MANIFEST)
         self.digest = hashlib.sha256(raw).hexdigest()
-        if expect_digest is not None:
-            want = manifest.parse_digest(expect_digest)
-            if want != self.digest:
-                raise OraclesError(f"{self.path}: suite digest {self.digest} is not the expected "
-                                   f"{want}: this is not the suite you pinned")
+        want = manifest.parse_digest(expect_digest) if expect_digest is not None else None
+
+        def not_pinned(question=None, fmt=None):
+            q = (f" nor its question digest {question}" if question else
+                 f" (a format {fmt} suite records no question digest: pin its manifest digest)"
+                 if fmt else "")
+            return OraclesError(f"{self.path}: the expected digest {want} is neither the suite's "
+                                f"manifest digest {self.digest}{q}: this is not the suite you pinned")
         try:
             m = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+            if want is not None and want != self.digest:
+                raise not_pinned() from None
             raise OraclesError(f"{mpath}: not valid JSON ({e})") from None
         except RecursionError:
             raise OraclesError(f"{mpath}: JSON nested too deeply") from None
+        if want is not None and want != self.digest:
+            if not isinstance(m, dict):
+                raise not_pinned()
+            fmt = digests.suite_format(m, mpath)
+            q = digests.question_digest(m) if fmt >= digests.QUESTION_FORMAT else None
+            if want != q:
+                raise not_pinned(q, fmt)
         self.manifest = manifest.validate(m, mpath)
+        # what the suite asks (digest.py): recomputed, and compared with the manifest's own record
+        self.question_digest = digests.checked_question_digest(m, mpath, SUITE_FORMAT)
+        # which digest --expect-digest matched: "manifest" pins every bit, "question" what the
+        # suite asks (its answers are then tied by `oracles verify`); None when nothing is pinned
+        self.pinned = None if want is None else "manifest" if want == self.digest else "question"
         self.cases = {c["id"]: c for c in self.manifest["cases"]}
         self._verified = set()
         self._identity = {}  # (case, file) -> what it was when verified
