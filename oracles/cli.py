@@ -5,12 +5,17 @@
     oracles check    GOLDEN [CANDIDATE | --adapter pkg.mod:factory] [--profile float32|bf16|fp8] [--only GLOB] [--json REPORT]
                      [--html REPORT.html] [--expect-digest HEX] [--case-timeout SECONDS] [--allow-empty] [--allow-inconclusive]
     oracles run      GOLDEN --adapter pkg.mod:factory --out CANDIDATE [--expect-digest HEX] [--case-timeout S]
+    oracles verify   GOLDEN [--only GLOB] [--expect-digest HEX] [--json REPORT]
+    oracles diff     OLD.json NEW.json [--factor F] [--json OUT]
+    check also takes --known KNOWN.toml [--allow-fixed] (known divergences) and --junit REPORT.xml.
     check and run also take --engine transformers|mlx|llama.cpp|vllm [--engine-option KEY=VALUE]
     (the built-in engine adapters, oracles/engines/) in place of --adapter.
 
-check exits 0 when every checked case passes; 1 when a case fails, is missing, errs (the adapter
-raised, exited or timed out) or is inconclusive, or when nothing was checked at all; 2 on bad
-input (one line on stderr, text from files escaped).
+check exits 0 when every checked case passes (or fails as its --known file declares: KNOWN); 1
+when a case fails, is missing, errs (the adapter raised, exited or timed out), is inconclusive,
+or passes although the known file declares it failing (FIXED), or when nothing was checked at
+all; verify exits 1 when a regenerated case differs beyond its level, diff when a case
+regressed; 2 on bad input (one line on stderr, text from files escaped).
 """
 
 from __future__ import annotations
