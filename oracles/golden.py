@@ -236,11 +236,11 @@ class Golden:
         want = manifest.parse_digest(expect_digest) if expect_digest is not None else None
 
         def not_pinned(question=None, fmt=None):
-            q = (f" nor its question digest {question}" if question else
+            q = (f", nor is its question digest {question}" if question else
                  f" (a format {fmt} suite records no question digest: pin its manifest digest)"
                  if fmt else "")
-            return OraclesError(f"{self.path}: the expected digest {want} is neither the suite's "
-                                f"manifest digest {self.digest}{q}: this is not the suite you pinned")
+            return OraclesError(f"{self.path}: suite digest {self.digest} is not the expected "
+                                f"{want}{q}: this is not the suite you pinned")
         try:
             m = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:

@@ -23,7 +23,7 @@ import math
 import os
 
 # statuses that get a chart (the ones a person has to look into)
-CHARTED = ("fail", "inconclusive")
+CHARTED = ("fail", "inconclusive", "known")
 STATUS_COLOURS = {"pass": "#1e7b34", "fail": "#b3261e", "missing": "#b35c00", "skip": "#6b6b6b",
                   "not_followed": "#4a6b8a", "inconclusive": "#9a6a00", "error": "#7b1fa2",
                   "known": "#6b5b95", "fixed": "#b3261e"}

@@ -152,8 +152,8 @@ def test_expect_digest_takes_either_digest_and_says_which(smoke):
     assert Golden(smoke, expect_digest=g.digest).pinned == "manifest"
     assert Golden(smoke, expect_digest="sha256:" + g.question_digest.upper()).pinned == "question"
     assert Golden(smoke).pinned is None
-    with pytest.raises(OraclesError, match="neither the suite's manifest digest .* nor its question "
-                                           "digest .*not the suite you pinned"):
+    with pytest.raises(OraclesError, match="suite digest .* is not the expected 0+, nor is its "
+                                           "question digest .*: this is not the suite you pinned"):
         Golden(smoke, expect_digest="0" * 64)
 
 
