@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from oracles import golden
+from oracles.authoring import writer
+from oracles.format import golden
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 DOC = os.path.join(ROOT, "docs", "conformance.md")
@@ -85,7 +86,7 @@ def parse(yaml_text):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("golden") / "smoke")
-    golden.generate(out, "smoke")
+    writer.generate(out, "smoke")
     return out
 
 

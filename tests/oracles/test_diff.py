@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from oracles import cli, diff
+from oracles import cli
+from oracles.checking import diff
 
 
 def _out(name, ratio, status="pass"):

@@ -16,17 +16,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oracles import OraclesError, cli, digest, golden, tolerance, verify
+from oracles import OraclesError, cli
 from oracles.adapters import RefimplAdapter
-from oracles.check import AdapterCandidate, run_check
-from oracles.golden import Golden
-from refimpl.checkpoint import SafetensorsFile, write_safetensors
+from oracles.authoring import verify, writer
+from oracles.checking.candidates import AdapterCandidate
+from oracles.checking.check import run_check
+from oracles.format import digest, golden, tolerances
+from oracles.format.golden import Golden
+from refimpl.checkpoint import SafetensorsFile
+from refimpl.writer import write_safetensors
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("golden") / "smoke")
-    golden.generate(out, "smoke")
+    writer.generate(out, "smoke")
     return out
 
 
@@ -213,7 +217,7 @@ def _edit_expected(d, cid, name, fn):
     write_safetensors(p, {k: np.ascontiguousarray(v) for k, v in tensors.items()}, meta)
     m = _manifest(d)
     e = next(c for c in m["cases"] if c["id"] == cid)
-    e["files"]["expected.safetensors"] = golden.sha256(p)
+    e["files"]["expected.safetensors"] = writer.sha256(p)
     m["question_digest"] = digest.question_digest(m)
     _write_manifest(d, m)
 
@@ -256,8 +260,8 @@ def test_verify_names_a_tolerance_beyond_its_factor_and_not_one_within(smoke, tm
     cid, profile, out, metric = next(
         (e["id"], p, o, k) for e in m["cases"] for p, outs in e["tolerances"].items()
         for o, t in outs.items() for k, v in t.items()
-        if isinstance(v, dict) and v["calibrated"] > 0 and v["tol"] == tolerance.K * v["calibrated"]
-        and v["tol"] * 16 < tolerance.CEILINGS[k])
+        if isinstance(v, dict) and v["calibrated"] > 0 and v["tol"] == tolerances.K * v["calibrated"]
+        and v["tol"] * 16 < tolerances.CEILINGS[k])
     t = next(e for e in m["cases"] if e["id"] == cid)["tolerances"][profile][out][metric]
     t["tol"] *= 4  # within TOL_FACTOR = 8
     t["calibrated"] *= 4

@@ -9,7 +9,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from oracles import cli, junit
+from oracles import cli
+from oracles.checking import junit
 
 # junit-10.xsd: element -> (attributes allowed, attributes required, children allowed)
 SCHEMA = {

@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oracles import OraclesError, cli, known
+from oracles import OraclesError, cli
+from oracles.checking import known
+from oracles.checking.results import CaseResult
 from oracles.engines import matrix
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
@@ -34,8 +36,8 @@ def _entry(**kw):
 
 
 def _result(cid, status, first=None):
-    return {"id": cid, "kind": "prefill", "status": status, "first_failure": first,
-            "reason": f"{first}: mismatch 1 > tol 0" if first else status}
+    return CaseResult(cid, "prefill", "", {}, status=status, first_failure=first,
+                      reason=f"{first}: mismatch 1 > tol 0" if first else status)
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -117,59 +119,58 @@ def test_any_known_file_reads_or_is_refused_in_one_line(tmp_path_factory, entrie
 # --- applying ---------------------------------------------------------------------------------
 
 def _apply(tmp_path, text, results, profile="float32", options=None, today=TODAY):
+    """-> (the results as known.apply marks them, its report section)."""
     return known.apply(known.load(_file(tmp_path, text)), results, profile, options, today)
 
 
 def test_a_described_failure_is_known_and_keeps_its_failure(tmp_path):
     rs = [_result("model.prefill.negative_biased", "fail", "layers.1.topk_idx")]
-    sec = _apply(tmp_path, _entry(case="model.prefill.*", output="layers.*.topk_idx"), rs)
-    r = rs[0]
-    assert r["status"] == "known" and r["first_failure"] == "layers.1.topk_idx"
-    assert r["known"] == {"file": str(tmp_path / "k.toml"), "entry": 1, "status": "fail", "reason": "why",
+    (r,), sec = _apply(tmp_path, _entry(case="model.prefill.*", output="layers.*.topk_idx"), rs)
+    assert r.status == "known" and r.first_failure == "layers.1.topk_idx"
+    assert r.as_dict()["known"] == {"file": str(tmp_path / "k.toml"), "entry": 1, "status": "fail", "reason": "why",
                           "link": "where"}
     assert sec["entries"][0]["matched"] == ["model.prefill.negative_biased"] and sec["unmatched"] == []
 
 
 def test_a_failure_at_another_output_or_of_another_status_is_not_known(tmp_path):
     rs = [_result("model.prefill.a", "fail", "layers.0.c_q"), _result("model.prefill.b", "error")]
-    sec = _apply(tmp_path, _entry(case="model.prefill.*", output="layers.*.topk_idx"), rs)
-    assert [r["status"] for r in rs] == ["fail", "error"]
+    rs, sec = _apply(tmp_path, _entry(case="model.prefill.*", output="layers.*.topk_idx"), rs)
+    assert [r.status for r in rs] == ["fail", "error"]
     assert any("model.prefill.a: known entry 1" in n and "not this FAIL (at layers.0.c_q)" in n
                for n in sec["notes"])
 
 
 def test_a_named_case_that_passes_is_fixed_and_skips_are_left_alone(tmp_path):
     rs = [_result("gate.tiny", "pass"), _result("gate.other", "skip"), _result("conv.x.y", "not_followed")]
-    _apply(tmp_path, _entry(case="*"), rs)
-    assert [r["status"] for r in rs] == ["fixed", "skip", "not_followed"]
-    assert rs[0]["known"]["status"] == "fail" and "expects FAIL" in rs[0]["reason"]
+    rs, _ = _apply(tmp_path, _entry(case="*"), rs)
+    assert [r.status for r in rs] == ["fixed", "skip", "not_followed"]
+    assert rs[0].known["status"] == "fail" and "expects FAIL" in rs[0].reason
 
 
 def test_an_expired_entry_excuses_nothing_and_says_so(tmp_path):
     text = _entry(case="a", expires="2026-12-01") + _entry(case="b", expires="2026-12-02")
     rs = [_result("a", "fail", "x"), _result("b", "fail", "x")]
-    sec = _apply(tmp_path, text, rs)
-    assert [r["status"] for r in rs] == ["fail", "known"]  # valid through its date
+    rs, sec = _apply(tmp_path, text, rs)
+    assert [r.status for r in rs] == ["fail", "known"]  # valid through its date
     assert any("known entry 1 (a) expired on 2026-12-01" in n for n in sec["notes"])
-    rs = [_result("a", "pass")]
-    sec = _apply(tmp_path, text, rs)
-    assert rs[0]["status"] == "pass" and any("expired on 2026-12-01: remove it" in n for n in sec["notes"])
+    rs, sec = _apply(tmp_path, text, [_result("a", "pass")])
+    assert rs[0].status == "pass" and any("expired on 2026-12-01: remove it" in n for n in sec["notes"])
 
 
 def test_entries_for_other_profiles_or_engine_options_do_not_apply(tmp_path):
     text = (_entry(case="a", profile="bf16") + _entry(case="b", engine_options={"dtype": "bfloat16"})
             + _entry(case="c", engine_options={"dtype": "bfloat16"}))
     rs = [_result("a", "fail", "x"), _result("b", "fail", "x"), _result("c", "fail", "x")]
-    sec = _apply(tmp_path, text, rs, options={"dtype": "float32"})
-    assert [r["status"] for r in rs] == ["fail", "fail", "fail"]
+    rs, sec = _apply(tmp_path, text, rs, options={"dtype": "float32"})
+    assert [r.status for r in rs] == ["fail", "fail", "fail"]
     assert sec["unmatched"] == [] and [e["applies"] for e in sec["entries"]] == [False, False, False]
-    rs = [_result("b", "fail", "x")]
-    _apply(tmp_path, text, rs, profile="bf16", options={"dtype": "bfloat16", "x": "1"})
-    assert rs[0]["status"] == "known"
+    rs, _ = _apply(tmp_path, text, [_result("b", "fail", "x")], profile="bf16",
+                   options={"dtype": "bfloat16", "x": "1"})
+    assert rs[0].status == "known"
 
 
 def test_an_entry_matching_no_case_is_reported(tmp_path):
-    sec = _apply(tmp_path, _entry(case="nothing.*") + _entry(case="a"), [_result("a", "fail", "x")])
+    _, sec = _apply(tmp_path, _entry(case="nothing.*") + _entry(case="a"), [_result("a", "fail", "x")])
     assert sec["unmatched"] == [1]
     assert sec["unmatched_notes"] == ["known entry 1 (nothing.*) matches no case of this run"]
 

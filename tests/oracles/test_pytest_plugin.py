@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from oracles import golden
+from oracles.authoring import writer
+from oracles.format import golden
 
 pytest_plugins = ["pytester"]
 
@@ -35,7 +36,7 @@ link = "x"
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("golden") / "smoke")
-    golden.generate(out, "smoke")
+    writer.generate(out, "smoke")
     return out
 
 

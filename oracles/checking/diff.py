@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 
 from refimpl import jsonfile
 
-from . import OraclesError
+from .. import OraclesError
+from ..format.untrusted import escape
 from .report_html import output_ratio
-from .untrusted import escape
 
 PASSING = ("pass", "not_followed", "fixed")
 FAILING = ("fail", "missing", "error", "inconclusive", "known")

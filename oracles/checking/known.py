@@ -33,12 +33,14 @@ one line naming the file and the entry, exit 2.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import fnmatch
 import os
 from dataclasses import asdict, dataclass, field
 
-from . import OraclesError
+from .. import OraclesError
+from ..format.tolerances import PROFILES
 
 KNOWN_STATUSES = ("fail", "error", "inconclusive", "missing")
 KEYS = ("case", "output", "profile", "status", "engine_options", "reason", "link", "expires")
@@ -71,13 +73,13 @@ class Entry:
     def expired(self, today: datetime.date) -> bool:
         return self.expires is not None and today > self.expires
 
-    def explains(self, result: dict) -> bool:
-        """Does this entry describe the failure of `result` (a case of the report)?"""
-        if result["status"] != self.status:
+    def explains(self, result) -> bool:
+        """Does this entry describe the failure of `result` (a results.CaseResult)?"""
+        if result.status != self.status:
             return False
         if self.output is None:
             return True
-        first = result.get("first_failure")
+        first = result.first_failure
         return isinstance(first, str) and fnmatch.fnmatchcase(first, self.output)
 
     def label(self) -> str:
@@ -140,8 +142,6 @@ def _date(v, where):
 
 def load(path: str) -> KnownFile:
     """Read and check a known-divergences file (module docstring)."""
-    from .tolerance import PROFILES
-
     doc = _load_toml(path)
     extra = [k for k in doc if k != "known"]
     if extra:
@@ -182,6 +182,58 @@ def load(path: str) -> KnownFile:
     return KnownFile(path, entries)
 
 
+def apply(known: KnownFile, results: list, profile: str, engine_options: dict | None = None,
+          today: datetime.date | None = None) -> tuple[list, dict]:
+    """The report's case results (results.CaseResult) with KNOWN and FIXED marked (module
+    docstring) -> (the new results, the report's "known" section: the file, every entry with
+    the cases it matched, and notes)."""
+    today = today or datetime.date.today()
+    opts = _options(engine_options)
+    live = [e for e in known.entries if e.applies(profile, opts)]
+    matched = {e.index: [] for e in known.entries}
+    notes, out = [], []
+    for r in results:
+        naming = [e for e in live if e.names(r.id)]
+        for e in naming:
+            matched[e.index].append(r.id)
+        out.append(_marked(known, r, naming, today, notes))
+    unmatched = [e for e in live if not matched[e.index]]
+    entries = []
+    for e in known.entries:
+        s = e.summary()
+        s.update(applies=e in live, matched=matched[e.index], expired=e.expired(today))
+        entries.append(s)
+    return out, {"file": known.path, "today": today.isoformat(), "entries": entries,
+                 "unmatched": [e.index for e in unmatched], "notes": notes,
+                 "unmatched_notes": [f"known {e.label()} matches no case of this run"
+                                     for e in unmatched]}
+
+
+def _marked(known: KnownFile, r, naming: list, today, notes: list):
+    """One case result, KNOWN or FIXED when an entry says so (notes: why not, when one names it)."""
+    if not naming or r.status in ("skip", "not_followed"):
+        return r
+    if r.status == "pass":
+        e = next((e for e in naming if not e.expired(today)), None)
+        if e is None:
+            notes.append(f"{r.id}: passes; known {naming[0].label()} expired on "
+                         f"{naming[0].expires.isoformat()}: remove it")
+            return r
+        return dataclasses.replace(r, status="fixed", known=_record(known, e),
+                                   reason=f"passes, but known {e.label()} expects "
+                                          f"{e.status.upper()}: {e.reason}")
+    e = next((e for e in naming if e.explains(r)), None)
+    if e is None:
+        notes.append(f"{r.id}: known {naming[0].label()} names this case, but not this "
+                     f"{r.status.upper()} (at {r.first_failure or r.status})")
+        return r
+    if e.expired(today):
+        notes.append(f"{r.id}: known {e.label()} expired on {e.expires.isoformat()}: its "
+                     f"{r.status.upper()} counts again ({e.reason})")
+        return r
+    return dataclasses.replace(r, status="known", known=_record(known, e), repro=None)
+
+
 def _record(known: KnownFile, e: Entry) -> dict:
     """What a KNOWN or FIXED case records of its entry (status: the one the entry declares)."""
     return {"file": known.path, "entry": e.index, "status": e.status, "reason": e.reason,
@@ -189,53 +241,4 @@ def _record(known: KnownFile, e: Entry) -> dict:
 
 
 def _options(engine_options):
-    return None if engine_options is None else {k: v for k, v in engine_options.items()}
-
-
-def apply(known: KnownFile, results: list, profile: str, engine_options: dict | None = None,
-          today: datetime.date | None = None) -> dict:
-    """Mark the report's case results KNOWN or FIXED in place (module docstring) -> the report's
-    "known" section: the file, every entry with the cases it matched, and notes."""
-    today = today or datetime.date.today()
-    opts = _options(engine_options)
-    live = [e for e in known.entries if e.applies(profile, opts)]
-    matched = {e.index: [] for e in known.entries}
-    notes = []
-    for r in results:
-        naming = [e for e in live if e.names(r["id"])]
-        for e in naming:
-            matched[e.index].append(r["id"])
-        if not naming or r["status"] in ("skip", "not_followed"):
-            continue
-        if r["status"] == "pass":
-            e = next((e for e in naming if not e.expired(today)), None)
-            if e is not None:
-                r["known"] = _record(known, e)
-                r["status"] = "fixed"
-                r["reason"] = f"passes, but known {e.label()} expects {e.status.upper()}: {e.reason}"
-            else:
-                notes.append(f"{r['id']}: passes; known {naming[0].label()} expired on "
-                             f"{naming[0].expires.isoformat()}: remove it")
-            continue
-        e = next((e for e in naming if e.explains(r)), None)
-        if e is None:
-            first = r.get("first_failure") or r["status"]
-            notes.append(f"{r['id']}: known {naming[0].label()} names this case, but not this "
-                         f"{r['status'].upper()} (at {first})")
-            continue
-        if e.expired(today):
-            notes.append(f"{r['id']}: known {e.label()} expired on {e.expires.isoformat()}: its "
-                         f"{r['status'].upper()} counts again ({e.reason})")
-            continue
-        r["known"] = _record(known, e)
-        r["status"] = "known"
-        r.pop("repro", None)
-    unmatched = [e for e in live if not matched[e.index]]
-    entries = []
-    for e in known.entries:
-        s = e.summary()
-        s.update(applies=e in live, matched=matched[e.index], expired=e.expired(today))
-        entries.append(s)
-    return {"file": known.path, "today": today.isoformat(), "entries": entries,
-            "unmatched": [e.index for e in unmatched], "notes": notes,
-            "unmatched_notes": [f"known {e.label()} matches no case of this run" for e in unmatched]}
+    return None if engine_options is None else dict(engine_options)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime
 import xml.etree.ElementTree as ET
 
-from .untrusted import escape
+from ..format.untrusted import escape
 
 
 def _s(x) -> str:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from . import OraclesError
+from .. import OraclesError
 
 # the first suite format whose manifest records its question digest
 QUESTION_FORMAT = 3

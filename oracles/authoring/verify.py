@@ -1,6 +1,6 @@
 """`oracles verify GOLDEN`: regenerate a suite's answers on this machine and compare.
 
-A suite's question digest (digest.py) pins what it asks; its answers, the expected values and
+A suite's question digest (format/digest.py) pins what it asks; its answers, the expected values and
 the calibrated tolerances, are computed by refimpl and differ between machines in their last
 bits. `verify` recomputes every case from the suite's own files (inputs, params, config,
 checkpoint: Golden.load_case, the question), exactly as `oracles generate` computed it
@@ -42,11 +42,18 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 
+import ml_dtypes  # noqa: F401 - (its version is the suite's record, not verify's)
 import numpy as np
 
-from . import OraclesError, metrics, tolerance
-from .golden import OWN_CONVENTIONS, Golden, compute
-from .schema import CAUSAL_KINDS, matches, output_type
+import refimpl
+
+from .. import OraclesError
+from ..format import metrics, tolerances
+from ..format.golden import OWN_CONVENTIONS, Golden
+from ..format.schema import CAUSAL_KINDS, matches, output_type
+from ..format.untrusted import escape
+from .mutants import MUTANTS
+from .writer import compute
 
 LEVEL = 1e-9
 TIE = 1e-11
@@ -98,8 +105,6 @@ STATUSES = ("ok", "differs", "unverified", "error")
 
 def _expected_under(entry: dict):
     """The mutant a case's expected values follow (None: this project's conventions)."""
-    from .mutants import MUTANTS
-
     under = entry.get("expected_under", OWN_CONVENTIONS)
     if under == OWN_CONVENTIONS:
         return None
@@ -213,7 +218,7 @@ def _margin_difference(name, e, c, stored, diffs) -> dict | None:
 def compare_tolerances(stored: dict, here: dict) -> tuple[list, float, list]:
     """Stored against recalibrated tolerances -> (differences, largest ratio, notes)."""
     diffs, worst, notes = [], 1.0, []
-    for profile in tolerance.PROFILES:
+    for profile in tolerances.PROFILES:
         if profile not in stored or profile not in here:
             if profile in here:
                 notes.append(f"the suite has no tolerances for profile {profile}")
@@ -277,10 +282,6 @@ def verify_case(golden: Golden, cid: str) -> CaseVerdict:
 
 def run_verify(golden_path: str, only: str | None = None, expect_digest: str | None = None,
                progress=None) -> VerifyReport:
-    import ml_dtypes  # noqa: F401 - its version is recorded
-
-    import refimpl
-
     t0 = time.perf_counter()
     golden = Golden(golden_path, expect_digest=expect_digest)
     ids = [cid for cid in golden.cases if matches(cid, only)]
@@ -302,8 +303,6 @@ def run_verify(golden_path: str, only: str | None = None, expect_digest: str | N
 
 
 def format_verify(rep: VerifyReport) -> str:
-    from .untrusted import escape
-
     rows = [("case", "kind", "result", "largest difference / level; first difference")]
     for v in rep.cases:
         note = v.reason
