@@ -309,7 +309,7 @@ def format_verify(rep: VerifyReport) -> str:
         if v.status == "ok":
             big = (f"{v.largest['output']} {v.largest['metric']} {v.largest['value']:.2g}"
                    if v.largest and v.largest["value"] else "identical")
-            note = big + (f"; tolerances within {v.tolerance_ratio:.2g}x" if v.tolerance_ratio > 1 else "") \
+            note = big + (f"; tolerances within {v.tolerance_ratio:.3g}x" if v.tolerance_ratio > 1 else "") \
                 + (f"; {v.reason}" if v.reason else "")
         rows.append(tuple(escape(x) for x in (v.id, v.kind, v.status.upper(), note)))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
