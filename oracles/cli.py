@@ -87,7 +87,8 @@ def _parser():
     c.add_argument("--only", help="comma-separated globs of case ids")
     c.add_argument("--json", dest="json_out", help="write the report as JSON here")
     c.add_argument("--expect-digest", metavar="HEX",
-                   help="refuse the suite unless sha256(manifest.json) is HEX (pin it in CI)")
+                   help="refuse the suite unless HEX is its manifest digest (sha256 of manifest.json, "
+                        "every bit) or its question digest (what it asks, the same on every machine)")
     c.add_argument("--case-timeout", type=_seconds, default=600.0, metavar="SECONDS",
                    help="stop waiting for an adapter call after this long (default 600; 0: no limit, "
                         "calls run in the main thread)")
