@@ -49,7 +49,7 @@ import refimpl
 
 from .. import OraclesError
 from ..format import metrics, tolerances
-from ..format.golden import OWN_CONVENTIONS, Golden
+from ..format.golden import OWN_CONVENTIONS, OWN_CONVENTIONS_BEFORE, Golden
 from ..format.schema import CAUSAL_KINDS, matches, output_type
 from ..format.untrusted import escape
 from .mutants import MUTANTS
@@ -106,7 +106,7 @@ STATUSES = ("ok", "differs", "unverified", "error")
 def _expected_under(entry: dict):
     """The mutant a case's expected values follow (None: this project's conventions)."""
     under = entry.get("expected_under", OWN_CONVENTIONS)
-    if under == OWN_CONVENTIONS:
+    if under == OWN_CONVENTIONS or under in OWN_CONVENTIONS_BEFORE:
         return None
     if under not in MUTANTS:
         raise OraclesError(f"its expected values follow {under!r}, which this refimpl does not know")

@@ -34,7 +34,7 @@ from .emulate import run_case
 from .mutants import MUTANTS
 from .suites import SUITE_DOCS, SUITE_SEED, suite_cases
 
-# The conventions every expected value follows unless a case says otherwise (SPEC.md section 9).
+# The conventions every expected value follows unless a case says otherwise (spec section 9).
 CONVENTIONS = {
     "expert_group_mask": "-inf", "group_score": "sum of the top-2 biased scores",
     "gate_precision": "router in float64 (float32 or better), bias float32 or better",
