@@ -194,10 +194,12 @@ def test_check_with_known_failures_exits_0_and_a_fixed_one_exits_1(default_dir, 
     three = (_entry(case="gate.negative_biased", output="topk_idx")
              + _entry(case="moe.negative_biased", output="topk_idx")
              + _entry(case="model.prefill.negative_biased", output="layers.1.topk_idx"))
-    rc, rep = _check(default_dir, tmp_path, three)
+    rc, rep = _check(default_dir, tmp_path, three, "--html", str(tmp_path / "r.html"))
     assert rc == 0 and rep["ok"] and rep["counts"]["known"] == 3 and rep["counts"]["pass"] == 1
     out = capsys.readouterr().out
     assert "KNOWN" in out and "[known: why]" in out and "3 known failure(s)" in out
+    page = (tmp_path / "r.html").read_text()  # charted like a failure, with the entry's reason
+    assert page.count('id="case-') == 3 and "[known: why (where)]" in page and "known divergences" in page
     rc, rep = _check(default_dir, tmp_path, three + _entry(case="gate.tiny"))
     assert rc == 1 and not rep["ok"] and rep["counts"]["fixed"] == 1
     assert "pass --allow-fixed" in capsys.readouterr().out
