@@ -489,19 +489,29 @@ class Checkpoint:
                                   "from the checkpoint")
         return self.files[self.where[name]].array(name)
 
-    def weight(self, name: str, dtype=np.float64) -> np.ndarray:
-        """The tensor as a float array of `dtype`, FP8 dequantised with its weight_scale_inv,
-        checked finite (the error names the tensor and its layer)."""
+    def weight(self, name: str, dtype=np.float64, out=None) -> np.ndarray:
+        """The tensor as a float array of `dtype` (written into `out` when given: a C-contiguous
+        array of its shape and dtype, e.g. a released weight's memory), FP8 dequantised with its
+        weight_scale_inv, checked finite (the error names the tensor and its layer).  An FP8
+        tensor is checked on its stored bytes before it is converted: no NaN code, and no product
+        that can overflow `dtype` (fp8.products_finite; else the values are checked)."""
         stored = self.raw(name)
         if stored.dtype == DTYPES["F8_E4M3"]:
             sname = self._scale_name(name)
             s = self.raw(sname)
             self._check_scale(sname, s)
-            arr = fp8.dequantize(stored, s, dtype=dtype)
+            self._check_finite(name, stored)
+            arr = fp8.dequantize(stored, s, dtype=dtype, out=out)
+            if not fp8.products_finite(s, dtype):
+                self._check_finite(name, arr)
         else:
-            arr = np.array(stored, dtype=dtype)  # a private, writable copy in working precision
+            arr = np.empty(stored.shape, dtype) if out is None else out
+            if arr.shape != stored.shape or arr.dtype != np.dtype(dtype):
+                raise ValueError(f"out must be a {np.dtype(dtype).name} array of shape "
+                                 f"{stored.shape}, got {arr.dtype} {arr.shape}")
+            np.copyto(arr, stored, casting="unsafe")  # a private, writable copy in working precision
+            self._check_finite(name, arr)
         self._drop(name)
-        self._check_finite(name, arr)
         return arr
 
     def stored_fp8(self, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ their checkpoint names (names.py).
 from __future__ import annotations
 
 import math
+import sys
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -53,12 +54,16 @@ class ArraySource:
         a = self.arrays[name]
         return a.q, a.scale_inv
 
-    def weight(self, name, dtype=np.float64):
+    def weight(self, name, dtype=np.float64, out=None):
+        """The tensor in `dtype` (into `out` when given: a C-contiguous array of its shape)."""
         if name not in self.arrays:
             raise CheckpointError(f"weights: tensor {name} is missing")
         a = self.arrays[name]
         if isinstance(a, fp8.BlockFP8):
-            return fp8.dequantize(a.q, a.scale_inv, dtype=dtype)
+            return fp8.dequantize(a.q, a.scale_inv, dtype=dtype, out=out)
+        if out is not None:
+            np.copyto(out, a, casting="unsafe")
+            return out
         return np.asarray(a, dtype=dtype)
 
 
@@ -84,6 +89,7 @@ class WeightStore:
         self.materialised = 0  # tensors materialised, re-reads after release included
         self.materialised_bytes = 0
         self.read_bytes = 0  # bytes of stored tensors read to materialise them
+        self.reused = 0  # tensors written into a released tensor's memory (_make_room)
 
     def _keeps_fp8(self, name: str) -> bool:
         return (self.fp8_linears and hasattr(self.source, "dtype")
@@ -106,14 +112,20 @@ class WeightStore:
             self._resident.move_to_end(name)
             return a
         size = self.nbytes(name)
-        self._make_room(size)
-        if self._keeps_fp8(name):
+        keeps_fp8 = self._keeps_fp8(name)
+        spare = self._make_room(size, None if keeps_fp8 or self.xp is not np else size)
+        if keeps_fp8:
             a = fp8.BlockFP8(*self.source.stored_fp8(name))
         elif self.xp is not np and self._stored_fp8(name):
             q, s = self.source.stored_fp8(name)  # 1 byte per weight crosses to the device
             a = fp8.dequantize_bits(self.xp.asarray(q.view(np.uint8)), s, dtype=self.dtype)
+        elif self.xp is not np:
+            a = self.xp.asarray(self.source.weight(name, self.dtype))  # converted on the host
         else:
-            a = self.xp.asarray(self.source.weight(name, self.dtype))
+            out = None if spare is None else spare.reshape(-1).view(self.dtype).reshape(
+                self.source.shape(name))
+            a = self.source.weight(name, self.dtype, out=out)
+            self.reused += out is not None
         self._resident[name] = a
         self.resident_bytes += size
         self.peak_bytes = max(self.peak_bytes, self.resident_bytes)
@@ -123,17 +135,29 @@ class WeightStore:
             self.read_bytes += self.source.stored_nbytes(name)
         return a
 
-    def _make_room(self, size: int) -> None:
+    def _make_room(self, size: int, reuse: int | None = None):
+        """Release the least recently used tensors until `size` more bytes fit the budget.
+        With `reuse` (a byte count): the first released host array of exactly that many bytes
+        that nothing outside the store still references is returned, to be written over by the
+        next tensor instead of freed (a fresh array of that size would fault in every one of its
+        pages again: for one expert in float64 that costs about as much as converting it)."""
+        spare = None
         if self.max_bytes is None:
-            return
+            return spare
         while self._resident and self.resident_bytes + size > self.max_bytes:
-            self.release(next(iter(self._resident)))
+            a = self.release(next(iter(self._resident)))
+            if (spare is None and reuse is not None and isinstance(a, np.ndarray)
+                    and a.nbytes == reuse and a.base is None and sys.getrefcount(a) <= 2):
+                spare = a  # only the store held it (getrefcount counts its own argument)
+            del a
+        return spare
 
-    def release(self, name: str) -> None:
-        """Drop a materialised tensor (read again from the source when next needed)."""
+    def release(self, name: str):
+        """Drop a materialised tensor (read again from the source when next needed) -> it."""
         a = self._resident.pop(name, None)
         if a is not None:
             self.resident_bytes -= self.nbytes(name)
+        return a
 
     def rows(self, name: str, ids):
         """Rows `ids` of a 2-d tensor (an embedding lookup): resident if it is, else read from

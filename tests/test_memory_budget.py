@@ -61,6 +61,24 @@ def test_a_budget_of_one_working_set_gives_the_same_logits_and_never_holds_more(
     assert tight.weights.peak_bytes <= budget
     assert tight.weights.materialised > free.weights.materialised  # weights were read again
     assert free.weights.peak_bytes > budget  # without a budget it holds everything it used
+    assert tight.weights.reused > 0 and free.weights.reused == 0  # released memory written over
+
+
+def test_a_released_weight_is_written_over_only_when_nobody_else_holds_it(ckpt):
+    """The store reuses a released tensor's memory for the next one of the same byte size
+    (no page faults for a fresh array), but never memory a caller still holds."""
+    model = refimpl.load(ckpt)
+    w = model.weights
+    up = [f"model.layers.1.mlp.experts.{e}.up_proj.weight" for e in range(3)]
+    w.max_bytes = w.nbytes(up[0])  # room for one expert matrix
+    address = w.get(up[0]).__array_interface__["data"][0]
+    second = w.get(up[1])  # up[0] released: its memory now holds up[1]
+    assert second.__array_interface__["data"][0] == address and w.reused == 1
+    assert np.array_equal(second, refimpl.load(ckpt).weights.get(up[1]))
+    held = second.copy()
+    third = w.get(up[2])  # `second` is still referenced here: it must not be written over
+    assert w.reused == 1 and not np.shares_memory(third, second)
+    assert np.array_equal(second, held)
 
 
 def test_the_embedding_is_read_by_rows_and_a_large_head_streamed_under_a_budget(ckpt):
