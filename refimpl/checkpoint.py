@@ -185,14 +185,25 @@ class SafetensorsFile:
     def drop_pages(self, name: str) -> None:
         """Tell the kernel this process is done with a tensor's pages (MADV_DONTNEED): they leave
         its resident set (the page cache keeps them) and are read again if touched again."""
-        if not isinstance(self._map, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        self._advise(name, "MADV_DONTNEED")
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading a tensor's pages into the page cache now
+        (MADV_WILLNEED): the disk works while this process converts other tensors.  Nothing is
+        mapped into the process until it touches the pages (its resident set does not grow)."""
+        if self._map is None:
+            self.array(name)  # maps the file
+        self._advise(name, "MADV_WILLNEED")
+
+    def _advise(self, name: str, advice: str) -> None:
+        if not isinstance(self._map, mmap.mmap) or not hasattr(mmap, advice):
             return
         _, _, (begin, end) = self.tensors[name]
         page = mmap.PAGESIZE
         lo = (self.data_start + begin) // page * page
         hi = min(-(-(self.data_start + end) // page) * page, len(self._map))
         if hi > lo:
-            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            self._map.madvise(getattr(mmap, advice), lo, hi - lo)
 
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # what norms, scales, the gate and its bias may be
@@ -536,6 +547,13 @@ class Checkpoint:
 
     def _drop(self, name: str) -> None:
         self.files[self.where[name]].drop_pages(name)
+
+    def prefetch(self, name: str) -> None:
+        """Start reading a tensor (and its FP8 scale) from disk in the background
+        (SafetensorsFile.prefetch); a name the checkpoint lacks is ignored (a hint, not a read)."""
+        for n in (name, name + "_scale_inv"):
+            if n in self.where:
+                self.files[self.where[n]].prefetch(n)
 
     def _check_scale(self, name: str, s: np.ndarray) -> None:
         """An FP8 block scale must be finite and strictly positive (a zero or negative scale

@@ -27,7 +27,8 @@ from .errors import InputError, RefimplError
 from .norm import rms_norm
 from .ops import boundary
 from .trace import ignore, recorder
-from .weights import ArraySource, ExpertView, LazyGroup, WeightStore, weight_budget
+from .weights import (ArraySource, ExpertView, LazyGroup, WeightStore, shared_tensors,
+                      weight_budget)
 
 MLA_FORMS = ("naive", "absorbed", "auto")
 
@@ -203,6 +204,8 @@ class Model:
         if self.progress is not None:
             layers = self.progress(layers, desc=f"forward of {b}x{s} tokens", unit="layer")
         for i in layers:
+            if i + 1 < cfg.num_hidden_layers:  # the disk reads layer i+1 while layer i computes
+                self.weights.prefetch(shared_tensors(cfg, i + 1))
             h = decoder_layer(h, self.weights, cfg, i, step, recorder(trace, f"layers.{i}."))
         if cache is not None:
             cache.length = start + s

@@ -159,6 +159,16 @@ class WeightStore:
             self.resident_bytes -= self.nbytes(name)
         return a
 
+    def prefetch(self, names) -> None:
+        """Hint that tensors `names` are needed soon: a source that reads from disk starts
+        reading those not materialised (Checkpoint.prefetch), so that the disk works while the
+        current layer computes.  Changes no result."""
+        hint = getattr(self.source, "prefetch", None)
+        if hint is not None:
+            for n in names:
+                if n not in self._resident:
+                    hint(n)
+
     def rows(self, name: str, ids):
         """Rows `ids` of a 2-d tensor (an embedding lookup): resident if it is, else read from
         the source without materialising the whole matrix.   ids int [...] -> [..., cols]"""
@@ -225,6 +235,11 @@ class ExpertView:
     def __getitem__(self, e: int) -> dict:
         return self.store.group(names.expert(self.layer, e), names.FFN_PROJ)
 
+    def prefetch(self, experts) -> None:
+        """The routed experts `experts` (ids) will be read next (WeightStore.prefetch)."""
+        self.store.prefetch([names.weight(names.expert(self.layer, int(e)), k)
+                             for e in experts for k in names.FFN_PROJ])
+
 
 def working_sets(cfg: Config, layer: int) -> list[list[str]]:
     """The tensors a step of `layer` holds at once: its norms, its attention, its dense FFN, or
@@ -237,6 +252,13 @@ def working_sets(cfg: Config, layer: int) -> list[list[str]]:
     mtp = [names.enorm(layer), names.hnorm(layer), names.eh_proj(layer)] \
         if layer >= cfg.num_hidden_layers else []
     return [attn + norms, ffn, expert, mtp]
+
+
+def shared_tensors(cfg: Config, layer: int) -> list[str]:
+    """Every tensor of `layer` that every token uses: working_sets without the routed experts
+    (what is worth reading ahead of the layer; experts are read ahead once routed)."""
+    attn, ffn, _, mtp = working_sets(cfg, layer)
+    return attn + ffn + mtp
 
 
 def weight_budget(store: WeightStore, cfg: Config, max_memory: int) -> int:
