@@ -113,7 +113,8 @@ class WeightStore:
             return a
         size = self.nbytes(name)
         keeps_fp8 = self._keeps_fp8(name)
-        spare = self._make_room(size, None if keeps_fp8 or self.xp is not np else size)
+        host = not keeps_fp8 and self.xp is np
+        spare = self._make_room(size, (tuple(self.source.shape(name)), self.dtype) if host else None)
         if keeps_fp8:
             a = fp8.BlockFP8(*self.source.stored_fp8(name))
         elif self.xp is not np and self._stored_fp8(name):
@@ -122,10 +123,8 @@ class WeightStore:
         elif self.xp is not np:
             a = self.xp.asarray(self.source.weight(name, self.dtype))  # converted on the host
         else:
-            out = None if spare is None else spare.reshape(-1).view(self.dtype).reshape(
-                self.source.shape(name))
-            a = self.source.weight(name, self.dtype, out=out)
-            self.reused += out is not None
+            a = self.source.weight(name, self.dtype, out=spare)
+            self.reused += spare is not None
         self._resident[name] = a
         self.resident_bytes += size
         self.peak_bytes = max(self.peak_bytes, self.resident_bytes)
@@ -135,21 +134,32 @@ class WeightStore:
             self.read_bytes += self.source.stored_nbytes(name)
         return a
 
-    def _make_room(self, size: int, reuse: int | None = None):
-        """Release the least recently used tensors until `size` more bytes fit the budget.
-        With `reuse` (a byte count): the first released host array of exactly that many bytes
-        that nothing outside the store still references is returned, to be written over by the
-        next tensor instead of freed (a fresh array of that size would fault in every one of its
-        pages again: for one expert in float64 that costs about as much as converting it)."""
+    def _make_room(self, size: int, like: tuple | None = None):
+        """Release tensors until `size` more bytes fit the budget, the least recently used first.
+
+        With `like` = (shape, dtype) of the tensor about to be materialised on the host: the least
+        recently used resident array of that shape and dtype that nothing outside the store
+        references is released first and returned, to be written over instead of freed (a fresh
+        array faults in every page again: for an expert in float64 that costs about as much as
+        converting it).  Under a budget smaller than what a pass touches, every tensor is read
+        again anyway, so which one goes first changes nothing but this cost."""
         spare = None
-        if self.max_bytes is None:
+        if self.max_bytes is None or self.resident_bytes + size <= self.max_bytes:
             return spare
-        while self._resident and self.resident_bytes + size > self.max_bytes:
-            a = self.release(next(iter(self._resident)))
-            if (spare is None and reuse is not None and isinstance(a, np.ndarray)
-                    and a.nbytes == reuse and a.base is None and sys.getrefcount(a) <= 2):
-                spare = a  # only the store held it (getrefcount counts its own argument)
+        a = None
+        if like is not None:
+            for name in self._resident:  # least recently used first
+                a = self._resident[name]
+                # the store's dict, `a` and getrefcount's own argument: 3 when nobody else holds it
+                if (isinstance(a, np.ndarray) and a.shape == like[0] and a.dtype == like[1]
+                        and a.base is None and sys.getrefcount(a) <= 3):
+                    break
+                a = None
+            if a is not None:
+                spare = self.release(name)
             del a
+        while self._resident and self.resident_bytes + size > self.max_bytes:
+            self.release(next(iter(self._resident)))
         return spare
 
     def release(self, name: str):

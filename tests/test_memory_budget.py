@@ -66,7 +66,7 @@ def test_a_budget_of_one_working_set_gives_the_same_logits_and_never_holds_more(
 
 
 def test_a_released_weight_is_written_over_only_when_nobody_else_holds_it(ckpt):
-    """The store reuses a released tensor's memory for the next one of the same byte size
+    """The store reuses a released tensor's memory for the next one of the same shape and dtype
     (no page faults for a fresh array), but never memory a caller still holds."""
     model = refimpl.load(ckpt)
     w = model.weights
