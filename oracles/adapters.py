@@ -44,16 +44,20 @@ class RefimplAdapter:
     mutant (a mutants.Mutant) patched in: the clean reference and every bug in mutants.py.
     refimpl's forward pass is imported when the adapter is first used, not with this module."""
 
-    def __init__(self, precision: str = "float32", mutant=None):
+    def __init__(self, precision: str = "float32", mutant=None, device=None):
         self.precision, self.mutant = precision, mutant
+        self.device = None if device in (None, "cpu") else device  # "gpu" or an array module
 
     def supports(self, case):
         from .cases import KINDS
         return True if case.kind in KINDS else f"kind {case.kind!r} is not known to this refimpl"
 
     def run(self, case):
+        from refimpl.backend import device_module
+
         from .emulate import run_case
-        return run_case(case, self.precision, self.mutant)
+        xp = None if self.device is None else device_module(self.device)
+        return run_case(case, self.precision, self.mutant, device=xp)
 
 
 def refimpl_float32():

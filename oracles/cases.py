@@ -15,6 +15,8 @@ names (`embed`, `layers.N.attn_out`, `layers.N.topk_idx`, `final_hidden`, `logit
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from dataclasses import dataclass
 from typing import Callable
@@ -22,11 +24,26 @@ from typing import Callable
 import numpy as np
 
 from refimpl import fp8, generate, losses, mla, moe, mtp, names, norm, rope
+from refimpl.backend import array_module, to_numpy
 from refimpl.config import Config
 from refimpl.model import Model
 from refimpl.trace import recorder
 
 from .schema import CAUSAL_KINDS, Case, matches, output_type  # noqa: F401 (re-exported)
+
+# The array module the reference runs a case on (None: numpy), set by emulate.run_case for its
+# run: a kind's model is made on it (_model), its component functions follow their inputs.
+_DEVICE = contextvars.ContextVar("oracles_device", default=None)
+
+
+@contextlib.contextmanager
+def placed(xp):
+    """Within the block, model kinds build their model on xp's device (None: the CPU)."""
+    token = _DEVICE.set(xp)
+    try:
+        yield
+    finally:
+        _DEVICE.reset(token)
 
 # ---------------------------------------------------------------------------------------------
 # Kinds
@@ -99,16 +116,19 @@ def run_yarn_tables(case, dtype):
 def run_rope_apply(case, dtype):
     """x [b, s, H, d_R] at positions [s] -> rotated x, adjacent pairs (the checkpoint's layout)."""
     cfg = case.config
-    cos, sin = rope.cos_sin(case.inputs["positions"], rope.inv_freq(cfg), rope.cos_sin_factor(cfg))
-    return {"out": rope.apply_rope(case.inputs["x"], cos, sin)}
+    x = case.inputs["x"]
+    cos, sin = rope.cos_sin(case.inputs["positions"], rope.inv_freq(cfg), rope.cos_sin_factor(cfg),
+                            array_module(x))
+    return {"out": rope.apply_rope(x, cos, sin)}
 
 
 def _mla(case, x, positions, cache=None, start=0, form="naive"):
     """mla.attention_block on the case's weights -> its recorded intermediates."""
     cfg = case.config
     w = {k: case.inputs[k] for k in names.attention_keys(cfg)}
-    cos, sin = rope.cos_sin(positions, rope.inv_freq(cfg), rope.cos_sin_factor(cfg))
-    mask = mla.causal_mask(positions, np.arange(start + x.shape[1]), np)
+    xp = array_module(x)
+    cos, sin = rope.cos_sin(positions, rope.inv_freq(cfg), rope.cos_sin_factor(cfg), xp)
+    mask = mla.causal_mask(positions, np.arange(start + x.shape[1]), xp)
     out = {}
     mla.attention_block(x, w, cfg, cos, sin, mask, rope.softmax_scale(cfg), form, cache, start,
                         recorder(out))
@@ -125,8 +145,9 @@ def run_mla_decode(case, dtype):
     """One token x [b, 1, d] at position `start` against a filled cache (normalised c_kv
     [b, start, d_c] and roped k_rope [b, start, d_R] in the checkpoint's pair layout)."""
     x, c, k = case.inputs["x"], case.inputs["cache_c_kv"], case.inputs["cache_k_rope"]
+    xp = array_module(x)
     start = c.shape[1]
-    slot = tuple(np.concatenate([a, np.zeros((a.shape[0], 1, a.shape[2]), a.dtype)], axis=1)
+    slot = tuple(xp.concatenate([a, xp.zeros((a.shape[0], 1, a.shape[2]), a.dtype)], axis=1)
                  for a in (c, k))  # the filled cache with room for the new token
     return _mla(case, x, np.array([start]), slot, start, form=case.params.get("form", "absorbed"))
 
@@ -178,8 +199,9 @@ def _model(case, dtype):
         from .emulate import paired_fp8
         case = dataclasses.replace(case, weights=paired_fp8(case.weights, "float64"))
     stored_fp8 = any(isinstance(w, fp8.BlockFP8) for w in case.weights.values())
+    device = _DEVICE.get()
     return Model.from_arrays(case.config, case.weights, dtype=np.dtype(dtype).name,
-                             fp8_activations=stored_fp8)
+                             fp8_activations=stored_fp8, device="cpu" if device is None else device)
 
 
 def run_prefill(case, dtype):
@@ -244,14 +266,14 @@ def greedy_aux(case, out):
 def run_fp8_quant(case, dtype):
     """Weight block quantisation (SPEC.md section 7): w [out, in] -> q (e4m3 values, as float)
     and scale_inv [ceil(out/128), ceil(in/128)], s = max(amax, 1e-4) / 448 per tile."""
-    q, s = fp8.quantize(np.asarray(case.inputs["w"]))
+    q, s = fp8.quantize(to_numpy(case.inputs["w"]))  # a host routine (ml_dtypes' e4m3)
     return {"q": fp8.decode_e4m3(q, np.float64).astype(dtype), "scale_inv": s.astype(dtype)}
 
 
 def run_fp8_act_quant(case, dtype):
     """Activation quantisation per token per 128 channels: x [T, K] -> q (e4m3 values, as float)
     [T, K] and s [T, ceil(K/128)]."""
-    q, s = fp8.quantize_activations(np.asarray(case.inputs["x"]))
+    q, s = fp8.quantize_activations(to_numpy(case.inputs["x"]))
     return {"q": fp8.decode_e4m3(q, np.float64).astype(dtype), "s": s.astype(dtype)}
 
 
@@ -279,7 +301,7 @@ def run_mtp_module(case, dtype):
     [b, s, d] is h^{k-1}_i; indices i = 0..s-1 -> the module's trace under mtp.k.*."""
     trace = {}
     model = _model(case, dtype)
-    h_prev = np.asarray(case.inputs["h_prev"], dtype=dtype)
+    h_prev = model.xp.asarray(case.inputs["h_prev"], dtype=dtype)
     model.mtp_module(case.params["k"], case.inputs["input_ids"], h_prev, 0, None, trace, mtp.DEFAULT)
     return trace
 

@@ -31,10 +31,11 @@ import ml_dtypes
 import numpy as np
 
 from refimpl import fp8, ops
+from refimpl.backend import to_numpy
 from refimpl.checkpoint import FP8_PROJECTIONS
 
 from . import OraclesError
-from .cases import KINDS, Case
+from .cases import KINDS, Case, placed
 
 PRECISIONS = ("float64", "float32", "bf16", "fp8")
 # engine modes (oracles/engines/modes.py): a base precision above plus patches of their own
@@ -124,14 +125,28 @@ def prepared(case: Case, precision: str) -> Case:
         paired_fp8({k: _cast(k, v, precision) for k, v in case.weights.items()}, precision))
 
 
+def on_device(case: Case, xp) -> Case:
+    """The case with its floating-point inputs (activations, weights of component cases) copied
+    to the array module xp's device, explicitly; token ids, positions and expert indices stay on
+    the host, where the bookkeeping that reads them runs, and so do e4m3 arrays (CuPy has no FP8
+    dtype: their bytes are copied where a weight is decoded, fp8.dequantize_bits)."""
+    def place(v):
+        a = np.asarray(v)
+        return xp.asarray(a) if np.issubdtype(a.dtype, np.floating) and a.dtype != E4M3 else v
+    return dataclasses.replace(case, inputs={k: place(v) for k, v in case.inputs.items()})
+
+
 def working_dtype(precision: str):
     return np.float64 if precision == "float64" else np.float32
 
 
-def run_case(case: Case, precision: str = "float64", mutant=None, alone: bool = False) -> dict:
+def run_case(case: Case, precision: str = "float64", mutant=None, alone: bool = False,
+             device=None) -> dict:
     """The case's outputs from refimpl -> {name: float64 or int64 numpy array}, dataflow order.
     `mutant` (a mutants.Mutant) is patched in during the run. `alone`: the kind's standalone
-    computation where it has one (the expected values of scenario kinds)."""
+    computation where it has one (the expected values of scenario kinds).  `device` (an array
+    module, e.g. cupy): the case's inputs are copied there, so the component functions and the
+    model (cases._model follows its inputs) run on it; the outputs are copied back."""
     kind = KINDS[case.kind]
     mode = None
     if precision in MODE_PRECISIONS:
@@ -148,10 +163,13 @@ def run_case(case: Case, precision: str = "float64", mutant=None, alone: bool = 
         # prepared inside the mutant: a candidate's own loading (dequantising a stored FP8
         # checkpoint, quantising for the fp8 profile) has its bug too
         work = prepared(case, precision)
+        if device is not None:
+            work = on_device(work, device)
+            stack.enter_context(placed(device))
         out = (kind.alone if alone and kind.alone else kind.run)(work, working_dtype(precision))
     result = {}
     for k, v in out.items():
-        v = np.asarray(v)
+        v = to_numpy(v)
         if precision in ("bf16", "fp8"):
             v = round_bf16(v)
         result[k] = v.astype(np.int64 if np.issubdtype(v.dtype, np.integer) else np.float64)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from .backend import array_module
+from .backend import array_module, to_numpy
 
 BLOCK = 128
 E4M3_MAX = 448.0
@@ -92,7 +92,7 @@ def dequantize(q, scale_inv, block: int = BLOCK, dtype=np.float64, out=None):
     once in `dtype`, the product the definition asks for."""
     q = np.asarray(q)
     rows_out, inp = q.shape
-    s = np.asarray(scale_inv, dtype=dtype)
+    s = np.asarray(to_numpy(scale_inv), dtype=dtype)  # (an explicit copy from a device)
     if out is None:
         out = np.empty((rows_out, inp), dtype=dtype)
     elif out.shape != (rows_out, inp) or out.dtype != np.dtype(dtype) or not out.flags.c_contiguous:

@@ -71,7 +71,7 @@ class Report:
 
 
 def _check_lengths(model, prompt, max_new_tokens):
-    prompt = np.asarray(prompt, dtype=np.int64).reshape(1, -1)
+    prompt = to_numpy(prompt).astype(np.int64).reshape(1, -1)
     if max_new_tokens < 0:
         raise InputError(f"max-new-tokens must be >= 0, got {max_new_tokens}")
     total = prompt.shape[1] + max_new_tokens
