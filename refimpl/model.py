@@ -313,16 +313,42 @@ class Model:
 
 
 def load(path: str | os.PathLike, dtype="float64", device="cpu", mla_form="auto",
-         max_memory: int | None = None, fp8_activations: bool = False) -> Model:
+         max_memory: int | None = None, fp8_activations: bool = False, stages: int | None = None,
+         ray: str | None = None, stage_memory: int | None = None, report=None):
     """Open a checkpoint directory (HF layout): reads config.json and the safetensors headers,
     checks every tensor the config implies is present with its shape and every FP8 scale fits
     its weight; tensor bodies are read when first used.
 
     max_memory (bytes): keep the process under it by releasing the least recently used weights
     (see WeightStore).  fp8_activations: run FP8-stored projections as an FP8 engine does
-    (activations quantised per token per 128 channels, float32 accumulation; fp8.fp8_gemm)."""
+    (activations quantised per token per 128 channels, float32 accumulation; fp8.fp8_gemm).
+
+    stages: split the decoder layers into that many pipeline stages, each keeping its layers
+    resident (stages.py) -> a stages.Pipeline with Model's interface.  ray: None (the stages run
+    in this process, one after another), "local" (a Ray cluster on this machine) or a Ray
+    address to join (cluster.py).  The plan is passed to report(text) (default: not shown)
+    before any weight is read, and refused when a stage needs more than stage_memory bytes."""
     ckpt = Checkpoint(path)
     ckpt.check_against_config()
     ckpt.check_scales()
-    return Model(ckpt.config, ckpt, dtype=dtype, device=device, mla_form=mla_form,
-                 max_memory=max_memory, fp8_activations=fp8_activations)
+    if stages is None:
+        if ray is not None or stage_memory is not None:
+            raise InputError("ray and stage_memory need stages (--stages N)")
+        return Model(ckpt.config, ckpt, dtype=dtype, device=device, mla_form=mla_form,
+                     max_memory=max_memory, fp8_activations=fp8_activations)
+    from . import stages as st
+
+    if max_memory is not None or fp8_activations:
+        raise InputError("--max-memory and --fp8-activations do not apply to pipeline stages: "
+                         "each stage keeps its layers resident in the working dtype")
+    plan = st.plan_stages(ckpt.config, stages, working_dtype(dtype), present=set(ckpt.names()))
+    if report is not None:
+        report(st.format_plan(plan, working_dtype(dtype)))
+    st.check_fits(plan, stage_memory)
+    if ray is None:
+        executor = st.LocalStages()
+    else:
+        from .cluster import RayStages
+        executor = RayStages(ray)
+    return st.Pipeline.start(st.source_of(os.fspath(path)), plan, executor, dtype=working_dtype(dtype),
+                             device=device, mla_form=mla_form)
