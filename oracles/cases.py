@@ -194,12 +194,15 @@ def _model(case, dtype):
     """The case's model; weights kept as stored FP8 (fp8.BlockFP8, emulate.prepared for the fp8
     profile) run through the FP8 GEMM, as an FP8 engine runs them. A case as written (a stored
     FP8 checkpoint's e4m3 weights with their _scale_inv, edges.fp8_model_case) is read as the
-    float64 reference reads it: dequantised."""
+    float64 reference reads it: dequantised.  A case of a user's checkpoint
+    (checkpoint_golden.CheckpointWeights) builds its Model over that directory."""
+    device = _DEVICE.get()
+    if not isinstance(case.weights, dict):
+        return case.weights.model(dtype, "cpu" if device is None else device)
     if any(k.endswith("_scale_inv") for k in case.weights):
         from .emulate import paired_fp8
         case = dataclasses.replace(case, weights=paired_fp8(case.weights, "float64"))
     stored_fp8 = any(isinstance(w, fp8.BlockFP8) for w in case.weights.values())
-    device = _DEVICE.get()
     return Model.from_arrays(case.config, case.weights, dtype=np.dtype(dtype).name,
                              fp8_activations=stored_fp8, device="cpu" if device is None else device)
 

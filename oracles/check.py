@@ -371,13 +371,13 @@ STATUSES = ("pass", "fail", "missing", "error", "inconclusive", "skip", "not_fol
 def run_check(golden_path: str, candidate, profile: str = "float32", only: str | None = None,
               repro_base: str | None = None, progress=None, expect_digest: str | None = None,
               allow_empty: bool = False, allow_inconclusive: bool = False,
-              min_compared: float = MIN_COMPARED) -> dict:
+              min_compared: float = MIN_COMPARED, checkpoint: str | None = None) -> dict:
     """Check every case (matching `only`) -> the report (a JSON-able dict). ok is False when a
     case fails, is missing or errs, when one is inconclusive (unless allow_inconclusive), and
     when no required output was compared at all (unless allow_empty)."""
     if profile not in tolerance.PROFILES:
         raise OraclesError(f"profile {profile!r} is not one of {', '.join(tolerance.PROFILES)}")
-    golden = Golden(golden_path, expect_digest=expect_digest)
+    golden = Golden(golden_path, expect_digest=expect_digest, checkpoint=checkpoint)
     entries = [e for e in golden.manifest["cases"] if matches(e["id"], only)]
     if not entries:
         raise OraclesError(f"{golden_path}: no case matches --only {only!r}")

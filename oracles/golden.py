@@ -94,14 +94,20 @@ def compute(case: Case) -> tuple[dict, dict, dict]:
     return truth, aux, tols
 
 
-def write_case(case: Case, case_dir: str) -> dict:
-    """Write one case's files -> its manifest entry."""
+def write_case(case: Case, case_dir: str, computed=None) -> dict:
+    """Write one case's files -> its manifest entry.  computed: compute(case)'s result when it
+    was computed elsewhere (a Ray worker: cluster_cases)."""
     from .cases import KINDS
     from .suites import SUITE_SEED
 
     os.makedirs(case_dir)
-    truth, aux, tols = compute(case)
-    if case.weights is not None:
+    truth, aux, tols = compute(case) if computed is None else computed
+    reference = None
+    if case.weights is not None and not isinstance(case.weights, dict):
+        from .checkpoint_golden import reference_of  # the user's checkpoint: referenced, not copied
+        reference = reference_of(case.weights)
+        case.config.to_json(os.path.join(case_dir, "config.json"))
+    elif case.weights is not None:
         write_model_dir(os.path.join(case_dir, MODEL_DIR), case.config, case.weights)
     elif case.config is not None:
         case.config.to_json(os.path.join(case_dir, "config.json"))
@@ -118,7 +124,8 @@ def write_case(case: Case, case_dir: str) -> dict:
         "seed": [SUITE_SEED, "crc32(id)"], "conventions": case.conventions,
         "expected_under": case.expect_under or "this project's conventions (SPEC.md section 9)",
         "params": case.params, "model": case.is_model,
-        **({"model_dir": MODEL_DIR} if case.is_model else {}),
+        **({"checkpoint": reference} if reference is not None else
+           {"model_dir": MODEL_DIR} if case.is_model else {}),
         **({"edge": case.edge} if case.edge else {}),
         "inputs": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype)} for k, v in case.inputs.items()],
         "outputs": [{"name": k, "type": output_type(k), "required": k in required,
@@ -141,14 +148,26 @@ def write_model_dir(model_dir: str, cfg: Config, weights: dict) -> None:
     assert sorted(os.listdir(model_dir)) == sorted(MODEL_FILES), os.listdir(model_dir)
 
 
-def generate(out: str, suite: str = "default", only: str | None = None, progress=None) -> dict:
-    """Write the suite (or the cases matching `only`) to `out`, atomically -> the manifest."""
+def generate(out: str, suite: str = "default", only: str | None = None, progress=None,
+             cases: list | None = None, suite_doc: str | None = None, ray: str | None = None) -> dict:
+    """Write the suite (or the cases matching `only`) to `out`, atomically -> the manifest.
+    cases: ready Case objects instead of a built-in suite's (a checkpoint golden), described by
+    suite_doc.  ray: compute the cases on a Ray cluster's workers ("local" or an address;
+    cluster_cases), the files still written here."""
     from .suites import SUITE_DOCS, SUITE_SEED, suite_cases
 
-    builders = [(cid, b) for cid, b in suite_cases(suite) if matches(cid, only)]
+    if cases is not None:
+        builders = [(c.id, (lambda cid, c=c: c)) for c in cases if matches(c.id, only)]
+    else:
+        builders = [(cid, b) for cid, b in suite_cases(suite) if matches(cid, only)]
     if not builders:
         raise OraclesError(f"suite {suite!r}: no case matches --only {only!r}")
     check_destination(out, "directory", OraclesError)  # before the cases are computed
+    computed = {}
+    if ray is not None:
+        from .cluster_cases import compute_on_cluster
+        computed = compute_on_cluster(ray, suite, [cid for cid, _ in builders],
+                                      cases=None if cases is None else {c.id: c for c in cases})
     with atomic_directory(out, OraclesError, tag="oracles") as tmp:
         entries = []
         it = builders
@@ -156,9 +175,9 @@ def generate(out: str, suite: str = "default", only: str | None = None, progress
             it = progress(builders, desc=f"generating {suite}", unit="case")
         for cid, build in it:
             case = build(cid)
-            entries.append(write_case(case, os.path.join(tmp, "cases", cid)))
+            entries.append(write_case(case, os.path.join(tmp, "cases", cid), computed.get(cid)))
         manifest = {
-            "suite": suite, "suite_doc": SUITE_DOCS[suite], "format": SUITE_FORMAT,
+            "suite": suite, "suite_doc": suite_doc or SUITE_DOCS[suite], "format": SUITE_FORMAT,
             "only": only, "generator": f"oracles {__version__}", "refimpl": refimpl.__version__,
             "numpy": np.__version__, "ml_dtypes": ml_dtypes.__version__,
             "python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}",
@@ -209,7 +228,8 @@ class Golden:
     regular files inside the suite; nothing unlisted may sit in a case directory). Only listed,
     verified files are read afterwards."""
 
-    def __init__(self, path: str, verify: bool = True, expect_digest: str | None = None):
+    def __init__(self, path: str, verify: bool = True, expect_digest: str | None = None,
+                 checkpoint: str | None = None):
         from . import manifest
 
         self.path = os.fspath(path)
@@ -238,6 +258,13 @@ class Golden:
         self._identity = {}  # (case, file) -> what it was when verified
         if verify:
             self.verify()
+        # cases of a user's checkpoint: bound to --checkpoint DIR, refused unless its digest is
+        # the one they were generated from (checkpoint_golden.bind), before anything runs
+        self.checkpoint, self._digests, self._bound = checkpoint, {}, {}
+        if any("checkpoint" in e for e in self.cases.values()):
+            from .checkpoint_golden import bind
+            self._bound = {cid: bind(e, checkpoint, self._digests)
+                           for cid, e in self.cases.items() if "checkpoint" in e}
 
     def case_dir(self, cid: str) -> str:
         return os.path.join(self.path, "cases", cid)
@@ -303,8 +330,11 @@ class Golden:
         d = self.case_dir(cid)
         md = self.model_dir(cid)
         cfg = self._config(cid)
-        weights = read_tensors(self.file(cid, self._listed(cid, "model/model.safetensors",
-                                                           "model.safetensors"))) if e["model"] else None
+        if cid in self._bound:  # the user's checkpoint, its digest checked
+            weights = self._bound[cid]
+        else:
+            weights = read_tensors(self.file(cid, self._listed(cid, "model/model.safetensors",
+                                                               "model.safetensors"))) if e["model"] else None
         case = Case(cid, e["kind"], e["pins"], read_tensors(self.file(cid, "inputs.safetensors")),
                     params=e["params"], config=cfg, weights=weights, conventions=e["conventions"],
                     path=d, model_path=md, edge=e.get("edge"))
@@ -328,6 +358,8 @@ class Golden:
         component cases.  Its files are the ones the manifest lists and hashes."""
         if not self.cases[cid].get("model"):
             return None
+        if cid in self._bound:
+            return self._bound[cid].path
         if f"{MODEL_DIR}/config.json" in self.cases[cid]["files"]:
             return untrusted.inside(self.path, f"cases/{cid}/{MODEL_DIR}",
                                     f"case {cid!r}: checkpoint directory", kind="dir")
