@@ -38,6 +38,8 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     """ray.init once: a local cluster on this machine (address None or "local"), or join the
     cluster at `address` ("auto", "HOST:PORT", "ray://HOST:PORT").  -> the ray module."""
     ray = require_ray()
+    if address not in (None, "local", "auto"):
+        _probe(address)
     if ray.is_initialized():
         return ray
     quiet = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
@@ -53,6 +55,22 @@ def connect(address: str | None = None, num_cpus: int | None = None):
             f"reach the Ray cluster at {address!r}"
         raise RefimplError(f"--ray: cannot {where} ({first[:200]})") from None
     return ray
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """A TCP connection to HOST:PORT (or ray://HOST:PORT) first: Ray itself retries an
+    unreachable address for minutes."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise RefimplError(f"--ray {address!r}: not an address (HOST:PORT, ray://HOST:PORT, auto)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RefimplError(f"--ray: cannot reach the Ray cluster at {address!r} "
+                           f"({e.strerror or type(e).__name__})") from None
 
 
 class _Ref:

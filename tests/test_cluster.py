@@ -53,6 +53,34 @@ def test_incremental_decode_and_mtp_across_actors(pair):
     assert decode(pipe, prompt, 6, use_mtp=True).as_dict() == decode(one, prompt, 6, use_mtp=True).as_dict()
 
 
+def test_the_command_line_and_oracles_generate_on_the_cluster(pair, tmp_path):
+    """`refimpl logits --ray --stages 2` equals one process; `oracles generate --ray` writes the
+    suite it writes without Ray, byte for byte; an address that cannot be reached is one line."""
+    from refimpl.checkpoint import make_checkpoint
+    from tests.helpers import run_main
+
+    make_checkpoint(tmp_path / "m", TINY, seed=6, fp8=True, shards=2)
+    np.save(tmp_path / "t.npy", TOKENS)
+    for extra, out in (([], "one"), (["--stages", "2", "--ray"], "two")):
+        rc, _, err = run_main("logits", "--checkpoint", tmp_path / "m", "--tokens", tmp_path / "t.npy",
+                              "--out", tmp_path / f"{out}.npy", *extra)
+        assert rc == 0, err
+    assert (np.load(tmp_path / "one.npy") == np.load(tmp_path / "two.npy")).all()
+    assert err.startswith("pipeline plan: 2 stage(s)")
+    for extra, out in (([], "g1"), (["--ray"], "g2")):
+        rc, _, err = run_main("generate", "--suite", "smoke", "--out", tmp_path / out, *extra,
+                              module="oracles")
+        assert rc == 0, err
+    for root, _, files in __import__("os").walk(tmp_path / "g1"):
+        for f in files:
+            a = __import__("pathlib").Path(root) / f
+            assert a.read_bytes() == (tmp_path / "g2" / a.relative_to(tmp_path / "g1")).read_bytes(), a
+    rc, _, err = run_main("logits", "--checkpoint", tmp_path / "m", "--tokens", tmp_path / "t.npy",
+                          "--out", tmp_path / "x.npy", "--stages", "2", "--ray", "127.0.0.1:9")
+    assert rc == 2 and err == ("refimpl: error: --ray: cannot reach the Ray cluster at "
+                               "'127.0.0.1:9' (Connection refused)\n")
+
+
 def test_a_killed_stage_is_one_clear_error(pair):
     """Last in the module: it ends a stage."""
     _, pipe, ex = pair
