@@ -17,6 +17,9 @@ from .errors import RefimplError
 
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 LOCAL_OBJECT_STORE = 512 * 2**20  # a local cluster's shared-memory object store (hidden states)
+# A local cluster's logical CPUs: every stage actor and case task asks for one (on a real cluster
+# that spreads them over hosts), and on one machine they share its cores rather than wait.
+LOCAL_CPUS = 64
 
 
 def require_ray():
@@ -44,9 +47,9 @@ def connect(address: str | None = None, num_cpus: int | None = None):
         return ray
     quiet = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
     try:
-        if address in (None, "local"):
-            ray.init(num_cpus=max(num_cpus or 0, os.cpu_count() or 1),
-                     object_store_memory=LOCAL_OBJECT_STORE, **quiet)
+        if address in (None, "local"):  # logical CPUs: stages and tasks share the cores
+            ray.init(num_cpus=max(num_cpus or 0, LOCAL_CPUS), object_store_memory=LOCAL_OBJECT_STORE,
+                     **quiet)
         else:
             ray.init(address=address, **quiet)
     except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError
@@ -101,7 +104,8 @@ class RayStages:
             device = f"module:{device.__name__}"
         res = {"num_gpus": 1} if device in ("gpu", "cuda") else {"num_cpus": 1}
         actor = ray.remote(StageWorker).options(
-            **res, max_restarts=0, runtime_env={"env_vars": {**blas_env(), **self.env}})
+            **res, max_restarts=0, scheduling_strategy="SPREAD",  # one host or GPU per stage first
+            runtime_env={"env_vars": {**blas_env(), **self.env}})
         self.actors = [actor.remote(source, spec, dtype, device, mla_form) for spec in plan]
         return list(range(len(plan)))
 
