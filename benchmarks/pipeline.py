@@ -202,15 +202,20 @@ def cmd_plan(args) -> int:
     L = cfg.num_hidden_layers
     host = args.host_memory * 1e9
     rows = []
+    import ml_dtypes
+
+    usable = host - args.reserve * 1e9
     for dtype, size in (("float32", 4), ("bf16 (float32 compute)", 2)):
-        n_hosts = math.ceil(total * size / (host - args.reserve * 1e9))
-        plan = stages.plan_stages(cfg, n_hosts, "float32" if size == 4 else "float32",
-                                  storage="float")
+        store = np.float32 if size == 4 else ml_dtypes.bfloat16
+        n_hosts = math.ceil(total * size / usable)
+        while max(p.nbytes for p in stages.plan_stages(cfg, n_hosts, store)) > usable:
+            n_hosts += 1  # contiguous layers of 45 GB (float32) do not split evenly
+        plan = stages.plan_stages(cfg, n_hosts, store)
         per_layer = lc["layer_decode_s"]
         convert = active * lc["bf16_to_f32_s_per_value"] if size == 2 else 0.0
         hop = n_hosts * args.hop_ms / 1e3
         tok = L * per_layer + convert + hop
-        biggest = max(p.nbytes for p in plan) * size / 4
+        biggest = max(p.nbytes for p in plan)
         rows.append((f"{n_hosts} CPU hosts of {args.host_memory:.0f} GB, {dtype} resident",
                      f"{biggest / 1e9:.0f} GB", f"{tok:.1f} s",
                      f"{L} x {per_layer:.3f} s layers" + (f" + {convert:.1f} s bf16->f32" if convert else "")
