@@ -97,7 +97,6 @@ def conversion(repeats: int) -> dict:
                 "fresh": lambda: fp8.dequantize(q, s, dtype=dt),
                 "reused": lambda: fp8.dequantize(q, s, dtype=dt, out=out),
             }, repeats)
-            del src, dst, out
             res[f"{label} {dt.name}"] = {
                 "values": n, "output_bytes": n * dt.itemsize, "seconds": t,
                 "values_per_s": {k: n / v for k, v in t.items()},

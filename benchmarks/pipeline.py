@@ -40,7 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import refimpl  # noqa: E402
-from refimpl import fp8, names, stages  # noqa: E402
+from refimpl import fp8, stages  # noqa: E402
 from refimpl.checkpoint import layer_plan, random_tensor, tensor_plan  # noqa: E402
 
 
