@@ -39,7 +39,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from refimpl import fp8  # noqa: E402
-from refimpl.checkpoint import Checkpoint, write_safetensors  # noqa: E402
+from refimpl.checkpoint import Checkpoint  # noqa: E402
+from refimpl.writer import write_safetensors  # noqa: E402
 from refimpl.config import Config  # noqa: E402
 from refimpl.memory import format_bytes, peak_rss  # noqa: E402
 from refimpl.weights import WeightStore  # noqa: E402
@@ -110,7 +111,7 @@ def conversion(repeats: int) -> dict:
 
 def layer_tensors(cfg: Config, experts: int) -> dict:
     """name -> shape of one MoE layer's FP8 projections: the attention and `experts` experts."""
-    from refimpl.checkpoint import attention_shapes, ffn_shapes
+    from refimpl.layout import attention_shapes, ffn_shapes
 
     shapes = {f"model.layers.{LAYER}.self_attn.{k}": v for k, v in attention_shapes(cfg).items()
               if k.endswith("proj.weight") or k.endswith("mqa.weight")}

@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import refimpl  # noqa: E402
 from refimpl import fp8, stages  # noqa: E402
-from refimpl.checkpoint import layer_plan, random_tensor, tensor_plan  # noqa: E402
+from refimpl.layout import layer_plan, tensor_plan  # noqa: E402
+from refimpl.writer import random_tensor  # noqa: E402
 
 
 def bench_config(layers: int, hidden: int) -> refimpl.Config:
@@ -146,7 +147,7 @@ class _LazyLayer:
 
 
 def cmd_layer_cost(args) -> int:
-    from refimpl.model import Step, decoder_layer
+    from refimpl.layer import AttentionContext, LatentCache, decoder_layer
     from refimpl.weights import WeightStore
     from refimpl import mla, rope
 
@@ -158,10 +159,10 @@ def cmd_layer_cost(args) -> int:
     cache_k = [None] * cfg.num_hidden_layers
     cache_c[layer] = np.random.default_rng(1).standard_normal((1, T + 1, cfg.kv_lora_rank)).astype(np.float32)
     cache_k[layer] = np.random.default_rng(2).standard_normal((1, T + 1, cfg.qk_rope_head_dim)).astype(np.float32)
-    cache = refimpl.LatentCache(cache_c, cache_k, length=T)
+    cache = LatentCache(cache_c, cache_k, length=T)
     inv = rope.inv_freq(cfg)
     cos, sin = rope.cos_sin(np.array([T]), inv, rope.cos_sin_factor(cfg))
-    step = Step(cos, sin, mla.causal_mask(np.array([T]), np.arange(T + 1), np), T,
+    step = AttentionContext(cos, sin, mla.causal_mask(np.array([T]), np.arange(T + 1), np), T,
                 rope.softmax_scale(cfg), "absorbed", cache)
     h = np.random.default_rng(3).standard_normal((1, 1, cfg.hidden_size)).astype(np.float32)
     decoder_layer(h, store, cfg, layer, step)  # materialises what this token uses

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from .errors import RefimplError
+from .stages import StageWorker
 
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 LOCAL_OBJECT_STORE = 512 * 2**20  # a local cluster's shared-memory object store (hidden states)
@@ -96,8 +97,6 @@ class RayStages:
         self.actors = []
 
     def start(self, source, plan, dtype, device, mla_form) -> list:
-        from .stages import StageWorker
-
         self.ray = ray = connect(self.address, num_cpus=len(plan))
         self.plan = plan
         if not isinstance(device, str):  # an array module: each actor imports it by name

@@ -2,7 +2,7 @@
 worker (a Ray actor on a CPU host or on its own GPU, or an object in this process), the hidden
 state passed from stage to stage, each stage holding its layers' slice of the latent cache.
 The first stage also holds the embedding; the last the final norm, the head and the MTP
-modules.  The arithmetic is Model's own (model.decoder_layer on the same Step), so a pipeline
+modules.  The arithmetic is Model's own (layer.decoder_layer on the same AttentionContext), so a pipeline
 gives one process's results bit for bit when the stages compute as that process does (the same
 numpy, BLAS and thread count: RayStages passes the driver's BLAS thread settings on).
 
@@ -17,20 +17,25 @@ semantics without a cluster) or RayStages (refimpl.cluster: one actor per stage)
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import names
-from .mtp import DEFAULT as MTP_DEFAULT, Conventions
 from .backend import to_numpy
-from .checkpoint import STORAGE_BYTES, is_fp8_weight, layer_plan
+from .checkpoint import Checkpoint
 from .config import Config
 from .errors import InputError, RefimplError
+from .layer import LatentCache, decoder_layer
+from .layout import STORAGE_BYTES, is_fp8_weight, layer_plan
 from .memory import format_bytes
+from .model import Model
+from .mtp import DEFAULT as MTP_DEFAULT, Conventions
 from .norm import rms_norm
 from .trace import recorder
+from .weights import ArraySource
 
 STORAGES = ("float", "fp8")  # weights held in the working dtype, or FP8 projections as stored
 
@@ -154,9 +159,6 @@ def check_fits(plan: list[StageSpec], stage_memory: int | None) -> None:
 def open_source(source):
     """A picklable description of the weights -> (config, weight source).
     ("checkpoint", path) or ("arrays", config dict, {name: array})."""
-    from .checkpoint import Checkpoint
-    from .weights import ArraySource
-
     kind = source[0]
     if kind == "checkpoint":
         ckpt = Checkpoint(source[1])
@@ -171,10 +173,7 @@ class StageWorker:
     from the stage's device), so that nothing device-bound crosses a process boundary."""
 
     def __init__(self, source, spec: StageSpec, dtype="float64", device="cpu", mla_form="auto"):
-        from .model import Model
-
         if isinstance(device, str) and device.startswith("module:"):  # an injected array module
-            import importlib
             device = importlib.import_module(device[len("module:"):])
         cfg, src = open_source(source)
         self.spec, self.cfg = spec, cfg
@@ -191,8 +190,6 @@ class StageWorker:
     def new_cache(self, cache_id: int, batch: int, max_len: int, mtp_slots: bool) -> None:
         """This stage's slots of a latent cache: full size for its own layers (and, on the last
         stage, the MTP layers), empty elsewhere."""
-        from .model import LatentCache
-
         cfg, xp, dt = self.cfg, self.model.xp, self.model.dtype
         n = cfg.num_layers_with_mtp if mtp_slots else cfg.num_hidden_layers
         own = set(self.spec.layers) | (set(range(cfg.num_hidden_layers, n)) if self.spec.head else set())
@@ -213,16 +210,14 @@ class StageWorker:
     def layers(self, h, start: int, cache_id=None, trace: bool = False):
         """This stage's decoder layers on h [b, s, d] at positions start..start+s-1
         -> (h, {trace name: array} or None)."""
-        from .model import decoder_layer
-
         m = self.model
         h = m.xp.asarray(np.asarray(h, dtype=m.dtype))
         s = h.shape[1]
         cache = None if cache_id is None else self.caches[cache_id]
-        step = m.step(np.arange(start, start + s), start + s, start, cache)
+        context = m.attention_context(np.arange(start, start + s), start + s, start, cache)
         tr = {} if trace else None
         for i in self.spec.layers:
-            h = decoder_layer(h, m.weights, self.cfg, i, step, recorder(tr, f"layers.{i}."))
+            h = decoder_layer(h, m.weights, self.cfg, i, context, recorder(tr, f"layers.{i}."))
         return to_numpy(h), tr
 
     def final_norm(self, h) -> np.ndarray:
@@ -316,7 +311,6 @@ class Pipeline:
         return self.stages[-1]
 
     def check_tokens(self, tokens) -> np.ndarray:
-        from .model import Model
         return Model.check_tokens(self, tokens)
 
     def new_cache(self, batch: int = 1, max_len: int | None = None, mtp: bool = False) -> PipelineCache:
@@ -388,7 +382,6 @@ class Pipeline:
             if not self.has_mtp():
                 raise InputError("forward(mtp=True): the weights hold no MTP layers (layer "
                                  f"{self.cfg.num_hidden_layers} and on)")
-            from .model import Model
             conv = mtp_conventions or MTP_DEFAULT
             tokens = self.check_tokens(tokens)
             h0, h = self.main_hidden(tokens, None, trace, conv)

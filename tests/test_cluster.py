@@ -8,7 +8,7 @@ import pytest
 
 import refimpl
 from refimpl import stages
-from refimpl.checkpoint import random_weights
+from refimpl.writer import random_weights
 from refimpl.generate import decode
 from tests.helpers import ROOT
 
@@ -56,7 +56,7 @@ def test_incremental_decode_and_mtp_across_actors(pair):
 def test_the_command_line_and_oracles_generate_on_the_cluster(pair, tmp_path):
     """`refimpl logits --ray --stages 2` equals one process; `oracles generate --ray` writes the
     suite it writes without Ray, byte for byte; an address that cannot be reached is one line."""
-    from refimpl.checkpoint import make_checkpoint
+    from refimpl.writer import make_checkpoint
     from tests.helpers import run_main
 
     make_checkpoint(tmp_path / "m", TINY, seed=6, fp8=True, shards=2)

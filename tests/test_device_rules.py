@@ -13,7 +13,7 @@ import refimpl
 import tests.fakecupy as fcp
 from refimpl import fp8
 from refimpl.backend import array_module, device_module, to_numpy
-from refimpl.checkpoint import make_checkpoint
+from refimpl.writer import make_checkpoint
 from refimpl.generate import decode, greedy
 from refimpl.weights import working_sets
 from tests.helpers import tiny_model

@@ -12,7 +12,8 @@ import pytest
 import refimpl
 import tests.fakecupy as fcp
 from refimpl import stages
-from refimpl.checkpoint import make_checkpoint, random_weights
+from refimpl.layout import layer_plan, tensor_plan
+from refimpl.writer import make_checkpoint, random_weights
 from refimpl.generate import decode, greedy
 from tests.helpers import run_main
 
@@ -29,13 +30,12 @@ def test_the_plan_is_contiguous_covers_every_layer_and_puts_the_ends_in_place():
         assert plan[0].embedding and plan[-1].head and all(s.layers for s in plan)
         assert sum(s.nbytes for s in plan) == sum(
             stages.tensor_bytes(t, shape, "float64", "fp8")
-            for t, shape in refimpl.checkpoint.tensor_plan(cfg).items())
+            for t, shape in tensor_plan(cfg).items())
         assert "model.layers.61.eh_proj.weight" in plan[-1].tensors  # MTP on the last stage
 
 
 def test_the_plan_minimises_the_largest_stage():
     """Against every contiguous split of a small model (brute force, bytes counted here)."""
-    from refimpl.checkpoint import layer_plan
 
     cfg = TINY.replace(num_hidden_layers=6, first_k_dense_replace=2)
     numel = lambda plan: sum(int(np.prod(s)) for s in plan.values())  # noqa: E731

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 import refimpl
-from oracles.checkpoint_golden import checkpoint_digest
-from oracles.golden import Golden, read_tensors
-from refimpl.checkpoint import Checkpoint, make_checkpoint
+from oracles.format.checkpoint_ref import checkpoint_digest
+from oracles.format.golden import Golden, read_tensors
+from refimpl.checkpoint import Checkpoint
+from refimpl.layout import tensor_plan
+from refimpl.writer import make_checkpoint
 from tests.helpers import run_main
 
 TINY = refimpl.Config.preset("tiny")
@@ -67,7 +69,7 @@ def test_layers_keeps_the_first_decoder_layers_and_the_head(made):
     cfg = refimpl.Config.from_json(d / "g2" / "cases" / "checkpoint.prefill" / "config.json")
     assert cfg.num_hidden_layers == 2 and cfg.num_nextn_predict_layers == 0
     ck = Checkpoint(d / "ckpt")
-    short = {n: ck.weight(n) for n in refimpl.checkpoint.tensor_plan(cfg) if n in ck}
+    short = {n: ck.weight(n) for n in tensor_plan(cfg) if n in ck}
     want = refimpl.Model.from_arrays(cfg, short).forward(tokens)
     np.testing.assert_array_equal(g.expected("checkpoint.prefill")["logits"], want)
 

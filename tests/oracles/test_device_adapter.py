@@ -6,10 +6,11 @@ of the suite against it passes."""
 import numpy as np
 
 import tests.fakecupy as fcp
-from oracles.adapters import RefimplAdapter
-from oracles.check import AdapterCandidate, run_check
-from oracles.emulate import on_device, run_case
-from oracles.golden import Golden
+from oracles.engines.reference import RefimplAdapter
+from oracles.checking.candidates import AdapterCandidate
+from oracles.checking.check import run_check
+from oracles.authoring.emulate import on_device, run_case
+from oracles.format.golden import Golden
 
 
 def test_every_default_case_runs_on_the_device_with_the_cpu_bits(default_dir):

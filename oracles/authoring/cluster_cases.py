@@ -1,6 +1,6 @@
 """`oracles generate --ray`: a suite's cases computed on a Ray cluster's workers, one task per
-case (expected values and the calibration runs of every profile: golden.compute), the files
-written by this process as without Ray.  The workers get this process's BLAS thread settings
+case (expected values and the calibration runs of every profile), the files written by this
+process as without Ray.  The workers get this process's BLAS thread settings
 (refimpl.cluster.blas_env), so that a suite generated on one machine is byte-identical with and
 without --ray; across machines another BLAS kernel can differ in the last bits (issue 21)."""
 
@@ -8,25 +8,15 @@ from __future__ import annotations
 
 import os
 
+from refimpl.cluster import blas_env, connect
 from refimpl.errors import RefimplError
 
-from . import OraclesError
+from .. import OraclesError
 
 
-def _compute(suite: str, cid: str, case):
-    """On a worker: the case (built from its suite when not given) -> golden.compute(case)."""
-    from .golden import compute
-    from .suites import suite_cases
-
-    if case is None:
-        case = dict(suite_cases(suite))[cid](cid)
-    return compute(case)
-
-
-def compute_on_cluster(address: str, suite: str, cids: list, cases: dict | None = None) -> dict:
-    """{case id: (truth, aux, tolerances)} for every id, computed by Ray tasks."""
-    from refimpl.cluster import blas_env, connect
-
+def compute_on_cluster(address: str, compute, jobs: dict) -> dict:
+    """{case id: compute(*args)} for jobs {case id: args}, each a Ray task; `compute` is a
+    module-level function (Ray sends it by name)."""
     try:
         ray = connect(address)
     except RefimplError as e:
@@ -34,8 +24,8 @@ def compute_on_cluster(address: str, suite: str, cids: list, cases: dict | None 
     env = blas_env()
     if os.environ.get("PYTHONPATH"):
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    task = ray.remote(_compute).options(num_cpus=1, max_retries=0, runtime_env={"env_vars": env})
-    refs = {cid: task.remote(suite, cid, None if cases is None else cases[cid]) for cid in cids}
+    task = ray.remote(compute).options(num_cpus=1, max_retries=0, runtime_env={"env_vars": env})
+    refs = {cid: task.remote(*args) for cid, args in jobs.items()}
     out = {}
     for cid, ref in refs.items():
         try:

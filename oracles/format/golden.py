@@ -1,0 +1,205 @@
+"""The golden suite on disk (DESIGN.md section 6), read side: the layout, and reading a suite as
+untrusted input (docs/conformance.md, "Receiving a suite from someone else").
+
+    DIR/manifest.json
+    DIR/cases/<id>/model/                 model cases: a clean checkpoint directory that engines
+                                          load as is (MODEL_FILES, nothing else)
+    DIR/cases/<id>/config.json            component cases that need a config
+    DIR/cases/<id>/inputs.safetensors     inputs; parameters as JSON in its metadata ("params")
+    DIR/cases/<id>/expected.safetensors   outputs in dataflow order (float64 / int64) + margins
+
+Format 1 (before model/ existed) kept config.json and model.safetensors next to the inputs;
+it is still read (Golden.load_case).  Writing a suite is oracles.authoring.writer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from refimpl.checkpoint import SafetensorsFile
+from refimpl.config import Config
+from refimpl.errors import RefimplError
+
+from .. import OraclesError
+from .checkpoint_ref import bind
+from . import manifest, untrusted
+from .schema import Case
+
+SUITE_FORMAT = 2  # 2: model cases in cases/<id>/model/ with tokenizer files (1: flat)
+MODEL_DIR = "model"
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "generation_config.json")
+
+
+def read_tensors(path: str) -> dict:
+    try:
+        st = SafetensorsFile(path)
+        return {k: np.array(st.array(k)) for k in st.tensors}
+    except RefimplError as e:
+        raise OraclesError(str(e)) from None
+
+
+def read_metadata(path: str) -> dict:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)).get("__metadata__", {})
+
+
+def _identity(path: str) -> tuple:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+class Golden:
+    """A golden suite directory. On opening: manifest.json is read (a regular file inside the
+    suite, at most 64 MiB), its sha256 is the suite digest (compared with `expect_digest` when
+    given), every field the checker uses is validated (manifest.validate), and every file listed
+    is verified against its sha256 (names checked before any path is built; files must be
+    regular files inside the suite; nothing unlisted may sit in a case directory). Only listed,
+    verified files are read afterwards."""
+
+    def __init__(self, path: str, verify: bool = True, expect_digest: str | None = None,
+                 checkpoint: str | None = None):
+        self.path = os.fspath(path)
+        if not os.path.isdir(self.path):
+            raise OraclesError(f"{self.path}: not a golden suite directory")
+        mpath = os.path.join(self.path, "manifest.json")
+        if not os.path.lexists(mpath):
+            raise OraclesError(f"{mpath}: missing: not a golden suite directory")
+        raw = untrusted.read_bytes(untrusted.inside(self.path, "manifest.json", "manifest.json"),
+                                   "manifest.json", untrusted.MAX_MANIFEST)
+        self.digest = hashlib.sha256(raw).hexdigest()
+        if expect_digest is not None:
+            want = manifest.parse_digest(expect_digest)
+            if want != self.digest:
+                raise OraclesError(f"{self.path}: suite digest {self.digest} is not the expected "
+                                   f"{want}: this is not the suite you pinned")
+        try:
+            m = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+            raise OraclesError(f"{mpath}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise OraclesError(f"{mpath}: JSON nested too deeply") from None
+        self.manifest = manifest.validate(m, mpath)
+        self.cases = {c["id"]: c for c in self.manifest["cases"]}
+        self._verified = set()
+        self._identity = {}  # (case, file) -> what it was when verified
+        if verify:
+            self.verify()
+        # cases of a user's checkpoint: bound to --checkpoint DIR, refused unless its digest is
+        # the one they were generated from (checkpoint_ref.bind), before anything runs
+        digests: dict = {}
+        self._bound = {cid: bind(e, checkpoint, digests)
+                       for cid, e in self.cases.items() if "checkpoint" in e}
+
+    def case_dir(self, cid: str) -> str:
+        return os.path.join(self.path, "cases", cid)
+
+    def verify(self) -> None:
+        """Every file listed is a regular file inside the suite with its recorded sha256, and
+        nothing unlisted sits in a case directory."""
+        for cid, entry in self.cases.items():
+            d = untrusted.inside(self.path, f"cases/{cid}", f"case {cid!r}: its directory", kind="dir")
+            for fname, digest in entry["files"].items():
+                p = os.path.join(self.case_dir(cid), fname)
+                real = untrusted.inside(self.path, f"cases/{cid}/{fname}", f"case {cid!r}: file {fname!r}")
+                got = untrusted.sha256_file(real, f"case {cid!r}: file {fname!r}")
+                if got != digest:
+                    # (the file's own hash is not printed: it is nobody's business what it holds)
+                    raise OraclesError(f"{p}: its sha256 does not match the manifest's "
+                                       f"{digest[:12]}...: the golden suite was modified; regenerate it")
+                self._identity[(cid, fname)] = _identity(real)
+            extra = [f for f in untrusted.listed_tree(d) if f not in entry["files"]]
+            if extra:
+                raise OraclesError(f"{os.path.join(self.case_dir(cid), extra[0])}: not listed in the "
+                                   f"manifest's files for case {cid!r}: a suite holds only listed files")
+            self._verified.add(cid)
+
+    def file(self, cid: str, name: str, required: bool = True) -> str | None:
+        """The checked path of a file of case `cid` that the manifest lists (None when it does not
+        list it and not `required`)."""
+        entry = self.cases[cid]
+        if name not in entry["files"]:
+            if not required:
+                return None
+            raise OraclesError(f"case {cid!r}: the manifest's files do not list {name!r}, which "
+                               f"this case needs")
+        real = untrusted.inside(self.path, f"cases/{cid}/{name}", f"case {cid!r}: file {name!r}")
+        if cid in self._verified and self._identity.get((cid, name)) != _identity(real):
+            raise OraclesError(f"{os.path.join(self.case_dir(cid), name)}: replaced or modified "
+                               "since its sha256 was verified")
+        if cid not in self._verified:
+            got = untrusted.sha256_file(real, f"case {cid!r}: file {name!r}")
+            if got != entry["files"][name]:
+                raise OraclesError(f"{os.path.join(self.case_dir(cid), name)}: its sha256 does not "
+                                   "match the manifest's: the golden suite was modified")
+        return real
+
+    def _listed(self, cid: str, *names) -> str:
+        """The first of `names` the case's files list (a model case keeps its checkpoint in
+        model/ since suite format 2, next to the inputs before), else the last."""
+        return next((n for n in names if n in self.cases[cid]["files"]), names[-1])
+
+    def _config(self, cid: str):
+        p = self.file(cid, self._listed(cid, "model/config.json", "config.json"), required=False)
+        if p is None:
+            return None
+        try:
+            return Config.from_json(p)
+        except RefimplError as e:
+            raise OraclesError(f"case {cid!r}: {e}") from None
+
+    def load_case(self, cid: str) -> Case:
+        """The case as a candidate sees it: inputs, params, config, checkpoint (model cases)
+        and its directory (`case.path`)."""
+        e = self.cases[cid]
+        d = self.case_dir(cid)
+        md = self.model_dir(cid)
+        cfg = self._config(cid)
+        if cid in self._bound:  # the user's checkpoint, its digest checked
+            weights = self._bound[cid]
+        else:
+            weights = read_tensors(self.file(cid, self._listed(cid, "model/model.safetensors",
+                                                               "model.safetensors"))) if e["model"] else None
+        case = Case(cid, e["kind"], e["pins"], read_tensors(self.file(cid, "inputs.safetensors")),
+                    params=e["params"], config=cfg, weights=weights, conventions=e["conventions"],
+                    path=d, model_path=md, edge=e.get("edge"))
+        return case
+
+    def required(self, cid: str) -> set:
+        """The outputs the case's kind requires (its contract, manifest.REQUIRED), from its params
+        and config; the manifest may flag more as required, never fewer."""
+        def input_names():
+            try:
+                return set(SafetensorsFile(self.file(cid, "inputs.safetensors")).tensors)
+            except RefimplError as e:
+                raise OraclesError(str(e)) from None
+        return manifest.contract(self.cases[cid], lambda: self._config(cid), input_names)
+
+    def model_dir(self, cid: str) -> str | None:
+        """A model case's checkpoint directory (cases/<id>/model since suite format 2, the case
+        directory itself in format 1 suites), checked to stay inside the suite; None for
+        component cases.  Its files are the ones the manifest lists and hashes."""
+        if not self.cases[cid].get("model"):
+            return None
+        if cid in self._bound:
+            return self._bound[cid].path
+        if f"{MODEL_DIR}/config.json" in self.cases[cid]["files"]:
+            return untrusted.inside(self.path, f"cases/{cid}/{MODEL_DIR}",
+                                    f"case {cid!r}: checkpoint directory", kind="dir")
+        return self.case_dir(cid)
+
+    def expected(self, cid: str) -> dict:
+        """The expected tensors, checked against the manifest's outputs (every output present,
+        with the recorded shape and a dtype of its type) and the margins the checker reads."""
+        exp = read_tensors(self.file(cid, "expected.safetensors"))
+        manifest.check_expected(self.cases[cid], exp, os.path.join(self.case_dir(cid), "expected.safetensors"))
+        return exp
