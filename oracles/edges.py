@@ -98,8 +98,10 @@ def fp8_blocks_weights(cfg, rng) -> dict:
     the rest float32."""
     from .suites import _seed
 
+    from .margins import plant_routing
+
     out = {}
-    for name, a in random_weights(cfg, _seed(rng), mtp=False).items():
+    for name, a in plant_routing(cfg, random_weights(cfg, _seed(rng), mtp=False), rng).items():
         if is_fp8_weight(name) and a.ndim == 2:
             rows, cols = fp8.scale_shape(a.shape)
             f = np.exp2(rng.uniform(-2, 2, (rows, cols)))
@@ -117,9 +119,11 @@ def fp8_model_case(cid, batch=1, seq=9):
     cfg = fp8_model_config()
     w = fp8_blocks_weights(cfg, rng)
     ids = rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int64)
-    return Case(cid, "prefill", "an FP8 checkpoint at widths 136-264, none a multiple of 128: "
-                                "every 128x128 block at its own scale (partial edge blocks)",
-                {"input_ids": ids}, config=cfg, weights=w)
+    from .suites import designed
+
+    return designed(Case(cid, "prefill", "an FP8 checkpoint at widths 136-264, none a multiple of "
+                                         "128: every 128x128 block at its own scale (partial "
+                                         "edge blocks)", {"input_ids": ids}, config=cfg, weights=w))
 
 
 def act_zero_and_tiny_case(cid, tokens=4, k=300):

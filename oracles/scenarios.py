@@ -372,7 +372,7 @@ def schedule_case(cid, cfg, lengths, steps, pins, share=None):
     """Requests of the given lengths with random tokens (request r copies request q's first L
     tokens for each (r, q, L) in `share`), run by `steps`."""
     from .cases import Case
-    from .suites import case_rng, model_weights
+    from .suites import case_rng, designed, model_weights
 
     rng = case_rng(cid)
     w = model_weights(cfg, rng)
@@ -382,7 +382,8 @@ def schedule_case(cid, cfg, lengths, steps, pins, share=None):
     schedule = {"format": SCHEDULE_FORMAT, "requests": len(lengths), "steps": steps}
     expand(schedule, lengths)  # a builder's schedule is checked like a suite's
     inputs = {f"request.{r}.input_ids": t[None, :] for r, t in enumerate(toks)}
-    return Case(cid, "schedule", pins, inputs, params={"schedule": schedule}, config=cfg, weights=w)
+    return designed(Case(cid, "schedule", pins, inputs, params={"schedule": schedule}, config=cfg,
+                         weights=w))
 
 
 def fwd(*pairs, repeat=1):
@@ -459,18 +460,21 @@ def speculation_case(cid, cfg, depth, prompt, new, pins=None):
     (scenario.speculation.depth2: 50 of 244 at depth 1, 4 at depth 2) and most rejected, so
     that verification both commits several tokens in one forward and rolls the cache back, and
     module k >= 2 runs on drafts."""
+    from . import margins
     from .cases import Case
-    from .suites import case_rng, mtp_weights
+    from .suites import case_rng, designed, mtp_weights
 
     rng = case_rng(cid)
     w = predictable_mtp(mtp_weights(cfg, rng), cfg)
     ids = rng.integers(0, cfg.vocab_size, (1, prompt)).astype(np.int64)
+    w = margins.plant_stream_margins(cfg, w, ids[0], new)
     params = {"max_new_tokens": new, "depth": depth,
               "schedule": {"format": SCHEDULE_FORMAT,
                            "steps": [{"op": "speculate", "depth": depth, "max_new_tokens": new}]}}
-    return Case(cid, "mtp_speculation", pins or f"greedy MTP speculation, {depth} drafts per round, "
-                                                f"{new} tokens to position {prompt + new - 1}",
-                {"input_ids": ids}, params=params, config=cfg, weights=w)
+    return designed(Case(cid, "mtp_speculation", pins or f"greedy MTP speculation, {depth} drafts "
+                                                         f"per round, {new} tokens to position "
+                                                         f"{prompt + new - 1}",
+                         {"input_ids": ids}, params=params, config=cfg, weights=w), stream=True)
 
 
 def default_cases(tiny, tiny_mtp):

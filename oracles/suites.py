@@ -21,7 +21,7 @@ from refimpl import fp8, mla, names, rope
 from refimpl.checkpoint import attention_shapes, random_weights
 from refimpl.config import Config, RopeScaling
 
-from . import OraclesError, edges, scenarios
+from . import OraclesError, edges, margins, scenarios
 from .cases import Case
 
 SUITE_SEED = 20250101
@@ -205,35 +205,50 @@ def fp8_case(cid, shape, pins):
 # Model builders
 # ---------------------------------------------------------------------------------------------
 
-def model_weights(cfg, rng, store=F32, bias_mean=0.0):
+def model_weights(cfg, rng, store=F32, bias_mean=0.0, design=True):
+    """Random weights (gate biases shifted by bias_mean); with `design`, routing margins planted
+    (oracles.margins.plant_routing: every token routed by >= ROUTING_MARGIN at every MoE
+    layer, whatever its context)."""
     w = {k: v.astype(store) for k, v in random_weights(cfg, _seed(rng), mtp=False).items()}
     for k in w:
         if k.endswith("e_score_correction_bias"):
             w[k] = (w[k].astype(F32) + np.float32(bias_mean)).astype(F32)
-    return w
+    return margins.plant_routing(cfg, w, rng) if design else w
 
 
-def prefill_case(cid, cfg, batch=2, seq=12, pins="prefill", bias_mean=0.0):
+def designed(case, routing=True, stream=False):
+    """Record in the case's params the margins its weights were built to clear."""
+    case.params.update(margins.design_params(margins.ROUTING_MARGIN if routing else None,
+                                             margins.STREAM_MARGIN if stream else None))
+    return case
+
+
+def prefill_case(cid, cfg, batch=2, seq=12, pins="prefill", bias_mean=0.0, design=True):
     rng = case_rng(cid)
-    w = model_weights(cfg, rng, bias_mean=bias_mean)
+    w = model_weights(cfg, rng, bias_mean=bias_mean, design=design)
     ids = rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int64)
-    return Case(cid, "prefill", pins, {"input_ids": ids}, config=cfg, weights=w)
+    case = Case(cid, "prefill", pins, {"input_ids": ids}, config=cfg, weights=w)
+    if not design:
+        case.params["near_ties"] = "random routing weights: near-tie tokens expected"
+        return case
+    return designed(case)
 
 
 def decode_case(cid, cfg, prefill, steps, batch=2, pins=None):
     rng = case_rng(cid)
     w = model_weights(cfg, rng)
     ids = rng.integers(0, cfg.vocab_size, (batch, prefill + steps)).astype(np.int64)
-    return Case(cid, "decode", pins or f"decode {steps} tokens after a prefill of {prefill}",
-                {"input_ids": ids}, params={"prefill": prefill}, config=cfg, weights=w)
+    return designed(Case(cid, "decode", pins or f"decode {steps} tokens after a prefill of {prefill}",
+                         {"input_ids": ids}, params={"prefill": prefill}, config=cfg, weights=w))
 
 
 def greedy_case(cid, cfg, prompt=6, new=10, pins="greedy stream"):
     rng = case_rng(cid)
     w = model_weights(cfg, rng)
     ids = rng.integers(0, cfg.vocab_size, (1, prompt)).astype(np.int64)
-    return Case(cid, "greedy", pins, {"input_ids": ids}, params={"max_new_tokens": new},
-                config=cfg, weights=w)
+    w = margins.plant_stream_margins(cfg, w, ids[0], new)
+    return designed(Case(cid, "greedy", pins, {"input_ids": ids}, params={"max_new_tokens": new},
+                         config=cfg, weights=w), stream=True)
 
 
 def tiny_mtp(depth=1, **changes) -> Config:
@@ -241,16 +256,17 @@ def tiny_mtp(depth=1, **changes) -> Config:
     return Config.preset("tiny").replace(num_nextn_predict_layers=depth, **changes)
 
 
-def mtp_weights(cfg, rng):
-    return {k: v.astype(F32) for k, v in random_weights(cfg, _seed(rng), mtp=True).items()}
+def mtp_weights(cfg, rng, design=True):
+    w = {k: v.astype(F32) for k, v in random_weights(cfg, _seed(rng), mtp=True).items()}
+    return margins.plant_routing(cfg, w, rng) if design else w
 
 
 def mtp_prefill_case(cid, cfg, batch=2, seq=10, pins=None):
     rng = case_rng(cid)
     w = mtp_weights(cfg, rng)
     ids = rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int64)
-    return Case(cid, "mtp_prefill", pins or f"teacher-forced MTP, depth {cfg.num_nextn_predict_layers}",
-                {"input_ids": ids}, config=cfg, weights=w)
+    return designed(Case(cid, "mtp_prefill", pins or f"teacher-forced MTP, depth {cfg.num_nextn_predict_layers}",
+                         {"input_ids": ids}, config=cfg, weights=w))
 
 
 def mtp_module_case(cid, cfg, k=1, seq=6):
@@ -258,17 +274,18 @@ def mtp_module_case(cid, cfg, k=1, seq=6):
     w = mtp_weights(cfg, rng)
     inputs = {"input_ids": rng.integers(0, cfg.vocab_size, (1, seq)).astype(np.int64),
               "h_prev": rng.normal(0, 1, (1, seq, cfg.hidden_size)).astype(F32)}
-    return Case(cid, "mtp_module", f"MTP module {k} on given tokens t_(i+k) and h^(k-1)", inputs,
-                params={"k": k}, config=cfg, weights=w)
+    return designed(Case(cid, "mtp_module", f"MTP module {k} on given tokens t_(i+k) and h^(k-1)",
+                         inputs, params={"k": k}, config=cfg, weights=w))
 
 
 def speculative_case(cid, cfg, depth, prompt=5, new=10):
     rng = case_rng(cid)
     w = mtp_weights(cfg, rng)
     ids = rng.integers(0, cfg.vocab_size, (1, prompt)).astype(np.int64)
-    return Case(cid, "speculative", f"greedy speculative decoding, {depth} draft(s) per round",
-                {"input_ids": ids}, params={"max_new_tokens": new, "depth": depth}, config=cfg,
-                weights=w)
+    w = margins.plant_stream_margins(cfg, w, ids[0], new)
+    return designed(Case(cid, "speculative", f"greedy speculative decoding, {depth} draft(s) per round",
+                         {"input_ids": ids}, params={"max_new_tokens": new, "depth": depth},
+                         config=cfg, weights=w), stream=True)
 
 
 def training_case(cid, experts=16, k=4, tokens=12, vocab=64, depth=2):
