@@ -28,8 +28,9 @@ scores are well apart from the rest after the softmax.
 Greedy streams (`plant_stream_margins`): after the routing design, the greedy continuation of
 the case's prompt is computed in float64; at the first step whose two best logits are closer
 than `margin`, the winner's output-head row is moved along that step's final hidden state
-until the gap is `margin` (which changes no other token's logit); repeated until every step
-clears, or for at most a few rounds per step.
+until the gap there is 1.25 `margin` (which changes no other token's logit); every such step at
+once, then the stream is recomputed (a change may move other steps, or the stream itself),
+until every step clears.
 
 The contract other builders rely on (serving scenarios, hypothesis-drawn configs):
     weights = plant_routing(cfg, weights, rng, margin=ROUTING_MARGIN)
@@ -206,7 +207,7 @@ def greedy_logits(cfg: Config, weights: dict, prompt, n_new: int):
 
 
 def plant_stream_margins(cfg: Config, weights: dict, prompt, n_new: int,
-                         margin: float = STREAM_MARGIN, rounds_per_step: int = 4) -> dict:
+                         margin: float = STREAM_MARGIN, rounds: int = 60) -> dict:
     """The weights with the greedy continuation of `prompt` decided by >= `margin` (two best
     logits apart) at every step (see the module doc); the output head rows change (and the MTP
     modules' head copies with them)."""
@@ -214,21 +215,21 @@ def plant_stream_margins(cfg: Config, weights: dict, prompt, n_new: int,
     head = names.head(cfg)
     copies = [names.mtp_head(names.mtp_layer(cfg, k)) for k in range(1, cfg.num_nextn_predict_layers + 1)]
     copies = [c for c in copies if c in w and np.array_equal(w[c], w[head])]
-    for _ in range(rounds_per_step * n_new):
+    for _ in range(rounds):
         toks, logits, hidden = greedy_logits(cfg, w, prompt, n_new)
         top2 = -np.sort(-logits, axis=-1)[:, :2]
         gap = top2[:, 0] - top2[:, 1]
         bad = np.nonzero(gap < margin)[0]
         if not len(bad):
-            break
-        j = bad[0]
-        h = hidden[j]
-        row = np.array(w[head][toks[j]], np.float64) + (1.25 * margin - gap[j]) * h / (h @ h)
+            return w
         w[head] = np.array(w[head])
-        w[head][toks[j]] = row
+        for j in bad:  # each winner's row moved along its step's hidden state
+            h = hidden[j]
+            w[head][toks[j]] += ((1.25 * margin - gap[j]) * h / (h @ h)).astype(w[head].dtype)
         for c in copies:
             w[c] = w[head]
-    return w
+    raise ValueError(f"plant_stream_margins: the greedy stream still has steps closer than "
+                     f"{margin} after {rounds} rounds")
 
 
 def design_params(routing: float | None = None, stream: float | None = None) -> dict:
