@@ -51,6 +51,7 @@ STREAM_MARGIN = 1.5  # logits: 3x the fp8 profile's logit floor (0.5)
 GATE_LOGIT = 12.0  # a code channel's gate logit at RMS 1 of the residual stream
 BIAS_STD = 0.3  # the designed gate biases: N(mean of the case's biases, BIAS_STD^2)
 CONTEXT_READ = 0.1  # the gate's random read of the other channels, relative to random_tensor's
+CONTEXT_SLACK = 0.04  # how far the context read moves a score of 1/2 (measured: tests)
 SCALES = (0.35, 1.0, 2.0)  # context scales (code channel after RMSNorm / at RMS 1) checked
 ON_LEVELS = (0.5, 0.55)  # softmax scoring: the chosen experts' code levels
 DECOY_LEVELS = (0.38, 0.42)  # and the decoys'
@@ -82,7 +83,8 @@ def _gate_logits(codes, perm, sign, scale):
 
 def _margins(codes, layers, cfg, scoring):
     """The smallest designed routing margin of each candidate code over the layers and the
-    context scales, with the sigmoid's distance from 0/1 at that scale counted against it."""
+    context scales, with the sigmoid's distance from 0, 1/2 or 1 at that scale counted against
+    it (a code 0 sits at 1/2 whatever the scale, give or take the context read: CONTEXT_SLACK)."""
     from .cases import routing_margin
 
     worst = np.full(len(codes), np.inf)
@@ -91,8 +93,8 @@ def _margins(codes, layers, cfg, scoring):
             z = _gate_logits(codes, perm, sign, scale)
             s = _scores(z, scoring)
             if scoring == "sigmoid":
-                ideal = (z > 0).astype(np.float64)
-                slack = np.abs(s - ideal).max(-1)  # how far a score can sit from 0 or 1
+                ideal = np.where(z > 0, 1.0, np.where(z < 0, 0.0, 0.5))
+                slack = np.where(z == 0, CONTEXT_SLACK, np.abs(s - ideal)).max(-1)
                 m = routing_margin(ideal, bias, cfg) - 2 * slack
             else:
                 m = routing_margin(s, None, cfg)
@@ -100,14 +102,15 @@ def _margins(codes, layers, cfg, scoring):
     return worst
 
 
-def _draw_codes(rng, n, cfg):
-    """n candidate codes [n, E]. Sigmoid scoring: random signs. Softmax scoring (V2): off (-1)
+def _draw_codes(rng, n, cfg, levels=(-1.0, 1.0)):
+    """n candidate codes [n, E]. Sigmoid scoring: random values of `levels` (signs, or signs and
+    0 for scores of 1/2). Softmax scoring (V2): off (-1)
     everywhere but top-k experts in topk_group groups at levels in ON_LEVELS and, for half of
     them, two decoys in a dropped group at DECOY_LEVELS (each below a kept group's best, their
     sum above it: a group scored by its top-2 sum, not its best, is kept instead)."""
     e = cfg.n_routed_experts
     if cfg.scoring_func == "sigmoid":
-        return rng.choice([-1.0, 1.0], (n, e))
+        return rng.choice(np.asarray(levels, np.float64), (n, e))
     per, k = cfg.experts_per_group, cfg.num_experts_per_tok
     codes = np.full((n, e), -1.0)
     for t in range(n):
@@ -132,9 +135,13 @@ def _perm(rng, cfg):
     return np.concatenate([g * per + rng.permutation(per) for g in rng.permutation(cfg.n_group)])
 
 
-def plant_routing(cfg: Config, weights: dict, rng, margin: float = ROUTING_MARGIN) -> dict:
+def plant_routing(cfg: Config, weights: dict, rng, margin: float = ROUTING_MARGIN,
+                  amplitude: float = 1.0, levels=(-1.0, 1.0)) -> dict:
     """The weights with every token's routing decided by >= `margin` at every MoE layer (see the
-    module doc). weights: a checkpoint dict by HF names (the MTP layers optional)."""
+    module doc). weights: a checkpoint dict by HF names (the MTP layers optional). amplitude:
+    the codes' size in the embedding (1: that of random_tensor's embedding entries; smaller for
+    an embedding scaled down). levels: the sigmoid codes' values, -1 and 1 (scores near 0 and
+    1), and 0 for scores near 1/2 (a chosen expert whose weight the renormalisation changes)."""
     layers = moe_layers(cfg, weights)
     if not layers:
         return dict(weights)
@@ -168,7 +175,7 @@ def plant_routing(cfg: Config, weights: dict, rng, margin: float = ROUTING_MARGI
     codes = np.zeros((v, e))
     have = 0
     for _ in range(200):
-        cand = _draw_codes(rng, 4096 if scoring == "sigmoid" else 512, cfg)
+        cand = _draw_codes(rng, 4096 if scoring == "sigmoid" else 512, cfg, levels)
         ok = cand[_margins(cand, design, cfg, scoring) >= margin]
         take = ok[: v - have]
         codes[have:have + len(take)] = take
@@ -182,7 +189,7 @@ def plant_routing(cfg: Config, weights: dict, rng, margin: float = ROUTING_MARGI
     for name in (names.EMBED, *[names.mtp_embed(names.mtp_layer(cfg, k))
                                 for k in range(1, cfg.num_nextn_predict_layers + 1)]):
         if name in w:
-            w[name][:, chan] = codes
+            w[name][:, chan] = amplitude * codes
     for i, (perm, sign, _) in zip(layers, design):
         g = w[names.gate_weight(i)] * CONTEXT_READ  # [E, d]: a small read of every channel
         g[:, chan] = 0.0

@@ -21,7 +21,7 @@ from refimpl import fp8, mla, names, rope
 from refimpl.checkpoint import attention_shapes, random_weights
 from refimpl.config import Config, RopeScaling
 
-from . import OraclesError, edges, margins, scenarios
+from . import OraclesError, edges, margins, readings, scenarios
 from .cases import Case
 
 SUITE_SEED = 20250101
@@ -440,6 +440,7 @@ def default():
     ]
     cases += _mtp_cases() + _fp8_cases()
     cases += edges.default_cases(tiny, gate_case, moe_case)
+    cases += readings.default_cases(tiny, prefill_case)
     cases += scenarios.default_cases(tiny, tiny_mtp)
     for i in range(4):
         cases.append((f"gate.drawn{i}", lambda c: gate_case(c, draw_config(case_rng(c + "/cfg")),
@@ -514,6 +515,8 @@ def conventions():
         ("mtp_h0", lambda c: mtp_prefill_case(c, tiny_mtp(1), batch=1, seq=8,
                                               pins="which main hidden state feeds module 1"),
          [("final_norm", None), ("pre_norm", "mtp_pre_norm_h0")]),
+        ("latent_norm_eps", lambda c: readings.eps_case(c, t, batch=1, seq=8),
+         [("class_default", None), ("rms_norm_eps", "latent_norm_eps_from_config")]),
         ("topk_ties", lambda c: gate_ties_case(c, t),
          [("lower_index", None, decided), ("higher_index", "ties_higher_index", decided),
           ("unspecified", None)]),
@@ -569,6 +572,7 @@ def engine():
                                          "(max per group), mscale = mscale_all_dim = 0.707")),
         ("model.decode.start5", lambda c: decode_case(c, e, prefill=5, steps=4, batch=1)),
         ("model.greedy.basic", lambda c: greedy_case(c, e, prompt=6, new=8)),
+        ("model.prefill.rms_norm_eps", lambda c: readings.eps_case(c, e, batch=1, seq=10)),
     ]
 
 
