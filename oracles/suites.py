@@ -159,10 +159,12 @@ def gate_ties_case(cid, cfg, near=False):
 
 
 def gate_bf16_resolution_case(cid, cfg=None, store=F32):
-    """The decision rests on a bias difference (1e-3) that bf16 cannot hold: experts 2 and 5
-    score identically, 5 has the larger float32 bias (0.501 vs 0.5, both 0.5 in bf16), K - 1
-    experts of the same group are certain picks (bias +2), the rest certain misses (bias -2), so
-    the K-th pick is 5, or 2 when the bias is rounded to bf16."""
+    """The decision rests on a bias difference (3e-3) that bf16 cannot hold: experts 2 and 5
+    score identically, 5 has the larger float32 bias (1.503 vs 1.5, both 1.5 in bf16, whose
+    spacing there is 2^-7), K - 1 experts of the same group are certain picks (bias +4), the
+    rest certain misses (bias -4), so the K-th pick is 5, or 2 when the bias is rounded to
+    bf16. The difference is 3 times the f16_kv profile's margin floor (1e-3): only the profiles
+    that emulate a bf16 gate forgive it."""
     cfg = cfg or Config.preset("tiny").replace(n_group=1, topk_group=1, num_nextn_predict_layers=0)
     case = gate_case(cid, cfg, tokens=4, pins="a bias difference below bf16 resolution decides",
                      store=store)
@@ -170,9 +172,9 @@ def gate_bf16_resolution_case(cid, cfg=None, store=F32):
     certain = [0, 7, 9, 10, 11, 12, 13, 14][: cfg.num_experts_per_tok - 1]
     assert max(certain) < cfg.experts_per_group
     w[5] = w[2]
-    b[:] = -2.0
-    b[certain] = 2.0
-    b[2], b[5] = 0.5, 0.501
+    b[:] = -4.0
+    b[certain] = 4.0
+    b[2], b[5] = 1.5, 1.503
     return case
 
 

@@ -53,13 +53,24 @@ FIRST_FAILURE = {
     "fp8_pow2_scale_not_requantised": ("model.prefill.fp8_blocks", "layers.0.c_q"),
     "e4m3fnuz_read": ("model.prefill.fp8_blocks", "layers.0.q_nope"),
     "fp8_amax_unclamped": ("fp8_act_quant.zero_and_tiny_blocks", "q"),
+    # the engines' divergences (docs/engines.md) and the readings of config fields
+    # (oracles/readings.py): each shows where the field is read first
+    "group_score_top2_for_v2": ("model.prefill.softmax_scoring", "layers.1.topk_idx"),
+    "group_score_top_k_over_m": ("model.prefill.top_k_over_m", "layers.1.topk_idx"),
+    "mscale_read_as_mscale_all_dim": ("model.prefill.mscale_differs", "layers.0.q_rope"),
+    "yarn_factor_from_ratio": ("model.prefill.yarn_factor_not_ratio", "layers.0.q_rope"),
+    "single_expert_not_renormalised": ("model.prefill.single_expert", "layers.1.topk_weight"),
+    "rms_norm_eps_ignored": ("model.prefill.rms_norm_eps", "layers.0.attn_norm"),
+    "latent_norm_eps_from_config": ("model.prefill.rms_norm_eps", "layers.0.c_q"),
+    "fp8_dequant_to_bf16": ("model.prefill.fp8_blocks", "layers.0.c_q"),
 }
 
 SPEC_TOPICS = {"expert-group mask", "gate precision", "bias in weights", "group score",
                "YaRN activation", "mscale", "rope layout", "MTP concat", "MTP h0", "top-k ties",
                "chunked prefill", "mixed batch", "KV layout", "routed scaling factor",
                "top-k renormalisation", "residual scaling", "MTP chain", "MTP head norm",
-               "MTP embedding", "FP8 scales", "FP8 format", "FP8 activation scale"}
+               "MTP embedding", "FP8 scales", "FP8 format", "FP8 activation scale",
+               "YaRN factor", "RMSNorm eps", "latent norm eps", "FP8 dequantisation"}
 
 
 def test_the_catalogue_covers_the_spec_topics_and_each_mutant_has_an_expectation():
