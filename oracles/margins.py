@@ -81,7 +81,7 @@ def _gate_logits(codes, perm, sign, scale):
     return GATE_LOGIT * scale * sign[None, :] * codes[:, perm]
 
 
-def _margins(codes, layers, cfg, scoring):
+def _margins(codes, layers, cfg, scoring, scales=SCALES):
     """The smallest designed routing margin of each candidate code over the layers and the
     context scales, with the sigmoid's distance from 0, 1/2 or 1 at that scale counted against
     it (a code 0 sits at 1/2 whatever the scale, give or take the context read: CONTEXT_SLACK)."""
@@ -89,7 +89,7 @@ def _margins(codes, layers, cfg, scoring):
 
     worst = np.full(len(codes), np.inf)
     for perm, sign, bias in layers:
-        for scale in SCALES:
+        for scale in scales:
             z = _gate_logits(codes, perm, sign, scale)
             s = _scores(z, scoring)
             if scoring == "sigmoid":
@@ -102,7 +102,7 @@ def _margins(codes, layers, cfg, scoring):
     return worst
 
 
-def _draw_codes(rng, n, cfg, levels=(-1.0, 1.0)):
+def _draw_codes(rng, n, cfg, levels=(-1.0, 1.0), on=None, decoy=None):
     """n candidate codes [n, E]. Sigmoid scoring: random values of `levels` (signs, or signs and
     0 for scores of 1/2). Softmax scoring (V2): off (-1)
     everywhere but top-k experts in topk_group groups at levels in ON_LEVELS and, for half of
@@ -116,12 +116,12 @@ def _draw_codes(rng, n, cfg, levels=(-1.0, 1.0)):
     for t in range(n):
         kept = rng.choice(cfg.n_group, cfg.topk_group, replace=False)
         slots = (kept[:, None] * per + np.arange(per)).reshape(-1)
-        on = rng.choice(slots, min(k, len(slots)), replace=False)
-        codes[t, on] = rng.uniform(*ON_LEVELS, len(on))
+        chosen = rng.choice(slots, min(k, len(slots)), replace=False)
+        codes[t, chosen] = rng.uniform(*(on or ON_LEVELS), len(chosen))
         dropped = np.setdiff1d(np.arange(cfg.n_group), kept)
         if len(dropped) and per >= 2 and rng.random() < 0.5:
             g = rng.choice(dropped)
-            codes[t, g * per + rng.choice(per, 2, replace=False)] = rng.uniform(*DECOY_LEVELS, 2)
+            codes[t, g * per + rng.choice(per, 2, replace=False)] = rng.uniform(*(decoy or DECOY_LEVELS), 2)
     return codes
 
 
@@ -136,12 +136,16 @@ def _perm(rng, cfg):
 
 
 def plant_routing(cfg: Config, weights: dict, rng, margin: float = ROUTING_MARGIN,
-                  amplitude: float = 1.0, levels=(-1.0, 1.0)) -> dict:
+                  amplitude: float = 1.0, levels=(-1.0, 1.0), scales=SCALES, on=None,
+                  decoy=None) -> dict:
     """The weights with every token's routing decided by >= `margin` at every MoE layer (see the
     module doc). weights: a checkpoint dict by HF names (the MTP layers optional). amplitude:
     the codes' size in the embedding (1: that of random_tensor's embedding entries; smaller for
     an embedding scaled down). levels: the sigmoid codes' values, -1 and 1 (scores near 0 and
-    1), and 0 for scores near 1/2 (a chosen expert whose weight the renormalisation changes)."""
+    1), and 0 for scores near 1/2 (a chosen expert whose weight the renormalisation changes).
+    scales: the context scales the margin must hold at (the gate logit of a code channel over
+    its value at RMS 1: 1 / RMS of the residual stream where the gate reads it). on, decoy:
+    softmax scoring's level ranges (ON_LEVELS, DECOY_LEVELS)."""
     layers = moe_layers(cfg, weights)
     if not layers:
         return dict(weights)
@@ -175,8 +179,8 @@ def plant_routing(cfg: Config, weights: dict, rng, margin: float = ROUTING_MARGI
     codes = np.zeros((v, e))
     have = 0
     for _ in range(200):
-        cand = _draw_codes(rng, 4096 if scoring == "sigmoid" else 512, cfg, levels)
-        ok = cand[_margins(cand, design, cfg, scoring) >= margin]
+        cand = _draw_codes(rng, 4096 if scoring == "sigmoid" else 512, cfg, levels, on, decoy)
+        ok = cand[_margins(cand, design, cfg, scoring, scales) >= margin]
         take = ok[: v - have]
         codes[have:have + len(take)] = take
         have += len(take)

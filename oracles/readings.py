@@ -14,6 +14,7 @@ reading (oracles/mutants.py) fails it:
 | `model.prefill.rms_norm_eps` | rms_norm_eps 1e-2; the embedding, o_proj and down_proj x 0.1, q_a_proj and kv_a_proj_with_mqa x 0.1, so that mean(x^2) is 0.005-0.03 where the norms read it | every norm at 1e-6 (`rms_norm_eps_ignored`, DeepSeek's model.py); the latent norms at rms_norm_eps (`latent_norm_eps_from_config`, vLLM, SGLang, llama.cpp) |
 | `model.prefill.top_k_over_m` | 3 experts per token from 1 of 4 groups: K/M = 3 | groups scored by their top 3 (`group_score_top_k_over_m`) |
 | `model.prefill.yarn_factor_not_ratio` | factor 40, original 64, max_position_embeddings 128 (ratio 2), positions 0-79 | the factor taken as the ratio (`yarn_factor_from_ratio`, transformers 4.x) |
+| `model.prefill.v2_group_top2` | V2 routing, 2 experts per token; a dropped group with two decoys whose sum beats a kept group's best | V3's top-2 group score for V2 too (`group_score_top2_for_v2`, llama.cpp) |
 | `model.prefill.single_expert` | num_experts_per_tok 1, norm_topk_prob true; codes with 0s, so that some chosen experts score 1/2 | no renormalisation for one expert (`single_expert_not_renormalised`, MLX-LM) |
 
 Routing margins are designed as in every model case (oracles.margins).
@@ -85,7 +86,42 @@ def default_cases(tiny, prefill_case):
             c, yarn_not_ratio(tiny), batch=1, seq=80,
             pins="YaRN factor 40 while max_position_embeddings / original is 128 / 64 = 2")),
         ("model.prefill.single_expert", lambda c: single_expert_case(c, tiny(num_experts_per_tok=1))),
+        ("model.prefill.v2_group_top2", lambda c: v2_decoy_case(c, v2_two_experts(tiny))),
     ]
+
+
+def v2_two_experts(tiny) -> Config:
+    """V2 routing (softmax scores, group_limited_greedy: a group scored by its best expert) with
+    2 experts per token from 2 of 4 groups."""
+    from .suites import as_v2
+
+    return as_v2(tiny(scoring_func="softmax", topk_method="group_limited_greedy",
+                      norm_topk_prob=False, num_experts_per_tok=2))
+
+
+V2_MARGIN = 0.08  # under softmax scores the two rules part only within a narrower window
+
+
+def v2_decoy_case(cid, cfg, batch=2, seq=12):
+    """Softmax scoring, a group scored by its best expert: for about half the tokens a dropped
+    group holds two "decoy" experts, each V2_MARGIN or more below the best of either kept group
+    but together above one of them, so that a group scored by its top-2 sum (V3's rule, which
+    llama.cpp applies to V2 too) keeps the decoys' group instead. Scales 0.4-1 cover this model's
+    residual stream (RMS 1.2-2.2 at its MoE layers)."""
+    from refimpl.checkpoint import random_weights
+
+    from . import margins
+    from .suites import F32, _seed, case_rng, designed
+
+    rng = case_rng(cid)
+    w = {k: v.astype(F32) for k, v in random_weights(cfg, _seed(rng), mtp=False).items()}
+    w = margins.plant_routing(cfg, w, rng, margin=V2_MARGIN, scales=(0.4, 1.0), on=(0.5, 0.5),
+                              decoy=(0.38, 0.40))
+    ids = rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int64)
+    return designed(Case(cid, "prefill", "V2 routing with two experts per token: a dropped group "
+                                         "with two decoys beats a kept group by its top-2 sum, "
+                                         "not by its best expert", {"input_ids": ids},
+                         config=cfg, weights=w), routing=V2_MARGIN)
 
 
 def single_expert_case(cid, cfg, batch=2, seq=10):

@@ -219,9 +219,10 @@ def model_weights(cfg, rng, store=F32, bias_mean=0.0, design=True):
 
 
 def designed(case, routing=True, stream=False):
-    """Record in the case's params the margins its weights were built to clear."""
-    case.params.update(margins.design_params(margins.ROUTING_MARGIN if routing else None,
-                                             margins.STREAM_MARGIN if stream else None))
+    """Record in the case's params the margins its weights were built to clear (routing: True
+    for ROUTING_MARGIN, or the margin)."""
+    r = margins.ROUTING_MARGIN if routing is True else (routing or None)
+    case.params.update(margins.design_params(r, margins.STREAM_MARGIN if stream else None))
     return case
 
 
