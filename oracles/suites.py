@@ -428,6 +428,10 @@ def default():
         ("model.prefill.mscale_differs", lambda c: prefill_case(
             c, tiny(rope_scaling=RopeScaling(40.0, 64, 32.0, 1.0, 1.0, 0.707)), batch=1, seq=10,
             pins="mscale 1.0 vs mscale_all_dim 0.707: the softmax uses mscale_all_dim")),
+        ("model.prefill.near_ties", lambda c: prefill_case(
+            c, tiny(rope_scaling=RopeScaling(40.0, 64, 32.0, 1.0, 1.0, 0.707)), batch=1, seq=10,
+            design=False, pins="random routing weights (no designed margins): near-tie tokens "
+                               "that a lower precision resolves either way, forgiven")),
         ("model.prefill.q_lora_null", edge(lambda c: prefill_case(
             c, tiny(q_lora_rank=None), batch=1, seq=8, pins="q_lora_rank null"), "q_lora_null")),
         ("model.prefill.no_shared_experts", edge(lambda c: prefill_case(

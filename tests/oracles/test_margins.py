@@ -106,8 +106,9 @@ def _designed_model_cases(golden):
 
 def test_every_model_case_records_its_designed_margins_and_meets_them(default_dir):
     m, designed = _designed_model_cases(default_dir)
-    model = [c["id"] for c in m["cases"] if c["model"]]
+    model = [c["id"] for c in m["cases"] if c["model"] and "near_ties" not in c["params"]]
     assert {c["id"] for c in designed} == set(model)  # no model case is left to chance
+    assert [c["id"] for c in m["cases"] if "near_ties" in c["params"]] == ["model.prefill.near_ties"]
     from oracles.golden import Golden
     g = Golden(default_dir)
     for c in designed:
