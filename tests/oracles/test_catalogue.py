@@ -1,17 +1,17 @@
 """Issue 16 item 4: every mutant of the catalogue (bugs public engines shipped, the engines' own
 divergences and the other readings of config fields) FAILs, not INCONCLUSIVE and not PASS, in
-every tolerance profile that does not allow it by definition (oracles.catalogue.ALLOWED, with the
+every tolerance profile that does not allow it by definition (oracles.engines.catalogue.ALLOWED, with the
 reason), on a case of the default suite built so that its effect is far beyond the loosest
 profile's tolerance. Each mutant runs once on its case; its outputs are judged in all six
 profiles."""
 
 import pytest
 
-from oracles.adapters import RefimplAdapter
-from oracles.catalogue import ALLOWED, _Cached
-from oracles.check import run_check
-from oracles.mutants import MUTANTS
-from oracles.tolerance import PROFILES
+from oracles.authoring.mutants import MUTANTS
+from oracles.checking.check import run_check
+from oracles.engines.catalogue import ALLOWED, _Cached
+from oracles.engines.reference import RefimplAdapter
+from oracles.format.tolerances import PROFILES
 from tests.oracles.test_mutants import FIRST_FAILURE
 
 # mutant -> the case that fails it in every profile, where it is not FIRST_FAILURE's case

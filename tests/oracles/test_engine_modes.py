@@ -8,11 +8,13 @@ import ml_dtypes
 import numpy as np
 from hypothesis import example, given, settings, strategies as st
 
-from oracles import emulate
-from oracles.adapters import RefimplAdapter, load_adapter
-from oracles.check import AdapterCandidate, run_check
-from oracles.engines import modes
-from oracles.golden import Golden
+from oracles.authoring import emulate
+from oracles.checking.candidates import load_adapter
+from oracles.engines.reference import RefimplAdapter
+from oracles.checking.candidates import AdapterCandidate
+from oracles.checking.check import run_check
+from oracles.authoring import modes
+from oracles.format.golden import Golden
 from refimpl import moe, ops
 
 NEW = ("f16_kv", "bf16_f32_experts", "fp8_kv")

@@ -1,4 +1,4 @@
-"""Margins by design (oracles/margins.py): the planted weights route every token with the
+"""Margins by design (oracles/authoring/margins.py): the planted weights route every token with the
 designed margin at every MoE layer whatever its context, the greedy streams clear theirs, and
 an honest run in every profile's precision therefore compares every position of every model
 case."""
@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings, strategies as st
 
-from oracles import margins
-from oracles.adapters import RefimplAdapter
-from oracles.cases import routing_margin
-from oracles.check import AdapterCandidate, run_check
-from oracles.suites import draw_config, model_weights, tiny
-from oracles.tolerance import FLOORS, PROFILES
+from oracles.authoring import margins
+from oracles.authoring.draws import draw_config, model_weights, tiny
+from oracles.authoring.kinds import routing_margin
+from oracles.checking.candidates import AdapterCandidate
+from oracles.checking.check import run_check
+from oracles.engines.reference import RefimplAdapter
+from oracles.format.tolerances import FLOORS, PROFILES
 from refimpl import names
 from refimpl.model import Model
 
@@ -73,7 +74,7 @@ def test_a_score_of_one_half_stays_within_the_context_slack():
     the margin."""
     cfg = tiny(num_experts_per_tok=1)
     rng = np.random.default_rng(2)
-    from refimpl.checkpoint import random_weights
+    from refimpl.writer import random_weights
     w = margins.plant_routing(cfg, random_weights(cfg, 7, mtp=False), rng, levels=(-1.0, 0.0, 1.0))
     ids = rng.integers(0, cfg.vocab_size, (2, 40))
     _, trace = _routing(cfg, w, ids)
@@ -109,7 +110,7 @@ def test_every_model_case_records_its_designed_margins_and_meets_them(default_di
     model = [c["id"] for c in m["cases"] if c["model"] and "near_ties" not in c["params"]]
     assert {c["id"] for c in designed} == set(model)  # no model case is left to chance
     assert [c["id"] for c in m["cases"] if "near_ties" in c["params"]] == ["model.prefill.near_ties"]
-    from oracles.golden import Golden
+    from oracles.format.golden import Golden
     g = Golden(default_dir)
     for c in designed:
         exp = g.expected(c["id"])
@@ -143,7 +144,7 @@ def test_an_honest_run_in_each_profile_compares_every_position_of_the_model_case
                                           "HYPOTHESIS_PROFILE=thorough")
 @pytest.mark.parametrize("suite", ["engine", "scenarios"])
 def test_the_engine_and_scenario_suites_are_compared_in_full_too(tmp_path, suite):
-    from oracles.golden import generate
+    from oracles.authoring.writer import generate
     out = str(tmp_path / suite)
     generate(out, suite)
     for profile in PROFILES:

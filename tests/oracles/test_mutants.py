@@ -3,9 +3,9 @@ every mutant in the catalogue, and the report names the intermediate where the b
 
 import pytest
 
-from oracles.adapters import load_adapter
-from oracles.check import run_check
-from oracles.mutants import MUTANTS
+from oracles.checking.candidates import load_adapter
+from oracles.checking.check import run_check
+from oracles.authoring.mutants import MUTANTS
 from tests.helpers import run_cli
 
 # mutant -> (a case it must fail, the first failing output the report must name there),
@@ -54,7 +54,7 @@ FIRST_FAILURE = {
     "e4m3fnuz_read": ("model.prefill.fp8_blocks", "layers.0.q_nope"),
     "fp8_amax_unclamped": ("fp8_act_quant.zero_and_tiny_blocks", "q"),
     # the engines' divergences (docs/engines.md) and the readings of config fields
-    # (oracles/readings.py): each shows where the field is read first
+    # (oracles/authoring/readings.py): each shows where the field is read first
     "group_score_top2_for_v2": ("model.prefill.v2_group_top2", "layers.1.topk_idx"),
     "group_score_top_k_over_m": ("model.prefill.top_k_over_m", "layers.1.topk_idx"),
     "mscale_read_as_mscale_all_dim": ("model.prefill.mscale_differs", "layers.0.q_rope"),

@@ -85,7 +85,7 @@ def _margins(codes, layers, cfg, scoring, scales=SCALES):
     """The smallest designed routing margin of each candidate code over the layers and the
     context scales, with the sigmoid's distance from 0, 1/2 or 1 at that scale counted against
     it (a code 0 sits at 1/2 whatever the scale, give or take the context read: CONTEXT_SLACK)."""
-    from .cases import routing_margin
+    from .kinds import routing_margin
 
     worst = np.full(len(codes), np.inf)
     for perm, sign, bias in layers:

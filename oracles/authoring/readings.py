@@ -7,7 +7,7 @@ paper's and Megatron-LM's K_r/M top scores per group equal the top 2 that DeepSe
 the engines sum), a YaRN factor equal to max_position_embeddings / original_max_position_
 embeddings (older transformers computed it that way), and more than one routed expert per token
 (MLX-LM renormalises only then). Each case here breaks one of them, and the mutant of the other
-reading (oracles/mutants.py) fails it:
+reading (oracles/authoring/mutants.py) fails it:
 
 | case | value | the other reading (mutant) |
 |---|---|---|
@@ -17,7 +17,7 @@ reading (oracles/mutants.py) fails it:
 | `model.prefill.v2_group_top2` | V2 routing, 2 experts per token; a dropped group with two decoys whose sum beats a kept group's best | V3's top-2 group score for V2 too (`group_score_top2_for_v2`, llama.cpp) |
 | `model.prefill.single_expert` | num_experts_per_tok 1, norm_topk_prob true; codes with 0s, so that some chosen experts score 1/2 | no renormalisation for one expert (`single_expert_not_renormalised`, MLX-LM) |
 
-Routing margins are designed as in every model case (oracles.margins).
+Routing margins are designed as in every model case (oracles/authoring/margins.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import numpy as np
 from refimpl import names
 from refimpl.config import Config, RopeScaling
 
-from .schema import Case
+from ..format.schema import Case
+from .draws import F32, case_rng, designed, seed
 
 EPS = 1e-2
 RESIDUAL_SCALE = 0.1  # the residual stream's mean square: about 0.01-0.03
@@ -39,12 +40,11 @@ def small_norm_weights(cfg: Config, rng) -> dict:
     RMSNorm by 20-40%: the embedding and every projection that writes into the residual stream
     (o_proj, down_proj) x RESIDUAL_SCALE (routing codes planted at that amplitude),
     q_a_proj and kv_a_proj_with_mqa x LATENT_SCALE."""
-    from refimpl.checkpoint import random_weights
+    from refimpl.writer import random_weights
 
     from . import margins
-    from .suites import F32, _seed
 
-    w = {k: v.astype(F32) for k, v in random_weights(cfg, _seed(rng), mtp=False).items()}
+    w = {k: v.astype(F32) for k, v in random_weights(cfg, seed(rng), mtp=False).items()}
     for k in w:
         if k == names.EMBED or k.endswith(("o_proj.weight", "down_proj.weight")):
             w[k] = (w[k] * RESIDUAL_SCALE).astype(F32)
@@ -54,8 +54,6 @@ def small_norm_weights(cfg: Config, rng) -> dict:
 
 
 def eps_case(cid, cfg, batch=1, seq=10):
-    from .suites import case_rng, designed
-
     rng = case_rng(cid)
     cfg = cfg.replace(rms_norm_eps=EPS)
     w = small_norm_weights(cfg, rng)
@@ -108,13 +106,12 @@ def v2_decoy_case(cid, cfg, batch=2, seq=12):
     but together above one of them, so that a group scored by its top-2 sum (V3's rule, which
     llama.cpp applies to V2 too) keeps the decoys' group instead. Scales 0.4-1 cover this model's
     residual stream (RMS 1.2-2.2 at its MoE layers)."""
-    from refimpl.checkpoint import random_weights
+    from refimpl.writer import random_weights
 
     from . import margins
-    from .suites import F32, _seed, case_rng, designed
 
     rng = case_rng(cid)
-    w = {k: v.astype(F32) for k, v in random_weights(cfg, _seed(rng), mtp=False).items()}
+    w = {k: v.astype(F32) for k, v in random_weights(cfg, seed(rng), mtp=False).items()}
     w = margins.plant_routing(cfg, w, rng, margin=V2_MARGIN, scales=(0.4, 1.0), on=(0.5, 0.5),
                               decoy=(0.38, 0.40))
     ids = rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int64)
@@ -128,13 +125,12 @@ def single_expert_case(cid, cfg, batch=2, seq=10):
     """One routed expert per token with norm_topk_prob: the renormalised weight is
     routed_scaling_factor. Codes include 0 (scores near 1/2), so that the chosen expert's score
     is often far from 1 and skipping the renormalisation changes its weight."""
-    from . import margins
-    from .suites import F32, _seed, case_rng, designed
+    from refimpl.writer import random_weights
 
-    from refimpl.checkpoint import random_weights
+    from . import margins
 
     rng = case_rng(cid)
-    w = {k: v.astype(F32) for k, v in random_weights(cfg, _seed(rng), mtp=False).items()}
+    w = {k: v.astype(F32) for k, v in random_weights(cfg, seed(rng), mtp=False).items()}
     w = margins.plant_routing(cfg, w, rng, levels=(-1.0, 0.0, 1.0))
     ids = rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int64)
     return designed(Case(cid, "prefill", "one routed expert per token, norm_topk_prob true: its "

@@ -2,7 +2,7 @@
 leaves INCONCLUSIVE) per profile, each mutant run once per case and its outputs judged against
 every profile's tolerances (docs/conformance.md section 6 is made with it).
 
-    python -m oracles.catalogue GOLDEN [--only GLOB] [--mutants a,b] [--json OUT]
+    python -m oracles.engines.catalogue GOLDEN [--only GLOB] [--mutants a,b] [--json OUT]
 
 ALLOWED lists the profiles that allow a mutant by definition (a precision choice the profile
 emulates), with the reason; every other (mutant, profile) pair must fail some case.
@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from . import tolerance
+from ..format import tolerances as tolerance
 
 # mutant -> {profile: why the profile allows it}
 _BF16_BASED = ("bf16", "fp8", "bf16_f32_experts", "fp8_kv")
@@ -46,9 +46,9 @@ class _Cached:
 
 def sweep(golden: str, mutants=None, only=None, profiles=tolerance.PROFILES) -> dict:
     """{mutant: {profile: {"fail": [case ids], "inconclusive": [case ids]}}}."""
-    from .adapters import RefimplAdapter
-    from .check import run_check
-    from .mutants import MUTANTS
+    from ..authoring.mutants import MUTANTS
+    from ..checking.check import run_check
+    from .reference import RefimplAdapter
 
     out = {}
     for name in mutants or MUTANTS:
@@ -62,13 +62,13 @@ def sweep(golden: str, mutants=None, only=None, profiles=tolerance.PROFILES) -> 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m oracles.catalogue")
+    ap = argparse.ArgumentParser(prog="python -m oracles.engines.catalogue")
     ap.add_argument("golden")
     ap.add_argument("--only")
     ap.add_argument("--mutants")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
-    from .mutants import MUTANTS
+    from ..authoring.mutants import MUTANTS
 
     res = sweep(a.golden, a.mutants.split(",") if a.mutants else None, a.only)
     print("| mutant | " + " | ".join(tolerance.PROFILES) + " |")
