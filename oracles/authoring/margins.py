@@ -22,8 +22,13 @@ the top-k cut in every MoE layer, at every context scale in SCALES. So every tok
 its identity, differently from other tokens, with a designed margin, whatever its context;
 routing bugs still change the routing of some tokens, and the router scores still carry the
 bf16/fp8 rounding of their inputs (far too little to move a saturated sigmoid across a cut).
-Softmax scoring (V2) uses graded code levels instead of signs (LEVELS), so that the top-k
-scores are well apart from the rest after the softmax.
+Softmax scoring (V2) uses graded code levels instead of signs: the top-k experts of topk_group
+groups at ON_LEVELS, the rest far below, and for about half the tokens two "decoys" in a
+dropped group at DECOY_LEVELS (each below a kept group's best; their sum above it where the
+levels are close enough: model.prefill.v2_group_top2), with per-layer permutations that move
+whole groups so the structure holds in every layer. Codes of 0 (`levels`) put a sigmoid score
+at 1/2, give or take the context read (CONTEXT_SLACK): a chosen expert whose weight the
+renormalisation changes (model.prefill.single_expert).
 
 Greedy streams (`plant_stream_margins`): after the routing design, the greedy continuation of
 the case's prompt is computed in float64; at the first step whose two best logits are closer
@@ -35,8 +40,13 @@ until every step clears.
 The contract other builders rely on (serving scenarios, hypothesis-drawn configs):
     weights = plant_routing(cfg, weights, rng, margin=ROUTING_MARGIN)
     weights = plant_stream_margins(cfg, weights, prompt, n_new, margin=STREAM_MARGIN)
-Both return new dicts (float64 or the dtype each tensor came in) and leave the config alone;
-`design_params(...)` is what a case records in its params (and so in the manifest).
+plant_routing needs n_routed_experts <= hidden_size / 2 and draws from `rng` (so call it at the
+same point of a case's draws every time); it raises ValueError when no code clears the margin
+for the config. plant_stream_margins raises ValueError when the stream does not clear within
+its rounds. Both return new dicts, each tensor in the dtype it came in, and leave the config
+alone; `draws.designed(case, routing, stream)` records the margins in the case's params (and
+so in the manifest). draws.model_weights / mtp_weights call plant_routing (design=False for
+random routing on purpose).
 """
 
 from __future__ import annotations
