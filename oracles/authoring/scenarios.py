@@ -449,7 +449,7 @@ def speculation_case(cid, cfg, depth, prompt, new, pins=None):
     """Greedy MTP speculation over predictable_mtp weights: some drafts are accepted at depth 2
     and most rejected, so that verification both commits several tokens in one forward and
     rolls the cache back, and module k >= 2 runs on drafts. Its routing margins are designed;
-    its stream's are not (params "near_ties"): planting them (margins.plant_stream_margins)
+    its stream's are not (no stream_margin in its params): planting them (plant_stream_margins)
     makes the drafts always right, and on a 300-token stream it converges to one repeated
     token."""
     rng = case_rng(cid)
@@ -458,7 +458,6 @@ def speculation_case(cid, cfg, depth, prompt, new, pins=None):
     params = {"max_new_tokens": new, "depth": depth,
               "schedule": {"format": SCHEDULE_FORMAT,
                            "steps": [{"op": "speculate", "depth": depth, "max_new_tokens": new}]}}
-    params["near_ties"] = "the greedy stream's margins are not designed (random head)"
     return designed(Case(cid, "mtp_speculation", pins or f"greedy MTP speculation, {depth} drafts "
                                                          f"per round, {new} tokens to position "
                                                          f"{prompt + new - 1}",

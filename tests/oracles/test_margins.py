@@ -107,8 +107,9 @@ def _designed_model_cases(golden):
 
 def test_every_model_case_records_its_designed_margins_and_meets_them(default_dir):
     m, designed = _designed_model_cases(default_dir)
-    model = [c["id"] for c in m["cases"] if c["model"] and "near_ties" not in c["params"]]
-    assert {c["id"] for c in designed} == set(model)  # no model case is left to chance
+    model = [c["id"] for c in m["cases"] if c["model"] and c["id"] != "model.prefill.near_ties"]
+    assert {c["id"] for c in designed} == set(model)  # no other model case is left to chance
+    # the cases kept (partly) random on purpose, and marked so
     assert [c["id"] for c in m["cases"] if "near_ties" in c["params"]] == ["model.prefill.near_ties"]
     from oracles.format.golden import Golden
     g = Golden(default_dir)
@@ -134,7 +135,8 @@ def test_an_honest_run_in_each_profile_compares_every_position_of_the_model_case
     precision) passes every designed model case and compares at least 90% of its positions
     (in fact all of them: no routing decision and no greedy step is within its rounding)."""
     _, designed = _designed_model_cases(default_dir)
-    cov = _coverage(default_dir, profile, ",".join(c["id"] for c in designed))
+    cov = _coverage(default_dir, profile, ",".join(c["id"] for c in designed
+                                                   if "near_ties" not in c["params"]))
     low = {cid: v for cid, v in cov.items() if v[0] != "pass" or v[1] < 0.9}
     assert not low, low
 
@@ -147,7 +149,9 @@ def test_the_engine_and_scenario_suites_are_compared_in_full_too(tmp_path, suite
     from oracles.authoring.writer import generate
     out = str(tmp_path / suite)
     generate(out, suite)
+    _, designed = _designed_model_cases(out)
+    only = ",".join(c["id"] for c in designed if "near_ties" not in c["params"])
     for profile in PROFILES:
-        cov = _coverage(out, profile, None)
+        cov = _coverage(out, profile, only)
         low = {cid: v for cid, v in cov.items() if v[0] != "pass" or v[1] < 0.9}
         assert not low, (profile, low)
