@@ -55,6 +55,10 @@ import numpy as np
 
 from refimpl import names
 from refimpl.config import Config
+from refimpl.generate import greedy
+from refimpl.model import Model
+
+from .kinds import routing_margin
 
 ROUTING_MARGIN = 0.12  # biased-score units: 4x the fp8 profile's margin floor (0.03)
 STREAM_MARGIN = 1.5  # logits: 3x the fp8 profile's logit floor (0.5)
@@ -95,8 +99,6 @@ def _margins(codes, layers, cfg, scoring, scales=SCALES):
     """The smallest designed routing margin of each candidate code over the layers and the
     context scales, with the sigmoid's distance from 0, 1/2 or 1 at that scale counted against
     it (a code 0 sits at 1/2 whatever the scale, give or take the context read: CONTEXT_SLACK)."""
-    from .kinds import routing_margin
-
     worst = np.full(len(codes), np.inf)
     for perm, sign, bias in layers:
         for scale in scales:
@@ -216,9 +218,6 @@ def plant_routing(cfg: Config, weights: dict, rng, margin: float = ROUTING_MARGI
 def greedy_logits(cfg: Config, weights: dict, prompt, n_new: int):
     """(tokens [n_new], logits [n_new, vocab], final hidden [n_new, d]) of the float64 greedy
     continuation of prompt [P]: step j's logits and hidden state are those that chose token j."""
-    from refimpl.generate import greedy
-    from refimpl.model import Model
-
     model = Model.from_arrays(cfg, weights, dtype="float64")
     toks = greedy(model, np.asarray(prompt), n_new)
     seq = np.concatenate([np.asarray(prompt), toks[:-1]])[None, :]

@@ -37,7 +37,7 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
-from refimpl import fp8, layer, mla, moe, mtp, names, rope
+from refimpl import fp8, layer, mla, model, moe, mtp, names, norm, rope
 from refimpl.backend import array_module
 from refimpl.ops import boundary, topk_indices
 from refimpl.trace import ignore
@@ -465,8 +465,6 @@ def _patch_residual_rescaled_dense(case):
            "every RMSNorm at the class default eps 1e-6, whatever rms_norm_eps says (DeepSeek's "
            "inference/model.py: its ModelArgs carries no eps)")
 def _patch_rms_norm_eps_ignored(case):
-    from refimpl import model, norm
-
     def rms_norm(x, weight, eps):
         return norm.rms_norm(x, weight, 1e-6)
     return patched([(m, "rms_norm", rms_norm) for m in (layer, model, mtp, scenarios)])

@@ -27,7 +27,10 @@ import numpy as np
 from refimpl import names
 from refimpl.config import Config, RopeScaling
 
+from refimpl.writer import random_weights
+
 from ..format.schema import Case
+from . import margins
 from .draws import F32, case_rng, designed, seed
 
 EPS = 1e-2
@@ -40,10 +43,6 @@ def small_norm_weights(cfg: Config, rng) -> dict:
     RMSNorm by 20-40%: the embedding and every projection that writes into the residual stream
     (o_proj, down_proj) x RESIDUAL_SCALE (routing codes planted at that amplitude),
     q_a_proj and kv_a_proj_with_mqa x LATENT_SCALE."""
-    from refimpl.writer import random_weights
-
-    from . import margins
-
     w = {k: v.astype(F32) for k, v in random_weights(cfg, seed(rng), mtp=False).items()}
     for k in w:
         if k == names.EMBED or k.endswith(("o_proj.weight", "down_proj.weight")):
@@ -91,10 +90,10 @@ def default_cases(tiny, prefill_case):
 def v2_two_experts(tiny) -> Config:
     """V2 routing (softmax scores, group_limited_greedy: a group scored by its best expert) with
     2 experts per token from 2 of 4 groups."""
-    from .suites import as_v2
-
-    return as_v2(tiny(scoring_func="softmax", topk_method="group_limited_greedy",
-                      norm_topk_prob=False, num_experts_per_tok=2))
+    cfg = tiny(scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False,
+               num_experts_per_tok=2)
+    return cfg.replace(model_type="deepseek_v2",  # labelled as published V2 models are (suites.as_v2)
+                       extra={**cfg.extra, "architectures": ["DeepseekV2ForCausalLM"]})
 
 
 V2_MARGIN = 0.08  # under softmax scores the two rules part only within a narrower window
@@ -106,10 +105,6 @@ def v2_decoy_case(cid, cfg, batch=2, seq=12):
     but together above one of them, so that a group scored by its top-2 sum (V3's rule, which
     llama.cpp applies to V2 too) keeps the decoys' group instead. Scales 0.4-1 cover this model's
     residual stream (RMS 1.2-2.2 at its MoE layers)."""
-    from refimpl.writer import random_weights
-
-    from . import margins
-
     rng = case_rng(cid)
     w = {k: v.astype(F32) for k, v in random_weights(cfg, seed(rng), mtp=False).items()}
     w = margins.plant_routing(cfg, w, rng, margin=V2_MARGIN, scales=(0.4, 1.0), on=(0.5, 0.5),
@@ -125,10 +120,6 @@ def single_expert_case(cid, cfg, batch=2, seq=10):
     """One routed expert per token with norm_topk_prob: the renormalised weight is
     routed_scaling_factor. Codes include 0 (scores near 1/2), so that the chosen expert's score
     is often far from 1 and skipping the renormalisation changes its weight."""
-    from refimpl.writer import random_weights
-
-    from . import margins
-
     rng = case_rng(cid)
     w = {k: v.astype(F32) for k, v in random_weights(cfg, seed(rng), mtp=False).items()}
     w = margins.plant_routing(cfg, w, rng, levels=(-1.0, 0.0, 1.0))

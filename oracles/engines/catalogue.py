@@ -14,7 +14,10 @@ import argparse
 import json
 import sys
 
+from ..authoring.mutants import MUTANTS
+from ..checking.check import run_check
 from ..format import tolerances as tolerance
+from .reference import RefimplAdapter
 
 # mutant -> {profile: why the profile allows it}
 _BF16_BASED = ("bf16", "fp8", "bf16_f32_experts", "fp8_kv")
@@ -46,10 +49,6 @@ class _Cached:
 
 def sweep(golden: str, mutants=None, only=None, profiles=tolerance.PROFILES) -> dict:
     """{mutant: {profile: {"fail": [case ids], "inconclusive": [case ids]}}}."""
-    from ..authoring.mutants import MUTANTS
-    from ..checking.check import run_check
-    from .reference import RefimplAdapter
-
     out = {}
     for name in mutants or MUTANTS:
         cand = _Cached(RefimplAdapter("float32", MUTANTS[name]), name)
@@ -68,8 +67,6 @@ def main(argv=None) -> int:
     ap.add_argument("--mutants")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
-    from ..authoring.mutants import MUTANTS
-
     res = sweep(a.golden, a.mutants.split(",") if a.mutants else None, a.only)
     print("| mutant | " + " | ".join(tolerance.PROFILES) + " |")
     print("|---|" + "---|" * len(tolerance.PROFILES))
