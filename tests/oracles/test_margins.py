@@ -150,7 +150,9 @@ def test_the_engine_and_scenario_suites_are_compared_in_full_too(tmp_path, suite
     out = str(tmp_path / suite)
     generate(out, suite)
     _, designed = _designed_model_cases(out)
-    only = ",".join(c["id"] for c in designed if "near_ties" not in c["params"])
+    # not done: the long speculation streams have no designed margins (their routing has)
+    only = ",".join(c["id"] for c in designed if "near_ties" not in c["params"]
+                    and (c["kind"] != "mtp_speculation" or "stream_margin" in c["params"]["designed_margins"]))
     for profile in PROFILES:
         cov = _coverage(out, profile, only)
         low = {cid: v for cid, v in cov.items() if v[0] != "pass" or v[1] < 0.9}
