@@ -1,5 +1,5 @@
 """Model cases whose config breaks a coincidence at which different readings of a config field
-agree, so that an engine that reads the field another way fails (SPEC.md section 9).
+agree, so that an engine that reads the field another way fails (spec section 9).
 
 Most model cases share values at which the readings agree: rms_norm_eps 1e-6 (the RMSNorm class
 default, which some implementations use whatever the config says), top-k / topk_group = 2 (the

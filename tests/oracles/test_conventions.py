@@ -1,4 +1,4 @@
-"""The conventions suite labels each SPEC.md section 9 alternative, so that a check tells which
+"""The conventions suite labels each spec section 9 alternative, so that a check tells which
 one an engine follows."""
 
 import pytest
@@ -27,7 +27,7 @@ ALTERNATIVES = [
     ("mtp_concat_swapped", "mtp_concat", "hidden_first"),
     ("mtp_pre_norm_h0", "mtp_h0", "pre_norm"),
     ("ties_higher_index", "topk_ties", "higher_index"),
-    # vLLM, SGLang and llama.cpp: the latent norms at rms_norm_eps (docs/divergences.md)
+    # vLLM, SGLang and llama.cpp: the latent norms at rms_norm_eps (spec section 9.3)
     ("latent_norm_eps_from_config", "latent_norm_eps", "rms_norm_eps"),
 ]
 
