@@ -119,7 +119,7 @@ def test_every_model_case_records_its_designed_margins_and_meets_them(default_di
         for k, v in exp.items():
             if k.endswith("topk_margin"):
                 assert v.min() >= want["routing_margin"], (c["id"], k, v.min())
-            if k == "tokens_margin":
+            if k == "tokens_margin" and "stream_margin" in want:
                 assert v.min() >= want["stream_margin"], (c["id"], v.min())
 
 
