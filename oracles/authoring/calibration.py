@@ -84,6 +84,6 @@ def calibrate(truth: dict, aux: dict, emulated: dict, profile: str, causal: bool
         if "compared" in vals and vals["compared"] < vals["positions"]:
             # the calibration saw only these positions (the rest follow the emulated run's own
             # forgiven flips): its error is a smaller sample than the case's
-            entry["calibration_compared"] = [vals["compared"], vals["positions"]]
+            entry["calibration_compared"] = f"{vals['compared']} of {vals['positions']}"
         result[name] = entry
     return result
