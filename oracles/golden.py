@@ -75,8 +75,9 @@ def _json_default(o):
     raise TypeError(type(o).__name__)
 
 
-def compute(case: Case) -> tuple[dict, dict, dict]:
-    """-> (expected outputs, expected-only aux tensors, tolerances per profile)."""
+def compute(case: Case, profiles=tolerance.PROFILES) -> tuple[dict, dict, dict]:
+    """-> (expected outputs, expected-only aux tensors, tolerances per profile); only the given
+    profiles are calibrated (oracles search calibrates the one it judges by)."""
     from .cases import KINDS
     from .emulate import run_case
     from .mutants import MUTANTS
@@ -86,7 +87,7 @@ def compute(case: Case) -> tuple[dict, dict, dict]:
     truth = run_case(case, "float64", under, alone=True)
     aux = kind.aux(case, truth) if kind.aux else {}
     tols = {}
-    for profile in tolerance.PROFILES:
+    for profile in profiles:
         emulated = run_case(case, tolerance.CALIBRATED_BY[profile], under)
         tols[profile] = tolerance.calibrate(truth, aux, emulated, profile,
                                              causal=case.kind in CAUSAL_KINDS,
@@ -94,13 +95,13 @@ def compute(case: Case) -> tuple[dict, dict, dict]:
     return truth, aux, tols
 
 
-def write_case(case: Case, case_dir: str) -> dict:
+def write_case(case: Case, case_dir: str, profiles=tolerance.PROFILES) -> dict:
     """Write one case's files -> its manifest entry."""
     from .cases import KINDS
     from .suites import SUITE_SEED
 
     os.makedirs(case_dir)
-    truth, aux, tols = compute(case)
+    truth, aux, tols = compute(case, profiles)
     if case.weights is not None:
         write_model_dir(os.path.join(case_dir, MODEL_DIR), case.config, case.weights)
     elif case.config is not None:
@@ -143,11 +144,21 @@ def write_model_dir(model_dir: str, cfg: Config, weights: dict) -> None:
 
 def generate(out: str, suite: str = "default", only: str | None = None, progress=None) -> dict:
     """Write the suite (or the cases matching `only`) to `out`, atomically -> the manifest."""
-    from .suites import SUITE_DOCS, SUITE_SEED, suite_cases
+    from .suites import SUITE_DOCS, suite_cases
 
     builders = [(cid, b) for cid, b in suite_cases(suite) if matches(cid, only)]
     if not builders:
         raise OraclesError(f"suite {suite!r}: no case matches --only {only!r}")
+    return write_suite(out, suite, SUITE_DOCS[suite], builders, only=only, progress=progress)
+
+
+def write_suite(out: str, suite: str, doc: str, builders, only: str | None = None, progress=None,
+                profiles=tolerance.PROFILES, extra: dict | None = None, describe=None) -> dict:
+    """Write the cases of builders [(case id, build(case id) -> Case)] to `out` as suite `suite`,
+    atomically -> the manifest. `profiles`: the tolerance profiles calibrated; `extra`: fields
+    added to the manifest; `describe(case)`: fields added to (or replacing) a case's entry."""
+    from .suites import SUITE_SEED
+
     check_destination(out, "directory", OraclesError)  # before the cases are computed
     with atomic_directory(out, OraclesError, tag="oracles") as tmp:
         entries = []
@@ -156,9 +167,10 @@ def generate(out: str, suite: str = "default", only: str | None = None, progress
             it = progress(builders, desc=f"generating {suite}", unit="case")
         for cid, build in it:
             case = build(cid)
-            entries.append(write_case(case, os.path.join(tmp, "cases", cid)))
+            entry = write_case(case, os.path.join(tmp, "cases", cid), profiles)
+            entries.append({**entry, **(describe(case) if describe else {})})
         manifest = {
-            "suite": suite, "suite_doc": SUITE_DOCS[suite], "format": SUITE_FORMAT,
+            "suite": suite, "suite_doc": doc, "format": SUITE_FORMAT,
             "only": only, "generator": f"oracles {__version__}", "refimpl": refimpl.__version__,
             "numpy": np.__version__, "ml_dtypes": ml_dtypes.__version__,
             "python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}",
@@ -167,6 +179,7 @@ def generate(out: str, suite: str = "default", only: str | None = None, progress
             "tolerance_k": tolerance.K, "floors": tolerance.FLOORS,
             "calibrated_by": tolerance.CALIBRATED_BY,
             "cases": entries,
+            **(extra or {}),
         }
         write_text(os.path.join(tmp, "manifest.json"),
                    json.dumps(manifest, indent=1, default=_json_default) + "\n", OraclesError,

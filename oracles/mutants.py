@@ -152,6 +152,24 @@ def _patch_ties_higher_index(case):
     return patched([(moe, "topk_indices", _topk_higher_index)])
 
 
+@_register("group_score_topk_ratio", "group score",
+           "scores a group by the sum of its top (top_k // topk_group) biased scores, not its "
+           "top two (right only where top_k // topk_group == 2, as in V3's 8 // 4)")
+def _patch_group_score_topk_ratio(case):
+    cfg = case.config
+    if cfg is None:
+        return contextlib.nullcontext()
+    n = cfg.num_experts_per_tok // cfg.topk_group
+    original = moe.group_scores
+
+    def group_scores(biased, n_group, topk_method):
+        if topk_method != "noaux_tc":
+            return original(biased, n_group, topk_method)
+        g = biased.reshape(biased.shape[0], n_group, -1)  # [T, G, E/G]
+        return -np.sort(-g, axis=-1)[..., :n].sum(axis=-1)  # n == 0: every group scores 0
+    return patched([(moe, "group_scores", group_scores)])
+
+
 # ---- RoPE / YaRN ------------------------------------------------------------------------------
 
 @_register("no_softmax_mscale", "mscale",
@@ -195,6 +213,45 @@ def _patch_yarn_only_when_extended(case):
     plain = {name: getattr(rope, name) for name in ("inv_freq", "softmax_scale", "cos_sin_factor")}
     return patched([(rope, name, (lambda f: lambda cfg: f(cfg.replace(rope_scaling=None)))(f))
                     for name, f in plain.items()])
+
+
+@_register("yarn_factor_from_positions", "YaRN factor",
+           "computes YaRN's factor s as max_position_embeddings / original_max_position_embeddings "
+           "instead of reading rope_scaling.factor (right only where the two agree, as in V3's "
+           "163840 / 4096 = 40)")
+def _patch_yarn_factor_from_positions(case):
+    rs = case.config.rope_scaling if case.config is not None else None
+    if rs is None:
+        return contextlib.nullcontext()
+    derived = {name: getattr(rope, name) for name in ("inv_freq", "softmax_scale", "cos_sin_factor")}
+
+    def with_derived_factor(f):
+        def g(cfg):
+            r = cfg.rope_scaling
+            if r is None:
+                return f(cfg)
+            s = cfg.max_position_embeddings / r.original_max_position_embeddings
+            return f(cfg.replace(rope_scaling=dataclasses.replace(r, factor=s)))
+        return g
+    return patched([(rope, name, with_derived_factor(f)) for name, f in derived.items()])
+
+
+# ---- RMSNorm ----------------------------------------------------------------------------------
+
+@_register("rms_norm_eps_ignored", "RMSNorm eps",
+           "ignores rms_norm_eps and uses V3's 1e-6 in every RMSNorm (right only where the "
+           "config says 1e-6)")
+def _patch_rms_norm_eps_ignored(case):
+    from refimpl import model, norm
+
+    from . import scenarios
+
+    def rms_norm(x, weight, eps):
+        return norm.rms_norm(x, weight, 1e-6)
+    # every module that applies rms_norm_eps imports rms_norm by name (the latent norms of
+    # mla.py use 1e-6 already, SPEC.md section 9)
+    return patched([(model, "rms_norm", rms_norm), (mtp, "rms_norm", rms_norm),
+                    (scenarios, "rms_norm", rms_norm)])
 
 
 # ---- MTP --------------------------------------------------------------------------------------

@@ -53,17 +53,30 @@ FIRST_FAILURE = {
     "fp8_pow2_scale_not_requantised": ("model.prefill.fp8_blocks", "layers.0.c_q"),
     "e4m3fnuz_read": ("model.prefill.fp8_blocks", "layers.0.q_nope"),
     "fp8_amax_unclamped": ("fp8_act_quant.zero_and_tiny_blocks", "q"),
+    # public bug classes (issue 23) that only a config off V3's own numbers shows: top_k //
+    # topk_group != 2 (drawn2: 3 experts from 2 of 4 groups, 3 // 2 = 1), and
+    # max_position_embeddings / original != factor (drawn0: 512 / 16 = 32, factor 4)
+    "group_score_topk_ratio": ("model.prefill.drawn2", "layers.1.topk_idx"),
+    "yarn_factor_from_positions": ("model.prefill.drawn0", "layers.0.q_rope"),
+}
+
+# Mutants that no case of the fixed suites catches: `oracles search` finds them from scratch
+# (docs/conformance.md section 11; tests/oracles/test_search.py).
+SEARCH_ONLY = {
+    "rms_norm_eps_ignored": "every model case of the default suite has rms_norm_eps 1e-6",
 }
 
 SPEC_TOPICS = {"expert-group mask", "gate precision", "bias in weights", "group score",
                "YaRN activation", "mscale", "rope layout", "MTP concat", "MTP h0", "top-k ties",
                "chunked prefill", "mixed batch", "KV layout", "routed scaling factor",
                "top-k renormalisation", "residual scaling", "MTP chain", "MTP head norm",
-               "MTP embedding", "FP8 scales", "FP8 format", "FP8 activation scale"}
+               "MTP embedding", "FP8 scales", "FP8 format", "FP8 activation scale", "YaRN factor",
+               "RMSNorm eps"}
 
 
 def test_the_catalogue_covers_the_spec_topics_and_each_mutant_has_an_expectation():
-    assert set(FIRST_FAILURE) == {n for n, m in MUTANTS.items() if not m.allowed}
+    assert set(FIRST_FAILURE) | set(SEARCH_ONLY) == {n for n, m in MUTANTS.items() if not m.allowed}
+    assert not set(FIRST_FAILURE) & set(SEARCH_ONLY)
     assert {m.spec_topic for m in MUTANTS.values()} == SPEC_TOPICS
 
 
@@ -80,7 +93,8 @@ def test_default_suite_fails_the_mutant_at_the_right_intermediate(default_dir, n
 # The looser profiles still catch every mutant but the gate-precision ones, which are within bf16
 # rounding by definition: a case each fails in the fp8 profile (the first-failure case above, or
 # one where the bug is larger than fp8 rounding).
-FP8_PROFILE_CASE = {"bias_in_weights": "model.prefill.negative_biased", "group_score_max": "moe.tiny"}
+FP8_PROFILE_CASE = {"bias_in_weights": "model.prefill.negative_biased", "group_score_max": "moe.tiny",
+                    "group_score_topk_ratio": "moe.drawn0"}
 GATE_PRECISION = ("bf16_gate", "bf16_gate_bias")
 
 
@@ -126,6 +140,25 @@ def test_yarn_only_when_extended_passes_where_the_run_is_longer_than_the_origina
                     only="model.prefill.beyond_original,model.prefill.tiny")
     status = {r["id"]: r["status"] for r in rep["cases"]}
     assert status == {"model.prefill.beyond_original": "pass", "model.prefill.tiny": "fail"}
+
+
+@pytest.mark.parametrize("name", sorted(SEARCH_ONLY))
+def test_the_fixed_suite_misses_the_search_only_mutant(default_dir, name):
+    """What SEARCH_ONLY says: the default suite passes it (a case that catches it moves the
+    mutant to FIRST_FAILURE)."""
+    rep = run_check(default_dir, load_adapter(f"oracles.mutants:{name}"), "float32")
+    assert rep["ok"], [(r["id"], r.get("reason")) for r in rep["cases"] if r["status"] != "pass"]
+
+
+def test_rms_norm_eps_ignored_changes_a_model_whose_eps_is_not_1e6():
+    from oracles.emulate import run_case
+    from oracles.suites import prefill_case, tiny
+
+    for eps, differs in ((1e-6, False), (1e-2, True)):
+        case = prefill_case("eps", tiny(rms_norm_eps=eps), batch=1, seq=4)
+        right = run_case(case, "float64")["logits"]
+        wrong = run_case(case, "float64", MUTANTS["rms_norm_eps_ignored"])["logits"]
+        assert (abs(right - wrong).max() > 1e-6) == differs, eps
 
 
 def test_a_mutant_is_a_failing_candidate_on_the_command_line(default_dir):
