@@ -5,7 +5,9 @@
     oracles check    GOLDEN [CANDIDATE | --adapter pkg.mod:factory] [--profile float32|bf16|fp8] [--only GLOB] [--json REPORT]
                      [--html REPORT.html] [--expect-digest HEX] [--case-timeout SECONDS] [--allow-empty] [--allow-inconclusive]
     oracles run      GOLDEN --adapter pkg.mod:factory --out CANDIDATE [--expect-digest HEX] [--case-timeout S]
-    check and run also take --engine transformers|mlx|llama.cpp|vllm [--engine-option KEY=VALUE]
+    oracles search   (--adapter pkg.mod:factory | --engine NAME) --out DIR [--profile P] [--max-examples N]
+                     [--deadline S] [--seed N] [--database DIR | --no-database] [--kinds K,..] [--pin AXIS=VALUE]
+    check, run and search also take --engine transformers|mlx|llama.cpp|vllm [--engine-option KEY=VALUE]
     (the built-in engine adapters, oracles/engines/) in place of --adapter.
 
 check exits 0 when every checked case passes; 1 when a case fails, is missing, errs (the adapter
@@ -93,6 +95,26 @@ def _parser():
     r.add_argument("--only")
     r.add_argument("--case-timeout", type=_seconds, default=600.0, metavar="SECONDS")
     r.add_argument("--expect-digest", metavar="HEX")
+    s = sub.add_parser("search", help="draw cases with hypothesis until a candidate diverges, then "
+                                      "shrink the divergence and write it as a golden case")
+    s.add_argument("--adapter", help="pkg.module:factory of a Python engine adapter")
+    _engine_args(s)
+    s.add_argument("--out", required=True, metavar="DIR",
+                   help="where the shrunk case (DIR/search-<date>/) and the database go")
+    s.add_argument("--profile", default="float32")
+    s.add_argument("--max-examples", type=int, default=100, metavar="N",
+                   help="examples judged at most before giving up (default 100)")
+    s.add_argument("--deadline", type=_seconds, default=None, metavar="SECONDS",
+                   help="the longest one example may take (hypothesis's deadline; default none)")
+    s.add_argument("--seed", type=int, default=0, help="hypothesis's @seed (default 0)")
+    s.add_argument("--database", metavar="DIR", help="the example database (default DIR/database)")
+    s.add_argument("--no-database", action="store_true", help="no example database")
+    s.add_argument("--kinds", help="comma-separated case kinds to draw (default all)")
+    s.add_argument("--pin", action="append", default=[], metavar="AXIS=VALUE",
+                   help="hold one axis at a value (e.g. fp8=false); repeatable")
+    s.add_argument("--json", dest="json_out", help="write the report as JSON here")
+    s.add_argument("--case-timeout", type=_seconds, default=600.0, metavar="SECONDS")
+    s.add_argument("--quiet", action="store_true")
     return p
 
 
@@ -237,4 +259,46 @@ def cmd_run(args) -> int:
     return 1 if errors else 0
 
 
-COMMANDS = {"list": cmd_list, "generate": cmd_generate, "check": cmd_check, "run": cmd_run}
+def cmd_search(args) -> int:
+    import os
+
+    from . import OraclesError
+    from .search import KINDS, Settings, format_report, parse_pins, search
+
+    if not (args.adapter or args.engine):
+        raise OraclesError("search needs --adapter pkg.mod:factory or --engine NAME")
+    if args.database and args.no_database:
+        raise OraclesError("give --database DIR or --no-database, not both")
+    if args.max_examples < 1:
+        raise OraclesError(f"--max-examples {args.max_examples}: must be at least 1")
+    if os.path.lexists(args.out) and not os.path.isdir(args.out):
+        raise OraclesError(f"{printable(args.out)}: is not a directory")
+    kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else KINDS
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise OraclesError(f"--kinds: {bad[0]!r} is not one of {', '.join(KINDS)}")
+    pins = parse_pins(args.pin)
+    json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
+    from .tolerance import PROFILES
+
+    if args.profile not in PROFILES:
+        raise OraclesError(f"profile {args.profile!r} is not one of {', '.join(PROFILES)}")
+    cand, info, how = _candidate_adapter(args)
+    settings = Settings(profile=args.profile, max_examples=args.max_examples, deadline=args.deadline,
+                        seed=args.seed, kinds=kinds, pins=pins,
+                        database=None if args.no_database else
+                        (args.database or os.path.join(args.out, "database")))
+    rep = search(cand, args.out, settings, repro=how, progress=_progress(args) is not None)
+    if info:
+        from .engines import label
+
+        rep["engine"] = info
+        print(f"engine: {label(info)}")
+    print(format_report(rep))
+    if args.json_out:
+        _write_json(args.json_out, rep, expect=json_dest)
+    return 0 if rep["ok"] else 1
+
+
+COMMANDS = {"list": cmd_list, "generate": cmd_generate, "check": cmd_check, "run": cmd_run,
+            "search": cmd_search}
