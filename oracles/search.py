@@ -134,13 +134,15 @@ def parse_pins(pairs) -> dict:
             v = json.loads(text)
         except ValueError:
             v = text.strip()
+        options = CHOICES.get(name) or WIDTHS[False].get(name, ()) + WIDTHS[True].get(name, ())
+        if isinstance(v, int) and not isinstance(v, bool) and any(type(o) is float for o in options):
+            v = float(v)  # --pin mscale=1 means 1.0
         if name == "kind":
             ok = v in KINDS
         elif name in INTEGERS:
             lo, hi = INTEGERS[name]
             ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
         else:
-            options = CHOICES.get(name) or WIDTHS[False][name] + WIDTHS[True][name]
             ok = _member(v, options)
         if not ok:
             allowed = (KINDS if name == "kind" else
@@ -303,11 +305,16 @@ def _draw_schedule(d: Drawer, vocab: int, room: int) -> None:
     per forward, which unfinished requests it holds and how many tokens of each (the rest, a
     chunk of it, or one: a decode step); a request that holds nothing yet may first share a
     prefix another request computed. A `past_256` schedule gives request 0 257-272 tokens, so
-    that the cache passes the first KV block of 256 (where max_position_embeddings allows)."""
-    n = d.integer("requests", *INTEGERS["requests"])
-    long = d.pick("cache_length", CHOICES["cache_length"] if room >= 272 else ("short",)) == "past_256"
-    lengths = [d.integer("length", 257, 272, record=False) if long and r == 0 else
-               d.integer("length", 1, min(16, room), record=False) for r in range(n)]
+    that the cache passes the first KV block of 256. refimpl holds the requests in one packed
+    cache of at most max_position_embeddings slots (`room`): the lengths sum to no more."""
+    n = d.integer("requests", 1, min(INTEGERS["requests"][1], room))
+    long = d.pick("cache_length", CHOICES["cache_length"] if room >= 272 + n - 1 else ("short",)) \
+        == "past_256"
+    lengths, left = [], room
+    for r in range(n):
+        lo, hi = (257, 272) if long and r == 0 else (1, 16)
+        lengths.append(d.integer("length", lo, min(hi, left - (n - r - 1)), record=False))
+        left -= lengths[-1]
     held, steps, shares = [0] * n, [], []
     while True:
         active = [r for r in range(n) if held[r] < lengths[r]]

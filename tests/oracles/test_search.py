@@ -40,6 +40,8 @@ def test_every_drawn_schedule_is_valid_and_its_shared_prefixes_hold_equal_tokens
             assert n < len(toks[st["request"]])  # it computes at least one position itself
     if axes["cache_length"] == "past_256":
         assert len(toks[0]) > 256
+    # refimpl's packed cache holds every request's tokens within max_position_embeddings
+    assert sum(len(t) for t in toks) <= axes["max_position_embeddings"]
 
 
 @given(S.strategy())
@@ -92,8 +94,8 @@ def test_features_name_the_serving_paths_a_schedule_takes():
 
 
 def test_pins_are_checked_against_the_axes():
-    assert S.parse_pins(["fp8=false", "n_group=2", "kind=gate", "q_lora_rank=null"]) == \
-        {"fp8": False, "n_group": 2, "kind": "gate", "q_lora_rank": None}
+    assert S.parse_pins(["fp8=false", "n_group=2", "kind=gate", "q_lora_rank=null", "mscale=1"]) == \
+        {"fp8": False, "n_group": 2, "kind": "gate", "q_lora_rank": None, "mscale": 1.0}
     for bad in ("nope=1", "n_group=3", "fp8=0", "seq=99", "n_group"):
         with pytest.raises(S.OraclesError):
             S.parse_pins([bad])
