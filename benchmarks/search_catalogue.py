@@ -88,13 +88,11 @@ def run_row(name, how, spec, pins, profile, max_examples, seed):
            "problem": rep["problem"], "divergence": None}
     d = rep["divergence"]
     if d:
-        base = S.draw_axes(S.baseline_drawer({"kind": d["axes"]["kind"]}), S.KINDS)
-        diff = {k: v for k, v in d["axes"].items()
-                if k not in ("input_ids", "request_ids") and base.get(k, "-") != v}
+        diff = d["off_baseline"]
         ref = run_check(d["suite"], load_adapter(REFERENCE), profile)
         row["divergence"] = {
             "first_failure": d["first_failure"], "reason": d["reason"], "kind": d["axes"]["kind"],
-            "shrunk_diff": diff, "schedule": d.get("schedule"),
+            "shrunk_diff": diff, "schedule": d.get("schedule"), "axes": d["axes"],
             "tokens": d["axes"].get("input_ids") or d["axes"].get("request_ids"),
             "rechecked": d["rechecked"]["status"], "reference": "pass" if ref["ok"] else "FAIL"}
     return row

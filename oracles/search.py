@@ -42,6 +42,7 @@ from that baseline only where the divergence needs it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -482,6 +483,24 @@ def features(axes: dict) -> dict:
     return out
 
 
+def off_baseline(axes: dict) -> dict:
+    """The scalar axes whose value is not the baseline's given the other choices (the first
+    option, or the lower bound, with every other axis as it is): what a shrunk case needs."""
+    scalars = {k: v for k, v in axes.items() if not isinstance(v, (list, dict))}
+    out = {}
+    for k, v in scalars.items():
+        if k == "kind":
+            continue
+        try:
+            base = draw_axes(baseline_drawer({j: w for j, w in scalars.items() if j != k}),
+                             (axes["kind"],))
+        except Rejected:  # the other choices hold only with this value
+            base = {}
+        if base.get(k, object()) != v:
+            out[k] = v
+    return out
+
+
 def describe(axes: dict) -> str:
     """One line: the kind, the input shape and every scalar axis as name=value."""
     kind = axes["kind"]
@@ -556,6 +575,41 @@ def beyond_ceiling(entry: dict, profile: str) -> str | None:
             if isinstance(v, dict) and tolerance.K * v["calibrated"] > tolerance.CEILINGS[m]:
                 return f"{name} {m}"
     return None
+
+
+@dataclass
+class Verdict:
+    """One example judged: the checker's result for its case (None when the draw was rejected
+    before the candidate ran), and why the example is not evidence (None when it is)."""
+
+    result: dict | None
+    rejected: str | None = None
+
+
+def judge_example(axes: dict, candidate, profile: str, scratch: str) -> Verdict:
+    """Write the example's case (its golden calibrated for `profile`) to a scratch suite, reject
+    it when its golden routing is a near-tie or an output is beyond the profile's resolution,
+    else judge the candidate on it with run_check, as `oracles check` does. A case the
+    candidate skips is rejected with its reason."""
+    from .check import run_check
+
+    d = tempfile.mkdtemp(dir=scratch)
+    try:
+        path = os.path.join(d, "suite")
+        entry = write_one(path, axes, SCRATCH_ID, (profile,), "search-example",
+                          "one drawn example")["cases"][0]
+        tie = near_tie(path, entry, profile)
+        if tie is not None:
+            return Verdict(None, f"near-tie routing ({tie.split(' margin')[0].split('.')[-1]} "
+                                 "margin within the profile's rounding)")
+        over = beyond_ceiling(entry, profile)
+        if over is not None:
+            return Verdict(None, f"beyond the profile's resolution ({over}: calibrated error "
+                                 "x K above the ceiling)")
+        res = run_check(path, candidate, profile)["cases"][0]
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    return Verdict(res, res.get("reason") if res["status"] == "skip" else None)
 
 
 def signature(result: dict) -> str:
@@ -718,8 +772,6 @@ def search(candidate, out: str, s: Settings, repro: str = "", progress: bool = F
     from hypothesis.database import DirectoryBasedExampleDatabase
     from hypothesis.errors import DeadlineExceeded, Flaky, Unsatisfiable
 
-    from .check import run_check
-
     if s.profile not in tolerance.PROFILES:
         raise OraclesError(f"profile {s.profile!r} is not one of {', '.join(tolerance.PROFILES)}")
     if s.max_examples < 1:
@@ -727,6 +779,10 @@ def search(candidate, out: str, s: Settings, repro: str = "", progress: bool = F
     for k in s.kinds:
         if k not in KINDS:
             raise OraclesError(f"--kinds: {k!r} is not one of {', '.join(KINDS)}")
+    if "kind" in s.pins:
+        if s.pins["kind"] not in s.kinds:
+            raise OraclesError(f"--pin kind={s.pins['kind']}: not among the kinds searched")
+        s = dataclasses.replace(s, kinds=(s.pins["kind"],))
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     scratch = tempfile.mkdtemp(prefix="oracles-search-")
@@ -751,50 +807,30 @@ def search(candidate, out: str, s: Settings, repro: str = "", progress: bool = F
                     bar.set_postfix_str(f"shrinking: {stats.shrink_calls} calls")
             if stats.stuck:
                 raise Stuck(stats.stuck)
-            d = tempfile.mkdtemp(dir=scratch)
-            try:
-                path = os.path.join(d, "suite")
-                entry = write_one(path, axes, SCRATCH_ID, (s.profile,), "search-example",
-                                  "one drawn example")["cases"][0]
-                tie = near_tie(path, entry, s.profile)
-                over = beyond_ceiling(entry, s.profile)
-                if tie is not None or over is not None:
-                    if searching:
-                        stats.rejected["near-tie routing (" + tie.split(" margin")[0].split(".")[-1]
-                                       + " margin within the profile's rounding)" if tie else
-                                       f"beyond the profile's resolution ({over.split('.')[-1]}: "
-                                       "calibrated error x K above the ceiling)"] += 1
-                    hypothesis.reject()
-                rep = run_check(path, candidate, s.profile)
-            finally:
-                shutil.rmtree(d, ignore_errors=True)
-            res = rep["cases"][0]
-            status = res["status"]
-            if record is not None and status != "skip":
-                record.append(axes)
-            if status == "skip":
+            v = judge_example(axes, candidate, s.profile, scratch)
+            if v.rejected is not None:
                 if searching:
-                    stats.skipped[res["reason"]] += 1
+                    (stats.skipped if v.result else stats.rejected)[v.rejected] += 1
                 hypothesis.reject()
+            if record is not None:
+                record.append(axes)
             if candidate.stuck:
                 stats.stuck = candidate.stuck
                 raise Stuck(f"{candidate.stuck} (on {describe(axes)})")
+            status = v.result["status"]
             if searching:
                 stats.valid += 1
                 stats.statuses[status] += 1
+                stats.inconclusive += status == "inconclusive"
                 stats.count(axes)
                 if bar is not None:
                     bar.update(1)
-            if status == "inconclusive":
-                if searching:
-                    stats.inconclusive += 1
-                return
             if status in ("fail", "error", "missing"):
                 if searching:
-                    stats.first_failure_at, stats.first_result = stats.valid, res
+                    stats.first_failure_at, stats.first_result = stats.valid, v.result
                     if bar is not None:
                         bar.set_description("search: found a divergence")
-                raise divergence_type(signature(res))(axes, res)
+                raise divergence_type(signature(v.result))(axes, v.result)
 
         db = None
         if s.database is not None:
@@ -871,11 +907,13 @@ def _write_divergence(found: Divergence, candidate, out: str, s: Settings, repro
     cid = f"search.{name}"
     path = _suite_dir(out, date)
     suite = os.path.basename(path)
-    check_cmd = f"oracles check {shlex.quote(path)} {repro} --profile {s.profile}".replace("  ", " ")
-    search_cmd = (f"oracles search {repro} --profile {s.profile} --seed {s.seed} "
-                  f"--max-examples {s.max_examples} --out {shlex.quote(out)}"
-                  + "".join(f" --pin {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in s.pins.items())
-                  + (f" --kinds {','.join(s.kinds)}" if tuple(s.kinds) != KINDS else "")).replace("  ", " ")
+    how = [repro] if repro else []
+    check_cmd = " ".join(["oracles check", shlex.quote(path), *how, "--profile", s.profile])
+    search_cmd = " ".join(
+        ["oracles search", *how, "--profile", s.profile, "--seed", str(s.seed), "--max-examples",
+         str(s.max_examples), "--out", shlex.quote(out)]
+        + [f"--pin {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in s.pins.items()]
+        + ([f"--kinds {','.join(s.kinds)}"] if tuple(s.kinds) != KINDS else []))
     extra = {"search": {"candidate": candidate.label, "profile": s.profile, "seed": s.seed,
                         "examples_to_first_failure": rep["examples"]["to_first_failure"],
                         "first_failure": name, "reason": res.get("reason"),
@@ -890,7 +928,7 @@ def _write_divergence(found: Divergence, candidate, out: str, s: Settings, repro
     return {"signature": found.signature, "case": cid, "suite": path,
             "suite_digest": again["suite_digest"], "first_failure": name,
             "status": res["status"], "reason": res.get("reason"), "axes": found.axes,
-            "summary": describe(found.axes),
+            "summary": describe(found.axes), "off_baseline": off_baseline(found.axes),
             "schedule": schedule_text(found.axes["schedule"]) if "schedule" in found.axes else None,
             "rechecked": {"status": r["status"], "first_failure": r.get("first_failure"),
                           "reason": r.get("reason")},
@@ -927,7 +965,9 @@ def format_report(rep: dict) -> str:
     if d:
         lines.append("")
         lines.append(escape(f"DIVERGENCE at example {ex['to_first_failure']}: {d['reason']}"))
-        lines.append(escape(f"  shrunk ({ex['shrink_calls']} shrink calls) to {d['summary']}"))
+        off = ", ".join(f"{k}={json.dumps(v)}" for k, v in d["off_baseline"].items()) or "none"
+        lines.append(escape(f"  shrunk ({ex['shrink_calls']} shrink calls) to {d['summary'].split(';')[0]}; "
+                            f"off the baseline: {off}"))
         if d.get("schedule"):
             lines.append(escape(f"  schedule: {d['schedule']}"))
         rc = d["rechecked"]
