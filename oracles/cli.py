@@ -271,6 +271,8 @@ def cmd_search(args) -> int:
         raise OraclesError("give --database DIR or --no-database, not both")
     if args.max_examples < 1:
         raise OraclesError(f"--max-examples {args.max_examples}: must be at least 1")
+    if args.deadline is not None and args.deadline <= 0:
+        raise OraclesError(f"--deadline {args.deadline:g}: must be a number of seconds > 0")
     if os.path.lexists(args.out) and not os.path.isdir(args.out):
         raise OraclesError(f"{printable(args.out)}: is not a directory")
     kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else KINDS

@@ -140,6 +140,8 @@ def parse_pins(pairs) -> dict:
             v = float(v)  # --pin mscale=1 means 1.0
         if name == "kind":
             ok = v in KINDS
+        elif name == "max_position_embeddings":  # factor x original, or another; checked when drawn
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
         elif name in INTEGERS:
             lo, hi = INTEGERS[name]
             ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
@@ -805,18 +807,18 @@ def search(candidate, out: str, s: Settings, repro: str = "", progress: bool = F
                 stats.shrink_calls += 1
                 if bar is not None:
                     bar.set_postfix_str(f"shrinking: {stats.shrink_calls} calls")
-            if stats.stuck:
+            if not stats.stuck:
+                v = judge_example(axes, candidate, s.profile, scratch)
+                if candidate.stuck:
+                    stats.stuck = f"{candidate.stuck} (on {describe(axes)})"
+            if stats.stuck:  # one place: every later call (hypothesis's replays) raises the same
                 raise Stuck(stats.stuck)
-            v = judge_example(axes, candidate, s.profile, scratch)
             if v.rejected is not None:
                 if searching:
                     (stats.skipped if v.result else stats.rejected)[v.rejected] += 1
                 hypothesis.reject()
             if record is not None:
                 record.append(axes)
-            if candidate.stuck:
-                stats.stuck = candidate.stuck
-                raise Stuck(f"{candidate.stuck} (on {describe(axes)})")
             status = v.result["status"]
             if searching:
                 stats.valid += 1

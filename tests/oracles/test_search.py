@@ -96,7 +96,8 @@ def test_features_name_the_serving_paths_a_schedule_takes():
 def test_pins_are_checked_against_the_axes():
     assert S.parse_pins(["fp8=false", "n_group=2", "kind=gate", "q_lora_rank=null", "mscale=1"]) == \
         {"fp8": False, "n_group": 2, "kind": "gate", "q_lora_rank": None, "mscale": 1.0}
-    for bad in ("nope=1", "n_group=3", "fp8=0", "seq=99", "n_group"):
+    assert S.parse_pins(["max_position_embeddings=16"]) == {"max_position_embeddings": 16}
+    for bad in ("nope=1", "n_group=3", "fp8=0", "seq=99", "n_group", "max_position_embeddings=0"):
         with pytest.raises(S.OraclesError):
             S.parse_pins([bad])
 
@@ -142,6 +143,7 @@ def test_a_small_search_finds_an_injected_bug_and_shrinks_it_to_a_minimal_golden
     assert first["rms_norm_eps"] != 1e-6
     baseline = S.draw_axes(S.baseline_drawer(), ("prefill",))
     assert d["axes"] == {**baseline, "rms_norm_eps": 1e-5}
+    assert d["off_baseline"] == {"rms_norm_eps": 1e-5}
     assert d["first_failure"] == "layers.0.attn_norm" and d["case"] == "search.layers.0.attn_norm"
     assert d["suite"] == str(tmp_path / "search-2026-01-01")
     # the suite: verified, digest as reported, every profile calibrated, the drawn axes recorded
@@ -217,6 +219,8 @@ def test_a_clean_search_exits_0_on_the_command_line(tmp_path):
     (["--no-database", "--database", "x"], "not both"),
     (["--max-examples", "0"], "must be at least 1"),
     (["--profile", "fp16"], "profile 'fp16' is not one of"),
+    (["--deadline", "0"], "--deadline 0: must be a number of seconds > 0"),
+    (["--out", __file__], "is not a directory"),
 ])
 def test_bad_search_arguments_are_one_line_and_exit_2(tmp_path, args, message):
     rc, out, err = run_main("search", "--adapter", REFERENCE, "--out", tmp_path / "o", *args,
@@ -256,3 +260,28 @@ def test_an_engine_error_is_a_divergence_shrunk_to_the_smallest_config_that_rais
     assert diff["num_experts_per_tok"] == 3
     assert set(diff) <= {"num_experts_per_tok", "n_routed_experts", "n_group", "topk_group"}
     assert d["rechecked"]["status"] == "error"
+
+
+class _HangsOnTwoLayers:
+    def supports(self, case):
+        return True if case.kind == "prefill" else "prefill only"
+
+    def run(self, case):
+        import time
+
+        from oracles.emulate import run_case
+
+        if case.config.num_hidden_layers > 1:
+            time.sleep(3)
+        return run_case(case, "float32")
+
+
+def test_a_candidate_that_stops_answering_ends_the_search_with_that_reason(tmp_path):
+    from oracles.adapters import make_candidate
+
+    cand = make_candidate(_HangsOnTwoLayers, "hangs", timeout=0.5)
+    rep = S.search(cand, str(tmp_path), S.Settings(max_examples=30, database=None), date="d")
+    assert not rep["ok"] and rep["divergence"] is None
+    assert rep["problem"].startswith("the candidate stopped answering: run() did not return within 0.5 s")
+    assert "num_hidden_layers=2" in rep["problem"] or "num_hidden_layers=3" in rep["problem"]
+    assert "oracles: the candidate stopped answering" in S.format_report(rep)
