@@ -42,12 +42,15 @@ def mutant_rows():
 
 def engine_rows():
     """Real engines, unpatched and with the issue's public bug classes patched into transformers
-    (benchmarks/search_engines.py). mscale 0.0 is pinned away (pinned to 1.0) where a row looks
-    for something else: transformers and MLX-LM read mscale 0.0 as 'no mscale' (section 11)."""
+    (benchmarks/search_engines.py). Each further row of an engine pins away what the row before
+    it found (docs/conformance.md section 11): transformers reads mscale 0.0 as "no mscale";
+    MLX-LM does not renormalise a single expert's weight (top_k 1) and masks dropped groups with
+    0.0 (biased scores below zero). MLX-LM loads an FP8 checkpoint in bf16 (docs/engines.md), so
+    its rows draw no FP8 layout."""
     no_fp8 = {"fp8": False}
     return [
         ("transformers", "engine", "transformers", {}, "float32"),
-        ("transformers, mscale 1.0", "engine", "transformers", {"mscale": 1.0}, "float32"),
+        ("transformers; mscale 1.0", "engine", "transformers", {"mscale": 1.0}, "float32"),
         ("transformers + group_score_topk_ratio", "adapter",
          "benchmarks.search_engines:hf_group_score_topk_ratio", {"mscale": 1.0}, "float32"),
         ("transformers + yarn_factor_from_positions", "adapter",
@@ -55,7 +58,15 @@ def engine_rows():
         ("transformers + rms_norm_eps_ignored", "adapter",
          "benchmarks.search_engines:hf_rms_norm_eps_ignored", {"mscale": 1.0}, "float32"),
         ("mlx", "engine", "mlx", no_fp8, "float32"),
-        ("mlx, mscale 1.0", "engine", "mlx", {**no_fp8, "mscale": 1.0}, "float32"),
+        ("mlx; top_k 2", "engine", "mlx", {**no_fp8, "num_experts_per_tok": 2}, "float32"),
+        ("mlx; top_k 2; small bias", "engine", "mlx",
+         {**no_fp8, "num_experts_per_tok": 2, "bias": "small"}, "float32"),
+        # bf16: near-tie draws are rejected, not forgiven
+        ("transformers bf16; mscale 1.0", "engine", "transformers dtype=bfloat16",
+         {"mscale": 1.0}, "bf16"),
+        ("mlx bf16 (float32 experts); top_k 2; small bias", "engine",
+         "mlx dtype=bfloat16 expert_dtype=float32",
+         {**no_fp8, "num_experts_per_tok": 2, "bias": "small"}, "bf16_f32_experts"),
     ]
 
 
@@ -64,14 +75,15 @@ def candidate(how, spec):
         return load_adapter(spec), f"--adapter {spec}"
     from oracles import engines
 
+    name, *options = spec.split()
     built = {}
 
     def factory():
-        built["adapter"], built["info"] = engines.load_engine(spec, {})
+        built["adapter"], built["info"] = engines.load_engine(name, engines.parse_options(options))
         return built["adapter"]
-    cand = make_candidate(factory, f"--engine {spec}")
+    cand = make_candidate(factory, f"--engine {name}")
     cand.label = engines.label(built["info"])
-    return cand, f"--engine {spec}"
+    return cand, f"--engine {name}" + "".join(f" --engine-option {o}" for o in options)
 
 
 def run_row(name, how, spec, pins, profile, max_examples, seed):
@@ -117,7 +129,8 @@ def table(rows) -> str:
         shape = ""
         toks = d["tokens"]
         if toks:
-            shape = f" ({'+'.join(str(len(t)) for t in toks)} tokens"
+            n = "+".join(str(len(t)) for t in toks)
+            shape = f" ({n} token{'' if n == '1' else 's'}"
             shape += f"; {d['schedule']})" if d.get("schedule") else ")"
         lines.append(f"| {r['name']} | {ex['to_first_failure']} | {ex['shrink_calls']} | {t} | "
                      f"`{d['first_failure']}` | {d['kind']}{shape}: {diff} | "
