@@ -285,3 +285,49 @@ def test_a_candidate_that_stops_answering_ends_the_search_with_that_reason(tmp_p
     assert rep["problem"].startswith("the candidate stopped answering: run() did not return within 0.5 s")
     assert "num_hidden_layers=2" in rep["problem"] or "num_hidden_layers=3" in rep["problem"]
     assert "oracles: the candidate stopped answering" in S.format_report(rep)
+
+
+# ---- the engines' findings (docs/conformance.md section 11), one judged example each --------
+
+def _judged(tmp_path, candidate, tokens, **pins):
+    axes = S.draw_axes(S.baseline_drawer({"kind": "prefill", **pins}), S.KINDS)
+    axes["input_ids"] = tokens
+    return S.judge_example(axes, candidate, "float32", str(tmp_path)).result
+
+
+@pytest.mark.peer
+def test_transformers_reads_mscale_zero_as_no_mscale(tmp_path):
+    pytest.importorskip("transformers")
+    hf = load_adapter("oracles.hf_adapter:factory")
+    wrong = _judged(tmp_path, hf, [[0, 1]], yarn=True, mscale=0.0, seq=2)
+    assert (wrong["status"], wrong["first_failure"]) == ("fail", "layers.0.attn_out")
+    assert _judged(tmp_path, hf, [[0, 1]], yarn=True, mscale=0.5, seq=2)["status"] == "pass"
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("bug, pins, tokens, first", [
+    ("group_score_topk_ratio", {"n_group": 2}, [[0]], "layers.0.topk_idx"),
+    ("yarn_factor_from_positions", {"yarn": True, "max_position_embeddings": 512, "seq": 2},
+     [[0, 1]], "layers.0.attn_out"),
+    ("rms_norm_eps_ignored", {"rms_norm_eps": 1e-5}, [[0]], "layers.0.attn_norm"),
+])
+def test_each_bug_class_patched_into_transformers_fails_its_shrunk_case(tmp_path, bug, pins, tokens, first):
+    """benchmarks/search_engines.py: the patched engine fails the case the search shrank its bug
+    to, where plain transformers passes."""
+    pytest.importorskip("transformers")
+    patched = load_adapter(f"benchmarks.search_engines:hf_{bug}")
+    res = _judged(tmp_path, patched, tokens, **pins)
+    assert (res["status"], res["first_failure"]) == ("fail", first)
+    assert _judged(tmp_path, load_adapter("oracles.hf_adapter:factory"), tokens, **pins)["status"] == "pass"
+
+
+@pytest.mark.peer
+def test_mlx_leaves_a_single_experts_weight_unnormalised(tmp_path):
+    pytest.importorskip("mlx_lm")
+    from oracles import engines
+    from oracles.adapters import make_candidate
+
+    mlx = make_candidate(lambda: engines.load_engine("mlx", {})[0], "mlx")
+    one = _judged(tmp_path, mlx, [[0]])  # the baseline: one expert per token
+    assert (one["status"], one["first_failure"]) == ("fail", "layers.0.topk_weight")
+    assert _judged(tmp_path, mlx, [[0]], num_experts_per_tok=2)["status"] == "pass"
