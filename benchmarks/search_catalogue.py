@@ -24,10 +24,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from oracles import search as S  # noqa: E402
-from oracles.adapters import load_adapter, make_candidate  # noqa: E402
-from oracles.check import run_check  # noqa: E402
-from oracles.mutants import MUTANTS  # noqa: E402
+from oracles.authoring import search as S  # noqa: E402
+from oracles.authoring.mutants import MUTANTS  # noqa: E402
+from oracles.checking.candidates import load_adapter, make_candidate  # noqa: E402
+from oracles.checking.check import run_check  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 REFERENCE = "oracles.adapters:refimpl_float32"
@@ -92,7 +92,7 @@ def run_row(name, how, spec, pins, profile, max_examples, seed):
     settings = S.Settings(profile=profile, max_examples=max_examples, seed=seed, database=None,
                           pins=pins)
     t, c = time.perf_counter(), time.process_time()
-    rep = S.search(cand, out, settings, repro=repro)
+    rep = S.search(cand, out, settings, check=run_check, repro=repro)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     row = {"name": name, "candidate": rep["candidate"], "profile": profile, "pins": pins,
            "max_examples": max_examples, "seed": seed, "wall_s": round(wall, 1),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -27,7 +28,15 @@ import time
 from refimpl.atomic import atomic_directory, check_destination, write_text
 from refimpl.errors import RefimplError, printable
 
-from .untrusted import escape
+from . import OraclesError, engines
+from .checking import candidates, report_html
+from .checking.check import run_check
+from .checking.report import format_report
+from .format import tolerances
+from .format.untrusted import escape
+
+# The authoring layer (suites, case kinds, the writer, the search) runs refimpl's forward pass:
+# `list`, `generate` and `search` import it when they run, so that checking a suite never loads it.
 
 
 def _progress(args):
@@ -128,24 +137,19 @@ def _candidate_adapter(args):
     """--adapter or --engine (exactly one) -> (AdapterCandidate, engine info or None, repro).
     The adapter (an engine included) is built on the candidate's worker thread, where every
     later call runs, under --case-timeout."""
-    from . import OraclesError
-    from .adapters import load_adapter, make_candidate
-
     if args.adapter and args.engine:
         raise OraclesError("give --adapter or --engine, not both")
     if args.engine_option and not args.engine:
         raise OraclesError("--engine-option needs --engine")
     if args.adapter:
-        return load_adapter(args.adapter, args.case_timeout), None, f"--adapter {args.adapter}"
-    from . import engines
-
+        return candidates.load_adapter(args.adapter, args.case_timeout), None, f"--adapter {args.adapter}"
     options = engines.parse_options(args.engine_option)
     built = {}
 
     def factory():
         built["adapter"], built["info"] = engines.load_engine(args.engine, options)
         return built["adapter"]
-    cand = make_candidate(factory, f"--engine {args.engine}", args.case_timeout)
+    cand = candidates.make_candidate(factory, f"--engine {args.engine}", args.case_timeout)
     info = built["info"]
     cand.label = engines.label(info)
     repro = f"--engine {shlex.quote(args.engine)}" + "".join(
@@ -163,7 +167,7 @@ def main(argv=None) -> int:
 
 
 def cmd_list(args) -> int:
-    from .suites import SUITE_DOCS, suite_cases
+    from .authoring.suites import SUITE_DOCS, suite_cases
 
     if not args.suite:
         for name, doc in SUITE_DOCS.items():
@@ -175,7 +179,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .golden import generate, suite_size
+    from .authoring.writer import generate, suite_size
 
     t = time.perf_counter()
     m = generate(args.out, args.suite, args.only, progress=_progress(args))
@@ -187,28 +191,22 @@ def cmd_generate(args) -> int:
 
 def _write_json(path, obj, expect=...):
     """The report as JSON, atomically (refimpl.atomic: temporary beside it, then rename)."""
-    from . import OraclesError
-
     write_text(path, json.dumps(obj, indent=1) + "\n", OraclesError, tag="oracles", expect=expect)
 
 
 def cmd_check(args) -> int:
-    from . import OraclesError
-    from .check import DirCandidate, format_report, run_check
-
     if bool(args.candidate) == bool(args.adapter or args.engine):
         raise OraclesError("check needs exactly one of CANDIDATE (a directory), --adapter "
                            "pkg.mod:factory or --engine NAME")
     json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
     html_dest = check_destination(args.html_out, "file", OraclesError) if args.html_out else None
     if args.candidate:
-        from .engines import RecordedSkips, read_info
-
         if args.engine_option:
             raise OraclesError("--engine-option needs --engine")
-        cand, info, how = DirCandidate(args.candidate), read_info(args.candidate), shlex.quote(args.candidate)
+        cand, info = candidates.DirCandidate(args.candidate), engines.read_info(args.candidate)
+        how = shlex.quote(args.candidate)
         if info:
-            cand = RecordedSkips(cand, info.pop("skipped"))
+            cand = engines.RecordedSkips(cand, info.pop("skipped"))
     else:
         cand, info, how = _candidate_adapter(args)
     base = f"oracles check {shlex.quote(args.golden)} {how}"
@@ -218,39 +216,29 @@ def cmd_check(args) -> int:
                     allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive)
     rep["seconds"] = round(time.perf_counter() - t, 3)
     if info:
-        from .engines import label
-
         rep["engine"] = info
-        print(f"engine: {label(info)}")
+        print(f"engine: {engines.label(info)}")
     print(format_report(rep))
     if args.json_out:
         _write_json(args.json_out, rep, expect=json_dest)
     if args.html_out:
-        from .report_html import render
-        write_text(args.html_out, render(rep), OraclesError, tag="oracles", expect=html_dest)
+        write_text(args.html_out, report_html.render(rep), OraclesError, tag="oracles", expect=html_dest)
     return 0 if rep["ok"] else 1
 
 
 def cmd_run(args) -> int:
-    from . import OraclesError
-    from .adapters import write_outputs
-
     if not (args.adapter or args.engine):
         raise OraclesError("run needs --adapter pkg.mod:factory or --engine NAME")
     check_destination(args.out, "directory", OraclesError)  # before the adapter runs
     cand, info, _ = _candidate_adapter(args)
     errors = {}
     with atomic_directory(args.out, OraclesError, tag="oracles") as tmp:  # never merged into
-        skipped = write_outputs(args.golden, cand, tmp, args.only, errors=errors,
+        skipped = candidates.write_outputs(args.golden, cand, tmp, args.only, errors=errors,
                                 expect_digest=args.expect_digest)
         if info:
-            from .engines import write_info
-
-            write_info(tmp, info, skipped)
+            engines.write_info(tmp, info, skipped)
     if info:
-        from .engines import label
-
-        print(f"engine: {label(info)}")
+        print(f"engine: {engines.label(info)}")
     for cid, why in skipped.items():
         print(escape(f"skipped {cid}: {why}"))
     for cid, why in errors.items():
@@ -260,10 +248,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_search(args) -> int:
-    import os
-
-    from . import OraclesError
-    from .search import KINDS, Settings, format_report, parse_pins, search
+    from .authoring import search
 
     if not (args.adapter or args.engine):
         raise OraclesError("search needs --adapter pkg.mod:factory or --engine NAME")
@@ -275,28 +260,25 @@ def cmd_search(args) -> int:
         raise OraclesError(f"--deadline {args.deadline:g}: must be a number of seconds > 0")
     if os.path.lexists(args.out) and not os.path.isdir(args.out):
         raise OraclesError(f"{printable(args.out)}: is not a directory")
-    kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else KINDS
-    bad = [k for k in kinds if k not in KINDS]
+    kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else search.KINDS
+    bad = [k for k in kinds if k not in search.KINDS]
     if bad:
-        raise OraclesError(f"--kinds: {bad[0]!r} is not one of {', '.join(KINDS)}")
-    pins = parse_pins(args.pin)
+        raise OraclesError(f"--kinds: {bad[0]!r} is not one of {', '.join(search.KINDS)}")
+    pins = search.parse_pins(args.pin)
     json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
-    from .tolerance import PROFILES
-
-    if args.profile not in PROFILES:
-        raise OraclesError(f"profile {args.profile!r} is not one of {', '.join(PROFILES)}")
+    if args.profile not in tolerances.PROFILES:
+        raise OraclesError(f"profile {args.profile!r} is not one of {', '.join(tolerances.PROFILES)}")
     cand, info, how = _candidate_adapter(args)
-    settings = Settings(profile=args.profile, max_examples=args.max_examples, deadline=args.deadline,
-                        seed=args.seed, kinds=kinds, pins=pins,
-                        database=None if args.no_database else
-                        (args.database or os.path.join(args.out, "database")))
-    rep = search(cand, args.out, settings, repro=how, progress=_progress(args) is not None)
+    settings = search.Settings(
+        profile=args.profile, max_examples=args.max_examples, deadline=args.deadline,
+        seed=args.seed, kinds=kinds, pins=pins,
+        database=None if args.no_database else (args.database or os.path.join(args.out, "database")))
+    rep = search.search(cand, args.out, settings, check=run_check, repro=how,
+                        progress=_progress(args) is not None)
     if info:
-        from .engines import label
-
         rep["engine"] = info
-        print(f"engine: {label(info)}")
-    print(format_report(rep))
+        print(f"engine: {engines.label(info)}")
+    print(search.format_report(rep))
     if args.json_out:
         _write_json(args.json_out, rep, expect=json_dest)
     return 0 if rep["ok"] else 1

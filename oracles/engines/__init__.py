@@ -6,9 +6,13 @@
 Each engine is an optional extra (pyproject: peer, engine-mlx, engine-llamacpp, engine-vllm);
 its module is imported only when --engine names it, and refimpl/ never imports any of them.
 An adapter reports the engine's name, version and options (`info`), which `oracles run` writes
-to CANDIDATE/engine.json and `oracles check` puts in its report. tokenizer.py writes the
-tokenizer files a model case's checkpoint directory carries; matrix.py runs every installed
-engine over the suites and writes docs/engines.md.
+to CANDIDATE/engine.json and `oracles check` puts in its report. matrix.py runs every installed
+engine over the suites and writes docs/engines.md; reference.py is refimpl itself (and each
+mutant) as a candidate.
+
+The engines are the top layer of oracles/ (format < checking < authoring < engines < cli): an
+engine adapter may use any layer below; nothing below imports an engine. An engine's own
+package (torch, mlx, llama_cpp, vllm) is imported inside the adapter, only when it runs.
 """
 
 from __future__ import annotations

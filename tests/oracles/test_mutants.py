@@ -3,9 +3,9 @@ every mutant in the catalogue, and the report names the intermediate where the b
 
 import pytest
 
-from oracles.adapters import load_adapter
-from oracles.check import run_check
-from oracles.mutants import MUTANTS
+from oracles.checking.candidates import load_adapter
+from oracles.checking.check import run_check
+from oracles.authoring.mutants import MUTANTS
 from tests.helpers import run_cli
 
 # mutant -> (a case it must fail, the first failing output the report must name there),
@@ -151,8 +151,8 @@ def test_the_fixed_suite_misses_the_search_only_mutant(default_dir, name):
 
 
 def test_rms_norm_eps_ignored_changes_a_model_whose_eps_is_not_1e6():
-    from oracles.emulate import run_case
-    from oracles.suites import prefill_case, tiny
+    from oracles.authoring.emulate import run_case
+    from oracles.authoring.suites import prefill_case, tiny
 
     for eps, differs in ((1e-6, False), (1e-2, True)):
         case = prefill_case("eps", tiny(rms_norm_eps=eps), batch=1, seq=4)

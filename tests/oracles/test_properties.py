@@ -5,18 +5,21 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from oracles import golden
-from oracles.cases import KINDS, output_type
-from oracles.check import judge
-from oracles.emulate import run_case
-from oracles.mutants import MUTANTS
-from oracles.suites import draw_config, gate_case, rope_case
+from oracles.authoring import writer
+
+from oracles.format import golden
+from oracles.authoring.cases import KINDS
+from oracles.format.schema import output_type
+from oracles.checking.check import judge
+from oracles.authoring.emulate import run_case
+from oracles.authoring.mutants import MUTANTS
+from oracles.authoring.suites import draw_config, gate_case, rope_case
 
 seeds = st.integers(0, 2**32 - 1)
 
 
 def _judge(case, cand, profile="float32"):
-    truth, aux, tols = golden.compute(case)
+    truth, aux, tols = writer.compute(case)
     required = set(KINDS[case.kind].required(case))
     outputs = [{"name": k, "type": output_type(k), "required": k in required} for k in truth]
     return judge(case.kind, outputs, {**truth, **aux}, cand, tols[profile])
@@ -71,7 +74,7 @@ def test_a_uniform_scale_error_is_caught_by_the_norm_ratio(seed, rel):
 def test_an_all_zero_output_matched_by_zeros_has_no_error_and_anything_else_does():
     """Found by oracles search (an fp8 quantisation of an all-zero block): the norm ratio of two
     zero arrays was |0 / tiny - 1| = 1, so an exact candidate failed."""
-    from oracles import metrics
+    from oracles.format import metrics
 
     zero = np.zeros((2, 3))
     assert metrics.continuous(zero, zero) == {"nmse": 0.0, "max_rel": 0.0, "norm": 0.0}

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-from oracles import search as S
-from oracles.adapters import load_adapter
-from oracles.check import run_check
-from oracles.golden import Golden, write_suite
-from oracles.scenarios import expand
-from oracles.suites import gate_ties_case, tiny
+from oracles.authoring import search as S
+from oracles.authoring.scenarios import expand
+from oracles.authoring.suites import gate_ties_case, tiny
+from oracles.authoring.writer import write_suite
+from oracles.checking.candidates import load_adapter, make_candidate
+from oracles.checking.check import run_check
+from oracles.format import tolerances
+from oracles.format.golden import Golden
 from tests.helpers import run_cli, run_main
 
 REFERENCE = "oracles.adapters:refimpl_float32"
@@ -23,8 +25,8 @@ REFERENCE = "oracles.adapters:refimpl_float32"
 def _search(tmp_path, adapter, **kw):
     record = kw.pop("record", None)
     settings = S.Settings(**{"database": None, **kw})
-    return S.search(load_adapter(adapter), str(tmp_path), settings, repro=f"--adapter {adapter}",
-                    record=record, date="2026-01-01")
+    return S.search(load_adapter(adapter), str(tmp_path), settings, check=run_check,
+                    repro=f"--adapter {adapter}", record=record, date="2026-01-01")
 
 
 # ---- the strategies -------------------------------------------------------------------------
@@ -150,7 +152,7 @@ def test_a_small_search_finds_an_injected_bug_and_shrinks_it_to_a_minimal_golden
     g = Golden(d["suite"])
     assert g.digest == d["suite_digest"]
     entry = g.cases[d["case"]]
-    assert set(entry["tolerances"]) == set(S.tolerance.PROFILES) and entry["drawn"] == d["axes"]
+    assert set(entry["tolerances"]) == set(tolerances.PROFILES) and entry["drawn"] == d["axes"]
     assert g.manifest["search"]["repro"] == d["repro"]
     res = run_check(d["suite"], load_adapter(mutant), "float32")["cases"][0]
     assert (res["status"], res["first_failure"]) == ("fail", "layers.0.attn_norm")
@@ -236,7 +238,7 @@ class _GateOnlyFailingAbove2:
         return True if case.kind == "gate" else "gate cases only"
 
     def run(self, case):
-        from oracles.emulate import run_case
+        from oracles.authoring.emulate import run_case
 
         if case.config.num_experts_per_tok > 2:
             raise ValueError("top_k above 2 is not implemented")
@@ -244,10 +246,9 @@ class _GateOnlyFailingAbove2:
 
 
 def test_an_engine_error_is_a_divergence_shrunk_to_the_smallest_config_that_raises(tmp_path):
-    from oracles.adapters import make_candidate
-
     cand = make_candidate(_GateOnlyFailingAbove2, "gate-only")
-    rep = S.search(cand, str(tmp_path), S.Settings(max_examples=40, database=None), date="d")
+    rep = S.search(cand, str(tmp_path), S.Settings(max_examples=40, database=None), check=run_check,
+                   date="d")
     assert rep["kinds"] == ["gate"]
     assert set(rep["kinds_declined"]) == set(S.KINDS) - {"gate"}
     assert all(r == "gate cases only" for r in rep["kinds_declined"].values())
@@ -269,7 +270,7 @@ class _HangsOnTwoLayers:
     def run(self, case):
         import time
 
-        from oracles.emulate import run_case
+        from oracles.authoring.emulate import run_case
 
         if case.config.num_hidden_layers > 1:
             time.sleep(3)
@@ -277,10 +278,9 @@ class _HangsOnTwoLayers:
 
 
 def test_a_candidate_that_stops_answering_ends_the_search_with_that_reason(tmp_path):
-    from oracles.adapters import make_candidate
-
     cand = make_candidate(_HangsOnTwoLayers, "hangs", timeout=0.5)
-    rep = S.search(cand, str(tmp_path), S.Settings(max_examples=30, database=None), date="d")
+    rep = S.search(cand, str(tmp_path), S.Settings(max_examples=30, database=None), check=run_check,
+                   date="d")
     assert not rep["ok"] and rep["divergence"] is None
     assert rep["problem"].startswith("the candidate stopped answering: run() did not return within 0.5 s")
     assert "num_hidden_layers=2" in rep["problem"] or "num_hidden_layers=3" in rep["problem"]
@@ -292,7 +292,7 @@ def test_a_candidate_that_stops_answering_ends_the_search_with_that_reason(tmp_p
 def _judged(tmp_path, candidate, tokens, **pins):
     axes = S.draw_axes(S.baseline_drawer({"kind": "prefill", **pins}), S.KINDS)
     axes["input_ids"] = tokens
-    return S.judge_example(axes, candidate, "float32", str(tmp_path)).result
+    return S.judge_example(axes, candidate, "float32", str(tmp_path), run_check).result
 
 
 @pytest.mark.peer
@@ -325,8 +325,6 @@ def test_each_bug_class_patched_into_transformers_fails_its_shrunk_case(tmp_path
 def test_mlx_leaves_a_single_experts_weight_unnormalised(tmp_path):
     pytest.importorskip("mlx_lm")
     from oracles import engines
-    from oracles.adapters import make_candidate
-
     mlx = make_candidate(lambda: engines.load_engine("mlx", {})[0], "mlx")
     one = _judged(tmp_path, mlx, [[0]])  # the baseline: one expert per token
     assert (one["status"], one["first_failure"]) == ("fail", "layers.0.topk_weight")

@@ -9,14 +9,17 @@ still shows it and written as a golden case (docs/conformance.md section 11).
 One example is one golden case, made the way the suites make theirs: a config (every axis
 below), a checkpoint from refimpl's checkpoint writer (`random_weights`, or the published FP8
 block layout), inputs, and for `schedule` cases a serving schedule in the current format
-(oracles/scenarios.py). The golden writer computes its expected outputs and calibrates the
-profile's tolerances for this one case (golden.write_suite: the same per-case computation as
-every suite); the candidate is then judged by `check.run_check`, exactly as `oracles check`
-judges it. A case whose golden routing is within the profile's rounding (a token's
-`topk_margin` at or below the calibrated `margin_eps`, or a greedy step's `tokens_margin` at or
-below its `logit_eps`) is rejected before the candidate runs and counted: a near-tie is neither
-a divergence nor evidence, so the search draws past it instead of forgiving it. Cases the
-candidate declines (`supports()`) are rejected and counted with the reason.
+(oracles/authoring/scenarios.py). The golden writer computes its expected outputs and calibrates
+the profile's tolerances for this one case (writer.write_suite: the same per-case computation as
+every suite); the candidate is then judged by `oracles.checking.check.run_check`, exactly as
+`oracles check` judges it (the command line hands it to the search: the authoring layer does not
+import the checking layer). A case whose golden routing is within the profile's rounding (a
+token's `topk_margin` at or below the calibrated `margin_eps`, or a greedy step's
+`tokens_margin` at or below its `logit_eps`) is rejected before the candidate runs and counted:
+a near-tie is neither a divergence nor evidence, so the search draws past it instead of
+forgiving it; so is a case with an output beyond the profile's resolution (its calibrated error
+times K above the metric's ceiling). Cases the candidate declines (`supports()`) are rejected
+and counted with the reason.
 
 A divergence is a case that FAILs (or ERRs) under the checker. Its signature is the first
 failing output with layer, request and module numbers generalised (`layers.N.topk_idx`), so
@@ -56,7 +59,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import OraclesError, tolerance
+from refimpl.config import Config, RopeScaling
+from refimpl.layout import FP8_QUANT_CONFIG
+from refimpl.writer import random_weights
+
+from .. import OraclesError
+from ..format import tolerances
+from ..format.golden import read_tensors
+from ..format.schema import Case
+from ..format.untrusted import escape
+from .edges import fp8_blocks_weights
+from .writer import write_suite
 
 SEARCH_TAG = 23  # the weights' generator: default_rng([SEARCH_TAG, weight_seed])
 F32 = np.float32
@@ -366,9 +379,6 @@ _BASE = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "moe_inte
 
 def config(axes: dict):
     """The drawn Config (component kinds: the routing axes on a small base model)."""
-    from refimpl.checkpoint import FP8_QUANT_CONFIG
-    from refimpl.config import Config, RopeScaling
-
     a = {**_BASE, **{k: v for k, v in axes.items() if k in _BASE or k in _ROUTING}}
     rs = None
     if axes.get("yarn"):
@@ -390,10 +400,6 @@ _ROUTING = ("n_routed_experts", "n_group", "topk_group", "num_experts_per_tok",
 def _weights(cfg, axes) -> dict:
     """The checkpoint (refimpl's random_weights, float32; or the FP8 block layout of
     edges.fp8_blocks_weights), with the drawn gate bias and router regime."""
-    from refimpl.checkpoint import random_weights
-
-    from .edges import fp8_blocks_weights
-
     rng = np.random.default_rng([SEARCH_TAG, axes["weight_seed"]])
     if axes.get("fp8"):
         w = fp8_blocks_weights(cfg, rng)
@@ -411,8 +417,6 @@ def _weights(cfg, axes) -> dict:
 
 def build(axes: dict, cid: str = "search.example"):
     """The golden case the axes describe."""
-    from .cases import Case
-
     kind, pins = axes["kind"], "drawn by oracles search: " + describe(axes)
     rng = np.random.default_rng([SEARCH_TAG, axes.get("input_seed", 0)])
     if kind == "gate":
@@ -539,8 +543,6 @@ SCRATCH_ID = "search.example"
 
 def write_one(path: str, axes: dict, cid: str, profiles, suite: str, doc: str, extra=None,
               describe_entry=None) -> dict:
-    from .golden import write_suite
-
     return write_suite(path, suite, doc, [(cid, lambda c: build(axes, c))], profiles=profiles,
                        extra=extra, describe=describe_entry)
 
@@ -549,8 +551,6 @@ def near_tie(path: str, entry: dict, profile: str) -> str | None:
     """The first golden routing (or greedy) decision within the profile's rounding, as one
     phrase, or None: a token whose topk_margin <= the calibrated margin_eps of its topk_idx, or
     a greedy step whose tokens_margin <= the logit_eps of tokens."""
-    from .golden import read_tensors
-
     cid = entry["id"]
     exp = read_tensors(os.path.join(path, "cases", cid, "expected.safetensors"))
     tols = entry["tolerances"][profile]
@@ -574,7 +574,7 @@ def beyond_ceiling(entry: dict, profile: str) -> str | None:
     in that precision may exceed it. Such a draw is not evidence either way."""
     for name, ent in entry["tolerances"][profile].items():
         for m, v in ent.items():
-            if isinstance(v, dict) and tolerance.K * v["calibrated"] > tolerance.CEILINGS[m]:
+            if isinstance(v, dict) and tolerances.K * v["calibrated"] > tolerances.CEILINGS[m]:
                 return f"{name} {m}"
     return None
 
@@ -588,13 +588,11 @@ class Verdict:
     rejected: str | None = None
 
 
-def judge_example(axes: dict, candidate, profile: str, scratch: str) -> Verdict:
+def judge_example(axes: dict, candidate, profile: str, scratch: str, check) -> Verdict:
     """Write the example's case (its golden calibrated for `profile`) to a scratch suite, reject
     it when its golden routing is a near-tie or an output is beyond the profile's resolution,
-    else judge the candidate on it with run_check, as `oracles check` does. A case the
-    candidate skips is rejected with its reason."""
-    from .check import run_check
-
+    else judge the candidate on it with `check` (oracles.checking.check.run_check, as `oracles
+    check` runs it). A case the candidate skips is rejected with its reason."""
     d = tempfile.mkdtemp(dir=scratch)
     try:
         path = os.path.join(d, "suite")
@@ -608,7 +606,7 @@ def judge_example(axes: dict, candidate, profile: str, scratch: str) -> Verdict:
         if over is not None:
             return Verdict(None, f"beyond the profile's resolution ({over}: calibrated error "
                                  "x K above the ceiling)")
-        res = run_check(path, candidate, profile)["cases"][0]
+        res = check(path, candidate, profile)["cases"][0]
     finally:
         shutil.rmtree(d, ignore_errors=True)
     return Verdict(res, res.get("reason") if res["status"] == "skip" else None)
@@ -720,12 +718,10 @@ def strategy(kinds=KINDS, pins=None, on_reject=None):
     return examples()
 
 
-def probe_kinds(candidate, kinds, pins, profile, scratch) -> tuple[list, dict]:
+def probe_kinds(candidate, kinds, pins, profile, scratch, check) -> tuple[list, dict]:
     """-> (kinds the candidate runs, {kind: its reason} for the others): each kind's baseline
-    example written and offered to supports()."""
-    from .check import CaseError
-    from .golden import Golden
-
+    example checked; a kind whose baseline the candidate skips is left out with its reason (a
+    baseline that fails is searched: the search finds it again, at example 1)."""
     ok, declined = [], {}
     for kind in kinds:
         try:
@@ -733,21 +729,11 @@ def probe_kinds(candidate, kinds, pins, profile, scratch) -> tuple[list, dict]:
         except Rejected as e:
             declined[kind] = f"no example fits the pins ({e})"
             continue
-        d = tempfile.mkdtemp(dir=scratch)
-        try:
-            path = os.path.join(d, "suite")
-            write_one(path, axes, SCRATCH_ID, (profile,), "search-probe", "a probe")
-            g = Golden(path)
-            try:
-                verdict = candidate.supports(SCRATCH_ID, lambda: g.load_case(SCRATCH_ID))
-            except CaseError as e:
-                verdict = f"supports() failed: {e}"
-        finally:
-            shutil.rmtree(d, ignore_errors=True)
-        if verdict is True:
-            ok.append(kind)
+        v = judge_example(axes, candidate, profile, scratch, check)
+        if v.result is not None and v.result["status"] == "skip":
+            declined[kind] = v.rejected
         else:
-            declined[kind] = str(verdict)
+            ok.append(kind)
     return ok, declined
 
 
@@ -764,18 +750,21 @@ class Settings:
     pins: dict = field(default_factory=dict)
 
 
-def search(candidate, out: str, s: Settings, repro: str = "", progress: bool = False,
+def search(candidate, out: str, s: Settings, check, repro: str = "", progress: bool = False,
            date: str | None = None, record: list | None = None) -> dict:
-    """Run the search against `candidate` (an AdapterCandidate) -> the report (JSON-able). A
-    divergence, shrunk, is written to out/search-<date>/ (date: today, YYYY-MM-DD). `record`:
-    a list that receives the axes of every example judged, in order (shrinking included)."""
+    """Run the search against `candidate` (an AdapterCandidate) -> the report (JSON-able).
+    `check(suite path, candidate, profile) -> report` judges each example: the command line
+    passes oracles.checking.check.run_check (the authoring layer imports nothing of the
+    checking layer; the judge is handed to it). A divergence, shrunk, is written to
+    out/search-<date>/ (date: today, YYYY-MM-DD). `record`: a list that receives the axes of
+    every example judged, in order (shrinking included)."""
     hypothesis, _ = _hypothesis()
     from hypothesis import HealthCheck, Phase, Verbosity, given, seed, settings
     from hypothesis.database import DirectoryBasedExampleDatabase
     from hypothesis.errors import DeadlineExceeded, Flaky, Unsatisfiable
 
-    if s.profile not in tolerance.PROFILES:
-        raise OraclesError(f"profile {s.profile!r} is not one of {', '.join(tolerance.PROFILES)}")
+    if s.profile not in tolerances.PROFILES:
+        raise OraclesError(f"profile {s.profile!r} is not one of {', '.join(tolerances.PROFILES)}")
     if s.max_examples < 1:
         raise OraclesError(f"--max-examples {s.max_examples}: must be at least 1")
     for k in s.kinds:
@@ -791,7 +780,7 @@ def search(candidate, out: str, s: Settings, repro: str = "", progress: bool = F
     stats = Stats()
     bar = None
     try:
-        kinds, declined = probe_kinds(candidate, s.kinds, s.pins, s.profile, scratch)
+        kinds, declined = probe_kinds(candidate, s.kinds, s.pins, s.profile, scratch, check)
         if not kinds:
             raise OraclesError(f"{candidate.label}: runs none of the kinds searched ("
                                + "; ".join(f"{k}: {r}" for k, r in declined.items()) + ")")
@@ -808,7 +797,7 @@ def search(candidate, out: str, s: Settings, repro: str = "", progress: bool = F
                 if bar is not None:
                     bar.set_postfix_str(f"shrinking: {stats.shrink_calls} calls")
             if not stats.stuck:
-                v = judge_example(axes, candidate, s.profile, scratch)
+                v = judge_example(axes, candidate, s.profile, scratch, check)
                 if candidate.stuck:
                     stats.stuck = f"{candidate.stuck} (on {describe(axes)})"
             if stats.stuck:  # one place: every later call (hypothesis's replays) raises the same
@@ -880,7 +869,7 @@ def search(candidate, out: str, s: Settings, repro: str = "", progress: bool = F
         "divergence": None, "problem": problem, "ok": found is None and problem is None,
     }
     if found is not None:
-        rep["divergence"] = _write_divergence(found, candidate, out, s, repro, rep, date)
+        rep["divergence"] = _write_divergence(found, candidate, out, s, check, repro, rep, date)
     if stats.valid == 0 and problem is None and found is None:
         rep["problem"] = "no drawn example could be judged (every one rejected or skipped)"
         rep["ok"] = False
@@ -898,12 +887,10 @@ def _suite_dir(out: str, date: str | None) -> str:
     return path
 
 
-def _write_divergence(found: Divergence, candidate, out: str, s: Settings, repro: str, rep: dict,
-                      date) -> dict:
+def _write_divergence(found: Divergence, candidate, out: str, s: Settings, check, repro: str,
+                      rep: dict, date) -> dict:
     """The shrunk example as a suite of its own (every profile calibrated), checked once more
     against the candidate -> the report's divergence entry."""
-    from .check import run_check
-
     res = found.result
     name = res.get("first_failure") or res["status"]
     cid = f"search.{name}"
@@ -920,12 +907,12 @@ def _write_divergence(found: Divergence, candidate, out: str, s: Settings, repro
                         "examples_to_first_failure": rep["examples"]["to_first_failure"],
                         "first_failure": name, "reason": res.get("reason"),
                         "repro": check_cmd, "search_command": search_cmd}}
-    manifest = write_one(path, found.axes, cid, tolerance.PROFILES, suite,
+    manifest = write_one(path, found.axes, cid, tolerances.PROFILES, suite,
                          f"a divergence oracles search found in {candidate.label} and shrank",
                          extra=extra,
                          describe_entry=lambda case: {"seed": ["oracles search", s.seed],
                                                       "drawn": found.axes})
-    again = run_check(path, candidate, s.profile)
+    again = check(path, candidate, s.profile)
     r = again["cases"][0]
     return {"signature": found.signature, "case": cid, "suite": path,
             "suite_digest": again["suite_digest"], "first_failure": name,
@@ -939,8 +926,6 @@ def _write_divergence(found: Divergence, candidate, out: str, s: Settings, repro
 
 def format_report(rep: dict) -> str:
     """The text report (everything from the candidate escaped)."""
-    from .untrusted import escape
-
     ex = rep["examples"]
     lines = [escape(f"search: {rep['candidate']}, {rep['profile']} profile, seed {rep['seed']}, "
                     f"at most {rep['max_examples']} examples")]
