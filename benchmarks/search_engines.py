@@ -2,12 +2,12 @@
 benchmarks/search_catalogue.py (an engine developer's bugs, not this project's mutants: each is
 a change to what transformers computes, made the way a port would get it wrong):
 
-    oracles search --adapter benchmarks.search_engines:hf_group_score_topk_ratio --out DIR
+    oracles search --adapter benchmarks.search_engines:hf_group_score_top_k_over_m --out DIR
 
-- hf_group_score_topk_ratio: DeepseekV3TopkRouter scores a group by the sum of its top
+- hf_group_score_top_k_over_m: DeepseekV3TopkRouter scores a group by the sum of its top
   (top_k // topk_group) biased scores, not its top two (transformers 5.24.0,
   models/deepseek_v3/modeling_deepseek_v3.py:138-142 has `.topk(2, dim=-1)[0].sum(dim=-1)`);
-- hf_yarn_factor_from_positions: the YaRN factor taken as max_position_embeddings /
+- hf_yarn_factor_from_ratio: the YaRN factor taken as max_position_embeddings /
   original_max_position_embeddings (what modeling_rope_utils.py:427-428 does when `factor` is
   absent), for the frequencies and the softmax's mscale alike;
 - hf_rms_norm_eps_ignored: every RMSNorm at 1e-6 whatever rms_norm_eps says.
@@ -47,7 +47,7 @@ class _Patched(Engine):
             return super().run(case)
 
 
-class GroupScoreTopkRatio(_Patched):
+class GroupScoreTopKOverM(_Patched):
     def patch(self):
         import torch
         from transformers.models.deepseek_v3 import modeling_deepseek_v3 as m
@@ -86,7 +86,7 @@ class GroupScoreTopkRatio(_Patched):
         return swapped()
 
 
-class YarnFactorFromPositions(_Patched):
+class YarnFactorFromRatio(_Patched):
     def load_config(self, case):
         cfg = self.transformers.AutoConfig.from_pretrained(case.model_path)
         rp = dict(cfg.rope_parameters)
@@ -103,12 +103,12 @@ class RmsNormEpsIgnored(_Patched):
         return cfg
 
 
-def hf_group_score_topk_ratio():
-    return GroupScoreTopkRatio({})
+def hf_group_score_top_k_over_m():
+    return GroupScoreTopKOverM({})
 
 
-def hf_yarn_factor_from_positions():
-    return YarnFactorFromPositions({})
+def hf_yarn_factor_from_ratio():
+    return YarnFactorFromRatio({})
 
 
 def hf_rms_norm_eps_ignored():

@@ -153,10 +153,10 @@ def _patch_ties_higher_index(case):
     return patched([(moe, "topk_indices", _topk_higher_index)])
 
 
-@_register("group_score_topk_ratio", "group score",
+@_register("group_score_top_k_over_m", "group score",
            "scores a group by the sum of its top (top_k // topk_group) biased scores, not its "
            "top two (right only where top_k // topk_group == 2, as in V3's 8 // 4)")
-def _patch_group_score_topk_ratio(case):
+def _patch_group_score_top_k_over_m(case):
     cfg = case.config
     if cfg is None:
         return contextlib.nullcontext()
@@ -216,11 +216,11 @@ def _patch_yarn_only_when_extended(case):
                     for name, f in plain.items()])
 
 
-@_register("yarn_factor_from_positions", "YaRN factor",
+@_register("yarn_factor_from_ratio", "YaRN factor",
            "computes YaRN's factor s as max_position_embeddings / original_max_position_embeddings "
            "instead of reading rope_scaling.factor (right only where the two agree, as in V3's "
            "163840 / 4096 = 40)")
-def _patch_yarn_factor_from_positions(case):
+def _patch_yarn_factor_from_ratio(case):
     rs = case.config.rope_scaling if case.config is not None else None
     if rs is None:
         return contextlib.nullcontext()

@@ -56,8 +56,8 @@ FIRST_FAILURE = {
     # public bug classes (issue 23) that only a config off V3's own numbers shows: top_k //
     # topk_group != 2 (drawn2: 3 experts from 2 of 4 groups, 3 // 2 = 1), and
     # max_position_embeddings / original != factor (drawn0: 512 / 16 = 32, factor 4)
-    "group_score_topk_ratio": ("model.prefill.drawn2", "layers.1.topk_idx"),
-    "yarn_factor_from_positions": ("model.prefill.drawn0", "layers.0.q_rope"),
+    "group_score_top_k_over_m": ("model.prefill.drawn2", "layers.1.topk_idx"),
+    "yarn_factor_from_ratio": ("model.prefill.drawn0", "layers.0.q_rope"),
 }
 
 # Mutants that no case of the fixed suites catches: `oracles search` finds them from scratch
@@ -94,7 +94,7 @@ def test_default_suite_fails_the_mutant_at_the_right_intermediate(default_dir, n
 # rounding by definition: a case each fails in the fp8 profile (the first-failure case above, or
 # one where the bug is larger than fp8 rounding).
 FP8_PROFILE_CASE = {"bias_in_weights": "model.prefill.negative_biased", "group_score_max": "moe.tiny",
-                    "group_score_topk_ratio": "moe.drawn0"}
+                    "group_score_top_k_over_m": "moe.drawn0"}
 GATE_PRECISION = ("bf16_gate", "bf16_gate_bias")
 
 

@@ -306,8 +306,8 @@ def test_transformers_reads_mscale_zero_as_no_mscale(tmp_path):
 
 @pytest.mark.peer
 @pytest.mark.parametrize("bug, pins, tokens, first", [
-    ("group_score_topk_ratio", {"n_group": 2}, [[0]], "layers.0.topk_idx"),
-    ("yarn_factor_from_positions", {"yarn": True, "max_position_embeddings": 512, "seq": 2},
+    ("group_score_top_k_over_m", {"n_group": 2}, [[0]], "layers.0.topk_idx"),
+    ("yarn_factor_from_ratio", {"yarn": True, "max_position_embeddings": 512, "seq": 2},
      [[0, 1]], "layers.0.attn_out"),
     ("rms_norm_eps_ignored", {"rms_norm_eps": 1e-5}, [[0]], "layers.0.attn_norm"),
 ])
