@@ -40,7 +40,9 @@ names another directory, one subdirectory per candidate, profile, kinds and pins
 Shrinking order: every choice shrinks towards its first option (sampled_from) or its lower
 bound (integers), and the options are ordered so that the first is DeepSeek-V3's own choice at
 the smallest width, or the plainer feature (no YaRN, factor 1.0 scaling): a shrunk case differs
-from that baseline only where the divergence needs it.
+from that baseline where the divergence needs it, and sometimes where hypothesis, changing one
+choice at a time, cannot go back without the example passing (another width is another random
+model): the axes it holds are sufficient, not all necessary (`off_baseline` lists them).
 """
 
 from __future__ import annotations
@@ -655,7 +657,7 @@ class Stats:
 
     valid: int = 0  # examples judged (PASS, FAIL, ERROR, INCONCLUSIVE) before the first divergence
     calls: int = 0  # every example built, shrinking included
-    rejected: Counter = field(default_factory=Counter)  # reason -> count (near-ties, pins)
+    rejected: Counter = field(default_factory=Counter)  # reason -> count (near-ties, resolution, pins)
     skipped: Counter = field(default_factory=Counter)  # candidate's reason -> count
     inconclusive: int = 0
     statuses: Counter = field(default_factory=Counter)  # of the examples before the divergence
