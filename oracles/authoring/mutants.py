@@ -248,7 +248,7 @@ def _rms_norm_at_1e6(x, weight, eps):
            "config says 1e-6)")
 def _patch_rms_norm_eps_ignored(case):
     # every module that applies rms_norm_eps imports rms_norm by name (the latent norms of
-    # mla.py use 1e-6 already, SPEC.md section 9)
+    # mla.py use 1e-6 already, spec section 9)
     return patched([(m, "rms_norm", _rms_norm_at_1e6) for m in (layer, model, mtp, scenarios)])
 
 
