@@ -1,5 +1,5 @@
 """oracles search from scratch (no fixed suite) against the mutant catalogue, the clean reference
-and real engines (issue 23; docs/conformance.md section 11): per candidate, the examples judged
+and real engines (issue 23; docs/conformance.md section 12): per candidate, the examples judged
 until the first divergence, the shrink calls, the time, the first failing output and the shrunk
 case (the axes where it differs from the baseline example of its kind), checked again against
 the candidate and against the clean reference.
@@ -9,7 +9,7 @@ the candidate and against the clean reference.
     python benchmarks/search_catalogue.py --only rsf_twice,rms_norm_eps_ignored
 
 Writes benchmarks/results/search_<rows>.jsonl (one line per candidate, appended as each ends)
-and prints the markdown table of docs/conformance.md section 11. Scratch cases go to $TMPDIR
+and prints the markdown table of docs/conformance.md section 12. Scratch cases go to $TMPDIR
 (a tmpfs there saves the per-example fsyncs of the golden writer).
 """
 
@@ -43,7 +43,7 @@ def mutant_rows():
 def engine_rows():
     """Real engines, unpatched and with the issue's public bug classes patched into transformers
     (benchmarks/search_engines.py). Each further row of an engine pins away what the row before
-    it found (docs/conformance.md section 11): transformers reads mscale 0.0 as "no mscale";
+    it found (docs/conformance.md section 12): transformers reads mscale 0.0 as "no mscale";
     MLX-LM does not renormalise a single expert's weight (top_k 1) and masks dropped groups with
     0.0 (biased scores below zero). MLX-LM loads an FP8 checkpoint in bf16 (docs/engines.md), so
     its rows draw no FP8 layout."""

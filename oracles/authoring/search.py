@@ -1,6 +1,6 @@
 """Property-based conformance search: hypothesis draws models, inputs and serving schedules, the
 checker judges a live candidate on each, and a divergence is shrunk to the smallest case that
-still shows it and written as a golden case (docs/conformance.md section 11).
+still shows it and written as a golden case (docs/conformance.md section 12).
 
     oracles search (--adapter pkg.mod:factory | --engine NAME [--engine-option K=V ...]) --out DIR
                    [--profile P] [--max-examples N] [--deadline SECONDS] [--seed N]

@@ -61,7 +61,7 @@ FIRST_FAILURE = {
 }
 
 # Mutants that no case of the fixed suites catches: `oracles search` finds them from scratch
-# (docs/conformance.md section 11; tests/oracles/test_search.py).
+# (docs/conformance.md section 12; tests/oracles/test_search.py).
 SEARCH_ONLY = {
     "rms_norm_eps_ignored": "every model case of the default suite has rms_norm_eps 1e-6",
 }

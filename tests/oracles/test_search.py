@@ -287,7 +287,7 @@ def test_a_candidate_that_stops_answering_ends_the_search_with_that_reason(tmp_p
     assert "oracles: the candidate stopped answering" in S.format_report(rep)
 
 
-# ---- the engines' findings (docs/conformance.md section 11), one judged example each --------
+# ---- the engines' findings (docs/conformance.md section 12), one judged example each --------
 
 def _judged(tmp_path, candidate, tokens, **pins):
     axes = S.draw_axes(S.baseline_drawer({"kind": "prefill", **pins}), S.KINDS)
