@@ -126,22 +126,6 @@ def _patch_group_score_top2_for_v2(case):
                      base(biased, n_group, "noaux_tc"))])
 
 
-@_register("group_score_top_k_over_m", "group score",
-           "scores a group by the sum of its top num_experts_per_tok / topk_group biased scores "
-           "(the paper's K_r/M, Megatron-LM's group_limited_topk) instead of its top 2")
-def _patch_group_score_top_k_over_m(case):
-    cfg = case.config
-    n = max(1, cfg.num_experts_per_tok // cfg.topk_group) if cfg is not None else 2
-    base = moe.group_scores
-
-    def scores(biased, n_group, method):
-        if method != "noaux_tc":
-            return base(biased, n_group, method)
-        g = biased.reshape(biased.shape[0], n_group, -1)
-        return -np.sum(np.sort(-g, axis=-1)[..., :n], axis=-1)
-    return patched([(moe, "group_scores", scores)])
-
-
 @_register("bf16_gate_bias", "gate precision",
            "casts e_score_correction_bias to bf16 when loading")
 def _patch_bf16_gate_bias(case):
@@ -176,6 +160,24 @@ def _topk_higher_index(x, k: int):
            "the order unspecified)", allowed=True)
 def _patch_ties_higher_index(case):
     return patched([(moe, "topk_indices", _topk_higher_index)])
+
+
+@_register("group_score_top_k_over_m", "group score",
+           "scores a group by the sum of its top (top_k // topk_group) biased scores, not its "
+           "top two (right only where top_k // topk_group == 2, as in V3's 8 // 4)")
+def _patch_group_score_top_k_over_m(case):
+    cfg = case.config
+    if cfg is None:
+        return contextlib.nullcontext()
+    n = cfg.num_experts_per_tok // cfg.topk_group
+    original = moe.group_scores
+
+    def group_scores(biased, n_group, topk_method):
+        if topk_method != "noaux_tc":
+            return original(biased, n_group, topk_method)
+        g = biased.reshape(biased.shape[0], n_group, -1)  # [T, G, E/G]
+        return -np.sort(-g, axis=-1)[..., :n].sum(axis=-1)  # n == 0: every group scores 0
+    return patched([(moe, "group_scores", group_scores)])
 
 
 # ---- RoPE / YaRN ------------------------------------------------------------------------------

@@ -124,6 +124,17 @@ def test_yarn_only_when_extended_passes_where_the_run_is_longer_than_the_origina
     assert status == {"model.prefill.beyond_original": "pass", "model.prefill.tiny": "fail"}
 
 
+def test_rms_norm_eps_ignored_changes_a_model_whose_eps_is_not_1e6():
+    from oracles.authoring.emulate import run_case
+    from oracles.authoring.suites import prefill_case, tiny
+
+    for eps, differs in ((1e-6, False), (1e-2, True)):
+        case = prefill_case("eps", tiny(rms_norm_eps=eps), batch=1, seq=4)
+        right = run_case(case, "float64")["logits"]
+        wrong = run_case(case, "float64", MUTANTS["rms_norm_eps_ignored"])["logits"]
+        assert (abs(right - wrong).max() > 1e-6) == differs, eps
+
+
 def test_a_mutant_is_a_failing_candidate_on_the_command_line(default_dir):
     r = run_cli("check", default_dir, "--adapter", "oracles.mutants:zero_group_mask",
                 "--only", "model.*", module="oracles")
