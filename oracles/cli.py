@@ -5,12 +5,19 @@
     oracles check    GOLDEN [CANDIDATE | --adapter pkg.mod:factory] [--profile float32|bf16|fp8] [--only GLOB] [--json REPORT]
                      [--html REPORT.html] [--expect-digest HEX] [--case-timeout SECONDS] [--allow-empty] [--allow-inconclusive]
     oracles run      GOLDEN --adapter pkg.mod:factory --out CANDIDATE [--expect-digest HEX] [--case-timeout S]
-    check and run also take --engine transformers|mlx|llama.cpp|vllm [--engine-option KEY=VALUE]
+    oracles verify   GOLDEN [--only GLOB] [--expect-digest HEX] [--json REPORT]
+    oracles diff     OLD.json NEW.json [--factor F] [--json OUT]
+    oracles search   (--adapter pkg.mod:factory | --engine NAME) --out DIR [--profile P] [--max-examples N]
+                     [--deadline S] [--seed N] [--database DIR | --no-database] [--kinds K,..] [--pin AXIS=VALUE]
+    check also takes --known KNOWN.toml [--allow-fixed] (known divergences) and --junit REPORT.xml.
+    check, run and search also take --engine transformers|mlx|llama.cpp|vllm [--engine-option KEY=VALUE]
     (the built-in engine adapters, oracles/engines/) in place of --adapter.
 
-check exits 0 when every checked case passes; 1 when a case fails, is missing, errs (the adapter
-raised, exited or timed out) or is inconclusive, or when nothing was checked at all; 2 on bad
-input (one line on stderr, text from files escaped).
+check exits 0 when every checked case passes (or fails as its --known file declares: KNOWN); 1
+when a case fails, is missing, errs (the adapter raised, exited or timed out), is inconclusive,
+or passes although the known file declares it failing (FIXED), or when nothing was checked at
+all; verify exits 1 when a regenerated case differs beyond its level, diff when a case
+regressed, search when it found a divergence; 2 on bad input (one line on stderr, text from files escaped).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -26,13 +34,15 @@ from refimpl.atomic import atomic_directory, check_destination, write_text
 from refimpl.errors import RefimplError, printable
 
 from . import OraclesError, engines
-from .checking import candidates, report_html
+from .checking import candidates, diff, junit, known, report_html
 from .checking.check import run_check
 from .checking.report import format_report
+from .format import tolerances
 from .format.untrusted import escape
 
-# The authoring layer (suites, case kinds, the writer) runs refimpl's forward pass: `list` and
-# `generate` import it when they run, so that checking a suite never loads it.
+# The authoring layer (suites, case kinds, the writer, verify, the search) runs refimpl's
+# forward pass: `list`, `generate`, `verify` and `search` import it when they run, so that
+# checking a suite never loads it.
 
 
 def _progress(args):
@@ -73,6 +83,16 @@ def _parser():
     g.add_argument("--suite", default="default")
     g.add_argument("--only", help="comma-separated globs of case ids")
     g.add_argument("--quiet", action="store_true")
+    g.add_argument("--checkpoint", metavar="DIR",
+                   help="a golden of this checkpoint (referenced by digest, never copied): model "
+                        "cases on --tokens instead of a built-in suite")
+    g.add_argument("--tokens", metavar="FILE", help="with --checkpoint: .npy of token ids [batch, seq]")
+    g.add_argument("--layers", type=int, default=None, metavar="N",
+                   help="with --checkpoint: keep the first N decoder layers (plus the head)")
+    g.add_argument("--new-tokens", type=int, default=4, metavar="N",
+                   help="with --checkpoint: greedy tokens of the greedy case (default 4)")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="compute the cases on Ray workers: a local cluster, or join ADDRESS")
     c = sub.add_parser("check", help="check a candidate against a golden suite")
     c.add_argument("golden")
     c.add_argument("candidate", nargs="?", help="directory with cases/<id>/outputs.safetensors")
@@ -82,7 +102,8 @@ def _parser():
     c.add_argument("--only", help="comma-separated globs of case ids")
     c.add_argument("--json", dest="json_out", help="write the report as JSON here")
     c.add_argument("--expect-digest", metavar="HEX",
-                   help="refuse the suite unless sha256(manifest.json) is HEX (pin it in CI)")
+                   help="refuse the suite unless HEX is its manifest digest (sha256 of manifest.json, "
+                        "every bit) or its question digest (what it asks, the same on every machine)")
     c.add_argument("--case-timeout", type=_seconds, default=600.0, metavar="SECONDS",
                    help="stop waiting for an adapter call after this long (default 600; 0: no limit, "
                         "calls run in the main thread)")
@@ -91,7 +112,29 @@ def _parser():
     c.add_argument("--allow-inconclusive", action="store_true",
                    help="exit 0 even if a case compared too few positions to decide")
     c.add_argument("--html", dest="html_out", help="write the report as one self-contained HTML page here")
+    c.add_argument("--junit", dest="junit_out", metavar="FILE",
+                   help="write the report as JUnit XML here (one test case per golden case)")
+    c.add_argument("--known", metavar="FILE",
+                   help="a TOML file of known divergences: those failures are KNOWN, not failing")
+    c.add_argument("--allow-fixed", action="store_true",
+                   help="exit 0 even if a known failure now passes (FIXED)")
+    c.add_argument("--checkpoint", metavar="DIR",
+                   help="the checkpoint a checkpoint golden was generated from (its digest must match)")
     c.add_argument("--quiet", action="store_true")
+    v = sub.add_parser("verify", help="regenerate a suite's expected values and tolerances here "
+                                      "and compare them with the suite's")
+    v.add_argument("golden")
+    v.add_argument("--only", help="comma-separated globs of case ids")
+    v.add_argument("--expect-digest", metavar="HEX",
+                   help="refuse the suite unless HEX is its question or manifest digest")
+    v.add_argument("--json", dest="json_out", help="write the verification as JSON here")
+    v.add_argument("--quiet", action="store_true")
+    d = sub.add_parser("diff", help="what changed between two check reports (--json) of one suite")
+    d.add_argument("old")
+    d.add_argument("new")
+    d.add_argument("--factor", type=float, default=10.0,
+                   help="flag outputs whose error / tolerance moved by more than this (default 10)")
+    d.add_argument("--json", dest="json_out", help="write the differences as JSON here")
     r = sub.add_parser("run", help="run an adapter and write its outputs (the file route)")
     r.add_argument("golden")
     r.add_argument("--adapter")
@@ -100,6 +143,28 @@ def _parser():
     r.add_argument("--only")
     r.add_argument("--case-timeout", type=_seconds, default=600.0, metavar="SECONDS")
     r.add_argument("--expect-digest", metavar="HEX")
+    r.add_argument("--checkpoint", metavar="DIR",
+                   help="the checkpoint a checkpoint golden was generated from (its digest must match)")
+    s = sub.add_parser("search", help="draw cases with hypothesis until a candidate diverges, then "
+                                      "shrink the divergence and write it as a golden case")
+    s.add_argument("--adapter", help="pkg.module:factory of a Python engine adapter")
+    _engine_args(s)
+    s.add_argument("--out", required=True, metavar="DIR",
+                   help="where the shrunk case (DIR/search-<date>/) and the database go")
+    s.add_argument("--profile", default="float32")
+    s.add_argument("--max-examples", type=int, default=100, metavar="N",
+                   help="examples judged at most before giving up (default 100)")
+    s.add_argument("--deadline", type=_seconds, default=None, metavar="SECONDS",
+                   help="the longest one example may take (hypothesis's deadline; default none)")
+    s.add_argument("--seed", type=int, default=0, help="hypothesis's @seed (default 0)")
+    s.add_argument("--database", metavar="DIR", help="the example database (default DIR/database)")
+    s.add_argument("--no-database", action="store_true", help="no example database")
+    s.add_argument("--kinds", help="comma-separated case kinds to draw (default all)")
+    s.add_argument("--pin", action="append", default=[], metavar="AXIS=VALUE",
+                   help="hold one axis at a value (e.g. fp8=false); repeatable")
+    s.add_argument("--json", dest="json_out", help="write the report as JSON here")
+    s.add_argument("--case-timeout", type=_seconds, default=600.0, metavar="SECONDS")
+    s.add_argument("--quiet", action="store_true")
     return p
 
 
@@ -159,9 +224,22 @@ def cmd_generate(args) -> int:
     from .authoring.writer import generate, suite_size
 
     t = time.perf_counter()
-    m = generate(args.out, args.suite, args.only, progress=_progress(args))
+    suite, cases, doc = args.suite, None, None
+    if args.checkpoint or args.tokens or args.layers is not None:
+        from .authoring.checkpoint_cases import checkpoint_cases, load_tokens
+
+        if not (args.checkpoint and args.tokens):
+            raise OraclesError("a checkpoint golden needs both --checkpoint DIR and --tokens FILE")
+        check_destination(args.out, "directory", OraclesError)
+        cases = checkpoint_cases(args.checkpoint, load_tokens(args.tokens), args.layers,
+                                 args.new_tokens)
+        suite = "checkpoint"
+        doc = ("model cases of a user's checkpoint (referenced by digest, not copied)"
+               + (f", its first {args.layers} decoder layers" if args.layers else ""))
+    m = generate(args.out, suite, args.only, progress=_progress(args), cases=cases,
+                 suite_doc=doc, ray=args.ray)
     dt = time.perf_counter() - t
-    print(f"wrote {args.out}: suite {args.suite}, {len(m['cases'])} cases, "
+    print(f"wrote {args.out}: suite {suite}, {len(m['cases'])} cases, "
           f"{suite_size(args.out) / 1e6:.1f} MB in {dt:.1f} s")
     return 0
 
@@ -177,6 +255,8 @@ def cmd_check(args) -> int:
                            "pkg.mod:factory or --engine NAME")
     json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
     html_dest = check_destination(args.html_out, "file", OraclesError) if args.html_out else None
+    junit_dest = check_destination(args.junit_out, "file", OraclesError) if args.junit_out else None
+    known_file = known.load(args.known) if args.known else None
     if args.candidate:
         if args.engine_option:
             raise OraclesError("--engine-option needs --engine")
@@ -191,7 +271,10 @@ def cmd_check(args) -> int:
     t = time.perf_counter()
     rep = run_check(args.golden, cand, args.profile, args.only, repro_base=base,
                     progress=_progress(args), expect_digest=args.expect_digest,
-                    allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive)
+                    allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive,
+                    known=known_file, allow_fixed=args.allow_fixed,
+                    engine_options=info.get("options") if info else None,
+                    checkpoint=args.checkpoint)
     rep["seconds"] = round(time.perf_counter() - t, 3)
     if info:
         rep["engine"] = info
@@ -201,7 +284,31 @@ def cmd_check(args) -> int:
         _write_json(args.json_out, rep, expect=json_dest)
     if args.html_out:
         write_text(args.html_out, report_html.render(rep), OraclesError, tag="oracles", expect=html_dest)
+    if args.junit_out:
+        write_text(args.junit_out, junit.render(rep, allow_inconclusive=args.allow_inconclusive,
+                                                allow_fixed=args.allow_fixed),
+                   OraclesError, tag="oracles", expect=junit_dest)
     return 0 if rep["ok"] else 1
+
+
+def cmd_verify(args) -> int:
+    from .authoring.verify import format_verify, run_verify
+
+    json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
+    rep = run_verify(args.golden, args.only, args.expect_digest, progress=_progress(args))
+    print(format_verify(rep))
+    if args.json_out:
+        _write_json(args.json_out, rep.as_dict(), expect=json_dest)
+    return 0 if rep.ok else 1
+
+
+def cmd_diff(args) -> int:
+    json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
+    d = diff.diff(args.old, args.new, args.factor)
+    print(diff.format_diff(d))
+    if args.json_out:
+        _write_json(args.json_out, d.as_dict(), expect=json_dest)
+    return 1 if d.regressed else 0
 
 
 def cmd_run(args) -> int:
@@ -212,7 +319,7 @@ def cmd_run(args) -> int:
     errors = {}
     with atomic_directory(args.out, OraclesError, tag="oracles") as tmp:  # never merged into
         skipped = candidates.write_outputs(args.golden, cand, tmp, args.only, errors=errors,
-                                expect_digest=args.expect_digest)
+                                expect_digest=args.expect_digest, checkpoint=args.checkpoint)
         if info:
             engines.write_info(tmp, info, skipped, errors)
     if info:
@@ -225,4 +332,42 @@ def cmd_run(args) -> int:
     return 1 if errors else 0
 
 
-COMMANDS = {"list": cmd_list, "generate": cmd_generate, "check": cmd_check, "run": cmd_run}
+def cmd_search(args) -> int:
+    from .authoring import search
+
+    if not (args.adapter or args.engine):
+        raise OraclesError("search needs --adapter pkg.mod:factory or --engine NAME")
+    if args.database and args.no_database:
+        raise OraclesError("give --database DIR or --no-database, not both")
+    if args.max_examples < 1:
+        raise OraclesError(f"--max-examples {args.max_examples}: must be at least 1")
+    if args.deadline is not None and args.deadline <= 0:
+        raise OraclesError(f"--deadline {args.deadline:g}: must be a number of seconds > 0")
+    if os.path.lexists(args.out) and not os.path.isdir(args.out):
+        raise OraclesError(f"{printable(args.out)}: is not a directory")
+    kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else search.KINDS
+    bad = [k for k in kinds if k not in search.KINDS]
+    if bad:
+        raise OraclesError(f"--kinds: {bad[0]!r} is not one of {', '.join(search.KINDS)}")
+    pins = search.parse_pins(args.pin)
+    json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
+    if args.profile not in tolerances.PROFILES:
+        raise OraclesError(f"profile {args.profile!r} is not one of {', '.join(tolerances.PROFILES)}")
+    cand, info, how = _candidate_adapter(args)
+    settings = search.Settings(
+        profile=args.profile, max_examples=args.max_examples, deadline=args.deadline,
+        seed=args.seed, kinds=kinds, pins=pins,
+        database=None if args.no_database else (args.database or os.path.join(args.out, "database")))
+    rep = search.search(cand, args.out, settings, check=run_check, repro=how,
+                        progress=_progress(args) is not None)
+    if info:
+        rep["engine"] = info
+        print(f"engine: {engines.label(info)}")
+    print(search.format_report(rep))
+    if args.json_out:
+        _write_json(args.json_out, rep, expect=json_dest)
+    return 0 if rep["ok"] else 1
+
+
+COMMANDS = {"list": cmd_list, "generate": cmd_generate, "check": cmd_check, "run": cmd_run,
+            "verify": cmd_verify, "diff": cmd_diff, "search": cmd_search}

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .backend import array_module
+from .backend import array_module, to_numpy
 from .config import Config, RopeScaling
 from .ops import boundary
 
@@ -94,7 +94,7 @@ def cos_sin(positions, freqs, factor: float = 1.0, xp=np, dtype=np.float64):
     placed on xp's device. The angle is formed in `dtype`: float64 by default; a float32 model
     forms it in float32, as float32 engines do (p and inv_freq rounded to float32, their product
     rounded: an absolute error that grows with the position, about p * 2^-24 radians)."""
-    pos = np.asarray(positions, dtype=dtype)
+    pos = to_numpy(positions).astype(dtype)  # host tables (explicit copy from a device)
     angles = pos[:, None] * np.asarray(freqs, dtype=dtype)[None, :]  # [n, d_R/2]
     angles = angles.astype(np.float64)
     return xp.asarray(np.cos(angles) * factor), xp.asarray(np.sin(angles) * factor)

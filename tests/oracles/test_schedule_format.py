@@ -16,6 +16,7 @@ from oracles.authoring import scenarios
 from oracles.authoring.kinds import case_model
 from oracles.authoring.suites import suite_cases
 from oracles.format import golden
+from oracles.format.digest import question_digest
 from oracles.format.schedule import Chunk, Forward, Preempt, Share, check_entry, plan
 
 DEFAULT = {cid: b for cid, b in suite_cases("default") if cid.startswith("scenario.")}
@@ -148,12 +149,14 @@ def test_a_preempted_request_is_recomputed_not_remembered():
 
 
 def _edit_manifest(src, dst, cid, edit):
-    """A suite of one case copied from `src`, its manifest entry edited."""
+    """A suite of one case copied from `src`, its manifest entry edited (and its question digest
+    recomputed, as whoever edits a manifest can: the schedule checks are the ones tested)."""
     os.makedirs(os.path.join(dst, "cases"))
     shutil.copytree(os.path.join(src, "cases", cid), os.path.join(dst, "cases", cid))
     m = json.load(open(os.path.join(src, "manifest.json")))
     m["cases"] = [e for e in m["cases"] if e["id"] == cid]
     edit(m["cases"][0])
+    m["question_digest"] = question_digest(m)
     json.dump(m, open(os.path.join(dst, "manifest.json"), "w"))
     return dst
 
