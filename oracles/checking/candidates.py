@@ -46,7 +46,7 @@ from refimpl.writer import write_safetensors
 
 from .. import OraclesError
 from ..format import untrusted
-from ..format.case_errors import read_error, write_error
+from ..format.case_errors import ERROR_FILE, read_error, write_error
 from ..format.golden import Golden, read_tensors
 from ..format.schema import matches
 from .worker import DEFAULT_CASE_TIMEOUT, AdapterTimeout, CaseError, Worker, call_adapter, text
@@ -203,13 +203,20 @@ def make_candidate(factory, label: str, timeout: float = DEFAULT_CASE_TIMEOUT) -
     return AdapterCandidate(adapter, label, timeout=timeout, worker=worker)
 
 
+def _remove(path: str) -> None:
+    """An earlier run's file of a case, gone (nothing when there is none)."""
+    if os.path.lexists(path):
+        os.remove(path)
+
+
 def write_outputs(golden_path: str, candidate: AdapterCandidate, out: str, only=None,
                   errors: dict | None = None, expect_digest: str | None = None,
                   checkpoint: str | None = None) -> dict:
     """The file route driven by an adapter: CANDIDATE/cases/<id>/outputs.safetensors for every
     supported case -> {case id: skip reason} for the others. A case whose adapter call fails
     (raises, exits, times out) gets CANDIDATE/cases/<id>/error.txt (format/case_errors.py)
-    instead of outputs, and its one-line reason goes to `errors`."""
+    instead of outputs, and its one-line reason goes to `errors`. Written into a candidate of an
+    earlier run, a case keeps only what this run wrote (the other file is removed)."""
     golden = Golden(golden_path, expect_digest=expect_digest, checkpoint=checkpoint)
     skipped = {}
     errors = {} if errors is None else errors
@@ -229,9 +236,11 @@ def write_outputs(golden_path: str, candidate: AdapterCandidate, out: str, only=
         except CaseError as e:  # recorded per case: check reports it as ERROR, not missing
             errors[cid] = str(e)
             write_error(os.path.join(out, "cases", cid), e)
+            _remove(os.path.join(out, "cases", cid, "outputs.safetensors"))
             continue
         d = os.path.join(out, "cases", cid)
         os.makedirs(d, exist_ok=True)
         write_safetensors(os.path.join(d, "outputs.safetensors"),
                           {k: np.ascontiguousarray(v) for k, v in outs.items()})
+        _remove(os.path.join(d, ERROR_FILE))
     return skipped
