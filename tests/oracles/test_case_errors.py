@@ -12,6 +12,7 @@ import pytest
 
 from oracles import engines
 from oracles.authoring import writer
+from oracles.checking.candidates import load_adapter, write_outputs
 from oracles.format.case_errors import ERROR_FILE, MAX_ERROR_BYTES, read_error
 from tests.helpers import run_main
 
@@ -143,3 +144,22 @@ def test_the_reproduce_line_carries_the_environment_the_engine_read(suite, tmp_p
     assert rc == 1 and repro, out
     assert repro[0].startswith("LLAMA_CPP_CONVERTER='/opt/llama cpp/convert_hf_to_gguf.py' oracles check ")
     assert "NOT_SET_ANYWHERE" not in repro[0]
+
+
+
+def test_a_rerun_into_an_old_candidate_keeps_only_what_this_run_wrote(suite, tmp_path, monkeypatch):
+    """write_outputs into the candidate of an earlier run (the engine matrix reuses its --work
+    directory; `oracles run` refuses a non-empty --out): a case that failed last time and passes
+    now loses its old error.txt, one that passed and fails now loses its old outputs, else the
+    check would read a stale result."""
+    cand = str(tmp_path / "cand")
+    write_outputs(suite, load_adapter("oracles.adapters:refimpl_float32"), cand)
+    ok, gate = (tmp_path / "cand" / "cases" / c for c in ("model.prefill.tiny", "gate.tiny"))
+    assert (ok / "outputs.safetensors").exists() and not (ok / ERROR_FILE).exists()
+    (gate / ERROR_FILE).write_text("RuntimeError: from an earlier run\n")
+    spec = _module(tmp_path, monkeypatch, "refuses_models3", REFUSES_MODELS)
+    errors = {}
+    write_outputs(suite, load_adapter(spec), cand, errors=errors)
+    assert list(errors) == ["model.prefill.tiny"]
+    assert (ok / ERROR_FILE).exists() and not (ok / "outputs.safetensors").exists()
+    assert (gate / "outputs.safetensors").exists() and not (gate / ERROR_FILE).exists()
