@@ -28,15 +28,15 @@ and unrolls it into one entry per forward.
 from __future__ import annotations
 
 import importlib
-import math
 import os
 
 import numpy as np
 
 from . import OraclesError
-from .check import DEFAULT_CASE_TIMEOUT, AdapterCandidate, AdapterTimeout, CaseError, _text, _Worker
+from .check import (DEFAULT_CASE_TIMEOUT, AdapterCandidate, AdapterTimeout, CaseError, _text,
+                    _Worker, check_timeout)
 from .golden import Golden
-from refimpl.checkpoint import write_safetensors
+from refimpl.checkpoint import DTYPE_NAMES, write_safetensors_planned
 
 
 class RefimplAdapter:
@@ -72,10 +72,10 @@ def refimpl_fp8():
     return RefimplAdapter("fp8")
 
 
-def load_adapter(spec: str, timeout: float = DEFAULT_CASE_TIMEOUT) -> AdapterCandidate:
-    """'pkg.mod:factory' -> the candidate (factory() is called once). The import and the factory
-    run on the candidate's worker thread with the same timeout as each case; whatever goes
-    wrong there (an exception, sys.exit, no return) is one line and exit 2."""
+def adapter_factory(spec: str):
+    """'pkg.mod:factory' -> a function that imports the module and calls its factory (wherever
+    the candidate runs it: its worker thread, or the adapter process). Whatever goes wrong in
+    the import is one OraclesError naming the spec."""
     mod_name, sep, attr = spec.partition(":")
     if not sep or not mod_name or not attr:
         raise OraclesError(f"--adapter {spec!r} must look like pkg.module:factory")
@@ -95,46 +95,61 @@ def load_adapter(spec: str, timeout: float = DEFAULT_CASE_TIMEOUT) -> AdapterCan
             raise OraclesError(f"--adapter {spec}: {mod_name} has no callable {attr}")
         return f()
 
-    return make_candidate(factory, spec, timeout)
+    return factory
+
+
+def load_adapter(spec: str, timeout: float = DEFAULT_CASE_TIMEOUT) -> AdapterCandidate:
+    """'pkg.mod:factory' -> the candidate, in this process (factory() is called once). The
+    import and the factory run on the candidate's worker thread with the same timeout as each
+    case; whatever goes wrong there (an exception, sys.exit, no return) is one line and exit 2.
+    oracles.isolated.ChildCandidate runs the same in a child process (the command line's
+    default)."""
+    return make_candidate(adapter_factory(spec), spec, timeout)
+
+
+def build_adapter(factory, label: str):
+    """factory() -> the adapter, checked to have supports(case) and run(case); an exception or
+    sys.exit in the factory is one OraclesError naming `label` (KeyboardInterrupt propagates)."""
+    try:
+        adapter = factory()
+    except OraclesError:
+        raise
+    except BaseException as e:  # noqa: BLE001
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise OraclesError(f"{label}: the factory raised {type(e).__name__}: {_text(e)}") from None
+    if not (callable(getattr(adapter, "supports", None)) and callable(getattr(adapter, "run", None))):
+        raise OraclesError(f"{label}: the factory's object needs supports(case) and run(case)")
+    return adapter
 
 
 def make_candidate(factory, label: str, timeout: float = DEFAULT_CASE_TIMEOUT) -> AdapterCandidate:
     """factory() -> an adapter, called on the candidate's worker thread (where every later call
     runs, so an engine built there keeps its thread) with the case timeout -> the candidate.
     An exception, sys.exit or no return in the factory is one line and exit 2 naming `label`."""
-    if not (timeout >= 0 and math.isfinite(timeout)):
-        raise OraclesError(f"--case-timeout {timeout!r}: must be a number of seconds >= 0")
+    timeout = check_timeout(timeout)
     worker = _Worker() if timeout else None
-
-    def make():
-        try:
-            adapter = factory()
-        except OraclesError:
-            raise
-        except BaseException as e:  # noqa: BLE001
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            raise OraclesError(f"{label}: the factory raised {type(e).__name__}: {_text(e)}") from None
-        if not (callable(getattr(adapter, "supports", None)) and callable(getattr(adapter, "run", None))):
-            raise OraclesError(f"{label}: the factory's object needs supports(case) and run(case)")
-        return adapter
-
     try:
-        adapter = worker.call(make, timeout, "the factory") if worker is not None else make()
+        adapter = worker.call(lambda: build_adapter(factory, label), timeout, "the factory") \
+            if worker is not None else build_adapter(factory, label)
     except AdapterTimeout:
         raise OraclesError(f"{label}: building the adapter did not return within {timeout:g} s "
                            "(--case-timeout)") from None
     return AdapterCandidate(adapter, label, timeout=timeout, worker=worker)
 
 
-def write_outputs(golden_path: str, candidate: AdapterCandidate, out: str, only=None,
+def write_outputs(golden_path: str, candidate, out: str, only=None,
                   errors: dict | None = None, expect_digest: str | None = None) -> dict:
     """The file route driven by an adapter: CANDIDATE/cases/<id>/outputs.safetensors for every
     supported case -> {case id: skip reason} for the others. A case whose adapter call fails
-    (raises, exits, times out) gets no file; its one-line reason goes to `errors`."""
+    (raises, exits, times out, its process dies) gets no file; its one-line reason goes to
+    `errors`. Outputs are written one tensor at a time (a lazily read candidate.Outputs from an
+    adapter process is never held whole)."""
     from .schema import matches
 
     golden = Golden(golden_path, expect_digest=expect_digest)
+    if hasattr(candidate, "bind"):
+        candidate.bind(golden)
     skipped = {}
     errors = {} if errors is None else errors
     for cid in golden.cases:
@@ -143,18 +158,29 @@ def write_outputs(golden_path: str, candidate: AdapterCandidate, out: str, only=
         if candidate.stuck:
             errors[cid] = f"not run: the adapter is stuck ({candidate.stuck})"
             continue
-        case = golden.load_case(cid)
+        cache = {}
+
+        def load(cid=cid):
+            if "case" not in cache:
+                cache["case"] = golden.load_case(cid)
+            return cache["case"]
         try:
-            ok = candidate.supports(cid, lambda: case)
+            ok = candidate.supports(cid, load)
             if ok is not True:
                 skipped[cid] = ok
                 continue
-            outs = candidate.outputs(cid, lambda: case)
+            outs = candidate.outputs(cid, load)
         except CaseError as e:
             errors[cid] = str(e)
             continue
+        entries = [(k, DTYPE_NAMES.get(np.dtype(v.dtype)), tuple(v.shape)) for k, v in outs.items()]
+        bad = [k for k, dt, _ in entries if dt is None]
+        if bad:
+            errors[cid] = f"run() returned output {bad[0]!r} as {outs[bad[0]].dtype} values, which " \
+                          "safetensors cannot store"
+            continue
         d = os.path.join(out, "cases", cid)
         os.makedirs(d, exist_ok=True)
-        write_safetensors(os.path.join(d, "outputs.safetensors"),
-                          {k: np.ascontiguousarray(v) for k, v in outs.items()})
+        write_safetensors_planned(os.path.join(d, "outputs.safetensors"), entries,
+                                  lambda k: np.asarray(outs[k]))
     return skipped

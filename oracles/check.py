@@ -18,8 +18,9 @@ import weakref
 import ml_dtypes
 import numpy as np
 
-from . import OraclesError, metrics, tolerance, untrusted
-from .golden import Golden, read_tensors
+from . import OraclesError, metrics, tolerance
+from . import candidate as candidate_files
+from .golden import Golden
 from .schema import CAUSAL_KINDS, matches
 from .untrusted import escape
 
@@ -29,6 +30,7 @@ CONTINUOUS_METRICS, LOGIT_METRICS = metrics.CONTINUOUS_METRICS, metrics.LOGIT_ME
 
 
 DEFAULT_CASE_TIMEOUT = 600.0  # seconds per call into an adapter (supports, run); --case-timeout
+MAX_CASE_TIMEOUT = 1e6  # seconds (11.6 days): --case-timeout is 0 (no limit) or up to this
 MIN_COMPARED = 0.5  # a case judging fewer of its required outputs' positions is INCONCLUSIVE
 
 
@@ -42,8 +44,9 @@ class AdapterTimeout(Exception):
 
 
 class DirCandidate:
-    """The file route: CANDIDATE/cases/<id>/outputs.safetensors (a regular file inside
-    CANDIDATE, checked like a golden suite's files)."""
+    """The file route: CANDIDATE/cases/<id>/outputs.safetensors, skip.txt or error.txt, read as
+    untrusted input (oracles/candidate.py: regular files inside CANDIDATE, bounded reads, the
+    outputs read lazily, only the tensors the case compares)."""
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
@@ -54,21 +57,28 @@ class DirCandidate:
     def supports(self, case_id, load):
         """True, or the reason in CANDIDATE/cases/<id>/skip.txt (an engine that cannot run the
         case, e.g. cannot express its schedule, says so there): its first line, printable
-        characters only, at most 200."""
-        p = os.path.join(self.path, "cases", case_id, "skip.txt")
-        if not os.path.isfile(p):
+        characters only, at most 200. An error.txt beside it wins (the case is an ERROR)."""
+        if candidate_files.error_reason(self.path, case_id) is not None:
             return True
-        with open(p, "rb") as f:
-            line = f.read(4096).decode("utf-8", "replace").splitlines()[:1]
-        reason = "".join(ch for ch in (line[0] if line else "") if ch.isprintable()).strip()[:200]
-        return reason or "skipped (empty skip.txt)"
+        return candidate_files.skip_reason(self.path, case_id)
 
     def outputs(self, case_id, load):
-        p = untrusted.inside(self.path, f"cases/{case_id}/outputs.safetensors",
-                             f"candidate outputs of case {case_id!r}", missing_ok=True)
-        if p is None:
-            return None
-        return read_tensors(p)
+        err = candidate_files.error_reason(self.path, case_id)
+        if err is not None:
+            raise CaseError(err)
+        return candidate_files.outputs(self.path, case_id)
+
+
+def check_timeout(timeout) -> float:
+    """--case-timeout: a number of seconds, 0 (no limit) or from 0 to MAX_CASE_TIMEOUT."""
+    try:
+        t = float(timeout)
+    except (TypeError, ValueError, OverflowError):
+        t = float("nan")
+    if isinstance(timeout, bool) or not (0 <= t <= MAX_CASE_TIMEOUT):
+        raise OraclesError(f"--case-timeout {escape(repr(timeout))[:60]}: must be a number of seconds "
+                           f"from 0 (no limit) to {MAX_CASE_TIMEOUT:g}")
+    return t
 
 
 class _Worker:
@@ -81,7 +91,8 @@ class _Worker:
     def __init__(self):
         self.jobs = queue.Queue()
         self.stuck = None
-        threading.Thread(target=self._loop, name="oracles-adapter", daemon=True).start()
+        self.thread = threading.Thread(target=self._loop, name="oracles-adapter", daemon=True)
+        self.thread.start()
 
     def _loop(self):
         while True:
@@ -96,8 +107,11 @@ class _Worker:
             done.set()
             del job, fn, box, done  # hold nothing of the candidate between calls
 
-    def close(self) -> None:
+    def close(self, wait: float = 0) -> None:
+        """End the thread (after the calls already queued); wait up to `wait` seconds for it."""
         self.jobs.put(None)
+        if wait and not self.stuck and self.thread is not threading.current_thread():
+            self.thread.join(wait)
 
     def call(self, fn, timeout: float, what: str):
         """fn() on the worker -> its value; its exception re-raised here; AdapterTimeout when it
@@ -161,6 +175,22 @@ class AdapterCandidate:
     def stuck(self):
         return self.worker.stuck if self.worker is not None else None
 
+    def close(self, abort: bool = False) -> str | None:
+        """The adapter's optional close() (the adapter protocol: release the engine), called
+        on the thread that built it, then that thread ended and waited for. -> None, or the
+        one-line reason close() failed. abort (after Ctrl-C, while a call may still run on the
+        worker): nothing is called and nothing waited for."""
+        close, why = getattr(self.adapter, "close", None), None
+        self.adapter = None
+        if not abort and callable(close) and not self.stuck:
+            try:
+                self._call(close, "close()")
+            except CaseError as e:
+                why = str(e)
+        if self.worker is not None:
+            self.worker.close(wait=0 if abort else 10.0)
+        return why
+
     def _call(self, fn, what):
         return call_adapter(self.worker, fn, self.timeout, what)
 
@@ -218,8 +248,10 @@ def _metric_failures(values: dict, tols: dict, names) -> list[str]:
 def _check_output(out: dict, c, e, expected: dict, cand: dict, tols: dict, taint) -> None:
     """Fill `out` (status, metrics, message) for one output."""
     name, kind = out["name"], out["type"]
-    c = np.asarray(c)
-    if c.shape != e.shape:
+    if not (hasattr(c, "shape") and hasattr(c, "dtype")):
+        c = np.asarray(c)
+    # shape and dtype first: a file's tensor (candidate.Tensor) is read only once they fit
+    if tuple(c.shape) != e.shape:
         out.update(status="fail", message=f"shape {list(c.shape)}, expected {list(e.shape)}")
         return
     want_int = kind in ("indices", "tokens")
@@ -230,6 +262,7 @@ def _check_output(out: dict, c, e, expected: dict, cand: dict, tols: dict, taint
         out.update(status="fail", message=f"dtype {c.dtype}, expected a float dtype "
                                           "(float64/float32/float16/bfloat16)")
         return
+    c = np.asarray(c)
     if not want_int:
         c = c.astype(np.float64)
         if not np.isfinite(c).all():
@@ -240,9 +273,10 @@ def _check_output(out: dict, c, e, expected: dict, cand: dict, tols: dict, taint
     if kind == "routing_weights":
         stem = name[: -len("topk_weight")]
         e_idx = expected[stem + "topk_idx"]
-        c_idx = np.asarray(cand.get(stem + "topk_idx", e_idx))
-        if c_idx.shape != e_idx.shape or not np.issubdtype(c_idx.dtype, np.integer):
+        c_idx = cand.get(stem + "topk_idx", e_idx)
+        if tuple(np.shape(c_idx)) != e_idx.shape or not np.issubdtype(c_idx.dtype, np.integer):
             c_idx = e_idx  # the index output itself is reported as failing
+        c_idx = np.asarray(c_idx)
     vals, names = metrics.compare(name, kind, c, e, expected, tols, taint, c_idx)
     out["metrics"] = vals
     out["tol"] = {m: tols[m]["tol"] for m in names if m in tols}
@@ -378,6 +412,8 @@ def run_check(golden_path: str, candidate, profile: str = "float32", only: str |
     if profile not in tolerance.PROFILES:
         raise OraclesError(f"profile {profile!r} is not one of {', '.join(tolerance.PROFILES)}")
     golden = Golden(golden_path, expect_digest=expect_digest)
+    if hasattr(candidate, "bind"):  # an adapter process reads the cases from the same suite
+        candidate.bind(golden)
     entries = [e for e in golden.manifest["cases"] if matches(e["id"], only)]
     if not entries:
         raise OraclesError(f"{golden_path}: no case matches --only {only!r}")

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import time
 
-from refimpl.atomic import atomic_directory, check_destination, write_text
+from refimpl.atomic import atomic_directory, check_destination, distinct_destinations, write_text
 from refimpl.errors import RefimplError, printable
 
 from .untrusted import escape
@@ -46,13 +45,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _seconds(text):
+    """--case-timeout: seconds, 0 (no limit) or from 0 to check.MAX_CASE_TIMEOUT (1e6)."""
+    from . import OraclesError
+    from .check import check_timeout
+
     try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
-    return v
+        return check_timeout(text)
+    except OraclesError:
+        from .check import MAX_CASE_TIMEOUT
+
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 (no limit) "
+                                         f"to {MAX_CASE_TIMEOUT:g}") from None
 
 
 def _parser():
@@ -77,8 +80,8 @@ def _parser():
     c.add_argument("--expect-digest", metavar="HEX",
                    help="refuse the suite unless sha256(manifest.json) is HEX (pin it in CI)")
     c.add_argument("--case-timeout", type=_seconds, default=600.0, metavar="SECONDS",
-                   help="stop waiting for an adapter call after this long (default 600; 0: no limit, "
-                        "calls run in the main thread)")
+                   help="stop an adapter call that takes longer (default 600, at most 1e6; 0: no "
+                        "limit; with --in-process 0 runs the calls in the main thread)")
     c.add_argument("--allow-empty", action="store_true",
                    help="exit 0 even if no required output was compared (all skipped or declined)")
     c.add_argument("--allow-inconclusive", action="store_true",
@@ -99,25 +102,48 @@ def _parser():
 def _engine_args(p):
     p.add_argument("--engine", help="a built-in engine adapter: transformers, mlx, llama.cpp, vllm")
     p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an engine setting (dtype, kv_cache_dtype, flash_attn, ...); repeatable")
+                   help="an engine setting (dtype, kv_cache_dtype, flash_attn, ...); one per key")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the adapter in this process (on a worker thread) instead of a child "
+                        "process: for debugging; a crash or a stuck C call then ends the run")
 
 
 def _candidate_adapter(args):
-    """--adapter or --engine (exactly one) -> (AdapterCandidate, engine info or None, repro).
-    The adapter (an engine included) is built on the candidate's worker thread, where every
-    later call runs, under --case-timeout."""
+    """--adapter or --engine (exactly one) -> (candidate, engine info or None, repro). By
+    default the adapter runs in a child process (isolated.ChildCandidate); --in-process builds
+    it on this process's worker thread (check.AdapterCandidate). Either way it is built where
+    every later call runs, under --case-timeout, and closed there (candidate.close())."""
     from . import OraclesError
-    from .adapters import load_adapter, make_candidate
 
     if args.adapter and args.engine:
         raise OraclesError("give --adapter or --engine, not both")
     if args.engine_option and not args.engine:
         raise OraclesError("--engine-option needs --engine")
     if args.adapter:
-        return load_adapter(args.adapter, args.case_timeout), None, f"--adapter {args.adapter}"
+        if args.in_process:
+            from .adapters import load_adapter
+
+            return load_adapter(args.adapter, args.case_timeout), None, f"--adapter {args.adapter}"
+        from .adapters import adapter_factory
+        from .isolated import ChildCandidate
+
+        adapter_factory(args.adapter)  # the spec's form, before a process is started
+        return (ChildCandidate({"adapter": args.adapter}, args.adapter, args.case_timeout), None,
+                f"--adapter {args.adapter}")
     from . import engines
 
     options = engines.parse_options(args.engine_option)
+    engines.check_options(args.engine, options)  # names and values, before the engine is built
+    repro = f"--engine {shlex.quote(args.engine)}" + "".join(
+        f" --engine-option {shlex.quote(o)}" for o in args.engine_option)
+    if not args.in_process:
+        from .isolated import ChildCandidate
+
+        cand = ChildCandidate({"engine": args.engine, "options": options}, f"--engine {args.engine}",
+                              args.case_timeout)
+        return cand, cand.info, repro
+    from .adapters import make_candidate
+
     built = {}
 
     def factory():
@@ -126,18 +152,29 @@ def _candidate_adapter(args):
     cand = make_candidate(factory, f"--engine {args.engine}", args.case_timeout)
     info = built["info"]
     cand.label = engines.label(info)
-    repro = f"--engine {shlex.quote(args.engine)}" + "".join(
-        f" --engine-option {shlex.quote(o)}" for o in args.engine_option)
     return cand, info, repro
 
 
+def _close(cand, abort: bool = False) -> None:
+    """The adapter's close() where it was built (and its process or thread ended); a close()
+    that fails is one warning line, not a change of verdict."""
+    close = getattr(cand, "close", None)
+    why = close(abort=abort) if callable(close) else None
+    if why:
+        print(f"oracles: warning: {escape(why)}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         return COMMANDS[args.cmd](args)
     except RefimplError as e:  # OraclesError included
         print(f"oracles: error: {printable(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or an adapter that raised it: one line, 130
+        detail = f" ({printable(e)[:200]})" if str(e) else ""
+        print(f"oracles: interrupted{detail}", file=sys.stderr)
+        return 130
 
 
 def cmd_list(args) -> int:
@@ -177,6 +214,7 @@ def cmd_check(args) -> int:
     if bool(args.candidate) == bool(args.adapter or args.engine):
         raise OraclesError("check needs exactly one of CANDIDATE (a directory), --adapter "
                            "pkg.mod:factory or --engine NAME")
+    distinct_destinations({"--json": args.json_out, "--html": args.html_out}, OraclesError)
     json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
     html_dest = check_destination(args.html_out, "file", OraclesError) if args.html_out else None
     if args.candidate:
@@ -186,20 +224,25 @@ def cmd_check(args) -> int:
             raise OraclesError("--engine-option needs --engine")
         cand, info, how = DirCandidate(args.candidate), read_info(args.candidate), shlex.quote(args.candidate)
         if info:
-            cand = RecordedSkips(cand, info.pop("skipped"))
+            cand = RecordedSkips(cand, info.pop("skipped"), info.pop("errors"))
     else:
         cand, info, how = _candidate_adapter(args)
     base = f"oracles check {shlex.quote(args.golden)} {how}"
     t = time.perf_counter()
-    rep = run_check(args.golden, cand, args.profile, args.only, repro_base=base,
-                    progress=_progress(args), expect_digest=args.expect_digest,
-                    allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive)
+    try:
+        rep = run_check(args.golden, cand, args.profile, args.only, repro_base=base,
+                        progress=_progress(args), expect_digest=args.expect_digest,
+                        allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive)
+    except BaseException:
+        _close(cand, abort=True)
+        raise
+    _close(cand)
     rep["seconds"] = round(time.perf_counter() - t, 3)
     if info:
         from .engines import label
 
         rep["engine"] = info
-        print(f"engine: {label(info)}")
+        print(f"engine: {escape(label(info))}")
     print(format_report(rep))
     if args.json_out:
         _write_json(args.json_out, rep, expect=json_dest)
@@ -218,22 +261,27 @@ def cmd_run(args) -> int:
     check_destination(args.out, "directory", OraclesError)  # before the adapter runs
     cand, info, _ = _candidate_adapter(args)
     errors = {}
-    with atomic_directory(args.out, OraclesError, tag="oracles") as tmp:  # never merged into
-        skipped = write_outputs(args.golden, cand, tmp, args.only, errors=errors,
-                                expect_digest=args.expect_digest)
-        if info:
-            from .engines import write_info
+    try:
+        with atomic_directory(args.out, OraclesError, tag="oracles") as tmp:  # never merged into
+            skipped = write_outputs(args.golden, cand, tmp, args.only, errors=errors,
+                                    expect_digest=args.expect_digest)
+            if info:
+                from .engines import write_info
 
-            write_info(tmp, info, skipped)
+                write_info(tmp, info, skipped)
+    except BaseException:
+        _close(cand, abort=True)
+        raise
+    _close(cand)
     if info:
         from .engines import label
 
-        print(f"engine: {label(info)}")
+        print(f"engine: {escape(label(info))}")
     for cid, why in skipped.items():
         print(escape(f"skipped {cid}: {why}"))
     for cid, why in errors.items():
         print(escape(f"error {cid}: {why}"))
-    print(f"wrote {args.out}" + (f" ({len(errors)} case(s) failed to run)" if errors else ""))
+    print(escape(f"wrote {args.out}") + (f" ({len(errors)} case(s) failed to run)" if errors else ""))
     return 1 if errors else 0
 
 

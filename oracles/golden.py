@@ -278,6 +278,7 @@ class Golden:
             self._verified.add(cid)
             self._check_params(cid)
             self._check_model_files(cid)
+            self._config(cid)  # a case's config.json, validated before any case is run
 
     def _check_params(self, cid: str) -> None:
         """The params the manifest gives a case (what an engine reads: its schedule, its depth)

@@ -37,14 +37,14 @@ import tempfile
 import numpy as np
 
 from .. import OraclesError
-from . import model_case_support, resolve_options
+from . import Integer, model_case_support, resolve_options
 
 OPTIONS = {
     "dtype": ("float32", ("float32", "bfloat16", "float16"), "GGUF weights (--outtype)"),
     "kv_cache_dtype": ("f16", ("f16", "f32", "bf16", "q8_0"), "type_k and type_v"),
     "flash_attn": ("off", ("off", "on"), "flash attention"),
     "converter": ("", None, "convert_hf_to_gguf.py (else $LLAMA_CPP_CONVERTER)"),
-    "threads": ("2", None, "CPU threads"),
+    "threads": ("2", Integer(1, 1024), "CPU threads"),
     "intermediates": ("on", ("on", "off"), "graph tensors through cb_eval"),
 }
 # llama.cpp graph tensor name (cb name "-" layer) -> refimpl trace name

@@ -1,0 +1,442 @@
+"""Adapters in a child process: the default for `--adapter` and `--engine` (`--in-process` for
+debugging runs them in the checker's own process, on a worker thread, as check.AdapterCandidate).
+
+The checker judges in the parent; the adapter (its import, its factory, every supports(case) and
+run(case), and its optional close()) runs in a child, `python -m oracles.isolated`, started in a
+session of its own. The engine is built once per child, on the child's main thread, and every
+later call runs on that same thread. The parent can always stop the child: a call that does not
+return within --case-timeout seconds, whatever the child holds (the interpreter lock, a C loop,
+threads of its own), ends with SIGKILL to the child's process group. A child that crashes, is
+killed by a signal or exits during a call makes that case an ERROR naming the cause, and the
+next case starts a fresh child (building the engine again); a child that cannot be restarted
+leaves the remaining cases ERROR (not run).
+
+Nothing the child sends is unpickled. Requests and replies are length-prefixed strict JSON
+(refimpl.jsonfile) of at most MAX_MESSAGE bytes; the parent checks every reply's fields.
+Outputs go through a file: the child writes run()'s arrays as one safetensors file in a private
+temporary directory of the parent's, and the parent opens it like any candidate's outputs
+(candidate.Outputs: header checked, tensors read only when compared) and removes it at once.
+The child reads the case itself from the suite (oracles.golden.Golden on the same directory,
+pinned to the digest the parent verified, each file's sha256 checked again as it is read).
+
+The child's standard output goes to the parent's standard error, so nothing an adapter prints
+can forge a line of the report; its standard input is /dev/null. It ends with os._exit after
+close(): engines whose threads or C++ destructors abort at interpreter exit (MLX's `terminate
+called without an active exception`) cannot change the checker's exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+
+from refimpl import jsonfile
+from refimpl.errors import printable
+
+from . import OraclesError
+from .check import CaseError, _text, check_timeout
+
+PROTOCOL = 1
+MAX_MESSAGE = 1 << 20  # bytes of one reply; the child cuts its texts far below this
+CLOSE_WAIT = 10.0  # seconds a child has to exit after close() returned
+READY_WAIT = 120.0  # seconds (at least) for a fresh interpreter to start, before the factory's timeout
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _Gone(Exception):
+    pass
+
+
+def _frame(obj) -> bytes:
+    data = json.dumps(obj, allow_nan=False).encode("utf-8")
+    return struct.pack(">I", len(data)) + data
+
+
+def _cause(returncode) -> str:
+    """How a child ended, in words."""
+    if returncode is None:
+        return "stopped answering"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with code {returncode}"
+
+
+def _kill(proc, tmp) -> None:
+    """SIGKILL to the child's process group (its own threads and children with it), reaped;
+    the temporary directory removed. Safe to call twice."""
+    if proc is not None and proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ChildCandidate:
+    """A Python adapter (`{"adapter": "pkg.mod:factory"}`) or a built-in engine (`{"engine":
+    name, "options": {...}}`) run in a child process, with a per-call timeout (0: none). The
+    child is started, and the factory called, when the candidate is made: a factory that fails
+    is one OraclesError (exit 2). `info` holds the engine's name, version and options."""
+
+    def __init__(self, spec: dict, label: str, timeout: float = 600.0):
+        self.spec, self.label, self.timeout = spec, label, check_timeout(timeout)
+        self.info = None
+        self.stuck = None  # why no further call is made (a restart failed)
+        self.golden = None  # {"path", "digest"} of the suite being checked (bind)
+        self._proc = self._to = self._from = None
+        self._busy = False  # a call is in flight (an interrupted one: kill, never wait)
+        self._n = 0
+        self._tmp = tempfile.mkdtemp(prefix="oracles-adapter-")
+        self._state = {"proc": None}
+        self._finalizer = weakref.finalize(self, lambda st, tmp: _kill(st["proc"], tmp),
+                                           self._state, self._tmp)
+        try:
+            self._start()
+        except CaseError as e:
+            self.close(abort=True)
+            raise OraclesError(f"{label}: {e}") from None
+        except BaseException:
+            self.close(abort=True)
+            raise
+
+    # ---- the candidate interface (check.run_check, adapters.write_outputs) ----------------------
+    def bind(self, golden) -> None:
+        """The suite the cases come from: the child opens the same directory, pinned to the
+        digest of the manifest the parent verified."""
+        self.golden = {"path": os.path.abspath(golden.path), "digest": golden.digest}
+
+    def supports(self, case_id, load):
+        v = self._request({"op": "supports", "case": case_id, "golden": self.golden}, "supports()")
+        if "value" not in v or not (v["value"] is True or isinstance(v["value"], str)):
+            self._broken("supports()", "a reply without a verdict")
+        return v["value"] or "not supported"
+
+    def outputs(self, case_id, load):
+        from .candidate import Outputs
+
+        self._n += 1
+        path = os.path.join(self._tmp, f"outputs-{self._n}.safetensors")
+        self._request({"op": "run", "case": case_id, "golden": self.golden, "out": path}, "run()")
+        try:
+            return Outputs(path, f"run()'s outputs for case {case_id!r}", unlink=True)
+        except OraclesError as e:
+            raise CaseError(f"run(): its outputs could not be read back ({e})") from None
+
+    def close(self, abort: bool = False) -> str | None:
+        """Ask the child to call the adapter's close() and exit (abort, or a call still in
+        flight: kill it) -> None, or the one-line reason close() failed."""
+        why = None
+        if self._proc is not None and self._proc.poll() is None and not abort and not self._busy:
+            try:
+                why = self._call({"op": "close"}, "close()").get("error")
+                if self._proc is not None:
+                    self._proc.wait(CLOSE_WAIT)
+            except CaseError as e:
+                why = str(e)
+            except subprocess.TimeoutExpired:
+                why = f"the adapter process did not exit within {CLOSE_WAIT:g} s of close()"
+        self._stop()
+        self._finalizer()
+        return why
+
+    # ---- the child's life ----------------------------------------------------------------------
+    def _start(self) -> None:
+        import oracles
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(oracles.__file__)))
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        p2c_r, p2c_w = os.pipe()
+        c2p_r, c2p_w = os.pipe()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "oracles.isolated", str(p2c_r), str(c2p_w)],
+                pass_fds=(p2c_r, c2p_w), stdin=subprocess.DEVNULL, stdout=sys.__stderr__.fileno()
+                if sys.__stderr__ is not None else subprocess.DEVNULL,
+                start_new_session=True, env=env, close_fds=True)
+        except OSError as e:
+            for fd in (p2c_r, p2c_w, c2p_r, c2p_w):
+                os.close(fd)
+            raise OraclesError(f"{self.label}: cannot start the adapter process ({e.strerror})") from None
+        os.close(p2c_r)
+        os.close(c2p_w)
+        self._to, self._from = p2c_w, c2p_r
+        self._state["proc"] = self._proc
+        ready = self._call(None, "starting the adapter process",
+                           None if not self.timeout else max(self.timeout, READY_WAIT))
+        if ready.get("ready") != PROTOCOL:
+            self._broken("starting the adapter process", "a greeting of another protocol")
+        reply = self._call({"op": "start", "protocol": PROTOCOL, "spec": self.spec,
+                            "label": self.label, "sys_path": [p for p in sys.path if isinstance(p, str)]},
+                           "the factory")
+        if "error" in reply:
+            self._stop()
+            raise OraclesError(reply["error"])
+        info = reply.get("info")
+        if info is not None:
+            from .engines import label
+
+            if not (isinstance(info, dict) and isinstance(info.get("engine"), str)
+                    and isinstance(info.get("version"), str) and isinstance(info.get("options"), dict)):
+                self._broken("the factory", "engine info that is not {engine, version, options}")
+            self.info = {"engine": info["engine"], "version": info["version"], "options": info["options"]}
+            self.label = label(self.info)
+
+    def _stop(self) -> None:
+        """Kill the child (if any) and forget it; the next call starts a fresh one."""
+        for fd in (self._to, self._from):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._to = self._from = None
+        _kill(self._proc, None)
+        self._proc = None
+        self._state["proc"] = None
+        self._busy = False
+
+    def _ensure(self) -> None:
+        if self._proc is not None:
+            return
+        if self.stuck:
+            raise CaseError(f"not run: {self.stuck}")
+        try:
+            self._start()
+        except (OraclesError, CaseError) as e:
+            self._stop()
+            self.stuck = f"the adapter could not be restarted: {_text(e, 500)}"
+            raise CaseError(f"not run: {self.stuck}") from None
+
+    def _request(self, msg: dict, what: str) -> dict:
+        """A case's request: a child started if none runs (after a crash or timeout)."""
+        self._ensure()
+        reply = self._call(msg, what)
+        if "error" in reply:
+            raise CaseError(reply["error"])
+        return reply
+
+    def _call(self, msg: dict | None, what: str, timeout: float | None = -1) -> dict:
+        """Send one request (None: none, only wait), wait for its reply -> the reply (checked
+        to be an object), within `timeout` seconds (default: the case timeout; None: no limit).
+        A reply that does not come in time, a child that ends, a malformed reply: the child is
+        killed and CaseError says why. KeyboardInterrupt raised by the adapter is raised here."""
+        timeout = (self.timeout or None) if timeout == -1 else timeout
+        deadline = time.monotonic() + timeout if timeout else None
+        self._busy = True
+        try:
+            if msg is not None:
+                os.write(self._to, _frame(msg))
+            (n,) = struct.unpack(">I", self._read(4, deadline))
+            if n > MAX_MESSAGE:
+                self._broken(what, f"a reply of {n:,} bytes")
+            reply = jsonfile.loads(self._read(n, deadline), "its reply", OraclesError)
+        except _Timeout:
+            self._stop()
+            raise CaseError(f"timed out: {what} did not return within {timeout:g} s "
+                            "(the adapter process was stopped)") from None
+        except (_Gone, BrokenPipeError):
+            rc = self._reap()
+            self._stop()
+            raise CaseError(f"{what}: the adapter process {_cause(rc)}") from None
+        except OraclesError as e:
+            self._broken(what, f"a malformed reply ({e})")
+        self._busy = False
+        if not isinstance(reply, dict):
+            self._broken(what, "a reply that is not an object")
+        if "interrupt" in reply:
+            self._stop()
+            raise KeyboardInterrupt(_text(reply["interrupt"], 500))
+        if "error" in reply:
+            if not isinstance(reply["error"], str):
+                self._broken(what, "an error that is not a string")
+            reply["error"] = _text(reply["error"], 4000)
+        return reply
+
+    def _reap(self):
+        """The ended child's exit status (None: it closed its pipe but did not exit)."""
+        try:
+            return self._proc.wait(10) if self._proc is not None else None
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _broken(self, what: str, detail: str):
+        self._stop()
+        raise CaseError(f"{what}: the adapter process sent {detail}; it was stopped")
+
+    def _read(self, n: int, deadline) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                raise _Timeout
+            ready, _, _ = select.select([self._from], [], [], wait)
+            if not ready:
+                raise _Timeout
+            chunk = os.read(self._from, min(n - len(buf), 1 << 16))
+            if not chunk:
+                raise _Gone
+            buf += chunk
+        return bytes(buf)
+
+
+# ---------------------------------------------------------------------------------------------
+# The child
+# ---------------------------------------------------------------------------------------------
+
+def _recv(f):
+    head = f.read(4)
+    if len(head) < 4:
+        return None
+    (n,) = struct.unpack(">I", head)
+    return json.loads(f.read(n))
+
+
+def _send(f, obj) -> None:
+    f.write(_frame(obj))
+    f.flush()
+
+
+def _build(spec: dict, label: str):
+    """The adapter (and engine info) from a spec, as the in-process route builds it."""
+    from .adapters import adapter_factory, build_adapter
+
+    if "adapter" in spec:
+        return build_adapter(adapter_factory(spec["adapter"]), label), None
+    from . import engines
+
+    built = {}
+
+    def factory():
+        built["adapter"], built["info"] = engines.load_engine(spec["engine"], spec["options"])
+        return built["adapter"]
+    adapter = build_adapter(factory, label)
+    info = built["info"]
+    return adapter, {"engine": info["engine"], "version": info["version"],
+                     "options": {str(k): v if isinstance(v, (str, int, float, bool)) or v is None
+                                 else str(v) for k, v in info["options"].items()}}
+
+
+def _outputs_file(out, path: str) -> None:
+    """run()'s result -> one safetensors file (names strings, values numeric arrays)."""
+    import ml_dtypes
+
+    from refimpl.checkpoint import write_safetensors
+
+    from .check import _as_outputs
+
+    arrays = _as_outputs(out)
+    for k, v in arrays.items():
+        if not isinstance(k, str):
+            raise CaseError(f"run() returned an output named {_text(repr(k), 200)}, not a string")
+        if v.dtype.kind not in "biuf" and v.dtype != ml_dtypes.bfloat16:
+            raise CaseError(f"run() returned output {k!r} as {v.dtype} values, not numbers")
+    try:
+        write_safetensors(path, arrays)
+    except OraclesError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a dtype safetensors cannot store, a bad name
+        raise CaseError(f"run()'s outputs cannot be stored as safetensors ({_text(e, 500)})") from None
+
+
+def child_main(fd_in: int, fd_out: int) -> None:
+    """Serve the parent's requests until close or end of input; never returns (os._exit)."""
+    from .check import _verdict
+
+    rf, wf = os.fdopen(fd_in, "rb"), os.fdopen(fd_out, "wb")
+    adapter, goldens, cached = None, {}, {}
+    _send(wf, {"ready": PROTOCOL})  # the interpreter is up: the factory's time starts now
+
+    def case(msg):
+        if not isinstance(msg.get("golden"), dict):
+            raise OraclesError("no suite was given to the adapter process (ChildCandidate.bind)")
+        key = (msg["golden"]["path"], msg["golden"]["digest"], msg["case"])
+        if key not in cached:
+            from .golden import Golden
+
+            g = goldens.get(key[:2])
+            if g is None:
+                g = goldens[key[:2]] = Golden(key[0], verify=False, expect_digest=key[1])
+            cached.clear()
+            cached[key] = g.load_case(msg["case"])
+        return cached[key]
+
+    code = 0
+    while True:
+        try:
+            msg = _recv(rf)
+        except (OSError, ValueError):
+            msg = None
+        if msg is None:  # the parent is gone
+            break
+        op = msg.get("op")
+        what = {"start": "the factory", "supports": "supports()", "run": "run()",
+                "close": "close()"}.get(op, op)
+        try:
+            if op == "start":
+                sys.path[:] = msg["sys_path"]
+                adapter, info = _build(msg["spec"], msg["label"])
+                reply = {"ok": True, "info": info}
+            elif op == "supports":
+                c = case(msg)
+                reply = {"value": _verdict(adapter.supports(c))}
+            elif op == "run":
+                c = case(msg)
+                _outputs_file(adapter.run(c), msg["out"])
+                cached.clear()
+                reply = {"ok": True}
+            elif op == "close":
+                close = getattr(adapter, "close", None)
+                adapter = None
+                if callable(close):
+                    close()
+                reply = {"ok": True}
+            else:
+                reply = {"error": f"unknown request {op!r}"}
+        except KeyboardInterrupt:
+            reply = {"interrupt": f"{what} raised KeyboardInterrupt"}
+        except (OraclesError, CaseError) as e:
+            reply = {"error": _text(e)}
+        except SystemExit as e:
+            reply = {"error": (f"{msg.get('label')}: the factory raised SystemExit: {_text(e.code)}"
+                               if op == "start" else
+                               f"{what} called sys.exit({_text(e.code)}): an adapter must return or raise")}
+        except BaseException as e:  # noqa: BLE001 - the adapter's, reported for this case
+            reply = {"error": f"{what} raised {type(e).__name__}: {_text(e)}"}
+        try:
+            _send(wf, reply)
+        except (OSError, ValueError):
+            code = 1
+            break
+        if op == "close":
+            break
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(code)  # no interpreter teardown: an engine's threads or destructors cannot abort it
+
+
+if __name__ == "__main__":
+    child_main(int(sys.argv[1]), int(sys.argv[2]))
