@@ -3,6 +3,11 @@
 An adapter is any object with
     supports(case) -> True, or a string saying why not (the case is skipped with that reason)
     run(case)      -> {output name: array}   (numpy, or anything np.asarray / torch accepts)
+and optionally
+    close()        -> None: release the engine (its threads, GPU context, server). Called once,
+                      after the last case, on the thread and in the process that built the adapter
+                      (check.AdapterCandidate.close, isolated.ChildCandidate.close), before the
+                      process ends; a close() that raises is a warning, not a verdict.
 where `case` has .id, .kind, .params, .inputs (numpy arrays as stored), .config (refimpl Config or
 None), .weights (model cases: the checkpoint tensors) and .path (the case directory, holding
 config.json and model.safetensors for model cases).
@@ -33,6 +38,7 @@ import os
 import numpy as np
 
 from . import OraclesError
+from .calls import split_spec
 from .check import (DEFAULT_CASE_TIMEOUT, AdapterCandidate, AdapterTimeout, CaseError, _text,
                     _Worker, check_timeout)
 from .golden import Golden
@@ -76,9 +82,7 @@ def adapter_factory(spec: str):
     """'pkg.mod:factory' -> a function that imports the module and calls its factory (wherever
     the candidate runs it: its worker thread, or the adapter process). Whatever goes wrong in
     the import is one OraclesError naming the spec."""
-    mod_name, sep, attr = spec.partition(":")
-    if not sep or not mod_name or not attr:
-        raise OraclesError(f"--adapter {spec!r} must look like pkg.module:factory")
+    mod_name, attr = split_spec(spec)
 
     def factory():
         try:

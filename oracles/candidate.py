@@ -230,9 +230,9 @@ def read_engine_info(root: str) -> dict | None:
             raise OraclesError(f"{printable(path)}: unknown field {printable(k)[:80]!r} (an "
                                f"engine.json has {', '.join(ENGINE_SCHEMA)})")
     for k, (required, want) in ENGINE_SCHEMA.items():
-        v = info.get(k)
-        if v is None and not required and k not in info:
+        if k not in info and not required:
             continue
+        v = info.get(k)
         if k in ("engine", "version"):
             ok = isinstance(v, str) and len(v) <= MAX_FIELD_CHARS
         elif k == "options":
@@ -242,6 +242,7 @@ def read_engine_info(root: str) -> dict | None:
             ok = isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
         if not ok:
             raise OraclesError(f"{printable(path)}: field {k!r} must be {want}"
-                               + (f" (at most {MAX_FIELD_CHARS:,} characters)" if k != "skipped" else ""))
+                               + ("" if k in ("skipped", "errors") else
+                                  f", of at most {MAX_FIELD_CHARS:,} characters"))
     return {"engine": info["engine"], "version": info["version"], "options": info["options"],
             "skipped": info.get("skipped", {}), "errors": info.get("errors", {})}

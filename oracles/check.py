@@ -20,6 +20,9 @@ import numpy as np
 
 from . import OraclesError, metrics, tolerance
 from . import candidate as candidate_files
+from .calls import (DEFAULT_CASE_TIMEOUT, MAX_CASE_TIMEOUT, CaseError,  # noqa: F401 - re-exported
+                    check_timeout)
+from .calls import text as _text
 from .golden import Golden
 from .schema import CAUSAL_KINDS, matches
 from .untrusted import escape
@@ -29,14 +32,7 @@ FLOAT_DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16)
 CONTINUOUS_METRICS, LOGIT_METRICS = metrics.CONTINUOUS_METRICS, metrics.LOGIT_METRICS
 
 
-DEFAULT_CASE_TIMEOUT = 600.0  # seconds per call into an adapter (supports, run); --case-timeout
-MAX_CASE_TIMEOUT = 1e6  # seconds (11.6 days): --case-timeout is 0 (no limit) or up to this
 MIN_COMPARED = 0.5  # a case judging fewer of its required outputs' positions is INCONCLUSIVE
-
-
-class CaseError(Exception):
-    """What went wrong running one case in a candidate (it raised, exited, returned something
-    that is not outputs, or did not return in time): the case's one-line ERROR reason."""
 
 
 class AdapterTimeout(Exception):
@@ -67,18 +63,6 @@ class DirCandidate:
         if err is not None:
             raise CaseError(err)
         return candidate_files.outputs(self.path, case_id)
-
-
-def check_timeout(timeout) -> float:
-    """--case-timeout: a number of seconds, 0 (no limit) or from 0 to MAX_CASE_TIMEOUT."""
-    try:
-        t = float(timeout)
-    except (TypeError, ValueError, OverflowError):
-        t = float("nan")
-    if isinstance(timeout, bool) or not (0 <= t <= MAX_CASE_TIMEOUT):
-        raise OraclesError(f"--case-timeout {escape(repr(timeout))[:60]}: must be a number of seconds "
-                           f"from 0 (no limit) to {MAX_CASE_TIMEOUT:g}")
-    return t
 
 
 class _Worker:
@@ -141,15 +125,6 @@ def call_adapter(worker, fn, timeout, what):
         raise CaseError(f"{what} called sys.exit({_text(e.code)}): an adapter must return or raise") from None
     except BaseException as e:  # noqa: BLE001 - an engine crashing on a case fails that case
         raise CaseError(f"{what} raised {type(e).__name__}: {_text(e)}") from None
-
-
-def _text(x, limit: int = 2000) -> str:
-    """str(x) from an adapter, whatever its __str__ does, cut to `limit` characters."""
-    try:
-        t = str(x)
-    except Exception:  # noqa: BLE001
-        t = f"<{type(x).__name__} whose str() raised>"
-    return t if len(t) <= limit else t[:limit] + f"... ({len(t) - limit} more characters)"
 
 
 def _verdict(ok):

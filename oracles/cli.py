@@ -6,11 +6,12 @@
                      [--html REPORT.html] [--expect-digest HEX] [--case-timeout SECONDS] [--allow-empty] [--allow-inconclusive]
     oracles run      GOLDEN --adapter pkg.mod:factory --out CANDIDATE [--expect-digest HEX] [--case-timeout S]
     check and run also take --engine transformers|mlx|llama.cpp|vllm [--engine-option KEY=VALUE]
-    (the built-in engine adapters, oracles/engines/) in place of --adapter.
+    (the built-in engine adapters, oracles/engines/) in place of --adapter, and --in-process
+    (the adapter in this process rather than a child process, oracles/isolated.py: debugging).
 
 check exits 0 when every checked case passes; 1 when a case fails, is missing, errs (the adapter
-raised, exited or timed out) or is inconclusive, or when nothing was checked at all; 2 on bad
-input (one line on stderr, text from files escaped).
+raised, exited, crashed or timed out) or is inconclusive, or when nothing was checked at all; 2 on
+bad input (one line on stderr, text from files escaped); 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -45,15 +46,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _seconds(text):
-    """--case-timeout: seconds, 0 (no limit) or from 0 to check.MAX_CASE_TIMEOUT (1e6)."""
+    """--case-timeout: seconds, 0 (no limit) or from 0 to calls.MAX_CASE_TIMEOUT (1e6)."""
     from . import OraclesError
-    from .check import check_timeout
+    from .calls import MAX_CASE_TIMEOUT, check_timeout
 
     try:
         return check_timeout(text)
     except OraclesError:
-        from .check import MAX_CASE_TIMEOUT
-
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 (no limit) "
                                          f"to {MAX_CASE_TIMEOUT:g}") from None
 
@@ -109,7 +108,8 @@ def _engine_args(p):
 
 
 def _candidate_adapter(args):
-    """--adapter or --engine (exactly one) -> (candidate, engine info or None, repro). By
+    """--adapter or --engine (exactly one) -> (candidate, repro); the candidate's `info` is the
+    engine's (None for --adapter), read after the run (a child process builds it meanwhile). By
     default the adapter runs in a child process (isolated.ChildCandidate); --in-process builds
     it on this process's worker thread (check.AdapterCandidate). Either way it is built where
     every later call runs, under --case-timeout, and closed there (candidate.close())."""
@@ -123,12 +123,12 @@ def _candidate_adapter(args):
         if args.in_process:
             from .adapters import load_adapter
 
-            return load_adapter(args.adapter, args.case_timeout), None, f"--adapter {args.adapter}"
-        from .adapters import adapter_factory
+            return load_adapter(args.adapter, args.case_timeout), f"--adapter {args.adapter}"
+        from .calls import split_spec
         from .isolated import ChildCandidate
 
-        adapter_factory(args.adapter)  # the spec's form, before a process is started
-        return (ChildCandidate({"adapter": args.adapter}, args.adapter, args.case_timeout), None,
+        split_spec(args.adapter)  # the spec's form, before a process is started
+        return (ChildCandidate({"adapter": args.adapter}, args.adapter, args.case_timeout),
                 f"--adapter {args.adapter}")
     from . import engines
 
@@ -139,9 +139,8 @@ def _candidate_adapter(args):
     if not args.in_process:
         from .isolated import ChildCandidate
 
-        cand = ChildCandidate({"engine": args.engine, "options": options}, f"--engine {args.engine}",
-                              args.case_timeout)
-        return cand, cand.info, repro
+        return (ChildCandidate({"engine": args.engine, "options": options}, f"--engine {args.engine}",
+                               args.case_timeout), repro)
     from .adapters import make_candidate
 
     built = {}
@@ -150,9 +149,9 @@ def _candidate_adapter(args):
         built["adapter"], built["info"] = engines.load_engine(args.engine, options)
         return built["adapter"]
     cand = make_candidate(factory, f"--engine {args.engine}", args.case_timeout)
-    info = built["info"]
-    cand.label = engines.label(info)
-    return cand, info, repro
+    cand.info = built["info"]
+    cand.label = engines.label(cand.info)
+    return cand, repro
 
 
 def _close(cand, abort: bool = False) -> None:
@@ -209,7 +208,6 @@ def _write_json(path, obj, expect=...):
 
 def cmd_check(args) -> int:
     from . import OraclesError
-    from .check import DirCandidate, format_report, run_check
 
     if bool(args.candidate) == bool(args.adapter or args.engine):
         raise OraclesError("check needs exactly one of CANDIDATE (a directory), --adapter "
@@ -218,6 +216,7 @@ def cmd_check(args) -> int:
     json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
     html_dest = check_destination(args.html_out, "file", OraclesError) if args.html_out else None
     if args.candidate:
+        from .check import DirCandidate
         from .engines import RecordedSkips, read_info
 
         if args.engine_option:
@@ -226,7 +225,10 @@ def cmd_check(args) -> int:
         if info:
             cand = RecordedSkips(cand, info.pop("skipped"), info.pop("errors"))
     else:
-        cand, info, how = _candidate_adapter(args)
+        cand, how = _candidate_adapter(args)  # an adapter process starts now, while the suite is read
+        info = None
+    from .check import format_report, run_check
+
     base = f"oracles check {shlex.quote(args.golden)} {how}"
     t = time.perf_counter()
     try:
@@ -236,6 +238,7 @@ def cmd_check(args) -> int:
     except BaseException:
         _close(cand, abort=True)
         raise
+    info = info or getattr(cand, "info", None)
     _close(cand)
     rep["seconds"] = round(time.perf_counter() - t, 3)
     if info:
@@ -254,17 +257,19 @@ def cmd_check(args) -> int:
 
 def cmd_run(args) -> int:
     from . import OraclesError
-    from .adapters import write_outputs
 
     if not (args.adapter or args.engine):
         raise OraclesError("run needs --adapter pkg.mod:factory or --engine NAME")
     check_destination(args.out, "directory", OraclesError)  # before the adapter runs
-    cand, info, _ = _candidate_adapter(args)
+    cand, _ = _candidate_adapter(args)
+    from .adapters import write_outputs
+
     errors = {}
     try:
         with atomic_directory(args.out, OraclesError, tag="oracles") as tmp:  # never merged into
             skipped = write_outputs(args.golden, cand, tmp, args.only, errors=errors,
                                     expect_digest=args.expect_digest)
+            info = getattr(cand, "info", None)
             if info:
                 from .engines import write_info
 

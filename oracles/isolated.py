@@ -40,10 +40,10 @@ import time
 import weakref
 
 from refimpl import jsonfile
-from refimpl.errors import printable
 
 from . import OraclesError
-from .check import CaseError, _text, check_timeout
+from .calls import CaseError, check_timeout
+from .calls import text as _text
 
 PROTOCOL = 1
 MAX_MESSAGE = 1 << 20  # bytes of one reply; the child cuts its texts far below this
@@ -95,16 +95,20 @@ def _kill(proc, tmp) -> None:
 
 class ChildCandidate:
     """A Python adapter (`{"adapter": "pkg.mod:factory"}`) or a built-in engine (`{"engine":
-    name, "options": {...}}`) run in a child process, with a per-call timeout (0: none). The
-    child is started, and the factory called, when the candidate is made: a factory that fails
-    is one OraclesError (exit 2). `info` holds the engine's name, version and options."""
+    name, "options": {...}}`) run in a child process, with a per-call timeout (0: none).
+
+    The child is started, and asked to build the adapter, when the candidate is made, and the
+    reply is awaited at the first call (or when `label` or `info` is read), so that the child
+    starts while the checker reads the suite. A factory that fails is one OraclesError (exit 2).
+    `info` holds the engine's name, version and options (None for --adapter)."""
 
     def __init__(self, spec: dict, label: str, timeout: float = 600.0):
-        self.spec, self.label, self.timeout = spec, label, check_timeout(timeout)
-        self.info = None
+        self.spec, self._label, self.timeout = spec, label, check_timeout(timeout)
+        self._info = None
         self.stuck = None  # why no further call is made (a restart failed)
-        self.golden = None  # {"path", "digest"} of the suite being checked (bind)
+        self.golden = None  # the suite being checked (bind)
         self._proc = self._to = self._from = None
+        self._starting = False  # a start request is out, its reply not read yet
         self._busy = False  # a call is in flight (an interrupted one: kill, never wait)
         self._n = 0
         self._tmp = tempfile.mkdtemp(prefix="oracles-adapter-")
@@ -112,22 +116,42 @@ class ChildCandidate:
         self._finalizer = weakref.finalize(self, lambda st, tmp: _kill(st["proc"], tmp),
                                            self._state, self._tmp)
         try:
-            self._start()
-        except CaseError as e:
-            self.close(abort=True)
-            raise OraclesError(f"{label}: {e}") from None
+            self._spawn()
         except BaseException:
             self.close(abort=True)
             raise
 
+    @property
+    def label(self) -> str:
+        self._started(first=True)
+        return self._label
+
+    @label.setter
+    def label(self, value: str) -> None:
+        self._label = value
+
+    @property
+    def info(self):
+        self._started(first=True)
+        return self._info
+
     # ---- the candidate interface (check.run_check, adapters.write_outputs) ----------------------
     def bind(self, golden) -> None:
         """The suite the cases come from: the child opens the same directory, pinned to the
-        digest of the manifest the parent verified."""
-        self.golden = {"path": os.path.abspath(golden.path), "digest": golden.digest}
+        digest of the manifest the parent verified, and reads a case's files only if they are
+        still the files the parent verified (device, inode, size, mtime: Golden.file)."""
+        self.golden = golden
+
+    def _where(self, case_id) -> dict:
+        g = self.golden
+        if g is None:
+            raise OraclesError("ChildCandidate: bind(golden) was not called before a case")
+        ids = {name: list(v) for (cid, name), v in getattr(g, "_identity", {}).items() if cid == case_id}
+        return {"path": os.path.abspath(g.path), "digest": g.digest, "verified": ids}
 
     def supports(self, case_id, load):
-        v = self._request({"op": "supports", "case": case_id, "golden": self.golden}, "supports()")
+        v = self._request({"op": "supports", "case": case_id, "golden": self._where(case_id)},
+                          "supports()")
         if "value" not in v or not (v["value"] is True or isinstance(v["value"], str)):
             self._broken("supports()", "a reply without a verdict")
         return v["value"] or "not supported"
@@ -137,7 +161,8 @@ class ChildCandidate:
 
         self._n += 1
         path = os.path.join(self._tmp, f"outputs-{self._n}.safetensors")
-        self._request({"op": "run", "case": case_id, "golden": self.golden, "out": path}, "run()")
+        self._request({"op": "run", "case": case_id, "golden": self._where(case_id), "out": path},
+                      "run()")
         try:
             return Outputs(path, f"run()'s outputs for case {case_id!r}", unlink=True)
         except OraclesError as e:
@@ -149,10 +174,11 @@ class ChildCandidate:
         why = None
         if self._proc is not None and self._proc.poll() is None and not abort and not self._busy:
             try:
+                self._started()
                 why = self._call({"op": "close"}, "close()").get("error")
                 if self._proc is not None:
                     self._proc.wait(CLOSE_WAIT)
-            except CaseError as e:
+            except (CaseError, OraclesError) as e:
                 why = str(e)
             except subprocess.TimeoutExpired:
                 why = f"the adapter process did not exit within {CLOSE_WAIT:g} s of close()"
@@ -161,7 +187,8 @@ class ChildCandidate:
         return why
 
     # ---- the child's life ----------------------------------------------------------------------
-    def _start(self) -> None:
+    def _spawn(self) -> None:
+        """Start a child and send it the start request (its reply is read by _started)."""
         import oracles
 
         root = os.path.dirname(os.path.dirname(os.path.abspath(oracles.__file__)))
@@ -177,30 +204,57 @@ class ChildCandidate:
         except OSError as e:
             for fd in (p2c_r, p2c_w, c2p_r, c2p_w):
                 os.close(fd)
-            raise OraclesError(f"{self.label}: cannot start the adapter process ({e.strerror})") from None
+            raise OraclesError(f"{self._label}: cannot start the adapter process ({e.strerror})") from None
         os.close(p2c_r)
         os.close(c2p_w)
         self._to, self._from = p2c_w, c2p_r
         self._state["proc"] = self._proc
-        ready = self._call(None, "starting the adapter process",
-                           None if not self.timeout else max(self.timeout, READY_WAIT))
-        if ready.get("ready") != PROTOCOL:
-            self._broken("starting the adapter process", "a greeting of another protocol")
-        reply = self._call({"op": "start", "protocol": PROTOCOL, "spec": self.spec,
-                            "label": self.label, "sys_path": [p for p in sys.path if isinstance(p, str)]},
-                           "the factory")
-        if "error" in reply:
-            self._stop()
-            raise OraclesError(reply["error"])
-        info = reply.get("info")
-        if info is not None:
-            from .engines import label
+        self._spawned_at = time.monotonic()
+        os.write(self._to, _frame({"op": "start", "protocol": PROTOCOL, "spec": self.spec,
+                                   "label": self._label,
+                                   "sys_path": [p for p in sys.path if isinstance(p, str)]}))
+        self._starting = True
 
-            if not (isinstance(info, dict) and isinstance(info.get("engine"), str)
-                    and isinstance(info.get("version"), str) and isinstance(info.get("options"), dict)):
-                self._broken("the factory", "engine info that is not {engine, version, options}")
-            self.info = {"engine": info["engine"], "version": info["version"], "options": info["options"]}
-            self.label = label(self.info)
+    def _started(self, first: bool = False) -> None:
+        """Read the start request's replies (the child's greeting, then the factory's result):
+        the interpreter gets READY_WAIT seconds (or the case timeout, if longer) to start, the
+        factory the case timeout. A failure: OraclesError naming the adapter (first=True: the
+        factory of the command's adapter; exit 2), CaseError otherwise (a restart)."""
+        if not self._starting:
+            return
+        self._starting = False
+        what = "the factory"
+        try:
+            if self._proc is None:
+                raise CaseError("the adapter process is not running")
+            wait = None if not self.timeout else max(self.timeout, READY_WAIT)
+            ready = self._call(None, "starting the adapter process",
+                               None if wait is None else max(1.0, self._spawned_at + wait - time.monotonic()))
+            if ready.get("ready") != PROTOCOL:
+                self._broken("starting the adapter process", "a greeting of another protocol")
+            reply = self._call(None, what)
+            if "error" in reply:
+                self._stop()
+                raise OraclesError(reply["error"])
+            info = reply.get("info")
+            if info is not None:
+                from .engines import label
+
+                if not (isinstance(info, dict) and isinstance(info.get("engine"), str)
+                        and isinstance(info.get("version"), str) and isinstance(info.get("options"), dict)):
+                    self._broken(what, "engine info that is not {engine, version, options}")
+                self._info = {"engine": info["engine"], "version": info["version"],
+                              "options": info["options"]}
+                self._label = label(self._info)
+        except CaseError as e:
+            if first:
+                raise OraclesError(f"{self._label}: {e}") from None
+            raise
+
+    def _start(self) -> None:
+        """A fresh child with its adapter built (a restart)."""
+        self._spawn()
+        self._started()
 
     def _stop(self) -> None:
         """Kill the child (if any) and forget it; the next call starts a fresh one."""
@@ -217,6 +271,8 @@ class ChildCandidate:
         self._busy = False
 
     def _ensure(self) -> None:
+        if self._starting:  # the first child: its factory's failure is the command's (exit 2)
+            self._started(first=True)
         if self._proc is not None:
             return
         if self.stuck:
@@ -368,17 +424,21 @@ def child_main(fd_in: int, fd_out: int) -> None:
     _send(wf, {"ready": PROTOCOL})  # the interpreter is up: the factory's time starts now
 
     def case(msg):
-        if not isinstance(msg.get("golden"), dict):
-            raise OraclesError("no suite was given to the adapter process (ChildCandidate.bind)")
-        key = (msg["golden"]["path"], msg["golden"]["digest"], msg["case"])
+        """The case, read from the suite the parent verified: its files are read only if they
+        are still those files (their identities, Golden.file), else hashed again."""
+        where, cid = msg["golden"], msg["case"]
+        key = (where["path"], where["digest"], cid)
         if key not in cached:
             from .golden import Golden
 
             g = goldens.get(key[:2])
             if g is None:
                 g = goldens[key[:2]] = Golden(key[0], verify=False, expect_digest=key[1])
+            if where["verified"] and set(where["verified"]) == set(g.cases[cid]["files"]):
+                g._identity.update({(cid, n): tuple(v) for n, v in where["verified"].items()})
+                g._verified.add(cid)
             cached.clear()
-            cached[key] = g.load_case(msg["case"])
+            cached[key] = g.load_case(cid)
         return cached[key]
 
     code = 0

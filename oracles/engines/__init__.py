@@ -158,7 +158,7 @@ class RecordedSkips:
 
     def outputs(self, case_id, load):
         if case_id in self.errors:
-            from ..check import CaseError
+            from ..calls import CaseError
 
             raise CaseError(f"the engine reported an error (engine.json): "
                             f"{str(self.errors[case_id])[:ERROR_CHARS]}")
