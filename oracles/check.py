@@ -387,11 +387,11 @@ def run_check(golden_path: str, candidate, profile: str = "float32", only: str |
     if profile not in tolerance.PROFILES:
         raise OraclesError(f"profile {profile!r} is not one of {', '.join(tolerance.PROFILES)}")
     golden = Golden(golden_path, expect_digest=expect_digest)
-    if hasattr(candidate, "bind"):  # an adapter process reads the cases from the same suite
-        candidate.bind(golden)
     entries = [e for e in golden.manifest["cases"] if matches(e["id"], only)]
     if not entries:
         raise OraclesError(f"{golden_path}: no case matches --only {only!r}")
+    if hasattr(candidate, "bind"):  # an adapter process: the same suite, the cases in this order
+        candidate.bind(golden, [e["id"] for e in entries])
     for e in entries:  # every case's contract, before running anything
         golden.required(e["id"])
     results = []

@@ -97,19 +97,25 @@ class ChildCandidate:
     """A Python adapter (`{"adapter": "pkg.mod:factory"}`) or a built-in engine (`{"engine":
     name, "options": {...}}`) run in a child process, with a per-call timeout (0: none).
 
-    The child is started, and asked to build the adapter, when the candidate is made, and the
-    reply is awaited at the first call (or when `label` or `info` is read), so that the child
-    starts while the checker reads the suite. A factory that fails is one OraclesError (exit 2).
-    `info` holds the engine's name, version and options (None for --adapter)."""
+    The child is started, and asked to build the adapter, when the candidate is made; the reply
+    is awaited at the first call (or when `label` or `info` is read), so that the child starts
+    while the checker reads the suite. A factory that fails is one OraclesError (exit 2). `info`
+    holds the engine's name, version and options (None for --adapter).
+
+    Cases are pipelined: once a case's outputs are back (or it is skipped), the next case of the
+    order given to `bind` is sent, so that the child runs it while the checker judges this one.
+    The child still makes every call in order on one thread; a call's timeout counts from when
+    it was sent (supports) or from when supports' answer was read (run): never shorter than
+    --case-timeout."""
 
     def __init__(self, spec: dict, label: str, timeout: float = 600.0):
         self.spec, self._label, self.timeout = spec, label, check_timeout(timeout)
         self._info = None
         self.stuck = None  # why no further call is made (a restart failed)
-        self.golden = None  # the suite being checked (bind)
+        self.golden, self._order = None, []  # the suite being checked, its cases in order (bind)
         self._proc = self._to = self._from = None
-        self._starting = False  # a start request is out, its reply not read yet
-        self._busy = False  # a call is in flight (an interrupted one: kill, never wait)
+        self._starting = False  # a start request is out, its replies not read yet
+        self._pending = None  # the case request out: {case, stage, since, out}
         self._n = 0
         self._tmp = tempfile.mkdtemp(prefix="oracles-adapter-")
         self._state = {"proc": None}
@@ -136,46 +142,68 @@ class ChildCandidate:
         return self._info
 
     # ---- the candidate interface (check.run_check, adapters.write_outputs) ----------------------
-    def bind(self, golden) -> None:
-        """The suite the cases come from: the child opens the same directory, pinned to the
-        digest of the manifest the parent verified, and reads a case's files only if they are
-        still the files the parent verified (device, inode, size, mtime: Golden.file)."""
-        self.golden = golden
-
-    def _where(self, case_id) -> dict:
-        g = self.golden
-        if g is None:
-            raise OraclesError("ChildCandidate: bind(golden) was not called before a case")
-        ids = {name: list(v) for (cid, name), v in getattr(g, "_identity", {}).items() if cid == case_id}
-        return {"path": os.path.abspath(g.path), "digest": g.digest, "verified": ids}
+    def bind(self, golden, order=()) -> None:
+        """The suite the cases come from, and the order in which they will be asked for. The
+        child opens the same directory, pinned to the digest of the manifest the checker
+        verified, and reads a case's files only while they are the files the checker verified
+        (device, inode, size, mtime: Golden.file)."""
+        self.golden, self._order = golden, list(order)
 
     def supports(self, case_id, load):
-        v = self._request({"op": "supports", "case": case_id, "golden": self._where(case_id)},
-                          "supports()")
-        if "value" not in v or not (v["value"] is True or isinstance(v["value"], str)):
-            self._broken("supports()", "a reply without a verdict")
+        p = self._pending
+        if p is None or p["case"] != case_id or p["stage"] != "supports":
+            self._discard()
+            self._submit(case_id, raise_errors=True)
+            p = self._pending
+        try:
+            v = self._reply("supports()", p["since"])
+            if "error" in v:
+                raise CaseError(v["error"])
+            if "value" not in v or not (v["value"] is True or isinstance(v["value"], str)):
+                self._broken("supports()", "a reply without a verdict")
+        except CaseError:
+            self._pending = None
+            self._prefetch(case_id)
+            raise
+        if v["value"] is True:
+            p.update(stage="run", since=time.monotonic())
+            return True
+        self._pending = None
+        self._prefetch(case_id)
         return v["value"] or "not supported"
 
     def outputs(self, case_id, load):
         from .candidate import Outputs
 
-        self._n += 1
-        path = os.path.join(self._tmp, f"outputs-{self._n}.safetensors")
-        self._request({"op": "run", "case": case_id, "golden": self._where(case_id), "out": path},
-                      "run()")
+        p = self._pending
+        if p is None or p["case"] != case_id or p["stage"] != "run":
+            if self.supports(case_id, load) is not True:  # out of protocol order: ask again
+                raise CaseError("run() was asked for a case that supports() declined")
+            p = self._pending
+        self._pending = None
         try:
-            return Outputs(path, f"run()'s outputs for case {case_id!r}", unlink=True)
-        except OraclesError as e:
-            raise CaseError(f"run(): its outputs could not be read back ({e})") from None
+            v = self._reply("run()", p["since"])
+            if "error" in v:
+                raise CaseError(v["error"])
+            try:
+                out = Outputs(p["out"], f"run()'s outputs for case {case_id!r}", unlink=True)
+            except OraclesError as e:
+                raise CaseError(f"run(): its outputs could not be read back ({e})") from None
+        finally:
+            self._prefetch(case_id)
+        return out
 
     def close(self, abort: bool = False) -> str | None:
-        """Ask the child to call the adapter's close() and exit (abort, or a call still in
+        """Ask the child to call the adapter's close() and exit (abort, or a case still in
         flight: kill it) -> None, or the one-line reason close() failed."""
         why = None
-        if self._proc is not None and self._proc.poll() is None and not abort and not self._busy:
+        if self._pending is not None:
+            abort = True
+        if self._proc is not None and self._proc.poll() is None and not abort:
             try:
                 self._started()
-                why = self._call({"op": "close"}, "close()").get("error")
+                self._send({"op": "close"})
+                why = self._reply("close()", time.monotonic()).get("error")
                 if self._proc is not None:
                     self._proc.wait(CLOSE_WAIT)
             except (CaseError, OraclesError) as e:
@@ -186,9 +214,46 @@ class ChildCandidate:
         self._finalizer()
         return why
 
+    # ---- requests --------------------------------------------------------------------------------
+    def _submit(self, case_id, raise_errors: bool = False) -> None:
+        """Send the case's request (the child answers supports, then, if supported, runs it and
+        answers again). A child is started first if none runs; a failure to start is raised
+        (raise_errors) or left for the call that waits for this case (a prefetch)."""
+        try:
+            self._ensure()
+            if self.golden is None:
+                raise OraclesError("ChildCandidate: bind(golden) was not called before a case")
+            g = self.golden
+            ids = {n: list(v) for (cid, n), v in getattr(g, "_identity", {}).items() if cid == case_id}
+            self._n += 1
+            out = os.path.join(self._tmp, f"outputs-{self._n}.safetensors")
+            self._send({"op": "case", "case": case_id, "out": out, "golden": {
+                "path": os.path.abspath(g.path), "digest": g.digest, "verified": ids}})
+            self._pending = {"case": case_id, "stage": "supports", "since": time.monotonic(), "out": out}
+        except CaseError:
+            self._pending = None
+            if raise_errors:
+                raise
+
+    def _prefetch(self, case_id) -> None:
+        """The next case of the order, sent now (the child runs it while this one is judged)."""
+        try:
+            nxt = self._order[self._order.index(case_id) + 1]
+        except (ValueError, IndexError):
+            return
+        if self._pending is None and not self.stuck:
+            self._submit(nxt)
+
+    def _discard(self) -> None:
+        """A case request out that is not the one asked for: the child is stopped (its work is
+        not wanted, and its replies would come first); the next request starts a fresh one."""
+        if self._pending is not None:
+            self._pending = None
+            self._stop()
+
     # ---- the child's life ----------------------------------------------------------------------
     def _spawn(self) -> None:
-        """Start a child and send it the start request (its reply is read by _started)."""
+        """Start a child and send it the start request (its replies are read by _started)."""
         import oracles
 
         root = os.path.dirname(os.path.dirname(os.path.abspath(oracles.__file__)))
@@ -210,9 +275,8 @@ class ChildCandidate:
         self._to, self._from = p2c_w, c2p_r
         self._state["proc"] = self._proc
         self._spawned_at = time.monotonic()
-        os.write(self._to, _frame({"op": "start", "protocol": PROTOCOL, "spec": self.spec,
-                                   "label": self._label,
-                                   "sys_path": [p for p in sys.path if isinstance(p, str)]}))
+        self._send({"op": "start", "protocol": PROTOCOL, "spec": self.spec, "label": self._label,
+                    "sys_path": [p for p in sys.path if isinstance(p, str)]})
         self._starting = True
 
     def _started(self, first: bool = False) -> None:
@@ -225,14 +289,11 @@ class ChildCandidate:
         self._starting = False
         what = "the factory"
         try:
-            if self._proc is None:
-                raise CaseError("the adapter process is not running")
             wait = None if not self.timeout else max(self.timeout, READY_WAIT)
-            ready = self._call(None, "starting the adapter process",
-                               None if wait is None else max(1.0, self._spawned_at + wait - time.monotonic()))
+            ready = self._reply("starting the adapter process", self._spawned_at, wait)
             if ready.get("ready") != PROTOCOL:
                 self._broken("starting the adapter process", "a greeting of another protocol")
-            reply = self._call(None, what)
+            reply = self._reply(what, time.monotonic())
             if "error" in reply:
                 self._stop()
                 raise OraclesError(reply["error"])
@@ -251,13 +312,8 @@ class ChildCandidate:
                 raise OraclesError(f"{self._label}: {e}") from None
             raise
 
-    def _start(self) -> None:
-        """A fresh child with its adapter built (a restart)."""
-        self._spawn()
-        self._started()
-
     def _stop(self) -> None:
-        """Kill the child (if any) and forget it; the next call starts a fresh one."""
+        """Kill the child (if any) and forget it; the next request starts a fresh one."""
         for fd in (self._to, self._from):
             if fd is not None:
                 try:
@@ -268,41 +324,43 @@ class ChildCandidate:
         _kill(self._proc, None)
         self._proc = None
         self._state["proc"] = None
-        self._busy = False
+        self._starting = False
 
     def _ensure(self) -> None:
-        if self._starting:  # the first child: its factory's failure is the command's (exit 2)
+        """A child with its adapter built: the first one's factory awaited, or a fresh one
+        started after a crash or a timeout (if that fails, every later case is not run)."""
+        if self._starting:  # the command's own adapter (a restart is awaited below): exit 2
             self._started(first=True)
         if self._proc is not None:
             return
         if self.stuck:
             raise CaseError(f"not run: {self.stuck}")
         try:
-            self._start()
+            self._spawn()
+            self._started()
         except (OraclesError, CaseError) as e:
             self._stop()
             self.stuck = f"the adapter could not be restarted: {_text(e, 500)}"
             raise CaseError(f"not run: {self.stuck}") from None
 
-    def _request(self, msg: dict, what: str) -> dict:
-        """A case's request: a child started if none runs (after a crash or timeout)."""
-        self._ensure()
-        reply = self._call(msg, what)
-        if "error" in reply:
-            raise CaseError(reply["error"])
-        return reply
-
-    def _call(self, msg: dict | None, what: str, timeout: float | None = -1) -> dict:
-        """Send one request (None: none, only wait), wait for its reply -> the reply (checked
-        to be an object), within `timeout` seconds (default: the case timeout; None: no limit).
-        A reply that does not come in time, a child that ends, a malformed reply: the child is
-        killed and CaseError says why. KeyboardInterrupt raised by the adapter is raised here."""
-        timeout = (self.timeout or None) if timeout == -1 else timeout
-        deadline = time.monotonic() + timeout if timeout else None
-        self._busy = True
+    def _send(self, msg: dict) -> None:
         try:
-            if msg is not None:
-                os.write(self._to, _frame(msg))
+            os.write(self._to, _frame(msg))
+        except (BrokenPipeError, TypeError):  # the child is gone (TypeError: no pipe any more)
+            rc = self._reap()
+            self._stop()
+            raise CaseError(f"the adapter process {_cause(rc)}") from None
+
+    def _reply(self, what: str, since: float, timeout: float | None = -1) -> dict:
+        """The next reply, within `timeout` seconds of `since` (default: the case timeout; None:
+        no limit) -> it, checked to be an object. A reply that does not come in time, a child
+        that ends, a malformed reply: the child is killed and CaseError says why.
+        KeyboardInterrupt raised by the adapter is raised here."""
+        timeout = (self.timeout or None) if timeout == -1 else timeout
+        deadline = since + timeout if timeout else None
+        try:
+            if self._from is None:
+                raise _Gone
             (n,) = struct.unpack(">I", self._read(4, deadline))
             if n > MAX_MESSAGE:
                 self._broken(what, f"a reply of {n:,} bytes")
@@ -311,13 +369,12 @@ class ChildCandidate:
             self._stop()
             raise CaseError(f"timed out: {what} did not return within {timeout:g} s "
                             "(the adapter process was stopped)") from None
-        except (_Gone, BrokenPipeError):
+        except _Gone:
             rc = self._reap()
             self._stop()
             raise CaseError(f"{what}: the adapter process {_cause(rc)}") from None
         except OraclesError as e:
             self._broken(what, f"a malformed reply ({e})")
-        self._busy = False
         if not isinstance(reply, dict):
             self._broken(what, "a reply that is not an object")
         if "interrupt" in reply:
@@ -450,21 +507,24 @@ def child_main(fd_in: int, fd_out: int) -> None:
         if msg is None:  # the parent is gone
             break
         op = msg.get("op")
-        what = {"start": "the factory", "supports": "supports()", "run": "run()",
-                "close": "close()"}.get(op, op)
+        what = {"start": "the factory", "close": "close()"}.get(op, op)
         try:
             if op == "start":
                 sys.path[:] = msg["sys_path"]
                 adapter, info = _build(msg["spec"], msg["label"])
                 reply = {"ok": True, "info": info}
-            elif op == "supports":
+            elif op == "case":  # supports, answered; then run, answered, if supported
+                what = "supports()"
                 c = case(msg)
-                reply = {"value": _verdict(adapter.supports(c))}
-            elif op == "run":
-                c = case(msg)
-                _outputs_file(adapter.run(c), msg["out"])
-                cached.clear()
-                reply = {"ok": True}
+                verdict = _verdict(adapter.supports(c))
+                if verdict is True:
+                    _send(wf, {"value": True})
+                    what = "run()"
+                    _outputs_file(adapter.run(c), msg["out"])
+                    cached.clear()
+                    reply = {"ok": True}
+                else:
+                    reply = {"value": verdict}
             elif op == "close":
                 close = getattr(adapter, "close", None)
                 adapter = None
