@@ -7,7 +7,7 @@
     oracles run      GOLDEN --adapter pkg.mod:factory --out CANDIDATE [--expect-digest HEX] [--case-timeout S]
     check and run also take --engine transformers|mlx|llama.cpp|vllm [--engine-option KEY=VALUE]
     (the built-in engine adapters, oracles/engines/) in place of --adapter, and --in-process
-    (the adapter in this process rather than a child process, oracles/isolated.py: debugging).
+    (the adapter in this process rather than a child process, checking/isolated.py: debugging).
 
 check exits 0 when every checked case passes; 1 when a case fails, is missing, errs (the adapter
 raised, exited, crashed or timed out) or is inconclusive, or when nothing was checked at all; 2 on
@@ -25,7 +25,15 @@ import time
 from refimpl.atomic import atomic_directory, check_destination, distinct_destinations, write_text
 from refimpl.errors import RefimplError, printable
 
-from .untrusted import escape
+from . import OraclesError, engines
+from .checking import candidates, isolated, report_html
+from .checking.check import run_check
+from .checking.report import format_report
+from .checking.worker import MAX_CASE_TIMEOUT, check_timeout, split_spec
+from .format.untrusted import escape
+
+# The authoring layer (suites, case kinds, the writer) runs refimpl's forward pass: `list` and
+# `generate` import it when they run, so that checking a suite never loads it.
 
 
 def _progress(args):
@@ -46,10 +54,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _seconds(text):
-    """--case-timeout: seconds, 0 (no limit) or from 0 to calls.MAX_CASE_TIMEOUT (1e6)."""
-    from . import OraclesError
-    from .calls import MAX_CASE_TIMEOUT, check_timeout
-
+    """--case-timeout: seconds, 0 (no limit) or from 0 to worker.MAX_CASE_TIMEOUT (1e6)."""
     try:
         return check_timeout(text)
     except OraclesError:
@@ -109,46 +114,34 @@ def _engine_args(p):
 
 def _candidate_adapter(args):
     """--adapter or --engine (exactly one) -> (candidate, repro); the candidate's `info` is the
-    engine's (None for --adapter), read after the run (a child process builds it meanwhile). By
-    default the adapter runs in a child process (isolated.ChildCandidate); --in-process builds
-    it on this process's worker thread (check.AdapterCandidate). Either way it is built where
-    every later call runs, under --case-timeout, and closed there (candidate.close())."""
-    from . import OraclesError
-
+    engine's (None for --adapter), read after the run. By default the adapter runs in a child
+    process (isolated.ChildCandidate); --in-process builds it on this process's worker thread
+    (candidates.AdapterCandidate). Either way it is built where every later call runs, under
+    --case-timeout, and closed there (_close)."""
     if args.adapter and args.engine:
         raise OraclesError("give --adapter or --engine, not both")
     if args.engine_option and not args.engine:
         raise OraclesError("--engine-option needs --engine")
     if args.adapter:
+        repro = f"--adapter {args.adapter}"
         if args.in_process:
-            from .adapters import load_adapter
-
-            return load_adapter(args.adapter, args.case_timeout), f"--adapter {args.adapter}"
-        from .calls import split_spec
-        from .isolated import ChildCandidate
-
+            return candidates.load_adapter(args.adapter, args.case_timeout), repro
         split_spec(args.adapter)  # the spec's form, before a process is started
-        return (ChildCandidate({"adapter": args.adapter}, args.adapter, args.case_timeout),
-                f"--adapter {args.adapter}")
-    from . import engines
-
+        return isolated.ChildCandidate(args.adapter, [], args.adapter, args.case_timeout), repro
     options = engines.parse_options(args.engine_option)
     engines.check_options(args.engine, options)  # names and values, before the engine is built
     repro = f"--engine {shlex.quote(args.engine)}" + "".join(
         f" --engine-option {shlex.quote(o)}" for o in args.engine_option)
     if not args.in_process:
-        from .isolated import ChildCandidate
-
-        return (ChildCandidate({"engine": args.engine, "options": options}, f"--engine {args.engine}",
-                               args.case_timeout), repro)
-    from .adapters import make_candidate
-
+        return isolated.ChildCandidate("oracles.engines:engine_adapter", [args.engine, options],
+                                       f"--engine {args.engine}", args.case_timeout,
+                                       label_of=engines.label), repro
     built = {}
 
     def factory():
         built["adapter"], built["info"] = engines.load_engine(args.engine, options)
         return built["adapter"]
-    cand = make_candidate(factory, f"--engine {args.engine}", args.case_timeout)
+    cand = candidates.make_candidate(factory, f"--engine {args.engine}", args.case_timeout)
     cand.info = built["info"]
     cand.label = engines.label(cand.info)
     return cand, repro
@@ -177,7 +170,7 @@ def main(argv=None) -> int:
 
 
 def cmd_list(args) -> int:
-    from .suites import SUITE_DOCS, suite_cases
+    from .authoring.suites import SUITE_DOCS, suite_cases
 
     if not args.suite:
         for name, doc in SUITE_DOCS.items():
@@ -189,7 +182,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .golden import generate, suite_size
+    from .authoring.writer import generate, suite_size
 
     t = time.perf_counter()
     m = generate(args.out, args.suite, args.only, progress=_progress(args))
@@ -201,14 +194,10 @@ def cmd_generate(args) -> int:
 
 def _write_json(path, obj, expect=...):
     """The report as JSON, atomically (refimpl.atomic: temporary beside it, then rename)."""
-    from . import OraclesError
-
     write_text(path, json.dumps(obj, indent=1) + "\n", OraclesError, tag="oracles", expect=expect)
 
 
 def cmd_check(args) -> int:
-    from . import OraclesError
-
     if bool(args.candidate) == bool(args.adapter or args.engine):
         raise OraclesError("check needs exactly one of CANDIDATE (a directory), --adapter "
                            "pkg.mod:factory or --engine NAME")
@@ -216,19 +205,15 @@ def cmd_check(args) -> int:
     json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
     html_dest = check_destination(args.html_out, "file", OraclesError) if args.html_out else None
     if args.candidate:
-        from .check import DirCandidate
-        from .engines import RecordedSkips, read_info
-
         if args.engine_option:
             raise OraclesError("--engine-option needs --engine")
-        cand, info, how = DirCandidate(args.candidate), read_info(args.candidate), shlex.quote(args.candidate)
+        cand, info = candidates.DirCandidate(args.candidate), engines.read_info(args.candidate)
+        how = shlex.quote(args.candidate)
         if info:
-            cand = RecordedSkips(cand, info.pop("skipped"), info.pop("errors"))
+            cand = engines.RecordedSkips(cand, info.pop("skipped"), info.pop("errors"))
     else:
         cand, how = _candidate_adapter(args)  # an adapter process starts now, while the suite is read
         info = None
-    from .check import format_report, run_check
-
     base = f"oracles check {shlex.quote(args.golden)} {how}"
     t = time.perf_counter()
     try:
@@ -242,46 +227,35 @@ def cmd_check(args) -> int:
     _close(cand)
     rep["seconds"] = round(time.perf_counter() - t, 3)
     if info:
-        from .engines import label
-
         rep["engine"] = info
-        print(f"engine: {escape(label(info))}")
+        print(f"engine: {escape(engines.label(info))}")
     print(format_report(rep))
     if args.json_out:
         _write_json(args.json_out, rep, expect=json_dest)
     if args.html_out:
-        from .report_html import render
-        write_text(args.html_out, render(rep), OraclesError, tag="oracles", expect=html_dest)
+        write_text(args.html_out, report_html.render(rep), OraclesError, tag="oracles", expect=html_dest)
     return 0 if rep["ok"] else 1
 
 
 def cmd_run(args) -> int:
-    from . import OraclesError
-
     if not (args.adapter or args.engine):
         raise OraclesError("run needs --adapter pkg.mod:factory or --engine NAME")
     check_destination(args.out, "directory", OraclesError)  # before the adapter runs
     cand, _ = _candidate_adapter(args)
-    from .adapters import write_outputs
-
     errors = {}
     try:
         with atomic_directory(args.out, OraclesError, tag="oracles") as tmp:  # never merged into
-            skipped = write_outputs(args.golden, cand, tmp, args.only, errors=errors,
-                                    expect_digest=args.expect_digest)
+            skipped = candidates.write_outputs(args.golden, cand, tmp, args.only, errors=errors,
+                                               expect_digest=args.expect_digest)
             info = getattr(cand, "info", None)
             if info:
-                from .engines import write_info
-
-                write_info(tmp, info, skipped)
+                engines.write_info(tmp, info, skipped)
     except BaseException:
         _close(cand, abort=True)
         raise
     _close(cand)
     if info:
-        from .engines import label
-
-        print(f"engine: {escape(label(info))}")
+        print(f"engine: {escape(engines.label(info))}")
     for cid, why in skipped.items():
         print(escape(f"skipped {cid}: {why}"))
     for cid, why in errors.items():

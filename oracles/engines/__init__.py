@@ -6,9 +6,13 @@
 Each engine is an optional extra (pyproject: peer, engine-mlx, engine-llamacpp, engine-vllm);
 its module is imported only when --engine names it, and refimpl/ never imports any of them.
 An adapter reports the engine's name, version and options (`info`), which `oracles run` writes
-to CANDIDATE/engine.json and `oracles check` puts in its report. tokenizer.py writes the
-tokenizer files a model case's checkpoint directory carries; matrix.py runs every installed
-engine over the suites and writes docs/engines.md.
+to CANDIDATE/engine.json and `oracles check` puts in its report. matrix.py runs every installed
+engine over the suites and writes docs/engines.md; reference.py is refimpl itself (and each
+mutant) as a candidate.
+
+The engines are the top layer of oracles/ (format < checking < authoring < engines < cli): an
+engine adapter may use any layer below; nothing below imports an engine. An engine's own
+package (torch, mlx, llama_cpp, vllm) is imported inside the adapter, only when it runs.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import json
 import os
 
 from .. import OraclesError
-from ..candidate import ERROR_CHARS, SKIP_CHARS, read_engine_info
+from ..checking.worker import CaseError
+from ..format.candidate import ERROR_CHARS, SKIP_CHARS, read_engine_info
 
 # --engine NAME -> (module, the distribution whose version is reported, the extra to install)
 ENGINES = {
@@ -126,6 +131,12 @@ def load_engine(name: str, options: dict):
     return adapter, info
 
 
+def engine_adapter(name: str, options: dict):
+    """--engine NAME as an adapter factory (what an adapter process calls: isolated.py) -> the
+    adapter, its `info` set (engine, version, options)."""
+    return load_engine(name, options)[0]
+
+
 def label(info: dict) -> str:
     opts = ",".join(f"{k}={v}" for k, v in info["options"].items())
     return f"{info['engine']} {info['version']} ({opts})"
@@ -158,8 +169,6 @@ class RecordedSkips:
 
     def outputs(self, case_id, load):
         if case_id in self.errors:
-            from ..calls import CaseError
-
             raise CaseError(f"the engine reported an error (engine.json): "
                             f"{str(self.errors[case_id])[:ERROR_CHARS]}")
         return self.inner.outputs(case_id, load)

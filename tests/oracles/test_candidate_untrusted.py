@@ -21,12 +21,16 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from oracles import OraclesError, cli, golden
-from oracles.adapters import load_adapter, write_outputs
-from oracles.check import MAX_CASE_TIMEOUT, check_timeout
+from oracles import OraclesError, cli
+from oracles.authoring import writer
+from oracles.checking.candidates import load_adapter, write_outputs
+from oracles.checking.worker import MAX_CASE_TIMEOUT, check_timeout
+from oracles.format import golden
 from refimpl import jsonfile
-from refimpl.checkpoint import write_safetensors
+from refimpl.checkpoint import SafetensorsFile
 from refimpl.errors import RefimplError
+from refimpl.layout import STORAGE_BYTES
+from refimpl.writer import write_safetensors
 from tests.helpers import ROOT
 
 ONLY = "gate.tiny,rms_norm.basic,model.prefill.tiny"
@@ -39,7 +43,7 @@ def small(tmp_path_factory):
     """(suite, good candidate directory): three cases and refimpl float32's outputs."""
     root = tmp_path_factory.mktemp("candidate")
     suite = str(root / "suite")
-    golden.generate(suite, "default", ONLY)
+    writer.generate(suite, "default", ONLY)
     good = str(root / "good")
     write_outputs(suite, load_adapter("oracles.adapters:refimpl_float32"), good)
     return suite, good
@@ -194,8 +198,6 @@ def test_an_engines_recorded_error_is_an_error_with_its_message(small, cand):
 
 def _outputs_with_extra(src, dst, extra_name, extra_shape, extra_dtype="F32"):
     """src's tensors plus one huge tensor whose bytes are a hole (a sparse file)."""
-    from refimpl.checkpoint import STORAGE_BYTES, SafetensorsFile
-
     st = SafetensorsFile(src)
     header, off, parts = {}, 0, []
     for name, (dtype, shape, (b, e)) in st.tensors.items():
@@ -568,7 +570,7 @@ def test_integers_beyond_pythons_digit_limit_are_named_not_a_traceback(digits, s
 @pytest.fixture(scope="module")
 def scenarios_suite(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("scen") / "suite")
-    golden.generate(d, "default", SCENARIOS)
+    writer.generate(d, "default", SCENARIOS)
     return d
 
 

@@ -28,10 +28,12 @@ from collections.abc import Mapping
 import numpy as np
 
 from refimpl import jsonfile
-from refimpl.checkpoint import DTYPES, parse_header
+from refimpl.checkpoint import parse_header
 from refimpl.errors import RefimplError, printable
+from refimpl.layout import DTYPES
 
-from . import OraclesError, untrusted
+from .. import OraclesError
+from . import untrusted
 
 OUTPUTS_FILE = "outputs.safetensors"
 SKIP_FILE, ERROR_FILE = "skip.txt", "error.txt"

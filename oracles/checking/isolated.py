@@ -1,23 +1,24 @@
 """Adapters in a child process: the default for `--adapter` and `--engine` (`--in-process` for
-debugging runs them in the checker's own process, on a worker thread, as check.AdapterCandidate).
+debugging runs them in the checker's own process, on a worker thread: candidates.AdapterCandidate).
 
 The checker judges in the parent; the adapter (its import, its factory, every supports(case) and
-run(case), and its optional close()) runs in a child, `python -m oracles.isolated`, started in a
-session of its own. The engine is built once per child, on the child's main thread, and every
-later call runs on that same thread. The parent can always stop the child: a call that does not
-return within --case-timeout seconds, whatever the child holds (the interpreter lock, a C loop,
-threads of its own), ends with SIGKILL to the child's process group. A child that crashes, is
-killed by a signal or exits during a call makes that case an ERROR naming the cause, and the
-next case starts a fresh child (building the engine again); a child that cannot be restarted
-leaves the remaining cases ERROR (not run).
+run(case), and its optional close()) runs in a child, `python -m oracles.checking.isolated`,
+started in a session of its own. The engine is built once per child, on the child's main thread,
+and every later call runs on that same thread. The parent can always stop the child: a call that
+does not return within --case-timeout seconds, whatever the child holds (the interpreter lock, a
+C loop, threads of its own), ends with SIGKILL to the child's process group. A child that
+crashes, is killed by a signal or exits during a call makes that case an ERROR naming the cause,
+and the next case starts a fresh child (building the engine again); a child that cannot be
+restarted leaves the remaining cases ERROR (not run).
 
 Nothing the child sends is unpickled. Requests and replies are length-prefixed strict JSON
 (refimpl.jsonfile) of at most MAX_MESSAGE bytes; the parent checks every reply's fields.
 Outputs go through a file: the child writes run()'s arrays as one safetensors file in a private
 temporary directory of the parent's, and the parent opens it like any candidate's outputs
-(candidate.Outputs: header checked, tensors read only when compared) and removes it at once.
-The child reads the case itself from the suite (oracles.golden.Golden on the same directory,
-pinned to the digest the parent verified, each file's sha256 checked again as it is read).
+(format.candidate.Outputs: header checked, tensors read only when compared) and removes it at
+once. The child reads the case itself from the suite (format.golden.Golden on the same
+directory, pinned to the digest the parent verified, and only while the case's files are still
+the ones the parent verified: Golden.file's identity check).
 
 The child's standard output goes to the parent's standard error, so nothing an adapter prints
 can forge a line of the report; its standard input is /dev/null. It ends with os._exit after
@@ -27,6 +28,7 @@ called without an active exception`) cannot change the checker's exit code.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import select
@@ -39,11 +41,17 @@ import tempfile
 import time
 import weakref
 
-from refimpl import jsonfile
+import ml_dtypes
 
-from . import OraclesError
-from .calls import CaseError, check_timeout
-from .calls import text as _text
+from refimpl import jsonfile
+from refimpl.writer import write_safetensors
+
+from .. import OraclesError
+from ..format.candidate import Outputs
+from ..format.golden import Golden
+from .candidates import _as_outputs, _supported, adapter_factory, build_adapter
+from .worker import CaseError, check_timeout
+from .worker import text as _text
 
 PROTOCOL = 1
 MAX_MESSAGE = 1 << 20  # bytes of one reply; the child cuts its texts far below this
@@ -94,8 +102,11 @@ def _kill(proc, tmp) -> None:
 
 
 class ChildCandidate:
-    """A Python adapter (`{"adapter": "pkg.mod:factory"}`) or a built-in engine (`{"engine":
-    name, "options": {...}}`) run in a child process, with a per-call timeout (0: none).
+    """An adapter built in a child process by `factory` ("pkg.mod:function", called with the
+    JSON values `args`: `--adapter pkg.mod:factory` is ("pkg.mod:factory", []), `--engine NAME`
+    ("oracles.engines:engine_adapter", [NAME, options])), with a per-call timeout (0: none).
+    An adapter with an `info` dict (a built-in engine's engine, version and options) is
+    labelled `label_of(info)`.
 
     The child is started, and asked to build the adapter, when the candidate is made; the reply
     is awaited at the first call (or when `label` or `info` is read), so that the child starts
@@ -108,8 +119,9 @@ class ChildCandidate:
     it was sent (supports) or from when supports' answer was read (run): never shorter than
     --case-timeout."""
 
-    def __init__(self, spec: dict, label: str, timeout: float = 600.0):
-        self.spec, self._label, self.timeout = spec, label, check_timeout(timeout)
+    def __init__(self, factory: str, args: list, label: str, timeout: float = 600.0, label_of=None):
+        self.spec, self._label, self.timeout = {"factory": factory, "args": args}, label, check_timeout(timeout)
+        self._label_of = label_of
         self._info = None
         self.stuck = None  # why no further call is made (a restart failed)
         self.golden, self._order = None, []  # the suite being checked, its cases in order (bind)
@@ -173,8 +185,6 @@ class ChildCandidate:
         return v["value"] or "not supported"
 
     def outputs(self, case_id, load):
-        from .candidate import Outputs
-
         p = self._pending
         if p is None or p["case"] != case_id or p["stage"] != "run":
             if self.supports(case_id, load) is not True:  # out of protocol order: ask again
@@ -254,15 +264,13 @@ class ChildCandidate:
     # ---- the child's life ----------------------------------------------------------------------
     def _spawn(self) -> None:
         """Start a child and send it the start request (its replies are read by _started)."""
-        import oracles
-
-        root = os.path.dirname(os.path.dirname(os.path.abspath(oracles.__file__)))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         p2c_r, p2c_w = os.pipe()
         c2p_r, c2p_w = os.pipe()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "oracles.isolated", str(p2c_r), str(c2p_w)],
+                [sys.executable, "-m", "oracles.checking.isolated", str(p2c_r), str(c2p_w)],
                 pass_fds=(p2c_r, c2p_w), stdin=subprocess.DEVNULL, stdout=sys.__stderr__.fileno()
                 if sys.__stderr__ is not None else subprocess.DEVNULL,
                 start_new_session=True, env=env, close_fds=True)
@@ -299,14 +307,13 @@ class ChildCandidate:
                 raise OraclesError(reply["error"])
             info = reply.get("info")
             if info is not None:
-                from .engines import label
-
                 if not (isinstance(info, dict) and isinstance(info.get("engine"), str)
                         and isinstance(info.get("version"), str) and isinstance(info.get("options"), dict)):
                     self._broken(what, "engine info that is not {engine, version, options}")
                 self._info = {"engine": info["engine"], "version": info["version"],
                               "options": info["options"]}
-                self._label = label(self._info)
+                if self._label_of is not None:
+                    self._label = self._label_of(self._info)
         except CaseError as e:
             if first:
                 raise OraclesError(f"{self._label}: {e}") from None
@@ -431,33 +438,26 @@ def _send(f, obj) -> None:
 
 
 def _build(spec: dict, label: str):
-    """The adapter (and engine info) from a spec, as the in-process route builds it."""
-    from .adapters import adapter_factory, build_adapter
-
-    if "adapter" in spec:
-        return build_adapter(adapter_factory(spec["adapter"]), label), None
-    from . import engines
-
-    built = {}
+    """The adapter, built as the in-process route builds it (candidates.build_adapter), and its
+    engine info (a built-in engine's `info`: JSON values only) or None."""
+    module, attr = spec["factory"].split(":", 1)
+    make = adapter_factory(spec["factory"]) if not spec["args"] else None
 
     def factory():
-        built["adapter"], built["info"] = engines.load_engine(spec["engine"], spec["options"])
-        return built["adapter"]
+        if make is not None:
+            return make()
+        return getattr(importlib.import_module(module), attr)(*spec["args"])
     adapter = build_adapter(factory, label)
-    info = built["info"]
-    return adapter, {"engine": info["engine"], "version": info["version"],
-                     "options": {str(k): v if isinstance(v, (str, int, float, bool)) or v is None
-                                 else str(v) for k, v in info["options"].items()}}
+    info = getattr(adapter, "info", None)
+    if not (isinstance(info, dict) and {"engine", "version", "options"} <= set(info)):
+        return adapter, None
+    return adapter, {"engine": str(info["engine"]), "version": str(info["version"]),
+                     "options": {str(k): v if isinstance(v, (str, int, bool)) or v is None
+                                 else str(v) for k, v in dict(info["options"]).items()}}
 
 
 def _outputs_file(out, path: str) -> None:
     """run()'s result -> one safetensors file (names strings, values numeric arrays)."""
-    import ml_dtypes
-
-    from refimpl.checkpoint import write_safetensors
-
-    from .check import _as_outputs
-
     arrays = _as_outputs(out)
     for k, v in arrays.items():
         if not isinstance(k, str):
@@ -474,8 +474,6 @@ def _outputs_file(out, path: str) -> None:
 
 def child_main(fd_in: int, fd_out: int) -> None:
     """Serve the parent's requests until close or end of input; never returns (os._exit)."""
-    from .check import _verdict
-
     rf, wf = os.fdopen(fd_in, "rb"), os.fdopen(fd_out, "wb")
     adapter, goldens, cached = None, {}, {}
     _send(wf, {"ready": PROTOCOL})  # the interpreter is up: the factory's time starts now
@@ -486,8 +484,6 @@ def child_main(fd_in: int, fd_out: int) -> None:
         where, cid = msg["golden"], msg["case"]
         key = (where["path"], where["digest"], cid)
         if key not in cached:
-            from .golden import Golden
-
             g = goldens.get(key[:2])
             if g is None:
                 g = goldens[key[:2]] = Golden(key[0], verify=False, expect_digest=key[1])
@@ -516,7 +512,7 @@ def child_main(fd_in: int, fd_out: int) -> None:
             elif op == "case":  # supports, answered; then run, answered, if supported
                 what = "supports()"
                 c = case(msg)
-                verdict = _verdict(adapter.supports(c))
+                verdict = _supported(adapter.supports(c))
                 if verdict is True:
                     _send(wf, {"value": True})
                     what = "run()"
