@@ -127,7 +127,8 @@ def _candidate_adapter(args):
         if args.in_process:
             return candidates.load_adapter(args.adapter, args.case_timeout), repro
         split_spec(args.adapter)  # the spec's form, before a process is started
-        return isolated.ChildCandidate(args.adapter, [], args.adapter, args.case_timeout), repro
+        return isolated.ChildCandidate(args.adapter, [], args.adapter, args.case_timeout,
+                                       process=getattr(args, "prespawned", None)), repro
     options = engines.parse_options(args.engine_option)
     engines.check_options(args.engine, options)  # names and values, before the engine is built
     repro = f"--engine {shlex.quote(args.engine)}" + "".join(
@@ -135,7 +136,8 @@ def _candidate_adapter(args):
     if not args.in_process:
         return isolated.ChildCandidate("oracles.engines:engine_adapter", [args.engine, options],
                                        f"--engine {args.engine}", args.case_timeout,
-                                       label_of=engines.label), repro
+                                       label_of=engines.label,
+                                       process=getattr(args, "prespawned", None)), repro
     built = {}
 
     def factory():
@@ -156,9 +158,12 @@ def _close(cand, abort: bool = False) -> None:
         print(f"oracles: warning: {escape(why)}", file=sys.stderr)
 
 
-def main(argv=None) -> int:
+def main(argv=None, prespawned=None) -> int:
+    """The command line -> its exit code. prespawned: an adapter process already started for
+    this command (oracles/__main__.py), taken by the first adapter candidate."""
     try:
         args = _parser().parse_args(argv)
+        args.prespawned = prespawned
         return COMMANDS[args.cmd](args)
     except RefimplError as e:  # OraclesError included
         print(f"oracles: error: {printable(e)}", file=sys.stderr)

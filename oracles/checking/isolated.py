@@ -49,6 +49,7 @@ from refimpl.writer import write_safetensors
 from .. import OraclesError
 from ..format.candidate import Outputs
 from ..format.golden import Golden
+from . import spawn
 from .candidates import _as_outputs, _supported, adapter_factory, build_adapter
 from .worker import CaseError, check_timeout
 from .worker import text as _text
@@ -86,17 +87,8 @@ def _cause(returncode) -> str:
 
 
 def _kill(proc, tmp) -> None:
-    """SIGKILL to the child's process group (its own threads and children with it), reaped;
-    the temporary directory removed. Safe to call twice."""
-    if proc is not None and proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+    """The child killed (spawn.kill), the temporary directory removed. Safe to call twice."""
+    spawn.kill(proc)
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -119,9 +111,11 @@ class ChildCandidate:
     it was sent (supports) or from when supports' answer was read (run): never shorter than
     --case-timeout."""
 
-    def __init__(self, factory: str, args: list, label: str, timeout: float = 600.0, label_of=None):
+    def __init__(self, factory: str, args: list, label: str, timeout: float = 600.0, label_of=None,
+                 process=None):
         self.spec, self._label, self.timeout = {"factory": factory, "args": args}, label, check_timeout(timeout)
         self._label_of = label_of
+        self._prespawned = process  # a spawn.ChildProcess started earlier (oracles/__main__.py)
         self._info = None
         self.stuck = None  # why no further call is made (a restart failed)
         self.golden, self._order = None, []  # the suite being checked, its cases in order (bind)
@@ -263,26 +257,17 @@ class ChildCandidate:
 
     # ---- the child's life ----------------------------------------------------------------------
     def _spawn(self) -> None:
-        """Start a child and send it the start request (its replies are read by _started)."""
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        p2c_r, p2c_w = os.pipe()
-        c2p_r, c2p_w = os.pipe()
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "oracles.checking.isolated", str(p2c_r), str(c2p_w)],
-                pass_fds=(p2c_r, c2p_w), stdin=subprocess.DEVNULL, stdout=sys.__stderr__.fileno()
-                if sys.__stderr__ is not None else subprocess.DEVNULL,
-                start_new_session=True, env=env, close_fds=True)
-        except OSError as e:
-            for fd in (p2c_r, p2c_w, c2p_r, c2p_w):
-                os.close(fd)
-            raise OraclesError(f"{self._label}: cannot start the adapter process ({e.strerror})") from None
-        os.close(p2c_r)
-        os.close(c2p_w)
-        self._to, self._from = p2c_w, c2p_r
+        """Start a child (or take the one started for this command) and send it the start
+        request (its replies are read by _started)."""
+        child, self._prespawned = self._prespawned, None
+        if child is None or not child.alive():
+            try:
+                child = spawn.ChildProcess()
+            except OSError as e:
+                raise OraclesError(f"{self._label}: cannot start the adapter process ({e.strerror})") from None
+        self._proc, self._to, self._from = child.proc, child.to, child.frm
         self._state["proc"] = self._proc
-        self._spawned_at = time.monotonic()
+        self._spawned_at = child.started_at
         self._send({"op": "start", "protocol": PROTOCOL, "spec": self.spec, "label": self._label,
                     "sys_path": [p for p in sys.path if isinstance(p, str)]})
         self._starting = True
@@ -464,8 +449,9 @@ def _outputs_file(out, path: str) -> None:
             raise CaseError(f"run() returned an output named {_text(repr(k), 200)}, not a string")
         if v.dtype.kind not in "biuf" and v.dtype != ml_dtypes.bfloat16:
             raise CaseError(f"run() returned output {k!r} as {v.dtype} values, not numbers")
-    try:
-        write_safetensors(path, arrays)
+    try:  # a private temporary the parent reads once: no rename, no fsync
+        with open(path, "xb") as f:
+            write_safetensors(path, arrays, file=f)
     except OraclesError:
         raise
     except Exception as e:  # noqa: BLE001 - a dtype safetensors cannot store, a bad name
