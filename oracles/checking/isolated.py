@@ -458,8 +458,24 @@ def _outputs_file(out, path: str) -> None:
         raise CaseError(f"run()'s outputs cannot be stored as safetensors ({_text(e, 500)})") from None
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the checker ends, however it ends (prctl
+    PR_SET_PDEATHSIG; a checker killed by SIGTERM or SIGKILL runs no cleanup of its own).
+    Elsewhere the child still ends when it reads the end of its request pipe."""
+    ppid = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != ppid:  # the checker ended before the line above
+        os._exit(1)
+
+
 def child_main(fd_in: int, fd_out: int) -> None:
     """Serve the parent's requests until close or end of input; never returns (os._exit)."""
+    _die_with_parent()
     rf, wf = os.fdopen(fd_in, "rb"), os.fdopen(fd_out, "wb")
     adapter, goldens, cached = None, {}, {}
     _send(wf, {"ready": PROTOCOL})  # the interpreter is up: the factory's time starts now
