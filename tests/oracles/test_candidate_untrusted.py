@@ -395,6 +395,52 @@ def test_the_parent_never_unpickles_what_the_child_sends(small, tmp_path):
     assert got == {"rc": 0, "pickles": 0}, r.stderr
 
 
+def _processes_marked(mark):
+    """Live processes whose environment holds `mark` (the ones a command started, reparented or not)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if mark.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the processes")
+@pytest.mark.parametrize("how", ["bad_option", "killed"])
+def test_no_adapter_process_outlives_the_command(small, tmp_path, monkeypatch, how):
+    """The process `python -m oracles` starts before its imports is killed when the command
+    fails before using it (a bad option), and dies with the command when the command is killed
+    by SIGKILL mid-case (no cleanup of its own runs)."""
+    import signal
+    import uuid
+
+    mark = f"ORACLES_TEST_MARK={uuid.uuid4().hex}"
+    spec = _adapter(tmp_path, monkeypatch, "ad_sleepy", "time.sleep(10**6)")
+    argv = ["check", small[0], "--adapter", spec, "--only", FIRST]
+    if how == "bad_option":
+        r = cli_run(*argv, "--case-timeout", "1e10", env={mark.split("=")[0]: mark.split("=")[1]})
+        assert r.returncode == 2
+    else:
+        e = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                 **{mark.split("=")[0]: mark.split("=")[1]})
+        p = subprocess.Popen([sys.executable, "-m", "oracles", *argv], env=e,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while len(_processes_marked(mark)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(_processes_marked(mark)) == 2  # the command and its adapter process
+        time.sleep(1)
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+    deadline = time.monotonic() + 10
+    while _processes_marked(mark) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_marked(mark) == []
+
+
 def test_run_with_a_crashing_adapter_writes_the_others_and_exits_1(small, tmp_path, monkeypatch):
     spec = _adapter(tmp_path, monkeypatch, "ad_run_segv", HOSTILE["segfault"])
     rc, out, _ = main("run", small[0], "--adapter", spec, "--out", tmp_path / "c")
