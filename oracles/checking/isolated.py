@@ -392,9 +392,9 @@ class ChildCandidate:
     def _read(self, n: int, deadline) -> bytes:
         buf = bytearray()
         while len(buf) < n:
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and wait <= 0:
-                raise _Timeout
+            # past the deadline, a reply already waiting in the pipe still counts (it came in time
+            # while this side was judging the previous case)
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _, _ = select.select([self._from], [], [], wait)
             if not ready:
                 raise _Timeout

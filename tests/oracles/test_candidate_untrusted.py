@@ -395,6 +395,27 @@ def test_the_parent_never_unpickles_what_the_child_sends(small, tmp_path):
     assert got == {"rc": 0, "pickles": 0}, r.stderr
 
 
+def test_the_next_case_runs_while_this_one_is_judged_and_a_timely_reply_counts(small):
+    """Pipelining: once a case's outputs are back, the next case is already sent; its reply,
+    come in time, counts however late the checker reads it (here: as if judging took 1000 s)."""
+    import select
+
+    from oracles.checking.isolated import ChildCandidate
+
+    cand = ChildCandidate("oracles.adapters:refimpl_float32", [], "ref", timeout=60)
+    try:
+        cand.bind(golden.Golden(small[0]), ["rms_norm.basic", "gate.tiny"])
+        assert cand.supports("rms_norm.basic", None) is True
+        assert "y" in cand.outputs("rms_norm.basic", None)
+        assert cand._pending["case"] == "gate.tiny"  # sent before rms_norm.basic is judged
+        assert select.select([cand._from], [], [], 60)[0]  # its supports() answer is waiting
+        cand._pending["since"] -= 1000.0
+        assert cand.supports("gate.tiny", None) is True
+        assert set(cand.outputs("gate.tiny", None)) >= {"topk_idx", "topk_weight"}
+    finally:
+        assert cand.close() is None
+
+
 def _processes_marked(mark):
     """Live processes whose environment holds `mark` (the ones a command started, reparented or not)."""
     found = []
