@@ -5,13 +5,18 @@
     oracles check    GOLDEN [CANDIDATE | --adapter pkg.mod:factory] [--profile float32|bf16|fp8] [--only GLOB] [--json REPORT]
                      [--html REPORT.html] [--expect-digest HEX] [--case-timeout SECONDS] [--allow-empty] [--allow-inconclusive]
     oracles run      GOLDEN --adapter pkg.mod:factory --out CANDIDATE [--expect-digest HEX] [--case-timeout S]
+    oracles verify   GOLDEN [--only GLOB] [--expect-digest HEX] [--json REPORT]
+    oracles diff     OLD.json NEW.json [--factor F] [--json OUT]
+    check also takes --known KNOWN.toml [--allow-fixed] (known divergences) and --junit REPORT.xml.
     check and run also take --engine transformers|mlx|llama.cpp|vllm [--engine-option KEY=VALUE]
     (the built-in engine adapters, oracles/engines/) in place of --adapter, and --in-process
     (the adapter in this process rather than a child process, checking/isolated.py: debugging).
 
-check exits 0 when every checked case passes; 1 when a case fails, is missing, errs (the adapter
-raised, exited, crashed or timed out) or is inconclusive, or when nothing was checked at all; 2 on
-bad input (one line on stderr, text from files escaped); 130 when interrupted.
+check exits 0 when every checked case passes (or fails as its --known file declares: KNOWN); 1
+when a case fails, is missing, errs (the adapter raised, exited, crashed or timed out), is
+inconclusive, or passes although the known file declares it failing (FIXED), or when nothing was
+checked at all; verify exits 1 when a regenerated case differs beyond its level, diff when a case
+regressed; 2 on bad input (one line on stderr, text from files escaped); 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -26,14 +31,14 @@ from refimpl.atomic import atomic_directory, check_destination, distinct_destina
 from refimpl.errors import RefimplError, printable
 
 from . import OraclesError, engines
-from .checking import candidates, isolated, report_html
+from .checking import candidates, diff, isolated, junit, known, report_html
 from .checking.check import run_check
 from .checking.report import format_report
 from .checking.worker import MAX_CASE_TIMEOUT, check_timeout, split_spec
 from .format.untrusted import escape
 
-# The authoring layer (suites, case kinds, the writer) runs refimpl's forward pass: `list` and
-# `generate` import it when they run, so that checking a suite never loads it.
+# The authoring layer (suites, case kinds, the writer, verify) runs refimpl's forward pass:
+# `list`, `generate` and `verify` import it when they run, so that checking a suite never loads it.
 
 
 def _progress(args):
@@ -73,6 +78,16 @@ def _parser():
     g.add_argument("--suite", default="default")
     g.add_argument("--only", help="comma-separated globs of case ids")
     g.add_argument("--quiet", action="store_true")
+    g.add_argument("--checkpoint", metavar="DIR",
+                   help="a golden of this checkpoint (referenced by digest, never copied): model "
+                        "cases on --tokens instead of a built-in suite")
+    g.add_argument("--tokens", metavar="FILE", help="with --checkpoint: .npy of token ids [batch, seq]")
+    g.add_argument("--layers", type=int, default=None, metavar="N",
+                   help="with --checkpoint: keep the first N decoder layers (plus the head)")
+    g.add_argument("--new-tokens", type=int, default=4, metavar="N",
+                   help="with --checkpoint: greedy tokens of the greedy case (default 4)")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="compute the cases on Ray workers: a local cluster, or join ADDRESS")
     c = sub.add_parser("check", help="check a candidate against a golden suite")
     c.add_argument("golden")
     c.add_argument("candidate", nargs="?", help="directory with cases/<id>/outputs.safetensors")
@@ -82,7 +97,8 @@ def _parser():
     c.add_argument("--only", help="comma-separated globs of case ids")
     c.add_argument("--json", dest="json_out", help="write the report as JSON here")
     c.add_argument("--expect-digest", metavar="HEX",
-                   help="refuse the suite unless sha256(manifest.json) is HEX (pin it in CI)")
+                   help="refuse the suite unless HEX is its manifest digest (sha256 of manifest.json, "
+                        "every bit) or its question digest (what it asks, the same on every machine)")
     c.add_argument("--case-timeout", type=_seconds, default=600.0, metavar="SECONDS",
                    help="stop an adapter call that takes longer (default 600, at most 1e6; 0: no "
                         "limit; with --in-process 0 runs the calls in the main thread)")
@@ -91,7 +107,29 @@ def _parser():
     c.add_argument("--allow-inconclusive", action="store_true",
                    help="exit 0 even if a case compared too few positions to decide")
     c.add_argument("--html", dest="html_out", help="write the report as one self-contained HTML page here")
+    c.add_argument("--junit", dest="junit_out", metavar="FILE",
+                   help="write the report as JUnit XML here (one test case per golden case)")
+    c.add_argument("--known", metavar="FILE",
+                   help="a TOML file of known divergences: those failures are KNOWN, not failing")
+    c.add_argument("--allow-fixed", action="store_true",
+                   help="exit 0 even if a known failure now passes (FIXED)")
+    c.add_argument("--checkpoint", metavar="DIR",
+                   help="the checkpoint a checkpoint golden was generated from (its digest must match)")
     c.add_argument("--quiet", action="store_true")
+    v = sub.add_parser("verify", help="regenerate a suite's expected values and tolerances here "
+                                      "and compare them with the suite's")
+    v.add_argument("golden")
+    v.add_argument("--only", help="comma-separated globs of case ids")
+    v.add_argument("--expect-digest", metavar="HEX",
+                   help="refuse the suite unless HEX is its question or manifest digest")
+    v.add_argument("--json", dest="json_out", help="write the verification as JSON here")
+    v.add_argument("--quiet", action="store_true")
+    d = sub.add_parser("diff", help="what changed between two check reports (--json) of one suite")
+    d.add_argument("old")
+    d.add_argument("new")
+    d.add_argument("--factor", type=float, default=10.0,
+                   help="flag outputs whose error / tolerance moved by more than this (default 10)")
+    d.add_argument("--json", dest="json_out", help="write the differences as JSON here")
     r = sub.add_parser("run", help="run an adapter and write its outputs (the file route)")
     r.add_argument("golden")
     r.add_argument("--adapter")
@@ -100,6 +138,8 @@ def _parser():
     r.add_argument("--only")
     r.add_argument("--case-timeout", type=_seconds, default=600.0, metavar="SECONDS")
     r.add_argument("--expect-digest", metavar="HEX")
+    r.add_argument("--checkpoint", metavar="DIR",
+                   help="the checkpoint a checkpoint golden was generated from (its digest must match)")
     return p
 
 
@@ -190,9 +230,22 @@ def cmd_generate(args) -> int:
     from .authoring.writer import generate, suite_size
 
     t = time.perf_counter()
-    m = generate(args.out, args.suite, args.only, progress=_progress(args))
+    suite, cases, doc = args.suite, None, None
+    if args.checkpoint or args.tokens or args.layers is not None:
+        from .authoring.checkpoint_cases import checkpoint_cases, load_tokens
+
+        if not (args.checkpoint and args.tokens):
+            raise OraclesError("a checkpoint golden needs both --checkpoint DIR and --tokens FILE")
+        check_destination(args.out, "directory", OraclesError)
+        cases = checkpoint_cases(args.checkpoint, load_tokens(args.tokens), args.layers,
+                                 args.new_tokens)
+        suite = "checkpoint"
+        doc = ("model cases of a user's checkpoint (referenced by digest, not copied)"
+               + (f", its first {args.layers} decoder layers" if args.layers else ""))
+    m = generate(args.out, suite, args.only, progress=_progress(args), cases=cases,
+                 suite_doc=doc, ray=args.ray)
     dt = time.perf_counter() - t
-    print(f"wrote {args.out}: suite {args.suite}, {len(m['cases'])} cases, "
+    print(f"wrote {args.out}: suite {suite}, {len(m['cases'])} cases, "
           f"{suite_size(args.out) / 1e6:.1f} MB in {dt:.1f} s")
     return 0
 
@@ -206,9 +259,12 @@ def cmd_check(args) -> int:
     if bool(args.candidate) == bool(args.adapter or args.engine):
         raise OraclesError("check needs exactly one of CANDIDATE (a directory), --adapter "
                            "pkg.mod:factory or --engine NAME")
-    distinct_destinations({"--json": args.json_out, "--html": args.html_out}, OraclesError)
+    distinct_destinations({"--json": args.json_out, "--html": args.html_out,
+                           "--junit": args.junit_out}, OraclesError)
     json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
     html_dest = check_destination(args.html_out, "file", OraclesError) if args.html_out else None
+    junit_dest = check_destination(args.junit_out, "file", OraclesError) if args.junit_out else None
+    known_file = known.load(args.known) if args.known else None
     if args.candidate:
         if args.engine_option:
             raise OraclesError("--engine-option needs --engine")
@@ -222,13 +278,17 @@ def cmd_check(args) -> int:
     base = f"oracles check {shlex.quote(args.golden)} {how}"
     t = time.perf_counter()
     try:
+        if info is None and args.engine:  # the engine's options, for --known (it is built now)
+            info = cand.info
         rep = run_check(args.golden, cand, args.profile, args.only, repro_base=base,
                         progress=_progress(args), expect_digest=args.expect_digest,
-                        allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive)
+                        allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive,
+                        known=known_file, allow_fixed=args.allow_fixed,
+                        engine_options=info.get("options") if info else None,
+                        checkpoint=args.checkpoint)
     except BaseException:
         _close(cand, abort=True)
         raise
-    info = info or getattr(cand, "info", None)
     _close(cand)
     rep["seconds"] = round(time.perf_counter() - t, 3)
     if info:
@@ -239,7 +299,31 @@ def cmd_check(args) -> int:
         _write_json(args.json_out, rep, expect=json_dest)
     if args.html_out:
         write_text(args.html_out, report_html.render(rep), OraclesError, tag="oracles", expect=html_dest)
+    if args.junit_out:
+        write_text(args.junit_out, junit.render(rep, allow_inconclusive=args.allow_inconclusive,
+                                                allow_fixed=args.allow_fixed),
+                   OraclesError, tag="oracles", expect=junit_dest)
     return 0 if rep["ok"] else 1
+
+
+def cmd_verify(args) -> int:
+    from .authoring.verify import format_verify, run_verify
+
+    json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
+    rep = run_verify(args.golden, args.only, args.expect_digest, progress=_progress(args))
+    print(format_verify(rep))
+    if args.json_out:
+        _write_json(args.json_out, rep.as_dict(), expect=json_dest)
+    return 0 if rep.ok else 1
+
+
+def cmd_diff(args) -> int:
+    json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
+    d = diff.diff(args.old, args.new, args.factor)
+    print(diff.format_diff(d))
+    if args.json_out:
+        _write_json(args.json_out, d.as_dict(), expect=json_dest)
+    return 1 if d.regressed else 0
 
 
 def cmd_run(args) -> int:
@@ -251,7 +335,8 @@ def cmd_run(args) -> int:
     try:
         with atomic_directory(args.out, OraclesError, tag="oracles") as tmp:  # never merged into
             skipped = candidates.write_outputs(args.golden, cand, tmp, args.only, errors=errors,
-                                               expect_digest=args.expect_digest)
+                                               expect_digest=args.expect_digest,
+                                               checkpoint=args.checkpoint)
             info = getattr(cand, "info", None)
             if info:
                 engines.write_info(tmp, info, skipped)
@@ -269,4 +354,5 @@ def cmd_run(args) -> int:
     return 1 if errors else 0
 
 
-COMMANDS = {"list": cmd_list, "generate": cmd_generate, "check": cmd_check, "run": cmd_run}
+COMMANDS = {"list": cmd_list, "generate": cmd_generate, "check": cmd_check, "run": cmd_run,
+            "verify": cmd_verify, "diff": cmd_diff}

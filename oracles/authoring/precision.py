@@ -68,7 +68,9 @@ def paired_fp8(weights: dict, precision: str) -> dict:
 
 def _cast(name, a, precision):
     a = np.asarray(a)
-    if not np.issubdtype(a.dtype, np.floating) or a.dtype == E4M3:
+    # (ml_dtypes' bfloat16 is no np.floating subtype: tested by name, or bf16-stored arrays
+    # would be computed in bfloat16 arithmetic even for the float64 truth)
+    if not (np.issubdtype(a.dtype, np.floating) or a.dtype == BF16) or a.dtype == E4M3:
         return a  # ids, positions, e4m3 values: as stored
     if precision == "float64":
         return a.astype(np.float64)
@@ -83,10 +85,13 @@ def prepared(case: Case, precision: str) -> Case:
     """A copy of the case with its arrays in the working precision."""
     if precision not in PRECISIONS:
         raise OraclesError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if case.weights is not None and not isinstance(case.weights, dict):  # a user's checkpoint
+        weights = case.weights.prepared(precision)  # cast per tensor as read (checkpoint_cases)
+    else:
+        weights = None if case.weights is None else \
+            paired_fp8({k: _cast(k, v, precision) for k, v in case.weights.items()}, precision)
     return dataclasses.replace(
-        case, inputs={k: _cast(k, v, precision) for k, v in case.inputs.items()},
-        weights=None if case.weights is None else
-        paired_fp8({k: _cast(k, v, precision) for k, v in case.weights.items()}, precision))
+        case, inputs={k: _cast(k, v, precision) for k, v in case.inputs.items()}, weights=weights)
 
 
 def working_dtype(precision: str):

@@ -223,13 +223,14 @@ def make_candidate(factory, label: str, timeout: float = DEFAULT_CASE_TIMEOUT) -
 
 
 def write_outputs(golden_path: str, candidate, out: str, only=None,
-                  errors: dict | None = None, expect_digest: str | None = None) -> dict:
+                  errors: dict | None = None, expect_digest: str | None = None,
+                  checkpoint: str | None = None) -> dict:
     """The file route driven by an adapter: CANDIDATE/cases/<id>/outputs.safetensors for every
     supported case -> {case id: skip reason} for the others. A case whose adapter call fails
     (raises, exits, times out, its process dies) gets no file; its one-line reason goes to
     `errors`. Outputs are written one tensor at a time (a lazily read format.candidate.Outputs
     from an adapter process is never held whole)."""
-    golden = Golden(golden_path, expect_digest=expect_digest)
+    golden = Golden(golden_path, expect_digest=expect_digest, checkpoint=checkpoint)
     if hasattr(candidate, "bind"):  # an adapter process: the same suite, the cases in this order
         candidate.bind(golden, [cid for cid in golden.cases if matches(cid, only)])
     skipped = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+import time
 
 import ml_dtypes
 import numpy as np
@@ -20,6 +21,7 @@ from .. import OraclesError
 from ..format import metrics, tolerances
 from ..format.golden import Golden
 from ..format.schema import CAUSAL_KINDS, matches
+from .known import apply as apply_known
 from .results import CaseResult, Comparison, Coverage, OutputResult, Report, Verdict
 from .worker import CaseError
 
@@ -225,19 +227,23 @@ def check_case(golden: Golden, entry: dict, candidate, profile: str,
 # A suite: every case, then the report
 # ---------------------------------------------------------------------------------------------
 
-STATUSES = ("pass", "fail", "missing", "error", "inconclusive", "skip", "not_followed")
+# known and fixed: with --known (known.py)
+STATUSES = ("pass", "fail", "missing", "error", "inconclusive", "skip", "not_followed", "known",
+            "fixed")
 
 
 def check_suite(golden_path: str, candidate, profile: str = "float32", only: str | None = None,
                 repro_base: str | None = None, progress=None, expect_digest: str | None = None,
                 allow_empty: bool = False, allow_inconclusive: bool = False,
-                min_compared: float = MIN_COMPARED) -> Report:
+                min_compared: float = MIN_COMPARED, known=None, allow_fixed: bool = False,
+                engine_options: dict | None = None, today=None, checkpoint: str | None = None) -> Report:
     """Check every case (matching `only`) -> the Report. ok is False when a case fails, is
     missing or errs, when one is inconclusive (unless allow_inconclusive), and when no required
-    output was compared at all (unless allow_empty)."""
+    output was compared at all (unless allow_empty). known: a known.KnownFile whose entries turn
+    failures into KNOWN and passes into FIXED (which fail the run unless allow_fixed)."""
     if profile not in tolerances.PROFILES:
         raise OraclesError(f"profile {profile!r} is not one of {', '.join(tolerances.PROFILES)}")
-    golden = Golden(golden_path, expect_digest=expect_digest)
+    golden = Golden(golden_path, expect_digest=expect_digest, checkpoint=checkpoint)
     entries = [e for e in golden.manifest["cases"] if matches(e["id"], only)]
     if not entries:
         raise OraclesError(f"{golden_path}: no case matches --only {only!r}")
@@ -253,16 +259,22 @@ def check_suite(golden_path: str, candidate, profile: str = "float32", only: str
             r = CaseResult(**_header(entry), status="error",
                            reason=f"not run: the adapter is stuck ({stuck})")
         else:
+            t0 = time.perf_counter()
             r = check_case(golden, entry, candidate, profile, min_compared)
+            r = dataclasses.replace(r, seconds=round(time.perf_counter() - t0, 3))
         if r.status in ("fail", "missing", "error", "inconclusive") and repro_base and not stuck:
             r = dataclasses.replace(r, repro=f"{repro_base} --only {shlex.quote(r.id)} --profile {profile}")
         results.append(r)
     results = mark_alternatives(results)
+    known_section = None
+    if known is not None:
+        results, known_section = apply_known(known, results, profile, engine_options, today)
     counts = {s: sum(r.status == s for r in results) for s in STATUSES}
     checked = sum(r.checked or 0 for r in results)
     empty = checked == 0
     ok = (counts["fail"] == 0 and counts["missing"] == 0 and counts["error"] == 0
-          and (allow_inconclusive or counts["inconclusive"] == 0) and (allow_empty or not empty))
+          and (allow_inconclusive or counts["inconclusive"] == 0) and (allow_empty or not empty)
+          and (allow_fixed or counts["fixed"] == 0))
     notes = []
     if empty:
         notes.append("nothing was checked: no case compared a required output ("
@@ -271,9 +283,20 @@ def check_suite(golden_path: str, candidate, profile: str = "float32", only: str
     if counts["inconclusive"]:
         notes.append(f"{counts['inconclusive']} case(s) inconclusive: too few positions compared"
                      + ("" if allow_inconclusive else "; pass --allow-inconclusive to accept that"))
+    if golden.pinned == "question":
+        notes.append("pinned by the question digest: the expected values and tolerances are tied "
+                     "to it by `oracles verify`, not by the digest")
+    if known_section is not None:
+        notes += known_section["notes"] + known_section["unmatched_notes"]
+        if counts["known"]:
+            notes.append(f"{counts['known']} known failure(s) (--known {known.path}): not failing the run")
+        if counts["fixed"]:
+            notes.append(f"{counts['fixed']} known failure(s) now pass (FIXED): remove their entries"
+                         + ("" if allow_fixed else " or pass --allow-fixed"))
+    made = {k: golden.manifest.get(k) for k in ("format", "generator", "refimpl")}
     return Report(golden_path, golden.manifest.get("suite"), golden.digest, candidate.label,
                   profile, counts, checked, ok, min_compared, notes, conventions_summary(results),
-                  results)
+                  results, golden.question_digest, golden.pinned, made, known_section)
 
 
 def run_check(*args, **kwargs) -> dict:

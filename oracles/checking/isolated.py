@@ -231,8 +231,10 @@ class ChildCandidate:
             ids = {n: list(v) for (cid, n), v in getattr(g, "_identity", {}).items() if cid == case_id}
             self._n += 1
             out = os.path.join(self._tmp, f"outputs-{self._n}.safetensors")
+            ckpt = getattr(g, "checkpoint", None)
             self._send({"op": "case", "case": case_id, "out": out, "golden": {
-                "path": os.path.abspath(g.path), "digest": g.digest, "verified": ids}})
+                "path": os.path.abspath(g.path), "digest": g.digest, "verified": ids,
+                "checkpoint": os.path.abspath(ckpt) if ckpt else None}})
             self._pending = {"case": case_id, "stage": "supports", "since": time.monotonic(), "out": out}
         except CaseError:
             self._pending = None
@@ -484,11 +486,12 @@ def child_main(fd_in: int, fd_out: int) -> None:
         """The case, read from the suite the parent verified: its files are read only if they
         are still those files (their identities, Golden.file), else hashed again."""
         where, cid = msg["golden"], msg["case"]
-        key = (where["path"], where["digest"], cid)
+        key = (where["path"], where["digest"], where.get("checkpoint"), cid)
         if key not in cached:
-            g = goldens.get(key[:2])
-            if g is None:
-                g = goldens[key[:2]] = Golden(key[0], verify=False, expect_digest=key[1])
+            g = goldens.get(key[:3])
+            if g is None:  # (a --checkpoint's digest is checked again here)
+                g = goldens[key[:3]] = Golden(key[0], verify=False, expect_digest=key[1],
+                                              checkpoint=key[2])
             if where["verified"] and set(where["verified"]) == set(g.cases[cid]["files"]):
                 g._identity.update({(cid, n): tuple(v) for n, v in where["verified"].items()})
                 g._verified.add(cid)

@@ -85,6 +85,8 @@ class CaseResult:
     status: str | None = None  # checking.check.STATUSES
     reason: str | None = None
     repro: str | None = None  # the command that reruns the case alone
+    known: dict | None = None  # KNOWN and FIXED (--known): the entry (known.py)
+    seconds: float | None = None  # how long checking the case took
 
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -114,8 +116,14 @@ class Report:
     notes: list
     conventions: dict  # topic -> {alternative: passed?}
     cases: list  # [CaseResult]
+    question_digest: str | None = None  # what the suite asks (format 3; None for older suites)
+    pinned: str | None = None  # which digest --expect-digest matched: manifest or question
+    suite_made_with: dict | None = None  # the suite's format, generator and refimpl versions
+    known: dict | None = None  # --known: the file, its entries and what they matched
 
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["cases"] = [c.as_dict() for c in self.cases]
+        if self.known is None:
+            del d["known"]
         return d

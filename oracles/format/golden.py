@@ -26,14 +26,23 @@ from refimpl.config import Config
 from refimpl.errors import RefimplError, printable
 
 from .. import OraclesError
+from . import digest as digests
+from .checkpoint_ref import bind
 from . import manifest, untrusted
 from .schema import Case
 
-SUITE_FORMAT = 2  # 2: model cases in cases/<id>/model/ with tokenizer files (1: flat)
+# 3: the manifest records its question digest (digest.py); 2: model cases in cases/<id>/model/
+# with tokenizer files; 1: flat. Every format is read.
+SUITE_FORMAT = 3
 MODEL_DIR = "model"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "generation_config.json")
 
+# "expected_under" of a case whose expected values follow this project's conventions (otherwise
+# the name of the mutant they follow), and how suites made before 2026-12-02 spelled it (the
+# old text, spelled apart: it cited the team's notes, which are not part of the repository)
+OWN_CONVENTIONS = "this project's conventions (spec section 9)"
+OWN_CONVENTIONS_BEFORE = ("this project's conventions (" + "SPEC" + ".md section 9)",)
 
 def read_tensors(path: str) -> dict:
     try:
@@ -83,7 +92,8 @@ class Golden:
     regular files inside the suite; nothing unlisted may sit in a case directory). Only listed,
     verified files are read afterwards."""
 
-    def __init__(self, path: str, verify: bool = True, expect_digest: str | None = None):
+    def __init__(self, path: str, verify: bool = True, expect_digest: str | None = None,
+                 checkpoint: str | None = None):
         self.path = os.fspath(path)
         if not os.path.isdir(self.path):
             raise OraclesError(f"{self.path}: not a golden suite directory")
@@ -93,20 +103,46 @@ class Golden:
         raw = untrusted.read_bytes(untrusted.inside(self.path, "manifest.json", "manifest.json"),
                                    "manifest.json", untrusted.MAX_MANIFEST)
         self.digest = hashlib.sha256(raw).hexdigest()
-        if expect_digest is not None:
-            want = manifest.parse_digest(expect_digest)
-            if want != self.digest:
-                raise OraclesError(f"{self.path}: suite digest {self.digest} is not the expected "
-                                   f"{want}: this is not the suite you pinned")
-        # strict JSON (refimpl.jsonfile): no duplicate keys, NaN or Infinity, nesting bounded,
-        # integers of at most 4300 digits
-        m = jsonfile.loads(raw, printable(mpath), OraclesError)
+        want = manifest.parse_digest(expect_digest) if expect_digest is not None else None
+
+        def not_pinned(question=None, fmt=None):
+            q = (f", nor is its question digest {question}" if question else
+                 f" (a format {fmt} suite records no question digest: pin its manifest digest)"
+                 if fmt else "")
+            return OraclesError(f"{self.path}: suite digest {self.digest} is not the expected "
+                                f"{want}{q}: this is not the suite you pinned")
+        try:
+            # strict JSON (refimpl.jsonfile): no duplicate keys, NaN or Infinity, nesting bounded,
+            # integers of at most 4300 digits
+            m = jsonfile.loads(raw, printable(mpath), OraclesError)
+        except OraclesError:
+            if want is not None and want != self.digest:
+                raise not_pinned() from None
+            raise
+        if want is not None and want != self.digest:
+            if not isinstance(m, dict):
+                raise not_pinned()
+            fmt = digests.suite_format(m, mpath)
+            q = digests.question_digest(m) if fmt >= digests.QUESTION_FORMAT else None
+            if want != q:
+                raise not_pinned(q, fmt)
         self.manifest = manifest.validate(m, mpath)
+        # what the suite asks (digest.py): recomputed, and compared with the manifest's own record
+        self.question_digest = digests.checked_question_digest(m, mpath, SUITE_FORMAT)
+        # which digest --expect-digest matched: "manifest" pins every bit, "question" what the
+        # suite asks (its answers are then tied by `oracles verify`); None when nothing is pinned
+        self.pinned = None if want is None else "manifest" if want == self.digest else "question"
         self.cases = {c["id"]: c for c in self.manifest["cases"]}
         self._verified = set()
         self._identity = {}  # (case, file) -> what it was when verified
         if verify:
             self.verify()
+        # cases of a user's checkpoint: bound to --checkpoint DIR, refused unless its digest is
+        # the one they were generated from (checkpoint_ref.bind), before anything runs
+        memo: dict = {}  # checkpoint directory -> its digest, computed once
+        self.checkpoint = checkpoint
+        self._bound = {cid: bind(e, checkpoint, memo)
+                       for cid, e in self.cases.items() if "checkpoint" in e}
 
     def case_dir(self, cid: str) -> str:
         return os.path.join(self.path, "cases", cid)
@@ -157,7 +193,7 @@ class Golden:
         the shards its index lists) besides config, tokenizer and generation config: an engine
         loads every *.safetensors it finds there, so an extra one would be loaded too."""
         entry = self.cases[cid]
-        if not entry["model"]:
+        if not entry["model"] or "checkpoint" in entry:  # (the user's checkpoint: not in the suite)
             return
         files = entry["files"]
         prefix = f"{MODEL_DIR}/" if f"{MODEL_DIR}/config.json" in files else ""
@@ -232,8 +268,11 @@ class Golden:
         d = self.case_dir(cid)
         md = self.model_dir(cid)
         cfg = self._config(cid)
-        weights = read_tensors(self.file(cid, self._listed(cid, "model/model.safetensors",
-                                                           "model.safetensors"))) if e["model"] else None
+        if cid in self._bound:  # the user's checkpoint, its digest checked
+            weights = self._bound[cid]
+        else:
+            weights = read_tensors(self.file(cid, self._listed(cid, "model/model.safetensors",
+                                                               "model.safetensors"))) if e["model"] else None
         case = Case(cid, e["kind"], e["pins"], read_tensors(self.file(cid, "inputs.safetensors")),
                     params=e["params"], config=cfg, weights=weights, conventions=e["conventions"],
                     path=d, model_path=md, edge=e.get("edge"))
@@ -255,6 +294,8 @@ class Golden:
         component cases.  Its files are the ones the manifest lists and hashes."""
         if not self.cases[cid].get("model"):
             return None
+        if cid in self._bound:
+            return self._bound[cid].path
         if f"{MODEL_DIR}/config.json" in self.cases[cid]["files"]:
             return untrusted.inside(self.path, f"cases/{cid}/{MODEL_DIR}",
                                     f"case {cid!r}: checkpoint directory", kind="dir")

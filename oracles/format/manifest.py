@@ -27,6 +27,7 @@ import math
 import re
 
 from .. import OraclesError
+from .checkpoint_ref import validate_reference
 from . import metrics, tolerances
 from .schema import output_type
 from .untrusted import check_name
@@ -75,7 +76,7 @@ CONVENTION_ALTERNATIVES = {
 }
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
-FORMATS = (1, 2)  # suite formats this checker reads (golden.SUITE_FORMAT is the newest)
+FORMATS = (1, 2, 3)  # suite formats this checker reads (golden.SUITE_FORMAT is the newest)
 MAX_RANK, MAX_DIM = 8, 2 ** 40  # as a safetensors header may hold (refimpl.checkpoint)
 MAX_PARAM_INT = 2 ** 53  # |integer| in params: JSON's exactly representable range
 MAX_MTP = 16  # MTP modules (refimpl.config LIMITS num_nextn_predict_layers)
@@ -156,7 +157,7 @@ def validate(m, mpath: str) -> dict:
     fmt = _typed(m, "format", int, top)
     if fmt not in FORMATS:
         raise top.error("format", f"is {fmt!r}: this checker reads suite formats "
-                                  f"{' and '.join(map(str, FORMATS))}")
+                                  f"{', '.join(map(str, FORMATS))}")
     cases = _typed(m, "cases", list, top)
     if not cases:
         raise top.error("cases", "is an empty list")
@@ -230,7 +231,11 @@ def validate_case(e: dict, where: _Where) -> None:
     for need in ("inputs.safetensors", "expected.safetensors"):
         if need not in files:
             raise where.error("files", f"does not list {need!r}, which every case needs")
-    if is_model:
+    if "checkpoint" in e:  # a model that is the user's checkpoint, referenced by its digest
+        validate_reference(e["checkpoint"], where)
+        if not is_model or "config.json" not in files:
+            raise where.error("files", "does not list config.json, which a case of a checkpoint needs")
+    elif is_model:
         base = [f.rsplit("/", 1)[-1] for f in files]
         weights = [b for b in base if b.endswith(".safetensors")
                    and b not in ("inputs.safetensors", "expected.safetensors")]

@@ -31,15 +31,21 @@ LAYERS = {
     "oracles.authoring": ("oracles", "oracles.format"),
     "oracles.engines": ("oracles", "oracles.format", "oracles.checking", "oracles.authoring"),
 }
-TOP = ("oracles.cli", "oracles.__main__", "oracles.adapters", "oracles.mutants", "oracles.hf_adapter")
+TOP = ("oracles.cli", "oracles.__main__", "oracles.adapters", "oracles.mutants", "oracles.hf_adapter",
+       "oracles.pytest_plugin", "oracles.pytest_items")
 
 # (importing module, imported project module) -> why it is imported inside a function
 LAZY = {
     ("refimpl", "refimpl.model"): "`import refimpl` (the checker) must not load the forward pass",
     ("refimpl", "refimpl.layer"): "`import refimpl` (the checker) must not load the forward pass",
+    ("refimpl", "refimpl.loader"): "`import refimpl` (the checker) must not load the forward pass",
     ("oracles.cli", "oracles.authoring.suites"): "`oracles check` must not load the forward pass",
     ("oracles.cli", "oracles.authoring.writer"): "`oracles check` must not load the forward pass",
     ("oracles.__main__", "oracles.cli"): "the adapter's process starts before cli imports numpy",
+    ("oracles.cli", "oracles.authoring.verify"): "`oracles check` must not load the forward pass",
+    ("oracles.pytest_plugin", "oracles.pytest_items"):
+        "every pytest run in the environment loads the plugin: the checker only with --oracles-golden",
+    ("oracles.cli", "oracles.authoring.checkpoint_cases"): "`oracles check` must not load the forward pass",
 }
 
 FORWARD = ("refimpl.model", "refimpl.layer", "refimpl.mla", "refimpl.moe", "refimpl.mtp")
