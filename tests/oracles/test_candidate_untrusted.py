@@ -743,6 +743,8 @@ def test_two_outputs_naming_one_file_are_refused_before_any_work(small, tmp_path
     t = time.perf_counter()
     rc, out, err = main("check", small[0], "--adapter", "x.y:z", "--json", x, "--html", y)
     one_line_error(rc, err, "--json", "--html", "name the same file")
+    rc, out, err = main("check", small[0], "--adapter", "x.y:z", "--html", x, "--junit", y)
+    one_line_error(rc, err, "--html", "--junit", "name the same file")
     assert out == "" and time.perf_counter() - t < 5
     assert main("check", small[0], small[1], "--json", x + ".json", "--html", x + ".html")[0] == 0
 
