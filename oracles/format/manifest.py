@@ -154,7 +154,15 @@ def validate(m, mpath: str) -> dict:
     top = _Where(mpath)
     if not isinstance(m, dict):
         raise OraclesError(f"{mpath}: not a JSON object")
-    fmt = _typed(m, "format", int, top)
+    if "format" not in m:
+        raise top.error("format", "is missing: every suite records its format")
+    fmt = m["format"]
+    if isinstance(fmt, bool) or not isinstance(fmt, int):
+        raise top.error("format", f"is {fmt!r}: must be the integer "
+                                  f"{', '.join(map(str, FORMATS[:-1]))} or {FORMATS[-1]}")
+    if fmt > max(FORMATS):
+        raise OraclesError(f"{mpath}: suite format {fmt} is newer than this checker reads (up to "
+                           f"{max(FORMATS)}); update oracles")
     if fmt not in FORMATS:
         raise top.error("format", f"is {fmt!r}: this checker reads suite formats "
                                   f"{', '.join(map(str, FORMATS))}")
