@@ -1,7 +1,7 @@
 """`python -m oracles` and the `oracles` command: the oracles command line (cli.py). A command
-that will run an adapter in its own process (`check`/`run` with --adapter or --engine) starts
-that process first, before cli.py's imports (numpy, ml_dtypes): the two interpreters start in
-parallel (docs/conformance.md section 5 measures it)."""
+that will run an adapter in its own process (`check`, `run` or `search` with --adapter or
+--engine) starts that process first, before cli.py's imports (numpy, ml_dtypes): the two
+interpreters start in parallel (docs/conformance.md section 5 measures it)."""
 
 import sys
 

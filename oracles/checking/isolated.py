@@ -98,7 +98,8 @@ class ChildCandidate:
     JSON values `args`: `--adapter pkg.mod:factory` is ("pkg.mod:factory", []), `--engine NAME`
     ("oracles.engines:engine_adapter", [NAME, options])), with a per-call timeout (0: none).
     An adapter with an `info` dict (a built-in engine's engine, version and options) is
-    labelled `label_of(info)`.
+    labelled `label_of(info)`. restart_after_timeout=False (oracles search): a call that timed
+    out leaves the candidate `stuck`, as the in-process worker does, rather than restarting it.
 
     The child is started, and asked to build the adapter, when the candidate is made; the reply
     is awaited at the first call (or when `label` or `info` is read), so that the child starts
@@ -112,8 +113,9 @@ class ChildCandidate:
     --case-timeout."""
 
     def __init__(self, factory: str, args: list, label: str, timeout: float = 600.0, label_of=None,
-                 process=None):
+                 process=None, restart_after_timeout: bool = True):
         self.spec, self._label, self.timeout = {"factory": factory, "args": args}, label, check_timeout(timeout)
+        self._restart_after_timeout = restart_after_timeout  # False: a timeout leaves it stuck
         self._label_of = label_of
         self._prespawned = process  # a spawn.ChildProcess started earlier (oracles/__main__.py)
         self._info = None
@@ -361,6 +363,8 @@ class ChildCandidate:
             reply = jsonfile.loads(self._read(n, deadline), "its reply", OraclesError)
         except _Timeout:
             self._stop()
+            if not self._restart_after_timeout:  # as the in-process worker: no further call
+                self.stuck = f"{what} did not return within {timeout:g} s"
             raise CaseError(f"timed out: {what} did not return within {timeout:g} s "
                             "(the adapter process was stopped)") from None
         except _Gone:
@@ -490,6 +494,7 @@ def child_main(fd_in: int, fd_out: int) -> None:
         if key not in cached:
             g = goldens.get(key[:3])
             if g is None:  # (a --checkpoint's digest is checked again here)
+                goldens.clear()  # one suite at a time (oracles search: one per example)
                 g = goldens[key[:3]] = Golden(key[0], verify=False, expect_digest=key[1],
                                               checkpoint=key[2])
             if where["verified"] and set(where["verified"]) == set(g.cases[cid]["files"]):

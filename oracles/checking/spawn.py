@@ -13,13 +13,14 @@ import time
 
 
 def wants_child(argv) -> bool:
-    """Whether a command line will run an adapter in its own process: `check` or `run` with
-    --adapter or --engine and without --in-process (a guess from the words: a wrong one starts a
-    process that is killed unused)."""
+    """Whether a command line will run an adapter in its own process: `check`, `run` or
+    `search` with --adapter or --engine and without --in-process (a guess from the words: a
+    wrong one starts a process that is killed unused)."""
     argv = list(argv)
     named = any(a in ("--adapter", "--engine") or a.startswith(("--adapter=", "--engine="))
                 for a in argv)
-    return bool(argv) and argv[0] in ("check", "run") and named and "--in-process" not in argv
+    return (bool(argv) and argv[0] in ("check", "run", "search") and named
+            and "--in-process" not in argv)
 
 
 class ChildProcess:
