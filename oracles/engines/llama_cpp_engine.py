@@ -120,6 +120,12 @@ class Engine:
         self.tmp = tempfile.TemporaryDirectory(prefix="oracles-gguf-")
         self.seen = None  # {trace name: [arrays]} while a forward is observed
 
+    def close(self):
+        """The adapter protocol's close(): the converted GGUF files removed (an adapter process
+        ends with os._exit, which runs no finalizer: without this they would stay in the
+        temporary directory)."""
+        self.tmp.cleanup()
+
     def supports(self, case):
         ok = model_case_support(case, self.name)
         if ok is not True:

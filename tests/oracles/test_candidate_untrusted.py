@@ -489,6 +489,114 @@ def test_close_is_called_once_where_the_adapter_was_built(small, tmp_path, monke
     assert log.read_text().splitlines() == ["[true]", "[true]"]
 
 
+def _search_adapter(tmp_path, monkeypatch, name, body):
+    """A module `name` whose factory builds refimpl float32 on prefill and gate cases only, with
+    `body` run at the start of run() (case in `case`)."""
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(f"""
+        import os, time
+        from oracles.adapters import RefimplAdapter
+
+        class A(RefimplAdapter):
+            def supports(self, case):
+                return True if case.kind in ("prefill", "gate") else "prefill and gate only"
+
+            def run(self, case):
+                {body}
+                return super().run(case)
+
+        def factory():
+            return A("float32")
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return f"{name}:factory"
+
+
+def test_search_judges_an_adapter_process_whose_crash_is_that_examples_error(tmp_path, monkeypatch):
+    """oracles search builds its candidate as check does: a crash on one example is that
+    example's ERROR (a divergence to shrink), and the next example runs in a fresh process."""
+    from oracles.authoring import search as S
+    from oracles.checking.check import run_check
+    from oracles.checking.isolated import ChildCandidate
+
+    spec = _search_adapter(tmp_path, monkeypatch, "ad_search_segv",
+                           "if case.config.num_experts_per_tok > 2: os._exit(9)")
+    cand = ChildCandidate(spec, [], spec, timeout=120, restart_after_timeout=False)
+    try:
+        base = S.draw_axes(S.baseline_drawer({"kind": "gate"}), S.KINDS)
+        crash = dict(base, num_experts_per_tok=3)
+        res = S.judge_example(crash, cand, "float32", str(tmp_path), run_check).result
+        assert res["status"] == "error" and "the adapter process exited with code 9" in res["reason"]
+        assert S.signature(res) == "error" and not cand.stuck
+        assert S.judge_example(base, cand, "float32", str(tmp_path), run_check).result["status"] == "pass"
+    finally:
+        assert cand.close() is None
+
+
+def test_a_search_whose_adapter_process_times_out_stops_as_in_process(tmp_path, monkeypatch):
+    """A call past --case-timeout ends the search with that reason (every replay of the example
+    would wait as long again), as the in-process route's stuck worker does; the process is
+    stopped, not left running."""
+    from oracles.authoring import search as S
+    from oracles.checking.check import run_check
+    from oracles.checking.isolated import ChildCandidate
+
+    spec = _search_adapter(tmp_path, monkeypatch, "ad_search_hang",
+                           "if case.config.num_hidden_layers > 1: time.sleep(10**6)")
+    cand = ChildCandidate(spec, [], spec, timeout=4, restart_after_timeout=False)
+    try:
+        rep = S.search(cand, str(tmp_path / "out"), S.Settings(max_examples=30, database=None,
+                                                               kinds=("prefill",)),
+                       check=run_check, date="d")
+        assert not rep["ok"] and rep["divergence"] is None
+        assert rep["problem"].startswith("the candidate stopped answering: run() did not return "
+                                         "within 4 s"), rep["problem"]
+        assert cand._proc is None  # killed at the timeout
+    finally:
+        cand.close()
+
+
+def test_search_on_the_command_line_starts_and_closes_an_adapter_process(tmp_path, monkeypatch):
+    """`oracles search --adapter`: the adapter's close() runs in its own process (not the
+    command's), and the command exits with the search's verdict."""
+    log = tmp_path / "closed.log"
+    spec = _search_adapter(tmp_path, monkeypatch, "ad_search_close", "pass")
+    with open(tmp_path / "ad_search_close.py", "a") as f:
+        f.write(textwrap.dedent(f"""
+            def close(self):
+                with open({str(log)!r}, "a") as f:
+                    f.write(str(os.getpid()) + "\\n")
+            A.close = close
+            """))
+    e = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, "-m", "oracles", "search", "--adapter", spec, "--out",
+                          str(tmp_path / "o"), "--max-examples", "2", "--kinds", "gate",
+                          "--no-database"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=e)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and "no divergence in 2 examples" in out, out + err
+    pids = log.read_text().split()
+    assert len(pids) == 1 and int(pids[0]) not in (p.pid, os.getpid())  # in the adapter's process
+
+
+def test_the_llama_cpp_engine_removes_its_gguf_files_when_closed(tmp_path, monkeypatch):
+    """An adapter process ends with os._exit, which runs no finalizer, and the engine holds
+    itself in a cycle once a case ran (its cb_eval callback): the converted GGUF directory goes
+    because close() removes it. (A stand-in llama_cpp module: the engine is only built.)"""
+    import types
+
+    from oracles.engines import llama_cpp_engine
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.ModuleType("llama_cpp"))
+    conv = tmp_path / "convert_hf_to_gguf.py"
+    conv.write_text("")
+    e = llama_cpp_engine.Engine({"converter": str(conv)})
+    e.cycle = e
+    assert os.path.isdir(e.tmp.name)
+    e.close()
+    assert not os.path.exists(e.tmp.name)
+
+
 # ---------------------------------------------------------------------------------------------
 # The MLX adapter exits with the verdict's code (issue 17 item 4)
 # ---------------------------------------------------------------------------------------------
@@ -505,12 +613,13 @@ MLX_RUNS = 20 if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else 4
 
 
 def test_the_mlx_adapter_exits_with_the_verdicts_code_20_times(small):
-    """Before close() (main at d1abf21) every such run ended `terminate called without an
-    active exception`, exit 134 (5 of 5). 20 runs in the thorough profile (4 in the fast one:
-    each starts MLX-LM, seconds), both routes, two at a time, each building the MLX engine."""
+    """Before close() (main at d1abf21, and again at 81b4756) every such run ended `terminate
+    called without an active exception`, exit 134 (5 of 5; 5 of 5). 20 runs in the thorough
+    profile (4 in the fast one: each starts MLX-LM, seconds), both routes, two at a time, each
+    building the MLX engine and running a model case it passes (rms_norm.basic it skips)."""
     pytest.importorskip("mlx_lm", reason="MLX-LM is not installed: pip install '.[engine-mlx]'")
     cmd = [sys.executable, "-c", NO_TORCH, "check", small[0], "--engine", "mlx", "--only",
-           "rms_norm.basic", "--allow-empty", "--quiet"]
+           "rms_norm.basic,model.prefill.tiny", "--quiet"]
     runs = [cmd + (["--in-process"] if i % 2 else []) for i in range(MLX_RUNS)]
     results = []
     while runs:
