@@ -37,7 +37,7 @@ import tempfile
 import numpy as np
 
 from .. import OraclesError
-from . import model_case_support, resolve_options
+from . import Integer, model_case_support, resolve_options
 from .serving import Outputs, Preempt, Share, steps_of
 
 OPTIONS = {
@@ -45,9 +45,9 @@ OPTIONS = {
     "kv_cache_dtype": ("f16", ("f16", "f32", "bf16", "q8_0"), "type_k and type_v"),
     "flash_attn": ("off", ("off", "on"), "flash attention"),
     "converter": ("", None, "convert_hf_to_gguf.py (else $LLAMA_CPP_CONVERTER)"),
-    "threads": ("2", None, "CPU threads"),
+    "threads": ("2", Integer(1, 1024), "CPU threads"),
     "intermediates": ("on", ("on", "off"), "graph tensors through cb_eval"),
-    "schedule_ubatch": ("16", None, "n_ubatch of schedule cases: llama_decode splits each "
+    "schedule_ubatch": ("16", Integer(1, 65536), "n_ubatch of schedule cases: llama_decode splits each "
                                     "forward into micro-batches of this many tokens"),
 }
 # llama.cpp graph tensor name (cb name "-" layer) -> refimpl trace name
@@ -134,15 +134,15 @@ class Engine:
         self._cb = None
 
     def close(self):
-        """Free what the adapter holds (called on the thread that built it; idempotent): the
-        converted GGUF files, the graph callback; contexts live only inside run()."""
+        """The adapter protocol's close() (called on the thread that built it; idempotent): the
+        graph callback dropped and the converted GGUF files removed (an adapter process ends
+        with os._exit, which runs no finalizer: without this they would stay in the temporary
+        directory); contexts live only inside run()."""
         import gc
 
         self._cb = None
         gc.collect()
-        if self.tmp is not None:
-            self.tmp.cleanup()
-            self.tmp = None
+        self.tmp.cleanup()
 
     def supports(self, case):
         if case.kind.startswith("mtp") or case.kind == "speculative":

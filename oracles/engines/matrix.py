@@ -186,10 +186,10 @@ def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
     candidate = AdapterCandidate(adapter, label(info))
     try:
         skipped = write_outputs(golden_dir, candidate, cand_dir, errors=errors)
-    finally:
-        close = getattr(adapter, "close", None)
-        if close is not None and not candidate.stuck:
-            candidate._call(close, "close()")
+    finally:  # the adapter's close() on the thread that built it (AdapterCandidate.close)
+        why = candidate.close()
+        if why:
+            print(f"warning: {engine} close(): {why}", file=sys.stderr)
     golden = Golden(golden_dir)
     groups = {"scenario": [c for c in golden.cases if fnmatchcase(c, SCENARIO_GLOB)]}
     groups["model"] = [c for c in golden.cases if c not in groups["scenario"]]

@@ -67,15 +67,10 @@ class Engine:
             return f"MLX-LM's deepseek_v3 refuses topk_method {cfg.topk_method!r} (Unsupported topk method)"
         return True
 
-    def close(self):
-        """Free what MLX holds (called on the thread that built the adapter; idempotent): the
-        models live only inside run(); this returns MLX's buffer cache to the system."""
-        import gc
-
-        gc.collect()
-        clear = getattr(self.mx, "clear_cache", None) or getattr(getattr(self.mx, "metal", None), "clear_cache", None)
-        if clear is not None:
-            clear()
+    # No close(): the models live only inside run(), and MLX must not be torn down from the
+    # adapter's thread: a close() that ran gc.collect() or mx.clear_cache() there made 2 of 8
+    # in-process `oracles check --engine mlx` runs abort at exit (`terminate called without an
+    # active exception`; none in 8 without it, 2026-12-02).
 
     # ---- loading ---------------------------------------------------------------------------
     def _load(self, case):

@@ -1,7 +1,10 @@
-"""An engine's refusal or crash on the file route (oracles/case_errors.py): `oracles run` records
-it per case (CANDIDATE/cases/<id>/error.txt, and engine.json's errors for --engine), and
-`oracles check GOLDEN CANDIDATE` reports it as ERROR with its message, never as missing. The
-file is read as untrusted input. The reproduce line carries the environment an engine read."""
+"""An engine's refusal or crash on the file route: `oracles run` records it per case
+(CANDIDATE/cases/<id>/error.txt, written and read by oracles/format/candidate.py, and engine.json's
+errors for --engine), and `oracles check GOLDEN CANDIDATE` reports it as ERROR with its message,
+never as missing. The reading rules (untrusted input: regular file inside the candidate, bounded
+read, first line, printable characters) are tested in test_candidate_untrusted.py; here, what the
+writer writes is what the reader reads. The reproduce line carries the environment an engine
+read."""
 
 import json
 import os
@@ -9,11 +12,13 @@ import sys
 import textwrap
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from oracles import engines
 from oracles.authoring import writer
 from oracles.checking.candidates import load_adapter, write_outputs
-from oracles.format.case_errors import ERROR_FILE, MAX_ERROR_BYTES, read_error
+from oracles.format.candidate import ERROR_CHARS, ERROR_FILE, error_reason, one_line, write_error
 from tests.helpers import run_main
 
 ONLY = "gate.tiny,model.prefill.tiny"
@@ -56,6 +61,7 @@ def test_a_refused_case_is_recorded_and_checked_as_error_with_its_message(suite,
     assert rc == 1 and "error model.prefill.tiny: run() raised RuntimeError" in out
     text = (cand / "cases" / "model.prefill.tiny" / ERROR_FILE).read_text()
     assert text.count("\n") == 1 and "GatherMM" in text and "second line" in text  # one line
+    assert "\x1b" not in text
     assert not (cand / "cases" / "model.prefill.tiny" / "outputs.safetensors").exists()
     rc, out, _ = run_main("check", suite, cand, "--json", tmp_path / "r.json", module="oracles")
     rep = json.load(open(tmp_path / "r.json"))
@@ -63,7 +69,7 @@ def test_a_refused_case_is_recorded_and_checked_as_error_with_its_message(suite,
     assert status["gate.tiny"][0] == "pass"
     assert status["model.prefill.tiny"][0] == "error" and "GatherMM" in status["model.prefill.tiny"][1]
     assert rc == 1 and rep["counts"]["missing"] == 0 and rep["counts"]["error"] == 1
-    assert "\x1b" not in out and "\\x1b" in out  # escaped when printed
+    assert "\x1b" not in out
 
 
 def test_engine_json_records_the_errors_and_the_check_reads_them(suite, tmp_path, monkeypatch):
@@ -74,6 +80,8 @@ def test_engine_json_records_the_errors_and_the_check_reads_them(suite, tmp_path
     (tmp_path / "refuses_models2_engine.py").write_text(textwrap.dedent("""
         from refuses_models2 import A
 
+        OPTIONS = {}
+
         class Engine(A):
             SERVING = "one request at a time"
 
@@ -81,7 +89,7 @@ def test_engine_json_records_the_errors_and_the_check_reads_them(suite, tmp_path
                 self.options = {"dtype": "float32"}
     """))
     cand = tmp_path / "cand"
-    rc, _, _ = run_main("run", suite, "--engine", "fake", "--out", cand, module="oracles")
+    rc, _, _ = run_main("run", suite, "--engine", "fake", "--out", cand, "--in-process", module="oracles")
     info = json.load(open(cand / "engine.json"))
     assert rc == 1 and "GatherMM" in info["errors"]["model.prefill.tiny"] and info["skipped"] == {}
     assert info["serving"] == "one request at a time"
@@ -91,32 +99,50 @@ def test_engine_json_records_the_errors_and_the_check_reads_them(suite, tmp_path
     assert spec
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p, outside: p.write_bytes(b"x" * (MAX_ERROR_BYTES + 1)), "larger than"),
-    (lambda p, outside: p.write_bytes(b"\n\n"), "is empty"),
-    (lambda p, outside: os.symlink(outside, p), "leads outside"),
-    (lambda p, outside: os.mkfifo(p), "not a regular file"),
-    (lambda p, outside: os.mkdir(p), "not a regular file"),
-])
-def test_the_error_file_is_read_as_untrusted_input(suite, tmp_path, make, message):
+@given(st.text(max_size=3000))
+@example("")
+@example("  RuntimeError: out of memory  \nTraceback ...\n")
+@example("\x1b[2J\u2028forged\rline\x00")
+@example("x" * (ERROR_CHARS + 10))
+def test_what_the_writer_writes_is_what_the_reader_reads(tmp_path_factory, reason):
+    """write_error's one line comes back whole from error_reason: printable, one line, at most
+    ERROR_CHARS characters, never empty (an empty reason says so)."""
+    root = str(tmp_path_factory.mktemp("cand"))
+    write_error(os.path.join(root, "cases", "c"), reason)
+    line = one_line(reason)
+    assert line and line.isprintable() and len(line) <= ERROR_CHARS and "\n" not in line
+    assert error_reason(root, "c") == f"the engine reported an error ({ERROR_FILE}): {line}"
+    assert error_reason(root, "other") is None
+    words = " ".join("".join(ch if ch.isprintable() else " " for ch in reason).split())
+    assert line == (words[:ERROR_CHARS] or "the engine failed (no message)")
+
+
+def test_an_adapter_process_passes_how_the_engine_serves_into_engine_json(suite, tmp_path, monkeypatch):
+    """The default route builds the adapter in a child process: the engine info it reports,
+    `serving` included, reaches engine.json, which the strict reader accepts."""
+    (tmp_path / "serving_info.py").write_text(textwrap.dedent("""
+        class A:
+            info = {"engine": "fake", "version": "1", "options": {"dtype": "float32"},
+                    "serving": "one batched forward per step"}
+
+            def supports(self, case):
+                return True if case.id == "gate.tiny" else "only the gate"
+
+            def run(self, case):
+                from oracles.authoring.emulate import run_case
+                return run_case(case, "float32")
+
+        def factory():
+            return A()
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))  # the adapter process takes this sys.path
     cand = tmp_path / "cand"
-    d = cand / "cases" / "model.prefill.tiny"
-    d.mkdir(parents=True)
-    outside = tmp_path / "secret.txt"
-    outside.write_text("secret\n")
-    make(d / ERROR_FILE, outside)
-    rc, _, err = run_main("check", suite, cand, "--only", "model.prefill.tiny", module="oracles")
-    lines = err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and message in lines[0], err
-    assert "secret" not in err.replace("secret.txt", "")
-
-
-def test_only_the_first_line_is_the_reason(tmp_path):
-    d = tmp_path / "cases" / "c"
-    d.mkdir(parents=True)
-    (d / ERROR_FILE).write_bytes(b"  RuntimeError: out of memory  \nTraceback ...\n")
-    assert read_error(str(tmp_path), "c") == "RuntimeError: out of memory"
-    assert read_error(str(tmp_path), "other") is None
+    rc, out, err = run_main("run", suite, "--adapter", "serving_info:factory", "--out", cand, module="oracles")
+    assert rc == 0, err
+    info = json.load(open(cand / "engine.json"))
+    assert info["serving"] == "one batched forward per step" and info["skipped"] == {"model.prefill.tiny": "only the gate"}
+    rc, out, err = run_main("check", suite, cand, module="oracles")
+    assert rc == 0 and "1 passed" in out, out + err
 
 
 def test_the_reproduce_line_carries_the_environment_the_engine_read(suite, tmp_path, monkeypatch):
@@ -126,6 +152,7 @@ def test_the_reproduce_line_carries_the_environment_the_engine_read(suite, tmp_p
     assert engines.environment("llama.cpp") == {"LLAMA_CPP_CONVERTER": "/opt/llama cpp/convert_hf_to_gguf.py"}
     _module(tmp_path, monkeypatch, "env_engine", """
         ENVIRONMENT = ("LLAMA_CPP_CONVERTER", "NOT_SET_ANYWHERE")
+        OPTIONS = {}
 
         class Engine:
             def __init__(self, options):
@@ -138,7 +165,7 @@ def test_the_reproduce_line_carries_the_environment_the_engine_read(suite, tmp_p
                 return {"logits": case.inputs["input_ids"][..., None] * 0.0}
     """)
     monkeypatch.setitem(engines.ENGINES, "envfake", ("env_engine", "numpy", "none"))
-    rc, out, _ = run_main("check", suite, "--engine", "envfake", "--only", "model.prefill.tiny",
+    rc, out, _ = run_main("check", suite, "--engine", "envfake", "--in-process", "--only", "model.prefill.tiny",
                           module="oracles")
     repro = [ln.strip() for ln in out.splitlines() if "--engine envfake" in ln]
     assert rc == 1 and repro, out

@@ -3,6 +3,8 @@ one, and that one is a real divergence, diagnosed: mlx_lm's group_expert_select 
 dropped expert groups with 0.0 instead of -inf, so when biased scores are below zero a masked
 expert can outrank the kept ones. Its logits equal refimpl's own zero_group_mask mutant."""
 
+import json
+
 import pytest
 
 mlx_missing = None
@@ -22,6 +24,7 @@ from oracles.checking.candidates import AdapterCandidate  # noqa: E402
 from oracles.checking.check import run_check  # noqa: E402
 from oracles.format.golden import Golden  # noqa: E402
 from oracles.authoring.mutants import MUTANTS  # noqa: E402
+from tests.helpers import run_main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +82,22 @@ def test_mlx_fp8_checkpoint_is_loaded_in_bf16_and_passes_the_bf16_profile(defaul
 SCHEDULES = "scenario.preemption.small,scenario.prefix_blocks.small,scenario.mixed_step.small"
 
 
-def test_mlx_runs_serving_schedules_through_its_caches_and_passes(default_dir, mlx_engine):
+def test_mlx_runs_serving_schedules_through_its_caches_and_passes(default_dir, tmp_path):
     """Its prompt caches per request, its batch cache for several requests in one forward
     (merge, right padding rolled back by finalize, extract), prefix copies trimmed to L, a
-    preempted request recomputed: every schedule case passes in float32 with its routing."""
-    rep = run_check(default_dir, AdapterCandidate(mlx_engine, "mlx"), "float32", only=SCHEDULES)
+    preempted request recomputed: every schedule case passes in float32 with its routing. Run
+    as users run it: `oracles run --engine mlx` builds the engine once in its adapter process
+    and runs every schedule there; engine.json records how it serves."""
+    cand = tmp_path / "cand"
+    rc, out, err = run_main("run", default_dir, "--engine", "mlx", "--only", SCHEDULES, "--out", cand,
+                            module="oracles")
+    assert rc == 0, out + err
+    info = json.load(open(cand / "engine.json"))
+    assert "BatchKVCache" in info["serving"] and info["errors"] == {} and info["skipped"] == {}
+    rc, out, err = run_main("check", default_dir, cand, "--only", SCHEDULES, "--json", tmp_path / "r.json",
+                            module="oracles")
+    rep = json.load(open(tmp_path / "r.json"))
+    assert rc == 0 and rep["counts"]["pass"] == 3, out + err
     for r in rep["cases"]:
         assert r["status"] == "pass", (r["id"], r.get("reason"))
         checked = {o["name"] for o in r["outputs"] if o["status"] == "pass"}

@@ -4,6 +4,7 @@ cross-check of a schedule against its inputs and outputs; and the scenario cases
 bugs need (prefixes at block multiples and one off, decode across 512, 1024 and 4096, a forward
 mixing prefill chunks and decode steps of several requests)."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,9 @@ from oracles.authoring.kinds import case_model
 from oracles.authoring.suites import suite_cases
 from oracles.format import golden
 from oracles.format.digest import question_digest
+from oracles.format.golden import read_metadata, read_tensors
 from oracles.format.schedule import Chunk, Forward, Preempt, Share, check_entry, plan
+from refimpl.writer import write_safetensors
 
 DEFAULT = {cid: b for cid, b in suite_cases("default") if cid.startswith("scenario.")}
 SCENARIOS = dict(suite_cases("scenarios"))
@@ -149,13 +152,20 @@ def test_a_preempted_request_is_recomputed_not_remembered():
 
 
 def _edit_manifest(src, dst, cid, edit):
-    """A suite of one case copied from `src`, its manifest entry edited (and its question digest
-    recomputed, as whoever edits a manifest can: the schedule checks are the ones tested)."""
+    """A suite of one case copied from `src`, its manifest entry edited, and everything that
+    pins it made consistent again, as whoever rewrites a suite can (the params recorded in
+    inputs.safetensors, its sha256, the question digest): the schedule checks are the ones
+    tested, not the reader's tamper checks."""
     os.makedirs(os.path.join(dst, "cases"))
     shutil.copytree(os.path.join(src, "cases", cid), os.path.join(dst, "cases", cid))
     m = json.load(open(os.path.join(src, "manifest.json")))
     m["cases"] = [e for e in m["cases"] if e["id"] == cid]
-    edit(m["cases"][0])
+    entry = m["cases"][0]
+    edit(entry)
+    p = os.path.join(dst, "cases", cid, "inputs.safetensors")
+    meta = dict(read_metadata(p), params=json.dumps(entry["params"], sort_keys=True))
+    write_safetensors(p, read_tensors(p), metadata=meta)
+    entry["files"]["inputs.safetensors"] = hashlib.sha256(open(p, "rb").read()).hexdigest()
     m["question_digest"] = question_digest(m)
     json.dump(m, open(os.path.join(dst, "manifest.json"), "w"))
     return dst

@@ -78,6 +78,24 @@ def test_transformers_runs_serving_schedules_and_passes(report):
                     f"request.{q}.layers.0.attn_out"} <= checked, (cid, q)
 
 
+def test_the_engine_runs_a_schedule_in_its_adapter_process(default_dir, tmp_path):
+    """As users run it (`oracles run --engine transformers`, the adapter in a process of its
+    own, the engine built there once): the preemption schedule passes and engine.json records
+    how the engine serves."""
+    import json
+
+    from tests.helpers import run_main
+
+    cand = tmp_path / "cand"
+    rc, out, err = run_main("run", default_dir, "--engine", "transformers", "--only",
+                            "scenario.preemption.small", "--out", cand, module="oracles")
+    assert rc == 0, out + err
+    assert "DynamicCache" in json.load(open(cand / "engine.json"))["serving"]
+    rc, out, err = run_main("check", default_dir, cand, "--only", "scenario.preemption.small",
+                            module="oracles")
+    assert rc == 0 and "1 passed" in out, out + err
+
+
 def test_a_serving_bug_in_the_batched_forward_fails_the_schedule(default_dir):
     """The runner is checked, not trusted: the same runner with the padding left visible in
     the attention mask (a batching bug) fails the mixed-step case at its logits."""
