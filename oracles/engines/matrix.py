@@ -358,6 +358,10 @@ def render(rows: list[dict], known_dir: str | None = None) -> str:
                 out.append(f"  Source: {f['source']}.")
             if f["case"] in known:
                 out.append(f"  {_known_note(known, f['case'], r['engine']).strip()}")
+                if not f.get("source"):  # diagnosed by hand: the known entry says what and where
+                    k = known[f["case"]]
+                    out.append(f"  Diagnosis (known file): {k['reason'].rstrip('.')}. Source: "
+                               f"{k['link'].rstrip('.')}.")
     if not any_fail:
         out.append("None.")
     out += ["", "## What each engine skips", ""]
