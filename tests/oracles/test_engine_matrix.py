@@ -70,3 +70,23 @@ def test_one_command_rewrites_the_page_and_keeps_other_engines_dated_rows(tmp_pa
     page = out.read_text()
     assert "| vllm | 0.32.0 | dtype=float32 | engine | all | float32 | 6 | 0 | 0 | 0 | 0 | 1 | 2026-12-02 |" in page
     assert "python -m oracles.engines.matrix --out docs/engines.md" in page
+
+
+def test_a_failure_diagnosed_by_hand_shows_its_known_entrys_reason_and_source(tmp_path):
+    """A failure no refimpl variant explains, covered by the engine's known file: the page
+    carries the entry's reason and link (the engine's source line), not only its number."""
+    (tmp_path / "mlx.toml").write_text(
+        '[[known]]\ncase = "scenario.x"\noutput = "request.*.attn_out"\nprofile = "bf16"\n'
+        'reason = "the softmax scale is rounded to bf16"\nlink = "deepseek_v3.py:146"\n')
+    row = {"engine": "mlx", "version": "0.32.2", "options": {"dtype": "bfloat16"}, "suite": "scenarios",
+           "cases": "scenario", "profile": "bf16", "date": "2026-12-02", "passed": 0, "failed": 2,
+           "inconclusive": 0, "skipped": 0, "skip_reasons": [], "precision_only": [],
+           "failures": [{"case": "scenario.x", "status": "fail", "first_failure": "request.1.attn_out",
+                         "diagnosis": "no variant of refimpl matches"},
+                        {"case": "scenario.y", "status": "fail", "first_failure": "request.1.attn_out",
+                         "diagnosis": "no variant of refimpl matches"}]}
+    page = matrix.render([row], str(tmp_path))
+    assert ("  Diagnosis (known file): the softmax scale is rounded to bf16. Source: deepseek_v3.py:146."
+            in page)
+    assert page.count("Diagnosis (known file)") == 1  # scenario.y is not covered
+    assert "| mlx | 0.32.2 | dtype=bfloat16 | scenarios | scenario | bf16 | 0 | 2 | 0 | 0 | 1 | 0 |" in page
