@@ -18,7 +18,7 @@ import weakref
 import ml_dtypes
 import numpy as np
 
-from . import OraclesError, metrics, tolerance, untrusted
+from . import OraclesError, metrics, taint as taint_mod, tolerance, untrusted
 from .golden import Golden, read_tensors
 from .schema import CAUSAL_KINDS, matches
 from .untrusted import escape
@@ -289,22 +289,26 @@ def check_case(golden: Golden, entry: dict, candidate, profile: str,
                    first_failure=None)
         return res
     outputs = [{**o, "required": o["required"] or o["name"] in required} for o in entry["outputs"]]
-    res.update(judge(entry["kind"], outputs, golden.expected(cid), cand, tols_all, min_compared))
+    res.update(judge(entry["kind"], outputs, golden.expected(cid), cand, tols_all, min_compared,
+                     params=entry.get("params")))
     return res
 
 
 def judge(kind: str, outputs: list, expected: dict, cand: dict, tols_all: dict,
-          min_compared: float = MIN_COMPARED) -> dict:
+          min_compared: float = MIN_COMPARED, params: dict | None = None) -> dict:
     """Compare a candidate's outputs with the expected ones, in dataflow order.
     outputs: [{name, type, required}] -> {status, first_failure, reason, outputs, not_provided,
-    checked, compared}. A routing output the candidate does not give (logits only) is taken
-    from the golden's margins: every near-tie token may have gone either way, so it and its
-    downstream are left out (metrics.Taint.assume). A case that judged less than `min_compared`
-    of its required outputs' token positions is INCONCLUSIVE, never PASS."""
+    checked, compared}. The routing outputs are read first (taint.collect): a forgiven near-tie
+    the candidate resolved the other way leaves out what it reaches (taint.Layout); a routing
+    output the candidate does not give (logits only) is taken from the golden's margins: every
+    near-tie token may have gone either way. A case that judged less than `min_compared` of its
+    required outputs' token positions is INCONCLUSIVE, never PASS. params: the case's (a
+    schedule's shared prefixes carry a difference from one request to another)."""
     res = {"outputs": [], "not_provided": []}
     first = None
-    taint = metrics.Taint(causal=kind in CAUSAL_KINDS)
-    assumed = False
+    taint = taint_mod.Taint(kind, [o["name"] for o in outputs], params)
+    taint_mod.collect(taint, [(o["name"], o["type"]) for o in outputs], expected, cand, tols_all)
+    assumed = any(not f.reported for f in taint.flips)
     worst = None  # (fraction, compared, positions, exact, name) of the least-compared required output
     checked = 0
     any_position = False  # some required output compared at least one position
@@ -316,12 +320,6 @@ def judge(kind: str, outputs: list, expected: dict, cand: dict, tols_all: dict,
                 out.update(status="fail", message="missing (a required output)")
             else:
                 res["not_provided"].append(name)
-                margin = expected.get(name[: -len("topk_idx")] + "topk_margin")
-                if o["type"] == "indices" and margin is not None:
-                    t = tols_all[name]
-                    taint.assume(expected[name], margin, t["margin_eps"],
-                                 t.get("exact_ties", "forgiven") == "forgiven")
-                    assumed = True
                 continue
         else:
             _check_output(out, cand[name], expected[name], expected, cand, tols_all[name], taint)
@@ -342,8 +340,12 @@ def judge(kind: str, outputs: list, expected: dict, cand: dict, tols_all: dict,
                 f = n / (of - exact) if of > exact else 1.0
                 if worst is None or f < worst[0]:
                     worst = (f, n, of, exact, name)
-    if taint.count():
-        res["not_compared"] = f"{taint.count()} token(s) downstream of a forgiven routing difference"
+    left = [(o["name"], o["metrics"]["not_compared"], o["metrics"]["positions"])
+            for o in res["outputs"] if o.get("metrics", {}).get("not_compared")]
+    if left:
+        name, n, of = max(left, key=lambda x: x[1] / x[2])
+        res["not_compared"] = (f"{n} of {of} position(s) of {name} (the most of {len(left)} "
+                               "output(s)) downstream of a forgiven routing difference")
     res["checked"] = checked
     if worst is not None:
         res["compared"] = {"output": worst[4], "positions": worst[1], "of": worst[2],

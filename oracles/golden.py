@@ -90,7 +90,8 @@ def compute(case: Case) -> tuple[dict, dict, dict]:
         emulated = run_case(case, tolerance.CALIBRATED_BY[profile], under)
         tols[profile] = tolerance.calibrate(truth, aux, emulated, profile,
                                              causal=case.kind in CAUSAL_KINDS,
-                                             exact_ties=case.params.get("exact_ties", "forgiven"))
+                                             exact_ties=case.params.get("exact_ties", "forgiven"),
+                                             kind=case.kind, params=case.params)
     return truth, aux, tols
 
 

@@ -40,7 +40,7 @@ Kind `mtp_speculation` (greedy speculative decoding with the MTP modules):
              predicts t_{i+k+1}), as the draft chain computes them incrementally. The stream
              comes first: where a candidate's stream legitimately went another way (a forgiven
              near-tie at step j), the rest is compared only over the positions before it
-             (metrics.Taint.stream).
+             (taint.Taint.stream).
 
 refimpl runs each schedule through its own latent cache (`run_schedule`: one packed cache of
 batch 1 whose slots are handed to requests by a block table, a shared prefix being the same

@@ -1,0 +1,336 @@
+"""What a routing difference can change: the dataflow of a case, read from its output names.
+
+A candidate that resolves a forgiven near-tie the other way (token at index p of a sequence,
+routing block B) legitimately changes some of its later outputs; without a conditioned golden
+(conditioned.py) those are left out of the comparison. This module says exactly which: the
+outputs downstream of B's routing, at p alone where no attention lies between them (B's own
+topk_weight, ffn_out and hidden; final_hidden and logits after the last layer; an MTP module's
+h_prev, eh_proj and per-token projections after the layer before it; the module's own head after
+its layer), and at p and every later index of the same sequence where an attention (a later
+decoder layer or MTP module) lies between, since attention is causal. Nothing upstream of the
+routing (earlier layers, B's attention, ffn_norm and router scores, the embeddings), nothing in
+another batch row, and nothing in another request of a schedule unless that request reads the
+changed cache entries (`share_prefix` of a prefix longer than p, followed transitively), where it
+is all of the request's positions after the next attention.
+
+The model of a case, by output name (request.<r>. prefixes name the requests of a schedule):
+
+    embed, mtp.k.embed                          sources: the token embeddings, never changed
+    layers.N.<x>                                decoder layer N, phase of <x> (PHASES)
+    final_hidden, logits                        after the last decoder layer, per token
+    mtp.k.h_prev, mtp.k.eh_proj                 MTP module k before its layer, per token
+    mtp.k.layer.<x>                             module k's decoder layer
+    mtp.k.head_norm, mtp.k.logits, mtp.k.hidden module k after its layer, per token
+
+Index i of module k continues position i of the main model and of module k-1 (the same index
+space, shorter). Component kinds (gate, moe) have no attention: a token changes only itself.
+A name this model does not know is taken as reached from p on (more left out, never less).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import OraclesError
+from .schema import CAUSAL_KINDS
+
+# phase of a decoder layer's outputs: 0 per token before the attention mixes positions, 1 after
+# it up to the router, 2 the routing decision, 3 what follows the routing
+PHASES = {"attn_norm": 0, "c_q": 0, "q_nope": 0, "q_rope": 0, "c_kv": 0, "k_rope": 0,
+          "attn_out": 1, "h_attn": 1, "ffn_norm": 1, "router_scores": 1,
+          "topk_idx": 2, "topk_margin": 2, "topk_weight": 3, "ffn_out": 3, "hidden": 3}
+MAIN, FINAL, MTP, UNKNOWN = 0, 1, 2, 9  # block order: main layers, the head, MTP modules
+PRE_LAYER, HEAD = -1, 4  # an MTP module's phases before / after its decoder layer
+COMPONENT_NAMES = {"router_scores": 1, "topk_idx": 2, "topk_margin": 2, "topk_weight": 3, "out": 3}
+
+
+@dataclass(frozen=True)
+class Node:
+    """Where an output sits in the dataflow: the request (sequence) it belongs to, its block
+    ((MAIN, layer), (FINAL, 0), (MTP, k)) and its phase in the block."""
+
+    chain: int
+    block: tuple
+    phase: int
+
+    @property
+    def unknown(self) -> bool:
+        return self.block[0] == UNKNOWN
+
+
+def node(name: str, causal: bool = True) -> Node | None:
+    """An output name -> its Node; None for the sources (embeddings) and token streams."""
+    chain = 0
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "request" and parts[1].isdigit():
+        chain, parts = int(parts[1]), parts[2:]
+    if not causal:
+        ph = COMPONENT_NAMES.get(".".join(parts))
+        return Node(chain, (MAIN, 0), ph) if ph is not None else Node(chain, (UNKNOWN, 0), 0)
+    if parts in (["embed"], ["tokens"]) or (len(parts) == 3 and parts[0] == "mtp" and parts[2] == "embed"):
+        return None
+    if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit() and parts[2] in PHASES:
+        return Node(chain, (MAIN, int(parts[1])), PHASES[parts[2]])
+    if parts in (["final_hidden"], ["logits"]):
+        return Node(chain, (FINAL, 0), 0)
+    if len(parts) >= 3 and parts[0] == "mtp" and parts[1].isdigit():
+        k, rest = int(parts[1]), parts[2:]
+        if rest in (["h_prev"], ["eh_proj"]):
+            return Node(chain, (MTP, k), PRE_LAYER)
+        if rest in (["head_norm"], ["logits"], ["hidden"]):
+            return Node(chain, (MTP, k), HEAD)
+        if len(rest) == 2 and rest[0] == "layer" and rest[1] in PHASES:
+            return Node(chain, (MTP, k), PHASES[rest[1]])
+    return Node(chain, (UNKNOWN, 0), 0)
+
+
+AT, FROM = "at", "from"
+
+
+class Layout:
+    """The dataflow of one case: which outputs a routing difference reaches, and how.
+    names: the case's output names; params: its params (a schedule's shared prefixes)."""
+
+    def __init__(self, kind: str, names, params: dict | None = None):
+        self.kind = kind
+        self.causal = kind in CAUSAL_KINDS
+        self.nodes = {n: node(n, self.causal) for n in names}
+        # decoder blocks (each holds an attention): main layers 0..max, and the MTP modules
+        main = [b[1] for v in self.nodes.values() if v for b in [v.block] if b[0] == MAIN]
+        mods = {v.block[1] for v in self.nodes.values() if v and v.block[0] == MTP}
+        self.decoders = sorted([(MAIN, i) for i in range(max(main) + 1)] if main and self.causal else []) \
+            + sorted((MTP, k) for k in mods)
+        self.shared = shared_prefixes(params or {}, kind)
+        self._thr = {}
+
+    def reach(self, routing: str, output: str) -> str | None:
+        """How a difference at routing output `routing` (a topk_idx, index p) reaches `output`
+        of the same sequence: None (not at all), AT (index p only) or FROM (p and after)."""
+        e, o = self.nodes.get(routing), self.nodes.get(output)
+        if e is None or o is None:
+            return None
+        if o.unknown:
+            return FROM if self.causal else AT
+        if (o.block, o.phase) <= (e.block, PHASES["topk_idx"]):
+            return None
+        attention = any(e.block < x and (x < o.block or (x == o.block and o.phase >= 1))
+                        for x in self.decoders)
+        return FROM if attention and self.causal else AT
+
+    def threshold(self, q: int, r: int) -> int:
+        """Request r reads request q's cache entries at positions below this (0: none), through
+        shared prefixes followed transitively: the widest path's narrowest share."""
+        if not self.shared:
+            return 0
+        if not self._thr:
+            reqs = {x for s in self.shared for x in s[:2]}
+            for a in reqs:
+                thr = {a: np.inf}
+                for _ in range(len(self.shared) + 1):  # a fixpoint: paths of any length
+                    for r_, s_, length in self.shared:
+                        if s_ in thr:
+                            thr[r_] = max(thr.get(r_, 0), min(thr[s_], length))
+                self._thr[a] = thr
+        return int(self._thr.get(q, {}).get(r, 0)) if r != q else 0
+
+    def offset(self, r: int) -> int:
+        """The position of request r's first output index (its shared prefix length)."""
+        return max((length for r_, _, length in self.shared if r_ == r), default=0)
+
+
+def shared_prefixes(params: dict, kind: str) -> list[tuple[int, int, int]]:
+    """A schedule's share_prefix steps -> [(request, from, length)], refused (one line) when
+    malformed: a suite is untrusted input."""
+    if kind != "schedule":
+        return []
+    sched = params.get("schedule")
+    steps = sched.get("steps") if isinstance(sched, dict) else None
+    if not isinstance(steps, list):
+        raise OraclesError("params.schedule.steps: expected a list of steps")
+    out = []
+    for j, st in enumerate(steps):
+        if isinstance(st, dict) and st.get("op") == "share_prefix":
+            vals = [st.get(k) for k in ("request", "from", "length")]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in vals):
+                raise OraclesError(f"params.schedule.steps[{j}]: request, from and length must be "
+                                   "integers >= 0")
+            out.append(tuple(vals))
+    return out
+
+
+@dataclass
+class Flips:
+    """The tokens of one routing output that went another way: [*lead] bool masks."""
+
+    routing: str
+    flipped: np.ndarray
+    near: np.ndarray  # margin > 0 (a rounding question), not an exact tie decided otherwise
+    reported: bool  # from the candidate's own topk_idx (False: assumed, logits only)
+
+
+ALL, REPORTED = "all", "reported"
+
+
+class Taint:
+    """Tokens whose routing legitimately differs (a forgiven near-tie that the candidate resolved
+    the other way, `add`, or might have, `assume`) and what they reach (Layout): those positions
+    are left out of the comparison of each output. `mask(name, lead)` is exact per output.
+
+    A generated stream that legitimately went another way (a forgiven near-tie) n steps before
+    its end: the sequence outputs compared after it drop their last n positions (they belong to
+    another sequence); see stream()."""
+
+    def __init__(self, kind: str, names, params: dict | None = None):
+        self.layout = Layout(kind, names, params)
+        self.causal = self.layout.causal
+        self.flips: list[Flips] = []
+        self.stream_cut = 0
+
+    def stream(self, c, e, compared: int) -> None:
+        """After a `tokens` comparison: when the candidate's stream differs from the expected
+        one at or after the forgiven step `compared`, outputs that follow it in a causal kind
+        (the main and MTP logits of a speculation case) are compared only over the positions
+        whose inputs precede that step: the last len(e) - first difference positions go."""
+        c, e = np.asarray(c).reshape(-1), np.asarray(e).reshape(-1)
+        n = min(len(c), len(e))
+        differ = np.nonzero(c[:n] != e[:n])[0]
+        first = int(differ[0]) if len(differ) else (n if len(c) != len(e) else len(e))
+        if self.causal and first < len(e):
+            self.stream_cut = max(self.stream_cut, len(e) - first)
+
+    def add(self, routing: str, flipped, near, reported: bool = True) -> None:
+        flipped = np.asarray(flipped, bool)
+        if flipped.any():
+            self.flips.append(Flips(routing, flipped, np.asarray(near, bool) & flipped, reported))
+
+    def lead(self, name: str, shape) -> int:
+        """How many leading axes of an output are token axes: [b, s] in a causal kind, the
+        routing outputs' token axes otherwise."""
+        if self.causal:
+            return min(2, len(shape))
+        f = next(iter(self.flips), None)
+        return f.flipped.ndim if f is not None else len(shape)
+
+    def mask(self, name: str, lead_shape, which: str = ALL, near_only: bool = False):
+        """The positions of output `name` (token axes `lead_shape`) left out, or None."""
+        lead_shape = tuple(lead_shape)
+        m = None
+        lay = self.layout
+        out_node = lay.nodes.get(name)
+        for f in self.flips:
+            if which == REPORTED and not f.reported:
+                continue
+            src = f.near if near_only else f.flipped
+            if not src.any():
+                continue
+            how = lay.reach(f.routing, name)
+            fn = lay.nodes.get(f.routing)
+            if fn is None or out_node is None:
+                continue
+            add = None
+            if fn.chain == out_node.chain:
+                if how is not None:
+                    add = self._spread(src, lead_shape, how)
+            elif how == FROM:  # another request: through the cache entries it reads
+                thr = lay.threshold(fn.chain, out_node.chain)
+                pos = np.flatnonzero(src.reshape(-1)) + lay.offset(fn.chain)  # batch 1
+                if len(pos) and pos.min() < thr:
+                    add = np.ones(lead_shape, bool)
+            if add is not None:
+                m = add if m is None else (m | add)
+        return m
+
+    def _spread(self, src, lead_shape, how):
+        if not self.causal or len(lead_shape) != 2 or src.ndim != 2:
+            if src.shape != lead_shape:
+                return np.ones(lead_shape, bool) if src.any() else None  # cannot align: all
+            return src.copy()
+        b, s = lead_shape
+        a = np.zeros(lead_shape, bool)
+        rows, cols = min(b, src.shape[0]), min(s, src.shape[1])
+        part = src[:rows, :cols]
+        if how == FROM:
+            part = np.maximum.accumulate(part, axis=1)
+            # a flip beyond this output's length (an MTP module is shorter) reaches nothing here
+        a[:rows, :cols] = part
+        return a
+
+    def cover(self, name: str, lead_shape, which: str = ALL) -> tuple[int, int, int]:
+        """-> (positions compared, positions, positions left out only because of exact ties
+        decided the other way) for output `name`."""
+        n = int(np.prod(lead_shape))
+        m = self.mask(name, lead_shape, which)
+        if m is None:
+            return n, n, 0
+        near = self.mask(name, lead_shape, which, near_only=True)
+        exact = int((m & ~near).sum()) if near is not None else int(m.sum())
+        return n - int(m.sum()), n, exact
+
+    def select(self, a, name: str, lead: int, which: str = ALL):
+        """a [*token_axes, ...] -> the rows of the positions compared, [n, ...] (or `a`)."""
+        a = np.asarray(a)
+        m = self.mask(name, a.shape[:lead], which)
+        return a if m is None else a[~m]
+
+    def any_for(self, name: str, lead_shape) -> bool:
+        m = self.mask(name, lead_shape)
+        return m is not None and bool(m.any())
+
+
+def _sets_differ(c, e):
+    k = e.shape[-1]
+    return (np.sort(np.asarray(c).reshape(-1, k), -1) != np.sort(np.asarray(e).reshape(-1, k), -1)).any(-1)
+
+
+def collect(taint: Taint, outputs, expected: dict, cand: dict, tols_all: dict) -> None:
+    """Fill `taint` before any output is compared: the stream (a `tokens` output that went
+    another way at a forgiven step), then every routing output in the model's dataflow order.
+    A token whose expert set differs from the expected one and whose margin is within the
+    profile's rounding is a flip (reported: the candidate's own topk_idx); a routing output the
+    candidate does not give (logits only) counts every such near-tie as flipped (assumed).
+    outputs: [(name, type)]; expected: the golden's tensors (with the topk_margin aux)."""
+    from .metrics import forgiven, tokens
+
+    names = dict(outputs)
+    if names.get("tokens") == "tokens" and "tokens" in cand and "tokens_margin" in expected:
+        c, e = np.asarray(cand["tokens"]), expected["tokens"]
+        if np.issubdtype(c.dtype, np.integer) and c.shape == e.shape:
+            t = tols_all.get("tokens", {})
+            if "logit_eps" in t:
+                vals = tokens(c, e, expected["tokens_margin"], t["logit_eps"])
+                if vals["mismatch"] == 0:
+                    taint.stream(c, e, vals["compared"])
+    routing = [n for n, kind in outputs if kind == "indices"]
+    lay = taint.layout
+
+    def order(n):
+        v = lay.nodes.get(n)
+        return (v.block, v.chain) if v is not None else ((UNKNOWN, 0), 0)
+    for name in sorted(routing, key=order):
+        margin = expected.get(name[: -len("topk_idx")] + "topk_margin")
+        tol = tols_all.get(name, {})
+        if margin is None or "margin_eps" not in tol:
+            continue
+        e, m = taint_cut(taint, expected[name]), taint_cut(taint, margin)
+        lead = e.shape[:-1]
+        ties = tol.get("exact_ties", "forgiven") == "forgiven"
+        ok = forgiven(m, tol["margin_eps"], ties)
+        positive = np.asarray(m, np.float64).reshape(-1) > 0
+        if name in cand:
+            c = np.asarray(cand[name])
+            if c.shape != expected[name].shape or not np.issubdtype(c.dtype, np.integer):
+                continue  # judged (failed) as an output
+            f = _sets_differ(taint_cut(taint, c), e) & ok
+            taint.add(name, f.reshape(lead), (f & positive).reshape(lead), reported=True)
+        else:
+            taint.add(name, ok.reshape(lead), (ok & positive).reshape(lead), reported=False)
+
+
+def taint_cut(taint, a):
+    """A sequence output cut to the positions before the stream went another way (stream())."""
+    if a is None or not taint.stream_cut or np.ndim(a) < 2:
+        return a
+    a = np.asarray(a)
+    return a[:, :max(a.shape[1] - taint.stream_cut, 0)]
