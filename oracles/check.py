@@ -252,6 +252,10 @@ def _check_output(out: dict, c, e, expected: dict, cand: dict, tols: dict, taint
                    "not compared: every token") + " follow forgiven routing differences")
         return
     bad = _metric_failures(vals, tols, names)
+    if vals.get("unexplained"):
+        bad.append(f"{vals['unexplained']} near-tie token(s) routed to experts that its own router "
+                   f"input ({name[: -len('topk_idx')]}ffn_norm) does not select within the "
+                   "profile's router arithmetic (not a rounding difference)")
     out["status"] = "fail" if bad else "pass"
     if bad:
         out["message"] = "; ".join(bad)
@@ -289,13 +293,17 @@ def check_case(golden: Golden, entry: dict, candidate, profile: str,
                    first_failure=None)
         return res
     outputs = [{**o, "required": o["required"] or o["name"] in required} for o in entry["outputs"]]
+    def model():
+        case = load()
+        return None if case.weights is None or case.config is None else (case.weights, case.config)
     res.update(judge(entry["kind"], outputs, golden.expected(cid), cand, tols_all, min_compared,
-                     params=entry.get("params")))
+                     params=entry.get("params"), profile=profile, model=model))
     return res
 
 
 def judge(kind: str, outputs: list, expected: dict, cand: dict, tols_all: dict,
-          min_compared: float = MIN_COMPARED, params: dict | None = None) -> dict:
+          min_compared: float = MIN_COMPARED, params: dict | None = None,
+          profile: str | None = None, model=None) -> dict:
     """Compare a candidate's outputs with the expected ones, in dataflow order.
     outputs: [{name, type, required}] -> {status, first_failure, reason, outputs, not_provided,
     checked, compared}. The routing outputs are read first (taint.collect): a forgiven near-tie
@@ -303,11 +311,24 @@ def judge(kind: str, outputs: list, expected: dict, cand: dict, tols_all: dict,
     output the candidate does not give (logits only) is taken from the golden's margins: every
     near-tie token may have gone either way. A case that judged less than `min_compared` of its
     required outputs' token positions is INCONCLUSIVE, never PASS. params: the case's (a
-    schedule's shared prefixes carry a difference from one request to another)."""
+    schedule's shared prefixes carry a difference from one request to another). model() ->
+    (checkpoint tensors, Config) or None: with the profile, a near-tie the candidate resolved
+    in a way its own reported router input does not explain fails (routing.explainer)."""
     res = {"outputs": [], "not_provided": []}
     first = None
     taint = taint_mod.Taint(kind, [o["name"] for o in outputs], params)
-    taint_mod.collect(taint, [(o["name"], o["type"]) for o in outputs], expected, cand, tols_all)
+    explain = None
+    if model is not None and profile is not None:
+        from .routing import explainer
+        cache = {}
+
+        def once():
+            if "m" not in cache:
+                cache["m"] = model()
+            return cache["m"]
+        explain = explainer(cand, once, profile, lambda a: taint_mod.taint_cut(taint, a))
+    taint_mod.collect(taint, [(o["name"], o["type"]) for o in outputs], expected, cand, tols_all,
+                      explain)
     assumed = any(not f.reported for f in taint.flips)
     worst = None  # (fraction, compared, positions, exact, name) of the least-compared required output
     checked = 0

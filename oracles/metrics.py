@@ -161,6 +161,14 @@ def compare(name, kind, c, e, expected, tols, taint, c_idx=None):
             cover = taint.cover(name, shape[:lead])
         ties = tols.get("exact_ties", "forgiven") == "forgiven"
         vals, names = indices(cs, es, ms, tols["margin_eps"], ties), ("mismatch",)
+        bad = None if taint is None else taint.unexplained.get(name)
+        if bad is not None and bad.any():
+            # near-ties its own router input does not explain (routing.explained): failures,
+            # wherever they are (their positions are never left out)
+            n = int(np.prod(shape[:lead]))
+            vals["unexplained"] = int(bad.sum())
+            vals["forgiven"] = max(vals.get("forgiven", 0) - int(bad.sum()), 0)
+            vals["mismatch"] = max(vals.get("mismatch", 0.0), float(bad.sum()) / n)
     elif kind == "routing_weights":
         stem = name[: -len("topk_weight")]
         e_idx = cut(expected[stem + "topk_idx"])

@@ -187,6 +187,9 @@ class Taint:
         self.causal = self.layout.causal
         self.flips: list[Flips] = []
         self.stream_cut = 0
+        # routing output -> [*lead] bool: near-ties the candidate resolved in a way its own
+        # router input does not explain (routing.explained): failures, not flips
+        self.unexplained: dict = {}
 
     def stream(self, c, e, compared: int) -> None:
         """After a `tokens` comparison: when the candidate's stream differs from the expected
@@ -284,13 +287,15 @@ def _sets_differ(c, e):
     return (np.sort(np.asarray(c).reshape(-1, k), -1) != np.sort(np.asarray(e).reshape(-1, k), -1)).any(-1)
 
 
-def collect(taint: Taint, outputs, expected: dict, cand: dict, tols_all: dict) -> None:
+def collect(taint: Taint, outputs, expected: dict, cand: dict, tols_all: dict, explain=None) -> None:
     """Fill `taint` before any output is compared: the stream (a `tokens` output that went
     another way at a forgiven step), then every routing output in the model's dataflow order.
     A token whose expert set differs from the expected one and whose margin is within the
     profile's rounding is a flip (reported: the candidate's own topk_idx); a routing output the
     candidate does not give (logits only) counts every such near-tie as flipped (assumed).
-    outputs: [(name, type)]; expected: the golden's tensors (with the topk_margin aux)."""
+    outputs: [(name, type)]; expected: the golden's tensors (with the topk_margin aux).
+    explain(name, c_idx, flipped) -> [*lead] bool or None: which flips the candidate's own
+    router input explains (routing.explainer); the others go to taint.unexplained."""
     from .metrics import forgiven, tokens
 
     names = dict(outputs)
@@ -323,6 +328,13 @@ def collect(taint: Taint, outputs, expected: dict, cand: dict, tols_all: dict) -
             if c.shape != expected[name].shape or not np.issubdtype(c.dtype, np.integer):
                 continue  # judged (failed) as an output
             f = _sets_differ(taint_cut(taint, c), e) & ok
+            if explain is not None and f.any():
+                good = explain(name, taint_cut(taint, c), f.reshape(lead))
+                if good is not None:
+                    bad = f.reshape(lead) & ~np.asarray(good, bool).reshape(lead)
+                    if bad.any():
+                        taint.unexplained[name] = bad
+                    f = f & ~bad.reshape(-1)
             taint.add(name, f.reshape(lead), (f & positive).reshape(lead), reported=True)
         else:
             taint.add(name, ok.reshape(lead), (ok & positive).reshape(lead), reported=False)
