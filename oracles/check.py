@@ -264,7 +264,7 @@ def _check_output(out: dict, c, e, expected: dict, cand: dict, tols: dict, taint
 
 
 def check_case(golden: Golden, entry: dict, candidate, profile: str,
-               min_compared: float = MIN_COMPARED) -> dict:
+               min_compared: float = MIN_COMPARED, conditioner=None) -> dict:
     cid = entry["id"]
     res = {"id": cid, "kind": entry["kind"], "pins": entry["pins"],
            "conventions": entry.get("conventions", {}), "outputs": [], "not_provided": []}
@@ -296,14 +296,16 @@ def check_case(golden: Golden, entry: dict, candidate, profile: str,
     def model():
         case = load()
         return None if case.weights is None or case.config is None else (case.weights, case.config)
-    res.update(judge(entry["kind"], outputs, golden.expected(cid), cand, tols_all, min_compared,
-                     params=entry.get("params"), profile=profile, model=model))
+    expected = golden.expected(cid)
+    cond = None if conditioner is None else conditioner(entry, load, expected)
+    res.update(judge(entry["kind"], outputs, expected, cand, tols_all, min_compared,
+                     params=entry.get("params"), profile=profile, model=model, conditioner=cond))
     return res
 
 
 def judge(kind: str, outputs: list, expected: dict, cand: dict, tols_all: dict,
           min_compared: float = MIN_COMPARED, params: dict | None = None,
-          profile: str | None = None, model=None) -> dict:
+          profile: str | None = None, model=None, conditioner=None) -> dict:
     """Compare a candidate's outputs with the expected ones, in dataflow order.
     outputs: [{name, type, required}] -> {status, first_failure, reason, outputs, not_provided,
     checked, compared}. The routing outputs are read first (taint.collect): a forgiven near-tie
@@ -313,10 +315,12 @@ def judge(kind: str, outputs: list, expected: dict, cand: dict, tols_all: dict,
     required outputs' token positions is INCONCLUSIVE, never PASS. params: the case's (a
     schedule's shared prefixes carry a difference from one request to another). model() ->
     (checkpoint tensors, Config) or None: with the profile, a near-tie the candidate resolved
-    in a way its own reported router input does not explain fails (routing.explainer)."""
+    in a way its own reported router input does not explain fails (routing.explainer).
+    conditioner (conditioned.Conditioner, or None): the expected values are recomputed with the
+    candidate's routing where it resolved a forgiven near-tie the other way, and every
+    position is judged (taint.settle); without one, what such a difference reaches is left out."""
     res = {"outputs": [], "not_provided": []}
     first = None
-    taint = taint_mod.Taint(kind, [o["name"] for o in outputs], params)
     explain = None
     if model is not None and profile is not None:
         from .routing import explainer
@@ -326,10 +330,15 @@ def judge(kind: str, outputs: list, expected: dict, cand: dict, tols_all: dict,
             if "m" not in cache:
                 cache["m"] = model()
             return cache["m"]
-        explain = explainer(cand, once, profile, lambda a: taint_mod.taint_cut(taint, a))
-    taint_mod.collect(taint, [(o["name"], o["type"]) for o in outputs], expected, cand, tols_all,
-                      explain)
+        explain = explainer(cand, once, profile)
+    scored = [o["name"] for o in outputs if o["required"] and o["type"] in ("logits", "continuous")]
+    settled = taint_mod.settle(kind, [(o["name"], o["type"]) for o in outputs], expected, cand,
+                               tols_all, params, explain, conditioner, scored)
+    taint, expected = settled.taint, settled.expected
     assumed = any(not f.reported for f in taint.flips)
+    if settled.source:
+        res["conditioned"] = {"forced": settled.forced, "recomputations": settled.recomputations,
+                              "routing": settled.source, **({"note": settled.note} if settled.note else {})}
     worst = None  # (fraction, compared, positions, exact, name) of the least-compared required output
     checked = 0
     any_position = False  # some required output compared at least one position
@@ -394,10 +403,13 @@ STATUSES = ("pass", "fail", "missing", "error", "inconclusive", "skip", "not_fol
 def run_check(golden_path: str, candidate, profile: str = "float32", only: str | None = None,
               repro_base: str | None = None, progress=None, expect_digest: str | None = None,
               allow_empty: bool = False, allow_inconclusive: bool = False,
-              min_compared: float = MIN_COMPARED) -> dict:
+              min_compared: float = MIN_COMPARED, conditioner=None) -> dict:
     """Check every case (matching `only`) -> the report (a JSON-able dict). ok is False when a
     case fails, is missing or errs, when one is inconclusive (unless allow_inconclusive), and
-    when no required output was compared at all (unless allow_empty)."""
+    when no required output was compared at all (unless allow_empty). conditioner(entry,
+    load, expected) -> a conditioned.Conditioner or None: the expected values follow the candidate's
+    routing where it resolved a forgiven near-tie the other way (conditioned.conditioner_for,
+    which `oracles check` passes; it runs refimpl's forward pass)."""
     if profile not in tolerance.PROFILES:
         raise OraclesError(f"profile {profile!r} is not one of {', '.join(tolerance.PROFILES)}")
     golden = Golden(golden_path, expect_digest=expect_digest)
@@ -416,7 +428,7 @@ def run_check(golden_path: str, candidate, profile: str = "float32", only: str |
                  "status": "error", "first_failure": None,
                  "reason": f"not run: the adapter is stuck ({stuck})"}
         else:
-            r = check_case(golden, entry, candidate, profile, min_compared)
+            r = check_case(golden, entry, candidate, profile, min_compared, conditioner)
         if r["status"] in ("fail", "missing", "error", "inconclusive") and repro_base and not stuck:
             r["repro"] = f"{repro_base} --only {shlex.quote(r['id'])} --profile {profile}"
         results.append(r)
@@ -437,6 +449,7 @@ def run_check(golden_path: str, candidate, profile: str = "float32", only: str |
     return {"golden": golden_path, "suite": golden.manifest.get("suite"),
             "suite_digest": golden.digest, "candidate": candidate.label,
             "profile": profile, "counts": counts, "checked_outputs": checked, "ok": ok,
+            "conditioning": conditioner is not None,
             "min_compared": min_compared, "notes": notes,
             "conventions": conventions_summary(results), "cases": results}
 

@@ -84,6 +84,10 @@ def _parser():
     c.add_argument("--allow-inconclusive", action="store_true",
                    help="exit 0 even if a case compared too few positions to decide")
     c.add_argument("--html", dest="html_out", help="write the report as one self-contained HTML page here")
+    c.add_argument("--no-conditioning", action="store_true",
+                   help="do not recompute the reference on the candidate's routing where it resolved a "
+                        "near-tie the other way: leave out what that reaches instead (section 3 of "
+                        "docs/conformance.md)")
     c.add_argument("--quiet", action="store_true")
     r = sub.add_parser("run", help="run an adapter and write its outputs (the file route)")
     r.add_argument("golden")
@@ -191,9 +195,13 @@ def cmd_check(args) -> int:
         cand, info, how = _candidate_adapter(args)
     base = f"oracles check {shlex.quote(args.golden)} {how}"
     t = time.perf_counter()
+    conditioner = None
+    if not args.no_conditioning:
+        from .conditioned import conditioner_for as conditioner
     rep = run_check(args.golden, cand, args.profile, args.only, repro_base=base,
                     progress=_progress(args), expect_digest=args.expect_digest,
-                    allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive)
+                    allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive,
+                    conditioner=conditioner)
     rep["seconds"] = round(time.perf_counter() - t, 3)
     if info:
         from .engines import label

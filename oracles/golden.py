@@ -78,6 +78,7 @@ def _json_default(o):
 def compute(case: Case) -> tuple[dict, dict, dict]:
     """-> (expected outputs, expected-only aux tensors, tolerances per profile)."""
     from .cases import KINDS
+    from .conditioned import KINDS_CONDITIONED, Conditioner
     from .emulate import run_case
     from .mutants import MUTANTS
 
@@ -85,13 +86,19 @@ def compute(case: Case) -> tuple[dict, dict, dict]:
     under = MUTANTS[case.expect_under] if case.expect_under else None
     truth = run_case(case, "float64", under, alone=True)
     aux = kind.aux(case, truth) if kind.aux else {}
+    # the tolerances are measured as `oracles check` judges: against the truth conditioned on
+    # the emulated run's routing (conditioned.py)
+    cond = Conditioner(case, under) if case.kind in KINDS_CONDITIONED else None
+    if cond is not None and "tokens" in truth:
+        cond.tokens = np.asarray(truth["tokens"], np.int64)
     tols = {}
     for profile in tolerance.PROFILES:
         emulated = run_case(case, tolerance.CALIBRATED_BY[profile], under)
         tols[profile] = tolerance.calibrate(truth, aux, emulated, profile,
                                              causal=case.kind in CAUSAL_KINDS,
                                              exact_ties=case.params.get("exact_ties", "forgiven"),
-                                             kind=case.kind, params=case.params)
+                                             kind=case.kind, params=case.params,
+                                             conditioner=cond)
     return truth, aux, tols
 
 

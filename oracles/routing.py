@@ -137,15 +137,15 @@ def gate_layer(name: str, cfg) -> int | None:
     return None
 
 
-def explainer(cand: dict, model, profile: str, cut=lambda a: a):
+def explainer(cand: dict, model, profile: str):
     """explain(routing name, c_idx, flipped) for taint.collect: True where a flipped token's
     expert set is explained by the candidate's own router input (its `ffn_norm` output of the
     same layer) within the profile's router arithmetic (`bound`, `explained`); None (cannot
     tell) where the candidate does not report that input or the case has no such gate.
-    model() -> (the case's checkpoint tensors, its Config) or None, called when first needed;
-    cut: the sequence cut of the outputs compared (taint.taint_cut)."""
+    model() -> (the case's checkpoint tensors, its Config) or None, called when first needed.
+    explain's cut: the sequence cut of the outputs compared (taint.taint_cut)."""
 
-    def explain(name, c_idx, flipped):
+    def explain(name, c_idx, flipped, cut=lambda a: a):
         u = cand.get(name[: -len("topk_idx")] + "ffn_norm")
         got = model() if u is not None else None
         if got is None:

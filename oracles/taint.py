@@ -287,7 +287,8 @@ def _sets_differ(c, e):
     return (np.sort(np.asarray(c).reshape(-1, k), -1) != np.sort(np.asarray(e).reshape(-1, k), -1)).any(-1)
 
 
-def collect(taint: Taint, outputs, expected: dict, cand: dict, tols_all: dict, explain=None) -> None:
+def collect(taint: Taint, outputs, expected: dict, cand: dict, tols_all: dict, explain=None,
+            assume=None) -> None:
     """Fill `taint` before any output is compared: the stream (a `tokens` output that went
     another way at a forgiven step), then every routing output in the model's dataflow order.
     A token whose expert set differs from the expected one and whose margin is within the
@@ -295,7 +296,9 @@ def collect(taint: Taint, outputs, expected: dict, cand: dict, tols_all: dict, e
     candidate does not give (logits only) counts every such near-tie as flipped (assumed).
     outputs: [(name, type)]; expected: the golden's tensors (with the topk_margin aux).
     explain(name, c_idx, flipped) -> [*lead] bool or None: which flips the candidate's own
-    router input explains (routing.explainer); the others go to taint.unexplained."""
+    router input explains (routing.explainer); the others go to taint.unexplained.
+    assume: None (every near-tie of a routing output the candidate does not give), or
+    {routing name: [*lead] bool}: only those tokens (the others were conditioned on)."""
     from .metrics import forgiven, tokens
 
     names = dict(outputs)
@@ -329,7 +332,8 @@ def collect(taint: Taint, outputs, expected: dict, cand: dict, tols_all: dict, e
                 continue  # judged (failed) as an output
             f = _sets_differ(taint_cut(taint, c), e) & ok
             if explain is not None and f.any():
-                good = explain(name, taint_cut(taint, c), f.reshape(lead))
+                good = explain(name, taint_cut(taint, c), f.reshape(lead),
+                               lambda a: taint_cut(taint, a))
                 if good is not None:
                     bad = f.reshape(lead) & ~np.asarray(good, bool).reshape(lead)
                     if bad.any():
@@ -337,6 +341,9 @@ def collect(taint: Taint, outputs, expected: dict, cand: dict, tols_all: dict, e
                     f = f & ~bad.reshape(-1)
             taint.add(name, f.reshape(lead), (f & positive).reshape(lead), reported=True)
         else:
+            if assume is not None:
+                may = assume.get(name)
+                ok = ok & (np.zeros(ok.shape, bool) if may is None else np.asarray(may, bool).reshape(-1))
             taint.add(name, ok.reshape(lead), (ok & positive).reshape(lead), reported=False)
 
 
@@ -346,3 +353,193 @@ def taint_cut(taint, a):
         return a
     a = np.asarray(a)
     return a[:, :max(a.shape[1] - taint.stream_cut, 0)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditioning: the golden recomputed with the candidate's routing (conditioned.py)
+# ---------------------------------------------------------------------------------------------
+
+MAX_RECOMPUTATIONS = 32  # per case: a bound on the reference forwards conditioning may run
+
+
+@dataclass
+class Settled:
+    """What a case is compared against: the expected values (conditioned on the candidate's
+    routing where a conditioner was given) and the taint that remains (flips beyond the
+    bound, routing a logits-only candidate might have taken)."""
+
+    taint: Taint
+    expected: dict
+    forced: int = 0  # tokens whose routing the expected values follow from the candidate
+    recomputations: int = 0
+    source: str | None = None  # "reported topk_idx" or "inferred from the logits"
+    note: str | None = None  # what could not be conditioned, and why
+
+
+def substitute(kind, params, expected: dict, new: dict, forced: dict) -> dict:
+    """The golden with the recomputed values at the positions the forced tokens reach (and the
+    forced tokens' own routing outputs); every other value exactly as the golden has it."""
+    t = Taint(kind, list(expected), params)
+    for name, (mask, _) in forced.items():
+        t.add(name, mask, mask)
+    out = dict(expected)
+    for k, e in expected.items():
+        v = new.get(k)
+        if v is None or k in ("tokens", "tokens_margin") or np.shape(v) != np.shape(e):
+            continue
+        lead = t.lead(k, np.shape(e))
+        m = t.mask(k, np.shape(e)[:lead])
+        stem = k.rsplit(".", 1)[0] + "." if "." in k else ""
+        own = forced.get(stem + "topk_idx") if k.endswith(("topk_idx", "topk_margin")) else None
+        if own is not None:
+            o = np.zeros(np.shape(e)[:lead], bool)
+            src = np.asarray(own[0], bool)
+            o[tuple(slice(0, n) for n in src.shape)] = src
+            m = o if m is None else (m | o)
+        if m is None or not m.any():
+            continue
+        out[k] = np.array(e, copy=True)
+        out[k][m] = np.asarray(v)[m]
+    return out
+
+
+def _forced_add(forced, name, mask, experts):
+    old = forced.get(name)
+    if old is not None:
+        mask = mask | old[0]
+        experts = np.where(mask[..., None] & ~old[0][..., None], experts, old[1])
+    forced[name] = (mask, np.asarray(experts))
+
+
+def settle(kind, outputs, expected: dict, cand: dict, tols_all: dict, params=None, explain=None,
+           conditioner=None, scored=()) -> Settled:
+    """The expected values a candidate is compared against, and the taint left.
+
+    Without a conditioner: the golden, and every forgiven flip's reach left out (collect).
+    With one: repeatedly, the flips no other flip reaches (roots; unexplained ones too) are
+    forced and the golden recomputed, until the candidate's routing differs nowhere within the
+    profile's forgiveness (at most MAX_RECOMPUTATIONS): every position is then judged. A
+    logits-only candidate's near-ties are decided position by position: each is forced when
+    that brings the expected values at its position nearer to the candidate's (`scored`: the
+    outputs to measure, e.g. the logits), and left as the golden has it otherwise."""
+    names = [n for n, _ in outputs]
+
+    def fresh(exp, assume=None):
+        t = Taint(kind, names, params)
+        collect(t, outputs, exp, cand, tols_all, explain, assume)
+        return t
+
+    taint = fresh(expected)
+    res = Settled(taint, expected)
+    if conditioner is None or not taint.flips and not taint.unexplained:
+        return res
+    forced, unexplained, cur = {}, {}, expected
+    while True:
+        for name, bad in taint.unexplained.items():
+            unexplained[name] = bad | unexplained[name] if name in unexplained else bad
+        roots = {}
+        for f in taint.flips:
+            if f.reported:
+                up = taint.mask(f.routing, f.flipped.shape)
+                roots[f.routing] = f.flipped & ~up if up is not None else f.flipped
+        for name, bad in taint.unexplained.items():
+            up = taint.mask(name, bad.shape)
+            r = bad & ~up if up is not None else bad
+            roots[name] = roots[name] | r if name in roots else r
+        roots = {k: v for k, v in roots.items() if v.any()}
+        if not roots:
+            break
+        if res.recomputations >= MAX_RECOMPUTATIONS:
+            res.note = (f"routing still differs after {MAX_RECOMPUTATIONS} recomputations: "
+                        "the rest is left out")
+            break
+        for name, m in roots.items():
+            _forced_add(forced, name, m, taint_cut(taint, np.asarray(cand[name])))
+        cur = substitute(kind, params, expected, conditioner.recompute(forced), forced)
+        res.recomputations += 1
+        res.source = "reported topk_idx"
+        taint = fresh(cur)
+    if not forced and any(not f.reported for f in taint.flips) and scored:
+        taint, cur = _infer(res, kind, params, outputs, expected, cand, fresh, conditioner, scored, forced)
+    taint.unexplained = {**taint.unexplained, **unexplained}
+    res.taint, res.expected = taint, cur
+    res.forced = int(sum(m.sum() for m, _ in forced.values()))
+    return res
+
+
+def _infer(res, kind, params, outputs, expected, cand, fresh, conditioner, scored, forced):
+    """Logits only: decide the near-ties position by position (the logits at a position depend
+    on the routing at that and earlier positions only), each tried once against leaving it."""
+    taint = fresh(expected)
+    cur = expected
+    lay = taint.layout
+    scored = [n for n in scored if n in cand and n in expected]
+
+    def rows_error(exp, chain, row, pos):
+        err = 0.0
+        for n in scored:
+            v = lay.nodes.get(n)
+            if v is None or v.chain != chain:
+                continue
+            e, c = taint_cut(taint, np.asarray(exp[n])), taint_cut(taint, np.asarray(cand[n], np.float64))
+            if c.shape != e.shape or e.ndim < 2 or pos >= e.shape[1]:
+                continue
+            scale = float(np.sum(np.asarray(expected[n], np.float64) ** 2)) or 1.0
+            err += float(np.sum((c[row, pos] - e[row, pos]) ** 2)) / scale
+        return err
+
+    def near_ties(t):
+        out = []
+        for f in t.flips:
+            if f.reported:
+                continue
+            v = lay.nodes.get(f.routing)
+            for idx in np.argwhere(f.flipped):
+                row, pos = (int(idx[0]), int(idx[1])) if len(idx) == 2 else (0, int(idx[0]))
+                out.append(((pos + lay.offset(v.chain) if v else pos), v.chain if v else 0, row,
+                            v.block if v else (UNKNOWN, 0), f.routing, tuple(int(i) for i in idx)))
+        return sorted(out)
+    done = set()
+    while True:
+        todo = [x for x in near_ties(taint) if (x[4], x[5]) not in done]
+        if not todo:
+            break
+        if res.recomputations >= MAX_RECOMPUTATIONS:
+            res.note = (f"{len(todo)} near-tie token(s) not tried within {MAX_RECOMPUTATIONS} "
+                        "recomputations: left out")
+            break
+        _, chain, row, _, name, at = todo[0]
+        done.add((name, at))
+        lead = np.shape(taint_cut(taint, expected[name]))[:-1]
+        flat = int(np.ravel_multi_index(at, lead))
+        alt = conditioner.alternative(cur, name, flat)
+        if alt is None:
+            continue
+        trial = dict(forced)
+        m = np.zeros(lead, bool)
+        m[at] = True
+        ex = np.zeros(lead + (len(alt),), np.int64)
+        ex[at] = alt
+        _forced_add(trial, name, m, ex)
+        new = substitute(kind, params, expected, conditioner.recompute(trial), trial)
+        res.recomputations += 1
+        pos = at[-1] if len(at) else 0
+        if rows_error(new, chain, row, pos) < rows_error(cur, chain, row, pos):
+            forced.clear()
+            forced.update(trial)
+            cur = new
+            res.source = "inferred from the logits"
+        taint = fresh(cur, assume={n: _not_done(n, done, taint, cur) for n, _ in outputs
+                                   if n.endswith("topk_idx")})
+    if res.source is None:
+        res.source = "inferred from the logits"
+    return taint, cur
+
+
+def _not_done(name, done, taint, exp):
+    lead = np.shape(taint_cut(taint, exp[name]))[:-1]
+    m = np.ones(lead, bool)
+    for n, at in done:
+        if n == name:
+            m[at] = False
+    return m

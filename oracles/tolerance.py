@@ -64,18 +64,53 @@ def _flipped_margin(c_idx, e_idx, margin) -> float:
     return float(m[differ].max()) if differ.any() else 0.0
 
 
+def conditioned_truth(kind, params, truth: dict, aux: dict, emulated: dict, conditioner,
+                      exact_ties: str = "forgiven") -> dict:
+    """The truth (with its margins) recomputed with every routing choice of the emulated run
+    that differs from it forced (conditioned.Conditioner): what the checker, conditioning on
+    that run's routing, compares it against. Exact ties are not forced where the case decides
+    them (exact_ties "decided")."""
+    expected = {**truth, **aux}
+    t = taint_mod.Taint(kind, list(truth), params)
+    if "tokens" in truth and "tokens_margin" in aux:  # the stream: its own cut (Taint.stream)
+        v = metrics.tokens(emulated["tokens"], truth["tokens"], aux["tokens_margin"], np.inf)
+        t.stream(emulated["tokens"], truth["tokens"], v["compared"])
+    forced = {}
+    for name, e in truth.items():
+        margin = aux.get(name[: -len("topk_idx")] + "topk_margin")
+        if output_type(name) != "indices" or margin is None:
+            continue
+        e, c = taint_mod.taint_cut(t, e), taint_mod.taint_cut(t, emulated[name])
+        f = taint_mod._sets_differ(c, e)
+        if exact_ties != "forgiven":
+            f &= np.asarray(taint_mod.taint_cut(t, margin), np.float64).reshape(-1) > 0
+        if f.any():
+            forced[name] = (f.reshape(e.shape[:-1]), np.asarray(c))
+    if not forced:
+        return expected
+    return taint_mod.substitute(kind, params, expected, conditioner.recompute(forced), forced)
+
+
 def calibrate(truth: dict, aux: dict, emulated: dict, profile: str, causal: bool = False,
-              exact_ties: str = "forgiven", kind: str | None = None, params: dict | None = None) -> dict:
+              exact_ties: str = "forgiven", kind: str | None = None, params: dict | None = None,
+              conditioner=None) -> dict:
     """{output name: {metric: {tol, calibrated}, (margin_eps | logit_eps): value}} for one
     profile, from the emulated run's outputs, measured exactly as the checker measures a
-    candidate (positions a forgiven routing difference reaches left out, taint.py). exact_ties
-    "decided": the routing outputs are marked so that exact ties are not forgiven. kind and
-    params: the case's (its dataflow); without a kind, "prefill" when causal, else "gate"."""
+    candidate. With a conditioner (conditioned.Conditioner, as `oracles check` has for a case
+    with a model): against the truth conditioned on the emulated run's routing, every position
+    (conditioned_truth); router-score errors and the margins of the tokens it routed
+    differently are measured there too. Without: positions a forgiven routing difference
+    reaches left out (taint.py). exact_ties "decided": the routing outputs are marked so that
+    exact ties are not forgiven. kind and params: the case's (its dataflow); without a kind,
+    "prefill" when causal, else "gate"."""
     fl = FLOORS[profile]
-    expected = {**truth, **aux}
     kind = kind or ("prefill" if causal else "gate")
+    expected = {**truth, **aux}
+    if conditioner is not None:
+        expected = conditioned_truth(kind, params, truth, aux, emulated, conditioner, exact_ties)
+    ref = {k: expected[k] for k in truth}
     epss = {}
-    for name, e in truth.items():
+    for name, e in ref.items():
         c = emulated[name]
         out_kind = output_type(name)
         eps = {}
@@ -83,9 +118,10 @@ def calibrate(truth: dict, aux: dict, emulated: dict, profile: str, causal: bool
             eps["logit_eps"] = max(fl["logit_eps"], K * float(np.max(np.abs(c - e))))
         elif out_kind == "indices":
             stem = name[: -len("topk_idx")]
-            ds = float(np.max(np.abs(emulated[stem + "router_scores"] - truth[stem + "router_scores"])))
+            ds = float(np.max(np.abs(emulated[stem + "router_scores"] - ref[stem + "router_scores"])))
+            # the margins of the tokens it routed differently, as the checker judges them
             eps["margin_eps"] = max(fl["margin_eps"], K * ds,
-                                    2 * _flipped_margin(c, e, aux[stem + "topk_margin"]))
+                                    2 * _flipped_margin(c, truth[name], expected[stem + "topk_margin"]))
             if exact_ties != "forgiven":
                 eps["exact_ties"] = exact_ties
         elif out_kind == "routing_weights":
@@ -101,7 +137,7 @@ def calibrate(truth: dict, aux: dict, emulated: dict, profile: str, causal: bool
     taint = taint_mod.Taint(kind, list(truth), params)
     taint_mod.collect(taint, [(n, output_type(n)) for n in truth], expected, emulated, epss)
     result = {}
-    for name, e in truth.items():
+    for name, e in ref.items():
         c = emulated[name]
         out_kind = output_type(name)
         eps = epss[name]
