@@ -193,7 +193,8 @@ def cmd_check(args) -> int:
             cand = RecordedSkips(cand, info.pop("skipped"))
     else:
         cand, info, how = _candidate_adapter(args)
-    base = f"oracles check {shlex.quote(args.golden)} {how}"
+    base = f"oracles check {shlex.quote(args.golden)} {how}" + (
+        " --no-conditioning" if args.no_conditioning else "")
     t = time.perf_counter()
     conditioner = None
     if not args.no_conditioning:
