@@ -190,39 +190,39 @@ class Conditioner:
 
     # ---- the runner-up choice of a near-tie (logits-only candidates) ---------------------------
 
-    def alternative(self, expected: dict, name: str, flat: int):
-        """The expert set token `flat` of routing output `name` takes if its closest decision
-        (the margin: the topk_group-th against the next group, or the K-th against the next
-        expert) went the other way, from the expected router scores; None if it has no rival."""
+    def alternatives(self, expected: dict, name: str, flat: int, eps: float) -> list:
+        """The expert sets token `flat` of routing output `name` takes if one of its close
+        decisions went the other way, closest first: the topk_group-th group against the next
+        one, and the K-th expert against the next, each when its gap is within eps (from the
+        expected router scores)."""
         cfg = self.case.config
         stem = name[: -len("topk_idx")]
         s = np.asarray(expected[stem + "router_scores"], np.float64)
         s = s.reshape(-1, s.shape[-1])[flat]
         bias = None
-        if cfg.uses_bias and self.case.weights is not None:
+        if cfg.uses_bias:
             _, rest = self._stem(name)
-            b = self.case.weights.get(names.gate_bias(self._layer(rest))) if "." in rest else None
-            bias = None if b is None else np.asarray(b, np.float64)
-        elif cfg.uses_bias:
-            bias = self.case.inputs.get("bias")
+            if "." in rest:  # a model case: the layer's gate bias in the checkpoint
+                bias = self.case.weights.get(names.gate_bias(self._layer(rest)))
+            else:  # a component case: an input
+                bias = self.case.inputs.get("bias")
         biased = s if bias is None else s + np.asarray(bias, np.float64)
         k, e = cfg.num_experts_per_tok, biased.shape[-1]
         grouped = cfg.topk_method != "greedy" and cfg.topk_group < cfg.n_group
         per = e // cfg.n_group
 
         def best(groups):
-            allowed = np.repeat(np.isin(np.arange(cfg.n_group), groups), per) if grouped else np.ones(e, bool)
+            allowed = np.repeat(np.isin(np.arange(cfg.n_group), groups), per)
             x = np.where(allowed, biased, -np.inf)
             return sorted(np.argsort(-x, kind="stable")[:k].tolist())
         options = []
+        kept = None
         if grouped:
             gs = moe.group_scores(biased[None], cfg.n_group, cfg.topk_method)[0]
             order = np.argsort(-gs, kind="stable")
             kept = order[:cfg.topk_group]
             options.append((gs[order[cfg.topk_group - 1]] - gs[order[cfg.topk_group]],
                             best(np.concatenate([kept[:-1], order[cfg.topk_group:cfg.topk_group + 1]]))))
-        else:
-            kept = None
         allowed = np.repeat(np.isin(np.arange(cfg.n_group), kept), per) if grouped else np.ones(e, bool)
         x = np.where(allowed, biased, -np.inf)
         order = np.argsort(-x, kind="stable")
@@ -230,9 +230,7 @@ class Conditioner:
             alt = order[:k].tolist()
             alt[-1] = int(order[k])
             options.append((x[order[k - 1]] - x[order[k]], sorted(alt)))
-        if not options:
-            return None
-        return min(options, key=lambda o: o[0])[1]
+        return [o for _, o in sorted(options, key=lambda o: o[0]) if _ <= eps]
 
 
 def conditioner_for(entry, load, expected):

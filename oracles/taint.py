@@ -29,6 +29,7 @@ A name this model does not know is taken as reached from p on (more left out, ne
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -460,32 +461,59 @@ def settle(kind, outputs, expected: dict, cand: dict, tols_all: dict, params=Non
         res.source = "reported topk_idx"
         taint = fresh(cur)
     if not forced and any(not f.reported for f in taint.flips) and scored:
-        taint, cur = _infer(res, kind, params, outputs, expected, cand, fresh, conditioner, scored, forced)
+        taint, cur = _infer(res, kind, params, outputs, expected, cand, fresh, conditioner, scored,
+                            forced, tols_all)
     taint.unexplained = {**taint.unexplained, **unexplained}
     res.taint, res.expected = taint, cur
     res.forced = int(sum(m.sum() for m, _ in forced.values()))
     return res
 
 
-def _infer(res, kind, params, outputs, expected, cand, fresh, conditioner, scored, forced):
-    """Logits only: decide the near-ties position by position (the logits at a position depend
-    on the routing at that and earlier positions only), each tried once against leaving it."""
+MAX_JOINT = 3  # near-ties of one position tried jointly (2^n - 1 recomputations)
+
+
+def _passes(names, expected, cand, tols_all, taint) -> bool:
+    """Every scored output within its tolerances at every position, against `expected`."""
+    from .metrics import compare
+    from .schema import output_type
+
+    for n in names:
+        kind = output_type(n)
+        tols = tols_all.get(n, {})
+        c = np.asarray(cand[n], np.float64)
+        if c.shape != np.shape(expected[n]) or not np.isfinite(c).all():
+            return False
+        vals, judged = compare(n, kind, c, expected[n], expected, tols, None)
+        if any(m in tols and not vals.get(m, 0.0) <= tols[m]["tol"] for m in judged):
+            return False
+    return True
+
+
+def _infer(res, kind, params, outputs, expected, cand, fresh, conditioner, scored, forced, tols_all=None):
+    """Logits only: decide the near-ties position by position, since the outputs at a position
+    depend on the routing at that and earlier positions only: the near-ties of one position
+    (up to MAX_JOINT of them, across layers and MTP modules) are tried in every combination,
+    and the one whose expected values at that position are nearest the candidate's is kept."""
     taint = fresh(expected)
     cur = expected
     lay = taint.layout
     scored = [n for n in scored if n in cand and n in expected]
+    if tols_all is not None and _passes(scored, expected, cand, tols_all, taint):
+        return fresh(expected, assume={}), expected  # nothing needed forgiving
 
-    def rows_error(exp, chain, row, pos):
+    def at_error(exp, chain, row, pos):
         err = 0.0
         for n in scored:
             v = lay.nodes.get(n)
             if v is None or v.chain != chain:
                 continue
-            e, c = taint_cut(taint, np.asarray(exp[n])), taint_cut(taint, np.asarray(cand[n], np.float64))
-            if c.shape != e.shape or e.ndim < 2 or pos >= e.shape[1]:
+            e = taint_cut(taint, np.asarray(exp[n], np.float64))
+            c = taint_cut(taint, np.asarray(cand[n], np.float64))
+            i = pos - lay.offset(chain)
+            if c.shape != e.shape or e.ndim < 2 or not 0 <= i < e.shape[1]:
                 continue
             scale = float(np.sum(np.asarray(expected[n], np.float64) ** 2)) or 1.0
-            err += float(np.sum((c[row, pos] - e[row, pos]) ** 2)) / scale
+            err += float(np.sum((c[row, i] - e[row, i]) ** 2)) / scale
         return err
 
     def near_ties(t):
@@ -494,52 +522,71 @@ def _infer(res, kind, params, outputs, expected, cand, fresh, conditioner, score
             if f.reported:
                 continue
             v = lay.nodes.get(f.routing)
+            chain, block = (v.chain, v.block) if v is not None else (0, (UNKNOWN, 0))
             for idx in np.argwhere(f.flipped):
-                row, pos = (int(idx[0]), int(idx[1])) if len(idx) == 2 else (0, int(idx[0]))
-                out.append(((pos + lay.offset(v.chain) if v else pos), v.chain if v else 0, row,
-                            v.block if v else (UNKNOWN, 0), f.routing, tuple(int(i) for i in idx)))
+                idx = tuple(int(i) for i in idx)
+                row, i = (idx[0], idx[1]) if len(idx) == 2 else (0, idx[0])
+                out.append((i + lay.offset(chain), chain, row, block, f.routing, idx))
         return sorted(out)
-    done = set()
+    done = set()  # (routing name, token, alternative) tried
+    eps = {n: tols_all.get(n, {}).get("margin_eps", 0.0) for n, _ in outputs} if tols_all else {}
+
+    def options_of(x):
+        name, at = x[4], x[5]
+        lead = np.shape(taint_cut(taint, expected[name]))[:-1]
+        alts = conditioner.alternatives(cur, name, int(np.ravel_multi_index(at, lead)), eps.get(name, 0.0))
+        return [(name, at, lead, tuple(a)) for a in alts if (name, at, tuple(a)) not in done]
     while True:
-        todo = [x for x in near_ties(taint) if (x[4], x[5]) not in done]
+        todo = [(x, o) for x in near_ties(taint) for o in [options_of(x)] if o]
         if not todo:
             break
-        if res.recomputations >= MAX_RECOMPUTATIONS:
+        pos, chain, row = todo[0][0][:3]
+        group, combos = [], 1
+        for x, opts in todo:
+            if x[:3] != (pos, chain, row) or combos * (len(opts) + 1) > 2 ** MAX_JOINT:
+                continue
+            group.append(opts)
+            combos *= len(opts) + 1
+        if res.recomputations + combos - 1 > MAX_RECOMPUTATIONS:
             res.note = (f"{len(todo)} near-tie token(s) not tried within {MAX_RECOMPUTATIONS} "
                         "recomputations: left out")
             break
-        _, chain, row, _, name, at = todo[0]
-        done.add((name, at))
-        lead = np.shape(taint_cut(taint, expected[name]))[:-1]
-        flat = int(np.ravel_multi_index(at, lead))
-        alt = conditioner.alternative(cur, name, flat)
-        if alt is None:
-            continue
-        trial = dict(forced)
-        m = np.zeros(lead, bool)
-        m[at] = True
-        ex = np.zeros(lead + (len(alt),), np.int64)
-        ex[at] = alt
-        _forced_add(trial, name, m, ex)
-        new = substitute(kind, params, expected, conditioner.recompute(trial), trial)
-        res.recomputations += 1
-        pos = at[-1] if len(at) else 0
-        if rows_error(new, chain, row, pos) < rows_error(cur, chain, row, pos):
+        for opts in group:
+            done.update((n, at, a) for n, at, _, a in opts)
+        best, best_err = None, at_error(cur, chain, row, pos)
+        for pick in itertools.product(*[[None] + opts for opts in group]):
+            if all(p is None for p in pick):
+                continue
+            trial = {k: (m.copy(), e.copy()) for k, (m, e) in forced.items()}
+            for opt in pick:
+                if opt is None:
+                    continue
+                name, at, lead, alt = opt
+                m = np.zeros(lead, bool)
+                m[at] = True
+                ex = np.zeros(lead + (len(alt),), np.int64)
+                ex[at] = alt
+                _forced_add(trial, name, m, ex)
+            new = substitute(kind, params, expected, conditioner.recompute(trial), trial)
+            res.recomputations += 1
+            err = at_error(new, chain, row, pos)
+            if err < best_err:
+                best, best_err = (trial, new), err
+        if best is not None:
             forced.clear()
-            forced.update(trial)
-            cur = new
-            res.source = "inferred from the logits"
+            forced.update(best[0])
+            cur = best[1]
+        res.source = "inferred from the logits"
         taint = fresh(cur, assume={n: _not_done(n, done, taint, cur) for n, _ in outputs
                                    if n.endswith("topk_idx")})
-    if res.source is None:
-        res.source = "inferred from the logits"
     return taint, cur
 
 
 def _not_done(name, done, taint, exp):
+    """The tokens of a routing output whose near-tie was not tried (still assumed)."""
     lead = np.shape(taint_cut(taint, exp[name]))[:-1]
     m = np.ones(lead, bool)
-    for n, at in done:
+    for n, at, _ in done:
         if n == name:
             m[at] = False
     return m
