@@ -46,6 +46,8 @@ class RefimplAdapter:
 
     def __init__(self, precision: str = "float32", mutant=None):
         self.precision, self.mutant = precision, mutant
+        # the profile that emulates this candidate's mode (oracles check picks it by default)
+        self.mode = precision if precision != "float64" else "float32"
 
     def supports(self, case):
         from .cases import KINDS

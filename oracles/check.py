@@ -403,15 +403,26 @@ STATUSES = ("pass", "fail", "missing", "error", "inconclusive", "skip", "not_fol
 def run_check(golden_path: str, candidate, profile: str = "float32", only: str | None = None,
               repro_base: str | None = None, progress=None, expect_digest: str | None = None,
               allow_empty: bool = False, allow_inconclusive: bool = False,
-              min_compared: float = MIN_COMPARED, conditioner=None) -> dict:
+              min_compared: float = MIN_COMPARED, conditioner=None, mode: str | None = None,
+              any_profile: bool = False) -> dict:
     """Check every case (matching `only`) -> the report (a JSON-able dict). ok is False when a
     case fails, is missing or errs, when one is inconclusive (unless allow_inconclusive), and
     when no required output was compared at all (unless allow_empty). conditioner(entry,
     load, expected) -> a conditioned.Conditioner or None: the expected values follow the candidate's
     routing where it resolved a forgiven near-tie the other way (conditioned.conditioner_for,
-    which `oracles check` passes; it runs refimpl's forward pass)."""
+    which `oracles check` passes; it runs refimpl's forward pass). mode: the profile that
+    emulates the mode the candidate ran in (engine.json, the adapter's `mode`), when known: a
+    profile emulating FP8 weights or an FP8 KV cache the run did not have is refused unless
+    any_profile, and the report says how the profile relates to the mode (profiles.py)."""
+    from .profiles import refused, relation
+
     if profile not in tolerance.PROFILES:
         raise OraclesError(f"profile {profile!r} is not one of {', '.join(tolerance.PROFILES)}")
+    why = refused(profile, mode)
+    if why and not any_profile:
+        raise OraclesError(f"--profile {profile}: {why}; check it with --profile {mode} (the "
+                           "profile of its mode), or pass --any-profile to judge it anyway "
+                           "(the report then says it is not this run's verdict)")
     golden = Golden(golden_path, expect_digest=expect_digest)
     entries = [e for e in golden.manifest["cases"] if matches(e["id"], only)]
     if not entries:
@@ -443,13 +454,17 @@ def run_check(golden_path: str, candidate, profile: str = "float32", only: str |
         notes.append("nothing was checked: no case compared a required output ("
                       + ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s]) + ")"
                       + ("" if allow_empty else "; pass --allow-empty to accept that"))
+    versus = relation(profile, mode)
+    if versus and profile != mode:
+        notes.append(f"profile {profile}: {versus}")
     if counts["inconclusive"]:
         notes.append(f"{counts['inconclusive']} case(s) inconclusive: too few positions compared"
                      + ("" if allow_inconclusive else "; pass --allow-inconclusive to accept that"))
     return {"golden": golden_path, "suite": golden.manifest.get("suite"),
             "suite_digest": golden.digest, "candidate": candidate.label,
             "profile": profile, "counts": counts, "checked_outputs": checked, "ok": ok,
-            "conditioning": conditioner is not None,
+            "conditioning": conditioner is not None, "mode": mode,
+            **({"profile_vs_mode": versus} if versus else {}),
             "min_compared": min_compared, "notes": notes,
             "conventions": conventions_summary(results), "cases": results}
 

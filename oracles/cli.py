@@ -71,7 +71,11 @@ def _parser():
     c.add_argument("candidate", nargs="?", help="directory with cases/<id>/outputs.safetensors")
     c.add_argument("--adapter", help="pkg.module:factory of a Python engine adapter")
     _engine_args(c)
-    c.add_argument("--profile", default="float32")
+    c.add_argument("--profile", help="the tolerance profile (default: the one that emulates the "
+                                      "candidate's recorded mode, else float32)")
+    c.add_argument("--any-profile", action="store_true",
+                   help="judge with a profile that emulates FP8 weights or an FP8 KV cache the run "
+                        "did not have (the report says it is not this run's verdict)")
     c.add_argument("--only", help="comma-separated globs of case ids")
     c.add_argument("--json", dest="json_out", help="write the report as JSON here")
     c.add_argument("--expect-digest", metavar="HEX",
@@ -193,16 +197,22 @@ def cmd_check(args) -> int:
             cand = RecordedSkips(cand, info.pop("skipped"))
     else:
         cand, info, how = _candidate_adapter(args)
+    mode = info.get("mode") if info else getattr(getattr(cand, "adapter", None), "mode", None)
+    mode = mode if isinstance(mode, str) else None
+    from .tolerance import PROFILES
+
+    profile = args.profile or (mode if mode in PROFILES else "float32")
     base = f"oracles check {shlex.quote(args.golden)} {how}" + (
-        " --no-conditioning" if args.no_conditioning else "")
+        " --no-conditioning" if args.no_conditioning else "") + (
+        " --any-profile" if args.any_profile else "")
     t = time.perf_counter()
     conditioner = None
     if not args.no_conditioning:
         from .conditioned import conditioner_for as conditioner
-    rep = run_check(args.golden, cand, args.profile, args.only, repro_base=base,
+    rep = run_check(args.golden, cand, profile, args.only, repro_base=base,
                     progress=_progress(args), expect_digest=args.expect_digest,
                     allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive,
-                    conditioner=conditioner)
+                    conditioner=conditioner, mode=mode, any_profile=args.any_profile)
     rep["seconds"] = round(time.perf_counter() - t, 3)
     if info:
         from .engines import label

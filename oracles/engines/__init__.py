@@ -85,8 +85,12 @@ def load_engine(name: str, options: dict):
     except ImportError as e:
         raise OraclesError(f"--engine {name}: cannot import it ({e}); install it with "
                            f"pip install 'deepseek-v3-refimpl[{extra}]'") from None
-    info = {"engine": name, "version": version(dist), "options": adapter.options}
+    from ..profiles import mode_of
+
+    info = {"engine": name, "version": version(dist), "options": adapter.options,
+            "mode": mode_of(name, adapter.options)}
     adapter.info = info
+    adapter.mode = info["mode"]  # the profile that emulates this run (None: no profile does)
     return adapter, info
 
 
@@ -122,7 +126,8 @@ class RecordedSkips:
 
 def read_info(candidate_dir: str) -> dict | None:
     """CANDIDATE/engine.json as `oracles run --engine` wrote it (engine, version, options,
-    skipped: {case id: reason}), or None."""
+    mode: the profile that emulates the run, skipped: {case id: reason}), or None. A file
+    written before runs recorded their mode gets it from the engine and its options."""
     path = os.path.join(candidate_dir, ENGINE_INFO_FILE)
     if not os.path.exists(path):
         return None
@@ -136,7 +141,15 @@ def read_info(candidate_dir: str) -> dict | None:
     skipped = info.get("skipped", {})
     if not isinstance(skipped, dict):
         raise OraclesError(f"{path}: skipped must map case ids to reasons")
-    return {**{k: info.get(k) for k in ("engine", "version", "options")}, "skipped": skipped}
+    from ..profiles import mode_of
+
+    mode = info.get("mode")
+    if "mode" not in info and isinstance(info.get("engine"), str):
+        mode = mode_of(info["engine"], info.get("options") or {})
+    if mode is not None and not isinstance(mode, str):
+        raise OraclesError(f"{path}: mode must be a profile name or null")
+    return {**{k: info.get(k) for k in ("engine", "version", "options")}, "mode": mode,
+            "skipped": skipped}
 
 
 def model_case_support(case, engine: str):

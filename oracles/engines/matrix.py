@@ -37,11 +37,14 @@ from ..mutants import MUTANTS
 from . import ENGINES, installed, label, load_engine
 from ..emulate import patched
 
-# (engine, options, suite, profiles to check the same outputs against)
+# (engine, options, suite, profiles to check the same outputs against). The first profile is
+# the one that emulates the run's mode (profiles.mode_of); the others are stricter or another
+# mode of the same precision, never one that emulates FP8 weights or an FP8 KV cache the run did
+# not have (profiles.refused; run_one checks both).
 RUNS = [
     ("transformers", {}, "default", ["float32"]),
     ("transformers", {}, "engine", ["float32"]),
-    ("transformers", {"dtype": "bfloat16"}, "default", ["bf16", "bf16_f32_experts", "fp8", "float32"]),
+    ("transformers", {"dtype": "bfloat16"}, "default", ["bf16", "bf16_f32_experts", "float32"]),
     ("mlx", {}, "default", ["float32"]),
     ("mlx", {}, "engine", ["float32"]),
     ("mlx", {"dtype": "bfloat16", "expert_dtype": "float32"}, "default",
@@ -51,7 +54,7 @@ RUNS = [
     ("llama.cpp", {"kv_cache_dtype": "f32"}, "default", ["float32"]),
     ("llama.cpp", {"kv_cache_dtype": "f16"}, "engine", ["f16_kv", "float32"]),
     ("vllm", {}, "engine", ["float32"]),
-    ("vllm", {"dtype": "bfloat16"}, "engine", ["bf16", "fp8", "float32"]),
+    ("vllm", {"dtype": "bfloat16"}, "engine", ["bf16", "float32"]),
 ]
 
 
@@ -162,10 +165,34 @@ class _Catching:
             return {}
 
 
+def compared_fractions(rep) -> dict:
+    """The distribution of the compared fraction over a report's decided model cases (PASS,
+    FAIL, INCONCLUSIVE): how much of each case was judged."""
+    fr = sorted(r["compared"]["fraction"] if "compared" in r else 1.0 for r in rep["cases"]
+                if r["status"] in ("pass", "fail", "inconclusive") and r.get("kind") not in
+                COMPONENT_KINDS)
+    if not fr:
+        return {"cases": 0}
+    return {"cases": len(fr), "min": round(fr[0], 3), "p10": round(fr[int(0.1 * (len(fr) - 1))], 3),
+            "median": round(fr[len(fr) // 2], 3), "below_0.9": sum(f < 0.9 for f in fr),
+            "conditioned": sum(bool(r.get("conditioned")) for r in rep["cases"])}
+
+
+COMPONENT_KINDS = ("rms_norm", "yarn_tables", "rope_apply", "mla", "mla_decode", "gate", "moe",
+                   "fp8_dequant", "fp8_quant", "fp8_act_quant", "training")
+
+
 def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
     """Run one engine configuration over one suite -> one row per profile."""
     from ..adapters import write_outputs
+    from ..conditioned import conditioner_for
+    from ..profiles import mode_of, refused, relation
 
+    mode = mode_of(engine, options)
+    bad = [p for p in profiles if refused(p, mode)]
+    if profiles[0] != mode or bad:
+        raise OraclesError(f"RUNS: {engine} {options}: the first profile must be its mode "
+                           f"({mode}) and none may emulate FP8 it did not have ({bad})")
     adapter, info = load_engine(engine, dict(options))
     adapter = _Catching(adapter)
     cand_dir = os.path.join(work, f"{engine}-{suite}-" + "-".join(f"{k}{v}" for k, v in sorted(options.items())))
@@ -176,7 +203,8 @@ def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
     rows = []
     own_mode_passed = None  # cases that pass the first profile (the one emulating this mode)
     for profile in profiles:
-        rep = run_check(golden_dir, RecordedSkips(DirCandidate(cand_dir), skipped), profile)
+        rep = run_check(golden_dir, RecordedSkips(DirCandidate(cand_dir), skipped), profile,
+                        conditioner=conditioner_for, mode=mode)
         if own_mode_passed is None:
             own_mode_passed = {r["id"] for r in rep["cases"] if r["status"] == "pass"}
         failures, precision_only = [], []
@@ -203,7 +231,10 @@ def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
             failures.append(f)
         c = rep["counts"]
         rows.append({"engine": engine, "version": info["version"], "options": info["options"],
-                     "suite": suite, "profile": profile,
+                     "suite": suite, "profile": profile, "mode": mode,
+                     "vs_mode": "matches" if profile == mode else relation(profile, mode).split(" ")[0].lower(),
+                     "compared": compared_fractions(rep),
+                     "inconclusive_cases": [r["id"] for r in rep["cases"] if r["status"] == "inconclusive"],
                      "date": datetime.date.today().isoformat(),
                      "passed": c["pass"], "failed": c["fail"] + c.get("missing", 0),
                      "inconclusive": c.get("inconclusive", 0), "skipped": c["skip"],
@@ -234,6 +265,33 @@ def _collapse(reasons):
     return rest
 
 
+def _vs(r) -> str:
+    """The profile against the run's mode: "its mode", "stricter", "looser" or "same precision"."""
+    from ..profiles import mode_of
+
+    mode = r.get("mode") or mode_of(r["engine"], r["options"])
+    if mode is None:
+        return "no profile emulates it"
+    if r["profile"] == mode:
+        return "its mode"
+    return {"stricter": "stricter", "looser": "looser", "another": "same precision"}.get(
+        r.get("vs_mode") or _word(r["profile"], mode), "other")
+
+
+def _word(profile, mode):
+    from ..profiles import relation
+
+    return relation(profile, mode).split(" ")[0].lower()
+
+
+def keep_row(r) -> bool:
+    """A dated row is kept only if its profile may judge the run it was made from: never one
+    that emulates FP8 weights or an FP8 KV cache the run did not have (profiles.refused)."""
+    from ..profiles import mode_of, refused
+
+    return refused(r["profile"], r.get("mode") or mode_of(r["engine"], r["options"])) is None
+
+
 def render(rows: list[dict]) -> str:
     out = ["# Engine matrix", "",
            "Real engines run over the golden suites by their built-in adapters "
@@ -255,11 +313,11 @@ def render(rows: list[dict]) -> str:
            "engine's logits are compared with refimpl run with each mutant and known engine "
            "behaviour (oracles/engines/matrix.py), and the source line is the engine's code that "
            "does it.", "",
-           "| engine | version | options | suite | profile | passed | failed | inconclusive | skipped | run on |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| engine | version | options | suite | profile | vs. its mode | passed | failed | inconclusive | skipped | run on |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['engine']} | {r['version']} | {_opts(r['options'])} | {r['suite']} | "
-                   f"{r['profile']} | {r['passed']} | {r['failed']} | {r['inconclusive']} | "
+                   f"{r['profile']} | {_vs(r)} | {r['passed']} | {r['failed']} | {r['inconclusive']} | "
                    f"{r['skipped']} | {r['date']} |")
     out += ["", "## Failures", ""]
     any_fail = False
@@ -340,7 +398,7 @@ def main(argv=None) -> int:
                         generate(suites[suite], suite)
                 print(f"running {engine} {_opts(options)} on {suite} ...", file=sys.stderr, flush=True)
                 rows += run_one(engine, options, suite, profiles, suites[suite], work)
-        kept = [r for r in old if r["engine"] not in wanted]
+        kept = [r for r in old if r["engine"] not in wanted and keep_row(r)]
         order = {e: i for i, e in enumerate(ENGINES)}
         rows = sorted(kept + rows, key=lambda r: order.get(r["engine"], 99))
         with open(data + ".tmp", "w", encoding="utf-8") as f:
