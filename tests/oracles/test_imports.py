@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 FORWARD = ("refimpl.model", "refimpl.mla", "refimpl.moe", "refimpl.mtp", "oracles.cases",
-           "oracles.emulate", "oracles.mutants", "oracles.suites")
+           "oracles.conditioned", "oracles.emulate", "oracles.mutants", "oracles.suites")
 
 CHECK_A_SUITE = """
 import json, sys
