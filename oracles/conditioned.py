@@ -19,7 +19,7 @@ import contextlib
 
 import numpy as np
 
-from refimpl import moe, mtp, names
+from refimpl import generate, moe, mtp, names
 
 from . import taint as taint_mod
 from .cases import KINDS, _model, routing_margin
@@ -27,7 +27,8 @@ from .emulate import prepared
 from .scenarios import request_tokens
 
 KINDS_CONDITIONED = ("prefill", "decode", "mtp_prefill", "mtp_module", "schedule",
-                     "mtp_speculation", "gate", "moe")
+                     "mtp_speculation", "gate", "moe", "greedy", "speculative")
+STREAM_KINDS = ("greedy", "speculative", "mtp_speculation")
 
 
 class Conditioner:
@@ -187,6 +188,27 @@ class Conditioner:
                         lambda n, v: out.__setitem__(n, v), forced=self._forced_flat(forced))
         out["out"] = y
         return out
+
+    # ---- a token stream that went another way at a near-tie ---------------------------------
+
+    def restream(self, head):
+        """The expected stream after the candidate's first `len(head)` tokens `head`: plain
+        greedy decoding continued from the prompt and head (float64), and each step's logit
+        margin (the best against the second-best logit). -> (tokens [1, n], margins [1, n])"""
+        if self.case.kind not in STREAM_KINDS:
+            raise ValueError(f"kind {self.case.kind!r} has no token stream")
+        self.recomputations += 1
+        head = [int(t) for t in np.asarray(head).reshape(-1)]
+        with self._context() as work:
+            model = self.model(work)
+            prompt = np.asarray(work.inputs["input_ids"], np.int64)[0]
+            n = work.params["max_new_tokens"]
+            stream = head + generate.greedy(model, np.concatenate([prompt, np.array(head, np.int64)]),
+                                            n - len(head))
+            ids = np.concatenate([prompt, np.array(stream[:-1], np.int64)])[None, :]
+            logits = np.asarray(model.forward(ids))[:, len(prompt) - 1:]
+        top2 = -np.sort(-logits, axis=-1)[..., :2]
+        return np.array([stream], np.int64), top2[..., 0] - top2[..., 1]
 
     # ---- the runner-up choice of a near-tie (logits-only candidates) ---------------------------
 

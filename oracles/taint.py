@@ -404,6 +404,37 @@ def substitute(kind, params, expected: dict, new: dict, forced: dict) -> dict:
     return out
 
 
+def _restream(res, expected, cand, tols_all, conditioner, kind) -> dict:
+    """A token stream that parts from the expected one at a forgiven near-tie of the logits is
+    compared on against the reference continued from the candidate's own tokens (greedy from
+    the prompt and them), parting after parting, until it parts where no rounding explains it
+    or not at all (at most MAX_RECOMPUTATIONS). A speculation case's traces then follow the
+    candidate's stream (recomputed teacher-forced over it)."""
+    if "tokens" not in expected or "tokens_margin" not in expected or "tokens" not in cand:
+        return expected
+    c = np.asarray(cand["tokens"])
+    eps = tols_all.get("tokens", {}).get("logit_eps")
+    if eps is None or c.shape != expected["tokens"].shape or not np.issubdtype(c.dtype, np.integer):
+        return expected
+    e, m = expected["tokens"], expected["tokens_margin"]
+    moved = False
+    while res.recomputations < MAX_RECOMPUTATIONS:
+        differ = np.flatnonzero(c.reshape(-1) != e.reshape(-1))
+        if not len(differ) or not m.reshape(-1)[differ[0]] <= eps:
+            break
+        e, m = conditioner.restream(c.reshape(-1)[: differ[0] + 1])
+        res.recomputations += 1
+        moved = True
+    if not moved:
+        return expected
+    res.source = "the candidate's token stream"
+    out = {**expected, "tokens": e, "tokens_margin": m}
+    if kind == "mtp_speculation":
+        conditioner.tokens = e
+        out.update({k: v for k, v in conditioner.recompute({}).items() if k in expected and k != "tokens"})
+    return out
+
+
 def _forced_add(forced, name, mask, experts):
     old = forced.get(name)
     if old is not None:
@@ -430,8 +461,11 @@ def settle(kind, outputs, expected: dict, cand: dict, tols_all: dict, params=Non
         collect(t, outputs, exp, cand, tols_all, explain, assume)
         return t
 
+    res = Settled(None, expected)
+    if conditioner is not None and hasattr(conditioner, "restream"):
+        expected = _restream(res, expected, cand, tols_all, conditioner, kind)
     taint = fresh(expected)
-    res = Settled(taint, expected)
+    res.taint, res.expected = taint, expected
     if conditioner is None or not taint.flips and not taint.unexplained:
         return res
     forced, unexplained, cur = {}, {}, expected

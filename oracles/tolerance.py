@@ -65,16 +65,35 @@ def _flipped_margin(c_idx, e_idx, margin) -> float:
 
 
 def conditioned_truth(kind, params, truth: dict, aux: dict, emulated: dict, conditioner,
-                      exact_ties: str = "forgiven") -> dict:
+                      exact_ties: str = "forgiven") -> tuple[dict, list]:
     """The truth (with its margins) recomputed with every routing choice of the emulated run
-    that differs from it forced (conditioned.Conditioner): what the checker, conditioning on
-    that run's routing, compares it against. Exact ties are not forced where the case decides
-    them (exact_ties "decided")."""
+    that differs from it forced (conditioned.Conditioner), and its token stream (if any)
+    continued from the run's own tokens at each parting: what the checker, conditioning on that
+    run, compares it against. -> (that, the logit margins at the stream's partings). Exact ties
+    are not forced where the case decides them (exact_ties "decided")."""
     expected = {**truth, **aux}
+    partings = []
+    if "tokens" in truth and "tokens_margin" in aux and hasattr(conditioner, "restream"):
+        # a stream that parts at a near-tie is compared on against the reference continued from
+        # the candidate's tokens (taint._restream): the margins at its partings, as judged there
+        c = np.asarray(emulated["tokens"])
+        e, m = truth["tokens"], aux["tokens_margin"]
+        for _ in range(taint_mod.MAX_RECOMPUTATIONS):
+            differ = np.flatnonzero(c.reshape(-1) != np.asarray(e).reshape(-1))
+            if not len(differ):
+                break
+            partings.append(float(np.asarray(m).reshape(-1)[differ[0]]))
+            e, m = conditioner.restream(c.reshape(-1)[: differ[0] + 1])
+        if partings:
+            expected.update(tokens=e, tokens_margin=m)
+            if kind == "mtp_speculation":
+                conditioner.tokens = e
+                expected.update({k: v for k, v in conditioner.recompute({}).items()
+                                 if k in expected and k != "tokens"})
     t = taint_mod.Taint(kind, list(truth), params)
     if "tokens" in truth and "tokens_margin" in aux:  # the stream: its own cut (Taint.stream)
-        v = metrics.tokens(emulated["tokens"], truth["tokens"], aux["tokens_margin"], np.inf)
-        t.stream(emulated["tokens"], truth["tokens"], v["compared"])
+        v = metrics.tokens(emulated["tokens"], expected["tokens"], expected["tokens_margin"], np.inf)
+        t.stream(emulated["tokens"], expected["tokens"], v["compared"])
     forced = {}
     for name, e in truth.items():
         margin = aux.get(name[: -len("topk_idx")] + "topk_margin")
@@ -87,8 +106,8 @@ def conditioned_truth(kind, params, truth: dict, aux: dict, emulated: dict, cond
         if f.any():
             forced[name] = (f.reshape(e.shape[:-1]), np.asarray(c))
     if not forced:
-        return expected
-    return taint_mod.substitute(kind, params, expected, conditioner.recompute(forced), forced)
+        return expected, partings
+    return taint_mod.substitute(kind, params, expected, conditioner.recompute(forced), forced), partings
 
 
 def calibrate(truth: dict, aux: dict, emulated: dict, profile: str, causal: bool = False,
@@ -106,8 +125,10 @@ def calibrate(truth: dict, aux: dict, emulated: dict, profile: str, causal: bool
     fl = FLOORS[profile]
     kind = kind or ("prefill" if causal else "gate")
     expected = {**truth, **aux}
+    partings = []
     if conditioner is not None:
-        expected = conditioned_truth(kind, params, truth, aux, emulated, conditioner, exact_ties)
+        expected, partings = conditioned_truth(kind, params, truth, aux, emulated, conditioner,
+                                               exact_ties)
     ref = {k: expected[k] for k in truth}
     epss = {}
     for name, e in ref.items():
@@ -129,9 +150,10 @@ def calibrate(truth: dict, aux: dict, emulated: dict, profile: str, causal: bool
             eps.update({k: idx_entry[k] for k in ("margin_eps", "exact_ties") if k in idx_entry})
         elif out_kind == "tokens":
             margin = np.asarray(aux["tokens_margin"]).reshape(-1)
-            c1, e1 = c.reshape(-1), e.reshape(-1)
+            c1, e1 = c.reshape(-1), np.asarray(truth[name]).reshape(-1)
             diff = np.nonzero(c1[: len(e1)] != e1)[0]
-            eps["logit_eps"] = max(fl["logit_eps"], 2 * float(margin[diff[0]]) if len(diff) else 0.0)
+            first = [float(margin[diff[0]])] if len(diff) else []
+            eps["logit_eps"] = max([fl["logit_eps"]] + [2 * x for x in first + partings])
         epss[name] = {k: min(v, CEILINGS[k]) if k in CEILINGS and isinstance(v, float) else v
                       for k, v in eps.items()}
     # measured as the checker measures: against the conditioned truth (every position), and
