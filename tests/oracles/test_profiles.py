@@ -1,0 +1,103 @@
+"""Profiles match the mode that ran (oracles/profiles.py): an engine's mode from its options,
+the default profile of `oracles check`, the labels of a stricter or looser profile, and no FP8
+profile as the verdict of a run without FP8."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from oracles import golden, profiles
+from oracles.engines import matrix, read_info
+from refimpl.checkpoint import write_safetensors
+from tests.helpers import run_main
+
+
+@pytest.mark.parametrize("engine, options, mode", [
+    ("transformers", {"dtype": "float32"}, "float32"),
+    ("transformers", {"dtype": "bfloat16", "kv_cache_dtype": "auto"}, "bf16"),
+    ("transformers", {"dtype": "float16"}, None),
+    ("mlx", {"dtype": "bfloat16", "expert_dtype": "float32"}, "bf16_f32_experts"),
+    ("mlx", {"dtype": "bfloat16", "expert_dtype": "same"}, "bf16"),
+    ("llama.cpp", {"dtype": "float32", "kv_cache_dtype": "f16"}, "f16_kv"),
+    ("llama.cpp", {"dtype": "float32", "kv_cache_dtype": "f32"}, "float32"),
+    ("llama.cpp", {"dtype": "float32", "kv_cache_dtype": "q8_0"}, None),
+    ("vllm", {"dtype": "bfloat16", "kv_cache_dtype": "auto"}, "bf16"),
+    ("vllm", {"dtype": "bfloat16", "kv_cache_dtype": "fp8"}, "fp8_kv"),
+    ("vllm", {"dtype": "float32", "kv_cache_dtype": "auto"}, "float32"),
+])
+def test_the_mode_of_an_engine_run(engine, options, mode):
+    assert profiles.mode_of(engine, options) == mode
+
+
+def test_fp8_profiles_are_refused_for_runs_without_fp8():
+    assert profiles.refused("fp8", "bf16") and "FP8 weights" in profiles.refused("fp8", "bf16")
+    assert profiles.refused("fp8_kv", "bf16") and "FP8 KV cache" in profiles.refused("fp8_kv", "bf16")
+    assert profiles.refused("fp8", "fp8_kv")  # an FP8 cache is not FP8 weights
+    assert profiles.refused("fp8", "fp8") is None and profiles.refused("bf16", "fp8") is None
+    assert profiles.refused("fp8", None) is None  # nothing known about the run
+    assert profiles.relation("float32", "bf16").startswith("STRICTER")
+    assert profiles.relation("bf16", "f16_kv").startswith("LOOSER")
+    assert profiles.relation("bf16", "bf16_f32_experts").startswith("another mode")
+    assert profiles.relation("bf16", None) is None
+
+
+def test_the_matrix_checks_each_run_against_its_mode_and_no_fp8_it_did_not_have():
+    for engine, options, _, profs in matrix.RUNS:
+        mode = profiles.mode_of(engine, options)
+        assert profs[0] == mode, (engine, options)
+        assert not [p for p in profs if profiles.refused(p, mode)], (engine, options)
+    old = {"engine": "vllm", "options": {"dtype": "bfloat16", "kv_cache_dtype": "auto"}, "profile": "fp8"}
+    assert not matrix.keep_row(old) and matrix.keep_row({**old, "profile": "bf16"})
+
+
+def _engine_run(default_dir, tmp_path, info):
+    """A file-route candidate recorded as a bf16 engine run: the golden's own logits."""
+    cid = "model.prefill.tiny"
+    g = golden.Golden(default_dir)
+    d = tmp_path / "cand" / "cases" / cid
+    os.makedirs(d)
+    write_safetensors(str(d / "outputs.safetensors"), {"logits": np.array(g.expected(cid)["logits"])})
+    with open(tmp_path / "cand" / "engine.json", "w") as f:
+        json.dump({**info, "skipped": {}}, f)
+    return str(tmp_path / "cand"), cid
+
+
+def test_check_takes_the_profile_of_the_recorded_mode_and_labels_another(default_dir, tmp_path):
+    info = {"engine": "vllm", "version": "0.32.0", "options": {"dtype": "bfloat16", "kv_cache_dtype": "auto"},
+            "mode": "bf16"}
+    cand, cid = _engine_run(default_dir, tmp_path, info)
+    rep_path = tmp_path / "r.json"
+    rc, out, _ = run_main("check", default_dir, cand, "--only", cid, "--json", rep_path, module="oracles")
+    rep = json.load(open(rep_path))
+    assert rc == 0 and rep["profile"] == "bf16" and rep["mode"] == "bf16"
+    assert rep["profile_vs_mode"].startswith("the bf16 profile emulates")
+    # a stricter profile: labelled in the notes, the JSON and the HTML page
+    html = tmp_path / "r.html"
+    rc, out, _ = run_main("check", default_dir, cand, "--only", cid, "--profile", "float32",
+                          "--json", rep_path, "--html", html, module="oracles")
+    rep = json.load(open(rep_path))
+    assert rep["profile_vs_mode"].startswith("STRICTER") and "STRICTER than this run's mode (bf16)" in out
+    assert "STRICTER than this run" in open(html).read()
+    # an FP8 profile for a run without FP8: refused, or labelled as not this run's verdict
+    rc, out, err = run_main("check", default_dir, cand, "--only", cid, "--profile", "fp8", module="oracles")
+    assert rc == 2 and "FP8 weights" in err and "--profile bf16" in err and len(err.strip().splitlines()) == 1
+    rc, out, _ = run_main("check", default_dir, cand, "--only", cid, "--profile", "fp8", "--any-profile",
+                          "--json", rep_path, module="oracles")
+    assert "not this run's verdict" in json.load(open(rep_path))["profile_vs_mode"]
+    assert "LOOSER" in out
+
+
+def test_an_engine_json_written_before_modes_gets_its_mode_from_the_options(default_dir, tmp_path):
+    cand, _ = _engine_run(default_dir, tmp_path, {"engine": "mlx", "version": "0.32.2",
+                                                  "options": {"dtype": "bfloat16", "expert_dtype": "float32"}})
+    assert read_info(cand)["mode"] == "bf16_f32_experts"
+
+
+def test_an_adapter_says_its_mode(default_dir, tmp_path):
+    rep_path = tmp_path / "r.json"
+    run_main("check", default_dir, "--adapter", "oracles.adapters:refimpl_bf16", "--only",
+             "model.prefill.tiny", "--json", rep_path, module="oracles")
+    rep = json.load(open(rep_path))
+    assert rep["profile"] == rep["mode"] == "bf16"
