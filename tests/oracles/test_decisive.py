@@ -193,3 +193,44 @@ def test_a_logits_only_bf16_run_is_decided_by_inferring_its_routing(default_dir)
     rep = run_check(default_dir, AdapterCandidate(_LogitsOnly(buggy), "bug", 0), "bf16",
                     only="model.prefill.tiny,model.prefill.mscale_differs", conditioner=conditioner_for)
     assert rep["counts"]["fail"] == 2
+
+
+@pytest.mark.parametrize("cid, name, at", [
+    ("model.prefill.tiny", "layers.1.topk_idx", (1, 4)),
+    ("model.decode.start5", "layers.1.topk_idx", (0, 1)),
+    ("mtp_prefill.depth2", "layers.2.topk_idx", (0, 2)),
+    ("mtp_prefill.depth2", "mtp.1.layer.topk_idx", (0, 1)),
+    ("scenario.prefix_cache.small", "request.0.layers.1.topk_idx", (0, 3)),
+])
+def test_a_forced_token_changes_the_reference_only_where_the_taint_says(default_dir, cid, name, at):
+    """The dataflow rule (taint.Layout) against refimpl itself: the reference recomputed with one
+    token forced elsewhere changes nowhere the rule does not leave out, and does change the
+    forced token's own outputs."""
+    from oracles.taint import Taint
+
+    g = golden.Golden(default_dir)
+    exp = g.expected(cid)
+    cond = conditioner_for(g.cases[cid], lambda: g.load_case(cid), exp)
+    mine = set(exp[name][at].tolist())
+    other = [e for e in range(64) if e not in mine][: len(mine)]
+    lead = exp[name].shape[:-1]
+    mask = np.zeros(lead, bool)
+    mask[at] = True
+    experts = np.zeros(lead + (len(mine),), np.int64)
+    experts[at] = other
+    new = cond.recompute({name: (mask, experts)})
+    taint = Taint(g.cases[cid]["kind"], list(exp), g.cases[cid]["params"])
+    taint.add(name, mask, mask)
+    for k, e in exp.items():
+        if k not in new or k.endswith(("_margin", "tokens")) or e.ndim < 2:
+            continue
+        diff = np.abs(np.asarray(new[k], np.float64) - e) > 1e-9 * max(float(np.max(np.abs(e))), 1e-300)
+        changed = diff.reshape(*e.shape[:2], -1).any(-1)
+        m = taint.mask(k, e.shape[:2])
+        allowed = np.zeros(e.shape[:2], bool) if m is None else m
+        if k == name:
+            allowed[at] = True  # the forced token itself
+        assert not (changed & ~allowed).any(), (k, np.argwhere(changed & ~allowed))
+    stem = name[: -len("topk_idx")]
+    assert sorted(new[name][at].tolist()) == sorted(other)
+    assert not np.allclose(new[stem + "hidden"][at], exp[stem + "hidden"][at])
