@@ -307,9 +307,14 @@ def render(rows: list[dict]) -> str:
            "kernel takes only the real latent width) and has no FP8 KV cache on a CPU, so the "
            "fp8_kv profile has no real-engine row yet.", "",
            "It runs the engines installed in that interpreter and keeps the dated rows of the "
-           "others (the rows are also in `docs/engines.json`). The first profile of each "
-           "configuration is the one that emulates its mode; the others show what a stricter or "
-           "different profile says of the same outputs. A failure's diagnosis is computed: the "
+           "others (the rows are also in `docs/engines.json`, with each row's distribution of "
+           "compared fractions: `python benchmarks/compared_fraction.py` prints them). The first "
+           "profile of each configuration is the one that emulates its mode (`vs. its mode`, "
+           "oracles/profiles.py): its verdict is the run's. The others show what a stricter profile "
+           "or another mode of the same precision says of the same outputs; no row judges a run "
+           "by a profile that emulates FP8 weights or an FP8 KV cache it did not have. The checker "
+           "recomputes the reference on the engine's routing where it resolved a near-tie the "
+           "other way (docs/conformance.md section 3). A failure's diagnosis is computed: the "
            "engine's logits are compared with refimpl run with each mutant and known engine "
            "behaviour (oracles/engines/matrix.py), and the source line is the engine's code that "
            "does it.", "",
