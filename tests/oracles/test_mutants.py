@@ -97,18 +97,23 @@ def test_the_fp8_profile_still_catches_the_mutant(default_dir, name):
 
 
 @pytest.mark.parametrize("name", GATE_PRECISION)
-def test_gate_precision_mutants_pass_the_bf16_and_fp8_profiles(default_dir, name):
-    """...except where the gate logits are below -88: scores of e^-93 rounded to bf16 (a
-    subnormal spacing of 9e-41) lose every digit, and the whole-bf16 gate renormalises 0/0."""
+def test_gate_precision_mutants_fail_the_bf16_and_fp8_profiles_where_they_move_a_near_tie(default_dir, name):
+    """A gate in bf16 (or its bias) rounds the router scores beyond what the profiles' router
+    arithmetic allows (float32 on the bf16-rounded weight, oracles/routing.py): a near-tie it
+    resolves the other way is not explained by its own router input and fails at topk_idx; the
+    cases where it moves no near-tie pass. gate.logits_below_88: scores of e^-93 rounded to bf16
+    lose every digit, and the whole-bf16 gate renormalises 0/0 (NaN)."""
     for profile in ("bf16", "fp8"):
         rep = run_check(default_dir, load_adapter(f"oracles.mutants:{name}"), profile,
                         allow_inconclusive=True)
         failed = {r["id"]: r for r in rep["cases"] if r["status"] == "fail"}
-        if name == "bf16_gate":
-            assert list(failed) == ["gate.logits_below_88"], profile
-            assert "NaN" in failed["gate.logits_below_88"]["reason"]
-        else:
-            assert rep["ok"] and rep["counts"]["fail"] == 0, profile
+        assert "model.prefill.negative_biased" in failed and not rep["ok"], profile
+        for cid, r in failed.items():
+            if cid == "gate.logits_below_88":
+                assert name == "bf16_gate" and "NaN" in r["reason"]
+            else:
+                assert r["first_failure"].endswith("topk_idx"), (profile, cid, r["reason"])
+        assert rep["counts"]["pass"] > 5 * len(failed), profile
 
 
 def test_an_allowed_alternative_passes_the_default_suite_where_it_chooses_differently(default_dir):
