@@ -3,7 +3,7 @@
 weights read, FLOPs, and the time each implies on one H200 (weights streamed from the host) and
 on an 8 x H200 node (layers placed across the GPUs, activations passed between them).
 
-Everything is counted from the config and the tensor plan (refimpl.checkpoint.tensor_plan), so
+Everything is counted from the config and the tensor plan (refimpl.layout.tensor_plan), so
 the parameter totals are exactly SPEC.md section 8's. The hardware numbers are assumptions,
 each a flag; the defaults are the H200 datasheet (141 GB HBM3e at 4.8 TB/s), PCIe Gen5 x16 at a
 practical 50 GB/s host to device, NVLink 4 at 450 GB/s per direction per GPU, and matrix rates
@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from refimpl import Config  # noqa: E402
-from refimpl.checkpoint import tensor_plan  # noqa: E402
+from refimpl.layout import tensor_plan  # noqa: E402
 
 FP8_BLOCK = 128
 

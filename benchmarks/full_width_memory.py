@@ -36,8 +36,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import refimpl  # noqa: E402
 from refimpl import fp8  # noqa: E402
-from refimpl.checkpoint import (Checkpoint, random_tensor, stored_entries, tensor_plan,  # noqa: E402
-                                write_checkpoint)
+from refimpl.checkpoint import Checkpoint
+from refimpl.layout import stored_entries, tensor_plan
+from refimpl.writer import random_tensor, write_checkpoint
 from refimpl.memory import format_bytes, parse_memory, peak_rss  # noqa: E402
 from refimpl.generate import Drafter, verify  # noqa: E402
 
@@ -71,7 +72,7 @@ def build(out: str, cfg: refimpl.Config, shards: int) -> float:
         if dtypes[name] in ("F8_E4M3",) or name.endswith("_scale_inv"):
             return pooled(name)
         a = random_tensor(name, shapes[name], seed=0)
-        return a.astype(refimpl.checkpoint.DTYPES[dtypes[name]])
+        return a.astype(refimpl.layout.DTYPES[dtypes[name]])
 
     t0 = time.perf_counter()
     write_checkpoint(out, cfg, entries, produce, shards=shards, store_dtype="bfloat16",

@@ -25,7 +25,15 @@ import time
 from refimpl.atomic import atomic_directory, check_destination, write_text
 from refimpl.errors import RefimplError, printable
 
-from .untrusted import escape
+from . import OraclesError, engines
+from .checking import candidates, report_html
+from .checking.check import run_check
+from .checking.report import format_report
+from .format.tolerances import PROFILES
+from .format.untrusted import escape
+
+# The authoring layer (suites, case kinds, the writer) runs refimpl's forward pass: `list` and
+# `generate` import it when they run, so that checking a suite never loads it.
 
 
 def _progress(args):
@@ -114,24 +122,19 @@ def _candidate_adapter(args):
     """--adapter or --engine (exactly one) -> (AdapterCandidate, engine info or None, repro).
     The adapter (an engine included) is built on the candidate's worker thread, where every
     later call runs, under --case-timeout."""
-    from . import OraclesError
-    from .adapters import load_adapter, make_candidate
-
     if args.adapter and args.engine:
         raise OraclesError("give --adapter or --engine, not both")
     if args.engine_option and not args.engine:
         raise OraclesError("--engine-option needs --engine")
     if args.adapter:
-        return load_adapter(args.adapter, args.case_timeout), None, f"--adapter {args.adapter}"
-    from . import engines
-
+        return candidates.load_adapter(args.adapter, args.case_timeout), None, f"--adapter {args.adapter}"
     options = engines.parse_options(args.engine_option)
     built = {}
 
     def factory():
         built["adapter"], built["info"] = engines.load_engine(args.engine, options)
         return built["adapter"]
-    cand = make_candidate(factory, f"--engine {args.engine}", args.case_timeout)
+    cand = candidates.make_candidate(factory, f"--engine {args.engine}", args.case_timeout)
     info = built["info"]
     cand.label = engines.label(info)
     repro = f"--engine {shlex.quote(args.engine)}" + "".join(
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
 
 
 def cmd_list(args) -> int:
-    from .suites import SUITE_DOCS, suite_cases
+    from .authoring.suites import SUITE_DOCS, suite_cases
 
     if not args.suite:
         for name, doc in SUITE_DOCS.items():
@@ -161,7 +164,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .golden import generate, suite_size
+    from .authoring.writer import generate, suite_size
 
     t = time.perf_counter()
     m = generate(args.out, args.suite, args.only, progress=_progress(args))
@@ -173,34 +176,26 @@ def cmd_generate(args) -> int:
 
 def _write_json(path, obj, expect=...):
     """The report as JSON, atomically (refimpl.atomic: temporary beside it, then rename)."""
-    from . import OraclesError
-
     write_text(path, json.dumps(obj, indent=1) + "\n", OraclesError, tag="oracles", expect=expect)
 
 
 def cmd_check(args) -> int:
-    from . import OraclesError
-    from .check import DirCandidate, format_report, run_check
-
     if bool(args.candidate) == bool(args.adapter or args.engine):
         raise OraclesError("check needs exactly one of CANDIDATE (a directory), --adapter "
                            "pkg.mod:factory or --engine NAME")
     json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
     html_dest = check_destination(args.html_out, "file", OraclesError) if args.html_out else None
     if args.candidate:
-        from .engines import RecordedSkips, read_info
-
         if args.engine_option:
             raise OraclesError("--engine-option needs --engine")
-        cand, info, how = DirCandidate(args.candidate), read_info(args.candidate), shlex.quote(args.candidate)
+        cand, info = candidates.DirCandidate(args.candidate), engines.read_info(args.candidate)
+        how = shlex.quote(args.candidate)
         if info:
-            cand = RecordedSkips(cand, info.pop("skipped"))
+            cand = engines.RecordedSkips(cand, info.pop("skipped"))
     else:
         cand, info, how = _candidate_adapter(args)
     mode = info.get("mode") if info else getattr(getattr(cand, "adapter", None), "mode", None)
     mode = mode if isinstance(mode, str) else None
-    from .tolerance import PROFILES
-
     profile = args.profile or (mode if mode in PROFILES else "float32")
     base = f"oracles check {shlex.quote(args.golden)} {how}" + (
         " --no-conditioning" if args.no_conditioning else "") + (
@@ -208,46 +203,36 @@ def cmd_check(args) -> int:
     t = time.perf_counter()
     conditioner = None
     if not args.no_conditioning:
-        from .conditioned import conditioner_for as conditioner
+        from .authoring.conditioned import conditioner_for as conditioner
     rep = run_check(args.golden, cand, profile, args.only, repro_base=base,
                     progress=_progress(args), expect_digest=args.expect_digest,
                     allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive,
                     conditioner=conditioner, mode=mode, any_profile=args.any_profile)
     rep["seconds"] = round(time.perf_counter() - t, 3)
     if info:
-        from .engines import label
-
         rep["engine"] = info
-        print(f"engine: {label(info)}")
+        print(f"engine: {engines.label(info)}")
     print(format_report(rep))
     if args.json_out:
         _write_json(args.json_out, rep, expect=json_dest)
     if args.html_out:
-        from .report_html import render
-        write_text(args.html_out, render(rep), OraclesError, tag="oracles", expect=html_dest)
+        write_text(args.html_out, report_html.render(rep), OraclesError, tag="oracles", expect=html_dest)
     return 0 if rep["ok"] else 1
 
 
 def cmd_run(args) -> int:
-    from . import OraclesError
-    from .adapters import write_outputs
-
     if not (args.adapter or args.engine):
         raise OraclesError("run needs --adapter pkg.mod:factory or --engine NAME")
     check_destination(args.out, "directory", OraclesError)  # before the adapter runs
     cand, info, _ = _candidate_adapter(args)
     errors = {}
     with atomic_directory(args.out, OraclesError, tag="oracles") as tmp:  # never merged into
-        skipped = write_outputs(args.golden, cand, tmp, args.only, errors=errors,
+        skipped = candidates.write_outputs(args.golden, cand, tmp, args.only, errors=errors,
                                 expect_digest=args.expect_digest)
         if info:
-            from .engines import write_info
-
-            write_info(tmp, info, skipped)
+            engines.write_info(tmp, info, skipped)
     if info:
-        from .engines import label
-
-        print(f"engine: {label(info)}")
+        print(f"engine: {engines.label(info)}")
     for cid, why in skipped.items():
         print(escape(f"skipped {cid}: {why}"))
     for cid, why in errors.items():

@@ -14,11 +14,14 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    """Model, LatentCache and load import the forward pass (model.py) on first use, so that
-    `import refimpl.config` (or oracles' checker) does not."""
-    if name in ("Model", "LatentCache", "load"):
+    """Model, LatentCache and load import the forward pass (model.py, layer.py) on first use, so
+    that `import refimpl.config` (or oracles' checker) does not."""
+    if name in ("Model", "load"):
         from . import model
         return getattr(model, name)
+    if name == "LatentCache":
+        from . import layer
+        return layer.LatentCache
     raise AttributeError(f"module 'refimpl' has no attribute {name!r}")
 
 

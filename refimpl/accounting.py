@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 
-from .checkpoint import STORAGE_BYTES, layer_of, layer_plan, storage_plan, tensor_plan
+from .layout import STORAGE_BYTES, layer_plan, storage_plan, tensor_plan
+from .names import layer_of
 from .config import Config
 
 CONTEXT_128K = 128 * 1024  # tokens in a "128K" context

@@ -11,8 +11,17 @@ import tempfile
 
 import numpy as np
 
+from . import accounting
+from .atomic import atomic_file, check_destination
 from .backend import to_numpy
-from .errors import InputError, RefimplError, printable
+from .checkpoint import Checkpoint
+from .config import Config
+from .errors import CheckpointError, InputError, RefimplError, printable
+from .generate import decode, greedy
+from .layout import STORAGE_BYTES, stored_entries, tensor_plan
+from .memory import parse_memory
+from .model import load
+from .writer import make_checkpoint, shard_entries
 
 MAX_SEED = 2 ** 63 - 1
 TEMPERATURE_RANGE = (1e-6, 1e6)  # besides 0 (greedy): softmax(logits / T) stays finite
@@ -168,21 +177,15 @@ def _load_tokens(path: str) -> np.ndarray:
 
 def _save_npy(path: str, a: np.ndarray, expect=...) -> None:
     """np.save atomically: a temporary name beside `path`, then rename (refimpl.atomic)."""
-    from .atomic import atomic_file
-
     with atomic_file(path, InputError, expect=expect) as f:
         np.save(f, a)
 
 
 def _config_from(args):
-    from .config import Config
-
     return Config.from_json(args.config) if getattr(args, "config", None) else Config.preset(args.preset)
 
 
 def cmd_make_checkpoint(args) -> int:
-    from .checkpoint import make_checkpoint, shard_entries, stored_entries, tensor_plan, STORAGE_BYTES
-
     cfg = _config_from(args)
     if args.ue8m0 and not args.fp8:
         raise InputError("--ue8m0 needs --fp8")
@@ -201,8 +204,6 @@ def cmd_make_checkpoint(args) -> int:
         return 0
     if not args.out:
         raise InputError("make-checkpoint needs --out DIR (or --dry-run)")
-    from .atomic import check_destination
-    from .errors import CheckpointError
 
     check_destination(args.out, "directory", CheckpointError)
     bar = None
@@ -230,16 +231,12 @@ def run_logits(model, tokens, incremental: bool) -> np.ndarray:
 
 def _memory_options(args) -> dict:
     """--max-memory and --fp8-activations as load() keywords."""
-    from .memory import parse_memory
-
     mem = None if args.max_memory is None else parse_memory(args.max_memory)
     return {"max_memory": mem, "fp8_activations": args.fp8_activations}
 
 
 def _load_model(args):
     """The checkpoint as the options say, with per-layer progress on a terminal."""
-    from .model import load
-
     model = load(args.checkpoint, dtype=args.dtype, device=args.device, **_memory_options(args))
     if not args.quiet and sys.stderr.isatty():
         from tqdm import tqdm
@@ -249,8 +246,6 @@ def _load_model(args):
 
 
 def cmd_logits(args) -> int:
-    from .atomic import check_destination
-
     dest = check_destination(args.out, "file", InputError)  # before any work
     tokens = _load_tokens(args.tokens)
     model = _load_model(args)
@@ -271,8 +266,6 @@ def _parse_prompt(text: str) -> list[int]:
 
 
 def cmd_generate(args) -> int:
-    from .generate import decode
-
     prompt = _parse_prompt(args.prompt)
     model = _load_model(args)
     model.check_tokens(np.array([prompt]))
@@ -305,11 +298,6 @@ def mtp_summary(rep, vocab_size: int) -> list[str]:
 
 
 def cmd_demo(args) -> int:
-    from .checkpoint import make_checkpoint
-    from .config import Config
-    from .generate import greedy
-    from .model import load
-
     cfg = Config.preset(args.preset)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "model")
@@ -389,10 +377,6 @@ def _print_info(title: str, info: dict) -> None:
 
 
 def cmd_info(args) -> int:
-    from . import accounting
-    from .checkpoint import Checkpoint
-    from .config import Config
-
     if args.checkpoint:
         ckpt = Checkpoint(args.checkpoint)
         cfg, title = ckpt.config, f"checkpoint {printable(args.checkpoint)}"

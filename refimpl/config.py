@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from . import jsonfile
+from .atomic import write_text
 from .errors import ConfigError, printable
 
 _SCORING = ("sigmoid", "softmax")
@@ -269,8 +270,6 @@ class Config:
 
     def to_json(self, path: str | os.PathLike, rope_form: str = "published") -> None:
         """Write config.json atomically (temporary name, then rename)."""
-        from .atomic import write_text
-
         write_text(path, json.dumps(self.to_dict(rope_form), indent=2, allow_nan=False) + "\n",
                    ConfigError)
 

@@ -143,7 +143,7 @@ def quantize_activations(x, block: int = BLOCK):
 @dataclass(frozen=True)
 class BlockFP8:
     """A stored FP8 linear weight kept as it is stored: q [out, in] e4m3fn and scale_inv
-    [ceil(out/128), ceil(in/128)] float32.  ops.linear multiplies it with fp8_gemm."""
+    [ceil(out/128), ceil(in/128)] float32.  ops.linear multiplies it with fp8_gemm (`product`)."""
 
     q: np.ndarray
     scale_inv: np.ndarray
@@ -155,6 +155,10 @@ class BlockFP8:
     @property
     def nbytes(self) -> int:
         return self.q.nbytes + self.scale_inv.nbytes
+
+    def product(self, x) -> np.ndarray:
+        """x W^T through the emulated FP8 GEMM (what ops.linear calls for this weight)."""
+        return fp8_gemm(x, self)
 
 
 def fp8_gemm(x, w: BlockFP8, block: int = BLOCK) -> np.ndarray:

@@ -2,127 +2,33 @@
 head, and on top the MTP modules (Figure 3; their equations are in mtp.py).
 
     h = Emb(tokens)
-    for each layer i:  h = h + MLA(RMSNorm(h));  h = h + FFN_i(RMSNorm(h))     decoder_layer
+    for each layer i:  h = layer.decoder_layer(h)        h + MLA(RMSNorm(h)), then + FFN_i(RMSNorm(h))
     logits = Head(RMSNorm(h))
 
-FFN_i is a dense SwiGLU in the first first_k_dense_replace layers and DeepSeekMoE after.  The
-math lives in mla.py (attention_block, eqs. 1-11), moe.py (moe_ffn, eqs. 12-16), norm.py,
-rope.py and mtp.py (eqs. 21-23); weights come from weights.WeightStore by their checkpoint names
-(names.py); named intermediates go through trace.recorder.  This file wires them together:
-positions, the causal mask, the latent cache, prefill and incremental decode.
+One decoder layer, its attention context and the latent cache are in layer.py; the math in
+mla.py (attention_block, eqs. 1-11), moe.py (moe_ffn, eqs. 12-16), norm.py, rope.py and mtp.py
+(eqs. 21-23); weights come from weights.WeightStore by their checkpoint names (names.py); named
+intermediates go through trace.recorder.  This file is the loop and its API: positions, the
+causal mask, prefill and incremental decode, the MTP modules over a sequence.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import mla, moe, mtp, names, rope
+from . import layer, mla, mtp, names, rope
 from .backend import device_module, to_numpy, working_dtype
 from .checkpoint import Checkpoint
 from .config import Config
 from .errors import InputError, RefimplError
 from .norm import rms_norm
-from .ops import boundary
-from .trace import ignore, recorder
-from .weights import ArraySource, ExpertView, LazyGroup, WeightStore, weight_budget
+from .layer import AttentionContext, LatentCache
+from .trace import recorder
+from .weights import ArraySource, WeightStore, weight_budget
 
 MLA_FORMS = ("naive", "absorbed", "auto")
-
-
-@dataclass
-class LatentCache:
-    """What MLA caches: per layer the normalised c^KV [batch, max_len, d_c] and the roped k^R
-    [batch, max_len, d_R], i.e. d_c + d_R values per token per layer (576 for V3). `length`
-    tokens are filled; the next forward continues at position `length`."""
-
-    c_kv: list
-    k_rope: list
-    length: int = 0
-    # MTP module k (mtp.py) uses slot num_hidden_layers + k - 1 and has its own filled length
-    mtp_lengths: list = field(default_factory=list)
-
-    @property
-    def batch(self) -> int:
-        return self.c_kv[0].shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self.c_kv[0].shape[1]
-
-
-@dataclass
-class Step:
-    """What every layer of one forward shares besides its weights: the RoPE tables of the new
-    tokens' positions, the causal mask [s, t], where the tokens start in the cache, the softmax
-    scale, the MLA form, and the latent cache (None: attend over the new tokens only)."""
-
-    cos: object
-    sin: object
-    mask: object
-    start: int
-    scale: float
-    form: str  # "naive" or "absorbed"
-    cache: LatentCache | None = None
-    # forced routing (moe.route's `forced`): {checkpoint layer: {(row, index): experts [K]}},
-    # index = the token's position (a decoder layer) or its MTP index (an MTP module); see forced()
-    routes: dict | None = None
-
-    def slot(self, layer: int):
-        """The cache slot of `layer`, (c_kv [b, T, d_c], k_rope [b, T, d_R]), or None."""
-        return None if self.cache is None else (self.cache.c_kv[layer], self.cache.k_rope[layer])
-
-    def forced(self, layer: int, batch: int, s: int):
-        """moe.route's `forced` for `layer` over this step's b x s new tokens (indices start ..
-        start+s-1), or None: the routes of those tokens, flattened to row * s + index - start."""
-        at = (self.routes or {}).get(layer)
-        if not at:
-            return None
-        mine = [(r * s + i - self.start, e) for (r, i), e in sorted(at.items())
-                if 0 <= r < batch and self.start <= i < self.start + s]
-        if not mine:
-            return None
-        return np.array([t for t, _ in mine], np.int64), np.array([e for _, e in mine], np.int64)
-
-
-def decoder_layer(h, w: WeightStore, cfg: Config, i: int, step: Step, record=ignore):
-    """Decoder layer i (MTP layers included): the pre-norm residual block of Figure 2,
-
-        h = h + MLA(RMSNorm(h))          eqs. (1)-(11), mla.attention_block
-        h = h + FFN(RMSNorm(h))          SwiGLU, or DeepSeekMoE eq. (12), moe.moe_ffn
-
-    h [b, s, d] -> [b, s, d].  record: attn_norm, the attention block's names, h_attn, ffn_norm,
-    the router's names (MoE layers), ffn_out, hidden."""
-    eps = cfg.rms_norm_eps
-    x = rms_norm(h, w.get(names.input_norm(i)), eps)
-    record("attn_norm", x)
-    h = h + mla.attention_block(x, w.group(names.attention(i), names.attention_keys(cfg)), cfg,
-                                step.cos, step.sin, step.mask, step.scale, step.form,
-                                step.slot(i), step.start, record)
-    record("h_attn", h)
-    x = rms_norm(h, w.get(names.post_attention_norm(i)), eps)
-    record("ffn_norm", x)
-    f = ffn(x, w, cfg, i, record, step.forced(i, x.shape[0], x.shape[1]))
-    record("ffn_out", f)
-    h = boundary(h + f)  # the layer's output: an operator boundary (ops.rounding)
-    record("hidden", h)
-    return h
-
-
-def ffn(x, w: WeightStore, cfg: Config, i: int, record=ignore, forced=None):
-    """Layer i's feed-forward block without the residual: one SwiGLU in the first
-    first_k_dense_replace layers, DeepSeekMoE (shared + gated routed experts) after.
-    forced: moe.route's forced routing of some tokens (an MoE layer only)."""
-    if not cfg.is_moe_layer(i):
-        if forced is not None:
-            raise InputError(f"forced routing for layer {i}, which is dense")
-        return moe.swiglu(x, **w.group(names.mlp(i), names.FFN_PROJ))
-    bias = w.optional(names.gate_bias(i)) if cfg.uses_bias else None  # the checkpoint decides
-    shared = LazyGroup(w, names.shared_experts(i), names.FFN_PROJ) if cfg.n_shared_experts else None
-    return moe.moe_ffn(x, w.get(names.gate_weight(i)), bias, ExpertView(w, i), shared, cfg, record,
-                       forced)
 
 
 class Model:
@@ -172,17 +78,17 @@ class Model:
             k_rope=[xp.zeros((batch, max_len, cfg.qk_rope_head_dim), self.dtype) for _ in range(n)],
             mtp_lengths=[0] * (cfg.num_nextn_predict_layers if mtp else 0))
 
-    def step(self, positions, n_keys: int, start: int, cache=None, query_index=None,
-             routes=None) -> Step:
-        """The Step for new tokens at RoPE `positions` [s], attending causally to key indices
-        0..n_keys-1 (query_index [s]: the tokens' own indices, default `positions`); routes: see
-        forward."""
+    def attention_context(self, positions, n_keys: int, start: int, cache=None,
+                          query_index=None, routes=None) -> AttentionContext:
+        """What every layer of one forward shares, for new tokens at RoPE `positions` [s]
+        attending causally to key indices 0..n_keys-1 (query_index [s]: the tokens' own indices,
+        default `positions`); routes: see forward."""
         q = positions if query_index is None else query_index
         cos, sin = rope.cos_sin(positions, self.inv_freq, self.cos_sin_factor, self.xp)
         form = self.mla_form
         if form == "auto":
             form = "absorbed" if start > 0 else "naive"
-        return Step(cos, sin, mla.causal_mask(q, np.arange(n_keys), self.xp), start,
+        return AttentionContext(cos, sin, mla.causal_mask(q, np.arange(n_keys), self.xp), start,
                     self.softmax_scale, form, cache, routes)
 
     # ---- forward -------------------------------------------------------------------------------
@@ -222,14 +128,15 @@ class Model:
         if start + s > cfg.max_position_embeddings:
             raise InputError(f"positions up to {start + s - 1} exceed max_position_embeddings "
                              f"({cfg.max_position_embeddings})")
-        step = self.step(np.arange(start, start + s), start + s, start, cache, routes=routes)
+        context = self.attention_context(np.arange(start, start + s), start + s, start, cache,
+                                         routes=routes)
         h = self.weights.rows(names.EMBED, tokens)  # [b, s] -> [b, s, d]
         recorder(trace)("embed", h)
         layers = range(cfg.num_hidden_layers)
         if self.progress is not None:
             layers = self.progress(layers, desc=f"forward of {b}x{s} tokens", unit="layer")
         for i in layers:
-            h = decoder_layer(h, self.weights, cfg, i, step, recorder(trace, f"layers.{i}."))
+            h = layer.decoder_layer(h, self.weights, cfg, i, context, recorder(trace, f"layers.{i}."))
         if cache is not None:
             cache.length = start + s
         if not final_norm:
@@ -299,7 +206,6 @@ class Model:
         must be 0.  -> (h^k [b, s, d] as fed to module k+1 (Conventions.chain), logits
         [b, s, vocab]).  routes: see forward (keyed by names.mtp_layer(cfg, k) and MTP index)."""
         cfg = self.cfg
-        L = names.mtp_layer(cfg, k)
         s = tokens_k.shape[1]
         if cache is None and start != 0:
             raise RefimplError("mtp_module without a cache must start at index 0")
@@ -309,12 +215,10 @@ class Model:
             raise InputError(f"MTP module {k}: position {int(pos[-1])} exceeds "
                              f"max_position_embeddings ({cfg.max_position_embeddings})")
         # causal over the module's own indices; RoPE at the convention's positions
-        step = self.step(pos, start + s, start, cache, query_index=idx, routes=routes)
+        context = self.attention_context(pos, start + s, start, cache, query_index=idx,
+                                         routes=routes)
         emb = mtp.embedding(self.weights, cfg, k, tokens_k, start, conv)
-
-        def trm(x):  # eq. (22): TRM_k, one decoder layer with the module's own cache slot
-            return decoder_layer(x, self.weights, cfg, L, step, recorder(trace, f"mtp.{k}.layer."))
-        return mtp.module_forward(self.weights, cfg, k, emb, h_prev, trm, conv,
+        return mtp.module_forward(self.weights, cfg, k, emb, h_prev, context, conv,
                                   recorder(trace, f"mtp.{k}."))
 
     def teacher_forced(self, tokens, h0, trace=None, conv: mtp.Conventions = mtp.DEFAULT,

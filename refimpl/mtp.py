@@ -15,9 +15,9 @@ position i.  Module k lives in the checkpoint at decoder layer num_hidden_layers
 (names.mtp_layer), and in a latent cache (Model.new_cache(mtp=True)) at the same slot, with its
 own filled length cache.mtp_lengths[k-1].
 
-This file holds the equations and the conventions; Model.mtp_module / Model.teacher_forced
-(model.py) run a module at given positions, generate.Drafter advances the modules incrementally
-for speculative decoding.
+This file holds the equations and the conventions; TRM_k is layer.decoder_layer at the module's
+layer; Model.mtp_module / Model.teacher_forced (model.py) run a module at given positions,
+generate.Drafter advances the modules incrementally for speculative decoding.
 
 Choices the paper leaves open are named in `Conventions` and recorded wherever outputs are written.
 """
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import names
+from . import layer, names
 from .backend import array_module
 from .errors import RefimplError
 from .norm import rms_norm
@@ -124,22 +124,31 @@ def embedding(weights, cfg, k: int, tokens_k, start: int, conv: Conventions = DE
     return emb
 
 
-def module_forward(weights, cfg, k: int, emb, h_prev, trm, conv: Conventions = DEFAULT,
+def transformer(weights, cfg, k: int, x, context, record=ignore):
+    """eq. (22): TRM_k, one full decoder layer (layer.decoder_layer) at the module's checkpoint
+    layer, attending through `context` (the chunk's positions, the module's own cache slot).
+    record: the decoder layer's names under `layer.`."""
+    return layer.decoder_layer(x, weights, cfg, names.mtp_layer(cfg, k), context,
+                               lambda name, value: record("layer." + name, value))
+
+
+def module_forward(weights, cfg, k: int, emb, h_prev, context, conv: Conventions = DEFAULT,
                    record=ignore):
     """MTP module k, eqs. (21)-(23), on a chunk of its indices.
 
-    emb [b, s, d] = Emb(t_{i+k}) (`embedding`), h_prev [b, s, d] = h^{k-1}_i; trm(x) is TRM_k,
-    the module's decoder layer already placed at the chunk's positions (Model.mtp_module binds
-    it); weights: a store with get / linear by checkpoint name.
+    emb [b, s, d] = Emb(t_{i+k}) (`embedding`), h_prev [b, s, d] = h^{k-1}_i; context: the
+    layer.AttentionContext of the chunk's positions (Model.mtp_module makes it); weights: a
+    store with get / linear by checkpoint name.
     -> (h^k [b, s, d] as fed to module k+1 (Conventions.chain), logits [b, s, vocab]).
-    record: embed, h_prev, eh_proj, head_norm, logits, hidden."""
+    record: embed, h_prev, eh_proj, the decoder layer's names under layer., head_norm, logits,
+    hidden."""
     L = names.mtp_layer(cfg, k)
     record("embed", emb)
     record("h_prev", h_prev)
     x = combine(emb, h_prev, weights.get(names.enorm(L)), weights.get(names.hnorm(L)),
                 weights.get(names.eh_proj(L)), cfg.rms_norm_eps, conv.concat)  # eq. (21)
     record("eh_proj", x)
-    h = trm(x)  # eq. (22)
+    h = transformer(weights, cfg, k, x, context, record)  # eq. (22)
     hn = rms_norm(h, weights.get(names.shared_head_norm(L)), cfg.rms_norm_eps)
     record("head_norm", hn)
     logits = weights.linear(hn, head_name(cfg, k, conv))  # eq. (23), before the softmax

@@ -8,7 +8,6 @@ import contextlib
 import contextvars
 
 from .backend import array_module, stable_argsort
-from .fp8 import BlockFP8, fp8_gemm
 
 # ---- precision emulation: one explicit hook ------------------------------------------------------
 #
@@ -41,9 +40,11 @@ def boundary(x):
 
 def linear(x, weight):
     """y = x W^T with the checkpoint's [out, in] weight layout.   [..., in] -> [..., out]
-    A weight kept as stored FP8 (fp8.BlockFP8) goes through the emulated FP8 GEMM."""
-    if isinstance(weight, BlockFP8):
-        return boundary(fp8_gemm(x, weight).astype(x.dtype))
+    The weight's type decides the product, here and only here: an array multiplies as below; a
+    weight kept in its stored format computes its own (`weight.product(x)`: fp8.BlockFP8 runs the
+    emulated FP8 GEMM), so this file needs no storage format."""
+    if not hasattr(weight, "__array__"):  # numpy and cupy arrays have it; fp8.BlockFP8 does not
+        return boundary(weight.product(x).astype(x.dtype))
     # one 2-d product (a batched 3-d one would copy W^T per call on cupy)
     y = x.reshape(-1, x.shape[-1]) @ weight.T  # [n, in] -> [n, out]
     return boundary(y.reshape(*x.shape[:-1], weight.shape[0]))

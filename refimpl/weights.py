@@ -14,9 +14,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import fp8, names
-from .checkpoint import layer_plan, mtp_stored
+from .layout import layer_plan, mtp_stored
 from .config import Config
 from .errors import CheckpointError, InputError
+from .memory import current_rss, format_bytes
 from .ops import linear
 
 # bytes kept out of the weight budget: activations, temporaries and allocator slack; the stored
@@ -221,8 +222,6 @@ def weight_budget(store: WeightStore, cfg: Config, max_memory: int) -> int:
     mapped pages are resident while it is converted).  Refused (naming the tensors) when that
     cannot hold the largest working set; the embedding is read by rows and a large lm_head is
     streamed, so neither must fit."""
-    from .memory import current_rss, format_bytes
-
     stored = set(store.source.names())
     pages = max((store.source.stored_nbytes(n) for n in stored if names.layer_of(n) is not None),
                 default=0) if hasattr(store.source, "stored_nbytes") else 0

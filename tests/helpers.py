@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 import refimpl
-from refimpl.checkpoint import random_weights
+from refimpl.writer import random_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

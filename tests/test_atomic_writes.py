@@ -14,7 +14,7 @@ import pytest
 
 import refimpl
 from refimpl import atomic
-from refimpl.checkpoint import make_checkpoint
+from refimpl.writer import make_checkpoint
 from tests.helpers import ROOT, run_main
 
 TINY = refimpl.Config.preset("tiny")
@@ -166,10 +166,10 @@ def test_writing_fails_midway_with_an_os_error_leaves_nothing(tmp_path):
 # ---- races ------------------------------------------------------------------------------------
 
 def test_make_checkpoint_that_loses_the_race_keeps_the_winners_result(tmp_path, monkeypatch):
-    from refimpl import checkpoint
+    from refimpl import writer
 
     out = tmp_path / "ck"
-    real = checkpoint.write_safetensors_planned
+    real = writer.write_safetensors_planned
 
     def meanwhile(path, *a, **k):  # another writer finishes while we write
         if not out.exists():
@@ -177,7 +177,7 @@ def test_make_checkpoint_that_loses_the_race_keeps_the_winners_result(tmp_path, 
             (out / "theirs").write_text("winner")
         return real(path, *a, **k)
 
-    monkeypatch.setattr(checkpoint, "write_safetensors_planned", meanwhile)
+    monkeypatch.setattr(writer, "write_safetensors_planned", meanwhile)
     rc, _, err = run_main("make-checkpoint", "--preset", "tiny", "--out", out)
     one_line(rc, err, "refimpl", "another writer created it")
     assert sorted(os.listdir(tmp_path)) == ["ck"] and os.listdir(out) == ["theirs"]
@@ -207,7 +207,8 @@ def test_logits_that_loses_the_race_keeps_the_winners_file(ckpt, tokens, tmp_pat
 
 
 def test_oracles_run_never_merges_into_an_existing_result(tmp_path, monkeypatch):
-    from oracles import adapters, cli
+    from oracles import cli
+    from oracles.checking import candidates as adapters
 
     out = tmp_path / "cand"
 
@@ -284,7 +285,7 @@ def test_stale_temporaries_of_dead_writers_are_removed_and_no_others(tmp_path):
 KILLED_WRITER = """
 import os, signal, sys
 import refimpl
-from refimpl.checkpoint import make_checkpoint
+from refimpl.writer import make_checkpoint
 def progress(k, n):
     if k == 1:
         os.kill(os.getpid(), signal.SIGKILL)  # killed after the first of 3 shards

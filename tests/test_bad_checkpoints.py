@@ -13,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refimpl
-from refimpl.checkpoint import Checkpoint, SafetensorsFile, make_checkpoint, write_safetensors
+from refimpl.checkpoint import Checkpoint, SafetensorsFile
+from refimpl.writer import make_checkpoint, write_safetensors
 from tests.helpers import run_cli, run_main
 
 TINY = refimpl.Config.preset("tiny")
@@ -374,7 +375,7 @@ def test_fp8_weight_bytes_declared_as_another_one_byte_dtype(good, tmp_path, dty
 def test_tensors_stored_in_a_dtype_their_role_does_not_allow(good, tmp_path, kind, name, dtype, role):
     d = copy(good[kind], tmp_path)
     t = arrays(d)
-    t[name] = np.ones(t[name].shape, dtype=refimpl.checkpoint.DTYPES[dtype])
+    t[name] = np.ones(t[name].shape, dtype=refimpl.layout.DTYPES[dtype])
     write_safetensors(os.path.join(d, "model.safetensors"), t)
     msg = info_refused(d)
     assert f"tensor {name} ({role}) is stored as {dtype}" in msg and "floating point" in msg
@@ -384,7 +385,7 @@ def test_fp8_norm_is_refused(good, tmp_path):
     d = copy(good["fp8"], tmp_path)
     t = arrays(d)
     name = "model.norm.weight"
-    t[name] = t[name].astype(refimpl.checkpoint.DTYPES["F8_E4M3"])
+    t[name] = t[name].astype(refimpl.layout.DTYPES["F8_E4M3"])
     write_safetensors(os.path.join(d, "model.safetensors"), t)
     assert f"FP8 tensor {name} has no {name}_scale_inv" in info_refused(d)
 

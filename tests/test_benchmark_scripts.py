@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from refimpl import Config
-from refimpl.checkpoint import attention_shapes
+from refimpl.layout import attention_shapes
 from tests.helpers import ROOT
 
 BENCH = os.path.join(ROOT, "benchmarks", "gpu_layers.py")

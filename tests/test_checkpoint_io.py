@@ -9,8 +9,9 @@ import pytest
 
 import refimpl
 from refimpl import CheckpointError, Config
-from refimpl.checkpoint import (Checkpoint, make_checkpoint, random_weights, save_checkpoint,
-                                tensor_plan, write_safetensors)
+from refimpl.checkpoint import Checkpoint
+from refimpl.layout import tensor_plan
+from refimpl.writer import make_checkpoint, random_weights, save_checkpoint, write_safetensors
 from tests.helpers import rel_err
 
 TINY = Config.preset("tiny")

@@ -13,8 +13,9 @@ import pytest
 
 import refimpl
 from refimpl import accounting, fp8
-from refimpl.checkpoint import (Checkpoint, is_fp8_weight, make_checkpoint, random_tensor,
-                                random_weights, save_checkpoint, storage_plan, tensor_plan)
+from refimpl.checkpoint import Checkpoint
+from refimpl.layout import is_fp8_weight, storage_plan, tensor_plan
+from refimpl.writer import make_checkpoint, random_tensor, random_weights, save_checkpoint
 from tests.helpers import rel_err, run_cli
 
 V3 = refimpl.Config.preset("deepseek-v3")
@@ -171,7 +172,8 @@ def test_a_failed_write_leaves_nothing(tmp_path):
 def write_headers_only(out, cfg, shards):
     """The full published layout with real headers and sparse (never written) bodies: a
     checkpoint of the real size that costs no disk, and must not be read."""
-    from refimpl.checkpoint import STORAGE_BYTES, shard_entries, shard_name
+    from refimpl.layout import STORAGE_BYTES
+    from refimpl.writer import shard_entries, shard_name
 
     entries = [(n, d, s) for n, (d, s) in storage_plan(cfg, fp8=True).items()]
     os.makedirs(out)
@@ -211,7 +213,7 @@ def test_loading_the_full_v3_layout_reads_headers_only_and_takes_seconds(tmp_pat
 def test_every_float_dtype_loads_to_the_stored_values(tmp_path):
     import ml_dtypes
 
-    from refimpl.checkpoint import write_safetensors
+    from refimpl.writer import write_safetensors
 
     rng = np.random.default_rng(0)
     base = rng.normal(0, 1, (130, 200))

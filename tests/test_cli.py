@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import refimpl
-from refimpl.checkpoint import make_checkpoint
+from refimpl.writer import make_checkpoint
 from tests.helpers import rel_err, run_cli, run_main
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import refimpl
-from refimpl.checkpoint import make_checkpoint, random_weights, save_checkpoint
+from refimpl.writer import make_checkpoint, random_weights, save_checkpoint
 from tests.helpers import run_cli
 
 

@@ -23,7 +23,9 @@ from hypothesis import strategies as st
 import refimpl
 from refimpl import Config, ConfigError
 from refimpl.config import RopeScaling
-from refimpl.checkpoint import Checkpoint, make_checkpoint, storage_plan
+from refimpl.checkpoint import Checkpoint
+from refimpl.layout import storage_plan
+from refimpl.writer import make_checkpoint
 from tests.helpers import run_main
 
 TINY = Config.preset("tiny")

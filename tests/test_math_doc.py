@@ -74,7 +74,7 @@ def test_every_function_the_guide_names_exists():
 
 def test_the_guide_names_the_block_functions():
     names = {f"{m}.{d}" for m, d in references(_text())}
-    assert {"mla.attention_block", "moe.moe_ffn", "moe.group_mask", "model.decoder_layer"} <= names
+    assert {"mla.attention_block", "moe.moe_ffn", "moe.group_mask", "layer.decoder_layer"} <= names
 
 
 def test_every_embedded_figure_exists():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import refimpl
-from refimpl.checkpoint import make_checkpoint
+from refimpl.writer import make_checkpoint
 from refimpl.fp8 import BlockFP8
 from refimpl.generate import decode
 from refimpl.memory import parse_memory

@@ -7,7 +7,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from refimpl import Config, InputError
-from refimpl.checkpoint import random_weights
+from refimpl.writer import random_weights
 from refimpl import Model
 from tests.helpers import rel_err, tiny_model
 

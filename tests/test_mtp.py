@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 import refimpl
 from refimpl import mtp
 from refimpl.generate import Drafter
-from refimpl.model import Step, decoder_layer
-from refimpl.checkpoint import random_weights
+from refimpl.layer import AttentionContext, decoder_layer
+from refimpl.writer import random_weights
 from refimpl.norm import rms_norm
 from tests.helpers import rel_err, tiny_model
 
@@ -62,7 +62,7 @@ def per_position_module1(model, tokens):
         pos = np.arange(i + 1)
         cos, sin = rope.cos_sin(pos, model.inv_freq, model.cos_sin_factor, np)
         mask = mla.causal_mask(pos, pos, np)
-        step = Step(cos, sin, mask, 0, model.softmax_scale, "naive")
+        step = AttentionContext(cos, sin, mask, 0, model.softmax_scale, "naive")
         hk = decoder_layer(hp[None, :i + 1], model.weights, cfg, L, step)[0, -1]
         hn = rms_norm(hk, w.get(p + "shared_head.norm.weight"), cfg.rms_norm_eps)
         out.append(w.get("lm_head.weight") @ hn)

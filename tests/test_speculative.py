@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refimpl
-from refimpl.checkpoint import random_weights
+from refimpl.writer import random_weights
 from refimpl.generate import Drafter, accept_or_resample, decode, greedy
 from tests.helpers import rel_err
 

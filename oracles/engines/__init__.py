@@ -6,9 +6,13 @@
 Each engine is an optional extra (pyproject: peer, engine-mlx, engine-llamacpp, engine-vllm);
 its module is imported only when --engine names it, and refimpl/ never imports any of them.
 An adapter reports the engine's name, version and options (`info`), which `oracles run` writes
-to CANDIDATE/engine.json and `oracles check` puts in its report. tokenizer.py writes the
-tokenizer files a model case's checkpoint directory carries; matrix.py runs every installed
-engine over the suites and writes docs/engines.md.
+to CANDIDATE/engine.json and `oracles check` puts in its report. matrix.py runs every installed
+engine over the suites and writes docs/engines.md; reference.py is refimpl itself (and each
+mutant) as a candidate.
+
+The engines are the top layer of oracles/ (format < checking < authoring < engines < cli): an
+engine adapter may use any layer below; nothing below imports an engine. An engine's own
+package (torch, mlx, llama_cpp, vllm) is imported inside the adapter, only when it runs.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import os
 
 from .. import OraclesError
+from ..format.profiles import mode_of
 
 # --engine NAME -> (module, the distribution whose version is reported, the extra to install)
 ENGINES = {
@@ -85,8 +90,6 @@ def load_engine(name: str, options: dict):
     except ImportError as e:
         raise OraclesError(f"--engine {name}: cannot import it ({e}); install it with "
                            f"pip install 'deepseek-v3-refimpl[{extra}]'") from None
-    from ..profiles import mode_of
-
     info = {"engine": name, "version": version(dist), "options": adapter.options,
             "mode": mode_of(name, adapter.options)}
     adapter.info = info
@@ -141,8 +144,6 @@ def read_info(candidate_dir: str) -> dict | None:
     skipped = info.get("skipped", {})
     if not isinstance(skipped, dict):
         raise OraclesError(f"{path}: skipped must map case ids to reasons")
-    from ..profiles import mode_of
-
     mode = info.get("mode")
     if "mode" not in info and isinstance(info.get("engine"), str):
         mode = mode_of(info["engine"], info.get("options") or {})

@@ -9,7 +9,7 @@ command from the interpreter that has them (vLLM wants a virtual environment of 
 --engines NAME to refresh theirs. llama.cpp needs LLAMA_CPP_CONVERTER (see llama_cpp_engine.py).
 
 A failure's diagnosis is computed, not typed: the candidate's logits are compared with refimpl
-run with each mutant of the catalogue (oracles/mutants.py) and each engine behaviour below
+run with each mutant of the catalogue (oracles/authoring/mutants.py) and each engine behaviour below
 (ENGINE_VARIANTS); a variant whose logits the candidate's match within the profile's tolerance,
 while the truth's do not, is the diagnosis. SOURCES then names the engine's source line that
 implements that behaviour (read in the installed package or the sdist the engine is built from).
@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -29,13 +30,18 @@ import numpy as np
 
 from refimpl import moe, rope
 
-from .. import OraclesError, metrics, tolerance
-from ..check import AdapterCandidate, DirCandidate, run_check
-from ..emulate import run_case
-from ..golden import Golden, generate
-from ..mutants import MUTANTS
-from . import ENGINES, installed, label, load_engine
-from ..emulate import patched
+from .. import OraclesError
+from ..authoring.conditioned import conditioner_for
+from ..authoring.emulate import run_case
+from ..authoring.mutants import MUTANTS
+from ..authoring.patching import patched
+from ..authoring.writer import generate
+from ..checking.candidates import AdapterCandidate, DirCandidate, write_outputs
+from ..checking.check import run_check
+from ..format import metrics, tolerances
+from ..format.golden import Golden, read_tensors
+from ..format.profiles import mode_of, refused, relation
+from . import ENGINES, RecordedSkips, installed, label, load_engine
 
 # (engine, options, suite, profiles to check the same outputs against). The first profile is
 # the one that emulates the run's mode (profiles.mode_of); the others are stricter or another
@@ -127,7 +133,7 @@ def diagnose(golden: Golden, cid: str, logits, profile: str) -> tuple[str | None
     names = [n for n, m in MUTANTS.items() if not m.allowed] + list(ENGINE_VARIANTS)
     for name in names:
         try:
-            v = _variant_logits(case, name, tolerance.CALIBRATED_BY[profile])
+            v = _variant_logits(case, name, tolerances.CALIBRATED_BY[profile])
         except Exception:  # a mutant that does not apply to this case's kind
             continue
         e = metrics.continuous(logits, v)["nmse"]
@@ -184,10 +190,6 @@ COMPONENT_KINDS = ("rms_norm", "yarn_tables", "rope_apply", "mla", "mla_decode",
 
 def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
     """Run one engine configuration over one suite -> one row per profile."""
-    from ..adapters import write_outputs
-    from ..conditioned import conditioner_for
-    from ..profiles import mode_of, refused, relation
-
     mode = mode_of(engine, options)
     bad = [p for p in profiles if refused(p, mode)]
     if profiles[0] != mode or bad:
@@ -197,7 +199,6 @@ def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
     adapter = _Catching(adapter)
     cand_dir = os.path.join(work, f"{engine}-{suite}-" + "-".join(f"{k}{v}" for k, v in sorted(options.items())))
     skipped = write_outputs(golden_dir, AdapterCandidate(adapter, label(info)), cand_dir)
-    from . import RecordedSkips
 
     golden = Golden(golden_dir)
     rows = []
@@ -221,7 +222,6 @@ def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
                 f["diagnosis"] = f"the engine raised {adapter.errors[r['id']]}"
             elif r["status"] == "fail" and golden.cases[r["id"]].get("model"):
                 p = os.path.join(cand_dir, "cases", r["id"], "outputs.safetensors")
-                from ..golden import read_tensors
                 outs = read_tensors(p) if os.path.exists(p) else {}
                 name, why = diagnose(golden, r["id"], outs.get("logits"), profile)
                 f["diagnosis"] = why
@@ -249,7 +249,6 @@ def _opts(o: dict) -> str:
 
 def _collapse(reasons):
     """'X has no standalone entry point for component kind 'k'' lines -> one line of kinds."""
-    import re
 
     kinds, rest, head = [], [], None
     for s in reasons:
@@ -267,8 +266,6 @@ def _collapse(reasons):
 
 def _vs(r) -> str:
     """The profile against the run's mode: "its mode", "stricter", "looser" or "same precision"."""
-    from ..profiles import mode_of
-
     mode = r.get("mode") or mode_of(r["engine"], r["options"])
     if mode is None:
         return "no profile emulates it"
@@ -279,16 +276,12 @@ def _vs(r) -> str:
 
 
 def _word(profile, mode):
-    from ..profiles import relation
-
     return relation(profile, mode).split(" ")[0].lower()
 
 
 def keep_row(r) -> bool:
     """A dated row is kept only if its profile may judge the run it was made from: never one
     that emulates FP8 weights or an FP8 KV cache the run did not have (profiles.refused)."""
-    from ..profiles import mode_of, refused
-
     return refused(r["profile"], r.get("mode") or mode_of(r["engine"], r["options"])) is None
 
 

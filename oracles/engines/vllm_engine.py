@@ -22,10 +22,12 @@ fp8_e5m2; vLLM's CPU MLA backend accepts only auto), enforce_eager (true | false
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
 from . import model_case_support, resolve_options
+from .record import record_method
 
 OPTIONS = {
     "dtype": ("float32", ("float32", "bfloat16", "float16"), "weights and activations"),
@@ -105,10 +107,6 @@ class Engine:
     @staticmethod
     def _record_routing(llm):
         """{layer: [topk_ids arrays]}: each MoE layer's router output, recorded per call."""
-        import re
-
-        from .record import record_method
-
         seen = {}
 
         def attach(model):

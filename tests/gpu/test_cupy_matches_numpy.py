@@ -78,7 +78,7 @@ def test_tiny_model_prefill_and_decode(cp):
 def test_fp8_checkpoint_dequantised_on_the_device(cp, tmp_path):
     """FP8 weights cross to the device as stored bytes and are decoded there: same logits."""
     import refimpl
-    from refimpl.checkpoint import make_checkpoint
+    from refimpl.writer import make_checkpoint
 
     make_checkpoint(tmp_path / "fp8", Config.preset("tiny"), seed=0, fp8=True, shards=2)
     tokens = np.random.default_rng(4).integers(0, 256, (1, 40))

@@ -5,7 +5,9 @@ import time
 
 import pytest
 
-from oracles import golden
+from oracles.authoring import writer
+
+from oracles.format import golden
 
 
 @pytest.fixture(scope="session")
@@ -13,7 +15,7 @@ def default_suite(tmp_path_factory):
     """(path, seconds to generate) of the default suite."""
     out = os.path.join(tmp_path_factory.mktemp("golden"), "default")
     t = time.perf_counter()
-    golden.generate(out, "default")
+    writer.generate(out, "default")
     return out, time.perf_counter() - t
 
 
@@ -25,5 +27,5 @@ def default_dir(default_suite):
 @pytest.fixture(scope="session")
 def conventions_dir(tmp_path_factory):
     out = os.path.join(tmp_path_factory.mktemp("golden"), "conventions")
-    golden.generate(out, "conventions")
+    writer.generate(out, "conventions")
     return out

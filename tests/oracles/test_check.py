@@ -9,10 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
-from oracles import golden
-from oracles.adapters import load_adapter, write_outputs
-from oracles.check import AdapterCandidate, DirCandidate, run_check
-from refimpl.checkpoint import write_safetensors
+from oracles.format import golden
+from oracles.checking.candidates import load_adapter, write_outputs
+from oracles.checking.candidates import AdapterCandidate, DirCandidate
+from oracles.checking.check import run_check
+from refimpl.writer import write_safetensors
 from tests.helpers import run_cli
 
 
@@ -199,7 +200,7 @@ class _Partial:
     def run(self, case):
         if case.id == "gate.tiny":
             raise RuntimeError("kernel exploded")
-        from oracles.emulate import run_case
+        from oracles.authoring.emulate import run_case
         return run_case(case, "float32")
 
 
@@ -247,7 +248,7 @@ def test_outputs_written_by_the_safetensors_library_are_read(default_dir, tmp_pa
 
 
 def test_a_forgiven_routing_difference_taints_what_follows_it_in_its_row():
-    from oracles.taint import Taint, collect
+    from oracles.format.taint import Taint, collect
 
     e_idx = np.array([[[0, 1], [2, 3], [4, 5], [6, 7]], [[0, 1], [2, 3], [4, 5], [6, 7]]])
     c_idx = e_idx.copy()
@@ -287,15 +288,16 @@ def test_run_writes_an_adapter_as_files_that_check_accepts(default_dir, tmp_path
 def test_the_fp8_profile_is_calibrated_through_refimpls_fp8_gemm(default_dir, monkeypatch):
     """Every FP8 linear of the emulated fp8 run goes through refimpl.fp8.fp8_gemm (weights as
     stored BlockFP8), in component and model cases alike; kv_b_proj is dequantised."""
-    from refimpl import fp8, ops
-    from oracles.emulate import run_case
+    from refimpl import fp8
+    from oracles.authoring.emulate import run_case
 
     shapes = []
+    real = fp8.fp8_gemm
 
     def spy(x, w, block=fp8.BLOCK):
         shapes.append(w.shape)
-        return fp8.fp8_gemm(x, w, block)
-    monkeypatch.setattr(ops, "fp8_gemm", spy)
+        return real(x, w, block)
+    monkeypatch.setattr(fp8, "fp8_gemm", spy)
     g = golden.Golden(default_dir)
     for cid in ("mla.tiny.naive", "model.prefill.tiny"):
         shapes.clear()

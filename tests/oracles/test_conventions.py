@@ -3,10 +3,11 @@ one an engine follows."""
 
 import pytest
 
-from oracles.adapters import load_adapter
-from oracles.check import AdapterCandidate, run_check
-from oracles.emulate import run_case
-from oracles.mutants import MUTANTS
+from oracles.checking.candidates import load_adapter
+from oracles.checking.candidates import AdapterCandidate
+from oracles.checking.check import run_check
+from oracles.authoring.emulate import run_case
+from oracles.authoring.mutants import MUTANTS
 
 OURS = {"yarn_activation": "always", "group_mask": "neg_inf", "gate_precision": "float32",
         "group_score": "top2_sum", "softmax_mscale": "mscale_all_dim", "rope_layout": "adjacent_pairs",

@@ -8,11 +8,13 @@ import os
 import numpy as np
 import pytest
 
-from oracles import golden, metrics
-from oracles.adapters import RefimplAdapter
-from oracles.check import AdapterCandidate, DirCandidate, run_check
-from oracles.conditioned import Conditioner, conditioner_for
-from refimpl.checkpoint import write_safetensors
+from oracles.authoring import writer
+from oracles.authoring.conditioned import Conditioner, conditioner_for
+from oracles.checking.candidates import AdapterCandidate, DirCandidate
+from oracles.checking.check import run_check
+from oracles.engines.reference import RefimplAdapter
+from oracles.format import golden, metrics
+from refimpl.writer import write_safetensors
 
 
 def _expected_as_candidate(g, cid, out_dir, change):
@@ -87,7 +89,7 @@ def test_the_constructed_cross_request_case_of_issue_16_fails(tmp_path):
     """scenario.ragged_batch.long, bf16: request 2's logits x1.5 from index 143 with a forgiven
     near-tie flip in request 1's layers.1.topk_idx: FAIL (it passed, comparing 143 of 205)."""
     gdir = str(tmp_path / "g")
-    golden.generate(gdir, "scenarios", only="scenario.ragged_batch.long")
+    writer.generate(gdir, "scenarios", only="scenario.ragged_batch.long")
     _cross_request(gdir, "scenario.ragged_batch.long", "bf16", tmp_path)
 
 
@@ -113,7 +115,7 @@ class _Top2ForV2(RefimplAdapter):
     in the profile's emulated precision: its router inputs are right, its choices are not."""
 
     def run(self, case):
-        from oracles.emulate import run_case
+        from oracles.authoring.emulate import run_case
         from oracles.engines.matrix import _group_score_top2_always
 
         with _group_score_top2_always():
@@ -188,7 +190,7 @@ def test_a_logits_only_bf16_run_is_decided_by_inferring_its_routing(default_dir)
     assert any(r.get("conditioned", {}).get("routing") == "inferred from the logits" and
                r["conditioned"]["forced"] for r in cond["cases"])
     buggy = RefimplAdapter("bf16")
-    from oracles.mutants import MUTANTS
+    from oracles.authoring.mutants import MUTANTS
     buggy.mutant = MUTANTS["no_softmax_mscale"]
     rep = run_check(default_dir, AdapterCandidate(_LogitsOnly(buggy), "bug", 0), "bf16",
                     only="model.prefill.tiny,model.prefill.mscale_differs", conditioner=conditioner_for)
@@ -206,7 +208,7 @@ def test_a_forced_token_changes_the_reference_only_where_the_taint_says(default_
     """The dataflow rule (taint.Layout) against refimpl itself: the reference recomputed with one
     token forced elsewhere changes nowhere the rule does not leave out, and does change the
     forced token's own outputs."""
-    from oracles.taint import Taint
+    from oracles.format.taint import Taint
 
     g = golden.Golden(default_dir)
     exp = g.expected(cid)

@@ -1,4 +1,4 @@
-"""Edge values that expose swaps (oracles/edges.py): each case holds the values it claims, and its
+"""Edge values that expose swaps (oracles/authoring/edges.py): each case holds the values it claims, and its
 expected outputs are what the spec says, computed here by hand."""
 
 import ml_dtypes
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import refimpl
-from oracles import golden
-from oracles.emulate import run_case
+from oracles.format import golden
+from oracles.authoring.emulate import run_case
 from refimpl import fp8
 from tests.helpers import rel_err
 
@@ -92,6 +92,6 @@ def test_all_zero_and_tiny_activation_and_weight_blocks_get_the_floor_scale(defa
      < 2.0 ** -8 * 0.5),
 ])
 def test_the_edge_values_that_were_already_there_still_are(default_dir, cid, check):
-    """Not duplicated by oracles/edges.py: the cases that already held these values."""
+    """Not duplicated by oracles/authoring/edges.py: the cases that already held these values."""
     case, _ = _case(default_dir, cid)
     assert check(case)

@@ -12,9 +12,10 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 import refimpl
-from oracles import golden
-from oracles.engines import tokenizer
-from oracles.suites import EDGE, suite_cases
+from oracles.authoring import writer
+from oracles.format import golden
+from oracles.authoring import tokenizer
+from oracles.authoring.suites import EDGE, suite_cases
 
 
 def _manifest(path):
@@ -114,7 +115,7 @@ def test_engine_suite_has_the_real_attention_widths():
 def test_format_1_suites_are_still_read(tmp_path):
     """The flat layout (config.json and model.safetensors next to the inputs) loads as before."""
     new = tmp_path / "new"
-    golden.generate(new, "smoke", only="model.prefill.tiny")
+    writer.generate(new, "smoke", only="model.prefill.tiny")
     old = tmp_path / "old"
     shutil.copytree(new, old)
     d = old / "cases" / "model.prefill.tiny"
@@ -143,7 +144,7 @@ def test_a_vocabulary_too_small_for_a_merge_is_refused():
 def test_our_safetensors_writer_stores_non_contiguous_views_as_they_read(tmp_path):
     """safetensors 0.8.0's save_file writes a non-contiguous numpy view wrong; refimpl's writer
     (used for suites and `oracles run` candidates) makes every array contiguous first."""
-    from refimpl.checkpoint import write_safetensors
+    from refimpl.writer import write_safetensors
 
     x = np.arange(48, dtype=np.float32).reshape(6, 8)
     views = {"strided": x[:, ::2], "transposed": x.T, "reversed": x[::-1], "column": x[:, 3]}

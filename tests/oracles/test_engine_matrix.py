@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from oracles.emulate import run_case
+from oracles.authoring.emulate import run_case
 from oracles.engines import matrix
-from oracles.golden import Golden
+from oracles.format.golden import Golden
 
 
 @pytest.mark.parametrize("cid, variant", [

@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings, strategies as st
 
-from oracles import emulate, tolerance
-from oracles.adapters import RefimplAdapter, load_adapter
-from oracles.check import AdapterCandidate, run_check
-from oracles.engines import modes
-from oracles.golden import Golden
+from oracles.authoring import emulate
+from oracles.format import tolerances as tolerance
+from oracles.checking.candidates import load_adapter
+from oracles.engines.reference import RefimplAdapter
+from oracles.checking.candidates import AdapterCandidate
+from oracles.checking.check import run_check
+from oracles.authoring import modes
+from oracles.format.golden import Golden
 from refimpl import moe, ops
-from oracles.mutants import MUTANTS
+from oracles.authoring.mutants import MUTANTS
 from tests.oracles.test_mutants import FIRST_FAILURE, FP8_PROFILE_CASE, GATE_PRECISION
 
 NEW = ("f16_kv", "bf16_f32_experts", "fp8_kv")

@@ -16,10 +16,10 @@ from tests.helpers import ROOT, run_cli
 
 @pytest.fixture(scope="module")
 def smoke_dir(tmp_path_factory):
-    from oracles import golden
+    from oracles.authoring import writer
 
     out = os.path.join(tmp_path_factory.mktemp("golden"), "smoke")
-    golden.generate(out, "smoke")
+    writer.generate(out, "smoke")
     return out
 
 
@@ -52,7 +52,7 @@ def test_unknown_engine_and_bad_options_are_one_line_errors(smoke_dir):
 
 
 def test_importing_oracles_does_not_import_any_engine():
-    code = ("import sys, oracles.cli, oracles.engines, oracles.check, oracles.golden; "
+    code = ("import sys, oracles.cli, oracles.engines, oracles.checking.check, oracles.format.golden; "
             "print(sorted(m for m in ('torch', 'transformers', 'mlx', 'llama_cpp', 'vllm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stderr
@@ -101,7 +101,8 @@ def test_run_and_check_with_the_transformers_engine_record_name_version_options(
 @pytest.mark.peer
 def test_a_bf16_engine_fails_float32_with_a_repro_naming_its_options(smoke_dir):
     pytest.importorskip("transformers")
-    from oracles.check import AdapterCandidate, run_check
+    from oracles.checking.candidates import AdapterCandidate
+    from oracles.checking.check import run_check
 
     adapter, info = engines.load_engine("transformers", {"dtype": "bfloat16"})
     base = "oracles check g --engine transformers --engine-option dtype=bfloat16"

@@ -4,7 +4,7 @@ formula."""
 import numpy as np
 import pytest
 
-from oracles import golden
+from oracles.format import golden
 
 
 def test_weight_scales_are_the_tile_amax_over_448_with_a_floor(default_dir):

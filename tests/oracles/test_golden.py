@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 import refimpl
-from oracles import golden
-from oracles.cases import KINDS
-from oracles.suites import SUITES, suite_cases
+from oracles.authoring import writer
+from oracles.format import golden
+from oracles.authoring.cases import KINDS
+from oracles.authoring.suites import SUITES, suite_cases
 from tests.helpers import run_cli
 
 
@@ -23,7 +24,7 @@ def _case(suite_dir, cid):
 
 def test_default_suite_is_small_and_quick_to_generate(default_suite):
     path, seconds = default_suite
-    assert golden.suite_size(path) < 64e6  # 40 MB before the scenario and edge-value cases
+    assert writer.suite_size(path) < 64e6  # 40 MB before the scenario and edge-value cases
     assert seconds < 120
 
 
@@ -37,7 +38,7 @@ def test_default_suite_has_every_case_kind():
 
 def test_regenerating_gives_byte_identical_files(default_dir, tmp_path):
     again = tmp_path / "again"
-    golden.generate(again, "default")
+    writer.generate(again, "default")
     cmp = filecmp.dircmp(default_dir, again)
     names = []
     for root, _, files in os.walk(default_dir):
@@ -60,7 +61,7 @@ def test_manifest_records_versions_seeds_tolerances_and_every_sha256(default_dir
                    for r, _, fs in os.walk(d) for f in fs]
         assert sorted(entry["files"]) == sorted(on_disk)
         for f, digest in entry["files"].items():
-            assert golden.sha256(os.path.join(d, f)) == digest
+            assert writer.sha256(os.path.join(d, f)) == digest
         for profile in ("float32", "bf16"):
             tols = entry["tolerances"][profile]
             assert [o["name"] for o in entry["outputs"]] == list(tols)

@@ -21,10 +21,11 @@ if llama_missing:
 pytestmark = pytest.mark.skipif(llama_missing is not None, reason=llama_missing or "")
 
 from oracles import engines  # noqa: E402
-from oracles.adapters import write_outputs  # noqa: E402
-from oracles.check import AdapterCandidate, DirCandidate, run_check  # noqa: E402
+from oracles.checking.candidates import write_outputs  # noqa: E402
+from oracles.checking.candidates import AdapterCandidate, DirCandidate  # noqa: E402
+from oracles.checking.check import run_check  # noqa: E402
 from oracles.engines import matrix  # noqa: E402
-from oracles.golden import Golden, read_tensors  # noqa: E402
+from oracles.format.golden import Golden, read_tensors  # noqa: E402
 
 ONLY = "model.prefill.tiny,model.prefill.mscale_differs,model.prefill.softmax_scoring,model.decode.start5"
 

@@ -15,11 +15,13 @@ except ImportError as e:  # the engine-mlx extra (scripts/test.sh installs it)
 
 pytestmark = pytest.mark.skipif(mlx_missing is not None, reason=mlx_missing or "")
 
-from oracles import engines, metrics  # noqa: E402
-from oracles.adapters import RefimplAdapter  # noqa: E402
-from oracles.check import AdapterCandidate, run_check  # noqa: E402
-from oracles.golden import Golden  # noqa: E402
-from oracles.mutants import MUTANTS  # noqa: E402
+from oracles import engines  # noqa: E402
+from oracles.format import metrics  # noqa: E402
+from oracles.engines.reference import RefimplAdapter  # noqa: E402
+from oracles.checking.candidates import AdapterCandidate  # noqa: E402
+from oracles.checking.check import run_check  # noqa: E402
+from oracles.format.golden import Golden  # noqa: E402
+from oracles.authoring.mutants import MUTANTS  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import refimpl
-from oracles import golden
+from oracles.format import golden
 from refimpl.generate import greedy
 
 

@@ -3,9 +3,9 @@ every mutant in the catalogue, and the report names the intermediate where the b
 
 import pytest
 
-from oracles.adapters import load_adapter
-from oracles.check import run_check
-from oracles.mutants import MUTANTS
+from oracles.checking.candidates import load_adapter
+from oracles.checking.check import run_check
+from oracles.authoring.mutants import MUTANTS
 from tests.helpers import run_cli
 
 # mutant -> (a case it must fail, the first failing output the report must name there),

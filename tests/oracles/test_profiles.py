@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from oracles import golden, profiles
 from oracles.engines import matrix, read_info
-from refimpl.checkpoint import write_safetensors
+from oracles.format import golden, profiles
+from refimpl.writer import write_safetensors
 from tests.helpers import run_main
 
 

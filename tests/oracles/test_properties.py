@@ -5,18 +5,21 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from oracles import golden
-from oracles.cases import KINDS, output_type
-from oracles.check import judge
-from oracles.emulate import run_case
-from oracles.mutants import MUTANTS
-from oracles.suites import draw_config, gate_case, rope_case
+from oracles.authoring import writer
+
+from oracles.format import golden
+from oracles.authoring.cases import KINDS
+from oracles.format.schema import output_type
+from oracles.checking.check import judge
+from oracles.authoring.emulate import run_case
+from oracles.authoring.mutants import MUTANTS
+from oracles.authoring.suites import draw_config, gate_case, rope_case
 
 seeds = st.integers(0, 2**32 - 1)
 
 
 def _judge(case, cand, profile="float32"):
-    truth, aux, tols = golden.compute(case)
+    truth, aux, tols = writer.compute(case)
     required = set(KINDS[case.kind].required(case))
     outputs = [{"name": k, "type": output_type(k), "required": k in required} for k in truth]
     return judge(case.kind, outputs, {**truth, **aux}, cand, tols[profile])

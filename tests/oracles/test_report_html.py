@@ -15,9 +15,9 @@ from html.parser import HTMLParser
 
 import pytest
 
-from oracles import report_html
-from oracles.adapters import load_adapter
-from oracles.check import run_check
+from oracles.checking import report_html
+from oracles.checking.candidates import load_adapter
+from oracles.checking.check import run_check
 from tests.helpers import run_cli
 
 ONLY = "rms_norm.basic,yarn_tables.v3,model.prefill.tiny,mtp_prefill.depth2,model.greedy.tiny"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from oracles import routing
+from oracles.checking import routing
 from refimpl import moe
 
 METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
@@ -109,7 +109,7 @@ def test_gate_layers_of_routing_outputs():
 def test_bound_covers_refimpls_own_router_in_the_profiles_precision(profile):
     """refimpl's router under the profile's emulation (weights as prepared, ops.rounding) stays
     within the bound of the float64 scores from the same inputs."""
-    from oracles.emulate import round_bf16
+    from oracles.authoring.precision import round_bf16
     from refimpl import Config, ops
     cfg = Config.preset("tiny")
     rng = np.random.default_rng(5)

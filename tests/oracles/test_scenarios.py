@@ -1,4 +1,4 @@
-"""Serving scenarios (oracles/scenarios.py): refimpl run through each schedule, with its own latent
+"""Serving scenarios (oracles/authoring/scenarios.py): refimpl run through each schedule, with its own latent
 cache, gives what each request gives alone; the schedules take the paths they claim (chunk edges
 across 16/64/256, a prefix computed once, ragged and mixed batches, positions past 256 and past
 the original context, MTP depth >= 2); the schedule is machine-readable where an engine reads
@@ -11,10 +11,14 @@ import numpy as np
 import pytest
 
 import refimpl
-from oracles import OraclesError, golden, scenarios
-from oracles.check import MIN_COMPARED, AdapterCandidate, run_check
-from oracles.emulate import run_case
-from oracles.suites import suite_cases
+from oracles import OraclesError
+from oracles.authoring import scenarios
+from oracles.authoring import writer
+from oracles.format import golden
+from oracles.checking.candidates import AdapterCandidate
+from oracles.checking.check import MIN_COMPARED, run_check
+from oracles.authoring.emulate import run_case
+from oracles.authoring.suites import suite_cases
 from refimpl.generate import greedy
 from tests.helpers import rel_err
 
@@ -83,7 +87,7 @@ def test_long_decodes_run_hundreds_of_steps_past_256_and_past_the_original_conte
 
 def test_the_prefix_is_computed_once_and_its_cache_entries_reused():
     case = _build("scenario.prefix_cache.long")
-    from oracles.cases import _model
+    from oracles.authoring.kinds import case_model as _model
 
     tokens = scenarios.request_tokens(case)
     run = scenarios.PackedRun(_model(case, np.float64), tokens)
@@ -181,7 +185,7 @@ def test_an_engine_that_cannot_express_a_schedule_skips_with_its_reason(default_
 
 
 def test_a_file_route_engine_skips_a_schedule_with_skip_txt(default_dir, tmp_path):
-    from oracles.check import DirCandidate
+    from oracles.checking.candidates import DirCandidate
 
     d = tmp_path / "cand" / "cases" / "scenario.ragged_batch.small"
     d.mkdir(parents=True)
@@ -196,7 +200,7 @@ def test_a_file_route_engine_skips_a_schedule_with_skip_txt(default_dir, tmp_pat
 def test_after_a_forgiven_near_tie_the_stream_outputs_are_compared_only_before_it(default_dir):
     """A speculation candidate whose stream goes another way at a near-tie (allowed) passes
     whatever its logits are after that step, and still fails for a wrong logit before it."""
-    from oracles.check import judge
+    from oracles.checking.check import judge
 
     cid = "scenario.speculation.depth2.short"
     g = golden.Golden(default_dir)
@@ -228,7 +232,7 @@ def test_after_a_forgiven_near_tie_the_stream_outputs_are_compared_only_before_i
 def test_speculation_accepts_drafts_at_depth_2_and_rejects_others(cid):
     """The schedule takes both paths: several tokens committed in one forward (a depth-2 draft
     accepted) and a rollback (a draft rejected)."""
-    from oracles.cases import _model
+    from oracles.authoring.kinds import case_model as _model
     from refimpl.generate import decode
 
     case = _build(cid)
@@ -240,10 +244,10 @@ def test_speculation_accepts_drafts_at_depth_2_and_rejects_others(cid):
 def test_a_long_scenario_suite_case_is_written_and_passed_by_the_reference(tmp_path):
     """The scenarios suite end to end for one case (generate, then check the reference in
     float32 and in emulated bf16 under their profiles): it is a suite like the others."""
-    from oracles.adapters import load_adapter
+    from oracles.checking.candidates import load_adapter
 
     out = str(tmp_path / "scenarios")
-    golden.generate(out, "scenarios", only="scenario.prefix_cache.long")
+    writer.generate(out, "scenarios", only="scenario.prefix_cache.long")
     assert run_check(out, load_adapter("oracles.adapters:refimpl_float32"), "float32")["ok"]
     bf16 = load_adapter("oracles.adapters:refimpl_bf16")
     rep = run_check(out, bf16, "bf16")

@@ -11,7 +11,7 @@ import numpy as np
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from oracles.taint import Taint
+from oracles.format.taint import Taint
 
 PRE = ["attn_norm", "c_q", "q_nope", "q_rope", "c_kv", "k_rope"]
 POST_ATTN = ["attn_out", "h_attn", "ffn_norm", "router_scores"]

@@ -7,8 +7,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from oracles.adapters import load_adapter, write_outputs  # noqa: E402
-from oracles.check import DirCandidate, run_check  # noqa: E402
+from oracles.checking.candidates import load_adapter, write_outputs  # noqa: E402
+from oracles.checking.candidates import DirCandidate  # noqa: E402
+from oracles.checking.check import run_check  # noqa: E402
 
 pytestmark = pytest.mark.peer
 
@@ -61,7 +62,7 @@ def test_tolerances_calibrated_by_emulation_hold_for_transformers_in_bf16(defaul
     0.005, undiagnosed; docs/engines.md lists it.)"""
     out = tmp_path / "hf_bf16"
     write_outputs(default_dir, load_adapter("oracles.hf_adapter:factory_bf16"), out, only="model.prefill.*")
-    from oracles.golden import Golden
+    from oracles.format.golden import Golden
 
     published = ",".join(cid for cid, e in Golden(default_dir).cases.items()
                          if cid.startswith("model.prefill.") and "edge" not in e)

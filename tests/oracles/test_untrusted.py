@@ -15,10 +15,12 @@ import time
 import numpy as np
 import pytest
 
-from oracles import cli, golden, metrics
-from oracles.adapters import load_adapter, write_outputs
-from oracles.check import AdapterCandidate, judge, run_check
-from refimpl.checkpoint import write_safetensors
+from oracles import cli
+from oracles.authoring import writer
+from oracles.format import golden, metrics
+from oracles.checking.candidates import AdapterCandidate, load_adapter, write_outputs
+from oracles.checking.check import judge, run_check
+from refimpl.writer import write_safetensors
 from tests.helpers import ROOT, run_cli
 
 ONLY = "gate.tiny,rms_norm.basic,model.prefill.tiny"
@@ -30,7 +32,7 @@ def small(tmp_path_factory):
     and the same with every float output 1% off."""
     root = tmp_path_factory.mktemp("untrusted")
     suite = str(root / "suite")
-    golden.generate(suite, "default", ONLY)
+    writer.generate(suite, "default", ONLY)
     good = str(root / "good")
     write_outputs(suite, load_adapter("oracles.adapters:refimpl_float32"), good)
     bad = str(root / "bad")
@@ -277,7 +279,7 @@ def test_a_file_replaced_after_verification_is_not_read(small, suite):
 
 def _rehash(d, cid, name):
     p = os.path.join(d, "cases", cid, name)
-    _edit(d, lambda m: _case(m, cid)["files"].update({name: golden.sha256(p)}))
+    _edit(d, lambda m: _case(m, cid)["files"].update({name: writer.sha256(p)}))
 
 
 @pytest.mark.parametrize("change, words", [
@@ -332,7 +334,7 @@ def _adapter_module(tmp_path, monkeypatch, name, method="", top="", factory="ret
                 return True
 
             def run(self, case):
-                from oracles.emulate import run_case
+                from oracles.authoring.emulate import run_case
                 return run_case(case, "float32")
 
         class B(A):
@@ -513,7 +515,7 @@ def test_a_logits_only_bf16_engine_is_not_falsely_failed(default_dir):
     """refimpl's own bf16 emulation, stripped to logits: its routing near-ties are forgiven from
     the golden's margins. No case fails; where too few positions are clear of near-ties it is
     INCONCLUSIVE, and there comparing every position would indeed have exceeded the tolerance."""
-    from oracles.adapters import RefimplAdapter
+    from oracles.engines.reference import RefimplAdapter
 
     cand = AdapterCandidate(_LogitsOnly(RefimplAdapter("bf16")), "bf16 logits only")
     rep = run_check(default_dir, cand, "bf16", only="model.prefill.*")
@@ -653,10 +655,10 @@ def test_the_readers_contracts_are_the_case_kinds_own():
     """manifest.REQUIRED (the reading side, no forward pass) says what cases.py registers."""
     import dataclasses
 
-    from oracles.cases import KINDS
-    from oracles.manifest import CONVENTION_ALTERNATIVES, REQUIRED
-    from oracles.schema import Case
-    from oracles.suites import suite_cases
+    from oracles.authoring.cases import KINDS
+    from oracles.format.manifest import CONVENTION_ALTERNATIVES, REQUIRED
+    from oracles.format.schema import Case
+    from oracles.authoring.suites import suite_cases
     from refimpl import Config
 
     assert set(KINDS) <= set(REQUIRED)

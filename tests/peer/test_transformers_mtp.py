@@ -26,7 +26,7 @@ import pytest
 
 import refimpl
 from refimpl import mtp
-from refimpl.checkpoint import random_weights, save_checkpoint
+from refimpl.writer import random_weights, save_checkpoint
 from refimpl.config import RopeScaling
 from refimpl.generate import decode, greedy
 from tests.helpers import rel_err

@@ -53,14 +53,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from refimpl import generate, mtp, names, rope
-from refimpl import model as model_mod
+from refimpl import generate, layer, mtp, names, rope
 from refimpl.backend import to_numpy
-from refimpl.model import Step
+from refimpl.layer import AttentionContext
 from refimpl.norm import rms_norm
 from refimpl.trace import recorder
 
-from . import OraclesError
+from .. import OraclesError
+from ..format.schema import Case
+from .draws import case_rng, model_weights, mtp_weights
+from .kinds import case_model, greedy_aux, kind, model_aux
 
 SCHEDULE_FORMAT = 1
 SCHEDULE_KINDS = ("schedule", "mtp_speculation")
@@ -206,11 +208,12 @@ class PackedRun:
         xp = model.xp
         cos, sin = rope.cos_sin(pos, model.inv_freq, model.cos_sin_factor, xp)
         form = model.mla_form if model.mla_form != "auto" else ("absorbed" if start > 0 else "naive")
-        step = Step(cos, sin, xp.asarray(mask), start, model.softmax_scale, form, self.cache)
+        context = AttentionContext(cos, sin, xp.asarray(mask), start, model.softmax_scale, form,
+                                   self.cache)
         h = model.weights.rows(names.EMBED, ids)  # [1, s] -> [1, s, d]
         recorder(trace)("embed", h)
         for i in range(cfg.num_hidden_layers):
-            h = model_mod.decoder_layer(h, model.weights, cfg, i, step, recorder(trace, f"layers.{i}."))
+            h = layer.decoder_layer(h, model.weights, cfg, i, context, recorder(trace, f"layers.{i}."))
         self.cache.length = start + s
         h = rms_norm(h, model.weights.get(names.FINAL_NORM), cfg.rms_norm_eps)
         recorder(trace)("final_hidden", h)
@@ -245,11 +248,9 @@ def batch_mask(segments, n_slots: int) -> np.ndarray:
 
 def run_schedule(case, dtype) -> dict:
     """The `schedule` kind through refimpl: every step of params.schedule on one PackedRun."""
-    from .cases import _model
-
     tokens = request_tokens(case)
     steps = expand(case.params.get("schedule"), [len(t) for t in tokens])
-    run = PackedRun(_model(case, dtype), tokens)
+    run = PackedRun(case_model(case, dtype), tokens)
     for st in steps:
         if st[0] == "share":
             run.share(*st[1:])
@@ -261,10 +262,8 @@ def run_schedule(case, dtype) -> dict:
 def alone_schedule(case, dtype) -> dict:
     """What each request gives alone: one whole-sequence forward per request, cut to the
     positions the schedule computes for it."""
-    from .cases import _model
-
     tokens = request_tokens(case)
-    model = _model(case, dtype)
+    model = case_model(case, dtype)
     start = shared_lengths(case.params["schedule"], len(tokens))
     out = {}
     for r, t in enumerate(tokens):
@@ -280,8 +279,6 @@ def schedule_required(case):
 
 def schedule_aux(case, out):
     """request.<r>.layers.N.topk_margin for every MoE layer of every request."""
-    from .cases import model_aux
-
     aux = {}
     for r in range(len(request_tokens(case))):
         p = request_name(r, "")
@@ -316,10 +313,8 @@ def run_speculation(case, dtype) -> dict:
     the newest token and up to D drafts go through the main model in one forward, drafts are
     kept while they equal its argmax, the cache rolls back past the rejected ones. Kept: the
     main trace at committed positions and each module's trace at its committed indices."""
-    from .cases import _model
-
     n_new, depth = _speculation_params(case)
-    model = _model(case, dtype)
+    model = case_model(case, dtype)
     prompt = np.asarray(case.inputs["input_ids"], np.int64)
     conv = mtp.DEFAULT
     cache = model.new_cache(batch=1, max_len=prompt.shape[1] + n_new, mtp=True)
@@ -350,10 +345,8 @@ def run_speculation(case, dtype) -> dict:
 def alone_speculation(case, dtype) -> dict:
     """Plain greedy decoding, then one teacher-forced pass over the prompt and the N tokens:
     the main trace at positions 0..P+N-2, module k's at indices 0..P+N-k-1."""
-    from .cases import _model
-
     n_new, depth = _speculation_params(case)
-    model = _model(case, dtype)
+    model = case_model(case, dtype)
     prompt = np.asarray(case.inputs["input_ids"], np.int64)
     toks = generate.greedy(model, prompt[0], n_new)
     seq = np.concatenate([prompt, np.array([toks], np.int64)], axis=1)
@@ -371,9 +364,6 @@ def alone_speculation(case, dtype) -> dict:
 def schedule_case(cid, cfg, lengths, steps, pins, share=None):
     """Requests of the given lengths with random tokens (request r copies request q's first L
     tokens for each (r, q, L) in `share`), run by `steps`."""
-    from .cases import Case
-    from .suites import case_rng, model_weights
-
     rng = case_rng(cid)
     w = model_weights(cfg, rng)
     toks = [rng.integers(0, cfg.vocab_size, n).astype(np.int64) for n in lengths]
@@ -459,9 +449,6 @@ def speculation_case(cid, cfg, depth, prompt, new, pins=None):
     (scenario.speculation.depth2: 50 of 244 at depth 1, 4 at depth 2) and most rejected, so
     that verification both commits several tokens in one forward and rolls the cache back, and
     module k >= 2 runs on drafts."""
-    from .cases import Case
-    from .suites import case_rng, mtp_weights
-
     rng = case_rng(cid)
     w = predictable_mtp(mtp_weights(cfg, rng), cfg)
     ids = rng.integers(0, cfg.vocab_size, (1, prompt)).astype(np.int64)
@@ -518,16 +505,15 @@ def suite(tiny, tiny_mtp):
 
 def speculation_aux(case, out):
     """tokens_margin (greedy_aux) and the routing margins of the main and MTP traces."""
-    from .cases import greedy_aux, model_aux
-
     return {**greedy_aux(case, out), **model_aux(case, out)}
 
 
-def register_kinds(register) -> None:
-    register("schedule", run_schedule, schedule_required,
-             "requests run through a serving schedule (chunks, shared prefix, ragged batches); "
-             "expected: each request alone", aux=schedule_aux, alone=alone_schedule)
-    register("mtp_speculation", run_speculation, ["tokens"],
-             "greedy MTP speculative decoding: the token stream, the main trace at committed "
-             "positions and each module's incremental trace; expected: plain greedy and "
-             "teacher-forced MTP", aux=speculation_aux, alone=alone_speculation)
+KINDS = (
+    kind("schedule", run_schedule, schedule_required,
+         "requests run through a serving schedule (chunks, shared prefix, ragged batches); "
+         "expected: each request alone", aux=schedule_aux, alone=alone_schedule),
+    kind("mtp_speculation", run_speculation, ["tokens"],
+         "greedy MTP speculative decoding: the token stream, the main trace at committed "
+         "positions and each module's incremental trace; expected: plain greedy and "
+         "teacher-forced MTP", aux=speculation_aux, alone=alone_speculation),
+)

@@ -22,6 +22,10 @@ import json
 import math
 import os
 
+from refimpl.atomic import write_text
+
+from .. import OraclesError
+
 # statuses that get a chart (the ones a person has to look into)
 CHARTED = ("fail", "inconclusive")
 STATUS_COLOURS = {"pass": "#1e7b34", "fail": "#b3261e", "missing": "#b35c00", "skip": "#6b6b6b",
@@ -336,8 +340,4 @@ def render(rep: dict) -> str:
 def write_html(path: str, rep: dict) -> None:
     """Write render(rep) to `path` atomically (refimpl.atomic: a temporary beside it, renamed
     when complete; an unusable destination is one line)."""
-    from refimpl.atomic import write_text
-
-    from . import OraclesError
-
     write_text(path, render(rep), OraclesError, tag="oracles")

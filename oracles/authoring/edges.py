@@ -32,10 +32,13 @@ from __future__ import annotations
 import numpy as np
 
 from refimpl import fp8
-from refimpl.checkpoint import FP8_QUANT_CONFIG, is_fp8_weight, random_weights
+from refimpl.layout import FP8_QUANT_CONFIG, is_fp8_weight
+from refimpl.writer import random_weights
 from refimpl.config import Config, RopeScaling
 
-from .schema import Case
+from ..format.schema import Case
+from .draws import case_rng, seed
+from .kinds import routing_margin
 
 F32 = np.float32
 
@@ -48,8 +51,6 @@ def no_norm_topk(tiny) -> Config:
 def gate_logits_below_88_case(cid, cfg, tokens=12):
     """Every gate logit u . e_i in about [-94.5, -91.5]: one channel carries -93, the others
     add noise of standard deviation 0.5."""
-    from .suites import case_rng
-
     rng = case_rng(cid)
     d, e = cfg.hidden_size, cfg.n_routed_experts
     u = rng.normal(0, 1, (tokens, d))
@@ -66,8 +67,6 @@ def gate_logits_below_88_case(cid, cfg, tokens=12):
 def decisive_bias(rng, cfg, margin=0.1) -> np.ndarray:
     """A gate bias whose expert choice (scores ~0 next to it) is decided by more than `margin`
     at the group and the expert level, so that no profile forgives it (draws until one is)."""
-    from .cases import routing_margin
-
     for _ in range(1000):
         b = rng.normal(0, 0.5, cfg.n_routed_experts).astype(F32)
         if routing_margin(np.zeros((1, cfg.n_routed_experts)), b, cfg)[0] > margin:
@@ -96,10 +95,8 @@ def fp8_blocks_weights(cfg, rng) -> dict:
     scaled by a different power 2^u, u uniform in [-2, 2] (so that every block has its own
     scale), then block-quantised (refimpl.fp8.quantize) to e4m3 + a float32 weight_scale_inv;
     the rest float32."""
-    from .suites import _seed
-
     out = {}
-    for name, a in random_weights(cfg, _seed(rng), mtp=False).items():
+    for name, a in random_weights(cfg, seed(rng), mtp=False).items():
         if is_fp8_weight(name) and a.ndim == 2:
             rows, cols = fp8.scale_shape(a.shape)
             f = np.exp2(rng.uniform(-2, 2, (rows, cols)))
@@ -111,8 +108,6 @@ def fp8_blocks_weights(cfg, rng) -> dict:
 
 
 def fp8_model_case(cid, batch=1, seq=9):
-    from .suites import case_rng
-
     rng = case_rng(cid)
     cfg = fp8_model_config()
     w = fp8_blocks_weights(cfg, rng)
@@ -125,8 +120,6 @@ def fp8_model_case(cid, batch=1, seq=9):
 def act_zero_and_tiny_case(cid, tokens=4, k=300):
     """Token 0: channels 0-127 all zero, 128-255 amax 3e-6 (below the 1e-4 floor), the partial
     block 256-299 normal; token 1: its middle block zero; the rest normal."""
-    from .suites import case_rng
-
     rng = case_rng(cid)
     x = rng.normal(0, 1, (tokens, k))
     x[0, :128] = 0.0
@@ -137,8 +130,6 @@ def act_zero_and_tiny_case(cid, tokens=4, k=300):
 
 
 def weight_zero_and_tiny_case(cid, shape=(300, 200)):
-    from .suites import case_rng
-
     rng = case_rng(cid)
     w = rng.normal(0, shape[1] ** -0.5, shape)
     w[:128, :128] = 0.0

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import OraclesError
-from .schema import CAUSAL_KINDS
+from .. import OraclesError
+from .metrics import compare, forgiven, tokens
+from .schema import CAUSAL_KINDS, output_type
 
 # phase of a decoder layer's outputs: 0 per token before the attention mixes positions, 1 after
 # it up to the router, 2 the routing decision, 3 what follows the routing
@@ -204,6 +205,10 @@ class Taint:
         if self.causal and first < len(e):
             self.stream_cut = max(self.stream_cut, len(e) - first)
 
+    def cut(self, a):
+        """A sequence output cut to the positions before the stream went another way."""
+        return taint_cut(self, a)
+
     def add(self, routing: str, flipped, near, reported: bool = True) -> None:
         flipped = np.asarray(flipped, bool)
         if flipped.any():
@@ -300,8 +305,6 @@ def collect(taint: Taint, outputs, expected: dict, cand: dict, tols_all: dict, e
     router input explains (routing.explainer); the others go to taint.unexplained.
     assume: None (every near-tie of a routing output the candidate does not give), or
     {routing name: [*lead] bool}: only those tokens (the others were conditioned on)."""
-    from .metrics import forgiven, tokens
-
     names = dict(outputs)
     if names.get("tokens") == "tokens" and "tokens" in cand and "tokens_margin" in expected:
         c, e = np.asarray(cand["tokens"]), expected["tokens"]
@@ -508,9 +511,6 @@ MAX_JOINT = 3  # near-ties of one position tried jointly (2^n - 1 recomputations
 
 def _passes(names, expected, cand, tols_all, taint) -> bool:
     """Every scored output within its tolerances at every position, against `expected`."""
-    from .metrics import compare
-    from .schema import output_type
-
     for n in names:
         kind = output_type(n)
         tols = tols_all.get(n, {})

@@ -14,9 +14,9 @@ A suite received from someone else is checked for what can be checked without re
   only the conventions suite's own cases, conv.<topic>.<alternative>, may carry one;
 - tolerances, for every profile this checker judges: every metric the output type is judged on is
   present (a metric left out would not be judged), each tol finite, >= 0, not looser than the
-  shipped rule max(K x calibrated, floor) (tolerance.K, tolerance.FLOORS), mismatch tols 0, and
+  shipped rule max(K x calibrated, floor) (tolerances.K, tolerances.FLOORS), mismatch tols 0, and
   every tol and margin below a ceiling at which a zero or random output would pass
-  (tolerance.CEILINGS).
+  (tolerances.CEILINGS).
 
 Errors are one line naming the manifest, the case and the field.
 """
@@ -26,7 +26,8 @@ from __future__ import annotations
 import math
 import re
 
-from . import OraclesError, metrics, tolerance
+from .. import OraclesError
+from . import metrics, tolerances
 from .schema import output_type
 from .untrusted import check_name
 
@@ -45,7 +46,7 @@ REQUIRED = {
     "mtp_module": lambda params, cfg, inputs: [f"mtp.{_int(params['k'])}.logits"],
     "speculative": ("tokens",), "training": ("balance_loss", "bias_updated", "mtp_loss"),
     "fp8_quant": ("q", "scale_inv"), "fp8_act_quant": ("q", "s"),
-    # scenario kinds (oracles/scenarios.py): one request.<r>.logits per request.<r>.input_ids
+    # scenario kinds (oracles/authoring/scenarios.py): one request.<r>.logits per request.<r>.input_ids
     "schedule": lambda params, cfg, inputs: [f"request.{r}.logits" for r in range(_requests(inputs()))],
     "mtp_speculation": ("tokens",),
 }
@@ -135,7 +136,7 @@ def _number(v, field, where, lo=0.0, hi=None) -> float:
         raise where.error(field, f"is {v!r}: must be finite and >= {lo:g}")
     if hi is not None and x > hi:
         raise where.error(field, f"is {v!r}: above the ceiling {hi:g} at which a wrong output "
-                                 f"would pass (tolerance.CEILINGS); refusing the suite")
+                                 f"would pass (tolerances.CEILINGS); refusing the suite")
     return x
 
 
@@ -223,7 +224,7 @@ def validate_case(e: dict, where: _Where) -> None:
             raise where.error("files", f"does not list {MODEL_FILES}, which a model case needs")
     # tolerances
     tols = _typed(e, "tolerances", dict, where)
-    for profile in tolerance.PROFILES:
+    for profile in tolerances.PROFILES:
         if profile in tols:
             validate_tolerances(tols[profile], outputs, profile, where)
 
@@ -233,7 +234,7 @@ def validate_tolerances(t, outputs, profile: str, where: _Where) -> None:
     under the ceilings."""
     if not isinstance(t, dict):
         raise where.error(f"tolerances.{profile}", f"must be an object, not {_json_type(t)}")
-    floors, ceil = tolerance.FLOORS[profile], tolerance.CEILINGS
+    floors, ceil = tolerances.FLOORS[profile], tolerances.CEILINGS
     for o in outputs:
         name, typ = o["name"], o["type"]
         f0 = f"tolerances.{profile}.{name}"
@@ -248,10 +249,10 @@ def validate_tolerances(t, outputs, profile: str, where: _Where) -> None:
                 raise where.error(f, "is missing or not an object: the metric would not be judged")
             tol = _number(v.get("tol"), f + ".tol", where, hi=ceil[m])
             cal = _number(v.get("calibrated"), f + ".calibrated", where)
-            rule = 0.0 if m == "mismatch" else max(tolerance.K * cal, floors[m])
+            rule = 0.0 if m == "mismatch" else max(tolerances.K * cal, floors[m])
             if tol > rule * (1 + 1e-12):
                 raise where.error(f + ".tol", f"is {tol:g}, looser than this checker's rule "
-                                              f"max({tolerance.K:g} x calibrated {cal:g}, floor "
+                                              f"max({tolerances.K:g} x calibrated {cal:g}, floor "
                                               f"{floors[m]:g}) = {rule:g}; refusing the suite")
         for k in eps:
             _number(ent.get(k), f"{f0}.{k}", where, hi=ceil[k])

@@ -32,7 +32,7 @@ import numpy as np
 
 from refimpl import mla, moe, ops
 
-from ..emulate import patched
+from .patching import patched
 
 F16 = np.dtype(np.float16)
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)

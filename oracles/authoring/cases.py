@@ -5,76 +5,29 @@ checkpoint. Its kind is one function `run(case, dtype) -> {output name: array}` 
 outputs with refimpl, in dataflow order. The same function
 
 - makes the expected values (float64, exact),
-- calibrates the tolerances (run again in float32 and in emulated bf16, see tolerance.py),
+- calibrates the tolerances (run again in float32 and in emulated bf16, see calibration.py),
 - is the clean candidate and, with one refimpl function patched, each mutant (mutants.py).
 
-Adding a case kind is one function and one `register(...)` call at the bottom of this file.
-Output names are fixed and documented in docs/conformance.md; model cases use refimpl's trace
+Adding a case kind is one function and one `register(...)` call at the bottom of this file
+(kinds.py says what a kind is). Output names are fixed and documented in docs/conformance.md; model cases use refimpl's trace
 names (`embed`, `layers.N.attn_out`, `layers.N.topk_idx`, `final_hidden`, `logits`, ...).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 
 from refimpl import fp8, generate, losses, mla, moe, mtp, names, norm, rope
-from refimpl.config import Config
-from refimpl.model import Model
 from refimpl.trace import recorder
 
-from .schema import CAUSAL_KINDS, Case, matches, output_type  # noqa: F401 (re-exported)
-
-# ---------------------------------------------------------------------------------------------
-# Kinds
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Kind:
-    name: str
-    run: Callable  # (case, dtype) -> {name: array} in dataflow order
-    required: Callable  # (case) -> names a candidate must provide
-    doc: str
-    aux: Callable | None = None  # (case, outputs) -> expected-only tensors (routing margins)
-    alone: Callable | None = None  # (case, dtype) -> the expected outputs, when `run` takes
-    # another path to them (scenario kinds: run = through the schedule, alone = each request alone)
-
+from . import scenarios
+from .kinds import Kind, case_model, greedy_aux, kind, model_aux, routing_margin
 
 KINDS: dict[str, Kind] = {}
 
 
 def register(name: str, run, required, doc: str, aux=None, alone=None) -> None:
-    KINDS[name] = Kind(name, run, required if callable(required) else (lambda c, r=tuple(required): r),
-                       doc, aux, alone)
-
-
-# ---------------------------------------------------------------------------------------------
-# Routing margins: how far each token is from choosing differently
-# ---------------------------------------------------------------------------------------------
-
-
-def routing_margin(scores, bias, cfg: Config) -> np.ndarray:
-    """Per token, the smallest gap that decides its expert set: between the topk_group-th and the
-    next group score, and between the K-th and the next selectable biased score. A token whose
-    margin is within a profile's rounding may legitimately pick another set.  [T, E] -> [T]"""
-    s = np.asarray(scores, dtype=np.float64)
-    biased = s if (bias is None or not cfg.uses_bias) else s + np.asarray(bias, np.float64)
-    t, e = biased.shape
-    margin = np.full(t, np.inf)
-    if cfg.topk_method != "greedy" and cfg.topk_group < cfg.n_group:
-        gs = -np.sort(-moe.group_scores(biased, cfg.n_group, cfg.topk_method), axis=-1)
-        margin = np.minimum(margin, gs[:, cfg.topk_group - 1] - gs[:, cfg.topk_group])
-        biased = moe.group_mask(biased, cfg.n_group, cfg.topk_group, cfg.topk_method)
-    k = cfg.num_experts_per_tok
-    if k < e:
-        bs = -np.sort(-biased, axis=-1)
-        gap = bs[:, k - 1] - bs[:, k]
-        margin = np.minimum(margin, np.where(np.isfinite(gap), gap, np.inf))
-    return margin
+    KINDS[name] = kind(name, run, required, doc, aux, alone)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,23 +122,10 @@ def run_fp8_dequant(case, dtype):
 # ---------------------------------------------------------------------------------------------
 
 
-def _model(case, dtype):
-    """The case's model; weights kept as stored FP8 (fp8.BlockFP8, emulate.prepared for the fp8
-    profile) run through the FP8 GEMM, as an FP8 engine runs them. A case as written (a stored
-    FP8 checkpoint's e4m3 weights with their _scale_inv, edges.fp8_model_case) is read as the
-    float64 reference reads it: dequantised."""
-    if any(k.endswith("_scale_inv") for k in case.weights):
-        from .emulate import paired_fp8
-        case = dataclasses.replace(case, weights=paired_fp8(case.weights, "float64"))
-    stored_fp8 = any(isinstance(w, fp8.BlockFP8) for w in case.weights.values())
-    return Model.from_arrays(case.config, case.weights, dtype=np.dtype(dtype).name,
-                             fp8_activations=stored_fp8)
-
-
 def run_prefill(case, dtype):
     """logits [b, s, vocab] of input_ids [b, s] from position 0, with every named intermediate."""
     trace = {}
-    _model(case, dtype).forward(case.inputs["input_ids"], trace=trace)
+    case_model(case, dtype).forward(case.inputs["input_ids"], trace=trace)
     return trace
 
 
@@ -194,7 +134,7 @@ def run_decode(case, dtype):
     a time through the latent cache; outputs are the decode steps' trace, concatenated on seq."""
     ids = case.inputs["input_ids"]
     p = case.params["prefill"]
-    model = _model(case, dtype)
+    model = case_model(case, dtype)
     cache = model.new_cache(batch=ids.shape[0], max_len=ids.shape[1])
     model.forward(ids[:, :p], cache=cache)
     steps = []
@@ -205,40 +145,11 @@ def run_decode(case, dtype):
     return {k: np.concatenate([st[k] for st in steps], axis=1) for k in steps[0]}
 
 
-def _layer_of_trace(case, name) -> int:
-    """The checkpoint layer of a trace name: layers.N.* -> N, mtp.K.layer.* -> the MTP layer."""
-    parts = name.split(".")
-    if parts[0] == "mtp":
-        return names.mtp_layer(case.config, int(parts[1]))
-    return int(parts[1])
-
-
-def model_aux(case, out):
-    """topk_margin [b, s] for every MoE layer (MTP modules' layers included)."""
-    aux = {}
-    for name, s in out.items():
-        if name.endswith(".router_scores"):
-            i = _layer_of_trace(case, name)
-            bias = case.weights.get(names.gate_bias(i))
-            b, t, e = s.shape
-            aux[name.replace("router_scores", "topk_margin")] = \
-                routing_margin(s.reshape(b * t, e), bias, case.config).reshape(b, t)
-    return aux
-
-
 def run_greedy(case, dtype):
     """Greedy continuation of prompt input_ids [1, P]: params.max_new_tokens ids [1, n]."""
-    model = _model(case, dtype)
+    model = case_model(case, dtype)
     toks = generate.greedy(model, case.inputs["input_ids"][0], case.params["max_new_tokens"])
     return {"tokens": np.array([toks], dtype=np.int64)}
-
-
-def greedy_aux(case, out):
-    """tokens_margin [1, n]: the gap between the best and second-best logit at each step."""
-    ids = np.concatenate([case.inputs["input_ids"], out["tokens"][:, :-1]], axis=1)
-    logits = np.asarray(_model(case, np.float64).forward(ids))[:, case.inputs["input_ids"].shape[1] - 1:]
-    top2 = -np.sort(-logits, axis=-1)[..., :2]
-    return {"tokens_margin": top2[..., 0] - top2[..., 1]}
 
 
 def run_fp8_quant(case, dtype):
@@ -265,7 +176,7 @@ def run_mtp_prefill(case, dtype):
     k = 1..D the module's trace under mtp.k.* and mtp.k.logits [b, T-k, vocab] (index i predicts
     t_{i+k+1}). Conventions: refimpl's mtp.DEFAULT (embedding first, h^0 after the final norm)."""
     trace = {}
-    _model(case, dtype).forward(case.inputs["input_ids"], trace=trace, mtp=True,
+    case_model(case, dtype).forward(case.inputs["input_ids"], trace=trace, mtp=True,
                                 mtp_conventions=mtp.DEFAULT)
     return trace
 
@@ -278,7 +189,7 @@ def run_mtp_module(case, dtype):
     """One MTP module k (params.k) alone: input_ids [b, s] are the tokens t_{i+k}, h_prev
     [b, s, d] is h^{k-1}_i; indices i = 0..s-1 -> the module's trace under mtp.k.*."""
     trace = {}
-    model = _model(case, dtype)
+    model = case_model(case, dtype)
     h_prev = np.asarray(case.inputs["h_prev"], dtype=dtype)
     model.mtp_module(case.params["k"], case.inputs["input_ids"], h_prev, 0, None, trace, mtp.DEFAULT)
     return trace
@@ -287,7 +198,7 @@ def run_mtp_module(case, dtype):
 def run_speculative(case, dtype):
     """Greedy speculative decoding with the MTP modules (params.depth drafts per round): the
     token stream, which must equal plain greedy decoding."""
-    model = _model(case, dtype)
+    model = case_model(case, dtype)
     rep = generate.decode(model, case.inputs["input_ids"][0], case.params["max_new_tokens"],
                           use_mtp=True, depth=case.params["depth"], conventions=mtp.DEFAULT)
     return {"tokens": np.array([rep.tokens], dtype=np.int64)}
@@ -343,6 +254,4 @@ register("fp8_quant", run_fp8_quant, ["q", "scale_inv"], "FP8 e4m3 block quantis
 register("fp8_act_quant", run_fp8_act_quant, ["q", "s"],
          "FP8 activation quantisation per token per 128 channels")
 
-from . import scenarios  # noqa: E402 - the scenario kinds (schedule, mtp_speculation)
-
-scenarios.register_kinds(register)
+KINDS.update({k.name: k for k in scenarios.KINDS})  # schedule, mtp_speculation

@@ -19,7 +19,7 @@ import stat
 
 from refimpl.errors import printable
 
-from . import OraclesError
+from .. import OraclesError
 
 MAX_COMPONENT = 255  # bytes, as most file systems allow
 MAX_NAME = 1024

@@ -39,7 +39,7 @@ class Case:
 
     @property
     def schedule(self) -> dict | None:
-        """How an engine must run the case (scenario kinds, oracles/scenarios.py), or None."""
+        """How an engine must run the case (scenario kinds, oracles/authoring/scenarios.py), or None."""
         return self.params.get("schedule")
 
 

@@ -21,10 +21,12 @@ import numpy as np
 
 from refimpl import generate, moe, mtp, names
 
-from . import taint as taint_mod
-from .cases import KINDS, _model, routing_margin
-from .emulate import prepared
-from .scenarios import request_tokens
+from ..format import taint as taint_mod
+from .cases import KINDS
+from .kinds import case_model, model_aux
+from .mutants import MUTANTS
+from .precision import prepared
+from .scenarios import request_name, request_tokens
 
 KINDS_CONDITIONED = ("prefill", "decode", "mtp_prefill", "mtp_module", "schedule",
                      "mtp_speculation", "gate", "moe", "greedy", "speculative")
@@ -56,7 +58,7 @@ class Conditioner:
 
     def model(self, work):
         if self._model is None:
-            self._model = _model(work, np.float64)
+            self._model = case_model(work, np.float64)
         return self._model
 
     # ---- forced routes by output name -> refimpl's routes ------------------------------------
@@ -100,7 +102,6 @@ class Conditioner:
             out = getattr(self, f"_{kind}")(work, forced)
         aux = KINDS[kind].aux(self.case, out) if KINDS[kind].aux and kind != "mtp_speculation" else {}
         if kind == "mtp_speculation":
-            from .cases import model_aux
             aux = model_aux(self.case, out)
         return {k: np.asarray(v) for k, v in {**out, **aux}.items()}
 
@@ -134,8 +135,6 @@ class Conditioner:
         """Each request alone (the expected values), with its own forced tokens and those of
         the requests whose cache entries it reads (shared prefixes): the same tokens, so the
         same choices there reproduce the shared entries."""
-        from .scenarios import request_name
-
         tokens = request_tokens(work)
         lay = taint_mod.Layout("schedule", [], work.params)
         start = [lay.offset(r) for r in range(len(tokens))]
@@ -260,8 +259,6 @@ def conditioner_for(entry, load, expected):
     it does not recompute. load() -> the case; expected: its expected tensors."""
     if entry["kind"] not in KINDS_CONDITIONED:
         return None
-    from .mutants import MUTANTS
-
     mutant = MUTANTS.get(entry.get("expected_under"))
     tokens = np.asarray(expected["tokens"], np.int64) if "tokens" in expected else None
     return Conditioner(load, mutant, tokens)

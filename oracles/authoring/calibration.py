@@ -1,60 +1,18 @@
-"""Tolerance profiles, derived rather than guessed.
-
-For each case and each profile, refimpl runs the case again in that precision (emulate.py:
-float32, or bf16 rounding at operator boundaries) and the error against the float64 truth is
-measured with the same metrics the checker uses. The tolerance is
-
-    tol = max(K * calibrated error, floor[profile][metric])
-
-and both numbers are recorded in the manifest. Routing margins are calibrated the same way: the
-largest router-score error times K (or twice the margin of any token the emulated run routed
-differently) is the profile's rounding, and tokens whose margin is within it are forgiven.
-
-The fp8 profile emulates FP8 weights and activations in the linear maps V3 ships in FP8, on top
-of the bf16 rounding (emulate.py). The engine-mode profiles f16_kv (llama.cpp's default float16
-KV cache), bf16_f32_experts (MLX-LM's bf16 on a CPU: expert GEMMs in float32) and fp8_kv (vLLM's
-e4m3 KV cache on bf16) are calibrated the same way from oracles/engines/modes.py's emulation.
+"""Calibrating a case's tolerances (the rule and constants: oracles.format.tolerances): the
+emulated run's error against the float64 truth, measured exactly as the checker measures a
+candidate (against the truth conditioned on the emulated run's routing, oracles.authoring.
+conditioned, and with what its forgiven routing differences reach left out), times K, floored
+and capped per profile.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import metrics, taint as taint_mod
-from .schema import output_type
-
-K = 4.0
-PROFILES = ("float32", "bf16", "fp8", "f16_kv", "bf16_f32_experts", "fp8_kv")
-# profile -> emulated precision (the last three: engine modes, oracles/engines/modes.py)
-CALIBRATED_BY = {p: p for p in PROFILES}
-
-# Floors: about one operator's rounding error in that precision (unit roundoff u = 2^-24, 2^-8
-# and 2^-4 for float32, bf16 and e4m3: nmse ~ a few u^2, max_rel ~ a few u), so that an output
-# whose calibration saw no error (or few tokens, see Taint) still allows one rounding.
-FLOORS = {
-    "float32": {"nmse": 1e-11, "max_rel": 2e-5, "norm": 1e-6, "top1": 0.0, "topk": 0.02,
-                "kl": 1e-9, "mismatch": 0.0, "margin_eps": 1e-6, "logit_eps": 1e-4},
-    "bf16": {"nmse": 1e-4, "max_rel": 5e-2, "norm": 5e-3, "top1": 0.0, "topk": 0.1,
-             "kl": 1e-3, "mismatch": 0.0, "margin_eps": 1e-2, "logit_eps": 0.25},
-    "fp8": {"nmse": 5e-3, "max_rel": 0.3, "norm": 2e-2, "top1": 0.0, "topk": 0.2,
-            "kl": 1e-2, "mismatch": 0.0, "margin_eps": 3e-2, "logit_eps": 0.5},
-}
-# Engine modes: float16's unit roundoff is 2^-11; the other two are bf16 at heart (the e4m3 cache
-# of fp8_kv is one rounding on top of bf16's, as in the fp8 profile).
-FLOORS["f16_kv"] = {"nmse": 1e-7, "max_rel": 2e-3, "norm": 1e-4, "top1": 0.0, "topk": 0.05,
-                    "kl": 1e-6, "mismatch": 0.0, "margin_eps": 1e-3, "logit_eps": 2e-2}
-FLOORS["bf16_f32_experts"] = dict(FLOORS["bf16"])
-FLOORS["fp8_kv"] = dict(FLOORS["fp8"])
-
-
-# Ceilings, for any profile: a suite whose tolerance (or forgiveness margin) exceeds one is refused
-# (manifest.py), since at that level a wrong output passes: a zero output has nmse 1 and norm 1,
-# a constant one max_rel >= 1; topk 1 and top1 1 accept any argmax. They sit several times
-# above the loosest calibrated values of the shipped suites (fp8 profile: nmse 0.19, norm 0.18,
-# max_rel 4.0, topk 0.8, kl 0.045, margin_eps 1.5, logit_eps 11), so a real calibration never
-# meets them. Within them a suite's own calibration is trusted unless its digest is pinned.
-CEILINGS = {"nmse": 0.5, "max_rel": 16.0, "norm": 0.5, "top1": 0.5, "topk": 0.9, "kl": 1.0,
-            "mismatch": 0.0, "margin_eps": 8.0, "logit_eps": 64.0}
+from ..format import metrics
+from ..format import taint as taint_mod
+from ..format.schema import output_type
+from ..format.tolerances import CEILINGS, FLOORS, K
 
 
 def _flipped_margin(c_idx, e_idx, margin) -> float:

@@ -124,14 +124,13 @@ def tokens(c, e, margin, eps: float) -> dict:
 
 def compare(name, kind, c, e, expected, tols, taint, c_idx=None):
     """The metrics of one output -> (values, the metric names that are judged). Positions that a
-    forgiven routing difference reaches (taint.Taint, filled before any output is compared) are
+    forgiven routing difference reaches (taint.Taint, filled before any output is compared; this
+    module does not import it) are
     left out; `compared`, `positions` and `not_compared` then count this output's token
     positions."""
-    from .taint import ALL, REPORTED, taint_cut
-
     cut = (lambda a: a)
     if kind != "tokens" and taint is not None and taint.stream_cut and np.ndim(e) >= 2:
-        cut = (lambda a: taint_cut(taint, a))
+        cut = taint.cut
         c, e, c_idx = cut(c), cut(e), cut(c_idx)
     cover = None
     shape = np.shape(e)
@@ -145,10 +144,10 @@ def compare(name, kind, c, e, expected, tols, taint, c_idx=None):
         else:
             # routing the candidate did not report may or may not have flipped: first compare
             # leaving out only the flips it reported; if that passes, nothing needed forgiving
-            for which in (REPORTED, ALL):
+            for which in ("reported", "all"):  # taint.REPORTED, taint.ALL
                 vals = measure(taint.select(c, name, lead, which), taint.select(e, name, lead, which))
                 cover = taint.cover(name, shape[:lead], which)
-                if which == ALL or (vals and all(
+                if which == "all" or (vals and all(
                         vals[m] <= tols[m]["tol"] for m in names if m in tols)):
                     break
     elif kind == "indices":

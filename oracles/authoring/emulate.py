@@ -1,0 +1,68 @@
+"""Running a case's refimpl computation in a chosen precision.
+
+Precisions (the tolerance profiles are calibrated from these):
+- float64: the truth.
+- float32: inputs and weights as float32, refimpl's float32 working dtype.
+- bf16: weights and inputs rounded to bfloat16 (the gate bias stays float32, as checkpoints
+  store it), float32 arithmetic, and every operator's output rounded to bfloat16 at its boundary
+  through refimpl's one precision hook, `refimpl.ops.rounding(round_bf16)`: linear maps (SwiGLU's
+  projections, the MTP modules' eh_proj and the heads included), RMSNorms (enorm, hnorm and
+  shared_head.norm included), the attention softmax, RoPE, and each decoder layer's output; the
+  router stays float32.
+- fp8: bf16 as above, and the linear maps that DeepSeek-V3 ships in FP8 (attention projections,
+  expert and dense FFN weights; not the embedding, lm_head, gate or eh_proj, SPEC.md section 7)
+  run through refimpl's own FP8 path: weights block-quantised by fp8.quantize and multiplied by
+  fp8.fp8_gemm (activations quantised per token per 128 channels by fp8.quantize_activations,
+  per-128-block float32 accumulation, as DeepSeek's fp8_gemm); model cases run
+  Model(fp8_activations=True) (kinds.case_model sees the fp8.BlockFP8 weights). kv_b_proj is
+  dequantised, as that path keeps it.
+
+No refimpl function is patched for a precision: the precision is the case's arrays (`prepared`)
+and the rounding policy (precision.py).  Mutants (mutants.py) do patch one refimpl function
+each for the duration of a run, through patching.patched; so do the engine modes (modes.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from refimpl import ops
+
+from ..format.schema import Case
+from .cases import KINDS
+from .modes import MODES
+from .precision import PRECISIONS, prepared, round_bf16, working_dtype  # noqa: F401 (re-exported)
+
+# engine modes (modes.py): a base precision above plus patches of their own
+MODE_PRECISIONS = tuple(MODES)
+
+
+def run_case(case: Case, precision: str = "float64", mutant=None, alone: bool = False) -> dict:
+    """The case's outputs from refimpl -> {name: float64 or int64 numpy array}, dataflow order.
+    `mutant` (a mutants.Mutant) is patched in during the run. `alone`: the kind's standalone
+    computation where it has one (the expected values of scenario kinds)."""
+    kind = KINDS[case.kind]
+    mode = None
+    if precision in MODE_PRECISIONS:
+        mode, precision = MODES[precision], MODES[precision].base
+    stack = contextlib.ExitStack()
+    with stack:
+        if precision in ("bf16", "fp8"):
+            stack.enter_context(ops.rounding(round_bf16))
+        if mode is not None:
+            stack.enter_context(mode.patches())
+        if mutant is not None:
+            stack.enter_context(mutant.patch(case))
+        # prepared inside the mutant: a candidate's own loading (dequantising a stored FP8
+        # checkpoint, quantising for the fp8 profile) has its bug too
+        work = prepared(case, precision)
+        out = (kind.alone if alone and kind.alone else kind.run)(work, working_dtype(precision))
+    result = {}
+    for k, v in out.items():
+        v = np.asarray(v)
+        if precision in ("bf16", "fp8"):
+            v = round_bf16(v)
+        result[k] = v.astype(np.int64 if np.issubdtype(v.dtype, np.integer) else np.float64)
+    return result

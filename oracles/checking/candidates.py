@@ -1,0 +1,225 @@
+"""Candidates: what the checker compares with a golden suite.  A directory of output files
+(the file route, for engines in any language) or a Python adapter loaded from `--adapter
+pkg.mod:factory`, whose every call runs on a worker thread with a timeout (worker.py).
+
+An adapter is any object with
+    supports(case) -> True, or a string saying why not (the case is skipped with that reason)
+    run(case)      -> {output name: array}   (numpy, or anything np.asarray / torch accepts)
+where `case` has .id, .kind, .params, .inputs (numpy arrays as stored), .config (refimpl Config or
+None), .weights (model cases: the checkpoint tensors) and .path (the case directory, holding
+config.json and model.safetensors for model cases).
+
+Scenario cases (kinds `schedule` and `mtp_speculation`, oracles/authoring/scenarios.py) also have
+.schedule (= .params["schedule"]; None for every other case): how the engine must run the
+requests, e.g. for `schedule`
+
+    {"format": 1, "requests": 2, "steps": [
+        {"op": "forward", "batch": [[0, 20]]},                          # one forward: request 0's next 20 tokens
+        {"op": "share_prefix", "request": 1, "from": 0, "length": 20},  # request 1 reuses those 20 cache entries
+        {"op": "forward", "batch": [[0, 5], [1, 7]]},                   # one batch: 5 more of 0, 7 of 1
+        {"op": "forward", "batch": [[1, 1]], "repeat": 3}]}             # three decode steps of request 1
+
+with request r's tokens in .inputs["request.<r>.input_ids"] [1, n_r], and outputs named
+request.<r>.logits (required) and request.<r>.<trace name> over the positions the schedule
+computes for r. An engine that cannot run a schedule as written returns a reason from
+supports(case) (the case is skipped, never passed); running the requests some other way would
+not test the path the case is for. oracles.authoring.scenarios.expand(schedule, lengths) checks a
+schedule and unrolls it into one entry per forward.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import weakref
+
+import ml_dtypes
+import numpy as np
+
+from refimpl.writer import write_safetensors
+
+from .. import OraclesError
+from ..format import untrusted
+from ..format.golden import Golden, read_tensors
+from ..format.schema import matches
+from .worker import DEFAULT_CASE_TIMEOUT, AdapterTimeout, CaseError, Worker, call_adapter, text
+
+
+class DirCandidate:
+    """The file route: CANDIDATE/cases/<id>/outputs.safetensors (a regular file inside
+    CANDIDATE, checked like a golden suite's files)."""
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        if not os.path.isdir(self.path):
+            raise OraclesError(f"{self.path}: candidate directory not found")
+        self.label = self.path
+
+    def supports(self, case_id, load):
+        """True, or the reason in CANDIDATE/cases/<id>/skip.txt (an engine that cannot run the
+        case, e.g. cannot express its schedule, says so there): its first line, printable
+        characters only, at most 200."""
+        p = os.path.join(self.path, "cases", case_id, "skip.txt")
+        if not os.path.isfile(p):
+            return True
+        with open(p, "rb") as f:
+            line = f.read(4096).decode("utf-8", "replace").splitlines()[:1]
+        reason = "".join(ch for ch in (line[0] if line else "") if ch.isprintable()).strip()[:200]
+        return reason or "skipped (empty skip.txt)"
+
+    def outputs(self, case_id, load):
+        p = untrusted.inside(self.path, f"cases/{case_id}/outputs.safetensors",
+                             f"candidate outputs of case {case_id!r}", missing_ok=True)
+        if p is None:
+            return None
+        return read_tensors(p)
+
+
+def _supported(ok):
+    """supports()'s answer -> True, or the reason to skip (on the adapter's thread: any
+    __bool__ or __str__ it runs is the adapter's)."""
+    if ok is True or (isinstance(ok, np.bool_) and bool(ok)):
+        return True
+    return text(ok) if ok else "not supported"
+
+
+class AdapterCandidate:
+    """A Python engine: `factory()` returns an object with supports(case) and run(case). Every
+    call runs on one worker thread with a per-call timeout (`timeout` seconds; 0 runs calls
+    inline in the calling thread, without a timeout)."""
+
+    def __init__(self, adapter, label: str, timeout: float = DEFAULT_CASE_TIMEOUT, worker=None):
+        self.adapter, self.label, self.timeout = adapter, label, timeout
+        self.worker = worker if worker is not None or not timeout else Worker()
+        if self.worker is not None:  # its thread ends with the candidate (unless it is stuck)
+            weakref.finalize(self, self.worker.close)
+
+    @property
+    def stuck(self):
+        return self.worker.stuck if self.worker is not None else None
+
+    def _call(self, fn, what):
+        return call_adapter(self.worker, fn, self.timeout, what)
+
+    def supports(self, case_id, load):
+        case, adapter = load(), self.adapter
+        return self._call(lambda: _supported(adapter.supports(case)), "supports()")
+
+    def outputs(self, case_id, load):
+        case, adapter = load(), self.adapter
+        out = self._call(lambda: _as_outputs(adapter.run(case)), "run()")
+        for k, v in out.items():
+            if not isinstance(k, str):
+                raise CaseError(f"run() returned an output named {k!r}, not a string")
+            if v.dtype.kind not in "biuf" and v.dtype != ml_dtypes.bfloat16:
+                raise CaseError(f"run() returned output {k!r} as {v.dtype} values, not numbers")
+        return out
+
+
+def _as_outputs(out):
+    """run()'s result -> {name: numpy array} (on the adapter's thread: torch calls stay there)."""
+    if not isinstance(out, dict):
+        raise TypeError(f"run() returned {type(out).__name__}, not a dict of arrays")
+    res = {}
+    for k, v in out.items():
+        try:
+            res[k] = _as_numpy(v)
+        except Exception as e:  # noqa: BLE001 - a value that is no array
+            raise TypeError(f"output {k!r}: {type(v).__name__} is not an array ({e})") from None
+    return res
+
+
+def _as_numpy(v):
+    if hasattr(v, "detach"):  # a torch tensor
+        v = v.detach().cpu()
+        if str(v.dtype) == "torch.bfloat16":
+            v = v.float()
+        v = v.numpy()
+    return np.asarray(v)
+
+
+def load_adapter(spec: str, timeout: float = DEFAULT_CASE_TIMEOUT) -> AdapterCandidate:
+    """'pkg.mod:factory' -> the candidate (factory() is called once). The import and the factory
+    run on the candidate's worker thread with the same timeout as each case; whatever goes
+    wrong there (an exception, sys.exit, no return) is one line and exit 2."""
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise OraclesError(f"--adapter {spec!r} must look like pkg.module:factory")
+
+    def factory():
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise OraclesError(f"--adapter {spec}: cannot import {mod_name} ({e})") from None
+        except BaseException as e:  # noqa: BLE001 - anything the module does at import
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            raise OraclesError(f"--adapter {spec}: importing {mod_name} raised "
+                               f"{type(e).__name__}: {text(e)}") from None
+        f = getattr(mod, attr, None)
+        if f is None or not callable(f):
+            raise OraclesError(f"--adapter {spec}: {mod_name} has no callable {attr}")
+        return f()
+
+    return make_candidate(factory, spec, timeout)
+
+
+def make_candidate(factory, label: str, timeout: float = DEFAULT_CASE_TIMEOUT) -> AdapterCandidate:
+    """factory() -> an adapter, called on the candidate's worker thread (where every later call
+    runs, so an engine built there keeps its thread) with the case timeout -> the candidate.
+    An exception, sys.exit or no return in the factory is one line and exit 2 naming `label`."""
+    if not (timeout >= 0 and math.isfinite(timeout)):
+        raise OraclesError(f"--case-timeout {timeout!r}: must be a number of seconds >= 0")
+    worker = Worker() if timeout else None
+
+    def make():
+        try:
+            adapter = factory()
+        except OraclesError:
+            raise
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            raise OraclesError(f"{label}: the factory raised {type(e).__name__}: {text(e)}") from None
+        if not (callable(getattr(adapter, "supports", None)) and callable(getattr(adapter, "run", None))):
+            raise OraclesError(f"{label}: the factory's object needs supports(case) and run(case)")
+        return adapter
+
+    try:
+        adapter = worker.call(make, timeout, "the factory") if worker is not None else make()
+    except AdapterTimeout:
+        raise OraclesError(f"{label}: building the adapter did not return within {timeout:g} s "
+                           "(--case-timeout)") from None
+    return AdapterCandidate(adapter, label, timeout=timeout, worker=worker)
+
+
+def write_outputs(golden_path: str, candidate: AdapterCandidate, out: str, only=None,
+                  errors: dict | None = None, expect_digest: str | None = None) -> dict:
+    """The file route driven by an adapter: CANDIDATE/cases/<id>/outputs.safetensors for every
+    supported case -> {case id: skip reason} for the others. A case whose adapter call fails
+    (raises, exits, times out) gets no file; its one-line reason goes to `errors`."""
+    golden = Golden(golden_path, expect_digest=expect_digest)
+    skipped = {}
+    errors = {} if errors is None else errors
+    for cid in golden.cases:
+        if not matches(cid, only):
+            continue
+        if candidate.stuck:
+            errors[cid] = f"not run: the adapter is stuck ({candidate.stuck})"
+            continue
+        case = golden.load_case(cid)
+        try:
+            ok = candidate.supports(cid, lambda: case)
+            if ok is not True:
+                skipped[cid] = ok
+                continue
+            outs = candidate.outputs(cid, lambda: case)
+        except CaseError as e:
+            errors[cid] = str(e)
+            continue
+        d = os.path.join(out, "cases", cid)
+        os.makedirs(d, exist_ok=True)
+        write_safetensors(os.path.join(d, "outputs.safetensors"),
+                          {k: np.ascontiguousarray(v) for k, v in outs.items()})
+    return skipped

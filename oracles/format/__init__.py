@@ -1,0 +1,7 @@
+"""The suite format: what a golden suite is on disk and how it is read as untrusted input.
+
+schema (the Case record, output types), untrusted (reading files from a suite safely), manifest
+(validating manifest.json), golden (the Golden reader), metrics (the comparisons), tolerances
+(the profiles' constants).  Nothing here computes an output or imports refimpl's forward pass;
+this layer imports no other layer of oracles/.
+"""
