@@ -2,8 +2,10 @@
 
     oracles list     [--suite NAME]
     oracles generate --out DIR [--suite NAME] [--only GLOB]
-    oracles check    GOLDEN [CANDIDATE | --adapter pkg.mod:factory] [--profile float32|bf16|fp8] [--only GLOB] [--json REPORT]
+    oracles check    GOLDEN [CANDIDATE | --adapter pkg.mod:factory] [--profile P] [--any-profile] [--only GLOB] [--json REPORT]
                      [--html REPORT.html] [--expect-digest HEX] [--case-timeout SECONDS] [--allow-empty] [--allow-inconclusive]
+                     [--no-conditioning]
+    (the profile defaults to the one that emulates the candidate's recorded mode, else float32)
     oracles run      GOLDEN --adapter pkg.mod:factory --out CANDIDATE [--expect-digest HEX] [--case-timeout S]
     check and run also take --engine transformers|mlx|llama.cpp|vllm [--engine-option KEY=VALUE]
     (the built-in engine adapters, oracles/engines/) in place of --adapter.

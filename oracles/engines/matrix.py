@@ -303,7 +303,7 @@ def render(rows: list[dict]) -> str:
            "others (the rows are also in `docs/engines.json`, with each row's distribution of "
            "compared fractions: `python benchmarks/compared_fraction.py` prints them). The first "
            "profile of each configuration is the one that emulates its mode (`vs. its mode`, "
-           "oracles/profiles.py): its verdict is the run's. The others show what a stricter profile "
+           "oracles/format/profiles.py): its verdict is the run's. The others show what a stricter profile "
            "or another mode of the same precision says of the same outputs; no row judges a run "
            "by a profile that emulates FP8 weights or an FP8 KV cache it did not have. The checker "
            "recomputes the reference on the engine's routing where it resolved a near-tie the "

@@ -2,7 +2,7 @@
 
 A candidate that resolves a forgiven near-tie the other way (token at index p of a sequence,
 routing block B) legitimately changes some of its later outputs; without a conditioned golden
-(conditioned.py) those are left out of the comparison. This module says exactly which: the
+(authoring/conditioned.py) those are left out of the comparison. This module says exactly which: the
 outputs downstream of B's routing, at p alone where no attention lies between them (B's own
 topk_weight, ffn_out and hidden; final_hidden and logits after the last layer; an MTP module's
 h_prev, eh_proj and per-token projections after the layer before it; the module's own head after
@@ -360,7 +360,7 @@ def taint_cut(taint, a):
 
 
 # ---------------------------------------------------------------------------------------------
-# Conditioning: the golden recomputed with the candidate's routing (conditioned.py)
+# Conditioning: the golden recomputed with the candidate's routing (authoring/conditioned.py)
 # ---------------------------------------------------------------------------------------------
 
 MAX_RECOMPUTATIONS = 32  # per case: a bound on the reference forwards conditioning may run
