@@ -29,12 +29,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from oracles.adapters import RefimplAdapter  # noqa: E402
-from oracles.check import AdapterCandidate, run_check  # noqa: E402
-from oracles.conditioned import conditioner_for  # noqa: E402
+from oracles.authoring.conditioned import conditioner_for  # noqa: E402
+from oracles.authoring.writer import generate  # noqa: E402
+from oracles.checking.candidates import AdapterCandidate  # noqa: E402
+from oracles.checking.check import run_check  # noqa: E402
 from oracles.engines.matrix import compared_fractions  # noqa: E402
-from oracles.golden import generate  # noqa: E402
-from oracles.tolerance import PROFILES  # noqa: E402
+from oracles.engines.reference import RefimplAdapter  # noqa: E402
+from oracles.format.tolerances import PROFILES  # noqa: E402
 
 HEAD = "| suite | candidate | profile | model cases | min | p10 | median | below 0.9 | conditioned | inconclusive | failed |"
 
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
     print("|" + "---|" * (HEAD.count("|") - 1))
     with contextlib.ExitStack() as stack:
         work = args.work or stack.enter_context(tempfile.TemporaryDirectory(prefix="compared-"))
+        os.makedirs(work, exist_ok=True)
         for suite in args.suites.split(","):
             gdir = os.path.join(work, suite)
             if not os.path.exists(gdir):

@@ -101,3 +101,35 @@ def test_an_adapter_says_its_mode(default_dir, tmp_path):
              "model.prefill.tiny", "--json", rep_path, module="oracles")
     rep = json.load(open(rep_path))
     assert rep["profile"] == rep["mode"] == "bf16"
+
+
+def test_the_compared_fraction_command_prints_a_row_per_profile(tmp_path):
+    """benchmarks/compared_fraction.py (issue 16 item 7) on the smoke suite: one row per
+    profile, refimpl's own emulation failing nothing; the engine rows come from the matrix's
+    JSON when it holds the distribution."""
+    import importlib.util
+    import io
+    from contextlib import redirect_stdout
+
+    from tests.helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("compared_fraction",
+                                                  os.path.join(ROOT, "benchmarks", "compared_fraction.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [{"engine": "vllm", "version": "0.32.0", "options": {"dtype": "bfloat16"}, "suite": "engine",
+             "profile": "bf16", "date": "2026-12-02", "failed": 0, "inconclusive_cases": [],
+             "compared": {"cases": 6, "min": 0.9, "p10": 0.9, "median": 1.0, "below_0.9": 0, "conditioned": 1}},
+            {"engine": "old", "version": "1", "options": {}, "suite": "engine", "profile": "bf16",
+             "date": "2026-01-01", "failed": 0}]  # a row from before: no distribution, not printed
+    (tmp_path / "engines.json").write_text(json.dumps(rows))
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert mod.main(["--suites", "smoke", "--profiles", "float32,bf16", "--work", str(tmp_path / "w"),
+                         "--engines-json", str(tmp_path / "engines.json")]) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("| suite | candidate | profile |") and len(lines) == 2 + 2 + 1
+    for line, profile in zip(lines[2:4], ("float32", "bf16")):
+        cells = [c.strip() for c in line.split("|")]
+        assert cells[1:4] == ["smoke", "refimpl emulation", profile] and cells[11] == "0"
+    assert "vllm 0.32.0 (dtype=bfloat16), 2026-12-02" in lines[4] and "| 0.9 |" in lines[4]
