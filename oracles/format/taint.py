@@ -177,8 +177,9 @@ ALL, REPORTED = "all", "reported"
 
 class Taint:
     """Tokens whose routing legitimately differs (a forgiven near-tie that the candidate resolved
-    the other way, `add`, or might have, `assume`) and what they reach (Layout): those positions
-    are left out of the comparison of each output. `mask(name, lead)` is exact per output.
+    the other way, reported; or, for a candidate that does not report its routing, might have,
+    assumed: see collect) and what they reach (Layout): those positions are left out of the
+    comparison of each output. `mask(name, lead)` is exact per output.
 
     A generated stream that legitimately went another way (a forgiven near-tie) n steps before
     its end: the sequence outputs compared after it drop their last n positions (they belong to
