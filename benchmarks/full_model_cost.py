@@ -4,7 +4,7 @@ weights read, FLOPs, and the time each implies on one H200 (weights streamed fro
 on an 8 x H200 node (layers placed across the GPUs, activations passed between them).
 
 Everything is counted from the config and the tensor plan (refimpl.layout.tensor_plan), so
-the parameter totals are exactly SPEC.md section 8's. The hardware numbers are assumptions,
+the parameter totals are exactly spec section 8's. The hardware numbers are assumptions,
 each a flag; the defaults are the H200 datasheet (141 GB HBM3e at 4.8 TB/s), PCIe Gen5 x16 at a
 practical 50 GB/s host to device, NVLink 4 at 450 GB/s per direction per GPU, and matrix rates
 for the precisions: fp8 1580 and bf16 790 TFLOP/s (790 is the bf16 rate measured on this
@@ -34,7 +34,7 @@ FP8_BLOCK = 128
 
 
 def stored_bytes(name: str, shape: tuple) -> int:
-    """Bytes in the published FP8 checkpoint (SPEC.md 7): linear weights e4m3 (1 B) plus a float32
+    """Bytes in the published FP8 checkpoint (spec section 7): linear weights e4m3 (1 B) plus a float32
     scale per 128 x 128 block; embedding, lm_head, norms and the gate weight bf16; the gate bias
     float32."""
     n = math.prod(shape)

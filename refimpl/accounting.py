@@ -1,6 +1,6 @@
 """Parameter and cache arithmetic: the headline numbers (671B total, 37B active, MLA's KV-cache
 saving), derived from the config through the same tensor plan the checkpoint writer uses
-(SPEC.md section 8).  Nothing here is hard-coded for one model.
+(spec section 8).  Nothing here is hard-coded for one model.
 
 Counting conventions (stated, because published figures differ on them):
 - "total" is the main model without the MTP module (the 671B of the paper's title).
@@ -44,7 +44,7 @@ def component(name: str) -> str:
     if rest.startswith("mlp."):
         return "dense_ffn"
     if rest.startswith(("embed_tokens.", "shared_head.head.")):
-        return "mtp_copies"  # stored copies of the shared embedding and head (SPEC.md section 6)
+        return "mtp_copies"  # stored copies of the shared embedding and head (spec section 6)
     if rest.startswith(("eh_proj.", "enorm.", "hnorm.", "shared_head.norm.")):
         return "mtp_extra"
     return "norms"  # input_layernorm, post_attention_layernorm
@@ -82,7 +82,7 @@ def layer_summary(cfg: Config, layer: int) -> dict:
 
 
 def kv_cache(cfg: Config, cache_dtype: str = "bf16", context: int = CONTEXT_128K) -> dict:
-    """MLA's latent cache (c^KV and k^R: d_c + d_R values per token per layer, SPEC.md section 4)
+    """MLA's latent cache (c^KV and k^R: d_c + d_R values per token per layer, spec section 4)
     against the baseline of a full multi-head cache with the same heads: K of n_h*(d_h + d_h^R)
     and V of n_h*v_head_dim per token per layer.  Main-model layers only (not the MTP module)."""
     nbytes = CACHE_DTYPE_BYTES[cache_dtype]

@@ -61,7 +61,7 @@ class SafetensorsFile:
 
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # what norms, scales, the gate and its bias may be
-MODEL_PREFIXES = ("model.", "lm_head.")  # every tensor name the model reads (SPEC.md section 6)
+MODEL_PREFIXES = ("model.", "lm_head.")  # every tensor name the model reads (spec section 6)
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 
 
@@ -239,7 +239,7 @@ class Checkpoint:
         """Every tensor of the main model is present with the shape config.json implies (headers
         only). MTP layers are optional as a whole (transformers' save_pretrained drops them), but
         a checkpoint holding part of an MTP layer is refused.  The gate bias's existence comes from
-        the checkpoint (SPEC.md section 9): without any e_score_correction_bias, selection uses
+        the checkpoint (spec section 9): without any e_score_correction_bias, selection uses
         the scores alone; with some, every MoE layer must have one."""
         cfg = self.config
         biasless = not any(n.endswith(BIAS_SUFFIX) for n in self.where)
@@ -263,7 +263,7 @@ class Checkpoint:
         return self.fp8_tensors
 
     def check_dtypes(self) -> int:
-        """Every stored dtype fits the tensor's role (headers only; SPEC.md section 7): weights,
+        """Every stored dtype fits the tensor's role (headers only; spec section 7): weights,
         norms, the gate and its bias floating point (F64, F32, F16, BF16); FP8 only as F8_E4M3,
         on a 2-d weight with a float `<name>_scale_inv` of the block shape; a `_scale_inv` only
         beside an F8_E4M3 weight (FP8 bytes declared as I8, U8 or BOOL would drop their scale).
@@ -300,7 +300,7 @@ class Checkpoint:
         return fp8_count
 
     def _scale_name(self, name: str) -> str:
-        """The checked name of an FP8 tensor's scale (SPEC.md section 7)."""
+        """The checked name of an FP8 tensor's scale (spec section 7)."""
         sname = name + "_scale_inv"
         if sname not in self.where:
             raise CheckpointError(f"{printable(self.file_of(name))}: FP8 tensor {printable(name)} "

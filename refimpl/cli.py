@@ -334,7 +334,7 @@ def _layer_runs(layers: list[dict]) -> list[dict]:
 def _print_info(title: str, info: dict) -> None:
     n = "{:>19,}".format
     print(title)
-    print("parameters (SPEC.md section 8)")
+    print("parameters (spec section 8)")
     print(f"  total, main model (no MTP)        {n(info['total_params'])}")
     print(f"  active per token                  {n(info['active_params_per_token'])}"
           "   (embedding and lm_head counted whole)")

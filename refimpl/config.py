@@ -68,7 +68,7 @@ MAX_TOKEN_ID = (1 << 31) - 1
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """YaRN settings (SPEC.md section 3). `factor` is s, the context extension."""
+    """YaRN settings (spec section 3). `factor` is s, the context extension."""
 
     factor: float
     original_max_position_embeddings: int

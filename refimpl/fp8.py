@@ -1,4 +1,4 @@
-"""FP8 e4m3 block-scaled weights and activations (paper section 3.3; SPEC.md section 7).
+"""FP8 e4m3 block-scaled weights and activations (paper section 3.3; spec section 7).
 
 A linear weight is stored as e4m3fn values q with a float32 scale per 128x128 block,
 `weight_scale_inv` of shape (ceil(out/128), ceil(in/128)); W[i, j] = q[i, j] * s[i//128, j//128].
@@ -95,7 +95,7 @@ def dequantize_bits(bits, scale_inv, block: int = BLOCK, dtype=np.float64):
 
 
 def block_scales(w, block: int = BLOCK, ue8m0: bool = False) -> np.ndarray:
-    """Per block x block tile: s = max(amax, 1e-4) / 448, as float32 (SPEC.md section 7);
+    """Per block x block tile: s = max(amax, 1e-4) / 448, as float32 (spec section 7);
     ue8m0 rounds s up to a power of two.   [out, in] -> [ceil(out/block), ceil(in/block)]"""
     out, inp = w.shape
     col_starts = np.arange(0, inp, block)
@@ -114,7 +114,7 @@ def _scale_from_amax(amax, ue8m0: bool) -> np.ndarray:
 
 
 def quantize(w, block: int = BLOCK, ue8m0: bool = False):
-    """Block quantisation of a weight (SPEC.md section 7): q = round_e4m3(W / s) with the
+    """Block quantisation of a weight (spec section 7): q = round_e4m3(W / s) with the
     float32 scale s of each tile, so that dequantize(q, s) ~= W.
 
     w: [out, in] float -> (q [out, in] e4m3fn, scale_inv [ceil(out/block), ceil(in/block)] f32)"""
@@ -129,7 +129,7 @@ def quantize(w, block: int = BLOCK, ue8m0: bool = False):
 
 
 def quantize_activations(x, block: int = BLOCK):
-    """Per token per `block` channels, the weights' rule (SPEC.md section 7), in float32 as
+    """Per token per `block` channels, the weights' rule (spec section 7), in float32 as
     DeepSeek's act_quant computes it.   x [T, K] -> (q [T, K] e4m3fn, s [T, ceil(K/block)] f32)"""
     x = np.asarray(x, dtype=np.float32)
     t, k = x.shape

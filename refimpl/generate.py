@@ -32,7 +32,7 @@ def greedy(model, prompt, max_new_tokens: int) -> list[int]:
     return out
 
 
-# ---- speculative decoding with the MTP modules (paper section 5.4.3; SPEC.md section 6) ---------
+# ---- speculative decoding with the MTP modules (paper section 5.4.3; spec section 6) ---------
 
 @dataclass
 class Report:

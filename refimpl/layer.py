@@ -1,4 +1,4 @@
-"""One decoder layer (paper Figure 2; SPEC.md section 3) and what its attention reads: the
+"""One decoder layer (paper Figure 2; spec sections 2, 4, 5) and what its attention reads: the
 pre-norm residual block, its feed-forward part (dense SwiGLU or DeepSeekMoE), the attention
 context every layer of one forward shares, and the latent cache MLA keeps.
 

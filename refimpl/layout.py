@@ -2,7 +2,7 @@
 (the tensor plan), which linear maps the published checkpoint stores in FP8, and the stored
 dtype of each tensor (the storage plan).
 
-The tensor names themselves are in names.py (SPEC.md sections 4-7); the plan here says which of
+The tensor names themselves are in names.py (spec sections 4-7); the plan here says which of
 them a config implies, with their shapes.  checkpoint.py reads checkpoints, writer.py writes them.
 """
 
@@ -104,7 +104,7 @@ def tensor_plan(cfg: Config, mtp: bool = True) -> dict[str, tuple]:
 
 
 # Linear weights stored as FP8 e4m3 with a float32 `<name>_scale_inv` in the published
-# checkpoint (SPEC.md section 7): every projection of attention and of the FFNs (dense, shared,
+# checkpoint (spec section 7): every projection of attention and of the FFNs (dense, shared,
 # routed), in the MTP layer's decoder block too.  eh_proj, the gate, norms, embedding and head
 # are not.
 FP8_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
@@ -130,7 +130,7 @@ def role_of(name: str) -> str:
 
 
 def is_fp8_weight(name: str) -> bool:
-    """True for the linear weights the published checkpoint stores as FP8 e4m3 (SPEC.md 7)."""
+    """True for the linear weights the published checkpoint stores as FP8 e4m3 (spec section 7)."""
     parts = name.split(".")
     return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in FP8_PROJECTIONS \
         and layer_of(name) is not None
@@ -140,7 +140,7 @@ def storage_plan(cfg: Config, fp8: bool = True, mtp: bool = True,
                  store_dtype: str = "bfloat16") -> dict[str, tuple[str, tuple]]:
     """name -> (safetensors dtype, shape) of every tensor make-checkpoint writes, scales included.
 
-    fp8=True is the published layout (README_WEIGHTS; SPEC.md sections 6-7): FP8 projections,
+    fp8=True is the published layout (README_WEIGHTS; spec sections 6-7): FP8 projections,
     each followed by an F32 `<name>_scale_inv` of shape (ceil(out/128), ceil(in/128)); the rest
     BF16, except the gate bias, kept F32.  The MTP layer's stored embedding and head copies are
     BF16 like the main ones.  For deepseek-v3 this gives the published 91,991 tensors and
@@ -158,7 +158,7 @@ FP8_QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method
 
 def stored_entries(shapes: dict, fp8: bool, store_dtype: str) -> list[tuple[str, str, tuple]]:
     """[(stored name, safetensors dtype, shape)] for logical tensors name -> shape: FP8
-    projections with their scales when fp8 (SPEC.md section 7), the rest in store_dtype, the
+    projections with their scales when fp8 (spec section 7), the rest in store_dtype, the
     gate bias float32 or better (as published)."""
     if store_dtype not in FLOAT_DTYPE_NAMES:
         raise CheckpointError(f"store dtype {store_dtype!r} is not one of {', '.join(FLOAT_DTYPE_NAMES)}")

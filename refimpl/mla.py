@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (paper section 2.1.1, eqs. 1-11; SPEC.md section 4).
+"""Multi-head Latent Attention (paper section 2.1.1, eqs. 1-11; spec section 4).
 
 Keys and values are compressed into one latent c^KV per token (d_c values) plus a rotary key
 k^R shared by all heads (d_R values); that is all the cache holds. Two forms compute eq. (10):
@@ -26,7 +26,8 @@ from .rope import apply_rope
 from .trace import ignore
 
 # q_a_layernorm and kv_a_layernorm (section 4.2's extra RMSNorms on the latents) use the RMSNorm
-# class default 1e-6 in every public implementation, whatever rms_norm_eps says (SPEC.md 9).
+# class default 1e-6 whatever rms_norm_eps says, as transformers and DeepSeek's code do (spec
+# sections 9.1 and 9.3).
 LATENT_NORM_EPS = 1e-6
 FORMS = ("naive", "absorbed")
 

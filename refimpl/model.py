@@ -1,4 +1,4 @@
-"""The model (paper Figure 2; SPEC.md section 3): embedding, decoder layers, final norm, output
+"""The model (paper Figure 2; spec sections 2-6): embedding, decoder layers, final norm, output
 head, and on top the MTP modules (Figure 3; their equations are in mtp.py).
 
     h = Emb(tokens)

@@ -1,4 +1,4 @@
-"""DeepSeekMoE (paper section 2.1.2, eqs. 12-16; SPEC.md section 5).
+"""DeepSeekMoE (paper section 2.1.2, eqs. 12-16; spec section 5).
 
 The gate scores every routed expert (eq. 15), a bias steers only the SELECTION (eq. 16,
 auxiliary-loss-free load balancing), selection is limited to the best groups of experts

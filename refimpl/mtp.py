@@ -1,4 +1,4 @@
-"""Multi-Token Prediction (paper section 2.2, eqs. 21-23; SPEC.md section 6).
+"""Multi-Token Prediction (paper section 2.2, eqs. 21-23; spec section 6).
 
 Module k (k = 1..D) works on its own sequence of indices i, aligned with the main model's
 positions: at index i it combines the embedding of token t_{i+k} with h^{k-1}_i, the previous
@@ -61,7 +61,7 @@ class Conventions:
              to rounding; the cached k^R differ by a rotation.
     first_embedding: Emb(t_k) at module k's first index i = 0. "keep" (the token's embedding,
              as the paper's eq. (21) and transformers compute it) or "zero" (zeroed, as vLLM and
-             SGLang do at position 0; docs/divergences.md).
+             SGLang do at position 0; spec section 9.2).
     """
 
     concat: str = "embedding_first"
@@ -142,14 +142,15 @@ def module_forward(weights, cfg, k: int, emb, h_prev, context, conv: Conventions
     -> (h^k [b, s, d] as fed to module k+1 (Conventions.chain), logits [b, s, vocab]).
     record: embed, h_prev, eh_proj, the decoder layer's names under layer., head_norm, logits,
     hidden."""
-    L = names.mtp_layer(cfg, k)
+    module_layer = names.mtp_layer(cfg, k)  # the module's decoder layer in the checkpoint
     record("embed", emb)
     record("h_prev", h_prev)
-    x = combine(emb, h_prev, weights.get(names.enorm(L)), weights.get(names.hnorm(L)),
-                weights.get(names.eh_proj(L)), cfg.rms_norm_eps, conv.concat)  # eq. (21)
+    x = combine(emb, h_prev, weights.get(names.enorm(module_layer)),
+                weights.get(names.hnorm(module_layer)), weights.get(names.eh_proj(module_layer)),
+                cfg.rms_norm_eps, conv.concat)  # eq. (21)
     record("eh_proj", x)
     h = transformer(weights, cfg, k, x, context, record)  # eq. (22)
-    hn = rms_norm(h, weights.get(names.shared_head_norm(L)), cfg.rms_norm_eps)
+    hn = rms_norm(h, weights.get(names.shared_head_norm(module_layer)), cfg.rms_norm_eps)
     record("head_norm", hn)
     logits = weights.linear(hn, head_name(cfg, k, conv))  # eq. (23), before the softmax
     record("logits", logits)

@@ -1,4 +1,4 @@
-"""RMSNorm (SPEC.md section 2): used before attention and FFN, on c^Q, on c^KV, after the last
+"""RMSNorm (spec section 2): used before attention and FFN, on c^Q, on c^KV, after the last
 layer and in MTP."""
 
 from __future__ import annotations

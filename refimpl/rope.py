@@ -1,4 +1,4 @@
-"""RoPE and YaRN (paper section 2.1.1 eqs. 3 and 8; YaRN: section 4.3; SPEC.md section 3).
+"""RoPE and YaRN (paper section 2.1.1 eqs. 3 and 8; YaRN: section 4.3; spec section 3).
 
 Rotary embedding acts only on the decoupled parts q^R and k^R, rotating ADJACENT pairs
 (2i, 2i+1) of the checkpoint's layout. YaRN stretches the low frequencies by the factor s, keeps

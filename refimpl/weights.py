@@ -163,7 +163,7 @@ class WeightStore:
 
     def optional(self, name: str):
         """The tensor when the source holds it, else None (the gate bias: whether it exists is
-        the checkpoint's answer, SPEC.md section 9)."""
+        the checkpoint's answer, spec section 9)."""
         return self.get(name) if name in self.source else None
 
     def has_mtp(self, cfg: Config, depths: int | None = None) -> bool:

@@ -183,7 +183,7 @@ def save_checkpoint(out: str | os.PathLike, cfg: Config, weights: dict[str, np.n
                     ue8m0: bool = False) -> None:
     """Weights in memory (name -> float array) as a checkpoint in the HF layout: floats in
     store_dtype (the gate bias float32 or better, as published), with fp8 the projections as
-    e4m3 with 128x128 block scales (SPEC.md section 7); optionally in `shards` files."""
+    e4m3 with 128x128 block scales (spec section 7); optionally in `shards` files."""
     entries = stored_entries({n: np.shape(a) for n, a in weights.items()}, fp8, store_dtype)
     write_checkpoint(out, cfg, entries, _Encoder(entries, weights.__getitem__, ue8m0), shards,
                      store_dtype, fp8_layout=fp8, ue8m0=ue8m0)

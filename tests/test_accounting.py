@@ -1,5 +1,5 @@
-"""Accounting (SPEC.md section 8): the headline numbers come out of the config, and per-part
-counts agree with the formulas of sections 4-6 written out by hand here."""
+"""Accounting (spec section 8): the headline numbers come out of the config, and per-part
+counts agree with the formulas of spec sections 4-6 written out by hand here."""
 
 import functools
 import json
@@ -19,7 +19,7 @@ def v3_summary():
 
 
 def attention_params(c):
-    """MLA weights from the shapes of SPEC.md section 4, norms included."""
+    """MLA weights from the shapes of spec section 4, norms included."""
     h, d = c.num_attention_heads, c.hidden_size
     qk = c.qk_nope_head_dim + c.qk_rope_head_dim
     if c.q_lora_rank is None:

@@ -1,6 +1,6 @@
 """The GPU benchmark and the GPU check script, run on the CPU so that every code path of theirs is
 proven before a GPU sees them; and the operation and byte counts pinned to the parameter counts
-of SPEC.md section 8."""
+of spec section 8."""
 
 import importlib.util
 import json
@@ -97,7 +97,7 @@ def test_mla_weight_count_matches_the_tensor_plan():
 
 
 def test_moe_counts_match_spec_section_8():
-    """SPEC.md 8: an MoE layer holds 11,320,164,608 parameters, 398,196,992 active per token."""
+    """spec section 8: an MoE layer holds 11,320,164,608 parameters, 398,196,992 active per token."""
     b, z = load_bench(), v3_dims()
     assert b.moe_bytes(z, 0, z["E"], 1) == 11_320_164_608
     assert b.moe_bytes(z, 0, z["K"], 1) == 398_196_992
@@ -163,7 +163,7 @@ def load_cost():
 
 
 def test_full_model_cost_counts_the_published_model():
-    """SPEC.md 8: 671,026,419,200 parameters; about 36.6 B read per token without the embedding;
+    """spec section 8: 671,026,419,200 parameters; about 36.6 B read per token without the embedding;
     the routed experts are 58 layers x 256 experts x 3 x 7168 x 2048."""
     m = load_cost()
     c = m.costs(Config.preset("deepseek-v3"), m.parse_args([]))

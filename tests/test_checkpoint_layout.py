@@ -1,4 +1,4 @@
-"""make-checkpoint writes the published layout (SPEC.md sections 6-7): which tensors are FP8,
+"""make-checkpoint writes the published layout (spec sections 6-7): which tensors are FP8,
 scale shapes, shards and index, MTP names; FP8 and sharded checkpoints give the logits they
 should."""
 

@@ -1,5 +1,5 @@
 """docs/figures/make_figures.py: it runs (Agg backend, into a temporary folder), writes small PNGs,
-and the numbers it draws are the paper's and SPEC.md's, worked out by hand here."""
+and the numbers it draws are the paper's and the spec's (docs/spec.md), worked out by hand here."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def test_committed_figures_are_the_ones_the_script_writes_and_small(script):
 
 def test_yarn_figure_kept_blended_and_interpolated_dimensions(drawn):
     y = drawn[1]["yarn_ramp.png"]
-    # SPEC.md section 3: low = floor(cd(32)) = floor(10.47) = 10, high = ceil(cd(1)) = ceil(22.51) = 23
+    # spec section 3: low = floor(cd(32)) = floor(10.47) = 10, high = ceil(cd(1)) = ceil(22.51) = 23
     assert (y["low"], y["high"]) == (10, 23)
     assert y["kept"] == list(range(0, 11))
     assert y["blended"] == list(range(11, 23))
@@ -84,7 +84,7 @@ def test_yarn_figure_kept_blended_and_interpolated_dimensions(drawn):
 def test_cache_figure_numbers(drawn):
     c = drawn[1]["mla_cache.png"]
     kv = c["kv_cache"]
-    # SPEC.md section 8: 512 + 64 = 576 against 128 x 192 + 128 x 128 = 40,960
+    # spec section 8: 512 + 64 = 576 against 128 x 192 + 128 x 128 = 40,960
     assert kv["mla_values_per_token_per_layer"] == 512 + 64
     assert kv["mha_values_per_token_per_layer"] == 128 * 192 + 128 * 128
     assert kv["mla_bytes_context"] == 576 * 61 * 2 * 128 * 1024

@@ -1,4 +1,4 @@
-"""FP8 e4m3 block quantisation (SPEC.md section 7): decoding, dequantisation by hand-computed
+"""FP8 e4m3 block quantisation (spec section 7): decoding, dequantisation by hand-computed
 blocks, rounding, the per-block rounding bound, activation quantisation and the FP8 GEMM."""
 
 import ml_dtypes

@@ -1,4 +1,4 @@
-"""MTP modules (paper eqs. 21-23, SPEC.md section 6): teacher-forced outputs, the incremental path,
+"""MTP modules (paper eqs. 21-23, spec section 6): teacher-forced outputs, the incremental path,
 and the named conventions, each shown to be live."""
 
 import numpy as np

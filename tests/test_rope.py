@@ -99,7 +99,7 @@ def test_rotation_preserves_norms():
 
 def test_permuted_half_layout_gives_the_same_scores():
     """transformers de-interleaves into [evens | odds] and rotates halves: the attention scores
-    are identical, only the rotated vectors are a permutation (SPEC.md section 3)."""
+    are identical, only the rotated vectors are a permutation (spec section 3)."""
     rng = np.random.default_rng(3)
     q, k = rng.normal(size=(2, 1, 7, 64))
     pos = np.arange(4090, 4097)

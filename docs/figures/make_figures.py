@@ -21,6 +21,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.legend_handler import HandlerTuple  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 import numpy as np  # noqa: E402
 
 from refimpl import accounting, moe, rope  # noqa: E402
@@ -112,24 +115,37 @@ def cache_data(cfg: Config) -> dict:
 
 
 def cache_figure(data: dict, path: str) -> None:
+    """Left: each cache's parts per token per layer, MLA on its own axis (0-835 values: 512 and 64
+    stay visible) above full MHA (0-41,000); every part labelled on its bar, no legend.
+    Right: the cache of a long context, both on one log axis."""
     kv = data["kv_cache"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 2.8), gridspec_kw={"width_ratios": [3, 2]})
+    fig = plt.figure(figsize=(9, 3.2))
+    grid = fig.add_gridspec(2, 2, width_ratios=[3, 2], height_ratios=[1, 1])
     colours = ["#1f4e79", "#7fb3d5", "#922b21", "#e6b0aa"]
-    rows = [("MLA", data["mla_parts"]), ("full MHA", data["mha_parts"])]
+    text_colours = ["white", "black", "white", "black"]
+    mla, mha = kv["mla_values_per_token_per_layer"], kv["mha_values_per_token_per_layer"]
+    rows = [("MLA", data["mla_parts"], mla * 1.45), ("full MHA", data["mha_parts"], mha * 1.02)]
     k = 0
-    for y, (_, parts) in enumerate(rows):
+    for y, (label, parts, limit) in enumerate(rows):
+        ax = fig.add_subplot(grid[y, 0])
         x = 0
         for name, v in parts.items():
-            left.barh(y, v, left=x, color=colours[k], label=f"{name}: {v:,}")
+            ax.barh(0, v, left=x, height=0.6, color=colours[k])
+            inside = v / limit > 0.25  # room for the label on the bar
+            ax.text(x + v / 2 if inside else x + v + limit * 0.01, 0, f"{name}: {v:,}",
+                    ha="center" if inside else "left", va="center", fontsize=8,
+                    color=text_colours[k] if inside else "black")
             x, k = x + v, k + 1
-    left.set_yticks([0, 1], [r for r, _ in rows])
-    left.invert_yaxis()
-    left.set_xlabel("values cached per token per layer")
-    left.legend(fontsize=7, loc="lower right")
-    left.text(kv["mla_values_per_token_per_layer"] + 400, 0,
-              f"{kv['mla_values_per_token_per_layer']:,} = "
-              f"{100 * kv['mla_fraction_of_mha']:.2f}% of {kv['mha_values_per_token_per_layer']:,}",
-              va="center", fontsize=8)
+        ax.set_xlim(0, limit)
+        ax.set_ylim(-0.5, 0.5)
+        ax.set_yticks([0], [label])
+        ax.tick_params(labelsize=8)
+        if y == 0:
+            ax.set_title(f"per token per layer: MLA {mla:,} = {100 * kv['mla_fraction_of_mha']:.2f}% "
+                         f"of full MHA's {mha:,} (two scales)", fontsize=9)
+        else:
+            ax.set_xlabel("values cached per token per layer", fontsize=8)
+    right = fig.add_subplot(grid[:, 1])
     gb = [kv["mla_bytes_context"] / 1e9, kv["mha_bytes_context"] / 1e9]
     right.bar([0, 1], gb, color=[colours[0], colours[2]])
     right.set_xticks([0, 1], ["MLA", "full MHA"])
@@ -174,7 +190,7 @@ def routing_data(example: dict = ROUTING_EXAMPLE) -> dict:
         g = moe.routing_weights(s, idx, True, scale)  # from s: the bias never enters
         out[case] = {"group_scores": group_score[0], "groups_kept": kept.tolist(),
                      "masked": masked[0], "experts": idx[0].tolist(), "weights": g[0]}
-    # what the weights would be if the bias entered them (the early vLLM defect, SPEC.md 9)
+    # what the weights would be if the bias entered them (the early vLLM defect, spec section 9)
     idx = np.array([out["with_bias"]["experts"]])
     out["with_bias"]["weights_if_bias_entered"] = moe.routing_weights(s + b, idx, True, scale)[0]
     return out
@@ -200,18 +216,25 @@ def routing_figure(data: dict, path: str) -> None:
                     + ("\nkept" if g in r["groups_kept"] else "\nmasked (-inf)"),
                     ha="center", va="bottom", fontsize=7)
         colours = [group_colours[i // per] for i in e]
-        ax.bar(e, s, color=colours, alpha=0.45, label="s")
+        ax.bar(e, s, color=colours, alpha=0.45)
         if case == "with_bias":
-            ax.scatter(e, sel, marker="_", s=120, color="k", zorder=3, label="s + b")
+            ax.scatter(e, sel, marker="_", s=120, color="k", zorder=3)
         chosen = r["experts"]
-        ax.bar(chosen, s[chosen], color=[colours[i] for i in chosen], edgecolor="k", lw=1.5,
-               label="chosen")
+        ax.bar(chosen, s[chosen], color=[colours[i] for i in chosen], edgecolor="k", lw=1.5)
         ax.set_ylim(0, 1.35)
         ax.set_xticks(e)
         ax.tick_params(labelsize=7)
         ax.set_xlabel("expert", fontsize=8)
         ax.set_title(f"{title}: experts {chosen}", fontsize=9)
-        ax.legend(fontsize=7, loc="center right", bbox_to_anchor=(1.0, 0.5))
+        # one legend swatch per group colour: an expert's bar has its group's colour
+        light = tuple(Patch(color=c, alpha=0.45) for c in group_colours)
+        dark = tuple(Patch(facecolor=c, edgecolor="k", lw=1.5) for c in group_colours)
+        handles, labels = [light, dark], ["s (colour: the group)", "chosen"]
+        if case == "with_bias":
+            handles.insert(0, Line2D([], [], color="k", marker="_", ls="", ms=10))
+            labels.insert(0, "s + b")
+        ax.legend(handles, labels, handler_map={tuple: HandlerTuple(ndivide=None, pad=0)},
+                  fontsize=7, loc="center right", bbox_to_anchor=(1.0, 0.5), handlelength=4)
     ax = fig.add_subplot(grid[1, :])
     r = data["with_bias"]
     chosen = r["experts"]

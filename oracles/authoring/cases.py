@@ -9,8 +9,11 @@ outputs with refimpl, in dataflow order. The same function
 - is the clean candidate and, with one refimpl function patched, each mutant (mutants.py).
 
 Adding a case kind is one function and one `register(...)` call at the bottom of this file
-(kinds.py says what a kind is). Output names are fixed and documented in docs/conformance.md; model cases use refimpl's trace
-names (`embed`, `layers.N.attn_out`, `layers.N.topk_idx`, `final_hidden`, `logits`, ...).
+(kinds.py says what a kind is). Output names are fixed; each registration documents its inputs
+and outputs, and docs/conformance.md's table of kinds is generated from them
+(`python -m oracles.authoring.doc_tables --write docs/conformance.md`). Model cases use
+refimpl's trace names (`embed`, `layers.N.attn_out`, `layers.N.topk_idx`, `final_hidden`,
+`logits`, ...).
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from .kinds import Kind, case_model, greedy_aux, kind, model_aux, routing_margin
 KINDS: dict[str, Kind] = {}
 
 
-def register(name: str, run, required, doc: str, aux=None, alone=None) -> None:
-    KINDS[name] = kind(name, run, required, doc, aux, alone)
+def register(name: str, run, required, doc: str, aux=None, alone=None, inputs: str = "",
+             outputs: str = "") -> None:
+    KINDS[name] = kind(name, run, required, doc, aux, alone, inputs, outputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +157,7 @@ def run_greedy(case, dtype):
 
 
 def run_fp8_quant(case, dtype):
-    """Weight block quantisation (SPEC.md section 7): w [out, in] -> q (e4m3 values, as float)
+    """Weight block quantisation (spec section 7): w [out, in] -> q (e4m3 values, as float)
     and scale_inv [ceil(out/128), ceil(in/128)], s = max(amax, 1e-4) / 448 per tile."""
     q, s = fp8.quantize(np.asarray(case.inputs["w"]))
     return {"q": fp8.decode_e4m3(q, np.float64).astype(dtype), "scale_inv": s.astype(dtype)}
@@ -167,7 +171,7 @@ def run_fp8_act_quant(case, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# MTP kinds and training-time values (SPEC.md sections 5, 6)
+# MTP kinds and training-time values (spec sections 5, 6)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -224,34 +228,81 @@ def run_training(case, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# Registration: name, computation, outputs a candidate must provide, doc
+# Registration: name, computation, outputs a candidate must provide, doc (the manifest's line),
+# and the inputs and outputs as docs/conformance.md shows them (**required**)
 # ---------------------------------------------------------------------------------------------
 
-register("rms_norm", run_rms_norm, ["y"], "RMSNorm y = x / sqrt(mean(x^2) + eps) * w")
+_PREFILL_TRACE = ("`embed`, per layer N: `layers.N.{attn_norm, c_q, q_nope, q_rope, c_kv, k_rope, "
+               "attn_out, h_attn, ffn_norm, router_scores, topk_idx, topk_weight, ffn_out, hidden}` "
+               "(routing names in MoE layers only), `final_hidden` (after the final norm)")
+
+register("rms_norm", run_rms_norm, ["y"], "RMSNorm y = x / sqrt(mean(x^2) + eps) * w",
+         inputs="`x` [n, d], `weight` [d]; params `eps`", outputs="**`y`**")
 register("yarn_tables", run_yarn_tables, ["inv_freq", "cos", "sin", "softmax_scale"],
-         "RoPE/YaRN frequencies, cos/sin tables at given positions, softmax scale")
-register("rope_apply", run_rope_apply, ["out"], "RoPE applied to adjacent pairs at given positions")
-register("mla", run_mla, ["attn_out"], "MLA prefill (naive or absorbed form), causal")
-register("mla_decode", run_mla_decode, ["attn_out"], "one MLA decode step against a filled cache")
+         "RoPE/YaRN frequencies, cos/sin tables at given positions, softmax scale",
+         inputs="`positions` [n] int64; config.json",
+         outputs="**`inv_freq`** [d_R/2], **`cos`**, **`sin`** [n, d_R/2] (times the cos/sin "
+                 "factor), **`softmax_scale`** [1]")
+register("rope_apply", run_rope_apply, ["out"], "RoPE applied to adjacent pairs at given positions",
+         inputs="`x` [b, s, H, d_R], `positions` [s]; config.json",
+         outputs="**`out`** (adjacent pairs (2i, 2i+1) rotated)")
+register("mla", run_mla, ["attn_out"], "MLA prefill (naive or absorbed form), causal",
+         inputs="`x` [b, s, d] (normalised hidden), attention weights by checkpoint name "
+                "(`q_a_proj`, `q_a_layernorm`, `q_b_proj` or `q_proj`, `kv_a_proj_with_mqa`, "
+                "`kv_a_layernorm`, `kv_b_proj`, `o_proj`), each [out, in]; params `form` "
+                "(naive/absorbed); config.json",
+         outputs="`c_q`, `q_nope`, `q_rope`, `c_kv`, `k_rope`, **`attn_out`**")
+register("mla_decode", run_mla_decode, ["attn_out"], "one MLA decode step against a filled cache",
+         inputs="as `mla` with `x` [b, 1, d] at position `start`, `cache_c_kv` [b, start, d_c] "
+                "(normalised), `cache_k_rope` [b, start, d_R] (roped, adjacent-pair layout)",
+         outputs="`c_q`, `q_nope`, `q_rope`, `c_kv`, `k_rope` (the new token's), **`attn_out`**")
 register("gate", run_gate, ["topk_idx", "topk_weight"], "router scores, expert choice and weights",
-         aux=gate_aux)
-register("moe", run_moe, ["out"], "one DeepSeekMoE layer (shared + routed experts)", aux=moe_aux)
-register("fp8_dequant", run_fp8_dequant, ["w"], "FP8 e4m3 block dequantisation")
+         aux=gate_aux,
+         inputs="`u` [T, d], `gate_weight` [E, d], `bias` [E] (float32; absent for softmax "
+                "scoring); config.json",
+         outputs="`router_scores` [T, E], **`topk_idx`** [T, K] int, **`topk_weight`** [T, K]")
+register("moe", run_moe, ["out"], "one DeepSeekMoE layer (shared + routed experts)", aux=moe_aux,
+         inputs="`x` [T, d], `gate_weight`, `bias`, `experts.<e>.{gate,up,down}_proj`, "
+                "`shared_experts.{gate,up,down}_proj`; config.json",
+         outputs="`router_scores`, `topk_idx`, `topk_weight`, **`out`** (no residual)")
+register("fp8_dequant", run_fp8_dequant, ["w"], "FP8 e4m3 block dequantisation",
+         inputs="`q` [out, in] F8_E4M3, `scale_inv` [ceil(out/128), ceil(in/128)] F32",
+         outputs="**`w`**")
 register("prefill", run_prefill, ["logits"], "model prefill: logits and named intermediates",
-         aux=model_aux)
+         aux=model_aux, inputs="`input_ids` [b, s] int64; config.json + model.safetensors",
+         outputs=_PREFILL_TRACE + ", **`logits`** [b, s, vocab]")
 register("decode", run_decode, ["logits"], "incremental decode through the latent cache",
-         aux=model_aux)
-register("greedy", run_greedy, ["tokens"], "greedy token stream", aux=greedy_aux)
+         aux=model_aux, inputs="`input_ids` [b, P + n]; params `prefill` = P",
+         outputs="the same names for the n decode steps, concatenated along seq: **`logits`** "
+                 "[b, n, vocab]")
+register("greedy", run_greedy, ["tokens"], "greedy token stream", aux=greedy_aux,
+         inputs="`input_ids` [1, P]; params `max_new_tokens` = n", outputs="**`tokens`** [1, n] int")
 register("mtp_prefill", run_mtp_prefill, mtp_required,
-         "teacher-forced MTP: main and MTP logits with named intermediates", aux=model_aux)
+         "teacher-forced MTP: main and MTP logits with named intermediates", aux=model_aux,
+         inputs="`input_ids` [b, T]; config.json + model.safetensors with the MTP layers",
+         outputs="the prefill names, then for each depth k: `mtp.k.{embed, h_prev, eh_proj, "
+                 "layer.<the decoder-layer names>, head_norm, logits, hidden}`; **`logits`**, "
+                 "**`mtp.k.logits`** [b, T-k, vocab] (index i predicts t_{i+k+1})")
 register("mtp_module", run_mtp_module, lambda c: [f"mtp.{c.params['k']}.logits"],
-         "one MTP module (eqs. 21-23) on given tokens and h^{k-1}", aux=model_aux)
+         "one MTP module (eqs. 21-23) on given tokens and h^{k-1}", aux=model_aux,
+         inputs="`input_ids` [b, s] = the tokens t_{i+k}, `h_prev` [b, s, d] = h^{k-1}_i; "
+                "params `k`",
+         outputs="`mtp.k.*` as above, **`mtp.k.logits`**")
 register("speculative", run_speculative, ["tokens"], "greedy speculative (MTP) token stream",
-         aux=greedy_aux)
+         aux=greedy_aux, inputs="`input_ids` [1, P]; params `max_new_tokens`, `depth`",
+         outputs="**`tokens`** [1, n] (greedy speculative decoding: equals plain greedy)")
 register("training", run_training, ["balance_loss", "bias_updated", "mtp_loss"],
-         "balance loss, bias update and MTP loss values")
-register("fp8_quant", run_fp8_quant, ["q", "scale_inv"], "FP8 e4m3 block quantisation of a weight")
+         "balance loss, bias update and MTP loss values",
+         inputs="`scores` [T, E], `idx` [T, K], `bias` [E], `tokens` [b, T+1], `mtp_logits.k` "
+                "[b, T+1-k, V]; params `alpha`, `gamma`, `lam`, `depth`",
+         outputs="**`balance_loss`** [1] (eqs. 17-20), `expert_load` [E], **`bias_updated`** [E], "
+                 "`mtp_depth_losses` [D] (eq. 24), **`mtp_loss`** [1] (eq. 25)")
+register("fp8_quant", run_fp8_quant, ["q", "scale_inv"], "FP8 e4m3 block quantisation of a weight",
+         inputs="`w` [out, in]",
+         outputs="**`q`** (the e4m3 values, as float), **`scale_inv`** [ceil(out/128), "
+                 "ceil(in/128)]")
 register("fp8_act_quant", run_fp8_act_quant, ["q", "s"],
-         "FP8 activation quantisation per token per 128 channels")
+         "FP8 activation quantisation per token per 128 channels",
+         inputs="`x` [T, K]", outputs="**`q`**, **`s`** [T, ceil(K/128)]")
 
 KINDS.update({k.name: k for k in scenarios.KINDS})  # schedule, mtp_speculation

@@ -1,4 +1,4 @@
-"""Edge values that expose swaps (SPEC.md sections 5, 7, 9 and 10): inputs built so that a bug
+"""Edge values that expose swaps (spec sections 5, 7, 9 and 10): inputs built so that a bug
 public engines shipped changes the outputs, where the default suite's other cases would not see it.
 
 - routed_scaling_factor 2.5 with norm_topk_prob false (gate and MoE; with norm_topk_prob true it
@@ -6,7 +6,7 @@ public engines shipped changes the outputs, where the default suite's other case
   routing weight.
 - gate logits below -88 (`gate.logits_below_88`): a float32 sigmoid written 1 / (1 + exp(-x))
   overflows exp at x < -88.7 and returns 0; when every selected score is 0 the renormalisation is
-  0 / 0. refimpl's behaviour (SPEC.md section 9, "top-k renormalisation"): the sigmoid is
+  0 / 0. refimpl's behaviour (spec section 9, "top-k renormalisation"): the sigmoid is
   computed from exp(-|x|) (refimpl.ops.sigmoid), which in float64 is exact down to about -745
   and in float32 stays a (subnormal) positive number down to about -103; the renormalisation has
   no epsilon, so the weights are the ratio of the selected scores, i.e. the softmax of the
@@ -138,8 +138,26 @@ def weight_zero_and_tiny_case(cid, shape=(300, 200)):
                 {"w": w.astype(F32)})
 
 
+# What each edge-value case exposes: the bug it is built to show (docs/conformance.md section 1's
+# table is generated from this and each case's `pins`).
+EXPOSES = {
+    "gate.no_norm_topk_prob": "routed_scaling_factor skipped when there is no renormalisation, or "
+                              "applied twice (with norm_topk_prob true: `gate.tiny`)",
+    "moe.no_norm_topk_prob": "the same, through a whole MoE layer (with norm_topk_prob true: "
+                             "`moe.tiny`)",
+    "gate.logits_below_88": "a float32 sigmoid 1 / (1 + exp(-x)) returns 0 below -88.7 and the "
+                            "renormalisation is 0/0; an epsilon of 1e-20 gives weights ~1e-20",
+    "model.prefill.fp8_blocks": "scales read transposed, with the wrong block size or from the "
+                                "wrong block, inside the model path",
+    "fp8_act_quant.zero_and_tiny_blocks": "a missing amax clamp: 0/0 for the zero block, another "
+                                          "scale for the tiny one",
+    "fp8_quant.zero_and_tiny_blocks": "a missing amax clamp: 0/0 for the zero block, another scale "
+                                      "for the tiny one",
+}
+
+
 def default_cases(tiny, gate_case, moe_case):
-    """The edge-value cases of the default suite."""
+    """The edge-value cases of the default suite (each one's bug in EXPOSES)."""
     return [
         ("gate.no_norm_topk_prob", lambda c: gate_case(
             c, no_norm_topk(tiny), pins="norm_topk_prob false, routed_scaling_factor 2.5: the "

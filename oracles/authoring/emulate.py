@@ -10,7 +10,7 @@ Precisions (the tolerance profiles are calibrated from these):
   shared_head.norm included), the attention softmax, RoPE, and each decoder layer's output; the
   router stays float32.
 - fp8: bf16 as above, and the linear maps that DeepSeek-V3 ships in FP8 (attention projections,
-  expert and dense FFN weights; not the embedding, lm_head, gate or eh_proj, SPEC.md section 7)
+  expert and dense FFN weights; not the embedding, lm_head, gate or eh_proj, spec section 7)
   run through refimpl's own FP8 path: weights block-quantised by fp8.quantize and multiplied by
   fp8.fp8_gemm (activations quantised per token per 128 channels by fp8.quantize_activations,
   per-128-block float32 accumulation, as DeepSeek's fp8_gemm); model cases run

@@ -24,16 +24,21 @@ class Kind:
     name: str
     run: Callable  # (case, dtype) -> {name: array} in dataflow order
     required: Callable  # (case) -> names a candidate must provide
-    doc: str
+    doc: str  # one line, written into the manifest
     aux: Callable | None = None  # (case, outputs) -> expected-only tensors (routing margins)
     alone: Callable | None = None  # (case, dtype) -> the expected outputs, when `run` takes
     # another path to them (scenario kinds: run = through the schedule, alone = each request alone)
+    inputs: str = ""  # the tensors and parameters a case gives (Markdown: docs/conformance.md's
+    outputs: str = ""  # kind tables are generated from these two; required outputs in **bold**)
 
 
-def kind(name: str, run, required, doc: str, aux=None, alone=None) -> Kind:
-    """A Kind; `required` a list of output names or a function (case) -> names."""
+def kind(name: str, run, required, doc: str, aux=None, alone=None, inputs: str = "",
+         outputs: str = "") -> Kind:
+    """A Kind; `required` a list of output names or a function (case) -> names. `inputs` and
+    `outputs` document the kind's tensors for docs/conformance.md (oracles.authoring.doc_tables),
+    each required output as **`name`**."""
     return Kind(name, run, required if callable(required) else (lambda c, r=tuple(required): r),
-                doc, aux, alone)
+                doc, aux, alone, inputs, outputs)
 
 
 # ---------------------------------------------------------------------------------------------

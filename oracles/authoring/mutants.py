@@ -1,5 +1,5 @@
 """A catalogue of mutants: each one a bug that public DeepSeek-V3 implementations shipped
-(SPEC.md sections 9 and 10), made by patching ONE function for the duration of a run: a refimpl
+(spec sections 9 and 10), made by patching ONE function for the duration of a run: a refimpl
 function, or for the mixed-batch split the scenario runner's batch mask
 (oracles.authoring.scenarios.batch_mask), which drives refimpl through a serving schedule.
 
@@ -13,7 +13,7 @@ Each mutant is also a candidate: `oracles check GOLDEN --adapter oracles.mutants
 `ties_higher_index` is not a bug but an allowed alternative (`allowed=True`: torch.topk leaves
 the order of ties unspecified): the default suite passes it and the conventions suite labels it.
 
-Adding one: a function (case) -> context manager, registered with its SPEC.md topic and the bug
+Adding one: a function (case) -> context manager, registered with its spec topic and the bug
 in one line, usually replacing one function of a refimpl module (the module attribute the math
 looks up, e.g. moe.group_mask, rope.softmax_scale) through `patched`:
 
@@ -49,7 +49,7 @@ from .patching import patched
 @dataclass(frozen=True)
 class Mutant:
     name: str
-    spec_topic: str  # the SPEC.md section 9 row
+    spec_topic: str  # the row of spec section 9.1 (or the bug class of section 10) it belongs to
     bug: str  # what the buggy implementation does
     patch: Callable  # (case) -> context manager
     allowed: bool = False  # not a bug: an alternative the checker accepts (the default suite passes)
@@ -212,7 +212,7 @@ _register("mtp_pre_norm_h0", "MTP h0",
     lambda case: _mtp_convention(h0="pre_norm"))
 
 
-# ---- serving paths (SPEC.md section 10; the scenario cases, oracles/authoring/scenarios.py) -------------
+# ---- serving paths (spec section 10; the scenario cases, oracles/authoring/scenarios.py) -------------
 #
 # attention_naive / attention_absorbed get q [b, s, ...] and keys [b, t, ...]: t > s means the
 # forward continues a cached context (keys 0..t-s-1) with s new tokens; s == 1 is a decode step.
@@ -338,7 +338,7 @@ def _patch_decode_no_softmax_mscale(case):
                     (mla, "attention_absorbed", wrap(mla.attention_absorbed))])
 
 
-# ---- routing weights and the residual (SPEC.md section 9) ------------------------------------
+# ---- routing weights and the residual (spec section 9) ------------------------------------
 
 @_register("rsf_twice", "routed scaling factor",
            "applies routed_scaling_factor twice (folded into the grouped top-k and again after)")
@@ -400,7 +400,7 @@ def _patch_residual_rescaled_dense(case):
     return patched([(layer, "decoder_layer", decoder_layer)])
 
 
-# ---- MTP (SPEC.md section 6) -----------------------------------------------------------------
+# ---- MTP (spec section 6) -----------------------------------------------------------------
 
 _register("mtp_chain_pre_norm", "MTP chain",
           "feeds module k+1 (the drafts at step >= 2) module k's output before shared_head.norm")(
@@ -432,7 +432,7 @@ def _patch_mtp_no_head_norm(case):
     return patched([(mtp, "module_forward", module_forward)])
 
 
-# ---- FP8 weights and activations (SPEC.md section 7) ------------------------------------------
+# ---- FP8 weights and activations (spec section 7) ------------------------------------------
 
 def _dequantize_with(change_scale):
     original = fp8.dequantize

@@ -1,5 +1,5 @@
 """Serving scenarios: cases whose inputs say HOW an engine must run the requests, and whose
-expected outputs are what each request gives ALONE (SPEC.md section 10).
+expected outputs are what each request gives ALONE (spec section 10).
 
 A single whole-sequence prefill never takes the paths where serving engines broke: chunked
 prefill (attention over cached context plus a new chunk, merged by log-sum-exp), prefix caching
@@ -8,39 +8,11 @@ different lengths, prefill and decode mixed in one forward), long decodes (past 
 block of ~256 tokens and past original_max_position_embeddings), and speculative decoding with
 MTP drafts at depth >= 2. Each scenario case makes the engine take one of them.
 
-Kind `schedule` (teacher-forced requests):
-
-    inputs   request.<r>.input_ids  int64 [1, n_r]   every token request r will ever hold
-    params   schedule = {"format": 1, "requests": R, "steps": [...]}, each step one of
-               {"op": "forward", "batch": [[r, n], ...], "repeat": k}
-                   ONE engine forward (one batch) holding, for each [r, n], the next n tokens of
-                   request r at its next positions, attending to request r's cache and causally
-                   to its own new tokens; done k times (default 1: a decode loop is one step
-                   repeated). Afterwards each r in the batch holds n more tokens.
-               {"op": "share_prefix", "request": r, "from": q, "length": L}
-                   request r (still empty) starts from the first L cache entries that request q
-                   computed (prefix caching: computed once, reused, not recomputed); the two
-                   requests' first L tokens are equal.
-             At the end every request holds all n_r of its tokens.
-    outputs  for each request r, over the positions the schedule computes FOR it (from its
-             shared length, 0 when none, to n_r - 1), the prefill trace names prefixed
-             `request.<r>.`: request.<r>.embed, request.<r>.layers.N.{attn_norm, ..., hidden},
-             request.<r>.final_hidden, request.<r>.logits (required) [1, n_r - L_r, vocab].
-
-Kind `mtp_speculation` (greedy speculative decoding with the MTP modules):
-
-    inputs   input_ids int64 [1, P]  (the prompt)
-    params   max_new_tokens N, depth D (drafts per round), schedule = {"format": 1, "steps":
-             [{"op": "speculate", "depth": D, "max_new_tokens": N}]}
-    outputs  tokens [1, N] (required; must equal plain greedy decoding), then the main model's
-             prefill trace names (embed, layers.N.*, final_hidden, logits [1, P + N - 1, vocab])
-             at every committed position (the prompt and each accepted token; rejected drafts'
-             positions are discarded), then for each depth k the mtp_prefill names mtp.k.*
-             (mtp.k.logits [1, P + N - k, vocab]) at module k's committed indices (index i
-             predicts t_{i+k+1}), as the draft chain computes them incrementally. The stream
-             comes first: where a candidate's stream legitimately went another way (a forgiven
-             near-tie at step j), the rest is compared only over the positions before it
-             (taint.Taint.stream).
+Two kinds: `schedule` (teacher-forced requests run through a serving schedule) and
+`mtp_speculation` (greedy speculative decoding with the MTP modules), declared at the bottom of
+this file with their inputs and outputs; the schedule's format is SCHEDULE_DOC below and
+`expand` checks it. docs/conformance.md section 9 shows both, generated from these declarations
+(`python -m oracles.authoring.doc_tables --write docs/conformance.md`).
 
 refimpl runs each schedule through its own latent cache (`run_schedule`: one packed cache of
 batch 1 whose slots are handed to requests by a block table, a shared prefix being the same
@@ -66,6 +38,33 @@ from .kinds import case_model, greedy_aux, kind, model_aux
 
 SCHEDULE_FORMAT = 1
 SCHEDULE_KINDS = ("schedule", "mtp_speculation")
+
+# The schedule format, written once (Markdown; docs/conformance.md section 9 is generated from it).
+SCHEDULE_DOC = """\
+The schedule is JSON, in the manifest (`params.schedule`), in `inputs.safetensors`'s metadata
+(`params`), and on the Python route as `case.schedule`:
+
+```
+{"format": 1, "requests": 2, "steps": [
+  {"op": "forward", "batch": [[0, 20]]},
+  {"op": "share_prefix", "request": 1, "from": 0, "length": 20},
+  {"op": "forward", "batch": [[0, 5], [1, 7]]},
+  {"op": "forward", "batch": [[1, 3]]},
+  {"op": "forward", "batch": [[1, 1]], "repeat": 3}]}
+```
+
+- `forward`: ONE engine forward (one batch) holding, for each `[r, n]`, the next n tokens of
+  request r at its next positions; they attend to request r's cache and causally to each other,
+  never to another request. `repeat: k` is the same step k times (a decode loop).
+- `share_prefix`: request r (empty) starts from the first `length` cache entries request `from`
+  computed: prefix caching, computed once, not recomputed for r. Their first `length` tokens are
+  equal. Request r's outputs start at position `length`.
+- Each request ends holding all of its tokens. `oracles.authoring.scenarios.expand(schedule, lengths)`
+  checks a schedule (one line naming the step when it is malformed) and unrolls it.
+- `mtp_speculation`'s schedule is one step, `{"op": "speculate", "depth": D, "max_new_tokens":
+  N}`: greedy speculative decoding with D MTP drafts per round, the newest token and the drafts
+  verified in one main-model forward, drafts kept while they equal the main model's argmax.
+"""
 
 
 def request_name(r: int, name: str) -> str:
@@ -375,7 +374,9 @@ def schedule_case(cid, cfg, lengths, steps, pins, share=None):
     return Case(cid, "schedule", pins, inputs, params={"schedule": schedule}, config=cfg, weights=w)
 
 
-def fwd(*pairs, repeat=1):
+def forward_step(*pairs, repeat=1):
+    """A `forward` step of a schedule: one engine forward holding [request, tokens] pairs,
+    `repeat` times."""
     st = {"op": "forward", "batch": [list(p) for p in pairs]}
     if repeat != 1:
         st["repeat"] = repeat
@@ -384,7 +385,7 @@ def fwd(*pairs, repeat=1):
 
 def chunked_prefill_case(cid, cfg, chunks, pins=None):
     """One request prefilled in the given chunk sizes."""
-    return schedule_case(cid, cfg, [sum(chunks)], [fwd((0, c)) for c in chunks],
+    return schedule_case(cid, cfg, [sum(chunks)], [forward_step((0, c)) for c in chunks],
                          pins or f"prefill in chunks of {', '.join(map(str, chunks))} tokens")
 
 
@@ -392,10 +393,13 @@ def prefix_cache_case(cid, cfg, prefix, first, second, extend, pins=None):
     """Request 0 computes a shared prefix (and `first` more tokens); request 1 reuses the
     prefix's cache entries, adds `second` tokens in the same forward as request 0's, then is
     extended by `extend` tokens alone, the last ones one at a time."""
-    steps = [fwd((0, prefix)),
+    steps = [forward_step((0, prefix)),
              {"op": "share_prefix", "request": 1, "from": 0, "length": prefix},
-             fwd((0, first), (1, second))]
-    steps += [fwd((1, extend - 3)), fwd((1, 1), repeat=3)] if extend > 3 else [fwd((1, 1), repeat=extend)]
+             forward_step((0, first), (1, second))]
+    if extend > 3:
+        steps += [forward_step((1, extend - 3)), forward_step((1, 1), repeat=3)]
+    else:
+        steps += [forward_step((1, 1), repeat=extend)]
     return schedule_case(cid, cfg, [prefix + first, prefix + second + extend], steps,
                          pins or f"a {prefix}-token prefix computed once and reused by a second "
                                   "request, then extended", share=[(1, 0, prefix)])
@@ -407,10 +411,10 @@ def ragged_batch_case(cid, cfg, prompts, decode, pins=None):
     its prefill shares a forward with the others' decode steps (a mixed batch)."""
     n = len(prompts)
     late = n - 1  # the last request arrives after the first decode steps
-    steps = [fwd(*[(r, prompts[r]) for r in range(n) if r != late]),
-             fwd(*[(r, 1) for r in range(n) if r != late], repeat=2),
-             fwd(*[(r, 1) for r in range(n) if r != late], (late, prompts[late])),
-             fwd(*[(r, 1) for r in range(n)], repeat=decode)]
+    steps = [forward_step(*[(r, prompts[r]) for r in range(n) if r != late]),
+             forward_step(*[(r, 1) for r in range(n) if r != late], repeat=2),
+             forward_step(*[(r, 1) for r in range(n) if r != late], (late, prompts[late])),
+             forward_step(*[(r, 1) for r in range(n)], repeat=decode)]
     lengths = [prompts[r] + (decode + 3 if r != late else decode) for r in range(n)]
     first = " and ".join(str(prompts[r]) for r in range(n) if r != late)
     return schedule_case(cid, cfg, lengths, steps, pins or
@@ -420,7 +424,8 @@ def ragged_batch_case(cid, cfg, prompts, decode, pins=None):
 
 def long_decode_case(cid, cfg, prefill, steps, pins=None):
     """A short prefill, then `steps` decode steps one token at a time."""
-    return schedule_case(cid, cfg, [prefill + steps], [fwd((0, prefill)), fwd((0, 1), repeat=steps)],
+    schedule = [forward_step((0, prefill)), forward_step((0, 1), repeat=steps)]
+    return schedule_case(cid, cfg, [prefill + steps], schedule,
                          pins or f"{steps} decode steps after a {prefill}-token prefill, to "
                                  f"position {prefill + steps - 1}")
 
@@ -511,9 +516,22 @@ def speculation_aux(case, out):
 KINDS = (
     kind("schedule", run_schedule, schedule_required,
          "requests run through a serving schedule (chunks, shared prefix, ragged batches); "
-         "expected: each request alone", aux=schedule_aux, alone=alone_schedule),
+         "expected: each request alone", aux=schedule_aux, alone=alone_schedule,
+         inputs="`request.<r>.input_ids` [1, n_r] int64 for r = 0, 1, ...; params `schedule`; "
+                "config.json + model.safetensors",
+         outputs="for each request r, over the positions the schedule computes for it (from its "
+                 "shared prefix length L_r, 0 when none, to n_r - 1): `request.<r>.embed`, "
+                 "`request.<r>.layers.N.*` (the prefill names), `request.<r>.final_hidden`, "
+                 "**`request.<r>.logits`** [1, n_r - L_r, vocab]"),
     kind("mtp_speculation", run_speculation, ["tokens"],
          "greedy MTP speculative decoding: the token stream, the main trace at committed "
          "positions and each module's incremental trace; expected: plain greedy and "
-         "teacher-forced MTP", aux=speculation_aux, alone=alone_speculation),
+         "teacher-forced MTP", aux=speculation_aux, alone=alone_speculation,
+         inputs="`input_ids` [1, P]; params `max_new_tokens` N, `depth` D, `schedule`; model "
+                "with D MTP layers",
+         outputs="**`tokens`** [1, N] (equal to plain greedy), then the prefill names (`embed`, "
+                 "`layers.N.*`, `final_hidden`, `logits` [1, P + N - 1, vocab]) at every "
+                 "committed position (rejected drafts' positions left out), then the "
+                 "`mtp_prefill` names `mtp.k.*` (`mtp.k.logits` [1, P + N - k, vocab]) at module "
+                 "k's committed indices, as the draft chain computes them incrementally"),
 )

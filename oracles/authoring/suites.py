@@ -387,7 +387,7 @@ def full_width():
 
 
 def conventions():
-    """For each topic of SPEC.md section 9, the same inputs with expected values under each
+    """For each topic of spec section 9, the same inputs with expected values under each
     alternative; the check report says which alternative a candidate follows.
 
     Top-k ties: every token's choice rests on exact ties (gate.exact_ties's inputs). The
@@ -483,13 +483,16 @@ SUITES = {"smoke": smoke, "default": default, "full-width": full_width, "convent
           "scenarios": scenario_suite, "engine": engine}
 SUITE_DOCS = {
     "smoke": "a few cases, seconds: one of each main kind",
-    "default": "every component and model kind with named edge cases and drawn cases",
-    "full-width": "components at the real V3 dimensions (hidden 7168, 128 heads, 256 experts)",
-    "conventions": "each SPEC.md section 9 alternative, labelled, to learn which one an engine follows",
+    "default": "every case kind, with named edge cases, edge values, small serving scenarios, "
+               "drawn cases and labelled spec-edge configs",
+    "full-width": "components at the real V3 dimensions (hidden 7168, 128 heads, q-lora 1536, "
+                  "kv-lora 512, 256 experts in 8 groups, the real YaRN config); weights stored bf16",
+    "conventions": "each spec section 9 alternative, labelled, to learn which one an engine follows",
     "scenarios": "serving schedules (chunked prefill, prefix cache, ragged batches, long decode, "
                  "MTP speculation) past 256 positions; expected: each request alone",
-    "engine": "model cases at the real attention widths (kv-lora 512, rope 64, nope 128, v 128) "
-              "that engines built for real shapes load",
+    "engine": "model cases only, at the real attention widths (kv-lora 512, rope 64, nope 128, "
+              "v 128; 4 heads, 2 layers, 8 experts, vocab 384) that engines built for real "
+              "shapes (vLLM's CPU MLA kernel) load",
 }
 
 

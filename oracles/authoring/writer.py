@@ -34,7 +34,7 @@ from .emulate import run_case
 from .mutants import MUTANTS
 from .suites import SUITE_DOCS, SUITE_SEED, suite_cases
 
-# The conventions every expected value follows unless a case says otherwise (SPEC.md section 9).
+# The conventions every expected value follows unless a case says otherwise (spec section 9).
 CONVENTIONS = {
     "expert_group_mask": "-inf", "group_score": "sum of the top-2 biased scores",
     "gate_precision": "router in float64 (float32 or better), bias float32 or better",
@@ -106,7 +106,7 @@ def write_case(case: Case, case_dir: str) -> dict:
     return {
         "id": case.id, "kind": case.kind, "pins": case.pins, "doc": KINDS[case.kind].doc,
         "seed": [SUITE_SEED, "crc32(id)"], "conventions": case.conventions,
-        "expected_under": case.expect_under or "this project's conventions (SPEC.md section 9)",
+        "expected_under": case.expect_under or "this project's conventions (spec section 9)",
         "params": case.params, "model": case.is_model,
         **({"model_dir": MODEL_DIR} if case.is_model else {}),
         **({"edge": case.edge} if case.edge else {}),

@@ -37,10 +37,6 @@ def refimpl_float32():
     return RefimplAdapter("float32")
 
 
-def refimpl_float64():
-    return RefimplAdapter("float64")
-
-
 def refimpl_bf16():
     return RefimplAdapter("bf16")
 

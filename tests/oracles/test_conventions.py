@@ -1,4 +1,4 @@
-"""The conventions suite labels each SPEC.md section 9 alternative, so that a check tells which
+"""The conventions suite labels each spec section 9 alternative, so that a check tells which
 one an engine follows."""
 
 import pytest

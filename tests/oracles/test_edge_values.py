@@ -18,7 +18,7 @@ def _case(suite_dir, cid):
 
 
 def test_gate_logits_below_88_give_the_softmax_of_the_selected_logits(default_dir):
-    """SPEC.md section 9: no epsilon in the renormalisation, so with every gate logit near -93
+    """spec section 9: no epsilon in the renormalisation, so with every gate logit near -93
     the weights are s_i / sum s_j = e^(l_i) / sum e^(l_j) (sigmoid(l) = e^l (1 - e^l + ...))."""
     case, exp = _case(default_dir, "gate.logits_below_88")
     logits = case.inputs["u"].astype(np.float64) @ case.inputs["gate_weight"].astype(np.float64).T

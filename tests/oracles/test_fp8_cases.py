@@ -1,4 +1,4 @@
-"""FP8 quantisation cases: the expected values follow SPEC.md section 7, checked here from the
+"""FP8 quantisation cases: the expected values follow spec section 7, checked here from the
 formula."""
 
 import numpy as np

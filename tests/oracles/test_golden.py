@@ -1,5 +1,6 @@
 """The golden suites on disk: what they hold, that they are reproducible, and that their expected
-values say what SPEC.md says (checked here from the spec, not from refimpl's output)."""
+values say what the spec (docs/spec.md) says (checked here from the spec, not from refimpl's
+output)."""
 
 import filecmp
 import json
@@ -89,7 +90,7 @@ def test_model_case_is_a_loadable_checkpoint_with_fixed_tensor_names(default_dir
 def test_v3_yarn_case_covers_positions_past_the_original_context(default_dir):
     case, exp, _ = _case(default_dir, "yarn_tables.v3")
     assert {4095, 4096, 100000} <= set(case.inputs["positions"].tolist())
-    # SPEC.md section 3: softmax scale 192^-0.5 * 1.3688879^2; dims below low=10 keep theta^(-2i/64),
+    # spec section 3: softmax scale 192^-0.5 * 1.3688879^2; dims below low=10 keep theta^(-2i/64),
     # dims above high=23 are divided by 40.
     assert exp["softmax_scale"][0] == pytest.approx(0.13523378, rel=1e-7)
     base = 10000.0 ** (-2 * np.arange(32) / 64)

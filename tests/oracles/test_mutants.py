@@ -1,4 +1,4 @@
-"""The checker catches the bugs real engines shipped (SPEC.md section 9): the default suite fails
+"""The checker catches the bugs real engines shipped (spec section 9): the default suite fails
 every mutant in the catalogue, and the report names the intermediate where the bug first shows."""
 
 import pytest
@@ -153,7 +153,7 @@ SERVING_PATH = ("lse_base2_merge", "empty_chunk_finite_lse", "mixed_batch_misspl
 
 @pytest.mark.parametrize("name", SERVING_PATH)
 def test_serving_path_bugs_are_invisible_to_a_whole_sequence_prefill(default_dir, name):
-    """SPEC.md section 10: a single whole-sequence prefill never takes these paths; only the
+    """spec section 10: a single whole-sequence prefill never takes these paths; only the
     cases that make the engine take them (schedules, decode steps) fail."""
     rep = run_check(default_dir, load_adapter(f"oracles.mutants:{name}"), "float32",
                     only="model.prefill.*,mtp_prefill.*,mla.*")

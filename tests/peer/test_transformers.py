@@ -29,7 +29,7 @@ compares logits with refimpl in float64:
    pytest monkeypatch, undone after each test. `test_float64_islands_are_all_patched` shows it
    bites (patched and unpatched float64 runs differ by far more than FLOAT64_BOUND).
 
-Conventions checked on the way (SPEC.md section 9):
+Conventions checked on the way (spec section 9):
   - transformers 5.24 masks the experts of excluded groups with -inf (the `negative_bias` case
     has s + b < 0 for every expert, where a 0.0 mask would pick excluded experts, and a direct
     router test asserts it);
@@ -461,10 +461,10 @@ def test_comparison_detects_convention_changes(peer):
 def test_known_divergence_cos_sin_factor_when_an_mscale_is_zero():
     """A recorded difference, not agreement: with mscale_all_dim 0 (or mscale 0), transformers
     5.24 scales cos/sin by m(s, 1) (its `if mscale and mscale_all_dim` fallback), while refimpl
-    follows SPEC.md section 3 and DeepSeek's YaRN code, m(s, mscale) / m(s, mscale_all_dim).
+    follows spec section 3 and DeepSeek's YaRN code, m(s, mscale) / m(s, mscale_all_dim).
     Equal for V3 (1.0/1.0) and for mscale 1 with mscale_all_dim 0; different otherwise. If this
-    test fails, transformers changed and SPEC.md section 9 should say so."""
-    m = lambda s, k: 0.1 * k * np.log(s) + 1.0  # noqa: E731  SPEC.md section 3
+    test fails, transformers changed and spec section 9 should say so."""
+    m = lambda s, k: 0.1 * k * np.log(s) + 1.0  # noqa: E731  spec section 3
     for mscale, msad in ((0.707, 0.0), (0.0, 1.0), (1.0, 0.0)):
         case = Case("x", {}, yarn(factor=40.0, mscale=mscale, mscale_all_dim=msad))
         hf = hf_ds3.DeepseekV3RotaryEmbedding(case.hf_config())
