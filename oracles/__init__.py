@@ -3,6 +3,9 @@
     oracles list     [--suite NAME]
     oracles generate --out DIR [--suite NAME] [--only GLOB]
     oracles check    GOLDEN [CANDIDATE | --adapter pkg.mod:factory] [--profile float32|bf16|fp8] [--json REPORT]
+                     [--known KNOWN.toml] [--junit REPORT.xml]
+    oracles verify   GOLDEN                  regenerate the expected values here and compare
+    oracles diff     OLD.json NEW.json       what changed between two reports
 
 A suite is a directory of cases (DESIGN.md section 6). Every expected value is computed by refimpl
 in float64; tolerances per profile come from running refimpl itself in that precision.

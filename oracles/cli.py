@@ -7,12 +7,17 @@
                      [--no-conditioning]
     (the profile defaults to the one that emulates the candidate's recorded mode, else float32)
     oracles run      GOLDEN --adapter pkg.mod:factory --out CANDIDATE [--expect-digest HEX] [--case-timeout S]
+    oracles verify   GOLDEN [--only GLOB] [--expect-digest HEX] [--json REPORT]
+    oracles diff     OLD.json NEW.json [--factor F] [--json OUT]
+    check also takes --known KNOWN.toml [--allow-fixed] (known divergences) and --junit REPORT.xml.
     check and run also take --engine transformers|mlx|llama.cpp|vllm [--engine-option KEY=VALUE]
     (the built-in engine adapters, oracles/engines/) in place of --adapter.
 
-check exits 0 when every checked case passes; 1 when a case fails, is missing, errs (the adapter
-raised, exited or timed out) or is inconclusive, or when nothing was checked at all; 2 on bad
-input (one line on stderr, text from files escaped).
+check exits 0 when every checked case passes (or fails as its --known file declares: KNOWN); 1
+when a case fails, is missing, errs (the adapter raised, exited or timed out), is inconclusive,
+or passes although the known file declares it failing (FIXED), or when nothing was checked at
+all; verify exits 1 when a regenerated case differs beyond its level, diff when a case
+regressed; 2 on bad input (one line on stderr, text from files escaped).
 """
 
 from __future__ import annotations
@@ -28,14 +33,14 @@ from refimpl.atomic import atomic_directory, check_destination, write_text
 from refimpl.errors import RefimplError, printable
 
 from . import OraclesError, engines
-from .checking import candidates, report_html
+from .checking import candidates, diff, junit, known, report_html
 from .checking.check import run_check
 from .checking.report import format_report
 from .format.tolerances import PROFILES
 from .format.untrusted import escape
 
-# The authoring layer (suites, case kinds, the writer) runs refimpl's forward pass: `list` and
-# `generate` import it when they run, so that checking a suite never loads it.
+# The authoring layer (suites, case kinds, the writer, verify) runs refimpl's forward pass:
+# `list`, `generate` and `verify` import it when they run, so that checking a suite never loads it.
 
 
 def _progress(args):
@@ -89,7 +94,8 @@ def _parser():
     c.add_argument("--only", help="comma-separated globs of case ids")
     c.add_argument("--json", dest="json_out", help="write the report as JSON here")
     c.add_argument("--expect-digest", metavar="HEX",
-                   help="refuse the suite unless sha256(manifest.json) is HEX (pin it in CI)")
+                   help="refuse the suite unless HEX is its manifest digest (sha256 of manifest.json, "
+                        "every bit) or its question digest (what it asks, the same on every machine)")
     c.add_argument("--case-timeout", type=_seconds, default=600.0, metavar="SECONDS",
                    help="stop waiting for an adapter call after this long (default 600; 0: no limit, "
                         "calls run in the main thread)")
@@ -102,7 +108,27 @@ def _parser():
                    help="do not recompute the reference on the candidate's routing where it resolved a "
                         "near-tie the other way: leave out what that reaches instead (section 3 of "
                         "docs/conformance.md)")
+    c.add_argument("--junit", dest="junit_out", metavar="FILE",
+                   help="write the report as JUnit XML here (one test case per golden case)")
+    c.add_argument("--known", metavar="FILE",
+                   help="a TOML file of known divergences: those failures are KNOWN, not failing")
+    c.add_argument("--allow-fixed", action="store_true",
+                   help="exit 0 even if a known failure now passes (FIXED)")
     c.add_argument("--quiet", action="store_true")
+    v = sub.add_parser("verify", help="regenerate a suite's expected values and tolerances here "
+                                      "and compare them with the suite's")
+    v.add_argument("golden")
+    v.add_argument("--only", help="comma-separated globs of case ids")
+    v.add_argument("--expect-digest", metavar="HEX",
+                   help="refuse the suite unless HEX is its question or manifest digest")
+    v.add_argument("--json", dest="json_out", help="write the verification as JSON here")
+    v.add_argument("--quiet", action="store_true")
+    d = sub.add_parser("diff", help="what changed between two check reports (--json) of one suite")
+    d.add_argument("old")
+    d.add_argument("new")
+    d.add_argument("--factor", type=float, default=10.0,
+                   help="flag outputs whose error / tolerance moved by more than this (default 10)")
+    d.add_argument("--json", dest="json_out", help="write the differences as JSON here")
     r = sub.add_parser("run", help="run an adapter and write its outputs (the file route)")
     r.add_argument("golden")
     r.add_argument("--adapter")
@@ -187,6 +213,8 @@ def cmd_check(args) -> int:
                            "pkg.mod:factory or --engine NAME")
     json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
     html_dest = check_destination(args.html_out, "file", OraclesError) if args.html_out else None
+    junit_dest = check_destination(args.junit_out, "file", OraclesError) if args.junit_out else None
+    known_file = known.load(args.known) if args.known else None
     if args.candidate:
         if args.engine_option:
             raise OraclesError("--engine-option needs --engine")
@@ -209,6 +237,8 @@ def cmd_check(args) -> int:
     rep = run_check(args.golden, cand, profile, args.only, repro_base=base,
                     progress=_progress(args), expect_digest=args.expect_digest,
                     allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive,
+                    known=known_file, allow_fixed=args.allow_fixed,
+                    engine_options=info.get("options") if info else None,
                     conditioner=conditioner, mode=mode, any_profile=args.any_profile)
     rep["seconds"] = round(time.perf_counter() - t, 3)
     if info:
@@ -219,7 +249,31 @@ def cmd_check(args) -> int:
         _write_json(args.json_out, rep, expect=json_dest)
     if args.html_out:
         write_text(args.html_out, report_html.render(rep), OraclesError, tag="oracles", expect=html_dest)
+    if args.junit_out:
+        write_text(args.junit_out, junit.render(rep, allow_inconclusive=args.allow_inconclusive,
+                                                allow_fixed=args.allow_fixed),
+                   OraclesError, tag="oracles", expect=junit_dest)
     return 0 if rep["ok"] else 1
+
+
+def cmd_verify(args) -> int:
+    from .authoring.verify import format_verify, run_verify
+
+    json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
+    rep = run_verify(args.golden, args.only, args.expect_digest, progress=_progress(args))
+    print(format_verify(rep))
+    if args.json_out:
+        _write_json(args.json_out, rep.as_dict(), expect=json_dest)
+    return 0 if rep.ok else 1
+
+
+def cmd_diff(args) -> int:
+    json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
+    d = diff.diff(args.old, args.new, args.factor)
+    print(diff.format_diff(d))
+    if args.json_out:
+        _write_json(args.json_out, d.as_dict(), expect=json_dest)
+    return 1 if d.regressed else 0
 
 
 def cmd_run(args) -> int:
@@ -243,4 +297,5 @@ def cmd_run(args) -> int:
     return 1 if errors else 0
 
 
-COMMANDS = {"list": cmd_list, "generate": cmd_generate, "check": cmd_check, "run": cmd_run}
+COMMANDS = {"list": cmd_list, "generate": cmd_generate, "check": cmd_check, "run": cmd_run,
+            "verify": cmd_verify, "diff": cmd_diff}

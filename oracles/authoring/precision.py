@@ -68,7 +68,9 @@ def paired_fp8(weights: dict, precision: str) -> dict:
 
 def _cast(name, a, precision):
     a = np.asarray(a)
-    if not np.issubdtype(a.dtype, np.floating) or a.dtype == E4M3:
+    # (ml_dtypes' bfloat16 is no np.floating subtype: tested by name, or bf16-stored arrays
+    # would be computed in bfloat16 arithmetic even for the float64 truth)
+    if not (np.issubdtype(a.dtype, np.floating) or a.dtype == BF16) or a.dtype == E4M3:
         return a  # ids, positions, e4m3 values: as stored
     if precision == "float64":
         return a.astype(np.float64)

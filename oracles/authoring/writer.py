@@ -25,7 +25,8 @@ from refimpl.writer import write_safetensors
 
 from .. import OraclesError, __version__
 from ..format import tolerances
-from ..format.golden import MODEL_DIR, MODEL_FILES, SUITE_FORMAT
+from ..format.digest import question_digest
+from ..format.golden import MODEL_DIR, MODEL_FILES, OWN_CONVENTIONS, SUITE_FORMAT
 from ..format.schema import CAUSAL_KINDS, Case, matches, output_type
 from . import calibration, tokenizer
 from .cases import KINDS
@@ -106,7 +107,7 @@ def write_case(case: Case, case_dir: str) -> dict:
     return {
         "id": case.id, "kind": case.kind, "pins": case.pins, "doc": KINDS[case.kind].doc,
         "seed": [SUITE_SEED, "crc32(id)"], "conventions": case.conventions,
-        "expected_under": case.expect_under or "this project's conventions (spec section 9)",
+        "expected_under": case.expect_under or OWN_CONVENTIONS,
         "params": case.params, "model": case.is_model,
         **({"model_dir": MODEL_DIR} if case.is_model else {}),
         **({"edge": case.edge} if case.edge else {}),
@@ -154,6 +155,9 @@ def generate(out: str, suite: str = "default", only: str | None = None, progress
             "calibrated_by": tolerances.CALIBRATED_BY,
             "cases": entries,
         }
+        q = question_digest(manifest)  # recorded next to "format"
+        manifest = {k2: v2 for k, v in manifest.items()
+                    for k2, v2 in ([(k, v), ("question_digest", q)] if k == "format" else [(k, v)])}
         write_text(os.path.join(tmp, "manifest.json"),
                    json.dumps(manifest, indent=1, default=_json_default) + "\n", OraclesError,
                    tag="oracles")

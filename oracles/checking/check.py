@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+import time
 
 import ml_dtypes
 import numpy as np
@@ -21,6 +22,7 @@ from ..format import metrics, taint, tolerances
 from ..format.golden import Golden
 from ..format.profiles import refused, relation
 from ..format.schema import matches
+from .known import apply as apply_known
 from .results import CaseResult, Comparison, Coverage, OutputResult, Report, Verdict
 from .routing import explainer
 from .worker import CaseError
@@ -255,22 +257,26 @@ def check_case(golden: Golden, entry: dict, candidate, profile: str,
 # A suite: every case, then the report
 # ---------------------------------------------------------------------------------------------
 
-STATUSES = ("pass", "fail", "missing", "error", "inconclusive", "skip", "not_followed")
+# known and fixed: with --known (known.py)
+STATUSES = ("pass", "fail", "missing", "error", "inconclusive", "skip", "not_followed", "known",
+            "fixed")
 
 
 def check_suite(golden_path: str, candidate, profile: str = "float32", only: str | None = None,
                 repro_base: str | None = None, progress=None, expect_digest: str | None = None,
                 allow_empty: bool = False, allow_inconclusive: bool = False,
-                min_compared: float = MIN_COMPARED, conditioner=None, mode: str | None = None,
-                any_profile: bool = False) -> Report:
+                min_compared: float = MIN_COMPARED, known=None, allow_fixed: bool = False,
+                engine_options: dict | None = None, today=None, conditioner=None,
+                mode: str | None = None, any_profile: bool = False) -> Report:
     """Check every case (matching `only`) -> the Report. ok is False when a case fails, is
     missing or errs, when one is inconclusive (unless allow_inconclusive), and when no required
-    output was compared at all (unless allow_empty). conditioner: see check_case
-    (authoring.conditioned.conditioner_for, which `oracles check` passes; it runs refimpl's
-    forward pass). mode: the profile that emulates the mode the candidate ran in (engine.json,
-    the adapter's `mode`), when known: a profile emulating FP8 weights or an FP8 KV cache the
-    run did not have is refused unless any_profile, and the report says how the profile
-    relates to the mode (format.profiles)."""
+    output was compared at all (unless allow_empty). known: a known.KnownFile whose entries turn
+    failures into KNOWN and passes into FIXED (which fail the run unless allow_fixed).
+    conditioner: see check_case (authoring.conditioned.conditioner_for, which `oracles check`
+    passes; it runs refimpl's forward pass). mode: the profile that emulates the mode the
+    candidate ran in (engine.json, the adapter's `mode`), when known: a profile emulating FP8
+    weights or an FP8 KV cache the run did not have is refused unless any_profile, and the
+    report says how the profile relates to the mode (format.profiles)."""
     if profile not in tolerances.PROFILES:
         raise OraclesError(f"profile {profile!r} is not one of {', '.join(tolerances.PROFILES)}")
     why = refused(profile, mode)
@@ -292,16 +298,22 @@ def check_suite(golden_path: str, candidate, profile: str = "float32", only: str
             r = CaseResult(**_header(entry), status="error",
                            reason=f"not run: the adapter is stuck ({stuck})")
         else:
+            t0 = time.perf_counter()
             r = check_case(golden, entry, candidate, profile, min_compared, conditioner)
+            r = dataclasses.replace(r, seconds=round(time.perf_counter() - t0, 3))
         if r.status in ("fail", "missing", "error", "inconclusive") and repro_base and not stuck:
             r = dataclasses.replace(r, repro=f"{repro_base} --only {shlex.quote(r.id)} --profile {profile}")
         results.append(r)
     results = mark_alternatives(results)
+    known_section = None
+    if known is not None:
+        results, known_section = apply_known(known, results, profile, engine_options, today)
     counts = {s: sum(r.status == s for r in results) for s in STATUSES}
     checked = sum(r.checked or 0 for r in results)
     empty = checked == 0
     ok = (counts["fail"] == 0 and counts["missing"] == 0 and counts["error"] == 0
-          and (allow_inconclusive or counts["inconclusive"] == 0) and (allow_empty or not empty))
+          and (allow_inconclusive or counts["inconclusive"] == 0) and (allow_empty or not empty)
+          and (allow_fixed or counts["fixed"] == 0))
     notes = []
     if empty:
         notes.append("nothing was checked: no case compared a required output ("
@@ -313,9 +325,21 @@ def check_suite(golden_path: str, candidate, profile: str = "float32", only: str
     if counts["inconclusive"]:
         notes.append(f"{counts['inconclusive']} case(s) inconclusive: too few positions compared"
                      + ("" if allow_inconclusive else "; pass --allow-inconclusive to accept that"))
+    if golden.pinned == "question":
+        notes.append("pinned by the question digest: the expected values and tolerances are tied "
+                     "to it by `oracles verify`, not by the digest")
+    if known_section is not None:
+        notes += known_section["notes"] + known_section["unmatched_notes"]
+        if counts["known"]:
+            notes.append(f"{counts['known']} known failure(s) (--known {known.path}): not failing the run")
+        if counts["fixed"]:
+            notes.append(f"{counts['fixed']} known failure(s) now pass (FIXED): remove their entries"
+                         + ("" if allow_fixed else " or pass --allow-fixed"))
+    made = {k: golden.manifest.get(k) for k in ("format", "generator", "refimpl")}
     return Report(golden_path, golden.manifest.get("suite"), golden.digest, candidate.label,
                   profile, counts, checked, ok, min_compared, notes, conventions_summary(results),
-                  results, conditioner is not None, mode, versus)
+                  results, golden.question_digest, golden.pinned, made, known_section,
+                  conditioner is not None, mode, versus)
 
 
 def run_check(*args, **kwargs) -> dict:

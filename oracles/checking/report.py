@@ -24,6 +24,8 @@ def format_report(rep: dict) -> str:
                     f"({cd['routing']})")
             if r["not_provided"]:
                 note = (note + "; " if note else "") + f"{len(r['not_provided'])} intermediate(s) not provided"
+        elif r["status"] == "known":
+            note = f"{note} [known: {r['known']['reason']}]"
         rows.append(tuple(escape(x) for x in (r["id"], r["kind"], r["status"].upper(), note)))
     w = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {d}" for a, b, c, d in rows]
@@ -42,9 +44,14 @@ def format_report(rep: dict) -> str:
     c = rep["counts"]
     lines.append("")
     lines.append(f"suite digest (sha256 of manifest.json): {rep['suite_digest']}")
+    if rep.get("question_digest"):
+        lines.append(f"question digest (what the suite asks, the same on every machine): "
+                     f"{rep['question_digest']}" + (" (pinned)" if rep.get("pinned") == "question" else ""))
     lines += [f"oracles: {escape(n)}" for n in rep.get("notes", [])]
     extra = [f"{c[s]} {label}" for s, label in (("error", "error(s)"), ("inconclusive", "inconclusive"),
-                                                 ("not_followed", "alternative(s) not followed")) if c[s]]
+                                                 ("not_followed", "alternative(s) not followed"),
+                                                 ("known", "known"), ("fixed", "fixed"))
+             if c.get(s)]
     lines.append(escape(f"{rep['candidate']} vs {rep['suite']} ({rep['profile']} profile): {c['pass']} passed, "
                         f"{c['fail']} failed, {c['missing']} missing, {c['skip']} skipped")
                  + "".join(f", {x}" for x in extra))

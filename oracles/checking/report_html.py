@@ -27,9 +27,10 @@ from refimpl.atomic import write_text
 from .. import OraclesError
 
 # statuses that get a chart (the ones a person has to look into)
-CHARTED = ("fail", "inconclusive")
+CHARTED = ("fail", "inconclusive", "known")
 STATUS_COLOURS = {"pass": "#1e7b34", "fail": "#b3261e", "missing": "#b35c00", "skip": "#6b6b6b",
-                  "not_followed": "#4a6b8a", "inconclusive": "#9a6a00", "error": "#7b1fa2"}
+                  "not_followed": "#4a6b8a", "inconclusive": "#9a6a00", "error": "#7b1fa2",
+                  "known": "#6b5b95", "fixed": "#b3261e"}
 FAIL_COLOUR = "#d0021b"  # failing outputs in the chart (and its legend swatch)
 PASS_COLOUR = "#1f5fbf"
 LOG_FLOOR, LOG_CEIL = -8, 12  # the chart never spans more than 1e-8 .. 1e12
@@ -210,6 +211,9 @@ def chart_svg(res: dict) -> str:
 
 def _note(r: dict) -> str:
     """The summary table's last column, as the text report writes it."""
+    if r.get("status") == "known" and isinstance(r.get("known"), dict):
+        k = r["known"]
+        return f"{r.get('reason', '')} [known: {k.get('reason', '')} ({k.get('link', '')})]"
     if r.get("status") != "pass":
         return str(r.get("reason", ""))
     notes = [o["message"] for o in r.get("outputs", []) if o.get("message")]
@@ -272,7 +276,10 @@ def render(rep: dict) -> str:
     title = f"oracles check: {rep.get('candidate', '')} vs {rep.get('suite', '')}"
     verdict = "PASSED" if rep.get("ok") else "FAILED"
     meta = [("suite", rep.get("suite")), ("suite digest (sha256 of manifest.json)", digest),
+            ("question digest (what the suite asks)", rep.get("question_digest")),
             ("golden", rep.get("golden")), ("candidate (engine)", rep.get("candidate"))]
+    if isinstance(rep.get("known"), dict):
+        meta.append(("known divergences", rep["known"].get("file")))
     if rep.get("engine") is not None:
         engine = rep["engine"]
         meta.append(("engine", engine if isinstance(engine, str) else json.dumps(engine, sort_keys=True)))

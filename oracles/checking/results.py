@@ -87,6 +87,8 @@ class CaseResult:
     status: str | None = None  # checking.check.STATUSES
     reason: str | None = None
     repro: str | None = None  # the command that reruns the case alone
+    known: dict | None = None  # KNOWN and FIXED (--known): the entry (known.py)
+    seconds: float | None = None  # how long checking the case took
 
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -116,6 +118,10 @@ class Report:
     notes: list
     conventions: dict  # topic -> {alternative: passed?}
     cases: list  # [CaseResult]
+    question_digest: str | None = None  # what the suite asks (format 3; None for older suites)
+    pinned: str | None = None  # which digest --expect-digest matched: manifest or question
+    suite_made_with: dict | None = None  # the suite's format, generator and refimpl versions
+    known: dict | None = None  # --known: the file, its entries and what they matched
     conditioning: bool = False  # the reference was recomputed on the candidate's routing
     mode: str | None = None  # the profile that emulates the mode the candidate ran in
     profile_vs_mode: str | None = None  # profiles.relation(profile, mode)
@@ -123,6 +129,8 @@ class Report:
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["cases"] = [c.as_dict() for c in self.cases]
+        if self.known is None:
+            del d["known"]
         if d["profile_vs_mode"] is None:
             del d["profile_vs_mode"]
         return d

@@ -38,6 +38,9 @@ from ..authoring.patching import patched
 from ..authoring.writer import generate
 from ..checking.candidates import AdapterCandidate, DirCandidate, write_outputs
 from ..checking.check import run_check
+from ..checking.known import apply as apply_known
+from ..checking.known import load as load_known
+from ..checking.results import CaseResult
 from ..format import metrics, tolerances
 from ..format.golden import Golden, read_tensors
 from ..format.profiles import mode_of, refused, relation
@@ -285,7 +288,21 @@ def keep_row(r) -> bool:
     return refused(r["profile"], r.get("mode") or mode_of(r["engine"], r["options"])) is None
 
 
-def render(rows: list[dict]) -> str:
+def known_failures(row: dict, known_dir: str | None) -> dict:
+    """The row's itemised failures that the engine's known file (KNOWN_DIR/<engine>.toml, read
+    by known.py as `oracles check --known` reads it) covers -> {case id: its entry record}. A
+    failure whose engine raised counts as the ERROR `oracles check --engine` reports."""
+    path = os.path.join(known_dir, f"{row['engine']}.toml") if known_dir else None
+    if not path or not os.path.exists(path) or not row.get("failures"):
+        return {}
+    results = [CaseResult(f["case"], "", "", {}, first_failure=f.get("first_failure"),
+                          status="error" if f.get("diagnosis", "").startswith("the engine raised")
+                          else f["status"]) for f in row["failures"]]
+    results, _ = apply_known(load_known(path), results, row["profile"], row.get("options"))
+    return {r.id: r.known for r in results if r.status == "known"}
+
+
+def render(rows: list[dict], known_dir: str | None = None) -> str:
     out = ["# Engine matrix", "",
            "Real engines run over the golden suites by their built-in adapters "
            "(`oracles run/check --engine NAME`), each in the modes it really runs, checked against "
@@ -311,12 +328,21 @@ def render(rows: list[dict]) -> str:
            "engine's logits are compared with refimpl run with each mutant and known engine "
            "behaviour (oracles/engines/matrix.py), and the source line is the engine's code that "
            "does it.", "",
-           "| engine | version | options | suite | profile | vs. its mode | passed | failed | inconclusive | skipped | run on |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "The known column counts the failed and inconclusive cases that the engine's known "
+           "file covers (`docs/known/<engine>.toml`, the file its CI passes to `oracles check "
+           "--known`; docs/conformance.md section 11); it is counted where the failures are "
+           "itemised, the first profile of a configuration (- elsewhere).", "",
+           "| engine | version | options | suite | profile | vs. its mode | passed | failed | inconclusive | known | skipped | run on |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    firsts = set()
     for r in rows:
+        key = (r["engine"], json.dumps(r["options"], sort_keys=True), r["suite"])
+        first = key not in firsts
+        firsts.add(key)
+        n_known = len(known_failures(r, known_dir)) if first else "-"
         out.append(f"| {r['engine']} | {r['version']} | {_opts(r['options'])} | {r['suite']} | "
                    f"{r['profile']} | {_vs(r)} | {r['passed']} | {r['failed']} | {r['inconclusive']} | "
-                   f"{r['skipped']} | {r['date']} |")
+                   f"{n_known} | {r['skipped']} | {r['date']} |")
     out += ["", "## Failures", ""]
     any_fail = False
     for r in rows:
@@ -330,6 +356,7 @@ def render(rows: list[dict]) -> str:
                        f"a bug ({', '.join(f'`{c}`' for c in r['precision_only'][:4])}"
                        f"{', ...' if len(r['precision_only']) > 4 else ''}); any other failure "
                        f"is the {first} profile's, listed there.")
+        known = known_failures(r, known_dir)
         raised = {}
         for f in r["failures"]:
             if f.get("diagnosis", "").startswith("the engine raised"):
@@ -339,7 +366,7 @@ def render(rows: list[dict]) -> str:
             out.append(f"- **{r['engine']} {r['version']}** ({_opts(r['options'])}), {r['suite']} "
                        f"suite, {r['profile']} profile: {len(cids)} case(s) FAIL with no outputs "
                        f"({', '.join(f'`{c}`' for c in cids[:3])}{', ...' if len(cids) > 3 else ''}): "
-                       f"{why.rstrip('.')}.")
+                       f"{why.rstrip('.')}." + _known_note(known, cids[0], r["engine"]))
         for f in r["failures"]:
             if f.get("diagnosis", "") in raised:
                 continue
@@ -351,6 +378,8 @@ def render(rows: list[dict]) -> str:
                 out.append(f"  Diagnosis: {f['diagnosis']}.")
             if f.get("source"):
                 out.append(f"  Source: {f['source']}.")
+            if f["case"] in known:
+                out.append(f"  {_known_note(known, f['case'], r['engine']).strip()}")
     if not any_fail:
         out.append("None.")
     out += ["", "## What each engine skips", ""]
@@ -366,14 +395,23 @@ def render(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _known_note(known: dict, cid: str, engine: str) -> str:
+    k = known.get(cid)
+    return f" Known: docs/known/{engine}.toml entry {k['entry']}." if k else ""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m oracles.engines.matrix", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="the Markdown page (rows go to the same name .json)")
     p.add_argument("--engines", help="comma-separated engine names (default: every installed one; "
                                       "none: only rewrite the page from the rows)")
     p.add_argument("--work", help="directory for suites and candidates (default: a temporary one)")
+    p.add_argument("--known-dir", help="the engines' known-divergence files, <engine>.toml (default: "
+                                       "known/ beside --out)")
     args = p.parse_args(argv)
     data = os.path.splitext(args.out)[0] + ".json"
+    # the engines' known divergences: docs/known/<engine>.toml next to docs/engines.md
+    known_dir = args.known_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "known")
     try:
         old = json.load(open(data, encoding="utf-8")) if os.path.exists(data) else []
         if args.engines == "none":  # re-render the page from the rows
@@ -403,7 +441,7 @@ def main(argv=None) -> int:
             json.dump(rows, f, indent=1)
             f.write("\n")
         with open(args.out + ".tmp", "w", encoding="utf-8") as f:
-            f.write(render(rows))
+            f.write(render(rows, known_dir))
         os.replace(data + ".tmp", data)
         os.replace(args.out + ".tmp", args.out)
     except OraclesError as e:

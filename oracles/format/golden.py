@@ -25,14 +25,22 @@ from refimpl.config import Config
 from refimpl.errors import RefimplError
 
 from .. import OraclesError
+from . import digest as digests
 from . import manifest, untrusted
 from .schema import Case
 
-SUITE_FORMAT = 2  # 2: model cases in cases/<id>/model/ with tokenizer files (1: flat)
+# 3: the manifest records its question digest (digest.py); 2: model cases in cases/<id>/model/
+# with tokenizer files; 1: flat. Every format is read.
+SUITE_FORMAT = 3
 MODEL_DIR = "model"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "generation_config.json")
 
+# "expected_under" of a case whose expected values follow this project's conventions (otherwise
+# the name of the mutant they follow), and how suites made before 2026-12-02 spelled it (the
+# old text, spelled apart: it cited the team's notes, which are not part of the repository)
+OWN_CONVENTIONS = "this project's conventions (spec section 9)"
+OWN_CONVENTIONS_BEFORE = ("this project's conventions (" + "SPEC" + ".md section 9)",)
 
 def read_tensors(path: str) -> dict:
     try:
@@ -75,18 +83,35 @@ class Golden:
         raw = untrusted.read_bytes(untrusted.inside(self.path, "manifest.json", "manifest.json"),
                                    "manifest.json", untrusted.MAX_MANIFEST)
         self.digest = hashlib.sha256(raw).hexdigest()
-        if expect_digest is not None:
-            want = manifest.parse_digest(expect_digest)
-            if want != self.digest:
-                raise OraclesError(f"{self.path}: suite digest {self.digest} is not the expected "
-                                   f"{want}: this is not the suite you pinned")
+        want = manifest.parse_digest(expect_digest) if expect_digest is not None else None
+
+        def not_pinned(question=None, fmt=None):
+            q = (f", nor is its question digest {question}" if question else
+                 f" (a format {fmt} suite records no question digest: pin its manifest digest)"
+                 if fmt else "")
+            return OraclesError(f"{self.path}: suite digest {self.digest} is not the expected "
+                                f"{want}{q}: this is not the suite you pinned")
         try:
             m = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+            if want is not None and want != self.digest:
+                raise not_pinned() from None
             raise OraclesError(f"{mpath}: not valid JSON ({e})") from None
         except RecursionError:
             raise OraclesError(f"{mpath}: JSON nested too deeply") from None
+        if want is not None and want != self.digest:
+            if not isinstance(m, dict):
+                raise not_pinned()
+            fmt = digests.suite_format(m, mpath)
+            q = digests.question_digest(m) if fmt >= digests.QUESTION_FORMAT else None
+            if want != q:
+                raise not_pinned(q, fmt)
         self.manifest = manifest.validate(m, mpath)
+        # what the suite asks (digest.py): recomputed, and compared with the manifest's own record
+        self.question_digest = digests.checked_question_digest(m, mpath, SUITE_FORMAT)
+        # which digest --expect-digest matched: "manifest" pins every bit, "question" what the
+        # suite asks (its answers are then tied by `oracles verify`); None when nothing is pinned
+        self.pinned = None if want is None else "manifest" if want == self.digest else "question"
         self.cases = {c["id"]: c for c in self.manifest["cases"]}
         self._verified = set()
         self._identity = {}  # (case, file) -> what it was when verified

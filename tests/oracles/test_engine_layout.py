@@ -69,7 +69,7 @@ def test_tokenizer_files_load_and_round_trip_with_the_tokenizers_library(tmp_pat
 
 def test_model_cases_are_clean_checkpoint_directories(default_dir):
     m = _manifest(default_dir)
-    assert m["format"] == golden.SUITE_FORMAT == 2
+    assert m["format"] == golden.SUITE_FORMAT == 3  # 3: format 2 and its question digest
     models = [e for e in m["cases"] if e["model"]]
     assert len(models) >= 15
     for e in models:

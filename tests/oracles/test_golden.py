@@ -173,3 +173,24 @@ def test_cli_list_and_generate(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     r = run_cli("generate", "--suite", "nope", "--out", tmp_path / "x", module="oracles")
     assert r.returncode == 2 and "unknown" in r.stderr
+
+
+@pytest.mark.parametrize("build", ["gate", "mla_decode"])
+def test_bf16_stored_inputs_are_computed_in_float64_for_the_truth(build):
+    """The full-width suite stores its inputs and weights in bfloat16 (ml_dtypes, which numpy
+    does not count as a floating dtype): the truth is still float64 arithmetic on those values,
+    bit for bit what the same values given as float64 arrays give."""
+    import dataclasses
+
+    from oracles.authoring import emulate, precision, suites
+    from refimpl import Config
+
+    cfg = Config.preset("tiny")
+    case = (suites.gate_case("t.gate", cfg, tokens=6, store=precision.BF16) if build == "gate"
+            else suites.mla_decode_case("t.mla_decode", cfg, 1, 3, store=precision.BF16))
+    assert any(v.dtype == precision.BF16 for v in case.inputs.values())
+    as64 = dataclasses.replace(case, inputs={k: v.astype(np.float64) if v.dtype == precision.BF16 else v
+                                             for k, v in case.inputs.items()})
+    a, b = emulate.run_case(case, "float64"), emulate.run_case(as64, "float64")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert precision._cast("w", case.inputs[next(iter(case.inputs))], "float32").dtype == np.float32

@@ -31,7 +31,8 @@ LAYERS = {
     "oracles.authoring": ("oracles", "oracles.format"),
     "oracles.engines": ("oracles", "oracles.format", "oracles.checking", "oracles.authoring"),
 }
-TOP = ("oracles.cli", "oracles.__main__", "oracles.adapters", "oracles.mutants", "oracles.hf_adapter")
+TOP = ("oracles.cli", "oracles.__main__", "oracles.adapters", "oracles.mutants", "oracles.hf_adapter",
+       "oracles.pytest_plugin", "oracles.pytest_items")
 
 # (importing module, imported project module) -> why it is imported inside a function
 LAZY = {
@@ -42,6 +43,9 @@ LAZY = {
     ("oracles.cli", "oracles.authoring.conditioned"):
         "`oracles check --no-conditioning` (and a suite read without a conditioner) must not load "
         "the forward pass",
+    ("oracles.cli", "oracles.authoring.verify"): "`oracles check` must not load the forward pass",
+    ("oracles.pytest_plugin", "oracles.pytest_items"):
+        "every pytest run in the environment loads the plugin: the checker only with --oracles-golden",
 }
 
 FORWARD = ("refimpl.model", "refimpl.layer", "refimpl.mla", "refimpl.moe", "refimpl.mtp")
