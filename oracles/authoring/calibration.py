@@ -126,7 +126,8 @@ def calibrate(truth: dict, aux: dict, emulated: dict, profile: str, causal: bool
         per = {}
         for name in truth:
             out_kind = output_type(name)
-            c_idx = emulated[name[: -len("topk_weight")] + "topk_idx"] if out_kind == "routing_weights" else None
+            c_idx = (emulated[name[: -len("topk_weight")] + "topk_idx"]
+                     if out_kind == "routing_weights" else None)
             per[name] = metrics.compare(name, out_kind, emulated[name], exp[name], exp, epss[name],
                                         taint, c_idx)
         measured.append(per)

@@ -15,7 +15,8 @@ from __future__ import annotations
 EMULATES = {
     "float32": ("float32", "float32", "float32"),
     "bf16": ("bfloat16", "bfloat16", "bfloat16"),
-    "fp8": ("FP8 e4m3 (128x128 blocks) in the linear maps V3 ships in FP8", "bfloat16, FP8 GEMMs", "bfloat16"),
+    "fp8": ("FP8 e4m3 (128x128 blocks) in the linear maps V3 ships in FP8", "bfloat16, FP8 GEMMs",
+            "bfloat16"),
     "f16_kv": ("float32", "float32", "float16"),
     "bf16_f32_experts": ("bfloat16", "bfloat16, routed experts in float32", "bfloat16"),
     "fp8_kv": ("bfloat16", "bfloat16", "FP8 e4m3"),
