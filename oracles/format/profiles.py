@@ -11,16 +11,8 @@ verdict.
 
 from __future__ import annotations
 
-# what each profile emulates: weights, activations, KV cache
-EMULATES = {
-    "float32": ("float32", "float32", "float32"),
-    "bf16": ("bfloat16", "bfloat16", "bfloat16"),
-    "fp8": ("FP8 e4m3 (128x128 blocks) in the linear maps V3 ships in FP8", "bfloat16, FP8 GEMMs",
-            "bfloat16"),
-    "f16_kv": ("float32", "float32", "float16"),
-    "bf16_f32_experts": ("bfloat16", "bfloat16, routed experts in float32", "bfloat16"),
-    "fp8_kv": ("bfloat16", "bfloat16", "FP8 e4m3"),
-}
+# the profiles that emulate FP8 weights (FP8 GEMMs in the linear maps V3 ships in FP8) and an FP8
+# KV cache (tolerances.py, engines' modes)
 FP8_WEIGHTS = ("fp8",)
 FP8_KV = ("fp8_kv",)
 # how much rounding each profile forgives, in order (equal: another mode of the same precision)
