@@ -81,6 +81,16 @@ def _parser():
     g.add_argument("--suite", default="default")
     g.add_argument("--only", help="comma-separated globs of case ids")
     g.add_argument("--quiet", action="store_true")
+    g.add_argument("--checkpoint", metavar="DIR",
+                   help="a golden of this checkpoint (referenced by digest, never copied): model "
+                        "cases on --tokens instead of a built-in suite")
+    g.add_argument("--tokens", metavar="FILE", help="with --checkpoint: .npy of token ids [batch, seq]")
+    g.add_argument("--layers", type=int, default=None, metavar="N",
+                   help="with --checkpoint: keep the first N decoder layers (plus the head)")
+    g.add_argument("--new-tokens", type=int, default=4, metavar="N",
+                   help="with --checkpoint: greedy tokens of the greedy case (default 4)")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="compute the cases on Ray workers: a local cluster, or join ADDRESS")
     c = sub.add_parser("check", help="check a candidate against a golden suite")
     c.add_argument("golden")
     c.add_argument("candidate", nargs="?", help="directory with cases/<id>/outputs.safetensors")
@@ -114,6 +124,8 @@ def _parser():
                    help="a TOML file of known divergences: those failures are KNOWN, not failing")
     c.add_argument("--allow-fixed", action="store_true",
                    help="exit 0 even if a known failure now passes (FIXED)")
+    c.add_argument("--checkpoint", metavar="DIR",
+                   help="the checkpoint a checkpoint golden was generated from (its digest must match)")
     c.add_argument("--quiet", action="store_true")
     v = sub.add_parser("verify", help="regenerate a suite's expected values and tolerances here "
                                       "and compare them with the suite's")
@@ -137,6 +149,8 @@ def _parser():
     r.add_argument("--only")
     r.add_argument("--case-timeout", type=_seconds, default=600.0, metavar="SECONDS")
     r.add_argument("--expect-digest", metavar="HEX")
+    r.add_argument("--checkpoint", metavar="DIR",
+                   help="the checkpoint a checkpoint golden was generated from (its digest must match)")
     return p
 
 
@@ -195,9 +209,22 @@ def cmd_generate(args) -> int:
     from .authoring.writer import generate, suite_size
 
     t = time.perf_counter()
-    m = generate(args.out, args.suite, args.only, progress=_progress(args))
+    suite, cases, doc = args.suite, None, None
+    if args.checkpoint or args.tokens or args.layers is not None:
+        from .authoring.checkpoint_cases import checkpoint_cases, load_tokens
+
+        if not (args.checkpoint and args.tokens):
+            raise OraclesError("a checkpoint golden needs both --checkpoint DIR and --tokens FILE")
+        check_destination(args.out, "directory", OraclesError)
+        cases = checkpoint_cases(args.checkpoint, load_tokens(args.tokens), args.layers,
+                                 args.new_tokens)
+        suite = "checkpoint"
+        doc = ("model cases of a user's checkpoint (referenced by digest, not copied)"
+               + (f", its first {args.layers} decoder layers" if args.layers else ""))
+    m = generate(args.out, suite, args.only, progress=_progress(args), cases=cases,
+                 suite_doc=doc, ray=args.ray)
     dt = time.perf_counter() - t
-    print(f"wrote {args.out}: suite {args.suite}, {len(m['cases'])} cases, "
+    print(f"wrote {args.out}: suite {suite}, {len(m['cases'])} cases, "
           f"{suite_size(args.out) / 1e6:.1f} MB in {dt:.1f} s")
     return 0
 
@@ -239,7 +266,8 @@ def cmd_check(args) -> int:
                     allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive,
                     known=known_file, allow_fixed=args.allow_fixed,
                     engine_options=info.get("options") if info else None,
-                    conditioner=conditioner, mode=mode, any_profile=args.any_profile)
+                    checkpoint=args.checkpoint, conditioner=conditioner, mode=mode,
+                    any_profile=args.any_profile)
     rep["seconds"] = round(time.perf_counter() - t, 3)
     if info:
         rep["engine"] = info
@@ -284,7 +312,7 @@ def cmd_run(args) -> int:
     errors = {}
     with atomic_directory(args.out, OraclesError, tag="oracles") as tmp:  # never merged into
         skipped = candidates.write_outputs(args.golden, cand, tmp, args.only, errors=errors,
-                                expect_digest=args.expect_digest)
+                                expect_digest=args.expect_digest, checkpoint=args.checkpoint)
         if info:
             engines.write_info(tmp, info, skipped)
     if info:

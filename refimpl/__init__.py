@@ -16,9 +16,12 @@ __version__ = "0.1.0"
 def __getattr__(name):
     """Model, LatentCache and load import the forward pass (model.py, layer.py) on first use, so
     that `import refimpl.config` (or oracles' checker) does not."""
-    if name in ("Model", "load"):
+    if name == "Model":
         from . import model
-        return getattr(model, name)
+        return model.Model
+    if name == "load":  # one process, or pipeline stages (loader.py)
+        from . import loader
+        return loader.load
     if name == "LatentCache":
         from . import layer
         return layer.LatentCache

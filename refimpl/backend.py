@@ -14,17 +14,28 @@ DTYPES = {"float64": np.float64, "float32": np.float32}
 
 
 def array_module(*arrays):
-    """numpy, or cupy when any argument is a cupy array."""
+    """numpy, or the device array module of the first argument that is a device array: cupy
+    for a cupy array, and for any other non-numpy array type the namespace it declares through
+    the array API's `__array_namespace__` (tests/fakecupy.py, CuPy's rules on the CPU)."""
     for a in arrays:
-        if type(a).__module__.startswith("cupy"):
+        t = type(a)
+        if t.__module__.startswith("cupy"):
             import cupy
 
             return cupy
+        if hasattr(t, "__array_namespace__") and not issubclass(t, (np.ndarray, np.generic)):
+            return a.__array_namespace__()
     return np
 
 
-def device_module(device: str):
-    """The array module for a device name: "cpu" -> numpy, "gpu" (or "cuda") -> cupy."""
+def device_module(device):
+    """The array module for a device: "cpu" -> numpy, "gpu" (or "cuda") -> cupy, or an array
+    module given itself (one whose arrays declare it as their `__array_namespace__`, copied to
+    with `asarray` and back with `.get()`, as CuPy's are: tests/fakecupy.py)."""
+    if not isinstance(device, str):
+        if not (callable(getattr(device, "asarray", None)) and hasattr(device, "ndarray")):
+            raise RefimplError(f"device {device!r} is not 'cpu', 'gpu' or an array module")
+        return device
     if device == "cpu":
         return np
     if device in ("gpu", "cuda"):
@@ -63,10 +74,15 @@ def working_dtype(name) -> np.dtype:
 
 
 def to_numpy(x) -> np.ndarray:
-    """A host numpy array, whichever module holds x."""
-    if type(x).__module__.startswith("cupy"):
+    """A host numpy array, whichever module holds x: the one explicit device-to-host copy."""
+    if array_module(x) is not np:
         return x.get()
     return np.asarray(x)
+
+
+def device_name(device) -> str:
+    """"cpu", "gpu", or the name of an array module given as the device."""
+    return device if isinstance(device, str) else getattr(device, "__name__", repr(device))
 
 
 def stable_argsort(x, axis=-1):

@@ -50,14 +50,25 @@ class SafetensorsFile:
     def drop_pages(self, name: str) -> None:
         """Tell the kernel this process is done with a tensor's pages (MADV_DONTNEED): they leave
         its resident set (the page cache keeps them) and are read again if touched again."""
-        if not isinstance(self._map, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        self._advise(name, "MADV_DONTNEED")
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading a tensor's pages into the page cache now
+        (MADV_WILLNEED): the disk works while this process converts other tensors.  Nothing is
+        mapped into the process until it touches the pages (its resident set does not grow)."""
+        if self._map is None:
+            self.array(name)  # maps the file
+        self._advise(name, "MADV_WILLNEED")
+
+    def _advise(self, name: str, advice: str) -> None:
+        if not isinstance(self._map, mmap.mmap) or not hasattr(mmap, advice):
             return
         _, _, (begin, end) = self.tensors[name]
         page = mmap.PAGESIZE
         lo = (self.data_start + begin) // page * page
         hi = min(-(-(self.data_start + end) // page) * page, len(self._map))
         if hi > lo:
-            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            self._map.madvise(getattr(mmap, advice), lo, hi - lo)
 
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # what norms, scales, the gate and its bias may be
@@ -354,19 +365,29 @@ class Checkpoint:
                                   "from the checkpoint")
         return self.files[self.where[name]].array(name)
 
-    def weight(self, name: str, dtype=np.float64) -> np.ndarray:
-        """The tensor as a float array of `dtype`, FP8 dequantised with its weight_scale_inv,
-        checked finite (the error names the tensor and its layer)."""
+    def weight(self, name: str, dtype=np.float64, out=None) -> np.ndarray:
+        """The tensor as a float array of `dtype` (written into `out` when given: a C-contiguous
+        array of its shape and dtype, e.g. a released weight's memory), FP8 dequantised with its
+        weight_scale_inv, checked finite (the error names the tensor and its layer).  An FP8
+        tensor is checked on its stored bytes before it is converted: no NaN code, and no product
+        that can overflow `dtype` (fp8.products_finite; else the values are checked)."""
         stored = self.raw(name)
         if stored.dtype == DTYPES["F8_E4M3"]:
             sname = self._scale_name(name)
             s = self.raw(sname)
             self._check_scale(sname, s)
-            arr = fp8.dequantize(stored, s, dtype=dtype)
+            self._check_finite(name, stored)
+            arr = fp8.dequantize(stored, s, dtype=dtype, out=out)
+            if not fp8.products_finite(s, dtype):
+                self._check_finite(name, arr)
         else:
-            arr = np.array(stored, dtype=dtype)  # a private, writable copy in working precision
+            arr = np.empty(stored.shape, dtype) if out is None else out
+            if arr.shape != stored.shape or arr.dtype != np.dtype(dtype):
+                raise ValueError(f"out must be a {np.dtype(dtype).name} array of shape "
+                                 f"{stored.shape}, got {arr.dtype} {arr.shape}")
+            np.copyto(arr, stored, casting="unsafe")  # a private, writable copy in working precision
+            self._check_finite(name, arr)
         self._drop(name)
-        self._check_finite(name, arr)
         return arr
 
     def stored_fp8(self, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -391,6 +412,13 @@ class Checkpoint:
 
     def _drop(self, name: str) -> None:
         self.files[self.where[name]].drop_pages(name)
+
+    def prefetch(self, name: str) -> None:
+        """Start reading a tensor (and its FP8 scale) from disk in the background
+        (SafetensorsFile.prefetch); a name the checkpoint lacks is ignored (a hint, not a read)."""
+        for n in (name, name + "_scale_inv"):
+            if n in self.where:
+                self.files[self.where[n]].prefetch(n)
 
     def _check_scale(self, name: str, s: np.ndarray) -> None:
         """An FP8 block scale must be finite and strictly positive (a zero or negative scale

@@ -20,7 +20,7 @@ from .errors import CheckpointError, InputError, RefimplError, printable
 from .generate import decode, greedy
 from .layout import STORAGE_BYTES, stored_entries, tensor_plan
 from .memory import parse_memory
-from .model import load
+from .loader import load
 from .writer import make_checkpoint, shard_entries
 
 MAX_SEED = 2 ** 63 - 1
@@ -75,6 +75,15 @@ def _model_options(p) -> None:
                    help="emulate an FP8 engine: FP8-stored projections multiply activations "
                         "quantised per token per 128 channels, accumulating in float32")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--stages", type=_int_in(1, 100_000), default=None,
+                   help="split the decoder layers into N pipeline stages, each keeping its layers "
+                        "resident (in this process, or one Ray actor each with --ray); the plan is "
+                        "printed before any weight is read")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the stages as Ray actors: on a local cluster (no ADDRESS), or join the "
+                        "cluster at ADDRESS (auto, HOST:PORT); needs the cluster extra")
+    p.add_argument("--stage-memory", default=None,
+                   help="refuse a plan whose stage needs more than this (e.g. 100GB) for its weights")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -237,6 +246,15 @@ def _memory_options(args) -> dict:
 
 def _load_model(args):
     """The checkpoint as the options say, with per-layer progress on a terminal."""
+    if args.ray is not None and args.stages is None:
+        raise InputError("--ray needs --stages N (how many pipeline stages)")
+    if args.stages is not None:
+        mem = None if args.stage_memory is None else parse_memory(args.stage_memory, "--stage-memory")
+        report = None if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+        return load(args.checkpoint, dtype=args.dtype, device=args.device, stages=args.stages,
+                    ray=args.ray, stage_memory=mem, report=report, **_memory_options(args))
+    if args.stage_memory is not None:
+        raise InputError("--stage-memory needs --stages N")
     model = load(args.checkpoint, dtype=args.dtype, device=args.device, **_memory_options(args))
     if not args.quiet and sys.stderr.isatty():
         from tqdm import tqdm

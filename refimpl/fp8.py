@@ -14,12 +14,13 @@ in the last place, relative for normal numbers, absolute below 2^-6.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
 
-from .backend import array_module
+from .backend import array_module, to_numpy
 
 BLOCK = 128
 E4M3_MAX = 448.0
@@ -50,7 +51,7 @@ def bad_scales(scale_inv) -> str:
 
 def decode_e4m3(q, dtype=np.float64) -> np.ndarray:
     """e4m3fn array -> the same values in `dtype` (exact: every e4m3 value fits float16 and up)."""
-    return _E4M3_VALUES.astype(dtype)[np.asarray(q).view(np.uint8)]
+    return value_table(dtype)[np.asarray(q).view(np.uint8)]
 
 
 def round_e4m3(x) -> np.ndarray:
@@ -64,34 +65,93 @@ def round_e4m3(x) -> np.ndarray:
     return (np.round(x / ulp) * ulp).astype(E4M3)  # np.round: ties to even; exact on the grid
 
 
-def dequantize(q, scale_inv, block: int = BLOCK, dtype=np.float64):
-    """W = q * s per block: each scale covers a block x block tile, the last ones partial.
-    Works one block row at a time, so the only full-size array is the result.
+# Values decoded per np.take call: take converts its indices to intp, so a chunk of 2^16 keeps
+# that temporary (512 KiB) and the chunk's output in the core's cache while it is scaled.
+CHUNK = 1 << 16
 
-    q: [out, in] e4m3 (or any float dtype); scale_inv: [ceil(out/block), ceil(in/block)] -> [out, in]"""
-    out, inp = q.shape
-    s = np.asarray(scale_inv, dtype=dtype)
-    w = np.empty((out, inp), dtype=dtype)
-    fp8 = np.asarray(q).dtype == E4M3
+
+@functools.lru_cache(maxsize=None)
+def value_table(dtype) -> np.ndarray:
+    """The 256 e4m3fn bit patterns -> their values in `dtype` (read-only; NaN for 0x7f, 0xff)."""
+    t = _E4M3_VALUES.astype(dtype)
+    t.flags.writeable = False
+    return t
+
+
+def dequantize(q, scale_inv, block: int = BLOCK, dtype=np.float64, out=None):
+    """W = q * s per block: each scale covers a block x block tile, the last ones partial.
+
+    q: [out, in] e4m3 (or any float dtype); scale_inv: [ceil(out/block), ceil(in/block)], float32
+    or UE8M0 (ml_dtypes.float8_e8m0fnu: powers of two) -> [out, in] in `dtype` (written into
+    `out` when given: a C-contiguous array of that shape and dtype).
+
+    Decoding is a lookup: the stored bytes index the 256-entry value_table, a chunk of rows at a
+    time (np.take straight into the result), and the chunk is scaled in place by its block row's
+    scales while it is still in cache.  So the only full-size array is the result and the largest
+    temporaries are one chunk's indices and one row of scales.  Each value is table[q] * s rounded
+    once in `dtype`, the product the definition asks for."""
+    q = np.asarray(q)
+    rows_out, inp = q.shape
+    s = np.asarray(to_numpy(scale_inv), dtype=dtype)  # (an explicit copy from a device)
+    if out is None:
+        out = np.empty((rows_out, inp), dtype=dtype)
+    elif out.shape != (rows_out, inp) or out.dtype != np.dtype(dtype) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {np.dtype(dtype).name} array of shape "
+                         f"{(rows_out, inp)}, got {out.dtype} {out.shape}")
+    fp8 = q.dtype == E4M3
+    codes, table = (q.view(np.uint8), value_table(dtype)) if fp8 else (q, None)
+    step = max(1, min(block, CHUNK // max(inp, 1)))  # rows per chunk, within one block row
     for i in range(s.shape[0]):
-        rows = slice(i * block, min((i + 1) * block, out))
         s_row = np.repeat(s[i], block)[:inp]  # [in]: scale of each column's block in this row
-        vals = decode_e4m3(q[rows], dtype) if fp8 else np.asarray(q[rows], dtype=dtype)
-        np.multiply(vals, s_row, out=w[rows])  # W[i, j] = q[i, j] * s[i//128, j//128]
-    return w
+        for a in range(i * block, min((i + 1) * block, rows_out), step):
+            rows = slice(a, min(a + step, (i + 1) * block, rows_out))
+            w = out[rows]
+            if fp8:
+                np.take(table, codes[rows], out=w, mode="wrap")  # codes are 0..255: never wraps
+            else:
+                np.copyto(w, q[rows], casting="unsafe")
+            np.multiply(w, s_row, out=w)  # W[i, j] = q[i, j] * s[i//128, j//128]
+    return out
+
+
+def nan_codes(q, chunk: int = 1 << 22) -> int:
+    """How many e4m3fn NaN codes (0x7f, 0xff) q holds: e4m3fn has no Inf, so a dequantised
+    weight is finite where its codes are not NaN and its products do not overflow
+    (products_finite).  Counted on the stored bytes, in chunks."""
+    u = np.asarray(q).reshape(-1).view(np.uint8)
+    return sum(int(np.count_nonzero((u[a:a + chunk] & 0x7F) == 0x7F))
+               for a in range(0, u.size, chunk))
+
+
+def products_finite(scale_inv, dtype) -> bool:
+    """True when no product q * s of a finite e4m3 value (|q| <= 448) and a scale can overflow
+    `dtype`: fl(448 * max s) is finite, and rounding is monotone.  (False does not mean one
+    overflows: only that the values must be checked.)"""
+    s = np.asarray(scale_inv, dtype=dtype)
+    with np.errstate(over="ignore"):
+        return s.size == 0 or bool(np.isfinite(np.multiply(np.asarray(E4M3_MAX, dtype), s.max())))
 
 
 def dequantize_bits(bits, scale_inv, block: int = BLOCK, dtype=np.float64):
     """The same W = q * s from the raw e4m3 bit patterns, with the array module of `bits`: on a
-    GPU the stored byte per weight is what crosses the bus, and decoding happens on the device.
+    GPU the stored byte per weight is what crosses the bus, and decoding happens on the device,
+    one block row at a time (xp.take into the result, scaled in place), so no temporary is larger
+    than a block row.
 
     bits: uint8 [out, in] (numpy or cupy); scale_inv: [ceil(out/block), ceil(in/block)] -> [out, in]"""
     xp = array_module(bits)
-    out, inp = bits.shape
-    table = xp.asarray(_E4M3_VALUES.astype(dtype))  # 256 bit patterns -> values
-    s = xp.asarray(scale_inv).astype(dtype)
-    s_full = xp.repeat(xp.repeat(s, block, axis=0)[:out], block, axis=1)[:, :inp]  # [out, in]
-    return table[bits] * s_full  # W[i, j] = q[i, j] * s[i//128, j//128]
+    if xp is np:
+        return dequantize(np.asarray(bits).view(E4M3), scale_inv, block, dtype)
+    rows_out, inp = bits.shape
+    table = xp.asarray(value_table(dtype))  # 256 bit patterns -> values (an explicit copy)
+    s = xp.asarray(np.asarray(scale_inv, dtype=dtype))
+    out = xp.empty((rows_out, inp), dtype=dtype)
+    for i in range(s.shape[0]):
+        rows = slice(i * block, min((i + 1) * block, rows_out))
+        w = out[rows]
+        xp.take(table, bits[rows], out=w)
+        w *= xp.repeat(s[i], block)[:inp]  # W[i, j] = q[i, j] * s[i//128, j//128]
+    return out
 
 
 def block_scales(w, block: int = BLOCK, ue8m0: bool = False) -> np.ndarray:

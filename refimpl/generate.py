@@ -9,9 +9,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import mtp, names
-from .backend import to_numpy
+from .backend import array_module, to_numpy
 from .errors import InputError, RefimplError
 from .ops import softmax
+
+
+def argmax_id(logits) -> int:
+    """The id of the largest logit, ties to the lower id, found where the logits are: on a
+    device only the id crosses to the host, not the vocabulary's logits.   [vocab] -> int"""
+    return int(to_numpy(array_module(logits).argmax(logits)))
 
 
 def greedy(model, prompt, max_new_tokens: int) -> list[int]:
@@ -24,7 +30,7 @@ def greedy(model, prompt, max_new_tokens: int) -> list[int]:
     logits = model.forward(prompt, cache=cache)
     out = []
     for _ in range(max_new_tokens):
-        nxt = int(np.argmax(to_numpy(logits[0, -1])))
+        nxt = argmax_id(logits[0, -1])
         out.append(nxt)
         if len(out) == max_new_tokens:
             break
@@ -71,7 +77,7 @@ class Report:
 
 
 def _check_lengths(model, prompt, max_new_tokens):
-    prompt = np.asarray(prompt, dtype=np.int64).reshape(1, -1)
+    prompt = to_numpy(prompt).astype(np.int64).reshape(1, -1)
     if max_new_tokens < 0:
         raise InputError(f"max-new-tokens must be >= 0, got {max_new_tokens}")
     total = prompt.shape[1] + max_new_tokens
@@ -108,7 +114,7 @@ def verify(drafts, draft_logits, logits, temperature: float, rng) -> list[int]:
     new = []
     for j, d in enumerate(drafts):
         if temperature == 0:
-            choice = int(np.argmax(to_numpy(logits[j])))
+            choice = argmax_id(logits[j])
             ok, tok = d == choice, choice
         else:
             ok, tok = accept_or_resample(probabilities(logits[j], temperature),
@@ -117,7 +123,7 @@ def verify(drafts, draft_logits, logits, temperature: float, rng) -> list[int]:
         if not ok:
             return new
     last = logits[len(drafts)]
-    new.append(int(np.argmax(to_numpy(last))) if temperature == 0 else
+    new.append(argmax_id(last) if temperature == 0 else
                int(rng.choice(last.shape[-1], p=probabilities(last, temperature))))
     return new
 
@@ -151,7 +157,7 @@ def decode(model, prompt, max_new_tokens: int, use_mtp: bool = False, depth: int
     if temperature < 0:
         raise InputError(f"temperature must be >= 0, got {temperature}")
     rng = np.random.default_rng(seed)
-    pick = (lambda v: int(np.argmax(to_numpy(v)))) if temperature == 0 else \
+    pick = argmax_id if temperature == 0 else \
         (lambda v: int(rng.choice(v.shape[-1], p=probabilities(v, temperature))))
     rep = Report(prompt=prompt[0].tolist(), tokens=[], forward_passes=0, depth=D,
                  drafted=[0] * D, accepted=[0] * D,
@@ -267,7 +273,7 @@ class Drafter:
             raise InputError(f"cannot draft {m} tokens with {self.D} MTP modules")
         if m == 0:
             return [], []
-        choose = choose or (lambda v: int(np.argmax(to_numpy(v))))
+        choose = choose or argmax_id
         n = len(self.tokens)
         if self.h0_len != n - 1 or self.committed(1) != n - 1:
             raise RefimplError("draft needs the main model one token behind the sequence and the "

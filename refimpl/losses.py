@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import ops
+from .backend import to_numpy
 from .errors import InputError
 
 
@@ -27,12 +28,12 @@ def mtp_depth_loss(logits_k, tokens, k: int):
     logits_k [b, >= T-k, V]: module k's logits at index i (teacher-forced, as from
     Model.forward(mtp=True), whose extra last index predicts beyond the sequence and is ignored);
     tokens int [b, T+1]."""
-    tokens = np.asarray(tokens)
+    tokens = to_numpy(tokens)
     T = tokens.shape[-1] - 1
     n = T - k  # terms at depth k
     if n < 1:
         raise InputError(f"depth {k} needs a sequence of more than {k + 1} tokens, got {T + 1}")
-    lp = log_softmax(np.asarray(logits_k)[:, :n])  # [b, n, V]
+    lp = log_softmax(to_numpy(logits_k)[:, :n])  # [b, n, V]
     target = tokens[:, k + 1:k + 1 + n]  # t_{i+k+1}
     picked = np.take_along_axis(lp, target[..., None], axis=-1)[..., 0]  # [b, n]
     return float(-(picked.sum(axis=-1) / T).mean())
@@ -48,13 +49,13 @@ def mtp_loss(mtp_logits, tokens, lam: float):
 
 def topk_mask(scores, k: int):
     """1 where s_i,t is among the K largest of its row (ties to the lower index).  [T, E] -> [T, E]"""
-    scores = np.asarray(scores)
+    scores = to_numpy(scores)
     return selection_mask(ops.topk_indices(scores, k), scores.shape[-1])
 
 
 def selection_mask(idx, n_experts: int):
     """Routed indices [T, K] -> 0/1 mask [T, E]."""
-    idx = np.asarray(idx)
+    idx = to_numpy(idx)
     m = np.zeros((idx.shape[0], n_experts))
     np.put_along_axis(m, idx, 1.0, axis=-1)
     return m
@@ -71,7 +72,7 @@ def balance_loss(scores, top_k: int, alpha: float, selected=None):
     scores [T, N_r]: the affinities s_i,t (eq. 15, sigmoid, no bias).  `selected` [T, K_r]: the
     experts the router chose; when None, the plain top-K_r of s as eq. (18) prints it (the router
     itself adds the bias and the group limit)."""
-    s = np.asarray(scores, dtype=np.float64)
+    s = to_numpy(scores).astype(np.float64)  # host values (an explicit copy from a device)
     T, n_r = s.shape
     mask = topk_mask(s, top_k) if selected is None else selection_mask(selected, n_r)
     f = n_r / (top_k * T) * mask.sum(axis=0)  # eq. (18)
@@ -82,12 +83,12 @@ def balance_loss(scores, top_k: int, alpha: float, selected=None):
 
 def expert_load(idx, n_experts: int):
     """Tokens routed to each expert in a step: idx [T, K] -> counts [E]."""
-    return np.bincount(np.asarray(idx).reshape(-1), minlength=n_experts).astype(np.float64)
+    return np.bincount(to_numpy(idx).reshape(-1), minlength=n_experts).astype(np.float64)
 
 
 def update_bias(bias, load, gamma: float = 0.001):
     """Auxiliary-loss-free balancing, after each step: b_i += gamma * sign(mean_load - load_i)
     (an overloaded expert's bias goes down by gamma, an underloaded one's up, an exactly average
     one's stays).   bias [E], load [E] -> new bias [E]"""
-    load = np.asarray(load, dtype=np.float64)
-    return np.asarray(bias, dtype=np.float64) + gamma * np.sign(load.mean() - load)
+    load = to_numpy(load).astype(np.float64)
+    return to_numpy(bias).astype(np.float64) + gamma * np.sign(load.mean() - load)

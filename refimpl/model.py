@@ -26,7 +26,7 @@ from .errors import InputError, RefimplError
 from .norm import rms_norm
 from .layer import AttentionContext, LatentCache
 from .trace import recorder
-from .weights import ArraySource, WeightStore, weight_budget
+from .weights import ArraySource, WeightStore, shared_tensors, weight_budget
 
 MLA_FORMS = ("naive", "absorbed", "auto")
 
@@ -136,6 +136,8 @@ class Model:
         if self.progress is not None:
             layers = self.progress(layers, desc=f"forward of {b}x{s} tokens", unit="layer")
         for i in layers:
+            if i + 1 < cfg.num_hidden_layers:  # the disk reads layer i+1 while layer i computes
+                self.weights.prefetch(shared_tensors(cfg, i + 1))
             h = layer.decoder_layer(h, self.weights, cfg, i, context, recorder(trace, f"layers.{i}."))
         if cache is not None:
             cache.length = start + s

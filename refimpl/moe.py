@@ -162,6 +162,8 @@ def routed_experts(x, idx, weights, experts):
     bounds = (sorted_experts[1:] != sorted_experts[:-1]).nonzero()[0] + 1
     starts = [0, *bounds.tolist()]
     ends = [*bounds.tolist(), t * k]
+    if hasattr(experts, "prefetch"):  # a lazy view may start reading the active experts now
+        experts.prefetch(sorted_experts[starts].tolist())
     w_flat = weights.reshape(-1)
     contrib = xp.zeros((t * k, x.shape[-1]), dtype=x.dtype)
     for a, b in zip(starts, ends):

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .backend import array_module
+from .backend import array_module, to_numpy
 from .config import Config, RopeScaling
 from .ops import boundary
 
@@ -92,7 +92,7 @@ def softmax_scale(cfg: Config) -> float:
 def cos_sin(positions, freqs, factor: float = 1.0, xp=np):
     """Angles theta_{p,i} = p * inv_freq_i -> (cos, sin) * factor, each [n_pos, d_R/2] float64,
     placed on xp's device."""
-    pos = np.asarray(positions, dtype=np.float64)
+    pos = to_numpy(positions).astype(np.float64)  # host tables (explicit copy from a device)
     angles = pos[:, None] * np.asarray(freqs, dtype=np.float64)[None, :]  # [n, d_R/2]
     return xp.asarray(np.cos(angles) * factor), xp.asarray(np.sin(angles) * factor)
 

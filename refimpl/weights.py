@@ -8,6 +8,7 @@ their checkpoint names (names.py).
 from __future__ import annotations
 
 import math
+import sys
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -54,12 +55,16 @@ class ArraySource:
         a = self.arrays[name]
         return a.q, a.scale_inv
 
-    def weight(self, name, dtype=np.float64):
+    def weight(self, name, dtype=np.float64, out=None):
+        """The tensor in `dtype` (into `out` when given: a C-contiguous array of its shape)."""
         if name not in self.arrays:
             raise CheckpointError(f"weights: tensor {name} is missing")
         a = self.arrays[name]
         if isinstance(a, fp8.BlockFP8):
-            return fp8.dequantize(a.q, a.scale_inv, dtype=dtype)
+            return fp8.dequantize(a.q, a.scale_inv, dtype=dtype, out=out)
+        if out is not None:
+            np.copyto(out, a, casting="unsafe")
+            return out
         return np.asarray(a, dtype=dtype)
 
 
@@ -85,6 +90,7 @@ class WeightStore:
         self.materialised = 0  # tensors materialised, re-reads after release included
         self.materialised_bytes = 0
         self.read_bytes = 0  # bytes of stored tensors read to materialise them
+        self.reused = 0  # tensors written into a released tensor's memory (_make_room)
 
     def _keeps_fp8(self, name: str) -> bool:
         return (self.fp8_linears and hasattr(self.source, "dtype")
@@ -107,14 +113,19 @@ class WeightStore:
             self._resident.move_to_end(name)
             return a
         size = self.nbytes(name)
-        self._make_room(size)
-        if self._keeps_fp8(name):
+        keeps_fp8 = self._keeps_fp8(name)
+        host = not keeps_fp8 and self.xp is np
+        spare = self._make_room(size, (tuple(self.source.shape(name)), self.dtype) if host else None)
+        if keeps_fp8:
             a = fp8.BlockFP8(*self.source.stored_fp8(name))
         elif self.xp is not np and self._stored_fp8(name):
             q, s = self.source.stored_fp8(name)  # 1 byte per weight crosses to the device
             a = fp8.dequantize_bits(self.xp.asarray(q.view(np.uint8)), s, dtype=self.dtype)
+        elif self.xp is not np:
+            a = self.xp.asarray(self.source.weight(name, self.dtype))  # converted on the host
         else:
-            a = self.xp.asarray(self.source.weight(name, self.dtype))
+            a = self.source.weight(name, self.dtype, out=spare)
+            self.reused += spare is not None
         self._resident[name] = a
         self.resident_bytes += size
         self.peak_bytes = max(self.peak_bytes, self.resident_bytes)
@@ -124,17 +135,50 @@ class WeightStore:
             self.read_bytes += self.source.stored_nbytes(name)
         return a
 
-    def _make_room(self, size: int) -> None:
-        if self.max_bytes is None:
-            return
+    def _make_room(self, size: int, like: tuple | None = None):
+        """Release tensors until `size` more bytes fit the budget, the least recently used first.
+
+        With `like` = (shape, dtype) of the tensor about to be materialised on the host: the least
+        recently used resident array of that shape and dtype that nothing outside the store
+        references is released first and returned, to be written over instead of freed (a fresh
+        array faults in every page again: for an expert in float64 that costs about as much as
+        converting it).  Under a budget smaller than what a pass touches, every tensor is read
+        again anyway, so which one goes first changes nothing but this cost."""
+        spare = None
+        if self.max_bytes is None or self.resident_bytes + size <= self.max_bytes:
+            return spare
+        a = None
+        if like is not None:
+            for name in self._resident:  # least recently used first
+                a = self._resident[name]
+                # the store's dict, `a` and getrefcount's own argument: 3 when nobody else holds it
+                if (isinstance(a, np.ndarray) and a.shape == like[0] and a.dtype == like[1]
+                        and a.base is None and sys.getrefcount(a) <= 3):
+                    break
+                a = None
+            if a is not None:
+                spare = self.release(name)
+            del a
         while self._resident and self.resident_bytes + size > self.max_bytes:
             self.release(next(iter(self._resident)))
+        return spare
 
-    def release(self, name: str) -> None:
-        """Drop a materialised tensor (read again from the source when next needed)."""
+    def release(self, name: str):
+        """Drop a materialised tensor (read again from the source when next needed) -> it."""
         a = self._resident.pop(name, None)
         if a is not None:
             self.resident_bytes -= self.nbytes(name)
+        return a
+
+    def prefetch(self, names) -> None:
+        """Hint that tensors `names` are needed soon: a source that reads from disk starts
+        reading those not materialised (Checkpoint.prefetch), so that the disk works while the
+        current layer computes.  Changes no result."""
+        hint = getattr(self.source, "prefetch", None)
+        if hint is not None:
+            for n in names:
+                if n not in self._resident:
+                    hint(n)
 
     def rows(self, name: str, ids):
         """Rows `ids` of a 2-d tensor (an embedding lookup): resident if it is, else read from
@@ -202,6 +246,11 @@ class ExpertView:
     def __getitem__(self, e: int) -> dict:
         return self.store.group(names.expert(self.layer, e), names.FFN_PROJ)
 
+    def prefetch(self, experts) -> None:
+        """The routed experts `experts` (ids) will be read next (WeightStore.prefetch)."""
+        self.store.prefetch([names.weight(names.expert(self.layer, int(e)), k)
+                             for e in experts for k in names.FFN_PROJ])
+
 
 def working_sets(cfg: Config, layer: int) -> list[list[str]]:
     """The tensors a step of `layer` holds at once: its norms, its attention, its dense FFN, or
@@ -214,6 +263,13 @@ def working_sets(cfg: Config, layer: int) -> list[list[str]]:
     mtp = [names.enorm(layer), names.hnorm(layer), names.eh_proj(layer)] \
         if layer >= cfg.num_hidden_layers else []
     return [attn + norms, ffn, expert, mtp]
+
+
+def shared_tensors(cfg: Config, layer: int) -> list[str]:
+    """Every tensor of `layer` that every token uses: working_sets without the routed experts
+    (what is worth reading ahead of the layer; experts are read ahead once routed)."""
+    attn, ffn, _, mtp = working_sets(cfg, layer)
+    return attn + ffn + mtp
 
 
 def weight_budget(store: WeightStore, cfg: Config, max_memory: int) -> int:

@@ -4,7 +4,7 @@ blocks, rounding, the per-block rounding bound, activation quantisation and the 
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from refimpl import fp8
@@ -169,3 +169,98 @@ def test_dequantize_from_bit_patterns_equals_dequantize(rows, cols, seed):
     q = fp8.round_e4m3(rng.normal(0, 100, (rows, cols)))
     s = rng.uniform(1e-4, 1.0, fp8.scale_shape((rows, cols))).astype(np.float32)
     np.testing.assert_array_equal(fp8.dequantize_bits(q.view(np.uint8), s), fp8.dequantize(q, s))
+
+
+# ---- the lookup-table dequantisation: bit for bit the definition ------------------------------
+
+def dequantize_before(q, scale_inv, block=128, dtype=np.float64):
+    """The dequantisation as refimpl computed it before the lookup table (kept verbatim as the
+    reference): decode a block row with a fancy-indexed table, multiply by the repeated scales."""
+    out, inp = q.shape
+    s = np.asarray(scale_inv, dtype=dtype)
+    w = np.empty((out, inp), dtype=dtype)
+    fp8_in = np.asarray(q).dtype == E4M3
+    table = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float64).astype(dtype)
+    for i in range(s.shape[0]):
+        rows = slice(i * block, min((i + 1) * block, out))
+        s_row = np.repeat(s[i], block)[:inp]
+        vals = table[np.asarray(q[rows]).view(np.uint8)] if fp8_in else np.asarray(q[rows], dtype=dtype)
+        np.multiply(vals, s_row, out=w[rows])
+    return w
+
+
+def by_definition(q, s, dtype):
+    """W[i, j] = value(q[i, j]) * s[i // 128, j // 128], one element at a time in `dtype`."""
+    vals = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float64)
+    u = q.view(np.uint8)
+    s = np.asarray(s, dtype=dtype)
+    w = np.empty(q.shape, dtype)
+    for i in range(q.shape[0]):
+        for j in range(q.shape[1]):
+            w[i, j] = dtype(vals[u[i, j]]) * s[i // 128, j // 128]
+    return w
+
+
+def _scales(rng, shape, fmt):
+    """float32 block scales over a wide range, or UE8M0 ones: powers of two, stored as float32
+    or as ml_dtypes.float8_e8m0fnu exponent bytes."""
+    if fmt == "float32":
+        return np.exp(rng.uniform(-12, 12, shape)).astype(np.float32)
+    exps = rng.integers(-20, 20, shape)
+    if fmt == "ue8m0-float32":
+        return np.ldexp(1.0, exps).astype(np.float32)
+    return (exps + 127).astype(np.uint8).view(ml_dtypes.float8_e8m0fnu)
+
+
+@given(st.integers(1, 300), st.integers(1, 400), st.integers(0, 2**31),
+       st.sampled_from(["float32", "ue8m0-float32", "ue8m0-e8m0"]),
+       st.sampled_from([np.float64, np.float32]))
+@example(128, 128, 0, "float32", np.float64).via("aligned single block")
+@example(129, 257, 1, "ue8m0-e8m0", np.float32).via("one past the block edges")
+@example(1, 1, 2, "float32", np.float64).via("one value")
+def test_dequantize_is_bitwise_the_previous_code_over_every_byte(rows, cols, seed, fmt, dtype):
+    """Every byte value (NaN codes 0x7f and 0xff included) at random places, shapes that are not
+    multiples of 128, both scale formats: the same bits as before, NaN payloads included."""
+    rng = np.random.default_rng(seed)
+    u = rng.integers(0, 256, (rows, cols), dtype=np.uint8)
+    u.reshape(-1)[:256] = np.arange(256, dtype=np.uint8)[:u.size]  # every code when it fits
+    q = u.view(E4M3)
+    s = _scales(rng, fp8.scale_shape(q.shape), fmt)
+    with np.errstate(invalid="ignore", over="ignore"):
+        got = fp8.dequantize(q, s, dtype=dtype)
+        assert got.dtype == dtype and got.shape == q.shape
+        np.testing.assert_array_equal(got.view(np.uint8), dequantize_before(q, s, dtype=dtype).view(np.uint8))
+        into = np.full(q.shape, 7.0, dtype)  # an output buffer already holding other values
+        assert fp8.dequantize(q, s, dtype=dtype, out=into) is into
+        np.testing.assert_array_equal(into.view(np.uint8), got.view(np.uint8))
+
+
+def test_dequantize_equals_the_definition_element_by_element():
+    rng = np.random.default_rng(5)
+    u = rng.integers(0, 256, (130, 260), dtype=np.uint8)
+    u[0, :256] = np.arange(256)
+    s = _scales(rng, (2, 3), "float32")
+    for dtype in (np.float64, np.float32):
+        with np.errstate(invalid="ignore"):
+            np.testing.assert_array_equal(fp8.dequantize(u.view(E4M3), s, dtype=dtype).view(np.uint8),
+                                          by_definition(u.view(E4M3), s, dtype).view(np.uint8))
+
+
+def test_dequantize_refuses_an_output_buffer_of_the_wrong_kind():
+    q, s = np.zeros((4, 4), E4M3), np.ones((1, 1), np.float32)
+    for bad in (np.empty((4, 5)), np.empty((4, 4), np.float32), np.empty((4, 8))[:, ::2]):
+        with pytest.raises(ValueError, match="out must be"):
+            fp8.dequantize(q, s, out=bad)
+
+
+def test_nan_codes_and_overflow_decide_finiteness():
+    u = np.zeros((3, 300), np.uint8)
+    assert fp8.nan_codes(u.view(E4M3)) == 0
+    u[0, 5], u[2, 299], u[1, 7] = 0x7F, 0xFF, 0x7E  # two NaN codes and 448
+    assert fp8.nan_codes(u.view(E4M3)) == 2
+    assert fp8.products_finite(np.array([[1.0, 2.0, 1e30]], np.float32), np.float64)
+    # 448 x 1e36 overflows float32 but not float64: the float32 values must then be checked
+    assert not fp8.products_finite(np.array([[1e36]], np.float32), np.float32)
+    assert fp8.products_finite(np.array([[1e36]], np.float32), np.float64)
+    assert fp8.products_finite(np.array([[float(np.finfo(np.float32).max) / 448]], np.float32),
+                               np.float32)

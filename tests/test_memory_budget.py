@@ -12,6 +12,7 @@ from refimpl.writer import make_checkpoint
 from refimpl.fp8 import BlockFP8
 from refimpl.generate import decode
 from refimpl.memory import parse_memory
+from refimpl.names import layer_of
 from refimpl.weights import working_sets
 from tests.helpers import rel_err, run_cli
 
@@ -61,6 +62,24 @@ def test_a_budget_of_one_working_set_gives_the_same_logits_and_never_holds_more(
     assert tight.weights.peak_bytes <= budget
     assert tight.weights.materialised > free.weights.materialised  # weights were read again
     assert free.weights.peak_bytes > budget  # without a budget it holds everything it used
+    assert tight.weights.reused > 0 and free.weights.reused == 0  # released memory written over
+
+
+def test_a_released_weight_is_written_over_only_when_nobody_else_holds_it(ckpt):
+    """The store reuses a released tensor's memory for the next one of the same shape and dtype
+    (no page faults for a fresh array), but never memory a caller still holds."""
+    model = refimpl.load(ckpt)
+    w = model.weights
+    up = [f"model.layers.1.mlp.experts.{e}.up_proj.weight" for e in range(3)]
+    w.max_bytes = w.nbytes(up[0])  # room for one expert matrix
+    address = w.get(up[0]).__array_interface__["data"][0]
+    second = w.get(up[1])  # up[0] released: its memory now holds up[1]
+    assert second.__array_interface__["data"][0] == address and w.reused == 1
+    assert np.array_equal(second, refimpl.load(ckpt).weights.get(up[1]))
+    held = second.copy()
+    third = w.get(up[2])  # `second` is still referenced here: it must not be written over
+    assert w.reused == 1 and not np.shares_memory(third, second)
+    assert np.array_equal(second, held)
 
 
 def test_the_embedding_is_read_by_rows_and_a_large_head_streamed_under_a_budget(ckpt):
@@ -160,3 +179,22 @@ def test_the_mtp_modules_read_the_embedding_by_rows_and_stream_the_head_under_a_
     assert decode(tight, TOKENS[:1], 4, use_mtp=True).tokens == want_decode
     assert "model.embed_tokens.weight" not in whole and "lm_head.weight" not in whole
     assert tight.weights.peak_bytes <= budget
+
+
+def test_the_next_layer_and_the_routed_experts_are_read_ahead_before_they_are_used(ckpt):
+    """Read-ahead hints (WeightStore.prefetch -> Checkpoint.prefetch, MADV_WILLNEED): every
+    tensor of layer i+1 that every token uses is hinted before layer i+1 runs, the routed experts
+    as soon as the gate has chosen them, nothing else; the logits do not change."""
+    model = refimpl.load(ckpt)
+    src = model.weights.source
+    events = []
+    real_prefetch, real_weight = src.prefetch, src.weight
+    src.prefetch = lambda name: (events.append(("hint", name)), real_prefetch(name))[1]
+    src.weight = lambda name, *a, **k: (events.append(("read", name)), real_weight(name, *a, **k))[1]
+    assert np.array_equal(model.forward(TOKENS), refimpl.load(ckpt).forward(TOKENS))
+    hinted = {n for e, n in events if e == "hint"}
+    for k, (e, name) in enumerate(events):
+        if e == "read" and (".experts." in name or layer_of(name) not in (None, 0)):
+            assert ("hint", name) in events[:k], f"{name} read without a hint first"
+    read_experts = {n for e, n in events if e == "read" and ".experts." in n}
+    assert {n for n in hinted if ".experts." in n} == read_experts

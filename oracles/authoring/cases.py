@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from refimpl import fp8, generate, losses, mla, moe, mtp, names, norm, rope
+from refimpl.backend import array_module, to_numpy
 from refimpl.trace import recorder
 
 from . import scenarios
@@ -56,16 +57,19 @@ def run_yarn_tables(case, dtype):
 def run_rope_apply(case, dtype):
     """x [b, s, H, d_R] at positions [s] -> rotated x, adjacent pairs (the checkpoint's layout)."""
     cfg = case.config
-    cos, sin = rope.cos_sin(case.inputs["positions"], rope.inv_freq(cfg), rope.cos_sin_factor(cfg))
-    return {"out": rope.apply_rope(case.inputs["x"], cos, sin)}
+    x = case.inputs["x"]
+    cos, sin = rope.cos_sin(case.inputs["positions"], rope.inv_freq(cfg), rope.cos_sin_factor(cfg),
+                            array_module(x))
+    return {"out": rope.apply_rope(x, cos, sin)}
 
 
 def _mla(case, x, positions, cache=None, start=0, form="naive"):
     """mla.attention_block on the case's weights -> its recorded intermediates."""
     cfg = case.config
     w = {k: case.inputs[k] for k in names.attention_keys(cfg)}
-    cos, sin = rope.cos_sin(positions, rope.inv_freq(cfg), rope.cos_sin_factor(cfg))
-    mask = mla.causal_mask(positions, np.arange(start + x.shape[1]), np)
+    xp = array_module(x)
+    cos, sin = rope.cos_sin(positions, rope.inv_freq(cfg), rope.cos_sin_factor(cfg), xp)
+    mask = mla.causal_mask(positions, np.arange(start + x.shape[1]), xp)
     out = {}
     mla.attention_block(x, w, cfg, cos, sin, mask, rope.softmax_scale(cfg), form, cache, start,
                         recorder(out))
@@ -83,7 +87,8 @@ def run_mla_decode(case, dtype):
     [b, start, d_c] and roped k_rope [b, start, d_R] in the checkpoint's pair layout)."""
     x, c, k = case.inputs["x"], case.inputs["cache_c_kv"], case.inputs["cache_k_rope"]
     start = c.shape[1]
-    slot = tuple(np.concatenate([a, np.zeros((a.shape[0], 1, a.shape[2]), a.dtype)], axis=1)
+    xp = array_module(x)
+    slot = tuple(xp.concatenate([a, xp.zeros((a.shape[0], 1, a.shape[2]), a.dtype)], axis=1)
                  for a in (c, k))  # the filled cache with room for the new token
     return _mla(case, x, np.array([start]), slot, start, form=case.params.get("form", "absorbed"))
 
@@ -159,14 +164,14 @@ def run_greedy(case, dtype):
 def run_fp8_quant(case, dtype):
     """Weight block quantisation (spec section 7): w [out, in] -> q (e4m3 values, as float)
     and scale_inv [ceil(out/128), ceil(in/128)], s = max(amax, 1e-4) / 448 per tile."""
-    q, s = fp8.quantize(np.asarray(case.inputs["w"]))
+    q, s = fp8.quantize(to_numpy(case.inputs["w"]))  # a host routine (ml_dtypes' e4m3)
     return {"q": fp8.decode_e4m3(q, np.float64).astype(dtype), "scale_inv": s.astype(dtype)}
 
 
 def run_fp8_act_quant(case, dtype):
     """Activation quantisation per token per 128 channels: x [T, K] -> q (e4m3 values, as float)
     [T, K] and s [T, ceil(K/128)]."""
-    q, s = fp8.quantize_activations(np.asarray(case.inputs["x"]))
+    q, s = fp8.quantize_activations(to_numpy(case.inputs["x"]))
     return {"q": fp8.decode_e4m3(q, np.float64).astype(dtype), "s": s.astype(dtype)}
 
 
@@ -194,7 +199,7 @@ def run_mtp_module(case, dtype):
     [b, s, d] is h^{k-1}_i; indices i = 0..s-1 -> the module's trace under mtp.k.*."""
     trace = {}
     model = case_model(case, dtype)
-    h_prev = np.asarray(case.inputs["h_prev"], dtype=dtype)
+    h_prev = model.xp.asarray(case.inputs["h_prev"], dtype=dtype)
     model.mtp_module(case.params["k"], case.inputs["input_ids"], h_prev, 0, None, trace, mtp.DEFAULT)
     return trace
 

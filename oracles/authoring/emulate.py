@@ -25,13 +25,18 @@ each for the duration of a run, through patching.patched; so do the engine modes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 
 from refimpl import ops
+from refimpl.backend import to_numpy
 
 from ..format.schema import Case
+from ..format.checkpoint_ref import CheckpointRef
 from .cases import KINDS
+from .checkpoint_cases import CheckpointWeights
+from .kinds import placed
 from .modes import MODES
 from .precision import PRECISIONS, prepared, round_bf16, working_dtype  # noqa: F401 (re-exported)
 
@@ -39,11 +44,28 @@ from .precision import PRECISIONS, prepared, round_bf16, working_dtype  # noqa: 
 MODE_PRECISIONS = tuple(MODES)
 
 
-def run_case(case: Case, precision: str = "float64", mutant=None, alone: bool = False) -> dict:
+def on_device(case: Case, xp) -> Case:
+    """The case with its floating-point inputs (activations, weights of component cases) copied
+    to the array module xp's device, explicitly; token ids, positions and expert indices stay on
+    the host, where the bookkeeping that reads them runs, and so do e4m3 arrays (CuPy has no FP8
+    dtype: their bytes are copied where a weight is decoded, fp8.dequantize_bits)."""
+    def place(v):
+        a = np.asarray(v)
+        return xp.asarray(a) if a.dtype.kind == "f" else v  # (e4m3 and bf16 are not kind "f")
+    return dataclasses.replace(case, inputs={k: place(v) for k, v in case.inputs.items()})
+
+
+def run_case(case: Case, precision: str = "float64", mutant=None, alone: bool = False,
+             device=None) -> dict:
     """The case's outputs from refimpl -> {name: float64 or int64 numpy array}, dataflow order.
     `mutant` (a mutants.Mutant) is patched in during the run. `alone`: the kind's standalone
-    computation where it has one (the expected values of scenario kinds)."""
+    computation where it has one (the expected values of scenario kinds).  `device` (an array
+    module, e.g. cupy): the case's inputs are copied there, so the component functions and the
+    model (kinds.case_model follows `placed`) run on it; the outputs are copied back.  A case of
+    a user's checkpoint (bound by format/golden.py) computes through checkpoint_cases."""
     kind = KINDS[case.kind]
+    if isinstance(case.weights, CheckpointRef):
+        case = dataclasses.replace(case, weights=CheckpointWeights.of(case.weights))
     mode = None
     if precision in MODE_PRECISIONS:
         mode, precision = MODES[precision], MODES[precision].base
@@ -58,10 +80,13 @@ def run_case(case: Case, precision: str = "float64", mutant=None, alone: bool = 
         # prepared inside the mutant: a candidate's own loading (dequantising a stored FP8
         # checkpoint, quantising for the fp8 profile) has its bug too
         work = prepared(case, precision)
+        if device is not None:
+            work = on_device(work, device)
+            stack.enter_context(placed(device))
         out = (kind.alone if alone and kind.alone else kind.run)(work, working_dtype(precision))
     result = {}
     for k, v in out.items():
-        v = np.asarray(v)
+        v = to_numpy(v)
         if precision in ("bf16", "fp8"):
             v = round_bf16(v)
         result[k] = v.astype(np.int64 if np.issubdtype(v.dtype, np.integer) else np.float64)

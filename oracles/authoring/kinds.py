@@ -6,6 +6,8 @@ The kinds themselves are registered in cases.py (and scenarios.py).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from dataclasses import dataclass
 from typing import Callable
@@ -70,16 +72,36 @@ def routing_margin(scores, bias, cfg: Config) -> np.ndarray:
 # Model kinds: the case's model and its expected-only tensors
 # ---------------------------------------------------------------------------------------------
 
+# The array module the reference runs a case on (None: numpy), set by emulate.run_case for its
+# run: a kind's model is made on it (case_model), its component functions follow their inputs.
+_DEVICE = contextvars.ContextVar("oracles_device", default=None)
+
+
+@contextlib.contextmanager
+def placed(xp):
+    """Within the block, model kinds build their model on xp's device (None: the CPU)."""
+    token = _DEVICE.set(xp)
+    try:
+        yield
+    finally:
+        _DEVICE.reset(token)
+
+
 def case_model(case, dtype):
     """The case's model; weights kept as stored FP8 (fp8.BlockFP8, emulate.prepared for the fp8
     profile) run through the FP8 GEMM, as an FP8 engine runs them. A case as written (a stored
     FP8 checkpoint's e4m3 weights with their _scale_inv, edges.fp8_model_case) is read as the
-    float64 reference reads it: dequantised."""
+    float64 reference reads it: dequantised.  A case of a user's checkpoint
+    (checkpoint_cases.CheckpointWeights) builds its Model over that directory.  On the device
+    `placed` names."""
+    device = _DEVICE.get()
+    if not isinstance(case.weights, dict):
+        return case.weights.model(dtype, "cpu" if device is None else device)
     if any(k.endswith("_scale_inv") for k in case.weights):
         case = dataclasses.replace(case, weights=paired_fp8(case.weights, "float64"))
     stored_fp8 = any(isinstance(w, fp8.BlockFP8) for w in case.weights.values())
     return Model.from_arrays(case.config, case.weights, dtype=np.dtype(dtype).name,
-                             fp8_activations=stored_fp8)
+                             fp8_activations=stored_fp8, device="cpu" if device is None else device)
 
 
 def _layer_of_trace(case, name) -> int:

@@ -437,8 +437,8 @@ def _patch_mtp_no_head_norm(case):
 def _dequantize_with(change_scale):
     original = fp8.dequantize
 
-    def dequantize(q, scale_inv, block=fp8.BLOCK, dtype=np.float64):
-        return original(q, change_scale(np.asarray(scale_inv), q.shape, block), block, dtype)
+    def dequantize(q, scale_inv, block=fp8.BLOCK, dtype=np.float64, out=None):
+        return original(q, change_scale(np.asarray(scale_inv), q.shape, block), block, dtype, out)
     return patched([(fp8, "dequantize", dequantize)])
 
 
@@ -473,8 +473,8 @@ _register("fp8_pow2_scale_not_requantised", "FP8 scales",
 @_register("e4m3fnuz_read", "FP8 format",
            "reads e4m3fn bytes as e4m3fnuz (exponent bias 8): every value halved")
 def _patch_e4m3fnuz_read(case):
-    original = fp8.decode_e4m3
-    return patched([(fp8, "decode_e4m3", lambda q, dtype=np.float64: original(q, dtype) / 2)])
+    original = fp8.value_table  # every decode goes through it (decode_e4m3, dequantize, _bits)
+    return patched([(fp8, "value_table", lambda dtype: original(dtype) / 2)])
 
 
 @_register("fp8_amax_unclamped", "FP8 activation scale",

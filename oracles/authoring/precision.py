@@ -85,10 +85,13 @@ def prepared(case: Case, precision: str) -> Case:
     """A copy of the case with its arrays in the working precision."""
     if precision not in PRECISIONS:
         raise OraclesError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if case.weights is not None and not isinstance(case.weights, dict):  # a user's checkpoint
+        weights = case.weights.prepared(precision)  # cast per tensor as read (checkpoint_cases)
+    else:
+        weights = None if case.weights is None else \
+            paired_fp8({k: _cast(k, v, precision) for k, v in case.weights.items()}, precision)
     return dataclasses.replace(
-        case, inputs={k: _cast(k, v, precision) for k, v in case.inputs.items()},
-        weights=None if case.weights is None else
-        paired_fp8({k: _cast(k, v, precision) for k, v in case.weights.items()}, precision))
+        case, inputs={k: _cast(k, v, precision) for k, v in case.inputs.items()}, weights=weights)
 
 
 def working_dtype(precision: str):

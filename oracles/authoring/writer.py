@@ -30,6 +30,8 @@ from ..format.golden import MODEL_DIR, MODEL_FILES, OWN_CONVENTIONS, SUITE_FORMA
 from ..format.schema import CAUSAL_KINDS, Case, matches, output_type
 from . import calibration, tokenizer
 from .cases import KINDS
+from .checkpoint_cases import CheckpointWeights, reference_of
+from .cluster_cases import compute_on_cluster
 from .conditioned import KINDS_CONDITIONED, Conditioner
 from .emulate import run_case
 from .mutants import MUTANTS
@@ -88,11 +90,21 @@ def compute(case: Case) -> tuple[dict, dict, dict]:
     return truth, aux, tols
 
 
-def write_case(case: Case, case_dir: str) -> dict:
-    """Write one case's files -> its manifest entry."""
+def compute_job(suite: str, cid: str, case) -> tuple[dict, dict, dict]:
+    """compute() of a case given, or built from its suite (a Ray worker's job: cluster_cases)."""
+    return compute(dict(suite_cases(suite))[cid](cid) if case is None else case)
+
+
+def write_case(case: Case, case_dir: str, computed=None) -> dict:
+    """Write one case's files -> its manifest entry.  computed: compute(case)'s result when it
+    was computed elsewhere (a Ray worker: cluster_cases)."""
     os.makedirs(case_dir)
-    truth, aux, tols = compute(case)
-    if case.weights is not None:
+    truth, aux, tols = compute(case) if computed is None else computed
+    reference = None
+    if isinstance(case.weights, CheckpointWeights):  # the user's checkpoint: referenced, not copied
+        reference = reference_of(case.weights)
+        case.config.to_json(os.path.join(case_dir, "config.json"))
+    elif case.weights is not None:
         write_model_dir(os.path.join(case_dir, MODEL_DIR), case.config, case.weights)
     elif case.config is not None:
         case.config.to_json(os.path.join(case_dir, "config.json"))
@@ -109,7 +121,8 @@ def write_case(case: Case, case_dir: str) -> dict:
         "seed": [SUITE_SEED, "crc32(id)"], "conventions": case.conventions,
         "expected_under": case.expect_under or OWN_CONVENTIONS,
         "params": case.params, "model": case.is_model,
-        **({"model_dir": MODEL_DIR} if case.is_model else {}),
+        **({"checkpoint": reference} if reference is not None else
+           {"model_dir": MODEL_DIR} if case.is_model else {}),
         **({"edge": case.edge} if case.edge else {}),
         "inputs": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype)} for k, v in case.inputs.items()],
         "outputs": [{"name": k, "type": output_type(k), "required": k in required,
@@ -130,12 +143,24 @@ def write_model_dir(model_dir: str, cfg: Config, weights: dict) -> None:
     assert sorted(os.listdir(model_dir)) == sorted(MODEL_FILES), os.listdir(model_dir)
 
 
-def generate(out: str, suite: str = "default", only: str | None = None, progress=None) -> dict:
-    """Write the suite (or the cases matching `only`) to `out`, atomically -> the manifest."""
-    builders = [(cid, b) for cid, b in suite_cases(suite) if matches(cid, only)]
+def generate(out: str, suite: str = "default", only: str | None = None, progress=None,
+             cases: list | None = None, suite_doc: str | None = None, ray: str | None = None) -> dict:
+    """Write the suite (or the cases matching `only`) to `out`, atomically -> the manifest.
+    cases: ready Case objects instead of a built-in suite's (a checkpoint golden), described by
+    suite_doc.  ray: compute the cases on a Ray cluster's workers ("local" or an address;
+    cluster_cases), the files still written here."""
+    if cases is not None:
+        builders = [(c.id, (lambda cid, c=c: c)) for c in cases if matches(c.id, only)]
+    else:
+        builders = [(cid, b) for cid, b in suite_cases(suite) if matches(cid, only)]
     if not builders:
         raise OraclesError(f"suite {suite!r}: no case matches --only {only!r}")
     check_destination(out, "directory", OraclesError)  # before the cases are computed
+    computed = {}
+    if ray is not None:
+        given = {} if cases is None else {c.id: c for c in cases}
+        computed = compute_on_cluster(ray, compute_job, {cid: (suite, cid, given.get(cid))
+                                                         for cid, _ in builders})
     with atomic_directory(out, OraclesError, tag="oracles") as tmp:
         entries = []
         it = builders
@@ -143,9 +168,9 @@ def generate(out: str, suite: str = "default", only: str | None = None, progress
             it = progress(builders, desc=f"generating {suite}", unit="case")
         for cid, build in it:
             case = build(cid)
-            entries.append(write_case(case, os.path.join(tmp, "cases", cid)))
+            entries.append(write_case(case, os.path.join(tmp, "cases", cid), computed.get(cid)))
         manifest = {
-            "suite": suite, "suite_doc": SUITE_DOCS[suite], "format": SUITE_FORMAT,
+            "suite": suite, "suite_doc": suite_doc or SUITE_DOCS[suite], "format": SUITE_FORMAT,
             "only": only, "generator": f"oracles {__version__}", "refimpl": refimpl.__version__,
             "numpy": np.__version__, "ml_dtypes": ml_dtypes.__version__,
             "python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}",

@@ -195,11 +195,12 @@ def make_candidate(factory, label: str, timeout: float = DEFAULT_CASE_TIMEOUT) -
 
 
 def write_outputs(golden_path: str, candidate: AdapterCandidate, out: str, only=None,
-                  errors: dict | None = None, expect_digest: str | None = None) -> dict:
+                  errors: dict | None = None, expect_digest: str | None = None,
+                  checkpoint: str | None = None) -> dict:
     """The file route driven by an adapter: CANDIDATE/cases/<id>/outputs.safetensors for every
     supported case -> {case id: skip reason} for the others. A case whose adapter call fails
     (raises, exits, times out) gets no file; its one-line reason goes to `errors`."""
-    golden = Golden(golden_path, expect_digest=expect_digest)
+    golden = Golden(golden_path, expect_digest=expect_digest, checkpoint=checkpoint)
     skipped = {}
     errors = {} if errors is None else errors
     for cid in golden.cases:

@@ -266,8 +266,8 @@ def check_suite(golden_path: str, candidate, profile: str = "float32", only: str
                 repro_base: str | None = None, progress=None, expect_digest: str | None = None,
                 allow_empty: bool = False, allow_inconclusive: bool = False,
                 min_compared: float = MIN_COMPARED, known=None, allow_fixed: bool = False,
-                engine_options: dict | None = None, today=None, conditioner=None,
-                mode: str | None = None, any_profile: bool = False) -> Report:
+                engine_options: dict | None = None, today=None, checkpoint: str | None = None,
+                conditioner=None, mode: str | None = None, any_profile: bool = False) -> Report:
     """Check every case (matching `only`) -> the Report. ok is False when a case fails, is
     missing or errs, when one is inconclusive (unless allow_inconclusive), and when no required
     output was compared at all (unless allow_empty). known: a known.KnownFile whose entries turn
@@ -284,7 +284,7 @@ def check_suite(golden_path: str, candidate, profile: str = "float32", only: str
         raise OraclesError(f"--profile {profile}: {why}; check it with --profile {mode} (the "
                            "profile of its mode), or pass --any-profile to judge it anyway "
                            "(the report then says it is not this run's verdict)")
-    golden = Golden(golden_path, expect_digest=expect_digest)
+    golden = Golden(golden_path, expect_digest=expect_digest, checkpoint=checkpoint)
     entries = [e for e in golden.manifest["cases"] if matches(e["id"], only)]
     if not entries:
         raise OraclesError(f"{golden_path}: no case matches --only {only!r}")

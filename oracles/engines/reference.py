@@ -12,6 +12,8 @@ oracles/mutants.py re-export them).
 
 from __future__ import annotations
 
+from refimpl.backend import device_module
+
 from ..authoring.cases import KINDS
 from ..authoring.emulate import run_case
 from ..authoring.mutants import MUTANTS
@@ -21,8 +23,9 @@ class RefimplAdapter:
     """refimpl itself as a candidate, in float32 (or another precision), optionally with one
     mutant (a mutants.Mutant) patched in: the clean reference and every bug in mutants.py."""
 
-    def __init__(self, precision: str = "float32", mutant=None):
+    def __init__(self, precision: str = "float32", mutant=None, device=None):
         self.precision, self.mutant = precision, mutant
+        self.device = None if device in (None, "cpu") else device  # "gpu" or an array module
         # the profile that emulates this candidate's mode (oracles check picks it by default)
         self.mode = precision if precision != "float64" else "float32"
 
@@ -30,7 +33,8 @@ class RefimplAdapter:
         return True if case.kind in KINDS else f"kind {case.kind!r} is not known to this refimpl"
 
     def run(self, case):
-        return run_case(case, self.precision, self.mutant)
+        xp = None if self.device is None else device_module(self.device)
+        return run_case(case, self.precision, self.mutant, device=xp)
 
 
 def refimpl_float32():

@@ -26,6 +26,7 @@ from refimpl.errors import RefimplError
 
 from .. import OraclesError
 from . import digest as digests
+from .checkpoint_ref import bind
 from . import manifest, untrusted
 from .schema import Case
 
@@ -73,7 +74,8 @@ class Golden:
     regular files inside the suite; nothing unlisted may sit in a case directory). Only listed,
     verified files are read afterwards."""
 
-    def __init__(self, path: str, verify: bool = True, expect_digest: str | None = None):
+    def __init__(self, path: str, verify: bool = True, expect_digest: str | None = None,
+                 checkpoint: str | None = None):
         self.path = os.fspath(path)
         if not os.path.isdir(self.path):
             raise OraclesError(f"{self.path}: not a golden suite directory")
@@ -117,6 +119,11 @@ class Golden:
         self._identity = {}  # (case, file) -> what it was when verified
         if verify:
             self.verify()
+        # cases of a user's checkpoint: bound to --checkpoint DIR, refused unless its digest is
+        # the one they were generated from (checkpoint_ref.bind), before anything runs
+        memo: dict = {}  # checkpoint directory -> its digest, computed once
+        self._bound = {cid: bind(e, checkpoint, memo)
+                       for cid, e in self.cases.items() if "checkpoint" in e}
 
     def case_dir(self, cid: str) -> str:
         return os.path.join(self.path, "cases", cid)
@@ -182,8 +189,11 @@ class Golden:
         d = self.case_dir(cid)
         md = self.model_dir(cid)
         cfg = self._config(cid)
-        weights = read_tensors(self.file(cid, self._listed(cid, "model/model.safetensors",
-                                                           "model.safetensors"))) if e["model"] else None
+        if cid in self._bound:  # the user's checkpoint, its digest checked
+            weights = self._bound[cid]
+        else:
+            weights = read_tensors(self.file(cid, self._listed(cid, "model/model.safetensors",
+                                                               "model.safetensors"))) if e["model"] else None
         case = Case(cid, e["kind"], e["pins"], read_tensors(self.file(cid, "inputs.safetensors")),
                     params=e["params"], config=cfg, weights=weights, conventions=e["conventions"],
                     path=d, model_path=md, edge=e.get("edge"))
@@ -205,6 +215,8 @@ class Golden:
         component cases.  Its files are the ones the manifest lists and hashes."""
         if not self.cases[cid].get("model"):
             return None
+        if cid in self._bound:
+            return self._bound[cid].path
         if f"{MODEL_DIR}/config.json" in self.cases[cid]["files"]:
             return untrusted.inside(self.path, f"cases/{cid}/{MODEL_DIR}",
                                     f"case {cid!r}: checkpoint directory", kind="dir")

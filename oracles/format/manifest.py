@@ -27,6 +27,7 @@ import math
 import re
 
 from .. import OraclesError
+from .checkpoint_ref import validate_reference
 from . import metrics, tolerances
 from .schema import output_type
 from .untrusted import check_name
@@ -216,7 +217,11 @@ def validate_case(e: dict, where: _Where) -> None:
     for need in ("inputs.safetensors", "expected.safetensors"):
         if need not in files:
             raise where.error("files", f"does not list {need!r}, which every case needs")
-    if is_model:
+    if "checkpoint" in e:  # a model that is the user's checkpoint, referenced by its digest
+        validate_reference(e["checkpoint"], where)
+        if not is_model or "config.json" not in files:
+            raise where.error("files", "does not list config.json, which a case of a checkpoint needs")
+    elif is_model:
         base = [f.rsplit("/", 1)[-1] for f in files]
         weights = [b for b in base if b.endswith(".safetensors")
                    and b not in ("inputs.safetensors", "expected.safetensors")]

@@ -38,6 +38,7 @@ TOP = ("oracles.cli", "oracles.__main__", "oracles.adapters", "oracles.mutants",
 LAZY = {
     ("refimpl", "refimpl.model"): "`import refimpl` (the checker) must not load the forward pass",
     ("refimpl", "refimpl.layer"): "`import refimpl` (the checker) must not load the forward pass",
+    ("refimpl", "refimpl.loader"): "`import refimpl` (the checker) must not load the forward pass",
     ("oracles.cli", "oracles.authoring.suites"): "`oracles check` must not load the forward pass",
     ("oracles.cli", "oracles.authoring.writer"): "`oracles check` must not load the forward pass",
     ("oracles.cli", "oracles.authoring.conditioned"):
@@ -46,6 +47,7 @@ LAZY = {
     ("oracles.cli", "oracles.authoring.verify"): "`oracles check` must not load the forward pass",
     ("oracles.pytest_plugin", "oracles.pytest_items"):
         "every pytest run in the environment loads the plugin: the checker only with --oracles-golden",
+    ("oracles.cli", "oracles.authoring.checkpoint_cases"): "`oracles check` must not load the forward pass",
 }
 
 FORWARD = ("refimpl.model", "refimpl.layer", "refimpl.mla", "refimpl.moe", "refimpl.mtp")
