@@ -9,22 +9,26 @@
     oracles run      GOLDEN --adapter pkg.mod:factory --out CANDIDATE [--expect-digest HEX] [--case-timeout S]
     oracles verify   GOLDEN [--only GLOB] [--expect-digest HEX] [--json REPORT]
     oracles diff     OLD.json NEW.json [--factor F] [--json OUT]
+    oracles search   (--adapter pkg.mod:factory | --engine NAME) --out DIR [--profile P] [--max-examples N]
+                     [--deadline S] [--seed N] [--database DIR | --no-database] [--kinds K,..] [--pin AXIS=VALUE]
     check also takes --known KNOWN.toml [--allow-fixed] (known divergences) and --junit REPORT.xml.
-    check and run also take --engine transformers|mlx|llama.cpp|vllm [--engine-option KEY=VALUE]
+    check, run and search also take --engine transformers|mlx|llama.cpp|vllm [--engine-option KEY=VALUE]
     (the built-in engine adapters, oracles/engines/) in place of --adapter.
 
 check exits 0 when every checked case passes (or fails as its --known file declares: KNOWN); 1
 when a case fails, is missing, errs (the adapter raised, exited or timed out), is inconclusive,
 or passes although the known file declares it failing (FIXED), or when nothing was checked at
 all; verify exits 1 when a regenerated case differs beyond its level, diff when a case
-regressed; 2 on bad input (one line on stderr, text from files escaped).
+regressed, search when it found a divergence; 2 on bad input (one line on stderr, text from files escaped).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -36,11 +40,14 @@ from . import OraclesError, engines
 from .checking import candidates, diff, junit, known, report_html
 from .checking.check import run_check
 from .checking.report import format_report
+from .format import tolerances
+from .format.profiles import refused
 from .format.tolerances import PROFILES
 from .format.untrusted import escape
 
-# The authoring layer (suites, case kinds, the writer, verify) runs refimpl's forward pass:
-# `list`, `generate` and `verify` import it when they run, so that checking a suite never loads it.
+# The authoring layer (suites, case kinds, the writer, verify, the search) runs refimpl's
+# forward pass: `list`, `generate`, `verify` and `search` import it when they run, so that
+# checking a suite never loads it.
 
 
 def _progress(args):
@@ -151,6 +158,27 @@ def _parser():
     r.add_argument("--expect-digest", metavar="HEX")
     r.add_argument("--checkpoint", metavar="DIR",
                    help="the checkpoint a checkpoint golden was generated from (its digest must match)")
+    s = sub.add_parser("search", help="draw cases with hypothesis until a candidate diverges, then "
+                                      "shrink the divergence and write it as a golden case")
+    s.add_argument("--adapter", help="pkg.module:factory of a Python engine adapter")
+    _engine_args(s)
+    s.add_argument("--out", required=True, metavar="DIR",
+                   help="where the shrunk case (DIR/search-<date>/) and the database go")
+    s.add_argument("--profile", help="the tolerance profile (default: the one that emulates the "
+                                      "candidate's mode, else float32)")
+    s.add_argument("--max-examples", type=int, default=100, metavar="N",
+                   help="examples judged at most before giving up (default 100)")
+    s.add_argument("--deadline", type=_seconds, default=None, metavar="SECONDS",
+                   help="the longest one example may take (hypothesis's deadline; default none)")
+    s.add_argument("--seed", type=int, default=0, help="hypothesis's @seed (default 0)")
+    s.add_argument("--database", metavar="DIR", help="the example database (default DIR/database)")
+    s.add_argument("--no-database", action="store_true", help="no example database")
+    s.add_argument("--kinds", help="comma-separated case kinds to draw (default all)")
+    s.add_argument("--pin", action="append", default=[], metavar="AXIS=VALUE",
+                   help="hold one axis at a value (e.g. fp8=false); repeatable")
+    s.add_argument("--json", dest="json_out", help="write the report as JSON here")
+    s.add_argument("--case-timeout", type=_seconds, default=600.0, metavar="SECONDS")
+    s.add_argument("--quiet", action="store_true")
     return p
 
 
@@ -325,5 +353,52 @@ def cmd_run(args) -> int:
     return 1 if errors else 0
 
 
+def cmd_search(args) -> int:
+    from .authoring import search
+
+    if not (args.adapter or args.engine):
+        raise OraclesError("search needs --adapter pkg.mod:factory or --engine NAME")
+    if args.database and args.no_database:
+        raise OraclesError("give --database DIR or --no-database, not both")
+    if args.max_examples < 1:
+        raise OraclesError(f"--max-examples {args.max_examples}: must be at least 1")
+    if args.deadline is not None and args.deadline <= 0:
+        raise OraclesError(f"--deadline {args.deadline:g}: must be a number of seconds > 0")
+    if os.path.lexists(args.out) and not os.path.isdir(args.out):
+        raise OraclesError(f"{printable(args.out)}: is not a directory")
+    kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else search.KINDS
+    bad = [k for k in kinds if k not in search.KINDS]
+    if bad:
+        raise OraclesError(f"--kinds: {bad[0]!r} is not one of {', '.join(search.KINDS)}")
+    pins = search.parse_pins(args.pin)
+    json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
+    if args.profile is not None and args.profile not in tolerances.PROFILES:
+        raise OraclesError(f"profile {args.profile!r} is not one of {', '.join(tolerances.PROFILES)}")
+    cand, info, how = _candidate_adapter(args)
+    # as `oracles check` judges: the profile of the candidate's mode unless given (one emulating
+    # FP8 it did not have refused), the reference conditioned on its routing
+    mode = info.get("mode") if info else getattr(getattr(cand, "adapter", None), "mode", None)
+    mode = mode if isinstance(mode, str) else None
+    profile = args.profile or (mode if mode in PROFILES else "float32")
+    why = refused(profile, mode)
+    if why:
+        raise OraclesError(f"--profile {profile}: {why}")
+    from .authoring.conditioned import conditioner_for
+    settings = search.Settings(
+        profile=profile, max_examples=args.max_examples, deadline=args.deadline,
+        seed=args.seed, kinds=kinds, pins=pins,
+        database=None if args.no_database else (args.database or os.path.join(args.out, "database")))
+    check = functools.partial(run_check, conditioner=conditioner_for, mode=mode)
+    rep = search.search(cand, args.out, settings, check=check, repro=how,
+                        progress=_progress(args) is not None)
+    if info:
+        rep["engine"] = info
+        print(f"engine: {engines.label(info)}")
+    print(search.format_report(rep))
+    if args.json_out:
+        _write_json(args.json_out, rep, expect=json_dest)
+    return 0 if rep["ok"] else 1
+
+
 COMMANDS = {"list": cmd_list, "generate": cmd_generate, "check": cmd_check, "run": cmd_run,
-            "verify": cmd_verify, "diff": cmd_diff}
+            "verify": cmd_verify, "diff": cmd_diff, "search": cmd_search}

@@ -15,13 +15,6 @@ from ..format.schema import output_type
 from ..format.tolerances import CEILINGS, FLOORS, K
 
 
-def _flipped_margin(c_idx, e_idx, margin) -> float:
-    k = e_idx.shape[-1]
-    differ = (np.sort(c_idx.reshape(-1, k), -1) != np.sort(e_idx.reshape(-1, k), -1)).any(-1)
-    m = np.asarray(margin).reshape(-1)
-    return float(m[differ].max()) if differ.any() else 0.0
-
-
 def conditioned_truth(kind, params, truth: dict, aux: dict, emulated: dict, conditioner,
                       exact_ties: str = "forgiven") -> tuple[dict, list]:
     """The truth (with its margins) recomputed with every routing choice of the emulated run
@@ -68,43 +61,91 @@ def conditioned_truth(kind, params, truth: dict, aux: dict, emulated: dict, cond
     return taint_mod.substitute(kind, params, expected, conditioner.recompute(forced), forced), partings
 
 
+def _rows(taint, name: str, a, lead: int):
+    """The token rows of `a` [*token axes (lead of them), ...] that the checker compares at
+    output `name`: past the stream cut (a stream that went another way) and what the run's own
+    forgiven routing differences reach (taint.py) left out, exactly as metrics.compare leaves
+    them out of a candidate's."""
+    a = taint_mod.taint_cut(taint, np.asarray(a))
+    return taint.select(a, name, min(lead, a.ndim))
+
+
+def _dataflow_order(taint, names):
+    def order(n):
+        v = taint.layout.nodes.get(n)
+        return (v.block, v.chain) if v is not None else ((taint_mod.UNKNOWN, 0), 0)
+    return sorted(names, key=order)
+
+
 def calibrate(truth: dict, aux: dict, emulated: dict, profile: str, causal: bool = False,
               exact_ties: str = "forgiven", kind: str | None = None, params: dict | None = None,
               conditioner=None) -> dict:
     """{output name: {metric: {tol, calibrated}, (margin_eps | logit_eps): value}} for one
     profile, from the emulated run's outputs, measured exactly as the checker measures a
-    candidate. With a conditioner (conditioned.Conditioner, as `oracles check` has for a case
-    with a model): against the truth conditioned on the emulated run's routing, every position
-    (conditioned_truth); router-score errors and the margins of the tokens it routed
-    differently are measured there too. Without: positions a forgiven routing difference
-    reaches left out (taint.py). exact_ties "decided": the routing outputs are marked so that
-    exact ties are not forgiven. kind and params: the case's (its dataflow); without a kind,
+    candidate (taint.settle, check.compare). With a conditioner (conditioned.Conditioner, as
+    `oracles check` has for a case with a model): against the truth conditioned on the emulated
+    run's routing and stream, every position, and also against the golden as written with what
+    the run's forgiven routing differences reach left out (`oracles check --no-conditioning`,
+    or a checker without refimpl's forward pass); each tolerance covers both. Without: only
+    the latter. The router's rounding (a routing output's margin_eps) is measured where the
+    checker compares: against the conditioned truth, and in the golden as written only at
+    the positions no earlier forgiven difference of the run reaches (another expert's output
+    there is not rounding). exact_ties "decided": the routing outputs are marked so that exact
+    ties are not forgiven. kind and params: the case's (its dataflow); without a kind,
     "prefill" when causal, else "gate"."""
     fl = FLOORS[profile]
     kind = kind or ("prefill" if causal else "gate")
-    expected = {**truth, **aux}
-    partings = []
+    outputs = [(n, output_type(n)) for n in truth]
+    plain = {**truth, **aux}
+    # the conditioner's stream is the truth's for every profile (a restream moves it)
+    stream = getattr(conditioner, "tokens", None)
+    expected, partings = plain, []
     if conditioner is not None:
         expected, partings = conditioned_truth(kind, params, truth, aux, emulated, conditioner,
                                                exact_ties)
-    ref = {k: expected[k] for k in truth}
+        conditioner.tokens = stream
+    ways = [expected] + ([plain] if expected is not plain else [])
     epss = {}
-    for name, e in ref.items():
+    routing = [n for n, t in outputs if t == "indices"]
+    probe = taint_mod.Taint(kind, list(truth), params)
+    for name in _dataflow_order(probe, routing):  # each after the routing outputs before it
+        stem = name[: -len("topk_idx")]
+        e = np.asarray(truth[name])
+        lead = e.ndim - 1
+        ds = flipped = 0.0
+        for exp in ways:
+            # what this way's checker leaves out at this layer: the stream cut and the reach of
+            # the run's forgiven differences at the routing outputs before it
+            t = taint_mod.Taint(kind, list(truth), params)
+            taint_mod.collect(t, outputs, exp, emulated, epss)
+            rs_c, rs_e = (_rows(t, stem + "router_scores", a[stem + "router_scores"], lead)
+                          for a in (emulated, exp))
+            if rs_e.size and rs_c.shape == rs_e.shape:
+                ds = max(ds, float(np.max(np.abs(rs_c - rs_e))))
+            m = exp.get(stem + "topk_margin")
+            if m is None or not np.size(m):
+                continue
+            c, m = _rows(t, name, emulated[name], lead), _rows(t, name, m, lead)
+            # the margins of the tokens it routed differently, as the checker judges them: in
+            # the conditioned truth, those forced (they differ from the truth as written) and
+            # any that still differ from the conditioned choice
+            differ = taint_mod._sets_differ(c, _rows(t, name, exp[name], lead))
+            if exp is not plain:
+                differ |= taint_mod._sets_differ(c, _rows(t, name, e, lead))
+            mm = np.asarray(m, np.float64).reshape(-1)
+            if differ.any():
+                flipped = max(flipped, float(mm[differ].max()))
+        eps = {"margin_eps": min(max(fl["margin_eps"], K * ds, 2 * flipped), CEILINGS["margin_eps"])}
+        if exact_ties != "forgiven":
+            eps["exact_ties"] = exact_ties
+        epss[name] = eps
+    for name, out_kind in outputs:
         c = emulated[name]
-        out_kind = output_type(name)
         eps = {}
         if out_kind == "logits":
-            eps["logit_eps"] = max(fl["logit_eps"], K * float(np.max(np.abs(c - e))))
-        elif out_kind == "indices":
-            stem = name[: -len("topk_idx")]
-            ds = float(np.max(np.abs(emulated[stem + "router_scores"] - ref[stem + "router_scores"])))
-            # the margins of the tokens it routed differently, as the checker judges them
-            eps["margin_eps"] = max(fl["margin_eps"], K * ds,
-                                    2 * _flipped_margin(c, truth[name], expected[stem + "topk_margin"]))
-            if exact_ties != "forgiven":
-                eps["exact_ties"] = exact_ties
+            eps["logit_eps"] = max(fl["logit_eps"], K * float(np.max(np.abs(c - expected[name]))))
         elif out_kind == "routing_weights":
-            idx_entry = epss[name[: -len("topk_weight")] + "topk_idx"]
+            idx_entry = epss.get(name[: -len("topk_weight")] + "topk_idx", {})
             eps.update({k: idx_entry[k] for k in ("margin_eps", "exact_ties") if k in idx_entry})
         elif out_kind == "tokens":
             margin = np.asarray(aux["tokens_margin"]).reshape(-1)
@@ -112,27 +153,29 @@ def calibrate(truth: dict, aux: dict, emulated: dict, profile: str, causal: bool
             diff = np.nonzero(c1[: len(e1)] != e1)[0]
             first = [float(margin[diff[0]])] if len(diff) else []
             eps["logit_eps"] = max([fl["logit_eps"]] + [2 * x for x in first + partings])
-        epss[name] = {k: min(v, CEILINGS[k]) if k in CEILINGS and isinstance(v, float) else v
-                      for k, v in eps.items()}
-    # measured as the checker measures: against the conditioned truth (every position), and
-    # when there is one, also against the golden as written with what the emulated run's
-    # forgiven routing differences reach left out (`oracles check --no-conditioning`, or a
-    # checker without refimpl's forward pass): each tolerance covers both
-    ways = [expected] + ([{**truth, **aux}] if expected is not None and conditioner is not None else [])
+        if out_kind != "indices":
+            epss[name] = {k: min(v, CEILINGS[k]) if k in CEILINGS and isinstance(v, float) else v
+                          for k, v in eps.items()}
+    # measured as the checker measures (taint.settle, then metrics.compare per output): with
+    # the conditioner (every position, against the reference recomputed on the run's routing and
+    # stream) and without it; each tolerance covers both
+    scored = [n for n, t in outputs if t in ("logits", "continuous")]
     measured = []
-    for exp in ways:
-        taint = taint_mod.Taint(kind, list(truth), params)
-        taint_mod.collect(taint, [(n, output_type(n)) for n in truth], exp, emulated, epss)
+    for cond in ([conditioner, None] if conditioner is not None else [None]):
+        settled = taint_mod.settle(kind, outputs, plain, emulated, epss, params,
+                                   conditioner=cond, scored=scored)
+        if cond is not None:
+            cond.tokens = stream
+        exp, taint = settled.expected, settled.taint
         per = {}
-        for name in truth:
-            out_kind = output_type(name)
+        for name, out_kind in outputs:
             c_idx = (emulated[name[: -len("topk_weight")] + "topk_idx"]
                      if out_kind == "routing_weights" else None)
             per[name] = metrics.compare(name, out_kind, emulated[name], exp[name], exp, epss[name],
                                         taint, c_idx)
         measured.append(per)
     result = {}
-    for name in truth:
+    for name, _ in outputs:
         names = measured[0][name][1]
         # nothing compared (every token downstream of a flip): no error seen, the floor applies
         worst = {m: max(per[name][0].get(m, 0.0) for per in measured) for m in names}
@@ -142,5 +185,11 @@ def calibrate(truth: dict, aux: dict, emulated: dict, profile: str, causal: bool
         entry = {m: {"tol": min(max(K * worst[m], fl[m]), CEILINGS[m]) if m != "mismatch" else 0.0,
                      "calibrated": worst[m]} for m in names}
         entry.update(epss[name])
+        seen = [per[name][0] for per in measured if "compared" in per[name][0]]
+        best = max(seen, key=lambda v: v["compared"], default=None)
+        if best is not None and best["compared"] < best["positions"]:
+            # no way of checking saw every position (the rest follow the emulated run's own
+            # forgiven flips, or a stream that went another way): a smaller sample than the case's
+            entry["calibration_compared"] = f"{best['compared']} of {best['positions']}"
         result[name] = entry
     return result

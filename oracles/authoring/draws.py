@@ -18,6 +18,8 @@ import numpy as np
 from refimpl.config import Config, RopeScaling
 from refimpl.writer import random_weights
 
+from . import margins
+
 SUITE_SEED = 20250101
 F32 = np.float32
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -74,12 +76,23 @@ def draw_config(rng) -> Config:
         extra={"architectures": ["DeepseekV3ForCausalLM"], "torch_dtype": "float32"})
 
 
-def model_weights(cfg, rng, store=F32, bias_mean=0.0):
+def model_weights(cfg, rng, store=F32, bias_mean=0.0, design=True):
+    """Random weights (gate biases shifted by bias_mean); with `design`, routing margins planted
+    (margins.plant_routing: every token routed by >= ROUTING_MARGIN at every MoE layer,
+    whatever its context)."""
     w = {k: v.astype(store) for k, v in random_weights(cfg, seed(rng), mtp=False).items()}
     for k in w:
         if k.endswith("e_score_correction_bias"):
             w[k] = (w[k].astype(F32) + np.float32(bias_mean)).astype(F32)
-    return w
+    return margins.plant_routing(cfg, w, rng) if design else w
+
+
+def designed(case, routing=True, stream=False):
+    """Record in the case's params the margins its weights were built to clear (routing: True
+    for ROUTING_MARGIN, or the margin)."""
+    r = margins.ROUTING_MARGIN if routing is True else (routing or None)
+    case.params.update(margins.design_params(r, margins.STREAM_MARGIN if stream else None))
+    return case
 
 
 def tiny_mtp(depth=1, **changes) -> Config:
@@ -87,5 +100,6 @@ def tiny_mtp(depth=1, **changes) -> Config:
     return Config.preset("tiny").replace(num_nextn_predict_layers=depth, **changes)
 
 
-def mtp_weights(cfg, rng):
-    return {k: v.astype(F32) for k, v in random_weights(cfg, seed(rng), mtp=True).items()}
+def mtp_weights(cfg, rng, design=True):
+    w = {k: v.astype(F32) for k, v in random_weights(cfg, seed(rng), mtp=True).items()}
+    return margins.plant_routing(cfg, w, rng) if design else w

@@ -37,8 +37,9 @@ from refimpl.writer import random_weights
 from refimpl.config import Config, RopeScaling
 
 from ..format.schema import Case
-from .draws import case_rng, seed
+from .draws import case_rng, designed, seed
 from .kinds import routing_margin
+from .margins import plant_routing
 
 F32 = np.float32
 
@@ -96,7 +97,7 @@ def fp8_blocks_weights(cfg, rng) -> dict:
     scale), then block-quantised (refimpl.fp8.quantize) to e4m3 + a float32 weight_scale_inv;
     the rest float32."""
     out = {}
-    for name, a in random_weights(cfg, seed(rng), mtp=False).items():
+    for name, a in plant_routing(cfg, random_weights(cfg, seed(rng), mtp=False), rng).items():
         if is_fp8_weight(name) and a.ndim == 2:
             rows, cols = fp8.scale_shape(a.shape)
             f = np.exp2(rng.uniform(-2, 2, (rows, cols)))
@@ -112,9 +113,9 @@ def fp8_model_case(cid, batch=1, seq=9):
     cfg = fp8_model_config()
     w = fp8_blocks_weights(cfg, rng)
     ids = rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int64)
-    return Case(cid, "prefill", "an FP8 checkpoint at widths 136-264, none a multiple of 128: "
-                                "every 128x128 block at its own scale (partial edge blocks)",
-                {"input_ids": ids}, config=cfg, weights=w)
+    return designed(Case(cid, "prefill", "an FP8 checkpoint at widths 136-264, none a multiple of "
+                                         "128: every 128x128 block at its own scale (partial "
+                                         "edge blocks)", {"input_ids": ids}, config=cfg, weights=w))
 
 
 def act_zero_and_tiny_case(cid, tokens=4, k=300):

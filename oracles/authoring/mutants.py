@@ -37,7 +37,7 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
-from refimpl import fp8, layer, mla, moe, mtp, names, rope
+from refimpl import fp8, layer, mla, model, moe, mtp, names, norm, rope
 from refimpl.backend import array_module
 from refimpl.ops import boundary, topk_indices
 from refimpl.trace import ignore
@@ -117,6 +117,15 @@ def _bf16(x):
     return np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.asarray(x).dtype)
 
 
+@_register("group_score_top2_for_v2", "group score",
+           "scores V2's group_limited_greedy groups by their top-2 sum (V3's rule) instead of "
+           "their best expert (llama.cpp: GGUF has no topk_method)")
+def _patch_group_score_top2_for_v2(case):
+    base = moe.group_scores
+    return patched([(moe, "group_scores", lambda biased, n_group, method:
+                     base(biased, n_group, "noaux_tc"))])
+
+
 @_register("bf16_gate_bias", "gate precision",
            "casts e_score_correction_bias to bf16 when loading")
 def _patch_bf16_gate_bias(case):
@@ -153,6 +162,24 @@ def _patch_ties_higher_index(case):
     return patched([(moe, "topk_indices", _topk_higher_index)])
 
 
+@_register("group_score_top_k_over_m", "group score",
+           "scores a group by the sum of its top (top_k // topk_group) biased scores, not its "
+           "top two (right only where top_k // topk_group == 2, as in V3's 8 // 4)")
+def _patch_group_score_top_k_over_m(case):
+    cfg = case.config
+    if cfg is None:
+        return contextlib.nullcontext()
+    n = cfg.num_experts_per_tok // cfg.topk_group
+    original = moe.group_scores
+
+    def group_scores(biased, n_group, topk_method):
+        if topk_method != "noaux_tc":
+            return original(biased, n_group, topk_method)
+        g = biased.reshape(biased.shape[0], n_group, -1)  # [T, G, E/G]
+        return -np.sort(-g, axis=-1)[..., :n].sum(axis=-1)  # n == 0: every group scores 0
+    return patched([(moe, "group_scores", group_scores)])
+
+
 # ---- RoPE / YaRN ------------------------------------------------------------------------------
 
 @_register("no_softmax_mscale", "mscale",
@@ -169,6 +196,30 @@ def _patch_mscale_not_all_dim(case):
         s = cfg.qk_head_dim ** -0.5
         return s if rs is None else s * rope.yarn_mscale(rs.factor, rs.mscale) ** 2
     return patched([(rope, "softmax_scale", scale)])
+
+
+@_register("mscale_read_as_mscale_all_dim", "mscale",
+           "never reads rope_scaling.mscale (takes it equal to mscale_all_dim): the cos/sin "
+           "factor m(mscale)/m(mscale_all_dim) becomes 1 (llama.cpp)")
+def _patch_mscale_read_as_mscale_all_dim(case):
+    return patched([(rope, "cos_sin_factor", lambda cfg: 1.0)])
+
+
+@_register("yarn_factor_from_ratio", "YaRN factor",
+           "takes YaRN's factor s as max_position_embeddings / original_max_position_embeddings "
+           "instead of rope_scaling.factor for the frequencies and the cos/sin factor "
+           "(transformers 4.x _compute_yarn_parameters; the softmax kept rope_scaling.factor)")
+def _patch_yarn_factor_from_ratio(case):
+    def with_ratio(f):
+        def g(cfg):
+            rs = cfg.rope_scaling
+            if rs is None:
+                return f(cfg)
+            ratio = cfg.max_position_embeddings / rs.original_max_position_embeddings
+            return f(cfg.replace(rope_scaling=dataclasses.replace(rs, factor=float(ratio))))
+        return g
+    return patched([(rope, name, with_ratio(getattr(rope, name)))
+                    for name in ("inv_freq", "cos_sin_factor")])
 
 
 def _apply_rope_halves(x, cos, sin):
@@ -355,6 +406,16 @@ def _patch_rsf_skipped_without_norm(case):
                      lambda s, idx, norm, rsf: original(s, idx, norm, rsf if norm else 1.0))])
 
 
+@_register("single_expert_not_renormalised", "top-k renormalisation",
+           "skips the renormalisation when one expert is chosen (num_experts_per_tok 1 with "
+           "norm_topk_prob): the weight is s_i x routed_scaling_factor, not routed_scaling_factor "
+           "(MLX-LM: `if top_k > 1 and norm_topk_prob`)")
+def _patch_single_expert_not_renormalised(case):
+    original = moe.routing_weights
+    return patched([(moe, "routing_weights", lambda s, idx, norm, rsf:
+                     original(s, idx, norm and idx.shape[-1] > 1, rsf))])
+
+
 @_register("sigmoid_underflow", "top-k renormalisation",
            "computes the gate sigmoid as 1 / (1 + exp(-x)) in the working precision: 0 below "
            "-88.7 in float32, and 0/0 when every selected score is 0")
@@ -398,6 +459,25 @@ def _patch_residual_rescaled_dense(case):
             record(name, value / f if name == "hidden" else value)
         return original(h, w, cfg, i, context, rec) / f
     return patched([(layer, "decoder_layer", decoder_layer)])
+
+
+# ---- RMSNorm eps (spec sections 2 and 9) -----------------------------------------------------
+
+@_register("rms_norm_eps_ignored", "RMSNorm eps",
+           "every RMSNorm at the class default eps 1e-6, whatever rms_norm_eps says (DeepSeek's "
+           "inference/model.py: its ModelArgs carries no eps)")
+def _patch_rms_norm_eps_ignored(case):
+    def rms_norm(x, weight, eps):
+        return norm.rms_norm(x, weight, 1e-6)
+    return patched([(m, "rms_norm", rms_norm) for m in (layer, model, mtp, scenarios)])
+
+
+@_register("latent_norm_eps_from_config", "latent norm eps",
+           "q_a_layernorm and kv_a_layernorm at rms_norm_eps instead of the class default 1e-6 "
+           "(vLLM, SGLang, llama.cpp)")
+def _patch_latent_norm_eps_from_config(case):
+    eps = case.config.rms_norm_eps if case.config is not None else mla.LATENT_NORM_EPS
+    return patched([(mla, "LATENT_NORM_EPS", eps)])
 
 
 # ---- MTP (spec section 6) -----------------------------------------------------------------
@@ -468,6 +548,19 @@ _register("fp8_pow2_scale_not_requantised", "FP8 scales",
           "e4m3 values")(
     lambda case: _dequantize_with(
         lambda s, shape, block: (2.0 ** np.ceil(np.log2(s.astype(np.float64)))).astype(np.float32)))
+
+
+@_register("fp8_dequant_to_bf16", "FP8 dequantisation",
+           "dequantises a stored FP8 checkpoint into bf16 (e4m3 values cast to bf16, times the "
+           "scale, rounded to bf16) whatever precision the model then runs in (MLX-LM's "
+           "sanitize)")
+def _patch_fp8_dequant_to_bf16(case):
+    original = fp8.dequantize
+
+    def dequantize(q, scale_inv, block=fp8.BLOCK, dtype=np.float64):
+        w = original(q, scale_inv, block, np.float32)
+        return np.asarray(w).astype(ml_dtypes.bfloat16).astype(dtype)
+    return patched([(fp8, "dequantize", dequantize)])
 
 
 @_register("e4m3fnuz_read", "FP8 format",

@@ -33,7 +33,7 @@ from refimpl.trace import recorder
 
 from .. import OraclesError
 from ..format.schema import Case
-from .draws import case_rng, model_weights, mtp_weights
+from .draws import case_rng, designed, model_weights, mtp_weights
 from .kinds import case_model, greedy_aux, kind, model_aux
 
 SCHEDULE_FORMAT = 1
@@ -371,7 +371,8 @@ def schedule_case(cid, cfg, lengths, steps, pins, share=None):
     schedule = {"format": SCHEDULE_FORMAT, "requests": len(lengths), "steps": steps}
     expand(schedule, lengths)  # a builder's schedule is checked like a suite's
     inputs = {f"request.{r}.input_ids": t[None, :] for r, t in enumerate(toks)}
-    return Case(cid, "schedule", pins, inputs, params={"schedule": schedule}, config=cfg, weights=w)
+    return designed(Case(cid, "schedule", pins, inputs, params={"schedule": schedule}, config=cfg,
+                         weights=w))
 
 
 def forward_step(*pairs, repeat=1):
@@ -451,18 +452,21 @@ def predictable_mtp(weights: dict, cfg, layer_scale=0.3, hidden_share=0.1) -> di
 
 def speculation_case(cid, cfg, depth, prompt, new, pins=None):
     """Greedy MTP speculation over predictable_mtp weights: some drafts are accepted at depth 2
-    (scenario.speculation.depth2: 50 of 244 at depth 1, 4 at depth 2) and most rejected, so
-    that verification both commits several tokens in one forward and rolls the cache back, and
-    module k >= 2 runs on drafts."""
+    and most rejected, so that verification both commits several tokens in one forward and
+    rolls the cache back, and module k >= 2 runs on drafts. Its routing margins are designed;
+    its stream's are not (no stream_margin in its params): planting them (plant_stream_margins)
+    makes the drafts always right, and on a 300-token stream it converges to one repeated
+    token."""
     rng = case_rng(cid)
     w = predictable_mtp(mtp_weights(cfg, rng), cfg)
     ids = rng.integers(0, cfg.vocab_size, (1, prompt)).astype(np.int64)
     params = {"max_new_tokens": new, "depth": depth,
               "schedule": {"format": SCHEDULE_FORMAT,
                            "steps": [{"op": "speculate", "depth": depth, "max_new_tokens": new}]}}
-    return Case(cid, "mtp_speculation", pins or f"greedy MTP speculation, {depth} drafts per round, "
-                                                f"{new} tokens to position {prompt + new - 1}",
-                {"input_ids": ids}, params=params, config=cfg, weights=w)
+    return designed(Case(cid, "mtp_speculation", pins or f"greedy MTP speculation, {depth} drafts "
+                                                         f"per round, {new} tokens to position "
+                                                         f"{prompt + new - 1}",
+                         {"input_ids": ids}, params=params, config=cfg, weights=w))
 
 
 def default_cases(tiny, tiny_mtp):
@@ -479,7 +483,7 @@ def default_cases(tiny, tiny_mtp):
             c, t, 240, 60, pins="60 decode steps from position 240 to 299: past the first KV "
                                 "block of 256 and past original_max_position_embeddings 64")),
         ("scenario.speculation.depth2.short", lambda c: speculation_case(
-            c, tiny_mtp(2, num_hidden_layers=2), 2, 5, 24)),
+            c, tiny_mtp(2, num_hidden_layers=2), 2, 6, 24)),
     ]
 
 

@@ -17,9 +17,9 @@ from refimpl.writer import random_tensor, random_weights
 
 from .. import OraclesError
 from ..format.schema import Case
-from . import edges, scenarios
-from .draws import (BF16, F32, SUITE_SEED, case_rng, draw_config, model_weights, mtp_weights,  # noqa: F401
-                    seed, tiny, tiny_mtp, v3)
+from . import edges, margins, readings, scenarios
+from .draws import (BF16, F32, SUITE_SEED, case_rng, designed, draw_config, model_weights,  # noqa: F401
+                    mtp_weights, seed, tiny, tiny_mtp, v3)
 
 # ---------------------------------------------------------------------------------------------
 # Component builders
@@ -100,10 +100,12 @@ def gate_ties_case(cid, cfg, near=False):
 
 
 def gate_bf16_resolution_case(cid, cfg=None, store=F32):
-    """The decision rests on a bias difference (1e-3) that bf16 cannot hold: experts 2 and 5
-    score identically, 5 has the larger float32 bias (0.501 vs 0.5, both 0.5 in bf16), K - 1
-    experts of the same group are certain picks (bias +2), the rest certain misses (bias -2), so
-    the K-th pick is 5, or 2 when the bias is rounded to bf16."""
+    """The decision rests on a bias difference (3e-3) that bf16 cannot hold: experts 2 and 5
+    score identically, 5 has the larger float32 bias (1.503 vs 1.5, both 1.5 in bf16, whose
+    spacing there is 2^-7), K - 1 experts of the same group are certain picks (bias +4), the
+    rest certain misses (bias -4), so the K-th pick is 5, or 2 when the bias is rounded to
+    bf16. The difference is 3 times the f16_kv profile's margin floor (1e-3): only the profiles
+    that emulate a bf16 gate forgive it."""
     cfg = cfg or Config.preset("tiny").replace(n_group=1, topk_group=1, num_nextn_predict_layers=0)
     case = gate_case(cid, cfg, tokens=4, pins="a bias difference below bf16 resolution decides",
                      store=store)
@@ -111,9 +113,9 @@ def gate_bf16_resolution_case(cid, cfg=None, store=F32):
     certain = [0, 7, 9, 10, 11, 12, 13, 14][: cfg.num_experts_per_tok - 1]
     assert max(certain) < cfg.experts_per_group
     w[5] = w[2]
-    b[:] = -2.0
-    b[certain] = 2.0
-    b[2], b[5] = 0.5, 0.501
+    b[:] = -4.0
+    b[certain] = 4.0
+    b[2], b[5] = 1.5, 1.503
     return case
 
 
@@ -146,35 +148,40 @@ def fp8_case(cid, shape, pins):
 # Model builders
 # ---------------------------------------------------------------------------------------------
 
-def prefill_case(cid, cfg, batch=2, seq=12, pins="prefill", bias_mean=0.0):
+def prefill_case(cid, cfg, batch=2, seq=12, pins="prefill", bias_mean=0.0, design=True):
     rng = case_rng(cid)
-    w = model_weights(cfg, rng, bias_mean=bias_mean)
+    w = model_weights(cfg, rng, bias_mean=bias_mean, design=design)
     ids = rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int64)
-    return Case(cid, "prefill", pins, {"input_ids": ids}, config=cfg, weights=w)
+    case = Case(cid, "prefill", pins, {"input_ids": ids}, config=cfg, weights=w)
+    if not design:
+        case.params["near_ties"] = "random routing weights: near-tie tokens expected"
+        return case
+    return designed(case)
 
 
 def decode_case(cid, cfg, prefill, steps, batch=2, pins=None):
     rng = case_rng(cid)
     w = model_weights(cfg, rng)
     ids = rng.integers(0, cfg.vocab_size, (batch, prefill + steps)).astype(np.int64)
-    return Case(cid, "decode", pins or f"decode {steps} tokens after a prefill of {prefill}",
-                {"input_ids": ids}, params={"prefill": prefill}, config=cfg, weights=w)
+    return designed(Case(cid, "decode", pins or f"decode {steps} tokens after a prefill of {prefill}",
+                         {"input_ids": ids}, params={"prefill": prefill}, config=cfg, weights=w))
 
 
 def greedy_case(cid, cfg, prompt=6, new=10, pins="greedy stream"):
     rng = case_rng(cid)
     w = model_weights(cfg, rng)
     ids = rng.integers(0, cfg.vocab_size, (1, prompt)).astype(np.int64)
-    return Case(cid, "greedy", pins, {"input_ids": ids}, params={"max_new_tokens": new},
-                config=cfg, weights=w)
+    w = margins.plant_stream_margins(cfg, w, ids[0], new)
+    return designed(Case(cid, "greedy", pins, {"input_ids": ids}, params={"max_new_tokens": new},
+                         config=cfg, weights=w), stream=True)
 
 
 def mtp_prefill_case(cid, cfg, batch=2, seq=10, pins=None):
     rng = case_rng(cid)
     w = mtp_weights(cfg, rng)
     ids = rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int64)
-    return Case(cid, "mtp_prefill", pins or f"teacher-forced MTP, depth {cfg.num_nextn_predict_layers}",
-                {"input_ids": ids}, config=cfg, weights=w)
+    return designed(Case(cid, "mtp_prefill", pins or f"teacher-forced MTP, depth {cfg.num_nextn_predict_layers}",
+                         {"input_ids": ids}, config=cfg, weights=w))
 
 
 def mtp_module_case(cid, cfg, k=1, seq=6):
@@ -182,17 +189,18 @@ def mtp_module_case(cid, cfg, k=1, seq=6):
     w = mtp_weights(cfg, rng)
     inputs = {"input_ids": rng.integers(0, cfg.vocab_size, (1, seq)).astype(np.int64),
               "h_prev": rng.normal(0, 1, (1, seq, cfg.hidden_size)).astype(F32)}
-    return Case(cid, "mtp_module", f"MTP module {k} on given tokens t_(i+k) and h^(k-1)", inputs,
-                params={"k": k}, config=cfg, weights=w)
+    return designed(Case(cid, "mtp_module", f"MTP module {k} on given tokens t_(i+k) and h^(k-1)",
+                         inputs, params={"k": k}, config=cfg, weights=w))
 
 
 def speculative_case(cid, cfg, depth, prompt=5, new=10):
     rng = case_rng(cid)
     w = mtp_weights(cfg, rng)
     ids = rng.integers(0, cfg.vocab_size, (1, prompt)).astype(np.int64)
-    return Case(cid, "speculative", f"greedy speculative decoding, {depth} draft(s) per round",
-                {"input_ids": ids}, params={"max_new_tokens": new, "depth": depth}, config=cfg,
-                weights=w)
+    w = margins.plant_stream_margins(cfg, w, ids[0], new)
+    return designed(Case(cid, "speculative", f"greedy speculative decoding, {depth} draft(s) per round",
+                         {"input_ids": ids}, params={"max_new_tokens": new, "depth": depth},
+                         config=cfg, weights=w), stream=True)
 
 
 def training_case(cid, experts=16, k=4, tokens=12, vocab=64, depth=2):
@@ -332,6 +340,10 @@ def default():
         ("model.prefill.mscale_differs", lambda c: prefill_case(
             c, tiny(rope_scaling=RopeScaling(40.0, 64, 32.0, 1.0, 1.0, 0.707)), batch=1, seq=10,
             pins="mscale 1.0 vs mscale_all_dim 0.707: the softmax uses mscale_all_dim")),
+        ("model.prefill.near_ties", lambda c: prefill_case(
+            c, tiny(rope_scaling=RopeScaling(40.0, 64, 32.0, 1.0, 1.0, 0.707)), batch=1, seq=10,
+            design=False, pins="random routing weights (no designed margins): near-tie tokens "
+                               "that a lower precision resolves either way, forgiven")),
         ("model.prefill.q_lora_null", edge(lambda c: prefill_case(
             c, tiny(q_lora_rank=None), batch=1, seq=8, pins="q_lora_rank null"), "q_lora_null")),
         ("model.prefill.no_shared_experts", edge(lambda c: prefill_case(
@@ -347,6 +359,7 @@ def default():
     ]
     cases += _mtp_cases() + _fp8_cases()
     cases += edges.default_cases(tiny, gate_case, moe_case)
+    cases += readings.default_cases(tiny, prefill_case)
     cases += scenarios.default_cases(tiny, tiny_mtp)
     for i in range(4):
         cases.append((f"gate.drawn{i}", lambda c: gate_case(c, draw_config(case_rng(c + "/cfg")),
@@ -421,6 +434,8 @@ def conventions():
         ("mtp_h0", lambda c: mtp_prefill_case(c, tiny_mtp(1), batch=1, seq=8,
                                               pins="which main hidden state feeds module 1"),
          [("final_norm", None), ("pre_norm", "mtp_pre_norm_h0")]),
+        ("latent_norm_eps", lambda c: readings.eps_case(c, t, batch=1, seq=8),
+         [("class_default", None), ("rms_norm_eps", "latent_norm_eps_from_config")]),
         ("topk_ties", lambda c: gate_ties_case(c, t),
          [("lower_index", None, decided), ("higher_index", "ties_higher_index", decided),
           ("unspecified", None)]),
@@ -476,6 +491,7 @@ def engine():
                                          "(max per group), mscale = mscale_all_dim = 0.707")),
         ("model.decode.start5", lambda c: decode_case(c, e, prefill=5, steps=4, batch=1)),
         ("model.greedy.basic", lambda c: greedy_case(c, e, prompt=6, new=8)),
+        ("model.prefill.rms_norm_eps", lambda c: readings.eps_case(c, e, batch=1, seq=10)),
     ]
 
 
@@ -483,8 +499,9 @@ SUITES = {"smoke": smoke, "default": default, "full-width": full_width, "convent
           "scenarios": scenario_suite, "engine": engine}
 SUITE_DOCS = {
     "smoke": "a few cases, seconds: one of each main kind",
-    "default": "every case kind, with named edge cases, edge values, small serving scenarios, "
-               "drawn cases and labelled spec-edge configs",
+    "default": "every case kind, with named edge cases, edge values, config values that separate "
+               "readings, small serving scenarios, drawn cases and labelled spec-edge configs; "
+               "model cases on designed routing and stream margins",
     "full-width": "components at the real V3 dimensions (hidden 7168, 128 heads, q-lora 1536, "
                   "kv-lora 512, 256 experts in 8 groups, the real YaRN config); weights stored bf16",
     "conventions": "each spec section 9 alternative, labelled, to learn which one an engine follows",

@@ -68,8 +68,9 @@ def _json_default(o):
     raise TypeError(type(o).__name__)
 
 
-def compute(case: Case) -> tuple[dict, dict, dict]:
-    """-> (expected outputs, expected-only aux tensors, tolerances per profile)."""
+def compute(case: Case, profiles=tolerances.PROFILES) -> tuple[dict, dict, dict]:
+    """-> (expected outputs, expected-only aux tensors, tolerances per profile); only the given
+    profiles are calibrated (oracles search calibrates the one it judges by)."""
     kind = KINDS[case.kind]
     under = MUTANTS[case.expect_under] if case.expect_under else None
     truth = run_case(case, "float64", under, alone=True)
@@ -80,7 +81,7 @@ def compute(case: Case) -> tuple[dict, dict, dict]:
     if cond is not None and "tokens" in truth:
         cond.tokens = np.asarray(truth["tokens"], np.int64)
     tols = {}
-    for profile in tolerances.PROFILES:
+    for profile in profiles:
         emulated = run_case(case, tolerances.CALIBRATED_BY[profile], under)
         tols[profile] = calibration.calibrate(truth, aux, emulated, profile,
                                                causal=case.kind in CAUSAL_KINDS,
@@ -95,11 +96,11 @@ def compute_job(suite: str, cid: str, case) -> tuple[dict, dict, dict]:
     return compute(dict(suite_cases(suite))[cid](cid) if case is None else case)
 
 
-def write_case(case: Case, case_dir: str, computed=None) -> dict:
+def write_case(case: Case, case_dir: str, computed=None, profiles=tolerances.PROFILES) -> dict:
     """Write one case's files -> its manifest entry.  computed: compute(case)'s result when it
-    was computed elsewhere (a Ray worker: cluster_cases)."""
+    was computed elsewhere (a Ray worker: cluster_cases); profiles: those calibrated."""
     os.makedirs(case_dir)
-    truth, aux, tols = compute(case) if computed is None else computed
+    truth, aux, tols = compute(case, profiles) if computed is None else computed
     reference = None
     if isinstance(case.weights, CheckpointWeights):  # the user's checkpoint: referenced, not copied
         reference = reference_of(case.weights)
@@ -155,10 +156,22 @@ def generate(out: str, suite: str = "default", only: str | None = None, progress
         builders = [(cid, b) for cid, b in suite_cases(suite) if matches(cid, only)]
     if not builders:
         raise OraclesError(f"suite {suite!r}: no case matches --only {only!r}")
+    return write_suite(out, suite, suite_doc or SUITE_DOCS[suite], builders, only=only,
+                       progress=progress, ray=ray,
+                       given={} if cases is None else {c.id: c for c in cases})
+
+
+def write_suite(out: str, suite: str, doc: str, builders, only: str | None = None, progress=None,
+                profiles=tolerances.PROFILES, extra: dict | None = None, describe=None,
+                ray: str | None = None, given: dict | None = None) -> dict:
+    """Write the cases of builders [(case id, build(case id) -> Case)] to `out` as suite `suite`,
+    atomically -> the manifest. `profiles`: the tolerance profiles calibrated; `extra`: fields
+    added to the manifest; `describe(case)`: fields added to (or replacing) a case's entry; `ray`
+    and `given` (ready cases by id): computed on a Ray cluster's workers (generate)."""
     check_destination(out, "directory", OraclesError)  # before the cases are computed
     computed = {}
     if ray is not None:
-        given = {} if cases is None else {c.id: c for c in cases}
+        given = given or {}
         computed = compute_on_cluster(ray, compute_job, {cid: (suite, cid, given.get(cid))
                                                          for cid, _ in builders})
     with atomic_directory(out, OraclesError, tag="oracles") as tmp:
@@ -168,9 +181,10 @@ def generate(out: str, suite: str = "default", only: str | None = None, progress
             it = progress(builders, desc=f"generating {suite}", unit="case")
         for cid, build in it:
             case = build(cid)
-            entries.append(write_case(case, os.path.join(tmp, "cases", cid), computed.get(cid)))
+            entry = write_case(case, os.path.join(tmp, "cases", cid), computed.get(cid), profiles)
+            entries.append({**entry, **(describe(case) if describe else {})})
         manifest = {
-            "suite": suite, "suite_doc": suite_doc or SUITE_DOCS[suite], "format": SUITE_FORMAT,
+            "suite": suite, "suite_doc": doc, "format": SUITE_FORMAT,
             "only": only, "generator": f"oracles {__version__}", "refimpl": refimpl.__version__,
             "numpy": np.__version__, "ml_dtypes": ml_dtypes.__version__,
             "python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}",
@@ -179,6 +193,7 @@ def generate(out: str, suite: str = "default", only: str | None = None, progress
             "tolerance_k": tolerances.K, "floors": tolerances.FLOORS,
             "calibrated_by": tolerances.CALIBRATED_BY,
             "cases": entries,
+            **(extra or {}),
         }
         q = question_digest(manifest)  # recorded next to "format"
         manifest = {k2: v2 for k, v in manifest.items()

@@ -28,13 +28,10 @@ import tempfile
 
 import numpy as np
 
-from refimpl import moe, rope
-
 from .. import OraclesError
 from ..authoring.conditioned import conditioner_for
 from ..authoring.emulate import run_case
 from ..authoring.mutants import MUTANTS
-from ..authoring.patching import patched
 from ..authoring.writer import generate
 from ..checking.candidates import AdapterCandidate, DirCandidate, write_outputs
 from ..checking.check import run_check
@@ -67,26 +64,10 @@ RUNS = [
 ]
 
 
-def _cos_sin_factor_one():
-    """rope_scaling.mscale read as mscale_all_dim: the cos/sin factor m(mscale)/m(mscale_all_dim)
-    becomes 1 (the softmax factor m(mscale_all_dim)^2 stays right)."""
-    return patched([(rope, "cos_sin_factor", lambda cfg: 1.0)])
-
-
-def _group_score_top2_always():
-    """Every grouped router scores a group by its top-2 sum, V2's group_limited_greedy too."""
-    base = moe.group_scores
-    return patched([(moe, "group_scores", lambda b, g, method: base(b, g, "noaux_tc"))])
-
-
-ENGINE_VARIANTS = {
-    "mscale_read_as_mscale_all_dim": (_cos_sin_factor_one,
-                                      "rope_scaling.mscale is never read: mscale taken equal to "
-                                      "mscale_all_dim, so the cos/sin factor is 1"),
-    "group_score_top2_for_v2": (_group_score_top2_always,
-                                "V2's group_limited_greedy scored by the top-2 sum (V3's rule) "
-                                "instead of the group's best expert"),
-}
+# Engine behaviours in the mutant catalogue (oracles/authoring/mutants.py): the diagnoses SOURCES cites
+ENGINE_VARIANTS = ("mscale_read_as_mscale_all_dim", "group_score_top2_for_v2",
+                   "fp8_dequant_to_bf16", "single_expert_not_renormalised",
+                   "latent_norm_eps_from_config")
 
 # (engine, diagnosis) -> where the engine does it (the versions the matrix ran)
 SOURCES = {
@@ -106,15 +87,27 @@ SOURCES = {
         "build_moe_ffn: `group_scores = ggml_argsort_top_k(ctx0, selection_groups, 2)` then "
         "their sum, for every model with n_expert_groups > 1; GGUF has no topk_method, so "
         "DeepSeek-V2's group_limited_greedy (max per group) is scored as V3's noaux_tc",
+    ("mlx", "fp8_dequant_to_bf16"):
+        "mlx_lm/models/deepseek_v3.py:384-398 (mlx-lm 0.32.2), sanitize's dequant: "
+        "`weight = mx.from_fp8(weight, dtype=mx.bfloat16)`, times scale_inv, then "
+        "`.astype(dtype)` with `dtype = mx.bfloat16`, whatever dtype the model is loaded in",
+    ("mlx", "single_expert_not_renormalised"):
+        "mlx_lm/models/deepseek_v3.py:222 (mlx-lm 0.32.2), group_expert_select: "
+        "`if top_k > 1 and norm_topk_prob:` renormalises only when more than one expert is chosen",
+    ("vllm", "latent_norm_eps_from_config"):
+        "vllm/model_executor/models/deepseek_v2.py:501,525 (vLLM 0.32.0): "
+        "`RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)`, "
+        "`RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)`",
+    ("llama.cpp", "latent_norm_eps_from_config"):
+        "src/models/deepseek2.cpp:504,537 (llama.cpp vendored by llama-cpp-python 0.3.36): the "
+        "latent norms are `build_norm(..., LLM_NORM_RMS, il)`, i.e. hparams.f_norm_rms_eps "
+        "(src/llama-graph.cpp:1605), which the converter writes from rms_norm_eps "
+        "(conversion/base.py:1511-1512)",
 }
 
 
 def _variant_logits(case, name, precision="float32"):
-    if name in MUTANTS:
-        return run_case(case, precision, MUTANTS[name])["logits"]
-    patch = ENGINE_VARIANTS[name][0]
-    with patch():
-        return run_case(case, precision)["logits"]
+    return run_case(case, precision, MUTANTS[name])["logits"]
 
 
 def diagnose(golden: Golden, cid: str, logits, profile: str) -> tuple[str | None, str]:
@@ -133,7 +126,7 @@ def diagnose(golden: Golden, cid: str, logits, profile: str) -> tuple[str | None
     if logits.shape != truth.shape:
         return None, f"logits of shape {list(logits.shape)}, expected {list(truth.shape)}"
     best = (None, np.inf)
-    names = [n for n, m in MUTANTS.items() if not m.allowed] + list(ENGINE_VARIANTS)
+    names = [n for n, m in MUTANTS.items() if not m.allowed]
     for name in names:
         try:
             v = _variant_logits(case, name, tolerances.CALIBRATED_BY[profile])
@@ -144,7 +137,7 @@ def diagnose(golden: Golden, cid: str, logits, profile: str) -> tuple[str | None
             best = (name, e)
     e_truth = metrics.continuous(logits, truth)["nmse"]
     name, e = best
-    what = (MUTANTS[name].bug if name in MUTANTS else ENGINE_VARIANTS[name][1]) if name else ""
+    what = MUTANTS[name].bug if name else ""
     if name is not None and e <= tol < e_truth:
         return name, (f"its logits equal refimpl with `{name}` ({what}): nmse {e:.1e} against "
                       f"it, {e_truth:.1e} against the expected")

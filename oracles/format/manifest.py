@@ -73,6 +73,7 @@ CONVENTION_ALTERNATIVES = {
     "softmax_mscale": ("mscale_all_dim", "mscale", "none"),
     "rope_layout": ("adjacent_pairs", "rotate_half"), "mtp_concat": ("embedding_first", "hidden_first"),
     "mtp_h0": ("final_norm", "pre_norm"), "topk_ties": ("lower_index", "higher_index", "unspecified"),
+    "latent_norm_eps": ("class_default", "rms_norm_eps"),
 }
 
 HEX64 = re.compile(r"[0-9a-f]{64}")

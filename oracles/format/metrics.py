@@ -38,9 +38,12 @@ def continuous(c, e) -> dict:
     n = max(e.size, 1)
     rms = (ref2 / n) ** 0.5
     tiny = 1e-300
+    c_norm = float(np.sqrt(np.sum(c * c)))
     return {"nmse": float(np.sum(err * err)) / max(ref2, tiny),
             "max_rel": float(np.max(np.abs(err))) / max(rms, tiny) if e.size else 0.0,
-            "norm": abs(float(np.sqrt(np.sum(c * c))) / max(ref2 ** 0.5, tiny) - 1.0)}
+            # an all-zero output matched by zeros has no norm error (not |0 / tiny - 1| = 1)
+            "norm": 0.0 if c_norm == 0.0 and ref2 == 0.0 else
+            abs(c_norm / max(ref2 ** 0.5, tiny) - 1.0)}
 
 
 def logits(c, e, margin_eps: float) -> dict:

@@ -11,7 +11,8 @@ from oracles.authoring.mutants import MUTANTS
 
 OURS = {"yarn_activation": "always", "group_mask": "neg_inf", "gate_precision": "float32",
         "group_score": "top2_sum", "softmax_mscale": "mscale_all_dim", "rope_layout": "adjacent_pairs",
-        "mtp_concat": "embedding_first", "mtp_h0": "final_norm", "topk_ties": "lower_index"}
+        "mtp_concat": "embedding_first", "mtp_h0": "final_norm", "topk_ties": "lower_index",
+        "latent_norm_eps": "class_default"}
 # passed by every candidate with a right gate, whatever its tie-break
 ALSO = {"topk_ties": ["unspecified"]}
 ALTERNATIVES = [
@@ -26,6 +27,8 @@ ALTERNATIVES = [
     ("mtp_concat_swapped", "mtp_concat", "hidden_first"),
     ("mtp_pre_norm_h0", "mtp_h0", "pre_norm"),
     ("ties_higher_index", "topk_ties", "higher_index"),
+    # vLLM, SGLang and llama.cpp: the latent norms at rms_norm_eps (spec section 9.3)
+    ("latent_norm_eps_from_config", "latent_norm_eps", "rms_norm_eps"),
 ]
 
 

@@ -14,7 +14,7 @@ from oracles.format.golden import Golden
 @pytest.mark.parametrize("cid, variant", [
     ("model.prefill.negative_biased", "zero_group_mask"),  # MLX-LM's group mask
     ("model.prefill.mscale_differs", "mscale_read_as_mscale_all_dim"),  # llama.cpp's YaRN mscale
-    ("model.prefill.softmax_scoring", "group_score_top2_for_v2"),  # llama.cpp's V2 group score
+    ("model.prefill.v2_group_top2", "group_score_top2_for_v2"),  # llama.cpp's V2 group score
 ])
 def test_a_candidate_that_behaves_like_a_variant_is_diagnosed_as_it(default_dir, cid, variant):
     g = Golden(default_dir)

@@ -25,7 +25,9 @@ def _case(suite_dir, cid):
 
 def test_default_suite_is_small_and_quick_to_generate(default_suite):
     path, seconds = default_suite
-    assert writer.suite_size(path) < 64e6  # 40 MB before the scenario and edge-value cases
+    # 40 MB before the scenario and edge-value cases, 58 MB before the six config-separating
+    # and near-tie model cases of issue 16 (69.5 MB after)
+    assert writer.suite_size(path) < 75e6
     assert seconds < 120
 
 

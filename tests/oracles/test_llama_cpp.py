@@ -27,7 +27,7 @@ from oracles.checking.check import run_check  # noqa: E402
 from oracles.engines import matrix  # noqa: E402
 from oracles.format.golden import Golden, read_tensors  # noqa: E402
 
-ONLY = "model.prefill.tiny,model.prefill.mscale_differs,model.prefill.softmax_scoring,model.decode.start5"
+ONLY = "model.prefill.tiny,model.prefill.mscale_differs,model.prefill.v2_group_top2,model.decode.start5"
 
 
 def test_llama_cpp_f32_cache_fails_exactly_the_two_diagnosed_divergences(default_dir, tmp_path):
@@ -36,15 +36,15 @@ def test_llama_cpp_f32_cache_fails_exactly_the_two_diagnosed_divergences(default
     rep = run_check(default_dir, DirCandidate(str(tmp_path)), "float32", only=ONLY)
     status = {r["id"]: r["status"] for r in rep["cases"]}
     assert status == {"model.prefill.tiny": "pass", "model.decode.start5": "pass",
-                      "model.prefill.mscale_differs": "fail", "model.prefill.softmax_scoring": "fail"}
+                      "model.prefill.mscale_differs": "fail", "model.prefill.v2_group_top2": "fail"}
     first = {r["id"]: r.get("first_failure") for r in rep["cases"]}
     # intermediates from llama.cpp's cb_eval: the wrong YaRN factor first shows in the residual
     # after the first attention, the V2 group score in the first MoE layer's routing
     assert first["model.prefill.mscale_differs"].startswith("layers.0.h_attn")
-    assert first["model.prefill.softmax_scoring"].startswith("layers.1.topk_idx")
+    assert first["model.prefill.v2_group_top2"].startswith("layers.1.topk_idx")
     g = Golden(default_dir)
     for cid, variant in (("model.prefill.mscale_differs", "mscale_read_as_mscale_all_dim"),
-                         ("model.prefill.softmax_scoring", "group_score_top2_for_v2")):
+                         ("model.prefill.v2_group_top2", "group_score_top2_for_v2")):
         logits = read_tensors(str(tmp_path / "cases" / cid / "outputs.safetensors"))["logits"]
         assert matrix.diagnose(g, cid, logits, "float32")[0] == variant, cid
 

@@ -35,15 +35,24 @@ def report(default_dir, mlx_engine):
     return run_check(default_dir, AdapterCandidate(mlx_engine, "mlx"), "float32", only="model.*")
 
 
-def test_mlx_passes_every_model_case_it_runs_but_negative_biased(report):
+def test_mlx_passes_every_model_case_it_runs_but_negative_biased(report, default_dir):
     by_id = {r["id"]: r for r in report["cases"]}
     ran = [r for r in report["cases"] if r["status"] != "skip"]
     assert len(ran) >= 13
     failed = sorted(r["id"] for r in ran if r["status"] != "pass")
     # fp8_blocks: MLX-LM dequantises an FP8 checkpoint into bfloat16 when it loads it
     # (mlx_lm/models/deepseek_v3.py, `mx.from_fp8(weight, dtype=mx.bfloat16)` in sanitize), so
-    # a float32 run is off from the first FP8 projection on; it passes the bf16 profile (below)
-    assert failed == ["model.prefill.fp8_blocks", "model.prefill.negative_biased"], \
+    # a float32 run is off from the first FP8 projection on; it passes the bf16 profile (below).
+    # Its 0.0 group mask shows wherever a kept group's biased scores are below zero, which the
+    # designed routing (oracles/authoring/margins.py) makes common: every failure is one of the
+    # cases that refimpl with MLX-LM's known divergences fails
+    explained = set()
+    for name in ("zero_group_mask", "fp8_dequant_to_bf16", "single_expert_not_renormalised"):
+        rep = run_check(default_dir, AdapterCandidate(RefimplAdapter("float32", MUTANTS[name]),
+                                                           name, timeout=0),
+                        "float32", only=",".join(r["id"] for r in ran))
+        explained |= {r["id"] for r in rep["cases"] if r["status"] == "fail"}
+    assert {"model.prefill.fp8_blocks", "model.prefill.negative_biased"} <= set(failed) <= explained, \
         [(r["id"], r.get("reason")) for r in ran]
     assert by_id["model.prefill.fp8_blocks"]["first_failure"].startswith("layers.0.c_q")
     first = by_id["model.prefill.negative_biased"]["first_failure"]

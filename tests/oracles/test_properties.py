@@ -69,3 +69,14 @@ def test_a_uniform_scale_error_is_caught_by_the_norm_ratio(seed, rel):
     cand["out"] = cand["out"] * (1 + rel)
     res = _judge(case, cand)
     assert res["status"] == "fail" and "norm" in res["reason"]
+
+
+def test_an_all_zero_output_matched_by_zeros_has_no_error_and_anything_else_does():
+    """Found by oracles search (an fp8 quantisation of an all-zero block): the norm ratio of two
+    zero arrays was |0 / tiny - 1| = 1, so an exact candidate failed."""
+    from oracles.format import metrics
+
+    zero = np.zeros((2, 3))
+    assert metrics.continuous(zero, zero) == {"nmse": 0.0, "max_rel": 0.0, "norm": 0.0}
+    off = metrics.continuous(zero + 1e-30, zero)
+    assert off["norm"] > 1 and off["nmse"] > 1 and off["max_rel"] > 1

@@ -68,7 +68,7 @@ def mutant_report(default_dir):
     copy of a failing case whose id, reason and output name carry markup."""
     rep = run_check(default_dir, load_adapter("oracles.mutants:no_softmax_mscale"), "float32",
                     only=ONLY, repro_base=f"oracles check {default_dir} --adapter x")
-    bad = copy.deepcopy(next(r for r in rep["cases"] if r["id"] == "model.greedy.tiny"))
+    bad = copy.deepcopy(next(r for r in rep["cases"] if r["id"] == "model.prefill.tiny"))
     bad.update(id=HOSTILE, reason=HOSTILE, repro=HOSTILE, first_failure=HOSTILE)
     bad["outputs"][0]["name"] = HOSTILE
     rep["cases"].append(bad)
@@ -93,7 +93,9 @@ def test_the_page_has_the_summary_digest_profile_and_one_chart_per_failing_case(
     assert meta["candidate (engine)"] == "oracles.mutants:no_softmax_mscale"
 
     failing = [r for r in rep["cases"] if r["status"] == "fail"]
-    assert len(failing) == 5  # yarn_tables.v3, model.prefill.tiny, mtp_prefill.depth2, greedy, hostile
+    # yarn_tables.v3, model.prefill.tiny, mtp_prefill.depth2 and the hostile copy; the greedy
+    # stream's designed margins keep it (oracles/authoring/margins.py): it passes
+    assert len(failing) == 4
     charts = page.find("svg", "chart")
     assert len(charts) == len(failing)
     assert len(page.find("line", "tolerance-line")) == len(failing)

@@ -1,0 +1,45 @@
+"""Issue 16 item 4: every mutant of the catalogue (bugs public engines shipped, the engines' own
+divergences and the other readings of config fields) FAILs, not INCONCLUSIVE and not PASS, in
+every tolerance profile that does not allow it by definition (oracles.engines.catalogue.ALLOWED, with the
+reason), on a case of the default suite built so that its effect is far beyond the loosest
+profile's tolerance. Each mutant runs once on its case; its outputs are judged in all six
+profiles."""
+
+import pytest
+
+from oracles.authoring.mutants import MUTANTS
+from oracles.checking.check import run_check
+from oracles.engines.catalogue import ALLOWED, _Cached
+from oracles.engines.reference import RefimplAdapter
+from oracles.format.tolerances import PROFILES
+from tests.oracles.test_mutants import FIRST_FAILURE
+
+# mutant -> the case that fails it in every profile, where it is not FIRST_FAILURE's case
+DECISIVE = {}
+
+
+def decisive_case(name):
+    return DECISIVE.get(name, FIRST_FAILURE[name][0])
+
+
+def test_every_bug_has_a_decisive_case_and_the_allowances_name_real_mutants():
+    bugs = {n for n, m in MUTANTS.items() if not m.allowed}
+    assert bugs == set(FIRST_FAILURE)
+    assert set(ALLOWED) <= bugs and all(set(p) <= set(PROFILES) and p for p in ALLOWED.values())
+
+
+@pytest.mark.parametrize("name", sorted(n for n, m in MUTANTS.items() if not m.allowed))
+def test_the_mutant_fails_in_every_profile_that_does_not_allow_it(default_dir, name):
+    cid = decisive_case(name)
+    cand = _Cached(RefimplAdapter("float32", MUTANTS[name]), name)
+    status = {}
+    for p in PROFILES:
+        rep = run_check(default_dir, cand, p, only=cid, allow_inconclusive=True)
+        status[p] = rep["cases"][0]["status"]
+    allowed = ALLOWED.get(name, {})
+    # an allowed choice is never a FAIL; where the case's every decision rests on it
+    # (gate.bias_below_bf16 under a bf16 gate bias) it is INCONCLUSIVE
+    got = {p: (s if p not in allowed else ("not fail" if s in ("pass", "inconclusive") else s))
+           for p, s in status.items()}
+    want = {p: ("not fail" if p in allowed else "fail") for p in PROFILES}
+    assert got == want, (cid, status)
