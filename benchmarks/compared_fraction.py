@@ -10,10 +10,13 @@ by `python -m oracles.engines.matrix`, which records them per row).
 
     python benchmarks/compared_fraction.py [--suites default,engine,scenarios] [--profiles ...]
         [--work DIR] [--no-conditioning] [--engines-json docs/engines.json]
+        [--reports REPORT.json ...]
 
 --work keeps the generated suites (regenerated only when missing); --no-conditioning measures the
 checker that leaves out what a forgiven routing difference reaches instead of recomputing the
-reference on the candidate's routing (`oracles check --no-conditioning`).
+reference on the candidate's routing (`oracles check --no-conditioning`). --reports prints the
+same row for reports written by `oracles check ... --json REPORT.json` (a real engine's run
+judged outside the matrix) and nothing else (--suites "" to skip the emulations).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", help="directory for the suites (default: a temporary one)")
     p.add_argument("--no-conditioning", action="store_true")
     p.add_argument("--engines-json", default=os.path.join(ROOT, "docs", "engines.json"))
+    p.add_argument("--reports", nargs="*", default=[], metavar="REPORT",
+                   help="reports of `oracles check --json`: one row each")
     args = p.parse_args(argv)
     cond = None if args.no_conditioning else conditioner_for
     print(HEAD)
@@ -62,7 +67,7 @@ def main(argv=None) -> int:
     with contextlib.ExitStack() as stack:
         work = args.work or stack.enter_context(tempfile.TemporaryDirectory(prefix="compared-"))
         os.makedirs(work, exist_ok=True)
-        for suite in args.suites.split(","):
+        for suite in filter(None, args.suites.split(",")):
             gdir = os.path.join(work, suite)
             if not os.path.exists(gdir):
                 generate(gdir, suite)
@@ -74,6 +79,17 @@ def main(argv=None) -> int:
                 print(row(suite, "refimpl emulation", profile, compared_fractions(rep), inc,
                           rep["counts"]["fail"]) + f" <!-- {time.perf_counter() - t:.0f} s -->",
                       flush=True)
+    for path in args.reports:
+        with open(path, encoding="utf-8") as f:
+            rep = json.load(f)
+        info = rep.get("engine") or {}
+        opts = ",".join(f"{k}={v}" for k, v in (info.get("options") or {}).items() if k != "converter")
+        who = f"{info.get('engine', rep.get('candidate', '?'))} {info.get('version', '')} ({opts})"
+        inc = [r["id"] for r in rep["cases"] if r["status"] == "inconclusive"]
+        print(row(rep.get("suite", "?"), who, rep["profile"], compared_fractions(rep), inc,
+                  rep["counts"]["fail"]))
+    if args.reports:
+        return 0
     if os.path.exists(args.engines_json):
         for r in json.load(open(args.engines_json, encoding="utf-8")):
             if "compared" not in r:

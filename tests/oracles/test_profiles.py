@@ -133,3 +133,36 @@ def test_the_compared_fraction_command_prints_a_row_per_profile(tmp_path):
         cells = [c.strip() for c in line.split("|")]
         assert cells[1:4] == ["smoke", "refimpl emulation", profile] and cells[11] == "0"
     assert "vllm 0.32.0 (dtype=bfloat16), 2026-12-02" in lines[4] and "| 0.9 |" in lines[4]
+
+
+def test_the_compared_fraction_command_prints_a_row_per_check_report(tmp_path):
+    """--reports: a real engine's run judged by `oracles check --json` outside the matrix, one
+    row each, with the distribution over its model cases only (component kinds and skipped
+    cases left out) and its INCONCLUSIVE cases named."""
+    import importlib.util
+    import io
+    from contextlib import redirect_stdout
+
+    from tests.helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("compared_fraction",
+                                                  os.path.join(ROOT, "benchmarks", "compared_fraction.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cases = [{"id": "a", "kind": "prefill", "status": "pass"},
+             {"id": "b", "kind": "prefill", "status": "inconclusive", "compared": {"fraction": 0.25}},
+             {"id": "c", "kind": "greedy", "status": "pass", "compared": {"fraction": 0.8},
+              "conditioned": {"forced": 1}},
+             {"id": "d", "kind": "moe", "status": "pass", "compared": {"fraction": 0.1}},
+             {"id": "e", "kind": "prefill", "status": "skip"}]
+    rep = {"suite": "default", "profile": "bf16", "cases": cases, "counts": {"fail": 0},
+           "engine": {"engine": "transformers", "version": "5.0", "options": {"dtype": "bfloat16"}}}
+    (tmp_path / "r.json").write_text(json.dumps(rep))
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert mod.main(["--suites", "", "--reports", str(tmp_path / "r.json")]) == 0
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    cells = [c.strip() for c in lines[2].split("|")][1:-1]
+    assert cells == ["default", "transformers 5.0 (dtype=bfloat16)", "bf16", "3", "0.25", "0.25",
+                     "0.8", "2", "1", "1 (b)", "0"]
