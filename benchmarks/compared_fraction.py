@@ -84,7 +84,8 @@ def main(argv=None) -> int:
             rep = json.load(f)
         info = rep.get("engine") or {}
         opts = ",".join(f"{k}={v}" for k, v in (info.get("options") or {}).items() if k != "converter")
-        who = f"{info.get('engine', rep.get('candidate', '?'))} {info.get('version', '')} ({opts})"
+        who = (f"{info.get('engine', rep.get('candidate', '?'))} {info.get('version', '')} ({opts})"
+               + (", --no-conditioning" if rep.get("conditioning") is False else ""))
         inc = [r["id"] for r in rep["cases"] if r["status"] == "inconclusive"]
         print(row(rep.get("suite", "?"), who, rep["profile"], compared_fractions(rep), inc,
                   rep["counts"]["fail"]))

@@ -166,3 +166,9 @@ def test_the_compared_fraction_command_prints_a_row_per_check_report(tmp_path):
     cells = [c.strip() for c in lines[2].split("|")][1:-1]
     assert cells == ["default", "transformers 5.0 (dtype=bfloat16)", "bf16", "3", "0.25", "0.25",
                      "0.8", "2", "1", "1 (b)", "0"]
+    rep["conditioning"] = False
+    (tmp_path / "r.json").write_text(json.dumps(rep))
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert mod.main(["--suites", "", "--reports", str(tmp_path / "r.json")]) == 0
+    assert "| transformers 5.0 (dtype=bfloat16), --no-conditioning | bf16 |" in out.getvalue()
