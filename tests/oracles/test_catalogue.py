@@ -7,6 +7,7 @@ profiles."""
 
 import pytest
 
+from oracles.authoring.conditioned import conditioner_for
 from oracles.authoring.mutants import MUTANTS
 from oracles.checking.check import run_check
 from oracles.engines.catalogue import ALLOWED, _Cached
@@ -32,14 +33,18 @@ def test_every_bug_has_a_decisive_case_and_the_allowances_name_real_mutants():
 def test_the_mutant_fails_in_every_profile_that_does_not_allow_it(default_dir, name):
     cid = decisive_case(name)
     cand = _Cached(RefimplAdapter("float32", MUTANTS[name]), name)
-    status = {}
-    for p in PROFILES:
-        rep = run_check(default_dir, cand, p, only=cid, allow_inconclusive=True)
-        status[p] = rep["cases"][0]["status"]
     allowed = ALLOWED.get(name, {})
-    # an allowed choice is never a FAIL; where the case's every decision rests on it
-    # (gate.bias_below_bf16 under a bf16 gate bias) it is INCONCLUSIVE
-    got = {p: (s if p not in allowed else ("not fail" if s in ("pass", "inconclusive") else s))
-           for p, s in status.items()}
-    want = {p: ("not fail" if p in allowed else "fail") for p in PROFILES}
-    assert got == want, (cid, status)
+    # as `oracles check` judges (the reference recomputed on the mutant's routing) and as a
+    # checker without the forward pass does (what its routing differences reach left out)
+    for conditioner in (conditioner_for, None):
+        status = {}
+        for p in PROFILES:
+            rep = run_check(default_dir, cand, p, only=cid, allow_inconclusive=True,
+                            conditioner=conditioner)
+            status[p] = rep["cases"][0]["status"]
+        # an allowed choice is never a FAIL; where the case's every decision rests on it
+        # (gate.bias_below_bf16 under a bf16 gate bias) it is INCONCLUSIVE
+        got = {p: (s if p not in allowed else ("not fail" if s in ("pass", "inconclusive") else s))
+               for p, s in status.items()}
+        want = {p: ("not fail" if p in allowed else "fail") for p in PROFILES}
+        assert got == want, (cid, conditioner is not None, status)
