@@ -237,8 +237,9 @@ class Model:
             if T - k <= 0:
                 out.append(self.xp.zeros((b, 0, self.cfg.vocab_size), self.dtype))
                 continue
+            # routes by keyword, and only when given: a pipeline's mtp_module takes none
             h, logits = self.mtp_module(k, tokens[:, k:], h[:, :T - k], 0, None, trace, conv,
-                                        routes)
+                                        **({} if routes is None else {"routes": routes}))
             out.append(logits)
         return out
 

@@ -16,13 +16,16 @@ A recomputation replaces the expected values only at the positions the forced to
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 
 from refimpl import generate, moe, mtp, names
 
 from ..format import taint as taint_mod
+from ..format.checkpoint_ref import CheckpointRef
 from .cases import KINDS
+from .checkpoint_cases import CheckpointWeights
 from .kinds import case_model, model_aux
 from .mutants import MUTANTS
 from .precision import prepared
@@ -47,6 +50,9 @@ class Conditioner:
         """The case (a callable that loads it is called once, when first needed)."""
         if callable(self._case):
             self._case = self._case()
+        if isinstance(self._case.weights, CheckpointRef):  # a user's checkpoint, as emulate runs it
+            self._case = dataclasses.replace(self._case,
+                                             weights=CheckpointWeights.of(self._case.weights))
         return self._case
 
     @contextlib.contextmanager

@@ -19,12 +19,13 @@ import numpy as np
 
 from .. import OraclesError
 from ..format import metrics, taint, tolerances
+from ..format.checkpoint_ref import CheckpointRef
 from ..format.golden import Golden
 from ..format.profiles import refused, relation
 from ..format.schema import matches
 from .known import apply as apply_known
 from .results import CaseResult, Comparison, Coverage, OutputResult, Report, Verdict
-from .routing import explainer
+from .routing import CheckpointTensors, explainer
 from .worker import CaseError
 
 FLOAT_DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16),
@@ -242,8 +243,11 @@ def check_case(golden: Golden, entry: dict, candidate, profile: str,
     def model():
         if "model" not in cache:
             case = load()
-            cache["model"] = None if case.weights is None or case.config is None else \
-                (case.weights, case.config)
+            weights = case.weights
+            if isinstance(weights, CheckpointRef):  # a user's checkpoint: its gate tensors only
+                weights = CheckpointTensors(weights.path)
+            cache["model"] = None if weights is None or case.config is None else \
+                (weights, case.config)
         return cache["model"]
     expected = golden.expected(cid)
     cond = None if conditioner is None else conditioner(entry, load, expected)

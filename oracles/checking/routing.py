@@ -35,6 +35,7 @@ import ml_dtypes
 import numpy as np
 
 from refimpl import names
+from refimpl.checkpoint import Checkpoint
 
 U32 = 2.0 ** -24
 # the gate weight as each profile holds it: None (as stored, float32) or "bf16" (rounded)
@@ -135,6 +136,24 @@ def gate_layer(name: str, cfg) -> int | None:
     if len(parts) == 4 and parts[0] == "mtp" and parts[1].isdigit() and parts[2] == "layer":
         return names.mtp_layer(cfg, int(parts[1]))
     return None
+
+
+class CheckpointTensors:
+    """The gate tensors of a case of a user's checkpoint (format/checkpoint_ref.CheckpointRef,
+    its digest already checked), read one at a time from the checkpoint's files as they are
+    asked for: the routing check needs a layer's gate weight and bias, not the model."""
+
+    def __init__(self, path: str):
+        self.ckpt = Checkpoint(path)
+
+    def __contains__(self, name) -> bool:
+        return name in self.ckpt
+
+    def __getitem__(self, name):
+        return self.ckpt.weight(name, np.float64)
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
 
 
 def explainer(cand: dict, model, profile: str):

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from ..authoring.conditioned import conditioner_for
 from ..authoring.mutants import MUTANTS
 from ..checking.check import run_check
 from ..format import tolerances as tolerance
@@ -52,8 +53,6 @@ def sweep(golden: str, mutants=None, only=None, profiles=tolerance.PROFILES,
     """{mutant: {profile: {"fail": [case ids], "inconclusive": [case ids]}}}, judged as `oracles
     check` judges (the reference recomputed on the mutant's routing where it resolved a forgiven
     near-tie the other way; conditioning=False: those positions left out instead)."""
-    from ..authoring.conditioned import conditioner_for
-
     out = {}
     for name in mutants or MUTANTS:
         cand = _Cached(RefimplAdapter("float32", MUTANTS[name]), name)

@@ -500,7 +500,7 @@ def test_inconclusive_cases_exit_1_unless_allowed(default_dir):
     bf16 = "oracles.adapters:refimpl_bf16"
     rc, out, _ = main("check", default_dir, "--adapter", bf16, "--profile", "bf16", "--only", only,
                       "--no-conditioning")
-    assert rc == 1 and "INCONCLUSIVE" in out and "--allow-inconclusive" in out and "of 7 positions" in out
+    assert rc == 1 and "INCONCLUSIVE" in out and "--allow-inconclusive" in out and "of 10 positions" in out
     assert "--no-conditioning" in out  # the command that reproduces it
     assert main("check", default_dir, "--adapter", bf16, "--profile", "bf16", "--only", only,
                 "--no-conditioning", "--allow-inconclusive")[0] == 0
