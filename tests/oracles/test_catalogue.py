@@ -5,6 +5,8 @@ reason), on a case of the default suite built so that its effect is far beyond t
 profile's tolerance. Each mutant runs once on its case; its outputs are judged in all six
 profiles."""
 
+import os
+
 import pytest
 
 from oracles.authoring.conditioned import conditioner_for
@@ -34,11 +36,13 @@ def test_the_mutant_fails_in_every_profile_that_does_not_allow_it(default_dir, n
     cid = decisive_case(name)
     cand = _Cached(RefimplAdapter("float32", MUTANTS[name]), name)
     allowed = ALLOWED.get(name, {})
-    # as `oracles check` judges (the reference recomputed on the mutant's routing) and as a
-    # checker without the forward pass does (what its routing differences reach left out)
-    for conditioner in (conditioner_for, None):
+    # as `oracles check` judges (the reference recomputed on the mutant's routing), and as a
+    # checker without the forward pass does (what its routing differences reach left out) in the
+    # loosest profiles, where the most is forgiven (every profile under the thorough profile)
+    unconditioned = PROFILES if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else ("fp8", "fp8_kv")
+    for conditioner, profiles in ((conditioner_for, PROFILES), (None, unconditioned)):
         status = {}
-        for p in PROFILES:
+        for p in profiles:
             rep = run_check(default_dir, cand, p, only=cid, allow_inconclusive=True,
                             conditioner=conditioner)
             status[p] = rep["cases"][0]["status"]
@@ -46,5 +50,5 @@ def test_the_mutant_fails_in_every_profile_that_does_not_allow_it(default_dir, n
         # (gate.bias_below_bf16 under a bf16 gate bias) it is INCONCLUSIVE
         got = {p: (s if p not in allowed else ("not fail" if s in ("pass", "inconclusive") else s))
                for p, s in status.items()}
-        want = {p: ("not fail" if p in allowed else "fail") for p in PROFILES}
+        want = {p: ("not fail" if p in allowed else "fail") for p in profiles}
         assert got == want, (cid, conditioner is not None, status)
