@@ -13,13 +13,15 @@
                      [--deadline S] [--seed N] [--database DIR | --no-database] [--kinds K,..] [--pin AXIS=VALUE]
     check also takes --known KNOWN.toml [--allow-fixed] (known divergences) and --junit REPORT.xml.
     check, run and search also take --engine transformers|mlx|llama.cpp|vllm [--engine-option KEY=VALUE]
-    (the built-in engine adapters, oracles/engines/) in place of --adapter.
+    (the built-in engine adapters, oracles/engines/) in place of --adapter, and --in-process
+    (the adapter in this process rather than a child process, checking/isolated.py: debugging).
 
 check exits 0 when every checked case passes (or fails as its --known file declares: KNOWN); 1
-when a case fails, is missing, errs (the adapter raised, exited or timed out), is inconclusive,
-or passes although the known file declares it failing (FIXED), or when nothing was checked at
-all; verify exits 1 when a regenerated case differs beyond its level, diff when a case
-regressed, search when it found a divergence; 2 on bad input (one line on stderr, text from files escaped).
+when a case fails, is missing, errs (the adapter raised, exited, crashed or timed out), is
+inconclusive, or passes although the known file declares it failing (FIXED), or when nothing was
+checked at all; verify exits 1 when a regenerated case differs beyond its level, diff when a case
+regressed, search when it found a divergence; 2 on bad input (one line on stderr, text from files
+escaped); 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -27,19 +29,19 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import shlex
 import sys
 import time
 
-from refimpl.atomic import atomic_directory, check_destination, write_text
+from refimpl.atomic import atomic_directory, check_destination, distinct_destinations, write_text
 from refimpl.errors import RefimplError, printable
 
 from . import OraclesError, engines
-from .checking import candidates, diff, junit, known, report_html
+from .checking import candidates, diff, isolated, junit, known, report_html
 from .checking.check import run_check
 from .checking.report import format_report
+from .checking.worker import MAX_CASE_TIMEOUT, check_timeout, split_spec
 from .format import tolerances
 from .format.profiles import refused
 from .format.tolerances import PROFILES
@@ -68,13 +70,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _seconds(text):
+    """--case-timeout: seconds, 0 (no limit) or from 0 to worker.MAX_CASE_TIMEOUT (1e6)."""
     try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
-    return v
+        return check_timeout(text)
+    except OraclesError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 (no limit) "
+                                         f"to {MAX_CASE_TIMEOUT:g}") from None
 
 
 def _parser():
@@ -114,8 +115,8 @@ def _parser():
                    help="refuse the suite unless HEX is its manifest digest (sha256 of manifest.json, "
                         "every bit) or its question digest (what it asks, the same on every machine)")
     c.add_argument("--case-timeout", type=_seconds, default=600.0, metavar="SECONDS",
-                   help="stop waiting for an adapter call after this long (default 600; 0: no limit, "
-                        "calls run in the main thread)")
+                   help="stop an adapter call that takes longer (default 600, at most 1e6; 0: no "
+                        "limit; with --in-process 0 runs the calls in the main thread)")
     c.add_argument("--allow-empty", action="store_true",
                    help="exit 0 even if no required output was compared (all skipped or declined)")
     c.add_argument("--allow-inconclusive", action="store_true",
@@ -185,40 +186,85 @@ def _parser():
 def _engine_args(p):
     p.add_argument("--engine", help="a built-in engine adapter: transformers, mlx, llama.cpp, vllm")
     p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an engine setting (dtype, kv_cache_dtype, flash_attn, ...); repeatable")
+                   help="an engine setting (dtype, kv_cache_dtype, flash_attn, ...); one per key")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the adapter in this process (on a worker thread) instead of a child "
+                        "process: for debugging; a crash or a stuck C call then ends the run")
 
 
-def _candidate_adapter(args):
-    """--adapter or --engine (exactly one) -> (AdapterCandidate, engine info or None, repro).
-    The adapter (an engine included) is built on the candidate's worker thread, where every
-    later call runs, under --case-timeout."""
+def _candidate_adapter(args, restart_after_timeout: bool = True):
+    """--adapter or --engine (exactly one) -> (candidate, repro); the candidate's `info` is the
+    engine's (None for --adapter), read after the run. By default the adapter runs in a child
+    process (isolated.ChildCandidate); --in-process builds it on this process's worker thread
+    (candidates.AdapterCandidate). Either way it is built where every later call runs, under
+    --case-timeout, and closed there (_close)."""
     if args.adapter and args.engine:
         raise OraclesError("give --adapter or --engine, not both")
     if args.engine_option and not args.engine:
         raise OraclesError("--engine-option needs --engine")
     if args.adapter:
-        return candidates.load_adapter(args.adapter, args.case_timeout), None, f"--adapter {args.adapter}"
+        repro = f"--adapter {args.adapter}"
+        if args.in_process:
+            return candidates.load_adapter(args.adapter, args.case_timeout), repro
+        split_spec(args.adapter)  # the spec's form, before a process is started
+        return isolated.ChildCandidate(args.adapter, [], args.adapter, args.case_timeout,
+                                       process=getattr(args, "prespawned", None),
+                                       restart_after_timeout=restart_after_timeout), repro
     options = engines.parse_options(args.engine_option)
+    engines.check_options(args.engine, options)  # names and values, before the engine is built
+    repro = f"--engine {shlex.quote(args.engine)}" + "".join(
+        f" --engine-option {shlex.quote(o)}" for o in args.engine_option)
+    if not args.in_process:
+        return isolated.ChildCandidate("oracles.engines:engine_adapter", [args.engine, options],
+                                       f"--engine {args.engine}", args.case_timeout,
+                                       label_of=engines.label,
+                                       process=getattr(args, "prespawned", None),
+                                       restart_after_timeout=restart_after_timeout), repro
     built = {}
 
     def factory():
         built["adapter"], built["info"] = engines.load_engine(args.engine, options)
         return built["adapter"]
     cand = candidates.make_candidate(factory, f"--engine {args.engine}", args.case_timeout)
-    info = built["info"]
-    cand.label = engines.label(info)
-    repro = f"--engine {shlex.quote(args.engine)}" + "".join(
-        f" --engine-option {shlex.quote(o)}" for o in args.engine_option)
-    return cand, info, repro
+    cand.info = built["info"]
+    cand.label = engines.label(cand.info)
+    return cand, repro
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+def _mode(cand, info) -> str | None:
+    """The mode the candidate ran in: its engine.json's (or its engine's info), else the
+    adapter's `mode` attribute (reported by an adapter process, or read in-process), else None."""
+    mode = info.get("mode") if info else None
+    if mode is None:
+        mode = getattr(cand, "mode", None)
+    if mode is None:
+        mode = getattr(getattr(cand, "adapter", None), "mode", None)
+    return mode if isinstance(mode, str) else None
+
+
+def _close(cand, abort: bool = False) -> None:
+    """The adapter's close() where it was built (and its process or thread ended); a close()
+    that fails is one warning line, not a change of verdict."""
+    close = getattr(cand, "close", None)
+    why = close(abort=abort) if callable(close) else None
+    if why:
+        print(f"oracles: warning: {escape(why)}", file=sys.stderr)
+
+
+def main(argv=None, prespawned=None) -> int:
+    """The command line -> its exit code. prespawned: an adapter process already started for
+    this command (oracles/__main__.py), taken by the first adapter candidate."""
     try:
+        args = _parser().parse_args(argv)
+        args.prespawned = prespawned
         return COMMANDS[args.cmd](args)
     except RefimplError as e:  # OraclesError included
         print(f"oracles: error: {printable(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or an adapter that raised it: one line, 130
+        detail = f" ({printable(e)[:200]})" if str(e) else ""
+        print(f"oracles: interrupted{detail}", file=sys.stderr)
+        return 130
 
 
 def cmd_list(args) -> int:
@@ -266,6 +312,8 @@ def cmd_check(args) -> int:
     if bool(args.candidate) == bool(args.adapter or args.engine):
         raise OraclesError("check needs exactly one of CANDIDATE (a directory), --adapter "
                            "pkg.mod:factory or --engine NAME")
+    distinct_destinations({"--json": args.json_out, "--html": args.html_out,
+                           "--junit": args.junit_out}, OraclesError)
     json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
     html_dest = check_destination(args.html_out, "file", OraclesError) if args.html_out else None
     junit_dest = check_destination(args.junit_out, "file", OraclesError) if args.junit_out else None
@@ -276,12 +324,10 @@ def cmd_check(args) -> int:
         cand, info = candidates.DirCandidate(args.candidate), engines.read_info(args.candidate)
         how = shlex.quote(args.candidate)
         if info:
-            cand = engines.RecordedSkips(cand, info.pop("skipped"))
+            cand = engines.RecordedSkips(cand, info.pop("skipped"), info.pop("errors"))
     else:
-        cand, info, how = _candidate_adapter(args)
-    mode = info.get("mode") if info else getattr(getattr(cand, "adapter", None), "mode", None)
-    mode = mode if isinstance(mode, str) else None
-    profile = args.profile or (mode if mode in PROFILES else "float32")
+        cand, how = _candidate_adapter(args)  # an adapter process starts now, while the suite is read
+        info = None
     base = f"oracles check {shlex.quote(args.golden)} {how}" + (
         " --no-conditioning" if args.no_conditioning else "") + (
         " --any-profile" if args.any_profile else "")
@@ -289,17 +335,26 @@ def cmd_check(args) -> int:
     conditioner = None
     if not args.no_conditioning:
         from .authoring.conditioned import conditioner_for as conditioner
-    rep = run_check(args.golden, cand, profile, args.only, repro_base=base,
-                    progress=_progress(args), expect_digest=args.expect_digest,
-                    allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive,
-                    known=known_file, allow_fixed=args.allow_fixed,
-                    engine_options=info.get("options") if info else None,
-                    checkpoint=args.checkpoint, conditioner=conditioner, mode=mode,
-                    any_profile=args.any_profile)
+    try:
+        if info is None and args.engine:  # the engine's options, for --known (it is built now)
+            info = cand.info
+        mode = _mode(cand, info)
+        profile = args.profile or (mode if mode in PROFILES else "float32")
+        rep = run_check(args.golden, cand, profile, args.only, repro_base=base,
+                        progress=_progress(args), expect_digest=args.expect_digest,
+                        allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive,
+                        known=known_file, allow_fixed=args.allow_fixed,
+                        engine_options=info.get("options") if info else None,
+                        checkpoint=args.checkpoint, conditioner=conditioner, mode=mode,
+                        any_profile=args.any_profile)
+    except BaseException:
+        _close(cand, abort=True)
+        raise
+    _close(cand)
     rep["seconds"] = round(time.perf_counter() - t, 3)
     if info:
         rep["engine"] = info
-        print(f"engine: {engines.label(info)}")
+        print(f"engine: {escape(engines.label(info))}")
     print(format_report(rep))
     if args.json_out:
         _write_json(args.json_out, rep, expect=json_dest)
@@ -336,20 +391,27 @@ def cmd_run(args) -> int:
     if not (args.adapter or args.engine):
         raise OraclesError("run needs --adapter pkg.mod:factory or --engine NAME")
     check_destination(args.out, "directory", OraclesError)  # before the adapter runs
-    cand, info, _ = _candidate_adapter(args)
+    cand, _ = _candidate_adapter(args)
     errors = {}
-    with atomic_directory(args.out, OraclesError, tag="oracles") as tmp:  # never merged into
-        skipped = candidates.write_outputs(args.golden, cand, tmp, args.only, errors=errors,
-                                expect_digest=args.expect_digest, checkpoint=args.checkpoint)
-        if info:
-            engines.write_info(tmp, info, skipped)
+    try:
+        with atomic_directory(args.out, OraclesError, tag="oracles") as tmp:  # never merged into
+            skipped = candidates.write_outputs(args.golden, cand, tmp, args.only, errors=errors,
+                                               expect_digest=args.expect_digest,
+                                               checkpoint=args.checkpoint)
+            info = getattr(cand, "info", None)
+            if info:
+                engines.write_info(tmp, info, skipped)
+    except BaseException:
+        _close(cand, abort=True)
+        raise
+    _close(cand)
     if info:
-        print(f"engine: {engines.label(info)}")
+        print(f"engine: {escape(engines.label(info))}")
     for cid, why in skipped.items():
         print(escape(f"skipped {cid}: {why}"))
     for cid, why in errors.items():
         print(escape(f"error {cid}: {why}"))
-    print(f"wrote {args.out}" + (f" ({len(errors)} case(s) failed to run)" if errors else ""))
+    print(escape(f"wrote {args.out}") + (f" ({len(errors)} case(s) failed to run)" if errors else ""))
     return 1 if errors else 0
 
 
@@ -374,26 +436,34 @@ def cmd_search(args) -> int:
     json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
     if args.profile is not None and args.profile not in tolerances.PROFILES:
         raise OraclesError(f"profile {args.profile!r} is not one of {', '.join(tolerances.PROFILES)}")
-    cand, info, how = _candidate_adapter(args)
-    # as `oracles check` judges: the profile of the candidate's mode unless given (one emulating
-    # FP8 it did not have refused), the reference conditioned on its routing
-    mode = info.get("mode") if info else getattr(getattr(cand, "adapter", None), "mode", None)
-    mode = mode if isinstance(mode, str) else None
-    profile = args.profile or (mode if mode in PROFILES else "float32")
-    why = refused(profile, mode)
-    if why:
-        raise OraclesError(f"--profile {profile}: {why}")
+    # the adapter process of `oracles check` (a crash is that example's ERROR, the process
+    # restarted); a call past --case-timeout ends the search, as in-process (its every replay
+    # would wait as long again)
+    cand, how = _candidate_adapter(args, restart_after_timeout=False)
     from .authoring.conditioned import conditioner_for
-    settings = search.Settings(
-        profile=profile, max_examples=args.max_examples, deadline=args.deadline,
-        seed=args.seed, kinds=kinds, pins=pins,
-        database=None if args.no_database else (args.database or os.path.join(args.out, "database")))
-    check = functools.partial(run_check, conditioner=conditioner_for, mode=mode)
-    rep = search.search(cand, args.out, settings, check=check, repro=how,
-                        progress=_progress(args) is not None)
+    try:
+        info = cand.info if args.engine else None  # (an adapter process: its factory awaited)
+        # as `oracles check` judges: the profile of the candidate's mode unless given (one
+        # emulating FP8 it did not have refused), the reference conditioned on its routing
+        mode = _mode(cand, info)
+        profile = args.profile or (mode if mode in PROFILES else "float32")
+        why = refused(profile, mode)
+        if why:
+            raise OraclesError(f"--profile {profile}: {why}")
+        settings = search.Settings(
+            profile=profile, max_examples=args.max_examples, deadline=args.deadline,
+            seed=args.seed, kinds=kinds, pins=pins,
+            database=None if args.no_database else (args.database or os.path.join(args.out, "database")))
+        check = functools.partial(run_check, conditioner=conditioner_for, mode=mode)
+        rep = search.search(cand, args.out, settings, check=check, repro=how,
+                            progress=_progress(args) is not None)
+    except BaseException:
+        _close(cand, abort=True)
+        raise
+    _close(cand)
     if info:
         rep["engine"] = info
-        print(f"engine: {engines.label(info)}")
+        print(f"engine: {escape(engines.label(info))}")
     print(search.format_report(rep))
     if args.json_out:
         _write_json(args.json_out, rep, expect=json_dest)

@@ -15,6 +15,7 @@ from . import OraclesError, cli, engines
 from .checking import candidates, known as known_divergences
 from .checking.check import check_case, mark_alternatives
 from .checking.results import CaseResult
+from .checking.worker import check_timeout
 from .format import tolerances
 from .format.golden import Golden
 from .format.schema import matches
@@ -57,6 +58,7 @@ class OraclesRun:
             if self.profile not in tolerances.PROFILES:
                 raise OraclesError(f"--oracles-profile {self.profile!r} is not one of "
                                    f"{', '.join(tolerances.PROFILES)}")
+            check_timeout(config.getoption("oracles_case_timeout"))  # 0 to 1e6, as --case-timeout
             if config.getoption("oracles_known"):
                 self.known = known_divergences.load(config.getoption("oracles_known"))
             self.golden = Golden(self.golden_path,
@@ -125,13 +127,22 @@ class OraclesRun:
             d = c.getoption("oracles_candidate")
             cand, info = candidates.DirCandidate(d), engines.read_info(d)
             if info:
-                cand = engines.RecordedSkips(cand, info.pop("skipped"))
+                cand = engines.RecordedSkips(cand, info.pop("skipped"), info.pop("errors"))
             return cand, info, shlex.quote(d)
         ns = argparse.Namespace(adapter=c.getoption("oracles_adapter"),
                                 engine=c.getoption("oracles_engine"),
                                 engine_option=c.getoption("oracles_engine_option"),
-                                case_timeout=c.getoption("oracles_case_timeout"))
-        return cli._candidate_adapter(ns)
+                                case_timeout=c.getoption("oracles_case_timeout"),
+                                in_process=c.getoption("oracles_in_process"), prespawned=None)
+        cand, how = cli._candidate_adapter(ns)
+        if hasattr(cand, "bind"):  # an adapter process: the cases come in pytest's order, one by one
+            cand.bind(self.golden, [])
+        return cand, getattr(cand, "info", None), how
+
+    def pytest_sessionfinish(self, session):
+        """The adapter's close() where it was built (its process ended, or its thread)."""
+        if self._candidate is not None:
+            cli._close(self._candidate)
 
     def _check(self, cid) -> CaseResult:
         if cid not in self.raw:

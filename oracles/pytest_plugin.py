@@ -3,7 +3,7 @@
     pytest --oracles-golden GOLDEN (--oracles-engine NAME [--oracles-engine-option K=V ...]
                                     | --oracles-adapter pkg.mod:factory | --oracles-candidate DIR)
            [--oracles-profile P] [--oracles-known FILE] [--oracles-only GLOB]
-           [--oracles-expect-digest HEX] [--oracles-case-timeout S]
+           [--oracles-expect-digest HEX] [--oracles-case-timeout S] [--oracles-in-process]
            [--oracles-allow-inconclusive] [--oracles-allow-fixed]
 
 One item per golden case, named by its case id (so `-k`, `--lf` and `--deselect` select cases;
@@ -15,7 +15,9 @@ numbers and the command that reproduces the case; SKIP skips with its reason; IN
 (skips with --oracles-allow-inconclusive). A case that a known entry names is marked
 xfail(strict=True): its known failure is XFAIL with the entry's reason, a pass is XPASS(strict),
 which fails (FIXED; --oracles-allow-fixed makes it non-strict), and any other failure of it fails
-as usual. The engine (or adapter) is built once per session, on the first case that runs.
+as usual. The engine (or adapter) is built once per session, on the first case that runs, in a
+process of its own as `oracles check` builds it (--oracles-in-process: in pytest's process), and
+closed at the end of the session.
 
 Without --oracles-golden the plugin only registers its options: a project's own test run is
 left alone, and nothing of oracles is imported. The items and the run are pytest_items.py.
@@ -32,7 +34,7 @@ def pytest_addoption(parser):
     g.addoption("--oracles-engine", metavar="NAME", help="a built-in engine adapter "
                                                         "(transformers, mlx, llama.cpp, vllm)")
     g.addoption("--oracles-engine-option", action="append", default=[], metavar="KEY=VALUE",
-                help="an engine setting; repeatable")
+                help="an engine setting; one per key")
     g.addoption("--oracles-adapter", metavar="MOD:FACTORY", help="a Python engine adapter")
     g.addoption("--oracles-candidate", metavar="DIR",
                 help="a candidate directory (cases/<id>/outputs.safetensors)")
@@ -41,7 +43,10 @@ def pytest_addoption(parser):
     g.addoption("--oracles-only", metavar="GLOB", help="comma-separated globs of case ids")
     g.addoption("--oracles-expect-digest", metavar="HEX",
                 help="refuse the suite unless HEX is its question or manifest digest")
-    g.addoption("--oracles-case-timeout", type=float, default=600.0, metavar="SECONDS")
+    g.addoption("--oracles-case-timeout", type=float, default=600.0, metavar="SECONDS",
+                help="stop an adapter call that takes longer (0: no limit; at most 1e6)")
+    g.addoption("--oracles-in-process", action="store_true",
+                help="run the adapter in pytest's process rather than its own (debugging)")
     g.addoption("--oracles-allow-inconclusive", action="store_true")
     g.addoption("--oracles-allow-fixed", action="store_true",
                 help="a known failure that passes is XPASS, not a failure")

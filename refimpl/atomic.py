@@ -82,6 +82,28 @@ def _identity(st: os.stat_result | None):
     return None if st is None else (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def distinct_destinations(paths: dict, error=RefimplError) -> None:
+    """Refuse, before any work, two destinations ({flag: path}, None for an unused flag) that
+    name the same file: the same path, different spellings of it (`./x`, `d/../x`), a directory
+    reached through a symbolic link, or two hard links of one existing file. The second write
+    would replace the first (or lose a race with it)."""
+    seen = []
+    for flag, path in paths.items():
+        if not path:
+            continue
+        path = os.fspath(path)
+        parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+        key = os.path.join(parent, os.path.basename(os.path.abspath(path)))
+        for other_flag, other_path, other_key in seen:
+            same = key == other_key
+            if not same and os.path.exists(key) and os.path.exists(other_key):
+                same = os.path.samefile(key, other_key)
+            if same:
+                raise error(f"{flag} {printable(path)} and {other_flag} {printable(other_path)} "
+                            "name the same file; give each output its own path")
+        seen.append((flag, path, key))
+
+
 def check_destination(path: str | os.PathLike, kind: str = "file", error=RefimplError):
     """Refuse an unusable destination before any work is done -> a token for `atomic_file`
     (what the destination was, so that a concurrent writer is noticed at the rename)."""

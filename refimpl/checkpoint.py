@@ -104,6 +104,14 @@ def _read_header(path: str):
         raise CheckpointError(f"{shown}: cannot read ({e.strerror})") from None
     if len(raw) != n:
         raise CheckpointError(f"{shown}: the file shrank while being read")
+    return parse_header(raw, size, shown)
+
+
+def parse_header(raw: bytes, size: int, shown: str):
+    """A safetensors header's JSON bytes, of a file of `size` bytes named `shown` -> ({name:
+    (dtype, shape, (begin, end))}, data_start), checked as `_read_header` says (for a reader that
+    opened the file itself, e.g. a candidate's outputs read through one descriptor)."""
+    n = len(raw)
     if not raw.startswith(b"{"):
         raise CheckpointError(f"{shown}: header does not start with '{{' (not safetensors, or a "
                               "header length that does not match the header)")

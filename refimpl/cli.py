@@ -163,6 +163,9 @@ def main(argv=None) -> int:
         where = f"{printable(e.filename)}: " if e.filename else ""
         print(f"refimpl: error: {where}{printable(e.strerror or e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line (outputs are atomic: nothing half written)
+        print("refimpl: interrupted", file=sys.stderr)
+        return 130
 
 
 def _load_tokens(path: str) -> np.ndarray:

@@ -335,9 +335,18 @@ def brief(v, width: int = 60) -> str:
 def _number(v, name, source):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ConfigError(f"{source}: {name} must be a number, got {brief(v)}")
-    if not math.isfinite(v):
-        raise ConfigError(f"{source}: {name} must be finite, got {v}")
+    if not _finite(v):
+        raise ConfigError(f"{source}: {name} must be finite, got {brief(v)}")
     return v
+
+
+def _finite(v) -> bool:
+    """math.isfinite, False for an integer too large for a float (10**400 from a file) rather
+    than OverflowError."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _token_id(v, name, source=None):
@@ -359,15 +368,15 @@ def _validate(c: Config) -> None:
             raise ConfigError(f"{name} must be an integer, got {brief(v)}")
         hi = LIMITS[name] if hi is None else hi
         if not lo <= v <= hi:
-            raise ConfigError(f"{name} must be from {lo} to {hi:,}, got {v}")
+            raise ConfigError(f"{name} must be from {lo} to {hi:,}, got {brief(v)}")
 
     def need_float(name, v):
         lo, hi, closed = FLOAT_RANGES[name]
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ConfigError(f"{name} must be a number, got {brief(v)}")
-        if not math.isfinite(v) or not (lo <= v if closed else lo < v) or v > hi:
+        if not _finite(v) or not (lo <= v if closed else lo < v) or v > hi:
             interval = f"{'[' if closed else '('}{lo:g}, {hi:g}]"
-            raise ConfigError(f"{name} must be a finite number in {interval}, got {v}")
+            raise ConfigError(f"{name} must be a finite number in {interval}, got {brief(v)}")
 
     def need_choice(name, choices):
         v = getattr(c, name)

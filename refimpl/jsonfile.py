@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
+import sys
 
 from .errors import RefimplError, printable
 
@@ -53,6 +55,26 @@ def loads(text: str | bytes, where: str, error=RefimplError, allow_nonfinite: bo
         raise error(f"{where}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
     except RecursionError:
         raise error(f"{where}: JSON nested too deeply") from None
+    except ValueError as e:  # Python's limit on the digits of an integer (int-str conversion)
+        raise error(f"{where}: {_too_many_digits(text) or f'not valid JSON ({printable(e)})'}") from None
+
+
+def _too_many_digits(text) -> str | None:
+    """Where `text` holds an integer longer than Python converts (sys.get_int_max_str_digits,
+    4300 by default), in words: its digits, line, column and the key before it."""
+    limit = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
+    if not limit or not isinstance(text, str):
+        return None
+    m = re.search(r"[:\[,]\s*-?(\d{%d,})" % (limit + 1), text)
+    if m is None:
+        return None
+    start = m.start(1)
+    line = text.count("\n", 0, start) + 1
+    col = start - (text.rfind("\n", 0, start) + 1) + 1
+    key = re.search(r'"((?:[^"\\]|\\.){0,80})"\s*:\s*-?$', text[max(0, start - 200):start])
+    field = f" (field {printable(key.group(1))!r})" if key else ""
+    return (f"an integer of {len(m.group(1)):,} digits at line {line} column {col}{field}; "
+            f"integers of more than {limit:,} digits are not read")
 
 
 def open_regular(path: str, error=RefimplError):

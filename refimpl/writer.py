@@ -5,6 +5,7 @@ models (`refimpl make-checkpoint`, the test suites' weights).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,9 +26,10 @@ from .layout import DTYPE_NAMES, DTYPES, FP8_QUANT_CONFIG, STORAGE_BYTES, stored
 # safetensors, write
 # ---------------------------------------------------------------------------------------------
 
-def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
+def write_safetensors(path: str, tensors: dict, metadata: dict | None = None, file=None) -> None:
     """Write `tensors` (name -> numpy array) as one safetensors file, atomically: a temporary
-    name in the same directory, renamed when complete."""
+    name in the same directory, renamed when complete (or into `file`, an open binary file the
+    caller owns, e.g. a private temporary)."""
     arrays = {}
     for name, a in tensors.items():
         a = np.ascontiguousarray(a)
@@ -35,13 +37,15 @@ def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) ->
             raise CheckpointError(f"{path}: tensor {name} has dtype {a.dtype}, not storable")
         arrays[name] = a
     entries = [(n, DTYPE_NAMES[a.dtype], a.shape) for n, a in arrays.items()]
-    write_safetensors_planned(path, entries, arrays.__getitem__, metadata)
+    write_safetensors_planned(path, entries, arrays.__getitem__, metadata, file)
 
 
-def write_safetensors_planned(path: str, entries, produce, metadata: dict | None = None) -> None:
+def write_safetensors_planned(path: str, entries, produce, metadata: dict | None = None,
+                              file=None) -> None:
     """Write one safetensors file whose header comes from a plan, `entries` = [(name, dtype
     name, shape)], asking `produce(name)` for each array only when its turn comes (so a shard
-    never needs more memory than its largest tensor).  Atomic: temporary name, then rename."""
+    never needs more memory than its largest tensor).  Atomic: temporary name, then rename
+    (`file` given: written into that open binary file, no rename)."""
     header, offset = {}, 0
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -51,7 +55,7 @@ def write_safetensors_planned(path: str, entries, produce, metadata: dict | None
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-    with atomic_file(path, CheckpointError) as f:
+    with (contextlib.nullcontext(file) if file is not None else atomic_file(path, CheckpointError)) as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, dtype, shape in entries:

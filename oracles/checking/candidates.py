@@ -1,10 +1,17 @@
 """Candidates: what the checker compares with a golden suite.  A directory of output files
-(the file route, for engines in any language) or a Python adapter loaded from `--adapter
-pkg.mod:factory`, whose every call runs on a worker thread with a timeout (worker.py).
+(the file route, for engines in any language, read as untrusted input: format/candidate.py) or a
+Python adapter loaded from `--adapter pkg.mod:factory`, run in this process with every call on a
+worker thread with a timeout (worker.py), or in a process of its own (isolated.py, the command
+line's default).
 
 An adapter is any object with
     supports(case) -> True, or a string saying why not (the case is skipped with that reason)
     run(case)      -> {output name: array}   (numpy, or anything np.asarray / torch accepts)
+and optionally
+    close()        -> None: release the engine (its threads, GPU context, server). Called once,
+                      after the last case, on the thread and in the process that built the adapter
+                      (AdapterCandidate.close, isolated.ChildCandidate.close), before the process
+                      ends; a close() that raises is a warning, not a verdict.
 where `case` has .id, .kind, .params, .inputs (numpy arrays as stored), .config (refimpl Config or
 None), .weights (model cases: the checkpoint tensors) and .path (the case directory, holding
 config.json and model.safetensors for model cases).
@@ -30,25 +37,27 @@ schedule and unrolls it into one entry per forward.
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import weakref
 
 import ml_dtypes
 import numpy as np
 
-from refimpl.writer import write_safetensors
+from refimpl.layout import DTYPE_NAMES
+from refimpl.writer import write_safetensors_planned
 
 from .. import OraclesError
-from ..format import untrusted
-from ..format.golden import Golden, read_tensors
+from ..format import candidate as candidate_files
+from ..format.golden import Golden
 from ..format.schema import matches
-from .worker import DEFAULT_CASE_TIMEOUT, AdapterTimeout, CaseError, Worker, call_adapter, text
+from .worker import (DEFAULT_CASE_TIMEOUT, AdapterTimeout, CaseError, Worker, call_adapter,
+                     check_timeout, split_spec, text)
 
 
 class DirCandidate:
-    """The file route: CANDIDATE/cases/<id>/outputs.safetensors (a regular file inside
-    CANDIDATE, checked like a golden suite's files)."""
+    """The file route: CANDIDATE/cases/<id>/outputs.safetensors, skip.txt or error.txt, read as
+    untrusted input (format/candidate.py: regular files inside CANDIDATE, bounded reads, the
+    outputs read lazily, only the tensors the case compares)."""
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
@@ -59,21 +68,16 @@ class DirCandidate:
     def supports(self, case_id, load):
         """True, or the reason in CANDIDATE/cases/<id>/skip.txt (an engine that cannot run the
         case, e.g. cannot express its schedule, says so there): its first line, printable
-        characters only, at most 200."""
-        p = os.path.join(self.path, "cases", case_id, "skip.txt")
-        if not os.path.isfile(p):
+        characters only, at most 200. An error.txt beside it wins (the case is an ERROR)."""
+        if candidate_files.error_reason(self.path, case_id) is not None:
             return True
-        with open(p, "rb") as f:
-            line = f.read(4096).decode("utf-8", "replace").splitlines()[:1]
-        reason = "".join(ch for ch in (line[0] if line else "") if ch.isprintable()).strip()[:200]
-        return reason or "skipped (empty skip.txt)"
+        return candidate_files.skip_reason(self.path, case_id)
 
     def outputs(self, case_id, load):
-        p = untrusted.inside(self.path, f"cases/{case_id}/outputs.safetensors",
-                             f"candidate outputs of case {case_id!r}", missing_ok=True)
-        if p is None:
-            return None
-        return read_tensors(p)
+        err = candidate_files.error_reason(self.path, case_id)
+        if err is not None:
+            raise CaseError(err)
+        return candidate_files.outputs(self.path, case_id)
 
 
 def _supported(ok):
@@ -98,6 +102,22 @@ class AdapterCandidate:
     @property
     def stuck(self):
         return self.worker.stuck if self.worker is not None else None
+
+    def close(self, abort: bool = False) -> str | None:
+        """The adapter's optional close() (the adapter protocol: release the engine), called
+        on the thread that built it, then that thread ended and waited for. -> None, or the
+        one-line reason close() failed. abort (after Ctrl-C, while a call may still run on the
+        worker): nothing is called and nothing waited for."""
+        close, why = getattr(self.adapter, "close", None), None
+        self.adapter = None
+        if not abort and callable(close) and not self.stuck:
+            try:
+                self._call(close, "close()")
+            except CaseError as e:
+                why = str(e)
+        if self.worker is not None:
+            self.worker.close(wait=0 if abort else 10.0)
+        return why
 
     def _call(self, fn, what):
         return call_adapter(self.worker, fn, self.timeout, what)
@@ -139,13 +159,11 @@ def _as_numpy(v):
     return np.asarray(v)
 
 
-def load_adapter(spec: str, timeout: float = DEFAULT_CASE_TIMEOUT) -> AdapterCandidate:
-    """'pkg.mod:factory' -> the candidate (factory() is called once). The import and the factory
-    run on the candidate's worker thread with the same timeout as each case; whatever goes
-    wrong there (an exception, sys.exit, no return) is one line and exit 2."""
-    mod_name, sep, attr = spec.partition(":")
-    if not sep or not mod_name or not attr:
-        raise OraclesError(f"--adapter {spec!r} must look like pkg.module:factory")
+def adapter_factory(spec: str):
+    """'pkg.mod:factory' -> a function that imports the module and calls its factory (wherever
+    the candidate runs it: its worker thread, or the adapter process). Whatever goes wrong in
+    the import is one OraclesError naming the spec."""
+    mod_name, attr = split_spec(spec)
 
     def factory():
         try:
@@ -162,45 +180,59 @@ def load_adapter(spec: str, timeout: float = DEFAULT_CASE_TIMEOUT) -> AdapterCan
             raise OraclesError(f"--adapter {spec}: {mod_name} has no callable {attr}")
         return f()
 
-    return make_candidate(factory, spec, timeout)
+    return factory
+
+
+def load_adapter(spec: str, timeout: float = DEFAULT_CASE_TIMEOUT) -> AdapterCandidate:
+    """'pkg.mod:factory' -> the candidate, in this process (factory() is called once). The
+    import and the factory run on the candidate's worker thread with the same timeout as each
+    case; whatever goes wrong there (an exception, sys.exit, no return) is one line and exit 2.
+    isolated.ChildCandidate runs the same in a child process (the command line's default)."""
+    return make_candidate(adapter_factory(spec), spec, timeout)
+
+
+def build_adapter(factory, label: str):
+    """factory() -> the adapter, checked to have supports(case) and run(case); an exception or
+    sys.exit in the factory is one OraclesError naming `label` (KeyboardInterrupt propagates)."""
+    try:
+        adapter = factory()
+    except OraclesError:
+        raise
+    except BaseException as e:  # noqa: BLE001
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise OraclesError(f"{label}: the factory raised {type(e).__name__}: {text(e)}") from None
+    if not (callable(getattr(adapter, "supports", None)) and callable(getattr(adapter, "run", None))):
+        raise OraclesError(f"{label}: the factory's object needs supports(case) and run(case)")
+    return adapter
 
 
 def make_candidate(factory, label: str, timeout: float = DEFAULT_CASE_TIMEOUT) -> AdapterCandidate:
     """factory() -> an adapter, called on the candidate's worker thread (where every later call
     runs, so an engine built there keeps its thread) with the case timeout -> the candidate.
     An exception, sys.exit or no return in the factory is one line and exit 2 naming `label`."""
-    if not (timeout >= 0 and math.isfinite(timeout)):
-        raise OraclesError(f"--case-timeout {timeout!r}: must be a number of seconds >= 0")
+    timeout = check_timeout(timeout)
     worker = Worker() if timeout else None
-
-    def make():
-        try:
-            adapter = factory()
-        except OraclesError:
-            raise
-        except BaseException as e:  # noqa: BLE001
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            raise OraclesError(f"{label}: the factory raised {type(e).__name__}: {text(e)}") from None
-        if not (callable(getattr(adapter, "supports", None)) and callable(getattr(adapter, "run", None))):
-            raise OraclesError(f"{label}: the factory's object needs supports(case) and run(case)")
-        return adapter
-
     try:
-        adapter = worker.call(make, timeout, "the factory") if worker is not None else make()
+        adapter = worker.call(lambda: build_adapter(factory, label), timeout, "the factory") \
+            if worker is not None else build_adapter(factory, label)
     except AdapterTimeout:
         raise OraclesError(f"{label}: building the adapter did not return within {timeout:g} s "
                            "(--case-timeout)") from None
     return AdapterCandidate(adapter, label, timeout=timeout, worker=worker)
 
 
-def write_outputs(golden_path: str, candidate: AdapterCandidate, out: str, only=None,
+def write_outputs(golden_path: str, candidate, out: str, only=None,
                   errors: dict | None = None, expect_digest: str | None = None,
                   checkpoint: str | None = None) -> dict:
     """The file route driven by an adapter: CANDIDATE/cases/<id>/outputs.safetensors for every
     supported case -> {case id: skip reason} for the others. A case whose adapter call fails
-    (raises, exits, times out) gets no file; its one-line reason goes to `errors`."""
+    (raises, exits, times out, its process dies) gets no file; its one-line reason goes to
+    `errors`. Outputs are written one tensor at a time (a lazily read format.candidate.Outputs
+    from an adapter process is never held whole)."""
     golden = Golden(golden_path, expect_digest=expect_digest, checkpoint=checkpoint)
+    if hasattr(candidate, "bind"):  # an adapter process: the same suite, the cases in this order
+        candidate.bind(golden, [cid for cid in golden.cases if matches(cid, only)])
     skipped = {}
     errors = {} if errors is None else errors
     for cid in golden.cases:
@@ -209,18 +241,29 @@ def write_outputs(golden_path: str, candidate: AdapterCandidate, out: str, only=
         if candidate.stuck:
             errors[cid] = f"not run: the adapter is stuck ({candidate.stuck})"
             continue
-        case = golden.load_case(cid)
+        cache = {}
+
+        def load(cid=cid):
+            if "case" not in cache:
+                cache["case"] = golden.load_case(cid)
+            return cache["case"]
         try:
-            ok = candidate.supports(cid, lambda: case)
+            ok = candidate.supports(cid, load)
             if ok is not True:
                 skipped[cid] = ok
                 continue
-            outs = candidate.outputs(cid, lambda: case)
+            outs = candidate.outputs(cid, load)
         except CaseError as e:
             errors[cid] = str(e)
             continue
+        entries = [(k, DTYPE_NAMES.get(np.dtype(v.dtype)), tuple(v.shape)) for k, v in outs.items()]
+        bad = [k for k, dt, _ in entries if dt is None]
+        if bad:
+            errors[cid] = (f"run() returned output {bad[0]!r} as {outs[bad[0]].dtype} values, which "
+                           "safetensors cannot store")
+            continue
         d = os.path.join(out, "cases", cid)
         os.makedirs(d, exist_ok=True)
-        write_safetensors(os.path.join(d, "outputs.safetensors"),
-                          {k: np.ascontiguousarray(v) for k, v in outs.items()})
+        write_safetensors_planned(os.path.join(d, "outputs.safetensors"), entries,
+                                  lambda k: np.asarray(outs[k]))
     return skipped

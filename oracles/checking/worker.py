@@ -1,6 +1,7 @@
 """Calls into a Python adapter, made safe to wait for: one worker thread that makes every call
 (so that the checker can stop waiting for one that never returns), and the one-line reason a
-case gets when a call raises, exits or times out.
+case gets when a call raises, exits or times out; the case timeout's bounds, shared with the
+adapter process (isolated.py).
 """
 
 from __future__ import annotations
@@ -8,12 +9,37 @@ from __future__ import annotations
 import queue
 import threading
 
+from .. import OraclesError
+from ..format.untrusted import escape
+
 DEFAULT_CASE_TIMEOUT = 600.0  # seconds per call into an adapter (supports, run); --case-timeout
+MAX_CASE_TIMEOUT = 1e6  # seconds (11.6 days): --case-timeout is 0 (no limit) or up to this
 
 
 class CaseError(Exception):
-    """What went wrong running one case in a candidate (it raised, exited, returned something
-    that is not outputs, or did not return in time): the case's one-line ERROR reason."""
+    """What went wrong running one case in a candidate (it raised, exited, crashed, returned
+    something that is not outputs, or did not return in time): the case's one-line ERROR reason."""
+
+
+def check_timeout(timeout) -> float:
+    """--case-timeout: a number of seconds, 0 (no limit) or from 0 to MAX_CASE_TIMEOUT (a larger
+    one overflows the interpreter's waits)."""
+    try:
+        t = float(timeout)
+    except (TypeError, ValueError, OverflowError):
+        t = float("nan")
+    if isinstance(timeout, bool) or not (0 <= t <= MAX_CASE_TIMEOUT):
+        raise OraclesError(f"--case-timeout {escape(repr(timeout))[:60]}: must be a number of seconds "
+                           f"from 0 (no limit) to {MAX_CASE_TIMEOUT:g}")
+    return t
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """--adapter 'pkg.mod:factory' -> ('pkg.mod', 'factory'); anything else is one line."""
+    mod_name, sep, attr = str(spec).partition(":")
+    if not sep or not mod_name or not attr:
+        raise OraclesError(f"--adapter {escape(repr(spec))} must look like pkg.module:factory")
+    return mod_name, attr
 
 
 class AdapterTimeout(Exception):
@@ -30,7 +56,8 @@ class Worker:
     def __init__(self):
         self.jobs = queue.Queue()
         self.stuck = None
-        threading.Thread(target=self._loop, name="oracles-adapter", daemon=True).start()
+        self.thread = threading.Thread(target=self._loop, name="oracles-adapter", daemon=True)
+        self.thread.start()
 
     def _loop(self):
         while True:
@@ -45,8 +72,11 @@ class Worker:
             done.set()
             del job, fn, box, done  # hold nothing of the candidate between calls
 
-    def close(self) -> None:
+    def close(self, wait: float = 0) -> None:
+        """End the thread (after the calls already queued); wait up to `wait` seconds for it."""
         self.jobs.put(None)
+        if wait and not self.stuck and self.thread is not threading.current_thread():
+            self.thread.join(wait)
 
     def call(self, fn, timeout: float, what: str):
         """fn() on the worker -> its value; its exception re-raised here; AdapterTimeout when it

@@ -23,6 +23,8 @@ import json
 import os
 
 from .. import OraclesError
+from ..checking.worker import CaseError
+from ..format.candidate import ERROR_CHARS, SKIP_CHARS, read_engine_info
 from ..format.profiles import mode_of
 
 # --engine NAME -> (module, the distribution whose version is reported, the extra to install)
@@ -37,31 +39,66 @@ MODEL_KINDS = ("prefill", "decode", "greedy")
 
 
 def parse_options(pairs) -> dict:
-    """['dtype=bfloat16', 'kv_cache_dtype=float16'] -> {'dtype': 'bfloat16', ...}."""
+    """['dtype=bfloat16', 'kv_cache_dtype=float16'] -> {'dtype': 'bfloat16', ...}; a key given
+    twice is refused (which one was meant?)."""
     out = {}
     for p in pairs or ():
         key, sep, value = p.partition("=")
         if not sep or not key.strip():
             raise OraclesError(f"--engine-option {p!r} must look like KEY=VALUE")
+        if key.strip() in out:
+            raise OraclesError(f"--engine-option {key.strip()!r} is given twice "
+                               f"({out[key.strip()]!r} and {value.strip()!r}); give it once")
         out[key.strip()] = value.strip()
     return out
 
 
+class Integer:
+    """An option whose value is a decimal integer from `lo` to `hi` (kept as its text)."""
+
+    def __init__(self, lo: int, hi: int):
+        self.lo, self.hi = lo, hi
+
+    def __str__(self) -> str:
+        return f"an integer from {self.lo} to {self.hi}"
+
+    def check(self, v: str) -> bool:
+        return v.isascii() and v.isdigit() and len(v) <= 12 and self.lo <= int(v) <= self.hi
+
+
+def _describe(allowed) -> str:
+    if allowed is None:
+        return "text"
+    return str(allowed) if isinstance(allowed, Integer) else "|".join(allowed)
+
+
 def resolve_options(engine: str, spec: dict, given: dict) -> dict:
-    """spec: {key: (default, allowed values or None for free text, what it sets)} -> every key
-    with its value; an unknown key or a value not allowed is a user error."""
+    """spec: {key: (default, allowed, what it sets)}, allowed a tuple of the values accepted,
+    an Integer range, or None for free text -> every key with its value; an unknown key or a
+    value not allowed is a user error (one line)."""
     for k in given:
         if k not in spec:
             raise OraclesError(f"--engine-option {k}: {engine} has no such option; it has "
-                               + ", ".join(f"{n} ({'|'.join(a) if a else 'text'})"
-                                           for n, (_, a, _) in spec.items()))
+                               + ", ".join(f"{n} ({_describe(a)})" for n, (_, a, _) in spec.items()))
     out = {}
     for k, (default, allowed, _) in spec.items():
         v = given.get(k, default)
-        if allowed and v not in allowed:
+        if isinstance(allowed, Integer):
+            if not allowed.check(v):
+                raise OraclesError(f"--engine-option {k}={v}: {engine} takes {allowed}")
+        elif allowed and v not in allowed:
             raise OraclesError(f"--engine-option {k}={v}: {engine} accepts {', '.join(allowed)}")
         out[k] = v
     return out
+
+
+def check_options(name: str, options: dict) -> dict:
+    """--engine NAME's options checked against its OPTIONS before anything is built (the
+    engine's module is imported, not the engine itself) -> them resolved."""
+    if name not in ENGINES:
+        raise OraclesError(f"--engine {name!r} is unknown; choose one of {', '.join(ENGINES)}")
+    mod = importlib.import_module(ENGINES[name][0])
+    return resolve_options(name, mod.OPTIONS, options)
 
 
 def version(dists: str) -> str:
@@ -97,6 +134,12 @@ def load_engine(name: str, options: dict):
     return adapter, info
 
 
+def engine_adapter(name: str, options: dict):
+    """--engine NAME as an adapter factory (what an adapter process calls: isolated.py) -> the
+    adapter, its `info` set (engine, version, options)."""
+    return load_engine(name, options)[0]
+
+
 def label(info: dict) -> str:
     opts = ",".join(f"{k}={v}" for k, v in info["options"].items())
     return f"{info['engine']} {info['version']} ({opts})"
@@ -113,44 +156,36 @@ def write_info(out: str, info: dict, skipped: dict) -> None:
 
 class RecordedSkips:
     """A directory candidate written by `oracles run --engine`: the cases the engine could not
-    run are skips with the engine's reason (engine.json), not missing outputs."""
+    run are skips with the engine's reason (engine.json `skipped`), not missing outputs; the
+    cases it refused or crashed on (engine.json `errors`) are ERRORs with its message."""
 
-    def __init__(self, inner, skipped: dict):
+    def __init__(self, inner, skipped: dict, errors: dict | None = None):
         self.inner, self.skipped, self.label = inner, skipped, inner.label
+        self.errors = errors or {}
 
     def supports(self, case_id, load):
+        if case_id in self.errors:
+            return True
         if case_id in self.skipped:
-            return str(self.skipped[case_id])
+            return str(self.skipped[case_id])[:SKIP_CHARS]
         return self.inner.supports(case_id, load)
 
     def outputs(self, case_id, load):
+        if case_id in self.errors:
+            raise CaseError(f"the engine reported an error (engine.json): "
+                            f"{str(self.errors[case_id])[:ERROR_CHARS]}")
         return self.inner.outputs(case_id, load)
 
 
 def read_info(candidate_dir: str) -> dict | None:
     """CANDIDATE/engine.json as `oracles run --engine` wrote it (engine, version, options,
-    mode: the profile that emulates the run, skipped: {case id: reason}), or None. A file
-    written before runs recorded their mode gets it from the engine and its options."""
-    path = os.path.join(candidate_dir, ENGINE_INFO_FILE)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError) as e:
-        raise OraclesError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(info, dict) or not isinstance(info.get("options", {}), dict):
-        raise OraclesError(f"{path}: expected an object with engine, version and options")
-    skipped = info.get("skipped", {})
-    if not isinstance(skipped, dict):
-        raise OraclesError(f"{path}: skipped must map case ids to reasons")
-    mode = info.get("mode")
-    if "mode" not in info and isinstance(info.get("engine"), str):
-        mode = mode_of(info["engine"], info.get("options") or {})
-    if mode is not None and not isinstance(mode, str):
-        raise OraclesError(f"{path}: mode must be a profile name or null")
-    return {**{k: info.get(k) for k in ("engine", "version", "options")}, "mode": mode,
-            "skipped": skipped}
+    mode: the profile that emulates the run, skipped: {case id: reason}, errors: {case id:
+    message}), read strictly (candidate.read_engine_info), or None. A file written before runs
+    recorded their mode gets it from the engine and its options."""
+    info = read_engine_info(candidate_dir)
+    if info is not None and "mode" not in info:
+        info["mode"] = mode_of(info["engine"], info["options"])
+    return info
 
 
 def model_case_support(case, engine: str):

@@ -37,14 +37,14 @@ import tempfile
 import numpy as np
 
 from .. import OraclesError
-from . import model_case_support, resolve_options
+from . import Integer, model_case_support, resolve_options
 
 OPTIONS = {
     "dtype": ("float32", ("float32", "bfloat16", "float16"), "GGUF weights (--outtype)"),
     "kv_cache_dtype": ("f16", ("f16", "f32", "bf16", "q8_0"), "type_k and type_v"),
     "flash_attn": ("off", ("off", "on"), "flash attention"),
     "converter": ("", None, "convert_hf_to_gguf.py (else $LLAMA_CPP_CONVERTER)"),
-    "threads": ("2", None, "CPU threads"),
+    "threads": ("2", Integer(1, 1024), "CPU threads"),
     "intermediates": ("on", ("on", "off"), "graph tensors through cb_eval"),
 }
 # llama.cpp graph tensor name (cb name "-" layer) -> refimpl trace name
@@ -119,6 +119,12 @@ class Engine:
         self.options["converter"] = os.path.basename(conv)  # recorded without the machine's path
         self.tmp = tempfile.TemporaryDirectory(prefix="oracles-gguf-")
         self.seen = None  # {trace name: [arrays]} while a forward is observed
+
+    def close(self):
+        """The adapter protocol's close(): the converted GGUF files removed (an adapter process
+        ends with os._exit, which runs no finalizer: without this they would stay in the
+        temporary directory)."""
+        self.tmp.cleanup()
 
     def supports(self, case):
         ok = model_case_support(case, self.name)

@@ -20,9 +20,10 @@ import os
 
 import numpy as np
 
-from refimpl.checkpoint import SafetensorsFile
+from refimpl import jsonfile
+from refimpl.checkpoint import MAX_HEADER, SafetensorsFile, parse_header
 from refimpl.config import Config
-from refimpl.errors import RefimplError
+from refimpl.errors import RefimplError, printable
 
 from .. import OraclesError
 from . import digest as digests
@@ -52,18 +53,35 @@ def read_tensors(path: str) -> dict:
 
 
 def read_metadata(path: str) -> dict:
-    with open(path, "rb") as f:
+    """A safetensors file's __metadata__ (strings), its header read and checked as strictly as
+    every safetensors header (refimpl.checkpoint.parse_header)."""
+    shown = printable(path)
+    fd, st = jsonfile.open_regular(path, OraclesError)
+    with os.fdopen(fd, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(n)).get("__metadata__", {})
+        if n > min(st.st_size - 8, MAX_HEADER):
+            raise OraclesError(f"{shown}: header length {n} does not fit the file: not safetensors")
+        raw = f.read(n)
+    try:
+        parse_header(raw, st.st_size, shown)
+    except RefimplError as e:
+        raise OraclesError(str(e)) from None
+    return jsonfile.loads(raw, shown, OraclesError).get("__metadata__", {})
+
+
+# the files a model case's checkpoint directory may hold besides its weights
+MODEL_AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+MODEL_INDEX = "model.safetensors.index.json"
+
+
+def _canonical(v) -> str:
+    """JSON with sorted keys: equal for equal values of equal JSON types (1, 1.0 and true differ)."""
+    return json.dumps(v, sort_keys=True)
 
 
 def _identity(path: str) -> tuple:
     st = os.stat(path)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _reject_constant(name):
-    raise ValueError(f"{name} is not JSON")
 
 
 class Golden:
@@ -94,13 +112,13 @@ class Golden:
             return OraclesError(f"{self.path}: suite digest {self.digest} is not the expected "
                                 f"{want}{q}: this is not the suite you pinned")
         try:
-            m = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+            # strict JSON (refimpl.jsonfile): no duplicate keys, NaN or Infinity, nesting bounded,
+            # integers of at most 4300 digits
+            m = jsonfile.loads(raw, printable(mpath), OraclesError)
+        except OraclesError:
             if want is not None and want != self.digest:
                 raise not_pinned() from None
-            raise OraclesError(f"{mpath}: not valid JSON ({e})") from None
-        except RecursionError:
-            raise OraclesError(f"{mpath}: JSON nested too deeply") from None
+            raise
         if want is not None and want != self.digest:
             if not isinstance(m, dict):
                 raise not_pinned()
@@ -122,6 +140,7 @@ class Golden:
         # cases of a user's checkpoint: bound to --checkpoint DIR, refused unless its digest is
         # the one they were generated from (checkpoint_ref.bind), before anything runs
         memo: dict = {}  # checkpoint directory -> its digest, computed once
+        self.checkpoint = checkpoint
         self._bound = {cid: bind(e, checkpoint, memo)
                        for cid, e in self.cases.items() if "checkpoint" in e}
 
@@ -147,6 +166,66 @@ class Golden:
                 raise OraclesError(f"{os.path.join(self.case_dir(cid), extra[0])}: not listed in the "
                                    f"manifest's files for case {cid!r}: a suite holds only listed files")
             self._verified.add(cid)
+            self._check_params(cid)
+            self._check_model_files(cid)
+            self._config(cid)  # a case's config.json, validated before any case is run
+
+    def _check_params(self, cid: str) -> None:
+        """The params the manifest gives a case (what an engine reads: its schedule, its depth)
+        are the ones recorded in its hashed inputs.safetensors when it was generated."""
+        p = self.file(cid, "inputs.safetensors")
+        meta = read_metadata(p)
+        if "params" not in meta:
+            raise OraclesError(f"{p}: no params in its metadata: the case's params cannot be "
+                               "checked against its inputs")
+        recorded = jsonfile.loads(meta["params"], f"{printable(p)}: metadata params", OraclesError)
+        given = self.cases[cid]["params"]
+        if _canonical(recorded) != _canonical(given):
+            keys = [k for k in sorted(set(given) | set(recorded)) if _canonical(given.get(k))
+                    != _canonical(recorded.get(k))] if isinstance(recorded, dict) else []
+            raise OraclesError(f"{self.path}: case {cid!r}: the manifest's params"
+                               + (f" ({', '.join(printable(k) for k in keys[:3])})" if keys else "")
+                               + " differ from those recorded in its inputs.safetensors: the "
+                               "manifest was edited; refusing the suite")
+
+    def _check_model_files(self, cid: str) -> None:
+        """A model case's checkpoint directory holds exactly its weights (model.safetensors, or
+        the shards its index lists) besides config, tokenizer and generation config: an engine
+        loads every *.safetensors it finds there, so an extra one would be loaded too."""
+        entry = self.cases[cid]
+        if not entry["model"] or "checkpoint" in entry:  # (the user's checkpoint: not in the suite)
+            return
+        files = entry["files"]
+        prefix = f"{MODEL_DIR}/" if f"{MODEL_DIR}/config.json" in files else ""
+        fmt = self.manifest["format"]
+        if (fmt >= 2) != bool(prefix):
+            raise OraclesError(f"{self.path}: case {cid!r}: a format-{fmt} suite keeps a model "
+                               f"case's checkpoint {'in' if fmt >= 2 else 'beside'} "
+                               f"{MODEL_DIR}/, but its files say otherwise")
+        names = [f[len(prefix):] for f in files if f.startswith(prefix)]
+        if not prefix:
+            names = [f for f in names if f not in ("inputs.safetensors", "expected.safetensors")]
+        if MODEL_INDEX in names:
+            p = self.file(cid, prefix + MODEL_INDEX)
+            doc = jsonfile.load(p, OraclesError)
+            wm = doc.get("weight_map") if isinstance(doc, dict) else None
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise OraclesError(f"{p}: not an index (needs an object weight_map of file names)")
+            weights = set(wm.values())
+        else:
+            weights = {"model.safetensors"}
+        allowed = weights | set(MODEL_AUX_FILES) | {MODEL_INDEX}
+        extra = sorted(n for n in names if n not in allowed)
+        if extra:
+            why = ("is not one of the weights " + (f"its index lists" if MODEL_INDEX in names
+                                                   else "(model.safetensors)")
+                   if extra[0].endswith(".safetensors") else "is not a file a checkpoint holds")
+            raise OraclesError(f"{os.path.join(self.case_dir(cid), prefix + extra[0])}: {why}; an "
+                               "engine loading the directory would read it: refusing the suite")
+        missing = sorted(w for w in weights if w not in names)
+        if missing:
+            raise OraclesError(f"{self.path}: case {cid!r}: weights file {printable(missing[0])!r} "
+                               "is not listed in the manifest's files")
 
     def file(self, cid: str, name: str, required: bool = True) -> str | None:
         """The checked path of a file of case `cid` that the manifest lists (None when it does not

@@ -77,6 +77,10 @@ CONVENTION_ALTERNATIVES = {
 }
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
+FORMATS = (1, 2, 3)  # suite formats this checker reads (golden.SUITE_FORMAT is the newest)
+MAX_RANK, MAX_DIM = 8, 2 ** 40  # as a safetensors header may hold (refimpl.checkpoint)
+MAX_PARAM_INT = 2 ** 53  # |integer| in params: JSON's exactly representable range
+MAX_MTP = 16  # MTP modules (refimpl.config LIMITS num_nextn_predict_layers)
 # metric names judged per output type, and the forgiveness margin it needs
 JUDGED = {
     "continuous": (metrics.CONTINUOUS_METRICS, ()),
@@ -133,7 +137,11 @@ def _json_type(v) -> str:
 def _number(v, field, where, lo=0.0, hi=None) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise where.error(field, f"must be a number, not {_json_type(v)}")
-    x = float(v)
+    try:
+        x = float(v)
+    except OverflowError:  # an integer of hundreds of digits
+        raise where.error(field, f"is an integer of {len(str(abs(v))):,} digits: not a usable "
+                                 "number") from None
     if not math.isfinite(x) or x < lo:
         raise where.error(field, f"is {v!r}: must be finite and >= {lo:g}")
     if hi is not None and x > hi:
@@ -147,6 +155,18 @@ def validate(m, mpath: str) -> dict:
     top = _Where(mpath)
     if not isinstance(m, dict):
         raise OraclesError(f"{mpath}: not a JSON object")
+    if "format" not in m:
+        raise top.error("format", "is missing: every suite records its format")
+    fmt = m["format"]
+    if isinstance(fmt, bool) or not isinstance(fmt, int):
+        raise top.error("format", f"is {fmt!r}: must be the integer "
+                                  f"{', '.join(map(str, FORMATS[:-1]))} or {FORMATS[-1]}")
+    if fmt > max(FORMATS):
+        raise OraclesError(f"{mpath}: suite format {fmt} is newer than this checker reads (up to "
+                           f"{max(FORMATS)}); update oracles")
+    if fmt not in FORMATS:
+        raise top.error("format", f"is {fmt!r}: this checker reads suite formats "
+                                  f"{', '.join(map(str, FORMATS))}")
     cases = _typed(m, "cases", list, top)
     if not cases:
         raise top.error("cases", "is an empty list")
@@ -169,7 +189,7 @@ def validate_case(e: dict, where: _Where) -> None:
         raise where.error("kind", f"{kind!r} is not a case kind this checker knows "
                                   f"({', '.join(REQUIRED)})")
     _typed(e, "pins", str, where)
-    _typed(e, "params", dict, where)
+    check_params(_typed(e, "params", dict, where), kind, where)
     is_model = _typed(e, "model", bool, where)
     conv = _typed(e, "conventions", dict, where)
     for k, v in conv.items():
@@ -204,8 +224,10 @@ def validate_case(e: dict, where: _Where) -> None:
                                            f"{output_type(name)!r}")
         _typed(o, "required", bool, where, field=f + ".required")
         shape = _typed(o, "shape", list, where, field=f + ".shape")
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
-            raise where.error(f + ".shape", "must be a list of non-negative integers")
+        if not (len(shape) <= MAX_RANK and all(isinstance(n, int) and not isinstance(n, bool)
+                                               and 0 <= n <= MAX_DIM for n in shape)):
+            raise where.error(f + ".shape", f"must be a list of at most {MAX_RANK} integers from 0 "
+                                            f"to {MAX_DIM}")
         _typed(o, "dtype", str, where, field=f + ".dtype")
         if typ == "routing_weights" and name[: -len("topk_weight")] + "topk_idx" not in names:
             raise where.error(f + ".name", f"{name!r} needs its topk_idx output listed before it")
@@ -233,6 +255,54 @@ def validate_case(e: dict, where: _Where) -> None:
     for profile in tolerances.PROFILES:
         if profile in tols:
             validate_tolerances(tols[profile], outputs, profile, where)
+
+
+def check_params(params: dict, kind: str, where: _Where) -> dict:
+    """A case's params: every number in them finite and of magnitude at most 2^53 (an adapter
+    loops or allocates by them), and the ones this checker reads in range: an mtp_module's k
+    (1..16), an mtp_speculation's depth and max_new_tokens, whose schedule must say the same
+    (schedule.check_speculation)."""
+    stack = [(params, "params")]
+    while stack:
+        v, f = stack.pop()
+        if isinstance(v, dict):
+            stack.extend((x, f"{f}.{k}") for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((x, f"{f}[{i}]") for i, x in enumerate(v))
+        elif isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_PARAM_INT:
+            digits = len(str(abs(v)))
+            raise where.error(f, f"is an integer of {digits:,} digits, beyond +-2^53")
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise where.error(f, f"is {v!r}: must be finite")
+    if kind == "mtp_module":
+        k = params.get("k")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_MTP:
+            raise where.error("params.k", f"is {k!r}: must be an MTP depth from 1 to {MAX_MTP}")
+    if kind == "mtp_speculation":
+        _check_speculation(params, where)
+    return params
+
+
+def _check_speculation(params: dict, where: _Where) -> None:
+    """An mtp_speculation case's depth (1..16) and max_new_tokens (>= 1), and its schedule's
+    speculate steps saying the same (the schedule is what an engine reads, params what the
+    expected values were computed with)."""
+    for k, hi in (("depth", MAX_MTP), ("max_new_tokens", MAX_PARAM_INT)):
+        v = params.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+            raise where.error(f"params.{k}", f"is {v!r}: must be an integer from 1 to {hi}")
+    sched = params.get("schedule")
+    steps = sched.get("steps") if isinstance(sched, dict) else None
+    if not isinstance(steps, list) or not steps:
+        raise where.error("params.schedule", "must be an object with a non-empty list of steps")
+    for j, st in enumerate(steps):
+        if not isinstance(st, dict) or st.get("op") != "speculate":
+            raise where.error(f"params.schedule.steps[{j}]", "is not a speculate step")
+        for k in ("depth", "max_new_tokens"):
+            if st.get(k) != params[k] or type(st.get(k)) is not int:
+                raise where.error(f"params.schedule.steps[{j}].{k}",
+                                  f"is {st.get(k)!r}, but params.{k} is {params[k]}: the schedule "
+                                  "and the params the expected values follow disagree")
 
 
 def validate_tolerances(t, outputs, profile: str, where: _Where) -> None:

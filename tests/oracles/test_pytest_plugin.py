@@ -63,6 +63,12 @@ def test_a_bad_suite_is_one_line_and_a_usage_error(pytester, tmp_path):
     assert "oracles: " in r.stderr.str() and "not a golden suite directory" in r.stderr.str()
 
 
+def test_a_case_timeout_out_of_its_bounds_is_a_usage_error(pytester, smoke):
+    r = pytester.runpytest("--oracles-golden", smoke, "--oracles-adapter",
+                           "oracles.adapters:refimpl_float32", "--oracles-case-timeout", "1e10")
+    assert r.ret == pytest.ExitCode.USAGE_ERROR and "from 0 (no limit) to 1e+06" in r.stderr.str()
+
+
 def test_one_item_per_case_named_by_its_id(pytester, smoke):
     args = ["-p", "no:cacheprovider", "--oracles-golden", smoke, "--oracles-adapter",
             "oracles.adapters:refimpl_float32"]

@@ -405,7 +405,7 @@ def test_an_adapter_that_never_returns_is_timed_out(small, tmp_path, monkeypatch
     t = time.perf_counter()
     try:
         rc, out, _ = main("check", small[0], "--adapter", spec, "--case-timeout", "2",
-                          "--json", tmp_path / "r.json")
+                          "--json", tmp_path / "r.json", "--in-process")
     finally:
         sys.modules["ad_hang"].RELEASE.set()  # let the abandoned worker thread end
     assert time.perf_counter() - t < 30
