@@ -53,5 +53,5 @@ def test_one_command_rewrites_the_page_and_keeps_other_engines_dated_rows(tmp_pa
     assert [r["engine"] for r in rows] == ["transformers", "vllm"]
     assert rows[1] == old_row and rows[0]["passed"] == 1 and rows[0]["failed"] == 0
     page = out.read_text()
-    assert "| vllm | 0.32.0 | dtype=float32 | engine | float32 | 6 | 0 | 0 | 0 | 1 | 2026-12-02 |" in page
+    assert "| vllm | 0.32.0 | dtype=float32 | engine | float32 | its mode | 6 | 0 | 0 | 0 | 1 | 2026-12-02 |" in page
     assert "python -m oracles.engines.matrix --out docs/engines.md" in page
