@@ -2,8 +2,10 @@
 
     oracles list     [--suite NAME]
     oracles generate --out DIR [--suite NAME] [--only GLOB]
-    oracles check    GOLDEN [CANDIDATE | --adapter pkg.mod:factory] [--profile float32|bf16|fp8] [--only GLOB] [--json REPORT]
+    oracles check    GOLDEN [CANDIDATE | --adapter pkg.mod:factory] [--profile P] [--any-profile] [--only GLOB] [--json REPORT]
                      [--html REPORT.html] [--expect-digest HEX] [--case-timeout SECONDS] [--allow-empty] [--allow-inconclusive]
+                     [--no-conditioning]
+    (the profile defaults to the one that emulates the candidate's recorded mode, else float32)
     oracles run      GOLDEN --adapter pkg.mod:factory --out CANDIDATE [--expect-digest HEX] [--case-timeout S]
     oracles verify   GOLDEN [--only GLOB] [--expect-digest HEX] [--json REPORT]
     oracles diff     OLD.json NEW.json [--factor F] [--json OUT]
@@ -25,6 +27,7 @@ escaped); 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -40,6 +43,8 @@ from .checking.check import run_check
 from .checking.report import format_report
 from .checking.worker import MAX_CASE_TIMEOUT, check_timeout, split_spec
 from .format import tolerances
+from .format.profiles import refused
+from .format.tolerances import PROFILES
 from .format.untrusted import escape
 
 # The authoring layer (suites, case kinds, the writer, verify, the search) runs refimpl's
@@ -99,7 +104,11 @@ def _parser():
     c.add_argument("candidate", nargs="?", help="directory with cases/<id>/outputs.safetensors")
     c.add_argument("--adapter", help="pkg.module:factory of a Python engine adapter")
     _engine_args(c)
-    c.add_argument("--profile", default="float32")
+    c.add_argument("--profile", help="the tolerance profile (default: the one that emulates the "
+                                      "candidate's recorded mode, else float32)")
+    c.add_argument("--any-profile", action="store_true",
+                   help="judge with a profile that emulates FP8 weights or an FP8 KV cache the run "
+                        "did not have (the report says it is not this run's verdict)")
     c.add_argument("--only", help="comma-separated globs of case ids")
     c.add_argument("--json", dest="json_out", help="write the report as JSON here")
     c.add_argument("--expect-digest", metavar="HEX",
@@ -113,6 +122,10 @@ def _parser():
     c.add_argument("--allow-inconclusive", action="store_true",
                    help="exit 0 even if a case compared too few positions to decide")
     c.add_argument("--html", dest="html_out", help="write the report as one self-contained HTML page here")
+    c.add_argument("--no-conditioning", action="store_true",
+                   help="do not recompute the reference on the candidate's routing where it resolved a "
+                        "near-tie the other way: leave out what that reaches instead (section 3 of "
+                        "docs/conformance.md)")
     c.add_argument("--junit", dest="junit_out", metavar="FILE",
                    help="write the report as JUnit XML here (one test case per golden case)")
     c.add_argument("--known", metavar="FILE",
@@ -152,7 +165,8 @@ def _parser():
     _engine_args(s)
     s.add_argument("--out", required=True, metavar="DIR",
                    help="where the shrunk case (DIR/search-<date>/) and the database go")
-    s.add_argument("--profile", default="float32")
+    s.add_argument("--profile", help="the tolerance profile (default: the one that emulates the "
+                                      "candidate's mode, else float32)")
     s.add_argument("--max-examples", type=int, default=100, metavar="N",
                    help="examples judged at most before giving up (default 100)")
     s.add_argument("--deadline", type=_seconds, default=None, metavar="SECONDS",
@@ -215,6 +229,17 @@ def _candidate_adapter(args, restart_after_timeout: bool = True):
     cand.info = built["info"]
     cand.label = engines.label(cand.info)
     return cand, repro
+
+
+def _mode(cand, info) -> str | None:
+    """The mode the candidate ran in: its engine.json's (or its engine's info), else the
+    adapter's `mode` attribute (reported by an adapter process, or read in-process), else None."""
+    mode = info.get("mode") if info else None
+    if mode is None:
+        mode = getattr(cand, "mode", None)
+    if mode is None:
+        mode = getattr(getattr(cand, "adapter", None), "mode", None)
+    return mode if isinstance(mode, str) else None
 
 
 def _close(cand, abort: bool = False) -> None:
@@ -305,17 +330,25 @@ def cmd_check(args) -> int:
         info = None
     env = engines.environment(args.engine) if args.engine else {}  # what the engine reads
     base = "".join(f"{k}={shlex.quote(v)} " for k, v in env.items()) + \
-        f"oracles check {shlex.quote(args.golden)} {how}"
+        f"oracles check {shlex.quote(args.golden)} {how}" + (
+        " --no-conditioning" if args.no_conditioning else "") + (
+        " --any-profile" if args.any_profile else "")
     t = time.perf_counter()
+    conditioner = None
+    if not args.no_conditioning:
+        from .authoring.conditioned import conditioner_for as conditioner
     try:
         if info is None and args.engine:  # the engine's options, for --known (it is built now)
             info = cand.info
-        rep = run_check(args.golden, cand, args.profile, args.only, repro_base=base,
+        mode = _mode(cand, info)
+        profile = args.profile or (mode if mode in PROFILES else "float32")
+        rep = run_check(args.golden, cand, profile, args.only, repro_base=base,
                         progress=_progress(args), expect_digest=args.expect_digest,
                         allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive,
                         known=known_file, allow_fixed=args.allow_fixed,
                         engine_options=info.get("options") if info else None,
-                        checkpoint=args.checkpoint)
+                        checkpoint=args.checkpoint, conditioner=conditioner, mode=mode,
+                        any_profile=args.any_profile)
     except BaseException:
         _close(cand, abort=True)
         raise
@@ -403,19 +436,28 @@ def cmd_search(args) -> int:
         raise OraclesError(f"--kinds: {bad[0]!r} is not one of {', '.join(search.KINDS)}")
     pins = search.parse_pins(args.pin)
     json_dest = check_destination(args.json_out, "file", OraclesError) if args.json_out else None
-    if args.profile not in tolerances.PROFILES:
+    if args.profile is not None and args.profile not in tolerances.PROFILES:
         raise OraclesError(f"profile {args.profile!r} is not one of {', '.join(tolerances.PROFILES)}")
     # the adapter process of `oracles check` (a crash is that example's ERROR, the process
     # restarted); a call past --case-timeout ends the search, as in-process (its every replay
     # would wait as long again)
     cand, how = _candidate_adapter(args, restart_after_timeout=False)
-    settings = search.Settings(
-        profile=args.profile, max_examples=args.max_examples, deadline=args.deadline,
-        seed=args.seed, kinds=kinds, pins=pins,
-        database=None if args.no_database else (args.database or os.path.join(args.out, "database")))
+    from .authoring.conditioned import conditioner_for
     try:
         info = cand.info if args.engine else None  # (an adapter process: its factory awaited)
-        rep = search.search(cand, args.out, settings, check=run_check, repro=how,
+        # as `oracles check` judges: the profile of the candidate's mode unless given (one
+        # emulating FP8 it did not have refused), the reference conditioned on its routing
+        mode = _mode(cand, info)
+        profile = args.profile or (mode if mode in PROFILES else "float32")
+        why = refused(profile, mode)
+        if why:
+            raise OraclesError(f"--profile {profile}: {why}")
+        settings = search.Settings(
+            profile=profile, max_examples=args.max_examples, deadline=args.deadline,
+            seed=args.seed, kinds=kinds, pins=pins,
+            database=None if args.no_database else (args.database or os.path.join(args.out, "database")))
+        check = functools.partial(run_check, conditioner=conditioner_for, mode=mode)
+        rep = search.search(cand, args.out, settings, check=check, repro=how,
                             progress=_progress(args) is not None)
     except BaseException:
         _close(cand, abort=True)

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from . import mla, moe, names
 from .config import Config
+from .errors import InputError
 from .norm import rms_norm
 from .ops import boundary
 from .trace import ignore
@@ -55,10 +58,25 @@ class AttentionContext:
     scale: float
     form: str  # "naive" or "absorbed"
     cache: LatentCache | None = None
+    # forced routing (moe.route's `forced`): {checkpoint layer: {(row, index): experts [K]}},
+    # index = the token's position (a decoder layer) or its MTP index (an MTP module); forced()
+    routes: dict | None = None
 
     def slot(self, layer: int):
         """The cache slot of `layer`, (c_kv [b, T, d_c], k_rope [b, T, d_R]), or None."""
         return None if self.cache is None else (self.cache.c_kv[layer], self.cache.k_rope[layer])
+
+    def forced(self, layer: int, batch: int, s: int):
+        """moe.route's `forced` for `layer` over this forward's b x s new tokens (indices start ..
+        start+s-1), or None: the routes of those tokens, flattened to row * s + index - start."""
+        at = (self.routes or {}).get(layer)
+        if not at:
+            return None
+        mine = [(r * s + i - self.start, e) for (r, i), e in sorted(at.items())
+                if 0 <= r < batch and self.start <= i < self.start + s]
+        if not mine:
+            return None
+        return np.array([t for t, _ in mine], np.int64), np.array([e for _, e in mine], np.int64)
 
 
 def decoder_layer(h, w: WeightStore, cfg: Config, i: int, context: AttentionContext, record=ignore):
@@ -78,18 +96,22 @@ def decoder_layer(h, w: WeightStore, cfg: Config, i: int, context: AttentionCont
     record("h_attn", h)
     x = rms_norm(h, w.get(names.post_attention_norm(i)), eps)
     record("ffn_norm", x)
-    f = ffn(x, w, cfg, i, record)
+    f = ffn(x, w, cfg, i, record, context.forced(i, x.shape[0], x.shape[1]))
     record("ffn_out", f)
     h = boundary(h + f)  # the layer's output: an operator boundary (ops.rounding)
     record("hidden", h)
     return h
 
 
-def ffn(x, w: WeightStore, cfg: Config, i: int, record=ignore):
+def ffn(x, w: WeightStore, cfg: Config, i: int, record=ignore, forced=None):
     """Layer i's feed-forward block without the residual: one SwiGLU in the first
-    first_k_dense_replace layers, DeepSeekMoE (shared + gated routed experts) after."""
+    first_k_dense_replace layers, DeepSeekMoE (shared + gated routed experts) after.
+    forced: moe.route's forced routing of some tokens (an MoE layer only)."""
     if not cfg.is_moe_layer(i):
+        if forced is not None:
+            raise InputError(f"forced routing for layer {i}, which is dense")
         return moe.swiglu(x, **w.group(names.mlp(i), names.FFN_PROJ))
     bias = w.optional(names.gate_bias(i)) if cfg.uses_bias else None  # the checkpoint decides
     shared = LazyGroup(w, names.shared_experts(i), names.FFN_PROJ) if cfg.n_shared_experts else None
-    return moe.moe_ffn(x, w.get(names.gate_weight(i)), bias, ExpertView(w, i), shared, cfg, record)
+    return moe.moe_ffn(x, w.get(names.gate_weight(i)), bias, ExpertView(w, i), shared, cfg, record,
+                       forced)

@@ -79,36 +79,41 @@ class Model:
             mtp_lengths=[0] * (cfg.num_nextn_predict_layers if mtp else 0))
 
     def attention_context(self, positions, n_keys: int, start: int, cache=None,
-                          query_index=None) -> AttentionContext:
+                          query_index=None, routes=None) -> AttentionContext:
         """What every layer of one forward shares, for new tokens at RoPE `positions` [s]
         attending causally to key indices 0..n_keys-1 (query_index [s]: the tokens' own indices,
-        default `positions`)."""
+        default `positions`); routes: see forward."""
         q = positions if query_index is None else query_index
         cos, sin = rope.cos_sin(positions, self.inv_freq, self.cos_sin_factor, self.xp, self.dtype)
         form = self.mla_form
         if form == "auto":
             form = "absorbed" if start > 0 else "naive"
         return AttentionContext(cos, sin, mla.causal_mask(q, np.arange(n_keys), self.xp), start,
-                    self.softmax_scale, form, cache)
+                    self.softmax_scale, form, cache, routes)
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, tokens, cache: LatentCache | None = None, trace: dict | None = None,
-                mtp: bool = False, mtp_conventions=None):
+                mtp: bool = False, mtp_conventions=None, routes: dict | None = None):
         """tokens int [batch, seq] -> logits [batch, seq, vocab] (working dtype, on the device).
 
         With a cache, the tokens continue at position cache.length and the cache advances.
         With a trace dict, the named intermediates are stored in it in dataflow order.
         With mtp=True (teacher forcing over the whole sequence, no cache), returns
         (logits, [mtp logits of depth k = 1..D, each [batch, seq-k, vocab]]): module k at index i
-        predicts t_{i+k+1} (mtp.py; conventions from mtp.Conventions, default mtp.DEFAULT)."""
+        predicts t_{i+k+1} (mtp.py; conventions from mtp.Conventions, default mtp.DEFAULT).
+
+        routes (None: every token routed by the gate): {checkpoint layer: {(row, index):
+        experts}}: the token of batch row `row` at position `index` (an MTP layer: MTP index)
+        goes to the K given experts in that MoE layer instead of its own choice (moe.route's
+        `forced`); everything else, downstream included, is computed as usual."""
         if mtp:
-            return self._forward_mtp(tokens, cache, trace, mtp_conventions)
-        h = self.hidden_states(tokens, cache, trace)
+            return self._forward_mtp(tokens, cache, trace, mtp_conventions, routes)
+        h = self.hidden_states(tokens, cache, trace, routes=routes)
         return self.logits(h, trace)
 
-    def hidden_states(self, tokens, cache=None, trace=None, final_norm=True):
+    def hidden_states(self, tokens, cache=None, trace=None, final_norm=True, routes=None):
         """The final hidden state after the last norm: [batch, seq, d] (with final_norm=False,
-        the last decoder layer's output, before that norm)."""
+        the last decoder layer's output, before that norm); routes: see forward."""
         cfg = self.cfg
         tokens = self.check_tokens(tokens)
         b, s = tokens.shape
@@ -123,7 +128,8 @@ class Model:
         if start + s > cfg.max_position_embeddings:
             raise InputError(f"positions up to {start + s - 1} exceed max_position_embeddings "
                              f"({cfg.max_position_embeddings})")
-        context = self.attention_context(np.arange(start, start + s), start + s, start, cache)
+        context = self.attention_context(np.arange(start, start + s), start + s, start, cache,
+                                         routes=routes)
         h = self.weights.rows(names.EMBED, tokens)  # [b, s] -> [b, s, d]
         recorder(trace)("embed", h)
         layers = range(cfg.num_hidden_layers)
@@ -168,7 +174,7 @@ class Model:
         """True when the weights hold every MTP module 1..depths (default: all)."""
         return self.weights.has_mtp(self.cfg, depths)
 
-    def _forward_mtp(self, tokens, cache, trace, conv):
+    def _forward_mtp(self, tokens, cache, trace, conv, routes=None):
         if cache is not None:
             raise InputError("forward(mtp=True) is teacher-forced over a whole sequence and takes "
                              "no cache; decode incrementally with generate.Drafter")
@@ -177,21 +183,22 @@ class Model:
                              f"{self.cfg.num_hidden_layers} and on)")
         conv = conv or mtp.DEFAULT
         tokens = self.check_tokens(tokens)
-        h0, h = self.main_hidden(tokens, None, trace, conv)
+        h0, h = self.main_hidden(tokens, None, trace, conv, routes)
         logits = self.logits(h, trace)
-        return logits, self.teacher_forced(tokens, h0, trace, conv)
+        return logits, self.teacher_forced(tokens, h0, trace, conv, routes=routes)
 
-    def main_hidden(self, tokens, cache=None, trace=None, conv: mtp.Conventions = mtp.DEFAULT):
+    def main_hidden(self, tokens, cache=None, trace=None, conv: mtp.Conventions = mtp.DEFAULT,
+                    routes=None):
         """(h^0 for module 1, the main model's final hidden state after its norm) for `tokens`.
-        With conv.h0 == "pre_norm", h^0 is the last decoder layer's output."""
+        With conv.h0 == "pre_norm", h^0 is the last decoder layer's output. routes: see forward."""
         if conv.h0 == "final_norm":
-            h = self.hidden_states(tokens, cache, trace)
+            h = self.hidden_states(tokens, cache, trace, routes=routes)
             return h, h
-        pre = self.hidden_states(tokens, cache, trace, final_norm=False)
+        pre = self.hidden_states(tokens, cache, trace, final_norm=False, routes=routes)
         return pre, rms_norm(pre, self.weights.get(names.FINAL_NORM), self.cfg.rms_norm_eps)
 
     def mtp_module(self, k: int, tokens_k, h_prev, start: int = 0, cache=None, trace=None,
-                   conv: mtp.Conventions = mtp.DEFAULT):
+                   conv: mtp.Conventions = mtp.DEFAULT, routes=None):
         """MTP module k on the indices start .. start+s-1 of its sequence (mtp.module_forward).
 
         tokens_k int [b, s]: tokens_k[:, j] = t_{start+j+k};  h_prev [b, s, d]: h^{k-1}_{start+j}.
@@ -199,7 +206,7 @@ class Model:
         and writes indices start.. into slot names.mtp_layer(cfg, k) (it does NOT move
         cache.mtp_lengths: the caller decides which indices are committed).  Without a cache start
         must be 0.  -> (h^k [b, s, d] as fed to module k+1 (Conventions.chain), logits
-        [b, s, vocab])."""
+        [b, s, vocab]).  routes: see forward (keyed by names.mtp_layer(cfg, k) and MTP index)."""
         cfg = self.cfg
         s = tokens_k.shape[1]
         if cache is None and start != 0:
@@ -210,13 +217,14 @@ class Model:
             raise InputError(f"MTP module {k}: position {int(pos[-1])} exceeds "
                              f"max_position_embeddings ({cfg.max_position_embeddings})")
         # causal over the module's own indices; RoPE at the convention's positions
-        context = self.attention_context(pos, start + s, start, cache, query_index=idx)
+        context = self.attention_context(pos, start + s, start, cache, query_index=idx,
+                                         routes=routes)
         emb = mtp.embedding(self.weights, cfg, k, tokens_k, start, conv)
         return mtp.module_forward(self.weights, cfg, k, emb, h_prev, context, conv,
                                   recorder(trace, f"mtp.{k}."))
 
     def teacher_forced(self, tokens, h0, trace=None, conv: mtp.Conventions = mtp.DEFAULT,
-                       depths=None) -> list:
+                       depths=None, routes=None) -> list:
         """Every module over a whole sequence, without a cache (training-time view).
 
         tokens int [b, T]; h0 [b, T, d] (main_hidden's first result).  Returns D arrays, the k-th
@@ -229,7 +237,9 @@ class Model:
             if T - k <= 0:
                 out.append(self.xp.zeros((b, 0, self.cfg.vocab_size), self.dtype))
                 continue
-            h, logits = self.mtp_module(k, tokens[:, k:], h[:, :T - k], 0, None, trace, conv)
+            # routes by keyword, and only when given: a pipeline's mtp_module takes none
+            h, logits = self.mtp_module(k, tokens[:, k:], h[:, :T - k], 0, None, trace, conv,
+                                        **({} if routes is None else {"routes": routes}))
             out.append(logits)
         return out
 

@@ -11,12 +11,15 @@ experts.
 
 from __future__ import annotations
 
+import numpy as np
+
 from .backend import array_module, stable_argsort, to_numpy
+from .errors import InputError
 from .ops import linear, rounding, sigmoid, silu, softmax, topk_indices
 from .trace import ignore
 
 
-def moe_ffn(x, gate_weight, bias, experts, shared, cfg, record=ignore):
+def moe_ffn(x, gate_weight, bias, experts, shared, cfg, record=ignore, forced=None):
     """The DeepSeekMoE block, eq. (12) without the residual:
 
         sum_{i<=N_s} FFN^(s)_i(u) + sum_{i<=N_r} g_i FFN^(r)_i(u)
@@ -26,10 +29,12 @@ def moe_ffn(x, gate_weight, bias, experts, shared, cfg, record=ignore):
     experts[e] -> {gate_proj, up_proj, down_proj} of routed expert e (read when routed to);
     shared: {gate_proj, up_proj, down_proj} (the N_s shared experts as one SwiGLU of width
     N_s * moe_intermediate_size) or None.
+    forced: None, or (tokens [n], experts [n, K]): token tokens[j] (an index into the flattened
+    lead axes) routed to experts[j] instead of its own choice (`route`).
     record: router_scores [..., E], topk_idx [..., K], topk_weight [..., K]."""
     lead, d = x.shape[:-1], x.shape[-1]
     u = x.reshape(-1, d)  # [T, d]
-    scores, idx, g = route(u, gate_weight, bias, cfg)
+    scores, idx, g = route(u, gate_weight, bias, cfg, forced)
     record("router_scores", scores.reshape(*lead, -1))
     record("topk_idx", idx.reshape(*lead, -1))
     record("topk_weight", g.reshape(*lead, -1))
@@ -100,12 +105,46 @@ def routing_weights(scores, idx, norm_topk_prob: bool, routed_scaling_factor: fl
     return g * routed_scaling_factor
 
 
-def route(u, gate_weight, bias, cfg):
-    """The whole gate for one layer.   u: [T, d] -> (scores [T, E], idx [T, K], weights [T, K])."""
+def route(u, gate_weight, bias, cfg, forced=None):
+    """The whole gate for one layer.   u: [T, d] -> (scores [T, E], idx [T, K], weights [T, K]).
+
+    forced: None, or (tokens [n], experts [n, K]): for each tokens[j], eq. (16)'s choice is
+    replaced by the set experts[j] (distinct indices in [0, E)), put in the order the selection
+    lists experts (largest biased score first, ties to the lower index), so that forcing a token
+    to its own choice changes nothing; its weights come from eqs. (13)-(14) at those experts."""
     s = router_scores(u, gate_weight, cfg.scoring_func)
-    idx = select_experts(s, bias if cfg.uses_bias else None, cfg.n_group, cfg.topk_group,
-                         cfg.num_experts_per_tok, cfg.topk_method)
+    b = bias if cfg.uses_bias else None
+    idx = select_experts(s, b, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok, cfg.topk_method)
+    if forced is not None:
+        idx = force_experts(idx, s if b is None else s + b.astype(s.dtype, copy=False), forced)
     return s, idx, routing_weights(s, idx, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+
+
+def force_experts(idx, biased, forced):
+    """idx [T, K] with the rows of `forced` = (tokens [n], experts [n, K]) replaced, each forced
+    set ordered by biased score [T, E] descending, ties to the lower index (as topk_indices
+    orders a selection). A new array; bad tokens or experts raise InputError."""
+    xp = array_module(idx)
+    t, k = idx.shape
+    e = biased.shape[-1]
+    tokens = np.asarray(to_numpy(forced[0]), dtype=np.int64).reshape(-1)
+    chosen = np.asarray(to_numpy(forced[1]), dtype=np.int64)
+    if not len(tokens) and not chosen.size:
+        return idx
+    chosen = chosen.reshape(len(tokens), -1) if len(tokens) else chosen.reshape(0, -1)
+    if chosen.shape[1] != k:
+        raise InputError(f"forced experts: {chosen.shape[1]} per token, the model selects {k}")
+    if len(np.unique(tokens)) != len(tokens) or ((tokens < 0) | (tokens >= t)).any():
+        raise InputError(f"forced experts: token indices must be distinct and in [0, {t})")
+    srt = np.sort(chosen, axis=-1)
+    if ((chosen < 0) | (chosen >= e)).any() or (k > 1 and (srt[:, 1:] == srt[:, :-1]).any()):
+        raise InputError(f"forced experts: each token needs {k} distinct experts in [0, {e})")
+    scores = np.take_along_axis(np.asarray(to_numpy(biased[tokens]), np.float64), chosen, axis=-1)
+    # largest first, ties to the lower index: sort by (-score, expert)
+    order = np.lexsort((chosen, -scores), axis=-1)
+    out = idx.copy()
+    out[xp.asarray(tokens)] = xp.asarray(np.take_along_axis(chosen, order, axis=-1), dtype=idx.dtype)
+    return out
 
 
 def routed_experts(x, idx, weights, experts):

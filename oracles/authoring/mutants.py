@@ -99,8 +99,8 @@ def _patch_zero_group_mask(case):
 def _patch_bias_in_weights(case):
     original_route = moe.route
 
-    def route(u, gate_weight, bias, cfg):
-        s, idx, _ = original_route(u, gate_weight, bias, cfg)
+    def route(u, gate_weight, bias, cfg, forced=None):
+        s, idx, _ = original_route(u, gate_weight, bias, cfg, forced)
         biased = s if (bias is None or not cfg.uses_bias) else s + bias.astype(s.dtype)
         return s, idx, moe.routing_weights(biased, idx, cfg.norm_topk_prob, cfg.routed_scaling_factor)
     return patched([(moe, "route", route)])

@@ -12,8 +12,10 @@ block layout), inputs, and for `schedule` cases a serving schedule in the curren
 (oracles/authoring/scenarios.py). The golden writer computes its expected outputs and calibrates
 the profile's tolerances for this one case (writer.write_suite: the same per-case computation as
 every suite); the candidate is then judged by `oracles.checking.check.run_check`, exactly as
-`oracles check` judges it (the command line hands it to the search: the authoring layer does not
-import the checking layer). A case whose golden routing is within the profile's rounding (a
+`oracles check` judges it: the profile that emulates its mode unless --profile says otherwise,
+the reference recomputed on its routing where it resolves a forgiven near-tie the other way
+(the command line hands both to the search: the authoring layer does not import the checking
+layer). A case whose golden routing is within the profile's rounding (a
 token's `topk_margin` at or below the calibrated `margin_eps`, or a greedy step's
 `tokens_margin` at or below its `logit_eps`) is rejected before the candidate runs and counted:
 a near-tie is neither a divergence nor evidence, so the search draws past it instead of

@@ -48,7 +48,7 @@ import numpy as np
 import refimpl
 
 from .. import OraclesError
-from ..format import metrics, tolerances
+from ..format import metrics, taint as taint_mod, tolerances
 from ..format.golden import OWN_CONVENTIONS, OWN_CONVENTIONS_BEFORE, Golden
 from ..format.schema import CAUSAL_KINDS, matches, output_type
 from ..format.untrusted import escape
@@ -78,7 +78,7 @@ class CaseVerdict:
     differences: list = field(default_factory=list)  # [Difference]
     largest: dict | None = None  # the largest value difference / LEVEL seen: {output, metric, value}
     tolerance_ratio: float = 1.0  # the largest stored / recalibrated tolerance ratio (or inverse)
-    not_compared: int = 0  # token positions left out after a float64 near-tie decided otherwise
+    not_compared: int = 0  # positions left out after a float64 near-tie went otherwise (all outputs)
     seconds: float = 0.0
 
 
@@ -154,8 +154,14 @@ def compare_values(kind: str, entry: dict, stored: dict, new: dict) -> tuple[lis
         if n.endswith("topk_idx") and n[: -len("topk_idx")] + "topk_margin" in aux:
             order.append(n[: -len("topk_idx")] + "topk_margin")
     order += [a for a in aux if a not in order]
-    taint = metrics.Taint(causal=kind in CAUSAL_KINDS)
+    # what a float64 near-tie decided otherwise reaches is left out (format/taint.py), read from
+    # every routing output before any value is compared
+    levels = {n: _levels(output_type(n), n, stored) for n in names}
+    taint = taint_mod.Taint(kind, list(names) + aux, entry.get("params"))
+    taint_mod.collect(taint, [(n, output_type(n)) for n in names if stored[n].shape == new[n].shape],
+                      stored, new, levels)
     stream_compared = None
+    left_out = 0
     for name in order:
         e, c = stored[name], new[name]
         if e.shape != c.shape:
@@ -167,14 +173,15 @@ def compare_values(kind: str, entry: dict, stored: dict, new: dict) -> tuple[lis
             if name == "tokens_margin" and stream_compared is not None:
                 e, c = e.reshape(-1)[:stream_compared], c.reshape(-1)[:stream_compared]
             else:
-                e, c = taint.select(e, e.ndim), taint.select(c, c.ndim)
+                lead = taint.lead(name, e.shape) if kind in CAUSAL_KINDS else e.ndim
+                e, c = taint.select(e, name, lead), taint.select(c, name, lead)
             d = _margin_difference(name, e, c, stored, diffs)
             if d is not None and (largest is None or d["ratio"] > largest["ratio"]):
                 largest = d
             continue
         if typ in ("continuous", "logits") and np.array_equal(e, c):
             continue  # identical (the relative metrics of an all-zero tensor are not defined)
-        tols = _levels(typ, name, stored)
+        tols = levels[name]
         c_idx = None
         if typ == "routing_weights":
             c_idx = new[name[: -len("topk_weight")] + "topk_idx"]
@@ -190,12 +197,13 @@ def compare_values(kind: str, entry: dict, stored: dict, new: dict) -> tuple[lis
                 largest = {"output": name, "metric": m, "value": v, "ratio": ratio}
             if not v <= tol:
                 diffs.append(Difference("value", name, f"{name}: {m} {v:.3g} > {tol:.3g}"))
+        left_out += vals.get("not_compared", 0)
         n, of = vals.get("compared"), vals.get("positions")
         if of:
             frac = n / of
             if least is None or frac < least[0]:
                 least = (frac, name, n, of)
-    return diffs, largest, taint.count(), least
+    return diffs, largest, left_out, least
 
 
 def _margin_difference(name, e, c, stored, diffs) -> dict | None:

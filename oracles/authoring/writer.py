@@ -32,6 +32,7 @@ from . import calibration, tokenizer
 from .cases import KINDS
 from .checkpoint_cases import CheckpointWeights, reference_of
 from .cluster_cases import compute_on_cluster
+from .conditioned import KINDS_CONDITIONED, Conditioner
 from .emulate import run_case
 from .mutants import MUTANTS
 from .suites import SUITE_DOCS, SUITE_SEED, suite_cases
@@ -74,12 +75,19 @@ def compute(case: Case, profiles=tolerances.PROFILES) -> tuple[dict, dict, dict]
     under = MUTANTS[case.expect_under] if case.expect_under else None
     truth = run_case(case, "float64", under, alone=True)
     aux = kind.aux(case, truth) if kind.aux else {}
+    # the tolerances are measured as `oracles check` judges: against the truth conditioned on
+    # the emulated run's routing and token stream (conditioned.py)
+    cond = Conditioner(case, under) if case.kind in KINDS_CONDITIONED else None
+    if cond is not None and "tokens" in truth:
+        cond.tokens = np.asarray(truth["tokens"], np.int64)
     tols = {}
     for profile in profiles:
         emulated = run_case(case, tolerances.CALIBRATED_BY[profile], under)
         tols[profile] = calibration.calibrate(truth, aux, emulated, profile,
                                                causal=case.kind in CAUSAL_KINDS,
-                                               exact_ties=case.params.get("exact_ties", "forgiven"))
+                                               exact_ties=case.params.get("exact_ties", "forgiven"),
+                                               kind=case.kind, params=case.params,
+                                               conditioner=cond)
     return truth, aux, tols
 
 

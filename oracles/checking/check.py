@@ -18,11 +18,14 @@ import ml_dtypes
 import numpy as np
 
 from .. import OraclesError
-from ..format import metrics, tolerances
+from ..format import metrics, taint, tolerances
+from ..format.checkpoint_ref import CheckpointRef
 from ..format.golden import Golden
-from ..format.schema import CAUSAL_KINDS, matches
+from ..format.profiles import refused, relation
+from ..format.schema import matches
 from .known import apply as apply_known
 from .results import CaseResult, Comparison, Coverage, OutputResult, Report, Verdict
+from .routing import CheckpointTensors, explainer
 from .worker import CaseError
 
 FLOAT_DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16),
@@ -51,7 +54,7 @@ def metric_failures(values: dict, tols: dict, names) -> list[str]:
 
 
 def compare_output(name: str, kind: str, required: bool, c, e, expected: dict, cand: dict,
-                   tols: dict, taint) -> OutputResult:
+                   tols: dict, left_out) -> OutputResult:
     """One output the candidate gave, against its expected value."""
     def failed(message):
         return OutputResult(name, kind, required, status="fail", message=message)
@@ -79,7 +82,7 @@ def compare_output(name: str, kind: str, required: bool, c, e, expected: dict, c
         if tuple(np.shape(c_idx)) != e_idx.shape or not np.issubdtype(c_idx.dtype, np.integer):
             c_idx = e_idx  # the index output itself is reported as failing
         c_idx = np.asarray(c_idx)
-    vals, names = metrics.compare(name, kind, c, e, expected, tols, taint, c_idx)
+    vals, names = metrics.compare(name, kind, c, e, expected, tols, left_out, c_idx)
     out = OutputResult(name, kind, required, metrics=vals,
                        tol={m: tols[m]["tol"] for m in names if m in tols})
     if not any(m in vals for m in names):
@@ -89,6 +92,10 @@ def compare_output(name: str, kind: str, required: bool, c, e, expected: dict, c
                        "not compared: every token") + " follow forgiven routing differences"
         return out
     bad = metric_failures(vals, tols, names)
+    if vals.get("unexplained"):
+        bad.append(f"{vals['unexplained']} near-tie token(s) routed to experts that its own router "
+                   f"input ({name[: -len('topk_idx')]}ffn_norm) does not select within the "
+                   "profile's router arithmetic (not a rounding difference)")
     out.status = "fail" if bad else "pass"
     if bad:
         out.message = "; ".join(bad)
@@ -101,31 +108,45 @@ def compare_output(name: str, kind: str, required: bool, c, e, expected: dict, c
 # One case: compare every output, then the verdict
 # ---------------------------------------------------------------------------------------------
 
-def compare(kind: str, outputs: list, expected: dict, cand: dict, tols_all: dict) -> Comparison:
-    """Every output of the case in dataflow order.  outputs: [{name, type, required}].  A routing
-    output the candidate does not give (logits only) is taken from the golden's margins: every
-    near-tie token may have gone either way, so it and its downstream are left out
-    (metrics.Taint.assume)."""
+def compare(kind: str, outputs: list, expected: dict, cand: dict, tols_all: dict,
+            params: dict | None = None, explain=None, conditioner=None) -> Comparison:
+    """Every output of the case in dataflow order.  outputs: [{name, type, required}].
+
+    The routing outputs are read first (taint.settle): a forgiven near-tie the candidate
+    resolved the other way has the expected values recomputed on its choice by `conditioner`
+    (authoring.conditioned.Conditioner) and every position judged, or, without one, what it
+    reaches left out (taint.Layout); one its own router input does not explain fails
+    (`explain`, routing.explainer). A routing output the candidate does not give (logits only)
+    is inferred from its logits with a conditioner, else taken from the golden's margins (every
+    near-tie may have gone either way). params: the case's (a schedule's shared prefixes)."""
+    scored = [o["name"] for o in outputs if o["required"] and o["type"] in ("logits", "continuous")]
+    settled = taint.settle(kind, [(o["name"], o["type"]) for o in outputs], expected, cand,
+                           tols_all, params, explain, conditioner, scored)
+    left_out, expected = settled.taint, settled.expected
     results, not_provided = [], []
-    taint = metrics.Taint(causal=kind in CAUSAL_KINDS)
-    assumed = False
     for o in outputs:
         name = o["name"]
         if name in cand:
             results.append(compare_output(name, o["type"], o["required"], cand[name],
-                                          expected[name], expected, cand, tols_all[name], taint))
+                                          expected[name], expected, cand, tols_all[name], left_out))
         elif o["required"]:
             results.append(OutputResult(name, o["type"], True, status="fail",
                                         message="missing (a required output)"))
         else:
             not_provided.append(name)
-            margin = expected.get(name[: -len("topk_idx")] + "topk_margin")
-            if o["type"] == "indices" and margin is not None:
-                t = tols_all[name]
-                taint.assume(expected[name], margin, t["margin_eps"],
-                             t.get("exact_ties", "forgiven") == "forgiven")
-                assumed = True
-    return Comparison(results, not_provided, assumed, taint.count())
+    left = [(o.name, o.metrics["not_compared"], o.metrics["positions"])
+            for o in results if (o.metrics or {}).get("not_compared")]
+    note = None
+    if left:
+        name, n, of = max(left, key=lambda x: x[1] / x[2])
+        note = (f"{n} of {of} position(s) of {name} (the most of {len(left)} output(s)) "
+                "downstream of a forgiven routing difference")
+    conditioned = None
+    if settled.source:
+        conditioned = {"forced": settled.forced, "recomputations": settled.recomputations,
+                       "routing": settled.source, **({"note": settled.note} if settled.note else {})}
+    assumed = any(not f.reported for f in left_out.flips)
+    return Comparison(results, not_provided, assumed, note, conditioned)
 
 
 def coverage(out: OutputResult) -> Coverage | None:
@@ -171,18 +192,18 @@ def verdict(comparison: Comparison, any_required: bool, min_compared: float = MI
 
 def judged(header: dict, comparison: Comparison, v: Verdict) -> CaseResult:
     """A case's result from its comparison and verdict."""
-    n = comparison.downstream_forgiven
     return CaseResult(**header, outputs=comparison.outputs, not_provided=comparison.not_provided,
-                      not_compared=f"{n} token(s) downstream of a forgiven routing difference" if n else None,
+                      not_compared=comparison.not_compared, conditioned=comparison.conditioned,
                       checked=v.checked, compared=v.compared, first_failure=v.first_failure,
                       status=v.status, reason=v.reason)
 
 
 def judge(kind: str, outputs: list, expected: dict, cand: dict, tols_all: dict,
-          min_compared: float = MIN_COMPARED) -> dict:
+          min_compared: float = MIN_COMPARED, params: dict | None = None, explain=None,
+          conditioner=None) -> dict:
     """compare, then verdict, as the report's JSON holds them: {outputs, not_provided,
-    [not_compared], checked, [compared], first_failure, status, [reason]}."""
-    comparison = compare(kind, outputs, expected, cand, tols_all)
+    [not_compared], [conditioned], checked, [compared], first_failure, status, [reason]}."""
+    comparison = compare(kind, outputs, expected, cand, tols_all, params, explain, conditioner)
     v = verdict(comparison, any(o["required"] for o in outputs), min_compared)
     d = judged({"id": "", "kind": kind, "pins": "", "conventions": {}}, comparison, v).as_dict()
     return {k: d[k] for k in d if k not in ("id", "kind", "pins", "conventions")}
@@ -194,7 +215,11 @@ def _header(entry: dict) -> dict:
 
 
 def check_case(golden: Golden, entry: dict, candidate, profile: str,
-               min_compared: float = MIN_COMPARED) -> CaseResult:
+               min_compared: float = MIN_COMPARED, conditioner=None) -> CaseResult:
+    """One case. With the profile, a near-tie the candidate resolved in a way its own reported
+    router input does not explain fails (routing.explainer, on the case's checkpoint).
+    conditioner(entry, load, expected) -> an authoring.conditioned.Conditioner or None: the
+    expected values follow the candidate's routing (compare)."""
     cid = entry["id"]
     tols_all = entry["tolerances"].get(profile)
     if tols_all is None:
@@ -218,7 +243,20 @@ def check_case(golden: Golden, entry: dict, candidate, profile: str,
         return CaseResult(**_header(entry), status="missing",
                           reason="no outputs.safetensors for this case")
     outputs = [{**o, "required": o["required"] or o["name"] in required} for o in entry["outputs"]]
-    comparison = compare(entry["kind"], outputs, golden.expected(cid), cand, tols_all)
+
+    def model():
+        if "model" not in cache:
+            case = load()
+            weights = case.weights
+            if isinstance(weights, CheckpointRef):  # a user's checkpoint: its gate tensors only
+                weights = CheckpointTensors(weights.path)
+            cache["model"] = None if weights is None or case.config is None else \
+                (weights, case.config)
+        return cache["model"]
+    expected = golden.expected(cid)
+    cond = None if conditioner is None else conditioner(entry, load, expected)
+    comparison = compare(entry["kind"], outputs, expected, cand, tols_all, entry.get("params"),
+                         explainer(cand, model, profile), cond)
     return judged(_header(entry), comparison,
                   verdict(comparison, any(o["required"] for o in outputs), min_compared))
 
@@ -236,13 +274,24 @@ def check_suite(golden_path: str, candidate, profile: str = "float32", only: str
                 repro_base: str | None = None, progress=None, expect_digest: str | None = None,
                 allow_empty: bool = False, allow_inconclusive: bool = False,
                 min_compared: float = MIN_COMPARED, known=None, allow_fixed: bool = False,
-                engine_options: dict | None = None, today=None, checkpoint: str | None = None) -> Report:
+                engine_options: dict | None = None, today=None, checkpoint: str | None = None,
+                conditioner=None, mode: str | None = None, any_profile: bool = False) -> Report:
     """Check every case (matching `only`) -> the Report. ok is False when a case fails, is
     missing or errs, when one is inconclusive (unless allow_inconclusive), and when no required
     output was compared at all (unless allow_empty). known: a known.KnownFile whose entries turn
-    failures into KNOWN and passes into FIXED (which fail the run unless allow_fixed)."""
+    failures into KNOWN and passes into FIXED (which fail the run unless allow_fixed).
+    conditioner: see check_case (authoring.conditioned.conditioner_for, which `oracles check`
+    passes; it runs refimpl's forward pass). mode: the profile that emulates the mode the
+    candidate ran in (engine.json, the adapter's `mode`), when known: a profile emulating FP8
+    weights or an FP8 KV cache the run did not have is refused unless any_profile, and the
+    report says how the profile relates to the mode (format.profiles)."""
     if profile not in tolerances.PROFILES:
         raise OraclesError(f"profile {profile!r} is not one of {', '.join(tolerances.PROFILES)}")
+    why = refused(profile, mode)
+    if why and not any_profile:
+        raise OraclesError(f"--profile {profile}: {why}; check it with --profile {mode} (the "
+                           "profile of its mode), or pass --any-profile to judge it anyway "
+                           "(the report then says it is not this run's verdict)")
     golden = Golden(golden_path, expect_digest=expect_digest, checkpoint=checkpoint)
     entries = [e for e in golden.manifest["cases"] if matches(e["id"], only)]
     if not entries:
@@ -260,7 +309,7 @@ def check_suite(golden_path: str, candidate, profile: str = "float32", only: str
                            reason=f"not run: the adapter is stuck ({stuck})")
         else:
             t0 = time.perf_counter()
-            r = check_case(golden, entry, candidate, profile, min_compared)
+            r = check_case(golden, entry, candidate, profile, min_compared, conditioner)
             r = dataclasses.replace(r, seconds=round(time.perf_counter() - t0, 3))
         if r.status in ("fail", "missing", "error", "inconclusive") and repro_base and not stuck:
             r = dataclasses.replace(r, repro=f"{repro_base} --only {shlex.quote(r.id)} --profile {profile}")
@@ -280,6 +329,9 @@ def check_suite(golden_path: str, candidate, profile: str = "float32", only: str
         notes.append("nothing was checked: no case compared a required output ("
                       + ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s]) + ")"
                       + ("" if allow_empty else "; pass --allow-empty to accept that"))
+    versus = relation(profile, mode)
+    if versus and profile != mode:
+        notes.append(f"profile {profile}: {versus}")
     if counts["inconclusive"]:
         notes.append(f"{counts['inconclusive']} case(s) inconclusive: too few positions compared"
                      + ("" if allow_inconclusive else "; pass --allow-inconclusive to accept that"))
@@ -296,7 +348,8 @@ def check_suite(golden_path: str, candidate, profile: str = "float32", only: str
     made = {k: golden.manifest.get(k) for k in ("format", "generator", "refimpl")}
     return Report(golden_path, golden.manifest.get("suite"), golden.digest, candidate.label,
                   profile, counts, checked, ok, min_compared, notes, conventions_summary(results),
-                  results, golden.question_digest, golden.pinned, made, known_section)
+                  results, golden.question_digest, golden.pinned, made, known_section,
+                  conditioner is not None, mode, versus)
 
 
 def run_check(*args, **kwargs) -> dict:

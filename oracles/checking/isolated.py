@@ -118,7 +118,7 @@ class ChildCandidate:
         self._restart_after_timeout = restart_after_timeout  # False: a timeout leaves it stuck
         self._label_of = label_of
         self._prespawned = process  # a spawn.ChildProcess started earlier (oracles/__main__.py)
-        self._info = None
+        self._info = self._mode = None
         self.stuck = None  # why no further call is made (a restart failed)
         self.golden, self._order = None, []  # the suite being checked, its cases in order (bind)
         self._proc = self._to = self._from = None
@@ -148,6 +148,13 @@ class ChildCandidate:
     def info(self):
         self._started(first=True)
         return self._info
+
+    @property
+    def mode(self):
+        """The adapter's `mode` (the profile that emulates its run: RefimplAdapter, a built-in
+        engine), reported by the child when the adapter was built; None if it has none."""
+        self._started(first=True)
+        return self._mode
 
     # ---- the candidate interface (check.run_check, adapters.write_outputs) ----------------------
     def bind(self, golden, order=()) -> None:
@@ -294,6 +301,8 @@ class ChildCandidate:
             if "error" in reply:
                 self._stop()
                 raise OraclesError(reply["error"])
+            mode = reply.get("mode")
+            self._mode = mode if isinstance(mode, str) else None
             info = reply.get("info")
             if info is not None:
                 if not (isinstance(info, dict) and isinstance(info.get("engine"), str)
@@ -304,6 +313,8 @@ class ChildCandidate:
                 self._info = {"engine": info["engine"], "version": info["version"],
                               "options": info["options"],
                               **({"serving": info["serving"]} if "serving" in info else {})}
+                if "mode" in info:  # (a built-in engine's: the profile that emulates it)
+                    self._info["mode"] = info["mode"] if isinstance(info["mode"], str) else None
                 if self._label_of is not None:
                     self._label = self._label_of(self._info)
         except CaseError as e:
@@ -445,11 +456,20 @@ def _build(spec: dict, label: str):
     info = getattr(adapter, "info", None)
     if not (isinstance(info, dict) and {"engine", "version", "options"} <= set(info)):
         return adapter, None
-    return adapter, {"engine": str(info["engine"]), "version": str(info["version"]),
-                     "options": {str(k): v if isinstance(v, (str, int, bool)) or v is None
-                                 else str(v) for k, v in dict(info["options"]).items()},
-                     # how it runs serving schedules (engines.load_engine; engine.json `serving`)
-                     **({"serving": str(info["serving"])} if info.get("serving") else {})}
+    out = {"engine": str(info["engine"]), "version": str(info["version"]),
+           "options": {str(k): v if isinstance(v, (str, int, bool)) or v is None
+                       else str(v) for k, v in dict(info["options"]).items()}}
+    if info.get("serving"):  # how it runs serving schedules (engines.load_engine; engine.json)
+        out["serving"] = str(info["serving"])
+    if "mode" in info:  # the profile that emulates the run (oracles/format/profiles.py)
+        out["mode"] = info["mode"] if isinstance(info["mode"], str) else None
+    return adapter, out
+
+
+def _mode(adapter):
+    """The adapter's `mode` attribute (the profile that emulates its run) if it is a string."""
+    mode = getattr(adapter, "mode", None)
+    return mode if isinstance(mode, str) else None
 
 
 def _outputs_file(out, path: str) -> None:
@@ -523,7 +543,7 @@ def child_main(fd_in: int, fd_out: int) -> None:
             if op == "start":
                 sys.path[:] = msg["sys_path"]
                 adapter, info = _build(msg["spec"], msg["label"])
-                reply = {"ok": True, "info": info}
+                reply = {"ok": True, "info": info, "mode": _mode(adapter)}
             elif op == "case":  # supports, answered; then run, answered, if supported
                 what = "supports()"
                 c = case(msg)

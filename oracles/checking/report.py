@@ -17,6 +17,11 @@ def format_report(rep: dict) -> str:
             note = "; ".join(fg)
             if r.get("not_compared"):
                 note = (note + "; " if note else "") + r["not_compared"] + " not compared"
+            if r.get("conditioned"):
+                cd = r["conditioned"]
+                note = (note + "; " if note else "") + (
+                    f"reference recomputed on its routing at {cd['forced']} token(s) "
+                    f"({cd['routing']})")
             if r["not_provided"]:
                 note = (note + "; " if note else "") + f"{len(r['not_provided'])} intermediate(s) not provided"
         elif r["status"] == "known":

@@ -284,6 +284,7 @@ def render(rep: dict) -> str:
         engine = rep["engine"]
         meta.append(("engine", engine if isinstance(engine, str) else json.dumps(engine, sort_keys=True)))
     meta += [("profile", rep.get("profile")),
+             ("profile against the run's mode", rep.get("profile_vs_mode")),
              ("cases", ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in counts.items() if n)
               or "none"),
              ("seconds", rep.get("seconds"))]

@@ -54,7 +54,8 @@ class Comparison:
     outputs: list  # [OutputResult], the outputs the candidate gave and the required ones
     not_provided: list  # names of optional outputs the candidate did not give
     assumed: bool  # a routing output it did not give was taken from the golden's margins
-    downstream_forgiven: int  # tokens left out downstream of a forgiven routing difference
+    not_compared: str | None = None  # the most positions one output left out, in words
+    conditioned: dict | None = None  # {forced, recomputations, routing[, note]} (taint.settle)
 
 
 @dataclass
@@ -78,7 +79,8 @@ class CaseResult:
     conventions: dict
     outputs: list = field(default_factory=list)  # [OutputResult]
     not_provided: list = field(default_factory=list)
-    not_compared: str | None = None  # tokens left out downstream of forgiven routing differences
+    not_compared: str | None = None  # positions left out downstream of forgiven routing differences
+    conditioned: dict | None = None  # the reference recomputed on the candidate's routing
     checked: int | None = None  # None: the case was not judged (skip, error, missing)
     compared: Coverage | None = None
     first_failure: str | None = None  # written for every status but skip (None when none)
@@ -120,10 +122,15 @@ class Report:
     pinned: str | None = None  # which digest --expect-digest matched: manifest or question
     suite_made_with: dict | None = None  # the suite's format, generator and refimpl versions
     known: dict | None = None  # --known: the file, its entries and what they matched
+    conditioning: bool = False  # the reference was recomputed on the candidate's routing
+    mode: str | None = None  # the profile that emulates the mode the candidate ran in
+    profile_vs_mode: str | None = None  # profiles.relation(profile, mode)
 
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["cases"] = [c.as_dict() for c in self.cases]
         if self.known is None:
             del d["known"]
+        if d["profile_vs_mode"] is None:
+            del d["profile_vs_mode"]
         return d

@@ -27,6 +27,7 @@ import os
 from .. import OraclesError
 from ..checking.worker import CaseError
 from ..format.candidate import ERROR_CHARS, SKIP_CHARS, read_engine_info
+from ..format.profiles import mode_of
 
 # --engine NAME -> (module, the distribution whose version is reported, the extra to install)
 ENGINES = {
@@ -128,10 +129,12 @@ def load_engine(name: str, options: dict):
     except ImportError as e:
         raise OraclesError(f"--engine {name}: cannot import it ({e}); install it with "
                            f"pip install 'deepseek-v3-refimpl[{extra}]'") from None
-    info = {"engine": name, "version": version(dist), "options": adapter.options}
+    info = {"engine": name, "version": version(dist), "options": adapter.options,
+            "mode": mode_of(name, adapter.options)}
     if getattr(adapter, "SERVING", None):  # how it runs schedule cases (engine.json)
         info["serving"] = adapter.SERVING
     adapter.info = info
+    adapter.mode = info["mode"]  # the profile that emulates this run (None: no profile does)
     return adapter, info
 
 
@@ -190,10 +193,14 @@ class RecordedSkips:
 
 def read_info(candidate_dir: str) -> dict | None:
     """CANDIDATE/engine.json as `oracles run --engine` wrote it (engine, version, options,
-    serving: how it runs schedules, when recorded, skipped: {case id: reason}, errors: {case id:
-    message}), read strictly
-    (candidate.read_engine_info), or None."""
-    return read_engine_info(candidate_dir)
+    mode: the profile that emulates the run, serving: how it runs schedules (when recorded),
+    skipped: {case id: reason}, errors: {case id:
+    message}), read strictly (candidate.read_engine_info), or None. A file written before runs
+    recorded their mode gets it from the engine and its options."""
+    info = read_engine_info(candidate_dir)
+    if info is not None and "mode" not in info:
+        info["mode"] = mode_of(info["engine"], info["options"])
+    return info
 
 
 def model_case_support(case, engine: str, schedules: bool = False):

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from ..authoring.conditioned import conditioner_for
 from ..authoring.mutants import MUTANTS
 from ..checking.check import run_check
 from ..format import tolerances as tolerance
@@ -47,14 +48,18 @@ class _Cached:
         return self.cache[case_id]
 
 
-def sweep(golden: str, mutants=None, only=None, profiles=tolerance.PROFILES) -> dict:
-    """{mutant: {profile: {"fail": [case ids], "inconclusive": [case ids]}}}."""
+def sweep(golden: str, mutants=None, only=None, profiles=tolerance.PROFILES,
+          conditioning: bool = True) -> dict:
+    """{mutant: {profile: {"fail": [case ids], "inconclusive": [case ids]}}}, judged as `oracles
+    check` judges (the reference recomputed on the mutant's routing where it resolved a forgiven
+    near-tie the other way; conditioning=False: those positions left out instead)."""
     out = {}
     for name in mutants or MUTANTS:
         cand = _Cached(RefimplAdapter("float32", MUTANTS[name]), name)
         out[name] = {}
         for p in profiles:
-            rep = run_check(golden, cand, p, only=only, allow_inconclusive=True)
+            rep = run_check(golden, cand, p, only=only, allow_inconclusive=True,
+                            conditioner=conditioner_for if conditioning else None)
             out[name][p] = {s: [r["id"] for r in rep["cases"] if r["status"] == s]
                             for s in ("fail", "inconclusive")}
     return out
@@ -66,8 +71,10 @@ def main(argv=None) -> int:
     ap.add_argument("--only")
     ap.add_argument("--mutants")
     ap.add_argument("--json")
+    ap.add_argument("--no-conditioning", action="store_true")
     a = ap.parse_args(argv)
-    res = sweep(a.golden, a.mutants.split(",") if a.mutants else None, a.only)
+    res = sweep(a.golden, a.mutants.split(",") if a.mutants else None, a.only,
+                conditioning=not a.no_conditioning)
     print("| mutant | " + " | ".join(tolerance.PROFILES) + " |")
     print("|---|" + "---|" * len(tolerance.PROFILES))
     missed = []

@@ -30,6 +30,7 @@ import tempfile
 import numpy as np
 
 from .. import OraclesError
+from ..authoring.conditioned import conditioner_for
 from ..authoring.emulate import run_case
 from ..authoring.mutants import MUTANTS
 from ..authoring.writer import generate
@@ -40,14 +41,18 @@ from ..checking.known import load as load_known
 from ..checking.results import CaseResult
 from ..format import metrics, tolerances
 from ..format.golden import Golden, read_tensors
+from ..format.profiles import mode_of, refused, relation
 from . import ENGINES, RecordedSkips, installed, label, load_engine
 
-# (engine, options, suite, profiles to check the same outputs against). The scenarios suite is
-# the serving schedules at the real MLA widths: every engine in float32 and in its bf16 mode.
+# (engine, options, suite, profiles to check the same outputs against). The first profile is
+# the one that emulates the run's mode (profiles.mode_of); the others are stricter or another
+# mode of the same precision, never one that emulates FP8 weights or an FP8 KV cache the run did
+# not have (profiles.refused; run_one checks both). The scenarios suite is the serving schedules at
+# the real MLA widths: every engine in float32 and in its bf16 mode.
 RUNS = [
     ("transformers", {}, "default", ["float32"]),
     ("transformers", {}, "engine", ["float32"]),
-    ("transformers", {"dtype": "bfloat16"}, "default", ["bf16", "bf16_f32_experts", "fp8", "float32"]),
+    ("transformers", {"dtype": "bfloat16"}, "default", ["bf16", "bf16_f32_experts", "float32"]),
     ("transformers", {}, "scenarios", ["float32"]),
     ("transformers", {"dtype": "bfloat16"}, "scenarios", ["bf16", "float32"]),
     ("mlx", {}, "default", ["float32"]),
@@ -64,7 +69,7 @@ RUNS = [
     ("llama.cpp", {"kv_cache_dtype": "f16"}, "scenarios", ["f16_kv", "float32"]),
     ("llama.cpp", {"dtype": "bfloat16", "kv_cache_dtype": "bf16"}, "scenarios", ["bf16", "float32"]),
     ("vllm", {}, "engine", ["float32"]),
-    ("vllm", {"dtype": "bfloat16"}, "engine", ["bf16", "fp8", "float32"]),
+    ("vllm", {"dtype": "bfloat16"}, "engine", ["bf16", "float32"]),
     ("vllm", {}, "scenarios", ["float32"]),
     ("vllm", {"dtype": "bfloat16"}, "scenarios", ["bf16", "float32"]),
 ]
@@ -176,10 +181,32 @@ def diagnose(golden: Golden, cid: str, outputs, profile: str) -> tuple[str | Non
                   f"{e_truth:.1e}, tol {tol:.1e})")
 
 
+def compared_fractions(rep) -> dict:
+    """The distribution of the compared fraction over a report's decided model cases (PASS,
+    FAIL, INCONCLUSIVE): how much of each case was judged."""
+    fr = sorted(r["compared"]["fraction"] if "compared" in r else 1.0 for r in rep["cases"]
+                if r["status"] in ("pass", "fail", "inconclusive") and r.get("kind") not in
+                COMPONENT_KINDS)
+    if not fr:
+        return {"cases": 0}
+    return {"cases": len(fr), "min": round(fr[0], 3), "p10": round(fr[int(0.1 * (len(fr) - 1))], 3),
+            "median": round(fr[len(fr) // 2], 3), "below_0.9": sum(f < 0.9 for f in fr),
+            "conditioned": sum(bool(r.get("conditioned")) for r in rep["cases"])}
+
+
+COMPONENT_KINDS = ("rms_norm", "yarn_tables", "rope_apply", "mla", "mla_decode", "gate", "moe",
+                   "fp8_dequant", "fp8_quant", "fp8_act_quant", "training")
+
+
 def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
     """Run one engine configuration over one suite (`oracles run`'s file route: a case the
     engine refuses or crashes on is recorded, error.txt) -> one row per profile and case group
     (the scenario cases, the others)."""
+    mode = mode_of(engine, options)
+    bad = [p for p in profiles if refused(p, mode)]
+    if profiles[0] != mode or bad:
+        raise OraclesError(f"RUNS: {engine} {options}: the first profile must be its mode "
+                           f"({mode}) and none may emulate FP8 it did not have ({bad})")
     adapter, info = load_engine(engine, dict(options))
     cand_dir = os.path.join(work, f"{engine}-{suite}-" + "-".join(f"{k}{v}" for k, v in sorted(options.items())))
     errors = {}
@@ -201,7 +228,7 @@ def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
         own_mode_passed = None  # cases that pass the first profile (the one emulating this mode)
         for profile in profiles:
             rep = run_check(golden_dir, RecordedSkips(DirCandidate(cand_dir), skipped, errors),
-                            profile, only=only)
+                            profile, only=only, conditioner=conditioner_for, mode=mode)
             if own_mode_passed is None:
                 own_mode_passed = {r["id"] for r in rep["cases"] if r["status"] == "pass"}
             failures, precision_only = [], []
@@ -227,7 +254,10 @@ def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
                 failures.append(f)
             c = rep["counts"]
             rows.append({"engine": engine, "version": info["version"], "options": info["options"],
-                         "suite": suite, "cases": group, "profile": profile,
+                         "suite": suite, "cases": group, "profile": profile, "mode": mode,
+                         "vs_mode": "matches" if profile == mode else relation(profile, mode).split(" ")[0].lower(),
+                         "compared": compared_fractions(rep),
+                         "inconclusive_cases": [r["id"] for r in rep["cases"] if r["status"] == "inconclusive"],
                          "date": datetime.date.today().isoformat(),
                          "passed": c["pass"], "failed": c["fail"] + c.get("missing", 0),
                          "errors": c.get("error", 0),
@@ -256,6 +286,27 @@ def _collapse(reasons):
         rest.insert(0, f"{head} has no standalone entry point for the component kinds "
                        + ", ".join(sorted(kinds)))
     return rest
+
+
+def _vs(r) -> str:
+    """The profile against the run's mode: "its mode", "stricter", "looser" or "same precision"."""
+    mode = r.get("mode") or mode_of(r["engine"], r["options"])
+    if mode is None:
+        return "no profile emulates it"
+    if r["profile"] == mode:
+        return "its mode"
+    return {"stricter": "stricter", "looser": "looser", "another": "same precision"}.get(
+        r.get("vs_mode") or _word(r["profile"], mode), "other")
+
+
+def _word(profile, mode):
+    return relation(profile, mode).split(" ")[0].lower()
+
+
+def keep_row(r) -> bool:
+    """A dated row is kept only if its profile may judge the run it was made from: never one
+    that emulates FP8 weights or an FP8 KV cache the run did not have (profiles.refused)."""
+    return refused(r["profile"], r.get("mode") or mode_of(r["engine"], r["options"])) is None
 
 
 def known_failures(row: dict, known_dir: str | None) -> dict:
@@ -301,9 +352,15 @@ def render(rows: list[dict], known_dir: str | None = None) -> str:
            "no FP8 KV cache on a CPU, so the fp8_kv profile has no real-engine row yet. `errors` "
            "counts the cases the engine refused or crashed on (recorded per case, "
            "docs/conformance.md section 5).", "",
-           "The first profile of each configuration is the one that emulates its mode; the others "
-           "show what a stricter or different profile says of the same outputs. A failure's "
-           "diagnosis is computed: the engine's logits are compared with refimpl run with each "
+           "The first profile of each configuration is the one that emulates its mode (`vs. its "
+           "mode`, oracles/format/profiles.py): its verdict is the run's. The others show what a "
+           "stricter profile or another mode of the same precision says of the same outputs; no "
+           "row judges a run by a profile that emulates FP8 weights or an FP8 KV cache it did not "
+           "have (each row also holds its distribution of compared fractions: `python "
+           "benchmarks/compared_fraction.py` prints them). The checker recomputes the reference on "
+           "the engine's routing where it resolved a near-tie the other way (docs/conformance.md "
+           "section 3); rows without a compared distribution in docs/engines.json were judged "
+           "before that rule. A failure's diagnosis is computed: the engine's logits are compared with refimpl run with each "
            "mutant and known engine behaviour (oracles/engines/matrix.py; a schedule case's "
            "variants run through its schedule), and the source line is the engine's code that "
            "does it.", "",
@@ -311,8 +368,8 @@ def render(rows: list[dict], known_dir: str | None = None) -> str:
            "file covers (`docs/known/<engine>.toml`, the file its CI passes to `oracles check "
            "--known`; docs/conformance.md section 11); it is counted where the failures are "
            "itemised, the first profile of a configuration and case group (- elsewhere).", "",
-           "| engine | version | options | suite | cases | profile | passed | failed | errors | inconclusive | known | skipped | run on |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| engine | version | options | suite | cases | profile | vs. its mode | passed | failed | errors | inconclusive | known | skipped | run on |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     firsts = set()
     for r in rows:
         key = (r["engine"], json.dumps(r["options"], sort_keys=True), r["suite"], r.get("cases"))
@@ -320,7 +377,7 @@ def render(rows: list[dict], known_dir: str | None = None) -> str:
         firsts.add(key)
         n_known = len(known_failures(r, known_dir)) if first else "-"
         out.append(f"| {r['engine']} | {r['version']} | {_opts(r['options'])} | {r['suite']} | "
-                   f"{r.get('cases', 'all')} | {r['profile']} | {r['passed']} | {r['failed']} | "
+                   f"{r.get('cases', 'all')} | {r['profile']} | {_vs(r)} | {r['passed']} | {r['failed']} | "
                    f"{r.get('errors', 0)} | {r['inconclusive']} | {n_known} | {r['skipped']} | "
                    f"{r['date']} |")
     out += ["", "## Failures", ""]
@@ -426,7 +483,8 @@ def main(argv=None) -> int:
                         generate(suites[suite], suite)
                 print(f"running {engine} {_opts(options)} on {suite} ...", file=sys.stderr, flush=True)
                 rows += run_one(engine, options, suite, profiles, suites[suite], work)
-        kept = [r for r in old if r["engine"] not in wanted or r["suite"] not in suites_wanted]
+        kept = [r for r in old if (r["engine"] not in wanted or r["suite"] not in suites_wanted)
+                and keep_row(r)]
         order = {e: i for i, e in enumerate(ENGINES)}
         rows = sorted(kept + rows, key=lambda r: order.get(r["engine"], 99))
         with open(data + ".tmp", "w", encoding="utf-8") as f:

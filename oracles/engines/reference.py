@@ -26,6 +26,8 @@ class RefimplAdapter:
     def __init__(self, precision: str = "float32", mutant=None, device=None):
         self.precision, self.mutant = precision, mutant
         self.device = None if device in (None, "cpu") else device  # "gpu" or an array module
+        # the profile that emulates this candidate's mode (oracles check picks it by default)
+        self.mode = precision if precision != "float64" else "float32"
 
     def supports(self, case):
         return True if case.kind in KINDS else f"kind {case.kind!r} is not known to this refimpl"

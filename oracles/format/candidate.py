@@ -34,6 +34,7 @@ from refimpl.layout import DTYPES
 
 from .. import OraclesError
 from . import untrusted
+from .tolerances import PROFILES
 
 OUTPUTS_FILE = "outputs.safetensors"
 SKIP_FILE, ERROR_FILE = "skip.txt", "error.txt"
@@ -221,6 +222,7 @@ ENGINE_SCHEMA = {
     "serving": (False, "a string (how the engine runs serving schedules)"),
     "skipped": (False, "an object of case id -> reason (a string)"),
     "errors": (False, "an object of case id -> the engine's error (a string)"),
+    "mode": (False, "the profile that emulates the run (" + ", ".join(PROFILES) + ") or null"),
 }
 MAX_FIELD_CHARS = 10_000
 
@@ -253,6 +255,8 @@ def read_engine_info(root: str) -> dict | None:
         v = info.get(k)
         if k in ("engine", "version", "serving"):
             ok = isinstance(v, str) and len(v) <= MAX_FIELD_CHARS
+        elif k == "mode":
+            ok = v is None or v in PROFILES
         elif k == "options":
             ok = isinstance(v, dict) and all(_scalar(x) and len(str(x)) <= MAX_FIELD_CHARS
                                              for x in v.values())
@@ -260,8 +264,12 @@ def read_engine_info(root: str) -> dict | None:
             ok = isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
         if not ok:
             raise OraclesError(f"{printable(path)}: field {k!r} must be {want}"
-                               + ("" if k in ("skipped", "errors") else
+                               + ("" if k in ("skipped", "errors", "mode") else
                                   f", of at most {MAX_FIELD_CHARS:,} characters"))
-    return {"engine": info["engine"], "version": info["version"], "options": info["options"],
-            **({"serving": info["serving"]} if "serving" in info else {}),
-            "skipped": info.get("skipped", {}), "errors": info.get("errors", {})}
+    out = {"engine": info["engine"], "version": info["version"], "options": info["options"],
+           "skipped": info.get("skipped", {}), "errors": info.get("errors", {})}
+    if "serving" in info:  # how the engine runs serving schedules (when recorded)
+        out["serving"] = info["serving"]
+    if "mode" in info:  # (absent in a file written before runs recorded their mode)
+        out["mode"] = info["mode"]
+    return out

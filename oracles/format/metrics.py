@@ -13,8 +13,9 @@ tokens       mismatch: 1 if the streams part at a step whose logit margin is bey
              profile's rounding, else 0 (a candidate may continue either way at a near-tie)
 
 Nothing compared is not zero error: when every position of an output is left out (downstream of
-forgiven routing differences), its metrics are absent, not 0.0, and `compared` / `positions`
-say how many token positions were compared; the checker makes such a case INCONCLUSIVE.
+forgiven routing differences, taint.py), its metrics are absent, not 0.0, and `compared` /
+`positions` / `not_compared` say how many of its token positions were and were not compared;
+the checker makes such a case INCONCLUSIVE.
 """
 
 from __future__ import annotations
@@ -124,156 +125,57 @@ def tokens(c, e, margin, eps: float) -> dict:
     return {"mismatch": 0.0, "compared": n, "positions": n}
 
 
-class Taint:
-    """Tokens whose routing legitimately differs (a forgiven near-tie that the candidate did
-    resolve the other way) and everything downstream of them: those tokens are left out of the
-    comparison of later outputs. In a causal model (prefill, decode, MTP) a token changed at
-    position p changes every later position of its row from the next layer on, so the taint
-    spreads to the end of the row. One mask per token-axes shape: an MTP module's sequence is
-    shorter, and its index i continues position i of the main model (h^0_i) and of the module
-    before it (h^(k-1)_i), so it also takes their masks, cut to its length.
-
-    `near` keeps the same masks for near-tie flips only (margin > 0, a rounding question), apart
-    from exact ties decided the other way (margin 0, a tie-break convention the conventions suite
-    labels): only the former make a case INCONCLUSIVE (cover)."""
-
-    def __init__(self, causal: bool):
-        self.causal = causal
-        self.masks = {}  # token-axes shape ([b, s] or [T]) -> bool mask
-        self.near = {}  # the same, near-tie flips (and their downstream) only
-        self.reported = {}  # the same, flips the candidate reported (its own topk_idx) only
-        self.reported_near = {}
-        self.ALL, self.REPORTED = (self.masks, self.near), (self.reported, self.reported_near)
-        # a generated stream that legitimately went another way (a forgiven near-tie) n steps
-        # before its end: the sequence outputs compared after it drop their last n positions
-        # (they belong to another sequence); see stream()
-        self.stream_cut = 0
-
-    def stream(self, c, e, compared: int) -> None:
-        """After a `tokens` comparison: when the candidate's stream differs from the expected
-        one at or after the forgiven step `compared`, outputs that follow it in a causal kind
-        (the main and MTP logits of a speculation case) are compared only over the positions
-        whose inputs precede that step: the last len(e) - first difference positions go."""
-        c, e = np.asarray(c).reshape(-1), np.asarray(e).reshape(-1)
-        n = min(len(c), len(e))
-        differ = np.nonzero(c[:n] != e[:n])[0]
-        first = int(differ[0]) if len(differ) else (n if len(c) != len(e) else len(e))
-        if self.causal and first < len(e):
-            self.stream_cut = max(self.stream_cut, len(e) - first)
-
-    @property
-    def mask(self):
-        return next(iter(self.masks.values()), None)
-
-    def count(self) -> int:
-        return int(sum(m.sum() for m in self.masks.values()))
-
-    def mask_for(self, shape, masks=None):
-        """The left-out tokens of an output whose token axes are `shape`, or None: its own mask
-        and, in a causal model, the masks of the longer sequences of the same rows, cut to it."""
-        masks = self.masks if masks is None else masks
-        m = masks.get(shape)
-        if self.causal and len(shape) == 2:
-            for s, other in masks.items():
-                if len(s) == 2 and s[0] == shape[0] and s[1] > shape[1]:
-                    m = other[:, :shape[1]] if m is None else (m | other[:, :shape[1]])
-        return m
-
-    def cover(self, shape, which=None) -> tuple[int, int, int]:
-        """For an output whose token axes are `shape` -> (positions compared, positions, positions
-        left out only because of exact ties decided the other way). which: ALL or REPORTED."""
-        masks, near_masks = which or self.ALL
-        n = int(np.prod(shape))
-        m = self.mask_for(shape, masks)
-        if m is None:
-            return n, n, 0
-        near = self.mask_for(shape, near_masks)
-        exact = int((m & ~near).sum()) if near is not None else int(m.sum())
-        return n - int(m.sum()), n, exact
-
-    def select(self, a, lead: int, masks=None):
-        """a [*token_axes, ...] -> the untainted tokens' rows, [n, ...] (or `a` when untainted)."""
-        a = np.asarray(a)
-        m = self.mask_for(a.shape[:lead], masks)
-        return a if m is None else a[~m]
-
-    def update(self, c_idx, e_idx, margin, eps, exact_ties=True):
-        k = e_idx.shape[-1]
-        lead = e_idx.shape[:-1]
-        c2 = np.sort(np.asarray(c_idx).reshape(-1, k), -1)
-        e2 = np.sort(np.asarray(e_idx).reshape(-1, k), -1)
-        flipped = (c2 != e2).any(-1) & forgiven(margin, eps, exact_ties)
-        self._add(flipped.reshape(lead), (flipped & _positive(margin)).reshape(lead), reported=True)
-
-    def assume(self, e_idx, margin, eps, exact_ties=True):
-        """The routing a candidate did not report (logits-only): any token whose margin is within
-        the profile's rounding may have gone either way, so all of them count as flipped, from
-        the golden's own margins."""
-        lead = np.asarray(e_idx).shape[:-1]
-        f = forgiven(margin, eps, exact_ties)
-        self._add(f.reshape(lead), (f & _positive(margin)).reshape(lead), reported=False)
-
-    def _add(self, flipped, near, reported):
-        pairs = [(self.masks, flipped), (self.near, near)]
-        if reported:
-            pairs += [(self.reported, flipped), (self.reported_near, near)]
-        for masks, new in pairs:
-            if not new.any():
-                continue
-            if self.causal and new.ndim == 2:
-                new = np.maximum.accumulate(new, axis=1)
-            old = masks.get(new.shape)
-            masks[new.shape] = new if old is None else (old | new)
-
-
-def _positive(margin):
-    return np.asarray(margin, np.float64).reshape(-1) > 0
-
-
 def compare(name, kind, c, e, expected, tols, taint, c_idx=None):
-    """The metrics of one output -> (values, the metric names that are judged). Tokens tainted by
-    an earlier forgiven routing difference are left out; indices outputs update the taint.
-    Where tokens were left out, `compared` and `positions` count the token positions."""
+    """The metrics of one output -> (values, the metric names that are judged). Positions that a
+    forgiven routing difference reaches (taint.Taint, filled before any output is compared; this
+    module does not import it) are
+    left out; `compared`, `positions` and `not_compared` then count this output's token
+    positions."""
     cut = (lambda a: a)
     if kind != "tokens" and taint is not None and taint.stream_cut and np.ndim(e) >= 2:
-        keep = max(np.shape(e)[1] - taint.stream_cut, 0)  # positions of the expected sequence
-        cut = (lambda a: None if a is None else np.asarray(a)[:, :keep])
+        cut = taint.cut
         c, e, c_idx = cut(c), cut(e), cut(c_idx)
     cover = None
+    shape = np.shape(e)
+    lead = taint.lead(name, shape) if taint is not None else 0
+    tainted = taint is not None and kind != "tokens" and taint.any_for(name, shape[:lead])
     if kind in ("continuous", "logits"):
         measure = continuous if kind == "continuous" else (lambda a, b: logits(a, b, tols["logit_eps"]))
         names = CONTINUOUS_METRICS if kind == "continuous" else LOGIT_METRICS
-        lead = None if taint is None else next(
-            (n for n in sorted({len(s) for s in taint.masks})
-             if taint.mask_for(np.asarray(e).shape[:n]) is not None), None)
-        if lead is None:
+        if not tainted:
             vals = measure(c, e)
         else:
             # routing the candidate did not report may or may not have flipped: first compare
             # leaving out only the flips it reported; if that passes, nothing needed forgiving
-            shape = np.asarray(e).shape[:lead]
-            for which in (taint.REPORTED, taint.ALL):
-                vals = measure(taint.select(c, lead, which[0]), taint.select(e, lead, which[0]))
-                cover = taint.cover(shape, which)
-                if which is taint.ALL or (vals and all(
+            for which in ("reported", "all"):  # taint.REPORTED, taint.ALL
+                vals = measure(taint.select(c, name, lead, which), taint.select(e, name, lead, which))
+                cover = taint.cover(name, shape[:lead], which)
+                if which == "all" or (vals and all(
                         vals[m] <= tols[m]["tol"] for m in names if m in tols)):
                     break
     elif kind == "indices":
         margin = cut(expected.get(name[: -len("topk_idx")] + "topk_margin"))
         lead = e.ndim - 1
-        cs, es = (taint.select(c, lead), taint.select(e, lead)) if taint else (c, e)
-        ms = taint.select(margin, lead) if (taint and margin is not None) else margin
-        if taint is not None and taint.mask_for(np.asarray(e).shape[:lead]) is not None:
-            cover = taint.cover(np.asarray(e).shape[:lead])
+        sel = (lambda a: taint.select(a, name, lead)) if tainted else (lambda a: a)
+        cs, es = sel(c), sel(e)
+        ms = sel(margin) if margin is not None else None
+        if tainted:
+            cover = taint.cover(name, shape[:lead])
         ties = tols.get("exact_ties", "forgiven") == "forgiven"
         vals, names = indices(cs, es, ms, tols["margin_eps"], ties), ("mismatch",)
-        if taint is not None and margin is not None:
-            taint.update(c, e, margin, tols["margin_eps"], ties)
+        bad = None if taint is None else taint.unexplained.get(name)
+        if bad is not None and bad.any():
+            # near-ties its own router input does not explain (routing.explained): failures,
+            # wherever they are (their positions are never left out)
+            n = int(np.prod(shape[:lead]))
+            vals["unexplained"] = int(bad.sum())
+            vals["forgiven"] = max(vals.get("forgiven", 0) - int(bad.sum()), 0)
+            vals["mismatch"] = max(vals.get("mismatch", 0.0), float(bad.sum()) / n)
     elif kind == "routing_weights":
         stem = name[: -len("topk_weight")]
         e_idx = cut(expected[stem + "topk_idx"])
         lead = e.ndim - 1
-        sel = (lambda a: taint.select(a, lead)) if taint else (lambda a: a)
+        sel = (lambda a: taint.select(a, name, lead)) if tainted else (lambda a: a)
         margin = cut(expected.get(stem + "topk_margin"))
         n_exp = expected[stem + "router_scores"].shape[-1] if stem + "router_scores" in expected \
             else int(max(e_idx.max(), c_idx.max())) + 1
@@ -281,16 +183,15 @@ def compare(name, kind, c, e, expected, tols, taint, c_idx=None):
                                None if margin is None else sel(margin), tols["margin_eps"],
                                tols.get("exact_ties", "forgiven") == "forgiven")
         names = CONTINUOUS_METRICS
-        if taint is not None and taint.mask_for(np.asarray(e).shape[:lead]) is not None:
-            cover = taint.cover(np.asarray(e).shape[:lead])
+        if tainted:
+            cover = taint.cover(name, shape[:lead])
     else:  # tokens
         vals, names = tokens(c, e, expected["tokens_margin"], tols["logit_eps"]), ("mismatch",)
         if taint is not None and vals["mismatch"] == 0:
             taint.stream(c, e, vals["compared"])
-    if taint is not None and taint.count() and kind != "indices":
-        vals["not_compared"] = taint.count()
     if cover is not None:
         vals["compared"], vals["positions"], exact = cover
+        vals["not_compared"] = vals["positions"] - vals["compared"]
         if exact:
             vals["exact_tie_positions"] = exact
     return vals, names

@@ -101,6 +101,8 @@ def _engine_json(cand, obj=None, raw=None):
     (b'{"engine": "x", "version": "1", "options": {"a": {"b": 1}}}', "field 'options'"),
     (b'{"engine": "x", "version": "1", "options": {}, "skipped": {"gate.tiny": 3}}', "field 'skipped'"),
     (b'{"engine": "x", "version": "1", "options": {}, "extra": 1}', "unknown field 'extra'"),
+    (b'{"engine": "x", "version": "1", "options": {}, "mode": "bf17"}', "field 'mode'"),
+    (b'{"engine": "x", "version": "1", "options": {}, "mode": 1}', "field 'mode'"),
     (b'{"engine": "x", "engine": "y", "version": "1", "options": {}}', "duplicate key"),
     (b'{"engine": "x", "version": "1", "options": {"t": NaN}}', "NaN"),
     (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
@@ -110,6 +112,20 @@ def _engine_json(cand, obj=None, raw=None):
 def test_a_malformed_engine_json_is_one_line(small, cand, raw, words):
     _engine_json(cand, raw=raw)
     one_line_error(*main("check", small[0], cand)[::2], "engine.json", words)
+
+
+def test_engine_json_mode_is_a_profile_or_null_and_absent_is_the_engines(small, cand):
+    """The mode `oracles run --engine` records (section 4, profiles and modes) picks the profile:
+    a profile name or null; a file without one (written before runs recorded it) gets it from
+    the engine and its options."""
+    from oracles import engines
+
+    _engine_json(cand, {**ENGINE, "mode": "bf16"})
+    assert engines.read_info(cand)["mode"] == "bf16"
+    _engine_json(cand, {**ENGINE, "mode": None})
+    assert engines.read_info(cand)["mode"] is None
+    _engine_json(cand, {**ENGINE, "options": {"dtype": "bfloat16", "expert_dtype": "float32"}})
+    assert engines.read_info(cand)["mode"] == "bf16_f32_experts"
 
 
 def test_a_huge_sparse_engine_json_is_refused_by_its_size(small, cand):

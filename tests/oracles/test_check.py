@@ -247,25 +247,32 @@ def test_outputs_written_by_the_safetensors_library_are_read(default_dir, tmp_pa
     assert r["status"] == "pass" and "layers.0.attn_out" in r["not_provided"]
 
 
-def test_a_forgiven_routing_difference_taints_the_rest_of_its_row_in_a_causal_model():
-    from oracles.format.metrics import Taint
+def test_a_forgiven_routing_difference_taints_what_follows_it_in_its_row():
+    from oracles.format.taint import Taint, collect
 
     e_idx = np.array([[[0, 1], [2, 3], [4, 5], [6, 7]], [[0, 1], [2, 3], [4, 5], [6, 7]]])
     c_idx = e_idx.copy()
     c_idx[0, 1] = [2, 9]  # a near-tie resolved the other way at position 1 of row 0
     c_idx[1, 2] = [4, 9]  # a decided token routed differently: a failure, not a taint
     margin = np.array([[1.0, 1e-9, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
-    taint = Taint(causal=True)
-    taint.update(c_idx, e_idx, margin, eps=1e-6)
-    assert taint.mask.tolist() == [[False, True, True, True], [False, False, False, False]]
+    names = ["layers.1.topk_idx", "layers.1.hidden", "layers.2.hidden", "logits", "mtp.1.logits"]
+    taint = Taint("mtp_prefill", names)
+    collect(taint, [(n, "indices" if n.endswith("topk_idx") else "continuous") for n in names],
+            {"layers.1.topk_idx": e_idx, "layers.1.topk_margin": margin}, {"layers.1.topk_idx": c_idx},
+            {"layers.1.topk_idx": {"margin_eps": 1e-6}})
+    # the layer's own output at position 1 only; after the next attention from position 1 on
+    assert taint.mask("layers.1.hidden", (2, 4)).tolist() == [[False, True, False, False], [False] * 4]
+    assert taint.mask("layers.2.hidden", (2, 4)).tolist() == [[False, True, True, True], [False] * 4]
     hidden = np.arange(2 * 4 * 3).reshape(2, 4, 3)
-    assert taint.select(hidden, 2).shape == (5, 3)
+    assert taint.select(hidden, "logits", 2).shape == (5, 3)
     # an MTP module (one index shorter) continues positions 0..2 of these rows
-    assert taint.mask_for((2, 3)).tolist() == [[False, True, True], [False, False, False]]
-    assert taint.select(hidden[:, :3], 2).shape == (4, 3)
-    moe = Taint(causal=False)  # a single MoE layer: only the token itself
-    moe.update(c_idx.reshape(8, 2), e_idx.reshape(8, 2), margin.reshape(8), eps=1e-6)
-    assert moe.mask.tolist() == [False, True] + [False] * 6
+    assert taint.mask("mtp.1.logits", (2, 3)).tolist() == [[False, True, True], [False] * 3]
+    assert taint.mask("layers.1.topk_idx", (2, 4)) is None  # nothing upstream of the routing
+    moe = Taint("moe", ["topk_idx", "out"])  # a single MoE layer: only the token itself
+    collect(moe, [("topk_idx", "indices"), ("out", "continuous")],
+            {"topk_idx": e_idx.reshape(8, 2), "topk_margin": margin.reshape(8)},
+            {"topk_idx": c_idx.reshape(8, 2)}, {"topk_idx": {"margin_eps": 1e-6}})
+    assert moe.mask("out", (8,)).tolist() == [False, True] + [False] * 6
 
 
 def test_run_writes_an_adapter_as_files_that_check_accepts(default_dir, tmp_path):

@@ -111,3 +111,27 @@ def test_another_checkpoint_or_none_is_refused_in_one_line(made, tmp_path):
                           "--layers", "9", "--out", tmp_path / "x", module="oracles")
     assert rc == 2 and "--layers 9: must be between 1 and the checkpoint's 3" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_flip_in_a_checkpoint_case_is_judged_by_the_checkpoints_own_gate(made):
+    """The routing check (oracles/checking/routing.py) reads a layer's gate weight and bias from
+    the user's checkpoint (CheckpointTensors): the reference's own choices are explained by its
+    router input, the experts it scored lowest are not."""
+    from oracles.checking.routing import CheckpointTensors, explainer
+
+    d, _ = made
+    g = Golden(str(d / "g"), checkpoint=str(d / "ckpt"))
+    exp = g.expected("checkpoint.prefill")
+    case = g.load_case("checkpoint.prefill")
+    name = next(k for k in exp if k.startswith("layers.") and k.endswith("topk_idx"))
+    layer = int(name.split(".")[1])
+    tensors = CheckpointTensors(str(d / "ckpt"))
+    gate = f"model.layers.{layer}.mlp.gate.weight"
+    np.testing.assert_array_equal(tensors[gate], Checkpoint(str(d / "ckpt")).weight(gate))
+    explain = explainer(exp, lambda: (tensors, case.config), "bf16")
+    idx = exp[name]
+    flipped = np.ones(idx.shape[:-1], bool)
+    assert explain(name, idx, flipped).all()
+    scores = exp[name[: -len("topk_idx")] + "router_scores"]
+    worst = np.argsort(scores, axis=-1)[..., : idx.shape[-1]]  # the lowest-scored experts
+    assert not explain(name, worst, flipped).any()

@@ -68,7 +68,7 @@ def test_one_command_rewrites_the_page_and_keeps_other_engines_dated_rows(tmp_pa
     assert [r["engine"] for r in rows] == ["transformers", "vllm"]
     assert rows[1] == old_row and rows[0]["passed"] == 1 and rows[0]["failed"] == 0
     page = out.read_text()
-    assert "| vllm | 0.32.0 | dtype=float32 | engine | all | float32 | 6 | 0 | 0 | 0 | 0 | 1 | 2026-12-02 |" in page
+    assert "| vllm | 0.32.0 | dtype=float32 | engine | all | float32 | its mode | 6 | 0 | 0 | 0 | 0 | 1 | 2026-12-02 |" in page
     assert "python -m oracles.engines.matrix --out docs/engines.md" in page
 
 
@@ -79,7 +79,7 @@ def test_a_failure_diagnosed_by_hand_shows_its_known_entrys_reason_and_source(tm
         '[[known]]\ncase = "scenario.x"\noutput = "request.*.attn_out"\nprofile = "bf16"\n'
         'reason = "the softmax scale is rounded to bf16"\nlink = "deepseek_v3.py:146"\n')
     row = {"engine": "mlx", "version": "0.32.2", "options": {"dtype": "bfloat16"}, "suite": "scenarios",
-           "cases": "scenario", "profile": "bf16", "date": "2026-12-02", "passed": 0, "failed": 2,
+           "cases": "scenario", "profile": "bf16", "mode": "bf16", "date": "2026-12-02", "passed": 0, "failed": 2,
            "inconclusive": 0, "skipped": 0, "skip_reasons": [], "precision_only": [],
            "failures": [{"case": "scenario.x", "status": "fail", "first_failure": "request.1.attn_out",
                          "diagnosis": "no variant of refimpl matches"},
@@ -89,4 +89,4 @@ def test_a_failure_diagnosed_by_hand_shows_its_known_entrys_reason_and_source(tm
     assert ("  Diagnosis (known file): the softmax scale is rounded to bf16. Source: deepseek_v3.py:146."
             in page)
     assert page.count("Diagnosis (known file)") == 1  # scenario.y is not covered
-    assert "| mlx | 0.32.2 | dtype=bfloat16 | scenarios | scenario | bf16 | 0 | 2 | 0 | 0 | 1 | 0 |" in page
+    assert "| mlx | 0.32.2 | dtype=bfloat16 | scenarios | scenario | bf16 | its mode | 0 | 2 | 0 | 0 | 1 | 0 |" in page

@@ -109,7 +109,7 @@ def test_clean_reference_passes_and_each_mode_passes_its_own_profile(default_dir
 
 def test_gate_precision_mutants_are_caught_by_f16_kv_only(default_dir):
     """f16_kv is float32 outside attention, so a bf16 gate still fails it; the bf16-based modes
-    forgive it by definition."""
+    allow it by definition (catalogue.ALLOWED)."""
     rep = run_check(default_dir, load_adapter("oracles.mutants:bf16_gate"), "f16_kv", only="model.prefill.tiny")
     assert rep["counts"]["fail"] == 1
     for p in ("bf16_f32_experts", "fp8_kv"):

@@ -41,6 +41,9 @@ LAZY = {
     ("refimpl", "refimpl.loader"): "`import refimpl` (the checker) must not load the forward pass",
     ("oracles.cli", "oracles.authoring.suites"): "`oracles check` must not load the forward pass",
     ("oracles.cli", "oracles.authoring.writer"): "`oracles check` must not load the forward pass",
+    ("oracles.cli", "oracles.authoring.conditioned"):
+        "`oracles check --no-conditioning` (and a suite read without a conditioner) must not load "
+        "the forward pass",
     ("oracles.__main__", "oracles.cli"): "the adapter's process starts before cli imports numpy",
     ("oracles.cli", "oracles.authoring.search"): "`oracles check` must not load the forward pass",
     ("oracles.cli", "oracles.authoring.verify"): "`oracles check` must not load the forward pass",

@@ -94,8 +94,11 @@ GATE_PRECISION = ("bf16_gate", "bf16_gate_bias")
 
 @pytest.mark.parametrize("name", GATE_PRECISION)
 def test_gate_precision_mutants_pass_the_bf16_and_fp8_profiles(default_dir, name):
-    """...except where the gate logits are below -88: scores of e^-93 rounded to bf16 (a
-    subnormal spacing of 9e-41) lose every digit, and the whole-bf16 gate renormalises 0/0."""
+    """A bf16 gate (or gate bias) is the rounding these profiles allow (catalogue.ALLOWED); the
+    designed margins are beyond it, so it routes no token of the suite differently and nothing
+    is left to judge by its router input (oracles/checking/routing.py) - except where the gate
+    logits are below -88: scores of e^-93 rounded to bf16 (a subnormal spacing of 9e-41) lose
+    every digit, and the whole-bf16 gate renormalises 0/0."""
     for profile in ("bf16", "fp8"):
         rep = run_check(default_dir, load_adapter(f"oracles.mutants:{name}"), profile,
                         allow_inconclusive=True)

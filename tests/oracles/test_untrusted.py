@@ -456,14 +456,17 @@ def test_a_case_whose_positions_all_follow_a_flipped_near_tie_is_inconclusive():
     """A causal case: the candidate resolved a near-tie at position 0 the other way, so no
     logit position can be compared: INCONCLUSIVE with 0 of 4 compared and no metric values."""
     e_idx = np.array([[[0, 1], [2, 3], [4, 5], [6, 7]]])
+    rng = np.random.default_rng(0)
     expected = {"layers.0.topk_idx": e_idx, "layers.0.topk_margin": np.array([[1e-9, 1, 1, 1]]),
-                "logits": np.random.default_rng(0).normal(size=(1, 4, 8))}
+                "layers.1.hidden": rng.normal(size=(1, 4, 8)), "logits": rng.normal(size=(1, 4, 8))}
     c_idx = e_idx.copy()
     c_idx[0, 0] = [0, 9]
     cand = {"layers.0.topk_idx": c_idx, "logits": expected["logits"] + 5.0}
     tols = {"layers.0.topk_idx": {"mismatch": {"tol": 0.0}, "margin_eps": 1e-6},
+            "layers.1.hidden": {m: {"tol": 1e-9} for m in metrics.CONTINUOUS_METRICS},
             "logits": {m: {"tol": 1e-9} for m in metrics.LOGIT_METRICS} | {"logit_eps": 1e-4}}
     outputs = [{"name": "layers.0.topk_idx", "type": "indices", "required": False},
+               {"name": "layers.1.hidden", "type": "continuous", "required": False},
                {"name": "logits", "type": "logits", "required": True}]
     res = judge("prefill", outputs, expected, cand, tols)
     assert res["status"] == "inconclusive" and res["compared"]["positions"] == 0
@@ -472,6 +475,11 @@ def test_a_case_whose_positions_all_follow_a_flipped_near_tie_is_inconclusive():
     # the same without the flip is a plain failure (+5 on every logit)
     cand["layers.0.topk_idx"] = e_idx
     assert judge("prefill", outputs, expected, cand, tols)["status"] == "fail"
+    # a flip in the last layer (no layer 1): the logits at its position only are left out
+    cand["layers.0.topk_idx"] = c_idx
+    last = [o for o in outputs if o["name"] != "layers.1.hidden"]
+    res = judge("prefill", last, expected, cand, tols)
+    assert res["status"] == "fail" and res["outputs"][1]["metrics"]["compared"] == 3
 
 
 def test_a_greedy_stream_that_agrees_through_a_near_tie_and_parts_later_fails():
@@ -485,12 +493,19 @@ def test_a_greedy_stream_that_agrees_through_a_near_tie_and_parts_later_fails():
 
 
 def test_inconclusive_cases_exit_1_unless_allowed(default_dir):
-    only = "model.prefill.near_ties"  # random routing: bf16 emulation flips near-ties early
+    """Without conditioning (what a checker without refimpl's forward pass does), refimpl's bf16
+    emulation flips near-ties early in model.prefill.near_ties (random routing, on purpose),
+    which every later position follows; conditioned, every position is judged and it passes."""
+    only = "model.prefill.near_ties"
     bf16 = "oracles.adapters:refimpl_bf16"
-    rc, out, _ = main("check", default_dir, "--adapter", bf16, "--profile", "bf16", "--only", only)
+    rc, out, _ = main("check", default_dir, "--adapter", bf16, "--profile", "bf16", "--only", only,
+                      "--no-conditioning")
     assert rc == 1 and "INCONCLUSIVE" in out and "--allow-inconclusive" in out and "of 10 positions" in out
+    assert "--no-conditioning" in out  # the command that reproduces it
     assert main("check", default_dir, "--adapter", bf16, "--profile", "bf16", "--only", only,
-                "--allow-inconclusive")[0] == 0
+                "--no-conditioning", "--allow-inconclusive")[0] == 0
+    rc, out, _ = main("check", default_dir, "--adapter", bf16, "--only", only)
+    assert rc == 0 and "reference recomputed on its routing" in out
 
 
 class _LogitsOnly:
