@@ -322,13 +322,15 @@ def cmd_check(args) -> int:
         if args.engine_option:
             raise OraclesError("--engine-option needs --engine")
         cand, info = candidates.DirCandidate(args.candidate), engines.read_info(args.candidate)
-        how = shlex.quote(args.candidate)
+        how, env = shlex.quote(args.candidate), {}
         if info:
             cand = engines.RecordedSkips(cand, info.pop("skipped"), info.pop("errors"))
     else:
         cand, how = _candidate_adapter(args)  # an adapter process starts now, while the suite is read
         info = None
-    base = f"oracles check {shlex.quote(args.golden)} {how}" + (
+    env = engines.environment(args.engine) if args.engine else {}  # what the engine reads
+    base = "".join(f"{k}={shlex.quote(v)} " for k, v in env.items()) + \
+        f"oracles check {shlex.quote(args.golden)} {how}" + (
         " --no-conditioning" if args.no_conditioning else "") + (
         " --any-profile" if args.any_profile else "")
     t = time.perf_counter()
@@ -400,7 +402,7 @@ def cmd_run(args) -> int:
                                                checkpoint=args.checkpoint)
             info = getattr(cand, "info", None)
             if info:
-                engines.write_info(tmp, info, skipped)
+                engines.write_info(tmp, info, skipped, errors)
     except BaseException:
         _close(cand, abort=True)
         raise

@@ -84,7 +84,7 @@ class Model:
         attending causally to key indices 0..n_keys-1 (query_index [s]: the tokens' own indices,
         default `positions`); routes: see forward."""
         q = positions if query_index is None else query_index
-        cos, sin = rope.cos_sin(positions, self.inv_freq, self.cos_sin_factor, self.xp)
+        cos, sin = rope.cos_sin(positions, self.inv_freq, self.cos_sin_factor, self.xp, self.dtype)
         form = self.mla_form
         if form == "auto":
             form = "absorbed" if start > 0 else "naive"

@@ -89,11 +89,14 @@ def softmax_scale(cfg: Config) -> float:
     return scale
 
 
-def cos_sin(positions, freqs, factor: float = 1.0, xp=np):
+def cos_sin(positions, freqs, factor: float = 1.0, xp=np, dtype=np.float64):
     """Angles theta_{p,i} = p * inv_freq_i -> (cos, sin) * factor, each [n_pos, d_R/2] float64,
-    placed on xp's device."""
-    pos = to_numpy(positions).astype(np.float64)  # host tables (explicit copy from a device)
-    angles = pos[:, None] * np.asarray(freqs, dtype=np.float64)[None, :]  # [n, d_R/2]
+    placed on xp's device. The angle is formed in `dtype`: float64 by default; a float32 model
+    forms it in float32, as float32 engines do (p and inv_freq rounded to float32, their product
+    rounded: an absolute error that grows with the position, about p * 2^-24 radians)."""
+    pos = to_numpy(positions).astype(dtype)  # host tables (explicit copy from a device)
+    angles = pos[:, None] * np.asarray(freqs, dtype=dtype)[None, :]  # [n, d_R/2]
+    angles = angles.astype(np.float64)
     return xp.asarray(np.cos(angles) * factor), xp.asarray(np.sin(angles) * factor)
 
 

@@ -140,3 +140,34 @@ def test_yarn_changes_outputs_only_through_its_parts():
     a = tiny_model(0, cfg=tiny).forward(tokens)
     b = tiny_model(0, cfg=tiny.replace(rope_scaling=None)).forward(tokens)
     assert rel_err(a, b) > 1e-3
+
+
+@given(st.integers(0, 200_000))
+@example(4095)
+@example(100_000)
+def test_a_float32_model_forms_the_angle_in_float32(p):
+    """cos_sin(dtype=float32) is cos(fl32(fl32(p) * fl32(inv_freq))) (what float32 engines
+    compute: the angle's error grows with the position, about p * 2^-24 rad); the default is
+    the float64 angle. The float64 model's expected values do not change."""
+    freqs = rope.inv_freq(Config.preset("tiny"))
+    c64, s64 = rope.cos_sin([p], freqs)
+    c32, s32 = rope.cos_sin([p], freqs, dtype=np.float32)
+    angle = (np.float32(p) * freqs.astype(np.float32)).astype(np.float64)
+    assert np.array_equal(c32[0], np.cos(angle)) and np.array_equal(s32[0], np.sin(angle))
+    assert np.array_equal(c64[0], np.cos(p * freqs))
+    exact = p * freqs
+    assert np.all(np.abs(angle - exact) <= 2.0 ** -23 * np.maximum(exact, 1e-30) + 1e-30)
+    v3 = rope.inv_freq(Config.preset("deepseek-v3"))  # far out the float32 angle is visibly off
+    off = np.abs(rope.cos_sin([p], v3, dtype=np.float32)[0] - rope.cos_sin([p], v3)[0]).max()
+    assert off <= p * 2.0 ** -23 + 1e-7
+    if p in (4095, 100_000):
+        assert off > 1e-5
+
+
+def test_the_model_forms_angles_in_its_working_precision():
+    m64 = tiny_model()
+    m32 = tiny_model(dtype="float32")
+    pos = np.array([3, 900, 4000])
+    assert np.array_equal(m64.attention_context(pos, 4001, 0).cos, rope.cos_sin(pos, m64.inv_freq, m64.cos_sin_factor)[0])
+    want = rope.cos_sin(pos, m32.inv_freq, m32.cos_sin_factor, dtype=np.float32)[0]
+    assert np.array_equal(np.asarray(m32.attention_context(pos, 4001, 0).cos), want)

@@ -89,9 +89,12 @@ def edge_values_table() -> str:
 
 
 def schedule_steps(schedule) -> str:
-    """A schedule in one line: each forward as request:tokens pairs (xk when repeated k times),
-    `share r<q:L` for a shared prefix; any other step, or other keys of a step, as key value."""
+    """A schedule in one line: `prompts P_0,P_1..:` when it marks its prompt tokens, each forward
+    as request:tokens pairs (xk when repeated k times), `share r<q:L` for a shared prefix,
+    `preempt r`; any other step, or other keys of a step, as key value."""
     out = []
+    if schedule.get("prompt_lengths") is not None:
+        out.append("prompts " + ",".join(map(str, schedule["prompt_lengths"])) + ":")
     for st in schedule["steps"]:
         op = st.get("op")
         if op == "forward":
@@ -101,10 +104,14 @@ def schedule_steps(schedule) -> str:
         elif op == "share_prefix":
             text = f"share {st['request']}<{st['from']}:{st['length']}"
             rest = {k: v for k, v in st.items() if k not in ("op", "request", "from", "length")}
+        elif op == "preempt":
+            text = f"preempt {st['request']}"
+            rest = {k: v for k, v in st.items() if k not in ("op", "request")}
         else:
             text, rest = str(op), {k: v for k, v in st.items() if k != "op"}
         out.append(" ".join([text] + [f"{k} {v}" for k, v in rest.items()]))
-    return "; ".join(out)
+    head = [out.pop(0)] if out and out[0].startswith("prompts ") else []
+    return " ".join(head + ["; ".join(out)])
 
 
 def scenario_cases_table() -> str:
@@ -121,7 +128,7 @@ def scenario_cases_table() -> str:
         rows.append([f"`{cid}`", ", ".join(names), case.pins,
                      schedule_steps(case.params["schedule"])])
     return _table(["case", "suite", "what the engine must do (the case's pins)",
-                   "schedule: one forward per `;` (request:tokens, x repeats), `share r<q:L`"], rows)
+                   "schedule: prompt lengths, then one forward per `;` (request:tokens, x repeats), `share r<q:L`, `preempt r`"], rows)
 
 
 def schedule_format() -> str:

@@ -11,7 +11,7 @@ MTP drafts at depth >= 2. Each scenario case makes the engine take one of them.
 Two kinds: `schedule` (teacher-forced requests run through a serving schedule) and
 `mtp_speculation` (greedy speculative decoding with the MTP modules), declared at the bottom of
 this file with their inputs and outputs; the schedule's format is SCHEDULE_DOC below and
-`expand` checks it. docs/conformance.md section 9 shows both, generated from these declarations
+oracles.format.schedule.plan checks it. docs/conformance.md section 9 shows both, generated from these declarations
 (`python -m oracles.authoring.doc_tables --write docs/conformance.md`).
 
 refimpl runs each schedule through its own latent cache (`run_schedule`: one packed cache of
@@ -34,9 +34,10 @@ from refimpl.trace import recorder
 from .. import OraclesError
 from ..format.schema import Case
 from .draws import case_rng, designed, model_weights, mtp_weights
+from ..format.schedule import (SCHEDULE_FORMAT, Forward, Preempt, Share, _int, expand,  # noqa: F401
+                               plan, prompt_lengths, request_name, request_tokens, shared_lengths)
 from .kinds import case_model, greedy_aux, kind, model_aux
 
-SCHEDULE_FORMAT = 1
 SCHEDULE_KINDS = ("schedule", "mtp_speculation")
 
 # The schedule format, written once (Markdown; docs/conformance.md section 9 is generated from it).
@@ -45,12 +46,14 @@ The schedule is JSON, in the manifest (`params.schedule`), in `inputs.safetensor
 (`params`), and on the Python route as `case.schedule`:
 
 ```
-{"format": 1, "requests": 2, "steps": [
+{"format": 1, "requests": 2, "prompt_lengths": [25, 30], "steps": [
   {"op": "forward", "batch": [[0, 20]]},
   {"op": "share_prefix", "request": 1, "from": 0, "length": 20},
   {"op": "forward", "batch": [[0, 5], [1, 7]]},
   {"op": "forward", "batch": [[1, 3]]},
-  {"op": "forward", "batch": [[1, 1]], "repeat": 3}]}
+  {"op": "forward", "batch": [[1, 1]], "repeat": 3},
+  {"op": "preempt", "request": 1},
+  {"op": "forward", "batch": [[1, 1]]}]}
 ```
 
 - `forward`: ONE engine forward (one batch) holding, for each `[r, n]`, the next n tokens of
@@ -59,106 +62,28 @@ The schedule is JSON, in the manifest (`params.schedule`), in `inputs.safetensor
 - `share_prefix`: request r (empty) starts from the first `length` cache entries request `from`
   computed: prefix caching, computed once, not recomputed for r. Their first `length` tokens are
   equal. Request r's outputs start at position `length`.
-- Each request ends holding all of its tokens. `oracles.authoring.scenarios.expand(schedule, lengths)`
-  checks a schedule (one line naming the step when it is malformed) and unrolls it.
+- `preempt`: request r's cache entries are freed, as an engine frees them when its KV cache
+  runs out; its next forward recomputes every token it holds (positions 0..h-1, in that same
+  forward, before its n next tokens: the recompute policy). The outputs at the recomputed
+  positions are not reported again: request r's outputs are each position's first computation.
+- `prompt_lengths` (optional): request r's first P_r tokens are its prompt, the rest are decode
+  tokens, which an engine that samples produces one per forward. So a prefill chunk holds prompt
+  tokens only, a decode step of a request holds exactly one token, and a shared prefix lies
+  inside the receiving request's prompt. This is what tells a one-token prefill chunk (the
+  prompt's last token, with a context: no token was sampled before it) from a decode step. A
+  schedule without it (suites written before it was added) marks every token as prompt.
+- Each request ends holding all of its tokens. `oracles.format.schedule.plan(schedule, lengths)`
+  checks a schedule (one line naming the step when it is malformed or breaks a rule above) and
+  unrolls it into typed steps (`Forward` of `Chunk`s with the request, first position, token
+  count, recomputed count and prompt flag; `Share`; `Preempt`), which the built-in adapters
+  walk; `expand` gives the same as tuples. The reading side runs it on every schedule case of a
+  suite and checks each request's outputs against the positions it computes (section 8).
+  `prompt_lengths` and `preempt` are additive: format-1 suites written before them read as
+  before; a reader older than them refuses `preempt` with one line.
 - `mtp_speculation`'s schedule is one step, `{"op": "speculate", "depth": D, "max_new_tokens":
   N}`: greedy speculative decoding with D MTP drafts per round, the newest token and the drafts
   verified in one main-model forward, drafts kept while they equal the main model's argmax.
 """
-
-
-def request_name(r: int, name: str) -> str:
-    return f"request.{r}.{name}"
-
-
-# ---------------------------------------------------------------------------------------------
-# The schedule: checked before it runs (a suite is untrusted input)
-# ---------------------------------------------------------------------------------------------
-
-def _int(v, where: str, low: int = 0) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise OraclesError(f"{where}: expected an integer >= {low}, got {v!r}")
-    return v
-
-
-def expand(schedule, lengths: list[int], where: str = "params.schedule") -> list[tuple]:
-    """A `schedule` kind's schedule -> its steps one by one: ("forward", [(r, n), ...]) or
-    ("share", r, q, L), repeats unrolled. Refused with one line naming the step when it is
-    malformed or does not end with every request holding all of its tokens."""
-    if not isinstance(schedule, dict) or schedule.get("format") != SCHEDULE_FORMAT:
-        raise OraclesError(f"{where}: not a format-{SCHEDULE_FORMAT} schedule")
-    n_req = len(lengths)
-    if schedule.get("requests") != n_req:
-        raise OraclesError(f"{where}.requests: {schedule.get('requests')!r}, but the inputs hold "
-                           f"{n_req} request(s)")
-    steps = schedule.get("steps")
-    if not isinstance(steps, list) or not steps:
-        raise OraclesError(f"{where}.steps: expected a non-empty list")
-    held, shared, out = [0] * n_req, {}, []
-    for j, st in enumerate(steps):
-        w = f"{where}.steps[{j}]"
-        if not isinstance(st, dict):
-            raise OraclesError(f"{w}: expected an object")
-        if st.get("op") == "share_prefix":
-            r = _int(st.get("request"), w + ".request")
-            q = _int(st.get("from"), w + ".from")
-            length = _int(st.get("length"), w + ".length", 1)
-            if r >= n_req or q >= n_req or r == q:
-                raise OraclesError(f"{w}: requests {r} and {q} must be two of 0..{n_req - 1}")
-            if held[r] != 0:
-                raise OraclesError(f"{w}: request {r} already holds {held[r]} token(s)")
-            if length > held[q]:
-                raise OraclesError(f"{w}: request {q} holds only {held[q]} token(s), not {length}")
-            held[r] = length
-            shared[r] = length
-            out.append(("share", r, q, length))
-        elif st.get("op") == "forward":
-            batch = st.get("batch")
-            if not isinstance(batch, list) or not batch:
-                raise OraclesError(f"{w}.batch: expected a non-empty list of [request, tokens]")
-            pairs = []
-            for item in batch:
-                if not (isinstance(item, list) and len(item) == 2):
-                    raise OraclesError(f"{w}.batch: {item!r} is not [request, tokens]")
-                r, n = _int(item[0], w + ".batch request"), _int(item[1], w + ".batch tokens", 1)
-                if r >= n_req:
-                    raise OraclesError(f"{w}.batch: request {r} is not one of 0..{n_req - 1}")
-                pairs.append((r, n))
-            if len({r for r, _ in pairs}) != len(pairs):
-                raise OraclesError(f"{w}.batch: a request appears twice in one forward")
-            for _ in range(_int(st.get("repeat", 1), w + ".repeat", 1)):
-                for r, n in pairs:
-                    if held[r] + n > lengths[r]:
-                        raise OraclesError(f"{w}: request {r} would hold {held[r] + n} tokens, "
-                                           f"but has only {lengths[r]}")
-                    held[r] += n
-                out.append(("forward", pairs))
-        else:
-            raise OraclesError(f"{w}.op: {st.get('op')!r} is not forward or share_prefix")
-    short = [r for r in range(n_req) if held[r] != lengths[r]]
-    if short:
-        r = short[0]
-        raise OraclesError(f"{where}: request {r} ends holding {held[r]} of its {lengths[r]} tokens")
-    return out
-
-
-def shared_lengths(schedule, n_req: int) -> list[int]:
-    """Per request, how many of its first positions another request computed (0 when none)."""
-    out = [0] * n_req
-    for st in schedule["steps"]:
-        if st.get("op") == "share_prefix":
-            out[st["request"]] = st["length"]
-    return out
-
-
-def request_tokens(case) -> list[np.ndarray]:
-    """request.<r>.input_ids [1, n_r] -> [n_r] int64 each, r = 0, 1, ..."""
-    out = []
-    while f"request.{len(out)}.input_ids" in case.inputs:
-        out.append(np.asarray(case.inputs[f"request.{len(out)}.input_ids"]).reshape(-1).astype(np.int64))
-    if not out:
-        raise OraclesError(f"case {case.id}: no request.0.input_ids among its inputs")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,29 +97,43 @@ class PackedRun:
     copies block-table entries, not latents. A query of request r at position p attends to
     slots[r][0..p] only (its mask), at RoPE position p."""
 
-    def __init__(self, model, tokens: list[np.ndarray]):
+    def __init__(self, model, tokens: list[np.ndarray], max_len: int | None = None):
         self.model, self.tokens = model, tokens
-        self.cache = model.new_cache(batch=1, max_len=sum(len(t) for t in tokens))
+        self.cache = model.new_cache(batch=1, max_len=max_len or sum(len(t) for t in tokens))
         self.slots = [np.zeros(0, np.int64) for _ in tokens]
+        self.held = [0] * len(tokens)  # tokens each request holds (its cache may have been freed)
         self.traces = [[] for _ in tokens]  # per request, the trace of each of its forwards
 
     def share(self, r: int, q: int, length: int) -> None:
         if not np.array_equal(self.tokens[r][:length], self.tokens[q][:length]):
             raise OraclesError(f"share_prefix: requests {r} and {q} differ in their first {length} tokens")
         self.slots[r] = self.slots[q][:length].copy()
+        self.held[r] = length
+
+    def preempt(self, r: int) -> None:
+        """Request r's cache entries are freed (its slots are not reused: the cache only grows);
+        its next forward recomputes every token it holds."""
+        self.slots[r] = np.zeros(0, np.int64)
 
     def forward(self, batch) -> None:
-        """One forward over the packed new tokens of every [r, n] in the batch."""
+        """One forward over the packed new tokens of every [r, n] in the batch (a preempted
+        request's held tokens recomputed first, in the same forward; only its n new tokens'
+        outputs are kept)."""
         model, cfg = self.model, self.model.cfg
         start = self.cache.length
-        ids, pos, seg = [], [], []
+        ids, pos, seg, keep = [], [], [], []
         for r, n in batch:
-            held = len(self.slots[r])
-            ids.append(self.tokens[r][held:held + n])
-            pos.append(np.arange(held, held + n))
-            seg.append((r, n))
+            first = len(self.slots[r])  # 0 after a preemption: everything is recomputed
+            last = self.held[r] + n
+            ids.append(self.tokens[r][first:last])
+            pos.append(np.arange(first, last))
+            seg.append((r, last - first))
+            keep.append(n)
+            self.held[r] = last
         ids, pos = np.concatenate(ids)[None, :], np.concatenate(pos)
         s = ids.shape[1]
+        if start + s > self.cache.max_len:
+            raise OraclesError(f"the schedule needs more than the {self.cache.max_len} cache slots given")
         new_slots = np.arange(start, start + s)
         tables, row = [], 0
         for r, n in seg:
@@ -205,7 +144,7 @@ class PackedRun:
             self.slots[r] = t
         trace = {}
         xp = model.xp
-        cos, sin = rope.cos_sin(pos, model.inv_freq, model.cos_sin_factor, xp)
+        cos, sin = rope.cos_sin(pos, model.inv_freq, model.cos_sin_factor, xp, model.dtype)
         form = model.mla_form if model.mla_form != "auto" else ("absorbed" if start > 0 else "naive")
         context = AttentionContext(cos, sin, xp.asarray(mask), start, model.softmax_scale, form,
                                    self.cache)
@@ -218,8 +157,8 @@ class PackedRun:
         recorder(trace)("final_hidden", h)
         model.logits(h, trace)
         row = 0
-        for r, n in seg:
-            self.traces[r].append({k: v[:, row:row + n] for k, v in trace.items()})
+        for (r, n), k in zip(seg, keep):
+            self.traces[r].append({name: v[:, row + n - k:row + n] for name, v in trace.items()})
             row += n
 
     def outputs(self) -> dict:
@@ -248,13 +187,16 @@ def batch_mask(segments, n_slots: int) -> np.ndarray:
 def run_schedule(case, dtype) -> dict:
     """The `schedule` kind through refimpl: every step of params.schedule on one PackedRun."""
     tokens = request_tokens(case)
-    steps = expand(case.params.get("schedule"), [len(t) for t in tokens])
-    run = PackedRun(case_model(case, dtype), tokens)
+    steps = plan(case.params.get("schedule"), [len(t) for t in tokens])
+    slots = sum(c.recompute + c.n for st in steps if isinstance(st, Forward) for c in st.chunks)
+    run = PackedRun(case_model(case, dtype), tokens, max_len=slots)
     for st in steps:
-        if st[0] == "share":
-            run.share(*st[1:])
+        if isinstance(st, Share):
+            run.share(st.request, st.donor, st.length)
+        elif isinstance(st, Preempt):
+            run.preempt(st.request)
         else:
-            run.forward(st[1])
+            run.forward([(c.request, c.n) for c in st.chunks])
     return run.outputs()
 
 
@@ -360,16 +302,19 @@ def alone_speculation(case, dtype) -> dict:
 # Builders and suites
 # ---------------------------------------------------------------------------------------------
 
-def schedule_case(cid, cfg, lengths, steps, pins, share=None):
+def schedule_case(cid, cfg, lengths, steps, pins, share=None, prompts=None):
     """Requests of the given lengths with random tokens (request r copies request q's first L
-    tokens for each (r, q, L) in `share`), run by `steps`."""
+    tokens for each (r, q, L) in `share`), run by `steps`; request r's first prompts[r] tokens
+    are its prompt (default: every token)."""
     rng = case_rng(cid)
     w = model_weights(cfg, rng)
     toks = [rng.integers(0, cfg.vocab_size, n).astype(np.int64) for n in lengths]
     for r, q, length in share or ():
         toks[r][:length] = toks[q][:length]
     schedule = {"format": SCHEDULE_FORMAT, "requests": len(lengths), "steps": steps}
-    expand(schedule, lengths)  # a builder's schedule is checked like a suite's
+    if prompts is not None:
+        schedule["prompt_lengths"] = list(prompts)
+    plan(schedule, lengths)  # a builder's schedule is checked like a suite's
     inputs = {f"request.{r}.input_ids": t[None, :] for r, t in enumerate(toks)}
     return designed(Case(cid, "schedule", pins, inputs, params={"schedule": schedule}, config=cfg,
                          weights=w))
@@ -384,26 +329,55 @@ def forward_step(*pairs, repeat=1):
     return st
 
 
-def chunked_prefill_case(cid, cfg, chunks, pins=None):
-    """One request prefilled in the given chunk sizes."""
-    return schedule_case(cid, cfg, [sum(chunks)], [forward_step((0, c)) for c in chunks],
-                         pins or f"prefill in chunks of {', '.join(map(str, chunks))} tokens")
+def _chunks(n, size):
+    """n tokens in chunks of at most `size`."""
+    return [min(size, n - i) for i in range(0, n, size)]
+
+
+def chunked_prefill_case(cid, cfg, chunks, decode=0, pins=None):
+    """One request's prompt prefilled in the given chunk sizes, then `decode` decode steps."""
+    steps = [forward_step((0, c)) for c in chunks] + ([forward_step((0, 1), repeat=decode)] if decode else [])
+    return schedule_case(cid, cfg, [sum(chunks) + decode], steps,
+                         pins or f"prefill in chunks of {', '.join(map(str, chunks))} tokens",
+                         prompts=[sum(chunks)])
 
 
 def prefix_cache_case(cid, cfg, prefix, first, second, extend, pins=None):
     """Request 0 computes a shared prefix (and `first` more tokens); request 1 reuses the
     prefix's cache entries, adds `second` tokens in the same forward as request 0's, then is
-    extended by `extend` tokens alone, the last ones one at a time."""
+    extended by `extend` tokens alone, the last three as decode steps."""
     steps = [forward_step((0, prefix)),
              {"op": "share_prefix", "request": 1, "from": 0, "length": prefix},
              forward_step((0, first), (1, second))]
-    if extend > 3:
-        steps += [forward_step((1, extend - 3)), forward_step((1, 1), repeat=3)]
-    else:
-        steps += [forward_step((1, 1), repeat=extend)]
+    steps += [forward_step((1, extend - 3)), forward_step((1, 1), repeat=3)] if extend > 3 else [forward_step((1, 1), repeat=extend)]
+    decode = min(extend, 3)
     return schedule_case(cid, cfg, [prefix + first, prefix + second + extend], steps,
                          pins or f"a {prefix}-token prefix computed once and reused by a second "
-                                  "request, then extended", share=[(1, 0, prefix)])
+                                  "request, then extended", share=[(1, 0, prefix)],
+                         prompts=[prefix + first, prefix + second + extend - decode])
+
+
+def prefix_blocks_case(cid, cfg, lengths, tail=1, decode=3, pins=None):
+    """Request 0 computes a prompt longer than every shared length; request r (1, 2, ...) reuses
+    its first lengths[r-1] cache entries, prefills `tail` more prompt tokens (all of them in ONE
+    forward, mixed) and decodes `decode` tokens. Lengths at block multiples (16, 64, 256) take a
+    paged cache's full-block hit; one off takes a partial block. Each receiver's outputs are
+    tail + decode positions: with 4 of them the norm metric of a bf16 engine's attention output
+    varies by more than the bf16 floor from position to position (MLX: 0.0063 over 4 of the
+    donor's own positions, 0.0040 over 12), so the scenarios suite decodes 15."""
+    donor = max(lengths) + 8
+    n = len(lengths)
+    steps = [forward_step((0, c)) for c in _chunks(donor, 128)]
+    steps += [{"op": "share_prefix", "request": r + 1, "from": 0, "length": L}
+              for r, L in enumerate(lengths)]
+    steps += [forward_step((0, 1), *[(r + 1, tail) for r in range(n)]),
+              forward_step(*[(r, 1) for r in range(n + 1)], repeat=decode)]
+    return schedule_case(
+        cid, cfg, [donor + decode + 1] + [L + tail + decode for L in lengths], steps,
+        pins or "shared prefixes of " + ", ".join(map(str, lengths)) + " tokens (requests "
+        + ", ".join(str(r + 1) for r in range(n)) + "), each extended in one mixed forward",
+        share=[(r + 1, 0, L) for r, L in enumerate(lengths)],
+        prompts=[donor] + [L + tail for L in lengths])
 
 
 def ragged_batch_case(cid, cfg, prompts, decode, pins=None):
@@ -420,15 +394,62 @@ def ragged_batch_case(cid, cfg, prompts, decode, pins=None):
     first = " and ".join(str(prompts[r]) for r in range(n) if r != late)
     return schedule_case(cid, cfg, lengths, steps, pins or
                          f"prompts of {first} tokens in one forward, then a {prompts[late]}-token "
-                         "prefill in the same forward as their decode steps")
+                         "prefill in the same forward as their decode steps", prompts=prompts)
 
 
-def long_decode_case(cid, cfg, prefill, steps, pins=None):
-    """A short prefill, then `steps` decode steps one token at a time."""
-    schedule = [forward_step((0, prefill)), forward_step((0, 1), repeat=steps)]
-    return schedule_case(cid, cfg, [prefill + steps], schedule,
+def mixed_step_case(cid, cfg, pins=None):
+    """Prefill chunks and decode steps of four requests in the same forwards: requests 0 and 1
+    decode while request 2's 30-token prompt arrives in chunks of 10, 15 and 5 (first, middle,
+    last) and request 3's 8-token prompt in chunks of 7 and a final one-token chunk, which then
+    decodes beside them."""
+    steps = [forward_step((0, 12), (1, 20)),
+             forward_step((0, 1), (1, 1), repeat=2),
+             forward_step((0, 1), (1, 1), (2, 10), (3, 7)),
+             forward_step((0, 1), (1, 1), (2, 15), (3, 1)),
+             forward_step((0, 1), (1, 1), (2, 5), (3, 1)),
+             forward_step((0, 1), (1, 1), (2, 1), (3, 1), repeat=3)]
+    return schedule_case(cid, cfg, [12 + 8, 20 + 8, 30 + 3, 8 + 4], steps, pins or
+                         "one forward holding decode steps of two requests, a middle prefill "
+                         "chunk of a third and the final one-token prefill chunk of a fourth",
+                         prompts=[12, 20, 30, 8])
+
+
+def final_chunk_case(cid, cfg, chunks, decode, pins=None):
+    """A prompt whose last prefill chunk is one token (a query of length one with a context,
+    which is not a decode step: no token was sampled before it), then decode steps."""
+    assert chunks[-1] == 1
+    return chunked_prefill_case(cid, cfg, chunks, decode, pins or (
+        f"a {sum(chunks)}-token prompt in chunks of {', '.join(map(str, chunks))} (the last one "
+        f"token), then {decode} decode steps"))
+
+
+def long_decode_case(cid, cfg, prefill, steps, chunk=None, pins=None):
+    """A prefill (in chunks of at most `chunk` tokens), then `steps` decode steps one token at a
+    time."""
+    pre = [forward_step((0, c)) for c in (_chunks(prefill, chunk) if chunk else [prefill])]
+    return schedule_case(cid, cfg, [prefill + steps], pre + [forward_step((0, 1), repeat=steps)],
                          pins or f"{steps} decode steps after a {prefill}-token prefill, to "
-                                 f"position {prefill + steps - 1}")
+                                 f"position {prefill + steps - 1}", prompts=[prefill])
+
+
+def preemption_case(cid, cfg, prompts, before, alone, after, pins=None):
+    """Two requests prefilled together and decoded `before` steps; request 1 is then preempted
+    (its cache entries freed, as a paged engine does when its KV cache runs out), request 0
+    decodes `alone` steps to its end, and request 1 resumes: its first forward recomputes
+    everything it holds (the recompute policy), then it decodes `after` - 1 more steps. With
+    16-token blocks, prompts[1] + before a multiple of 16 and prompts[0] + before + alone within
+    request 0's blocks, a cache of exactly the blocks they hold makes a paged engine preempt
+    request 1 at that step and resume it only once request 0 has finished."""
+    steps = [forward_step((0, prompts[0]), (1, prompts[1])),
+             forward_step((0, 1), (1, 1), repeat=before),
+             {"op": "preempt", "request": 1},
+             forward_step((0, 1), repeat=alone),
+             forward_step((1, 1), repeat=after)]
+    held = prompts[1] + before
+    return schedule_case(cid, cfg, [prompts[0] + before + alone, held + after], steps,
+                         pins or f"request 1 preempted after {before} decode steps, resumed once "
+                                 f"request 0 has finished by recomputing its {held} tokens",
+                         prompts=prompts)
 
 
 def predictable_mtp(weights: dict, cfg, layer_scale=0.3, hidden_share=0.1) -> dict:
@@ -479,6 +500,9 @@ def default_cases(tiny, tiny_mtp):
             pins="prefill in chunks of 1, 14, 3, 45, 5, 12 (chunk edges cross 16 and 64)")),
         ("scenario.prefix_cache.small", lambda c: prefix_cache_case(c, t, 20, 5, 7, 6)),
         ("scenario.ragged_batch.small", lambda c: ragged_batch_case(c, t, [9, 17, 4], 4)),
+        ("scenario.mixed_step.small", lambda c: mixed_step_case(c, t)),
+        ("scenario.prefix_blocks.small", lambda c: prefix_blocks_case(c, t, [16, 17])),
+        ("scenario.preemption.small", lambda c: preemption_case(c, t, [10, 14], 2, 3, 4)),
         ("scenario.decode.past_256", lambda c: long_decode_case(
             c, t, 240, 60, pins="60 decode steps from position 240 to 299: past the first KV "
                                 "block of 256 and past original_max_position_embeddings 64")),
@@ -487,10 +511,11 @@ def default_cases(tiny, tiny_mtp):
     ]
 
 
-def suite(tiny, tiny_mtp):
-    """The `scenarios` suite: the serving paths at lengths past 256 and past the original
-    context (tens of seconds to generate)."""
-    t = tiny()
+def suite(cfg, cfg_mtp, long_cfg):
+    """The `scenarios` suite: every serving path at the real MLA widths (cfg: the engine suite's
+    config, which vLLM's CPU MLA kernel runs), at lengths past 256, 512, 1024 and 4096 (long_cfg:
+    the same with a context of 5120), tens of seconds to minutes to generate."""
+    t = cfg()
     return [
         ("scenario.chunked_prefill.crossing", lambda c: chunked_prefill_case(
             c, t, [1, 14, 3, 45, 5, 190, 42],
@@ -498,17 +523,32 @@ def suite(tiny, tiny_mtp):
         ("scenario.chunked_prefill.aligned", lambda c: chunked_prefill_case(
             c, t, [1, 15, 17, 31, 65, 127, 44],
             pins="300 tokens in chunks of 1, 15, 17, 31, 65, 127, 44: chunk edges land on 16, 64, 256")),
+        ("scenario.final_chunk", lambda c: final_chunk_case(c, t, [32, 32, 1], 8)),
         ("scenario.prefix_cache.long", lambda c: prefix_cache_case(
             c, t, 100, 30, 40, 150,
             pins="a 100-token prefix computed once, reused by a second request that grows to 290")),
+        ("scenario.prefix_blocks.16", lambda c: prefix_blocks_case(c, t, [16, 15, 17], decode=15)),
+        ("scenario.prefix_blocks.64", lambda c: prefix_blocks_case(c, t, [64, 63, 65], decode=15)),
+        ("scenario.prefix_blocks.256", lambda c: prefix_blocks_case(c, t, [256, 255, 257], decode=15)),
         ("scenario.ragged_batch.long", lambda c: ragged_batch_case(
             c, t, [33, 70, 5], 200, pins="prompts of 33 and 70 tokens in one forward, a 5-token "
                                          "prefill mixed with their decode steps, then 200 decode "
                                          "steps of all three")),
+        ("scenario.mixed_step", lambda c: mixed_step_case(c, t)),
+        ("scenario.preemption", lambda c: preemption_case(c, t, [40, 60], 4, 20, 10)),
         ("scenario.decode.long", lambda c: long_decode_case(
             c, t, 20, 300, pins="300 decode steps after a 20-token prefill, to position 319")),
-        ("scenario.speculation.depth2", lambda c: speculation_case(c, tiny_mtp(2), 2, 5, 300)),
-        ("scenario.speculation.depth3", lambda c: speculation_case(c, tiny_mtp(3), 3, 7, 120)),
+        ("scenario.decode.past_512", lambda c: long_decode_case(
+            c, t, 500, 24, pins="a 500-token prefill in one forward, then 24 decode steps across "
+                                "position 512, to 523")),
+        ("scenario.decode.past_1024", lambda c: long_decode_case(
+            c, t, 1010, 24, pins="a 1010-token prefill in one forward, then 24 decode steps "
+                                 "across position 1024, to 1033")),
+        ("scenario.decode.past_4096", lambda c: long_decode_case(
+            c, long_cfg(), 4085, 24, pins="a 4085-token prefill in one forward, then 24 decode "
+                                          "steps across position 4096, to 4108")),
+        ("scenario.speculation.depth2", lambda c: speculation_case(c, cfg_mtp(2), 2, 5, 300)),
+        ("scenario.speculation.depth3", lambda c: speculation_case(c, cfg_mtp(3), 3, 7, 120)),
     ]
 
 

@@ -455,7 +455,11 @@ def conventions():
 
 
 def scenario_suite():
-    return scenarios.suite(tiny, tiny_mtp)
+    """The serving scenarios at the real MLA widths (engine_config), so that vLLM's CPU MLA
+    kernel runs them; the decode past 4096 on a context of 5120 (YaRN factor 80)."""
+    return scenarios.suite(engine_config, lambda depth: engine_config(num_nextn_predict_layers=depth),
+                           lambda: engine_config(rope_scaling=RopeScaling(80.0, 64, 32.0, 1.0, 1.0, 1.0),
+                                                 max_position_embeddings=5120))
 
 
 def engine_config(**changes) -> Config:
@@ -505,8 +509,11 @@ SUITE_DOCS = {
     "full-width": "components at the real V3 dimensions (hidden 7168, 128 heads, q-lora 1536, "
                   "kv-lora 512, 256 experts in 8 groups, the real YaRN config); weights stored bf16",
     "conventions": "each spec section 9 alternative, labelled, to learn which one an engine follows",
-    "scenarios": "serving schedules (chunked prefill, prefix cache, ragged batches, long decode, "
-                 "MTP speculation) past 256 positions; expected: each request alone",
+    "scenarios": "serving schedules at the real MLA widths of the engine suite (so vLLM's CPU "
+                 "MLA kernel runs them): chunked prefill, a final one-token prefill chunk, "
+                 "prefixes shared at block multiples and one off, ragged and mixed batches, "
+                 "preemption, decode past 256, 512, 1024 and 4096, MTP speculation at depth 2 "
+                 "and 3; expected: each request alone",
     "engine": "model cases only, at the real attention widths (kv-lora 512, rope 64, nope 128, "
               "v 128; 4 heads, 2 layers, 8 experts, vocab 384) that engines built for real "
               "shapes (vLLM's CPU MLA kernel) load",

@@ -20,18 +20,23 @@ Scenario cases (kinds `schedule` and `mtp_speculation`, oracles/authoring/scenar
 .schedule (= .params["schedule"]; None for every other case): how the engine must run the
 requests, e.g. for `schedule`
 
-    {"format": 1, "requests": 2, "steps": [
+    {"format": 1, "requests": 2, "prompt_lengths": [25, 27], "steps": [
         {"op": "forward", "batch": [[0, 20]]},                          # one forward: request 0's next 20 tokens
         {"op": "share_prefix", "request": 1, "from": 0, "length": 20},  # request 1 reuses those 20 cache entries
         {"op": "forward", "batch": [[0, 5], [1, 7]]},                   # one batch: 5 more of 0, 7 of 1
-        {"op": "forward", "batch": [[1, 1]], "repeat": 3}]}             # three decode steps of request 1
+        {"op": "forward", "batch": [[1, 1]], "repeat": 3},              # three decode steps of request 1
+        {"op": "preempt", "request": 1},                                # request 1's cache freed ...
+        {"op": "forward", "batch": [[1, 1]]}]}                          # ... and recomputed before its next token
 
 with request r's tokens in .inputs["request.<r>.input_ids"] [1, n_r], and outputs named
 request.<r>.logits (required) and request.<r>.<trace name> over the positions the schedule
 computes for r. An engine that cannot run a schedule as written returns a reason from
 supports(case) (the case is skipped, never passed); running the requests some other way would
-not test the path the case is for. oracles.authoring.scenarios.expand(schedule, lengths) checks a
-schedule and unrolls it into one entry per forward.
+not test the path the case is for. oracles.format.schedule.plan(schedule, lengths) checks a
+schedule and unrolls it into typed steps (docs/conformance.md section 9).
+
+An adapter may also have close(): it frees the engine; when present it is called once, after the
+last case, on the thread that built the adapter.
 """
 
 from __future__ import annotations
@@ -222,14 +227,23 @@ def make_candidate(factory, label: str, timeout: float = DEFAULT_CASE_TIMEOUT) -
     return AdapterCandidate(adapter, label, timeout=timeout, worker=worker)
 
 
+def _remove(path: str) -> None:
+    """An earlier run's file of a case, gone (nothing when there is none)."""
+    if os.path.lexists(path):
+        os.remove(path)
+
+
 def write_outputs(golden_path: str, candidate, out: str, only=None,
                   errors: dict | None = None, expect_digest: str | None = None,
                   checkpoint: str | None = None) -> dict:
     """The file route driven by an adapter: CANDIDATE/cases/<id>/outputs.safetensors for every
     supported case -> {case id: skip reason} for the others. A case whose adapter call fails
-    (raises, exits, times out, its process dies) gets no file; its one-line reason goes to
+    (raises, exits, times out, its process dies) gets CANDIDATE/cases/<id>/error.txt
+    (format/candidate.py: one line, the reason) instead of outputs, and its reason goes to
     `errors`. Outputs are written one tensor at a time (a lazily read format.candidate.Outputs
-    from an adapter process is never held whole)."""
+    from an adapter process is never held whole). Written into a candidate of an earlier run
+    (the engine matrix reuses its work directory), a case keeps only what this run wrote: the
+    other file is removed."""
     golden = Golden(golden_path, expect_digest=expect_digest, checkpoint=checkpoint)
     if hasattr(candidate, "bind"):  # an adapter process: the same suite, the cases in this order
         candidate.bind(golden, [cid for cid in golden.cases if matches(cid, only)])
@@ -247,23 +261,27 @@ def write_outputs(golden_path: str, candidate, out: str, only=None,
             if "case" not in cache:
                 cache["case"] = golden.load_case(cid)
             return cache["case"]
+        d = os.path.join(out, "cases", cid)
         try:
             ok = candidate.supports(cid, load)
             if ok is not True:
                 skipped[cid] = ok
+                _remove(os.path.join(d, candidate_files.OUTPUTS_FILE))
+                _remove(os.path.join(d, candidate_files.ERROR_FILE))
                 continue
             outs = candidate.outputs(cid, load)
-        except CaseError as e:
+            entries = [(k, DTYPE_NAMES.get(np.dtype(v.dtype)), tuple(v.shape)) for k, v in outs.items()]
+            bad = [k for k, dt, _ in entries if dt is None]
+            if bad:
+                raise CaseError(f"run() returned output {bad[0]!r} as {outs[bad[0]].dtype} values, "
+                                "which safetensors cannot store")
+        except CaseError as e:  # recorded per case: check reports it as ERROR, not missing
             errors[cid] = str(e)
+            candidate_files.write_error(d, e)
+            _remove(os.path.join(d, candidate_files.OUTPUTS_FILE))
             continue
-        entries = [(k, DTYPE_NAMES.get(np.dtype(v.dtype)), tuple(v.shape)) for k, v in outs.items()]
-        bad = [k for k, dt, _ in entries if dt is None]
-        if bad:
-            errors[cid] = (f"run() returned output {bad[0]!r} as {outs[bad[0]].dtype} values, which "
-                           "safetensors cannot store")
-            continue
-        d = os.path.join(out, "cases", cid)
         os.makedirs(d, exist_ok=True)
-        write_safetensors_planned(os.path.join(d, "outputs.safetensors"), entries,
+        write_safetensors_planned(os.path.join(d, candidate_files.OUTPUTS_FILE), entries,
                                   lambda k: np.asarray(outs[k]))
+        _remove(os.path.join(d, candidate_files.ERROR_FILE))
     return skipped

@@ -308,8 +308,11 @@ class ChildCandidate:
                 if not (isinstance(info, dict) and isinstance(info.get("engine"), str)
                         and isinstance(info.get("version"), str) and isinstance(info.get("options"), dict)):
                     self._broken(what, "engine info that is not {engine, version, options}")
+                if not isinstance(info.get("serving", ""), str):
+                    self._broken(what, "engine info whose `serving` is not a string")
                 self._info = {"engine": info["engine"], "version": info["version"],
-                              "options": info["options"]}
+                              "options": info["options"],
+                              **({"serving": info["serving"]} if "serving" in info else {})}
                 if "mode" in info:  # (a built-in engine's: the profile that emulates it)
                     self._info["mode"] = info["mode"] if isinstance(info["mode"], str) else None
                 if self._label_of is not None:
@@ -456,6 +459,8 @@ def _build(spec: dict, label: str):
     out = {"engine": str(info["engine"]), "version": str(info["version"]),
            "options": {str(k): v if isinstance(v, (str, int, bool)) or v is None
                        else str(v) for k, v in dict(info["options"]).items()}}
+    if info.get("serving"):  # how it runs serving schedules (engines.load_engine; engine.json)
+        out["serving"] = str(info["serving"])
     if "mode" in info:  # the profile that emulates the run (oracles/format/profiles.py)
         out["mode"] = info["mode"] if isinstance(info["mode"], str) else None
     return adapter, out

@@ -6,9 +6,11 @@
 Each engine is an optional extra (pyproject: peer, engine-mlx, engine-llamacpp, engine-vllm);
 its module is imported only when --engine names it, and refimpl/ never imports any of them.
 An adapter reports the engine's name, version and options (`info`), which `oracles run` writes
-to CANDIDATE/engine.json and `oracles check` puts in its report. matrix.py runs every installed
-engine over the suites and writes docs/engines.md; reference.py is refimpl itself (and each
-mutant) as a candidate.
+to CANDIDATE/engine.json and `oracles check` puts in its report, with how it runs serving
+schedules (`serving`) and the cases it skipped or refused. serving.py is what the adapters share
+to run a `schedule` case in their engine's own serving machinery (vllm_serving.py: vLLM's
+scheduler). matrix.py runs every installed engine over the suites and writes docs/engines.md;
+reference.py is refimpl itself (and each mutant) as a candidate.
 
 The engines are the top layer of oracles/ (format < checking < authoring < engines < cli): an
 engine adapter may use any layer below; nothing below imports an engine. An engine's own
@@ -129,9 +131,18 @@ def load_engine(name: str, options: dict):
                            f"pip install 'deepseek-v3-refimpl[{extra}]'") from None
     info = {"engine": name, "version": version(dist), "options": adapter.options,
             "mode": mode_of(name, adapter.options)}
+    if getattr(adapter, "SERVING", None):  # how it runs schedule cases (engine.json)
+        info["serving"] = adapter.SERVING
     adapter.info = info
     adapter.mode = info["mode"]  # the profile that emulates this run (None: no profile does)
     return adapter, info
+
+
+def environment(name: str) -> dict:
+    """The environment variables engine `name` reads that are set here ({name: value}): the
+    reproduce line carries them (llama.cpp's LLAMA_CPP_CONVERTER, vLLM's VLLM_* settings)."""
+    module = importlib.import_module(ENGINES[name][0]) if name in ENGINES else None
+    return {k: os.environ[k] for k in getattr(module, "ENVIRONMENT", ()) if k in os.environ}
 
 
 def engine_adapter(name: str, options: dict):
@@ -145,11 +156,14 @@ def label(info: dict) -> str:
     return f"{info['engine']} {info['version']} ({opts})"
 
 
-def write_info(out: str, info: dict, skipped: dict) -> None:
+def write_info(out: str, info: dict, skipped: dict, errors: dict | None = None) -> None:
+    """CANDIDATE/engine.json: the engine, version, options, how it runs schedules, the cases it
+    skipped (reasons) and the cases it refused or crashed on (errors, also in each case's
+    error.txt)."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, ENGINE_INFO_FILE)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump({**info, "skipped": skipped}, f, indent=1)
+        json.dump({**info, "skipped": skipped, "errors": errors or {}}, f, indent=1)
         f.write("\n")
     os.replace(path + ".tmp", path)
 
@@ -179,7 +193,8 @@ class RecordedSkips:
 
 def read_info(candidate_dir: str) -> dict | None:
     """CANDIDATE/engine.json as `oracles run --engine` wrote it (engine, version, options,
-    mode: the profile that emulates the run, skipped: {case id: reason}, errors: {case id:
+    mode: the profile that emulates the run, serving: how it runs schedules (when recorded),
+    skipped: {case id: reason}, errors: {case id:
     message}), read strictly (candidate.read_engine_info), or None. A file written before runs
     recorded their mode gets it from the engine and its options."""
     info = read_engine_info(candidate_dir)
@@ -188,15 +203,15 @@ def read_info(candidate_dir: str) -> dict | None:
     return info
 
 
-def model_case_support(case, engine: str):
+def model_case_support(case, engine: str, schedules: bool = False):
     """The checks every built-in engine shares: only whole-model kinds (prefill, decode,
-    greedy) run; True or the reason."""
+    greedy; `schedule` when the adapter runs schedules) run; True or the reason."""
     if case.kind.startswith("mtp") or case.kind == "speculative":
         return f"{engine} does not expose the MTP modules to a caller"
-    if case.kind == "schedule":
+    if case.kind == "schedule" and not schedules:
         return (f"this {engine} adapter runs each request alone in one forward; it cannot express "
                 "a serving schedule (chunked prefill, a shared prefix, a ragged batch)")
-    if case.kind not in MODEL_KINDS:
+    if case.kind not in MODEL_KINDS + (("schedule",) if schedules else ()):
         return f"{engine} has no standalone entry point for component kind {case.kind!r}"
     if case.model_path is None:
         return "the case has no checkpoint directory"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import model_case_support, resolve_options
+from .serving import Outputs, Preempt, Share, steps_of
 
 OPTIONS = {
     "dtype": ("float32", ("float32", "bfloat16", "float16"), "weights and activations"),
@@ -27,6 +28,10 @@ OPTIONS = {
 
 class Engine:
     name = "transformers"
+    SERVING = ("schedule cases: each request with its own DynamicCache; one batched call per "
+               "forward step, rows left-padded (cache and new tokens), a 2D attention mask "
+               "and each request's own position_ids; a shared prefix is a copy of the donor's "
+               "first L cache entries; a preempted request's cache is dropped and recomputed")
 
     def __init__(self, options: dict | None = None):
         import torch
@@ -39,10 +44,8 @@ class Engine:
         transformers.utils.logging.disable_progress_bar()
 
     def supports(self, case):
-        ok = model_case_support(case, self.name)
+        ok = model_case_support(case, self.name, schedules=True)
         if ok is not True:
-            if case.kind == "schedule":
-                return ok
             if case.kind.startswith("mtp") or case.kind == "speculative":
                 n = case.config.num_hidden_layers
                 return (f"transformers runs MTP only as checkpoint layer 61 (a 61-layer main "
@@ -62,6 +65,13 @@ class Engine:
         if cfg.moe_layer_freq != 1:
             return "transformers' DeepSeek models ignore moe_layer_freq != 1"
         return True
+
+    def close(self):
+        """Free what the adapter holds (called on the thread that built it; idempotent):
+        models live only inside run(), so only the garbage collector has work left."""
+        import gc
+
+        gc.collect()
 
     # ---- helpers ---------------------------------------------------------------------------
     def _load(self, case):
@@ -125,6 +135,8 @@ class Engine:
     def run(self, case):
         model = self._load(case)
         n = case.config.num_hidden_layers
+        if case.kind == "schedule":
+            return self._schedule(model, case)
         ids = np.asarray(case.inputs["input_ids"], dtype=np.int64)
         if case.kind == "greedy":
             return {"tokens": self._greedy(model, ids, case.params["max_new_tokens"])}
@@ -144,6 +156,97 @@ class Engine:
             for h in handles:
                 h.remove()
         return {k: np.concatenate(v, axis=1) for k, v in store.items()}
+
+    # ---- serving schedules -------------------------------------------------------------------
+    def _schedule(self, model, case):
+        """A `schedule` case as a serving engine built on transformers runs it (SERVING)."""
+        tokens, steps = steps_of(case)
+        outputs = Outputs(len(tokens))
+        caches = {}  # request -> [(keys, values) per layer], each [1, heads, t, dim]
+        store = {}
+        handles = self._hooks(model, store, case.config.scoring_func)
+        try:
+            for st in steps:
+                if isinstance(st, Share):  # a copy of the donor's first L cache entries
+                    caches[st.request] = [(k[:, :, :st.length].clone(), v[:, :, :st.length].clone())
+                                          for k, v in caches[st.donor]]
+                elif isinstance(st, Preempt):  # freed: the next forward recomputes it
+                    caches.pop(st.request, None)
+                else:
+                    self._batched_forward(model, case, tokens, st.chunks, caches, store, outputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return outputs.result()
+
+    def _batched_forward(self, model, case, tokens, chunks, caches, store, outputs):
+        """One forward over every chunk: rows left-padded twice ([pad | own cache | pad | new
+        tokens]), a 2D attention mask that is 1 on the request's own entries only, and each
+        request's own positions (position_ids); the cache is split back per request after."""
+        torch = self.torch
+        b = len(chunks)
+        past = [caches[c.request][0][0].shape[2] if c.request in caches else 0 for c in chunks]
+        new = [c.recompute + c.n for c in chunks]
+        big_c, big_n = max(past), max(new)
+        ids, pos, mask = self._padded_batch(tokens, chunks, past)
+        n_layers = case.config.num_hidden_layers
+        data = None
+        if big_c:
+            data = []
+            for layer in range(n_layers):
+                ks, vs = [], []
+                for i, c in enumerate(chunks):
+                    if c.request in caches:
+                        k, v = caches[c.request][layer]
+                    else:  # an empty cache of the right shape
+                        k0, v0 = next(iter(caches.values()))[layer]
+                        k, v = k0[:, :, :0], v0[:, :, :0]
+                    pad = big_c - k.shape[2]
+                    ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+                    vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+                data.append((torch.cat(ks), torch.cat(vs)))
+        cache = self.transformers.DynamicCache(ddp_cache_data=data, config=model.config)
+        store.clear()
+        with torch.no_grad():
+            out = model(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                        position_ids=torch.tensor(pos), cache=cache, use_cache=True,
+                        output_hidden_states=True)
+        self._hidden(out, n_layers, store)
+        for i, c in enumerate(chunks):  # the request's entries, without the padding
+            keep = []
+            for layer in cache.layers:
+                k, v = layer.keys[i:i + 1], layer.values[i:i + 1]
+                lo, hi = big_c - past[i], big_c + big_n - new[i]
+                keep.append((torch.cat([k[:, :, lo:big_c], k[:, :, hi:]], dim=2),
+                             torch.cat([v[:, :, lo:big_c], v[:, :, hi:]], dim=2)))
+            caches[c.request] = keep
+        rows = {}
+        for name, arrs in store.items():
+            a = arrs[-1]
+            if a.shape[:2] != (b, big_n):
+                if a.shape[0] != b * big_n:
+                    continue  # not one row per token: left out
+                a = a.reshape(b, big_n, *a.shape[1:])
+            rows[name] = a
+        for i, c in enumerate(chunks):  # the last n rows: its new tokens (recomputed ones dropped)
+            outputs.add(c.request, {k: a[i:i + 1, big_n - c.n:] for k, a in rows.items()})
+
+    @staticmethod
+    def _padded_batch(tokens, chunks, past):
+        """-> input_ids [b, N], position_ids [b, N], attention mask [b, C + N]: row i is
+        [pad | its C_i cached entries | pad | its n_i new tokens], the mask 1 on its own entries."""
+        new = [c.recompute + c.n for c in chunks]
+        big_c, big_n = max(past), max(new)
+        ids = np.zeros((len(chunks), big_n), np.int64)
+        pos = np.zeros((len(chunks), big_n), np.int64)
+        mask = np.zeros((len(chunks), big_c + big_n), np.int64)
+        for i, c in enumerate(chunks):
+            first = c.start - c.recompute
+            ids[i, big_n - new[i]:] = tokens[c.request][first:c.start + c.n]
+            pos[i, big_n - new[i]:] = np.arange(first, c.start + c.n)
+            mask[i, big_c - past[i]:big_c] = 1
+            mask[i, big_c + big_n - new[i]:] = 1
+        return ids, pos, mask
 
     def _greedy(self, model, ids, new):
         cache = self.transformers.DynamicCache(config=model.config)

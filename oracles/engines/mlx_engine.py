@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import model_case_support, resolve_options
+from .serving import Outputs, Preempt, Share, steps_of
 from .record import record_calls, restore
 
 OPTIONS = {
@@ -31,6 +32,12 @@ OPTIONS = {
 
 class Engine:
     name = "mlx"
+    SERVING = ("schedule cases through mlx_lm's caches: a one-request forward on the request's "
+               "own prompt cache (make_prompt_cache); several requests in one forward on the "
+               "batch cache its PromptProcessingBatch builds (KVCache.merge into BatchKVCache, "
+               "prepare(right_padding), finalize, extract); a shared prefix is a copy of the "
+               "donor's prompt cache trimmed to L (trim_prompt_cache); a preempted request's "
+               "cache is dropped and recomputed")
 
     def __init__(self, options: dict | None = None):
         import mlx.core as mx
@@ -42,7 +49,12 @@ class Engine:
         self.options = resolve_options(self.name, OPTIONS, options or {})
 
     def supports(self, case):
-        ok = model_case_support(case, "MLX-LM")
+        if case.kind.startswith("mtp") or case.kind == "speculative":
+            return ("MLX-LM's deepseek_v3 has no MTP module: the model builds num_hidden_layers "
+                    "decoder layers only and sanitize drops the MTP layer (mlx_lm/models/"
+                    "deepseek_v3.py:327-330 and :475-479 in mlx-lm 0.32.2, `# Remove multi-token "
+                    "prediction layer`)")
+        ok = model_case_support(case, "MLX-LM", schedules=True)
         if ok is not True:
             return ok
         cfg = case.config
@@ -54,6 +66,11 @@ class Engine:
         if cfg.model_type == "deepseek_v3" and cfg.topk_method != "noaux_tc":
             return f"MLX-LM's deepseek_v3 refuses topk_method {cfg.topk_method!r} (Unsupported topk method)"
         return True
+
+    # No close(): the models live only inside run(), and MLX must not be torn down from the
+    # adapter's thread: a close() that ran gc.collect() or mx.clear_cache() there made 2 of 8
+    # in-process `oracles check --engine mlx` runs abort at exit (`terminate called without an
+    # active exception`; none in 8 without it, 2026-12-02).
 
     # ---- loading ---------------------------------------------------------------------------
     def _load(self, case):
@@ -121,12 +138,14 @@ class Engine:
     # ---- run ---------------------------------------------------------------------------------
     def run(self, case):
         model = self._load(case)
-        ids = np.asarray(case.inputs["input_ids"], dtype=np.int64)
+        ids = np.asarray(case.inputs.get("input_ids", np.zeros((1, 0))), dtype=np.int64)
         if case.kind == "greedy":
             return {"tokens": self._greedy(model, ids, case.params["max_new_tokens"])}
         store = {}
         watched = self._observe(model, store)
         try:
+            if case.kind == "schedule":
+                return self._schedule(model, case, store)
             if case.kind == "prefill":
                 self._forward(model, ids, None, store)
             else:  # decode: prefill, then one forced token at a time through the cache
@@ -146,6 +165,64 @@ class Engine:
             if k.endswith("topk_idx"):
                 out[k] = out[k].astype(np.int64)
         return out
+
+    # ---- serving schedules -------------------------------------------------------------------
+    def _schedule(self, model, case, store):
+        """A `schedule` case through mlx_lm's serving caches (SERVING in the module docstring)."""
+        import copy
+
+        mx, cache_mod = self.mx, self.cache
+        tokens, steps = steps_of(case)
+        outputs = Outputs(len(tokens))
+        caches = {}  # request -> its prompt cache (a list of per-layer caches)
+        for st in steps:
+            if isinstance(st, Share):  # the donor's prompt cache, copied and trimmed to L
+                c = copy.deepcopy(caches[st.donor])
+                held = c[0].size()
+                cache_mod.trim_prompt_cache(c, held - st.length)
+                caches[st.request] = c
+                continue
+            if isinstance(st, Preempt):  # freed: the next forward recomputes it
+                caches.pop(st.request, None)
+                continue
+            chunks = st.chunks
+            for c in chunks:
+                caches.setdefault(c.request, cache_mod.make_prompt_cache(model))
+            seqs = [tokens[c.request][c.start - c.recompute:c.start + c.n].tolist() for c in chunks]
+            store.clear()
+            if len(chunks) == 1:  # the request's own prompt cache
+                self._forward(model, np.array([seqs[0]]), caches[chunks[0].request], store)
+            else:  # its batch caches: merged, right-padded, rolled back, extracted
+                batch = self._merge([caches[c.request] for c in chunks])
+                lengths = [len(q) for q in seqs]
+                width = max(lengths)
+                padding = [width - n for n in lengths]
+                if max(padding):
+                    for layer in batch:
+                        layer.prepare(lengths=lengths, right_padding=padding)
+                ids = np.array([q + [0] * p for q, p in zip(seqs, padding)])
+                self._forward(model, ids, batch, store)
+                if max(padding):
+                    for layer in batch:
+                        layer.finalize()
+                mx.eval([layer.state for layer in batch])
+                for i, c in enumerate(chunks):
+                    caches[c.request] = [layer.extract(i) for layer in batch]
+            for i, c in enumerate(chunks):  # its new tokens: the last n of its row's real tokens
+                last = len(seqs[i])
+                piece = {}
+                for k, v in store.items():
+                    a = self._np(v[-1])
+                    if a.ndim >= 2 and a.shape[0] == len(chunks):
+                        piece[k] = a[i:i + 1, last - c.n:last]
+                outputs.add(c.request, piece)
+        return outputs.result()
+
+    @staticmethod
+    def _merge(caches):
+        """Per-request prompt caches -> one batch cache per layer (each layer's merge: what
+        mlx_lm's PromptProcessingBatch builds, generate._merge_caches)."""
+        return [caches[0][i].merge([c[i] for c in caches]) for i in range(len(caches[0]))]
 
     def _greedy(self, model, ids, new):
         cache = self.cache.make_prompt_cache(model)

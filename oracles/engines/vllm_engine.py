@@ -12,8 +12,10 @@ layer's router returns from select_experts, recorded in-process (VLLM_ENABLE_V1_
 LLM.apply_model) by swapping the router object's class for a recording subclass (record.py):
 no vLLM source is patched. (`enable_return_routed_experts`, option routing=true, would be the
 API for it, but it needs model runner V2, which needs Triton: not on a CPU.) Greedy streams are vLLM's own greedy sampling
-(temperature 0). Decode cases are skipped: vLLM's API takes a prompt and samples; it offers no
-way to step forced tokens through its KV cache.
+(temperature 0). Decode cases are real decode steps: the prefill is the prompt and each forced
+token is what vLLM samples, made so by a logits processor (vLLM's LogitsProcessor interface,
+vllm_serving.ForcedTokens) that runs after the raw logits are taken; schedule cases run through
+vLLM's own scheduler (vllm_serving.py).
 
 Options: dtype (float32 | bfloat16 | float16), kv_cache_dtype (auto | fp8 | fp8_e4m3 |
 fp8_e5m2; vLLM's CPU MLA backend accepts only auto), enforce_eager (true | false).
@@ -27,6 +29,7 @@ import re
 import numpy as np
 
 from . import model_case_support, resolve_options
+from . import vllm_serving
 from .record import record_method
 
 OPTIONS = {
@@ -37,8 +40,19 @@ OPTIONS = {
 }
 
 
+ENVIRONMENT = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING")  # set unless given
+
+
 class Engine:
     name = "vllm"
+    SERVING = ("schedule cases through vLLM's own scheduler: one in-process LLMEngine, a request "
+               "added with its whole prompt before the forward that prefills it, each "
+               "LLMEngine.step() one scheduler step checked against the schedule; decode "
+               "tokens are real decode steps whose sampling a logits processor forces to the "
+               "schedule's tokens (raw logits reported from before it); a preemption is vLLM's "
+               "own, from a KV cache sized to the blocks held before it (recompute policy); "
+               "chunked prefill and prefix caching are off for MLA on a CPU (vllm/platforms/"
+               "cpu.py:516-530)")
 
     def __init__(self, options: dict | None = None):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the cases are tiny
@@ -48,36 +62,108 @@ class Engine:
         self.vllm = vllm
         self.options = resolve_options(self.name, OPTIONS, options or {})
 
+    def close(self):
+        """Free what the adapter holds (called on the thread that built it; idempotent): each
+        case's LLM is deleted at the end of run(); the garbage collector frees its engine."""
+        import gc
+
+        gc.collect()
+
     def supports(self, case):
-        ok = model_case_support(case, "vLLM")
+        if case.kind == "mtp_speculation":  # vLLM's own MTP drafter (deepseek_mtp)
+            ok = True if case.model_path else "the case has no checkpoint directory"
+        else:
+            ok = model_case_support(case, "vLLM", schedules=True)
         if ok is not True:
             return ok
-        if case.kind == "decode":
-            return ("not supported by this engine: vLLM's API takes a prompt and samples; it "
-                    "cannot step forced tokens through its KV cache")
         cfg = case.config
         if cfg.kv_lora_rank + cfg.qk_rope_head_dim != 576:
             return (f"vLLM's CPU MLA kernel supports only the real latent width 576 (kv_lora_rank "
                     f"512 + qk_rope_head_dim 64); this case has {cfg.kv_lora_rank} + "
                     f"{cfg.qk_rope_head_dim} (run the engine suite)")
+        if case.kind == "schedule":
+            return vllm_serving.unsupported(case) or True
         return True
 
-    def _llm(self, case, routing):
+    def _speculate(self, case):
+        """MTP speculation cases: greedy decoding with vLLM's deepseek_mtp drafter proposing
+        `depth` tokens per step (speculative_config), which its rejection sampler verifies in
+        one forward of the main model; the stream must equal plain greedy decoding."""
+        ids = np.asarray(case.inputs["input_ids"], dtype=np.int64)
+        depth, n = case.params["depth"], case.params["max_new_tokens"]
+        llm = self._llm(case, False, max_len=ids.shape[1] + n + depth + 1,
+                        speculative={"method": "deepseek_mtp", "num_speculative_tokens": depth})
+        try:
+            sp = self.vllm.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
+                                          detokenize=False)
+            outs = llm.generate([{"prompt_token_ids": ids[0].tolist()}], sp, use_tqdm=False)
+            return {"tokens": np.array([list(outs[0].outputs[0].token_ids)], np.int64)}
+        finally:
+            del llm
+
+    def _llm(self, case, routing, max_len=None, blocks=None, speculative=None):
         cfg = case.config
         kw = dict(model=case.model_path, skip_tokenizer_init=True, dtype=self.options["dtype"],
                   kv_cache_dtype=self.options["kv_cache_dtype"],
                   enforce_eager=self.options["enforce_eager"] == "true",
                   logprobs_mode="raw_logits", max_logprobs=cfg.vocab_size,
-                  max_model_len=min(cfg.max_position_embeddings, 1024), seed=0)
+                  max_model_len=max_len or min(cfg.max_position_embeddings, 1024), seed=0,
+                  async_scheduling=False)
+        if speculative is None:  # vLLM refuses custom logits processors with speculation
+            kw["logits_processors"] = [vllm_serving.forced_tokens_processor()]
+        if blocks is not None:  # the KV cache sized to force a preemption (vllm_serving.py),
+            kw["num_gpu_blocks_override"] = blocks + 1  # and the pool's null block (block_pool.py:187)
         if routing:
             kw["enable_return_routed_experts"] = True
+        if speculative is not None:
+            kw["speculative_config"] = speculative
         return self.vllm.LLM(**kw)
 
+    def _schedule(self, case):
+        tokens, _ = vllm_serving.steps_of(case)
+        longest = max(len(t) for t in tokens) + 1  # and the token sampled after the last one
+        blocks = vllm_serving.blocks_before_preemption(case)
+        max_len = longest if blocks is None else blocks * vllm_serving.BLOCK
+        if max_len < longest:
+            raise RuntimeError(f"a KV cache of {blocks} blocks (the preemption point) holds "
+                               f"{max_len} tokens, fewer than the longest request ({longest})")
+        llm = self._llm(case, False, max_len=max(max_len, 16), blocks=blocks)
+        try:
+            return vllm_serving.ScheduleRun(self.vllm, llm, case).run()
+        finally:
+            del llm
+
+    def _decode(self, llm, case, ids):
+        """Decode cases: the prefill is the prompt, each forced token a real decode step (the
+        ForcedTokens logits processor picks what is sampled); the logits are the raw ones of
+        each step (positions P..P+n-1: the sampled tokens' logprobs after the first)."""
+        p = case.params["prefill"]
+        n = ids.shape[1] - p
+        v = case.config.vocab_size
+        reqs, params = [], []
+        for r in ids:
+            reqs.append({"prompt_token_ids": r[:p].tolist()})
+            params.append(self.vllm.SamplingParams(
+                max_tokens=n + 1, temperature=0.0, logprobs=v, ignore_eos=True, detokenize=False,
+                extra_args={"oracles_forced": r[p:].tolist() + [0]}))
+        outs = llm.generate(reqs, params, use_tqdm=False)
+        logits = np.stack([np.stack([self._dense(e, v) for e in o.outputs[0].logprobs[1:]]) for o in outs])
+        got = np.array([list(o.outputs[0].token_ids[:n]) for o in outs])
+        if not np.array_equal(got, ids[:, p:]):
+            raise RuntimeError("vLLM sampled other tokens than the forced ones")
+        return {"logits": logits}
+
     def run(self, case):
+        if case.kind == "schedule":
+            return self._schedule(case)
+        if case.kind == "mtp_speculation":
+            return self._speculate(case)
         ids = np.asarray(case.inputs["input_ids"], dtype=np.int64)
         routing = self.options["routing"] == "true" and case.kind == "prefill"
         llm = self._llm(case, routing)
         try:
+            if case.kind == "decode":
+                return self._decode(llm, case, ids)
             if case.kind == "greedy":
                 sp = self.vllm.SamplingParams(max_tokens=case.params["max_new_tokens"], temperature=0.0,
                                               ignore_eos=True, detokenize=False)

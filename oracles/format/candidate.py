@@ -67,6 +67,21 @@ def note(root: str, case_id: str, name: str) -> str | None:
     return "".join(ch for ch in (line[0] if line else "") if ch.isprintable()).strip()
 
 
+def one_line(reason) -> str:
+    """A reason as the one line error.txt holds: whitespace and newlines folded, printable
+    characters only, at most ERROR_CHARS, never empty."""
+    text = " ".join("".join(ch if ch.isprintable() else " " for ch in str(reason)).split())
+    return text[:ERROR_CHARS] or "the engine failed (no message)"
+
+
+def write_error(case_dir: str, reason) -> None:
+    """CANDIDATE/cases/<id>/error.txt (what `oracles run` writes when the engine refused or
+    crashed on the case): the reason, one line (`one_line`), read back by error_reason."""
+    os.makedirs(case_dir, exist_ok=True)
+    with open(os.path.join(case_dir, ERROR_FILE), "w", encoding="utf-8") as f:
+        f.write(one_line(reason) + "\n")
+
+
 def skip_reason(root: str, case_id: str):
     """True, or the reason in skip.txt (at most SKIP_CHARS characters)."""
     r = note(root, case_id, SKIP_FILE)
@@ -204,6 +219,7 @@ def outputs(root: str, case_id: str) -> Outputs | None:
 ENGINE_SCHEMA = {
     "engine": (True, "a string"), "version": (True, "a string"),
     "options": (True, "an object of strings, numbers, booleans or null"),
+    "serving": (False, "a string (how the engine runs serving schedules)"),
     "skipped": (False, "an object of case id -> reason (a string)"),
     "errors": (False, "an object of case id -> the engine's error (a string)"),
     "mode": (False, "the profile that emulates the run (" + ", ".join(PROFILES) + ") or null"),
@@ -217,7 +233,7 @@ def _scalar(v) -> bool:
 
 def read_engine_info(root: str) -> dict | None:
     """CANDIDATE/engine.json as `oracles run --engine` wrote it -> {engine, version, options,
-    skipped, errors} (skipped and errors: {} when absent), or None when there is none. Refused
+    serving (when recorded), skipped, errors} (skipped and errors: {} when absent), or None when there is none. Refused
     with one line: a file that is not a regular file inside CANDIDATE, larger than
     MAX_ENGINE_JSON, not strict JSON, or not of ENGINE_SCHEMA (an unknown key included)."""
     real = untrusted.inside(root, ENGINE_FILE, "candidate engine.json", missing_ok=True)
@@ -237,7 +253,7 @@ def read_engine_info(root: str) -> dict | None:
         if k not in info and not required:
             continue
         v = info.get(k)
-        if k in ("engine", "version"):
+        if k in ("engine", "version", "serving"):
             ok = isinstance(v, str) and len(v) <= MAX_FIELD_CHARS
         elif k == "mode":
             ok = v is None or v in PROFILES
@@ -252,6 +268,8 @@ def read_engine_info(root: str) -> dict | None:
                                   f", of at most {MAX_FIELD_CHARS:,} characters"))
     out = {"engine": info["engine"], "version": info["version"], "options": info["options"],
            "skipped": info.get("skipped", {}), "errors": info.get("errors", {})}
+    if "serving" in info:  # how the engine runs serving schedules (when recorded)
+        out["serving"] = info["serving"]
     if "mode" in info:  # (absent in a file written before runs recorded their mode)
         out["mode"] = info["mode"]
     return out

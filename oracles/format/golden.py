@@ -28,7 +28,7 @@ from refimpl.errors import RefimplError, printable
 from .. import OraclesError
 from . import digest as digests
 from .checkpoint_ref import bind
-from . import manifest, untrusted
+from . import manifest, schedule, untrusted
 from .schema import Case
 
 # 3: the manifest records its question digest (digest.py); 2: model cases in cases/<id>/model/
@@ -281,12 +281,15 @@ class Golden:
     def required(self, cid: str) -> set:
         """The outputs the case's kind requires (its contract, manifest.REQUIRED), from its params
         and config; the manifest may flag more as required, never fewer."""
-        def input_names():
+        def input_shapes():
             try:
-                return set(SafetensorsFile(self.file(cid, "inputs.safetensors")).tensors)
+                return {k: v[1] for k, v in SafetensorsFile(self.file(cid, "inputs.safetensors")).tensors.items()}
             except RefimplError as e:
                 raise OraclesError(str(e)) from None
-        return manifest.contract(self.cases[cid], lambda: self._config(cid), input_names)
+        need = manifest.contract(self.cases[cid], lambda: self._config(cid), lambda: set(input_shapes()))
+        if self.cases[cid]["kind"] == "schedule":  # the schedule against the inputs and outputs
+            schedule.check_entry(self.cases[cid], input_shapes(), f"{self.path}: case {cid!r}")
+        return need
 
     def model_dir(self, cid: str) -> str | None:
         """A model case's checkpoint directory (cases/<id>/model since suite format 2, the case

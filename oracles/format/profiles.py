@@ -37,6 +37,8 @@ def mode_of(engine: str, options: dict) -> str | None:
     if engine == "llama.cpp":
         if dtype == "float32":
             return {"f32": "float32", "f16": "f16_kv"}.get(kv)
+        if dtype == "bfloat16" and kv == "bf16":  # bf16 GGUF weights and KV cache: the bf16
+            return "bf16"  # profile (its activations are rounded too: the closest, not stricter)
         return None
     return None
 

