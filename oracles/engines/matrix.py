@@ -42,7 +42,7 @@ from ..checking.results import CaseResult
 from ..format import metrics, tolerances
 from ..format.golden import Golden, read_tensors
 from ..format.profiles import mode_of, refused, relation
-from . import ENGINES, RecordedSkips, installed, label, load_engine
+from . import ENGINES, RecordedSkips, installed, label, load_engine, write_info
 
 # (engine, options, suite, profiles to check the same outputs against). The first profile is
 # the one that emulates the run's mode (profiles.mode_of); the others are stricter or another
@@ -218,6 +218,9 @@ def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
         if why:
             print(f"warning: {engine} close(): {why}", file=sys.stderr)
     golden = Golden(golden_dir)
+    # what --rejudge reads back: the engine, its options and mode, the skips and errors, and the
+    # suite the outputs answer
+    write_info(cand_dir, {**info, "question_digest": golden.question_digest}, skipped, errors)
     groups = {"scenario": [c for c in golden.cases if fnmatchcase(c, SCENARIO_GLOB)]}
     groups["model"] = [c for c in golden.cases if c not in groups["scenario"]]
     rows = []
