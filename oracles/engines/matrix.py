@@ -8,6 +8,15 @@ Engines that are not importable here keep the rows they had (with their dates): 
 command from the interpreter that has them (vLLM wants a virtual environment of its own) with
 --engines NAME to refresh theirs. llama.cpp needs LLAMA_CPP_CONVERTER (see llama_cpp_engine.py).
 
+    python -m oracles.engines.matrix --out docs/engines.md --rejudge --work DIR [--engines ...]
+
+judges again, with the current checker (tolerances, conditioning, diagnoses), the candidates an
+earlier run left in DIR (<engine>-<suite>-<options>: outputs, skip and error files, engine.json)
+without running any engine, so it needs none installed: the engine's version, options, mode,
+skips and errors come from its engine.json, and each candidate must have been written for a
+suite with the question digest of the one in DIR (regenerated there when missing), else it is
+refused with one line before anything is judged.
+
 A failure's diagnosis is computed, not typed: the candidate's logits are compared with refimpl
 run with each mutant of the catalogue (oracles/authoring/mutants.py) and each engine behaviour below
 (ENGINE_VARIANTS); a variant whose logits the candidate's match within the profile's tolerance,
@@ -42,7 +51,8 @@ from ..checking.results import CaseResult
 from ..format import metrics, tolerances
 from ..format.golden import Golden, read_tensors
 from ..format.profiles import mode_of, refused, relation
-from . import ENGINES, RecordedSkips, installed, label, load_engine, write_info
+from . import (ENGINE_INFO_FILE, ENGINES, RecordedSkips, installed, label, load_engine, read_info,
+               write_info)
 
 # (engine, options, suite, profiles to check the same outputs against). The first profile is
 # the one that emulates the run's mode (profiles.mode_of); the others are stricter or another
@@ -198,17 +208,27 @@ COMPONENT_KINDS = ("rms_norm", "yarn_tables", "rope_apply", "mla", "mla_decode",
                    "fp8_dequant", "fp8_quant", "fp8_act_quant", "training")
 
 
-def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
-    """Run one engine configuration over one suite (`oracles run`'s file route: a case the
-    engine refuses or crashes on is recorded, error.txt) -> one row per profile and case group
-    (the scenario cases, the others)."""
-    mode = mode_of(engine, options)
+def candidate_dir(work: str, engine: str, suite: str, options: dict) -> str:
+    """WORK/<engine>-<suite>-<options>: where a run of RUNS writes its candidate (outputs,
+    skip/error files, engine.json) and where --rejudge reads it back."""
+    return os.path.join(work, f"{engine}-{suite}-" + "-".join(f"{k}{v}" for k, v in sorted(options.items())))
+
+
+def _check_mode(engine, options, mode, profiles) -> None:
     bad = [p for p in profiles if refused(p, mode)]
     if profiles[0] != mode or bad:
         raise OraclesError(f"RUNS: {engine} {options}: the first profile must be its mode "
                            f"({mode}) and none may emulate FP8 it did not have ({bad})")
+
+
+def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
+    """Run one engine configuration over one suite (`oracles run`'s file route: a case the
+    engine refuses or crashes on is recorded, error.txt), record it in the candidate's
+    engine.json (with the suite's question digest: what --rejudge reads back), then judge it
+    (`judge`)."""
+    _check_mode(engine, options, mode_of(engine, options), profiles)
     adapter, info = load_engine(engine, dict(options))
-    cand_dir = os.path.join(work, f"{engine}-{suite}-" + "-".join(f"{k}{v}" for k, v in sorted(options.items())))
+    cand_dir = candidate_dir(work, engine, suite, options)
     errors = {}
     candidate = AdapterCandidate(adapter, label(info))
     try:
@@ -217,10 +237,59 @@ def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
         why = candidate.close()
         if why:
             print(f"warning: {engine} close(): {why}", file=sys.stderr)
-    golden = Golden(golden_dir)
     # what --rejudge reads back: the engine, its options and mode, the skips and errors, and the
     # suite the outputs answer
-    write_info(cand_dir, {**info, "question_digest": golden.question_digest}, skipped, errors)
+    write_info(cand_dir, {**info, "question_digest": Golden(golden_dir, verify=False).question_digest},
+               skipped, errors)
+    today = datetime.date.today().isoformat()
+    return judge(info, suite, profiles, golden_dir, cand_dir, skipped, errors, today)
+
+
+def recorded_run(engine, options, suite, profiles, golden_dir, work) -> dict:
+    """The candidate an earlier run of (engine, options, suite) left in WORK, checked before
+    anything is judged -> its engine.json (read_info: strict) with the run's date. Refused with
+    one line: no candidate directory, no engine.json, another engine or options than the run's,
+    or outputs written for a suite with another question digest than the one in WORK."""
+    cand_dir = candidate_dir(work, engine, suite, options)
+    if not os.path.isdir(cand_dir):
+        raise OraclesError(f"{cand_dir}: no candidate directory for {engine} ({_opts(options)}) on "
+                           f"the {suite} suite: run the engine there first (without --rejudge), "
+                           "or leave it out with --engines/--suites")
+    info = read_info(cand_dir)
+    path = os.path.join(cand_dir, ENGINE_INFO_FILE)
+    if info is None:
+        raise OraclesError(f"{path}: missing: the candidate records no engine, options or suite "
+                           "digest; run the engine again (without --rejudge)")
+    if info["engine"] != engine:
+        raise OraclesError(f"{path}: engine is {info['engine']!r}, but this directory is the "
+                           f"{engine} run's")
+    for k, v in options.items():
+        if str(info["options"].get(k)) != str(v):
+            raise OraclesError(f"{path}: option {k} is {info['options'].get(k)!r}, but the run "
+                               f"this directory holds has {k}={v}")
+    want = Golden(golden_dir, verify=False).question_digest
+    got = info.get("question_digest")
+    if got is None or want is None:
+        raise OraclesError(f"{path}: records no question digest" if got is None else
+                           f"{golden_dir}: the suite has no question digest (format < 3)")
+    if got != want:
+        raise OraclesError(f"{path}: written for a suite with question digest {got[:16]}..., but "
+                           f"{golden_dir} asks {want[:16]}...: its outputs answer other questions; "
+                           "run the engine again (without --rejudge)")
+    _check_mode(engine, options, info["mode"], profiles)
+    mtime = os.stat(path).st_mtime
+    info["date"] = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).date().isoformat()
+    info["dir"] = cand_dir
+    return info
+
+
+def judge(info, suite, profiles, golden_dir, cand_dir, skipped, errors, date) -> list[dict]:
+    """Judge a candidate directory (what run_one wrote, or an earlier run's for --rejudge) with
+    the current checker: run_check with the conditioner and the run's mode, each profile of the
+    configuration -> one row per profile and case group (the scenario cases, the others), each
+    failure of the first profile diagnosed. date: when the engine ran."""
+    engine, mode = info["engine"], info["mode"]
+    golden = Golden(golden_dir)
     groups = {"scenario": [c for c in golden.cases if fnmatchcase(c, SCENARIO_GLOB)]}
     groups["model"] = [c for c in golden.cases if c not in groups["scenario"]]
     rows = []
@@ -261,7 +330,7 @@ def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
                          "vs_mode": "matches" if profile == mode else relation(profile, mode).split(" ")[0].lower(),
                          "compared": compared_fractions(rep),
                          "inconclusive_cases": [r["id"] for r in rep["cases"] if r["status"] == "inconclusive"],
-                         "date": datetime.date.today().isoformat(),
+                         "date": date, "judged": datetime.date.today().isoformat(),
                          "passed": c["pass"], "failed": c["fail"] + c.get("missing", 0),
                          "errors": c.get("error", 0),
                          "inconclusive": c.get("inconclusive", 0), "skipped": c["skip"],
@@ -453,6 +522,11 @@ def main(argv=None) -> int:
     p.add_argument("--suites", help="comma-separated suites to run (default: every suite of RUNS); "
                                      "the other suites' rows are kept")
     p.add_argument("--work", help="directory for suites and candidates (default: a temporary one)")
+    p.add_argument("--rejudge", action="store_true",
+                   help="do not run the engines: judge again, with the current checker, the "
+                        "candidate directories an earlier run left in --work (each must have been "
+                        "written for a suite with the question digest of the one in WORK); "
+                        "default --engines: all four")
     p.add_argument("--known-dir", help="the engines' known-divergence files, <engine>.toml (default: "
                                        "known/ beside --out)")
     args = p.parse_args(argv)
@@ -461,10 +535,15 @@ def main(argv=None) -> int:
     known_dir = args.known_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "known")
     try:
         old = json.load(open(data, encoding="utf-8")) if os.path.exists(data) else []
+        if args.rejudge and not args.work:
+            raise OraclesError("--rejudge needs --work DIR: the work directory of an earlier run, "
+                               "whose candidate directories it judges again")
         if args.engines == "none":  # re-render the page from the rows
             wanted = []
-        else:
-            wanted = args.engines.split(",") if args.engines else [e for e in ENGINES if installed(e)]
+        elif args.engines:
+            wanted = args.engines.split(",")
+        else:  # a re-judge needs no engine, only the outputs it left
+            wanted = list(ENGINES) if args.rejudge else [e for e in ENGINES if installed(e)]
         for e in wanted:
             if e not in ENGINES:
                 raise OraclesError(f"--engines: {e!r} is unknown; choose from {', '.join(ENGINES)}")
@@ -476,16 +555,24 @@ def main(argv=None) -> int:
         with contextlib.ExitStack() as stack:
             work = args.work or stack.enter_context(tempfile.TemporaryDirectory(prefix="oracles-matrix-"))
             os.makedirs(work, exist_ok=True)
+            runs = [r for r in RUNS if r[0] in wanted and r[2] in suites_wanted]
             suites, rows = {}, []
-            for engine, options, suite, profiles in RUNS:
-                if engine not in wanted or suite not in suites_wanted:
-                    continue
-                if suite not in suites:
-                    suites[suite] = os.path.join(work, "golden-" + suite)
-                    if not os.path.exists(suites[suite]):
-                        generate(suites[suite], suite)
-                print(f"running {engine} {_opts(options)} on {suite} ...", file=sys.stderr, flush=True)
-                rows += run_one(engine, options, suite, profiles, suites[suite], work)
+            for suite in dict.fromkeys(r[2] for r in runs):
+                suites[suite] = os.path.join(work, "golden-" + suite)
+                if not os.path.exists(suites[suite]):
+                    generate(suites[suite], suite)
+            # --rejudge: every candidate checked (directory, engine.json, question digest) before
+            # anything is judged
+            recorded = [recorded_run(e, o, s_, p, suites[s_], work) for e, o, s_, p in runs] \
+                if args.rejudge else [None] * len(runs)
+            for (engine, options, suite, profiles), info in zip(runs, recorded):
+                if info is None:
+                    print(f"running {engine} {_opts(options)} on {suite} ...", file=sys.stderr, flush=True)
+                    rows += run_one(engine, options, suite, profiles, suites[suite], work)
+                else:
+                    print(f"re-judging {info['dir']} ...", file=sys.stderr, flush=True)
+                    rows += judge(info, suite, profiles, suites[suite], info["dir"], info["skipped"],
+                                  info["errors"], info["date"])
         kept = [r for r in old if (r["engine"] not in wanted or r["suite"] not in suites_wanted)
                 and keep_row(r)]
         order = {e: i for i, e in enumerate(ENGINES)}

@@ -3,12 +3,16 @@ refimpl's mutants and known engine behaviours), and one command rewrites docs/en
 keeping the dated rows of engines not installed here."""
 
 import json
+import os
+import shutil
 
+import numpy as np
 import pytest
 
 from oracles.authoring.emulate import run_case
 from oracles.engines import matrix
 from oracles.format.golden import Golden
+from refimpl.writer import write_safetensors
 
 
 @pytest.mark.parametrize("cid, variant", [
@@ -90,3 +94,79 @@ def test_a_failure_diagnosed_by_hand_shows_its_known_entrys_reason_and_source(tm
             in page)
     assert page.count("Diagnosis (known file)") == 1  # scenario.y is not covered
     assert "| mlx | 0.32.2 | dtype=bfloat16 | scenarios | scenario | bf16 | its mode | 0 | 2 | 0 | 0 | 1 | 0 |" in page
+
+
+# --- --rejudge: an earlier run's candidates judged again, no engine run ----------------------
+
+class _RefimplEngine:
+    """A stand-in engine for the matrix: refimpl in float32 with one mutant, prefill cases only
+    (the other kinds skipped with a reason), an engine error on the MTP cases."""
+
+    def __init__(self, mutant):
+        from oracles.engines.reference import RefimplAdapter
+        self.inner = RefimplAdapter("float32", matrix.MUTANTS[mutant])
+
+    def supports(self, case):
+        return True if case.kind in ("prefill", "mtp_prefill") else f"no entry point for {case.kind}"
+
+    def run(self, case):
+        if case.kind == "mtp_prefill":
+            raise RuntimeError("this engine raised on MTP")
+        return self.inner.run(case)
+
+
+def _fake_load_engine(name, options):
+    adapter = _RefimplEngine("rotate_half_rope")
+    adapter.info = {"engine": name, "version": "9.9", "mode": "float32",
+                    "options": {"dtype": "float32", "kv_cache_dtype": "auto"}}
+    return adapter, adapter.info
+
+
+def test_rejudge_judges_an_earlier_runs_candidates_again_and_refuses_another_suites(tmp_path, monkeypatch, capsys):
+    """A fresh run leaves its candidate and engine.json (question digest, skips, errors) in WORK;
+    --rejudge judges those files again with the current checker without loading the engine,
+    keeps the run's version, options, skips, errors and date; a candidate written for a suite
+    with another question digest, or none there, is refused with one line and nothing written."""
+    out, work = tmp_path / "engines.md", tmp_path / "w"
+    monkeypatch.setattr(matrix, "RUNS", [("transformers", {}, "smoke", ["float32"])])
+    monkeypatch.setattr(matrix, "load_engine", _fake_load_engine)
+    argv = ["--out", str(out), "--engines", "transformers", "--work", str(work)]
+    assert matrix.main(argv) == 0
+    (row,) = [r for r in json.loads((tmp_path / "engines.json").read_text()) if r["cases"] == "model"]
+    assert (row["passed"], row["failed"], row["errors"]) == (0, 1, 1)
+    fail = next(f for f in row["failures"] if f["status"] == "fail")
+    assert fail["case"] == "model.prefill.tiny" and fail["variant"] == "rotate_half_rope"
+    cand = work / "transformers-smoke-"
+    info = json.loads((cand / "engine.json").read_text())
+    assert info["question_digest"] == Golden(str(work / "golden-smoke")).question_digest
+
+    def no_engine(*a):
+        raise AssertionError("--rejudge loaded the engine")
+    monkeypatch.setattr(matrix, "load_engine", no_engine)
+    # the outputs on disk are what is judged: the expected values in place of the mutant's pass
+    golden = Golden(str(work / "golden-smoke"))
+    write_safetensors(str(cand / "cases" / "model.prefill.tiny" / "outputs.safetensors"),
+                      {k: np.asarray(v) for k, v in golden.expected("model.prefill.tiny").items()})
+    os.utime(cand / "engine.json", (1767312000, 1767312000))  # the run's date: 2026-01-02 UTC
+    capsys.readouterr()
+    assert matrix.main(argv + ["--rejudge"]) == 0
+    rows = json.loads((tmp_path / "engines.json").read_text())
+    (row,) = [r for r in rows if r["cases"] == "model"]
+    assert (row["passed"], row["failed"], row["errors"], row["skipped"]) == (1, 0, 1, 3)
+    assert row["version"] == "9.9" and row["options"] == info["options"]
+    assert row["date"] == "2026-01-02" and row["judged"] != row["date"]
+    assert "this engine raised on MTP" in row["failures"][0]["diagnosis"]
+    assert "re-judging" in capsys.readouterr().err
+
+    before = (tmp_path / "engines.json").read_text(), out.read_text()
+    (cand / "engine.json").write_text(json.dumps({**info, "question_digest": "0" * 64}))
+    assert matrix.main(argv + ["--rejudge"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "engine.json: written for a suite with question digest " \
+        "0000000000000000..., but" in err and "run the engine again" in err
+    shutil.rmtree(cand)
+    assert matrix.main(argv + ["--rejudge"]) == 2
+    assert "transformers-smoke-: no candidate directory" in capsys.readouterr().err
+    assert matrix.main(["--out", str(out), "--rejudge"]) == 2  # a work directory is needed
+    assert "--rejudge needs --work DIR" in capsys.readouterr().err
+    assert ((tmp_path / "engines.json").read_text(), out.read_text()) == before  # nothing written
