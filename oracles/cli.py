@@ -43,6 +43,7 @@ from .checking.check import run_check
 from .checking.report import format_report
 from .checking.worker import MAX_CASE_TIMEOUT, check_timeout, split_spec
 from .format import tolerances
+from .format.golden import Golden
 from .format.profiles import refused
 from .format.tolerances import PROFILES
 from .format.untrusted import escape
@@ -401,8 +402,10 @@ def cmd_run(args) -> int:
                                                expect_digest=args.expect_digest,
                                                checkpoint=args.checkpoint)
             info = getattr(cand, "info", None)
-            if info:
-                engines.write_info(tmp, info, skipped, errors)
+            if info:  # with the question digest of the suite the outputs answer
+                q = Golden(args.golden, verify=False, checkpoint=args.checkpoint).question_digest
+                engines.write_info(tmp, {**info, **({"question_digest": q} if q else {})},
+                                   skipped, errors)
     except BaseException:
         _close(cand, abort=True)
         raise
