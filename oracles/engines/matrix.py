@@ -204,6 +204,28 @@ def compared_fractions(rep) -> dict:
             "conditioned": sum(bool(r.get("conditioned")) for r in rep["cases"])}
 
 
+def worst_pass(rep) -> dict | None:
+    """The passing cases' closest call: the largest metric / tolerance over every compared output
+    of a PASS case (tolerances of 0, exact metrics such as token mismatches, left out) -> {case,
+    output, metric, ratio}, or None when no case passed."""
+    best = None
+    for r in rep["cases"]:
+        if r["status"] != "pass":
+            continue
+        for o in r.get("outputs", []):
+            if o.get("status") != "pass":
+                continue
+            for m, tol in (o.get("tol") or {}).items():
+                v = (o.get("metrics") or {}).get(m)
+                if not isinstance(v, (int, float)) or not isinstance(tol, (int, float)) or tol <= 0:
+                    continue
+                if best is None or v / tol > best["ratio"]:
+                    best = {"case": r["id"], "output": o["name"], "metric": m, "ratio": v / tol}
+    if best is not None:
+        best["ratio"] = round(best["ratio"], 3)
+    return best
+
+
 COMPONENT_KINDS = ("rms_norm", "yarn_tables", "rope_apply", "mla", "mla_decode", "gate", "moe",
                    "fp8_dequant", "fp8_quant", "fp8_act_quant", "training")
 
@@ -328,7 +350,7 @@ def judge(info, suite, profiles, golden_dir, cand_dir, skipped, errors, date) ->
             rows.append({"engine": engine, "version": info["version"], "options": info["options"],
                          "suite": suite, "cases": group, "profile": profile, "mode": mode,
                          "vs_mode": "matches" if profile == mode else relation(profile, mode).split(" ")[0].lower(),
-                         "compared": compared_fractions(rep),
+                         "compared": compared_fractions(rep), "worst_pass": worst_pass(rep),
                          "inconclusive_cases": [r["id"] for r in rep["cases"] if r["status"] == "inconclusive"],
                          "date": date, "judged": datetime.date.today().isoformat(),
                          "passed": c["pass"], "failed": c["fail"] + c.get("missing", 0),

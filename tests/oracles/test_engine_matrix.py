@@ -170,3 +170,19 @@ def test_rejudge_judges_an_earlier_runs_candidates_again_and_refuses_another_sui
     assert matrix.main(["--out", str(out), "--rejudge"]) == 2  # a work directory is needed
     assert "--rejudge needs --work DIR" in capsys.readouterr().err
     assert ((tmp_path / "engines.json").read_text(), out.read_text()) == before  # nothing written
+
+
+def test_worst_pass_is_the_largest_metric_over_tolerance_of_the_passing_cases():
+    """A row's closest call (docs/conformance.md cites it): only PASS cases and compared outputs,
+    every metric with a tolerance above 0; None when nothing passed."""
+    def out(name, status, metrics, tol):
+        return {"name": name, "status": status, "metrics": metrics, "tol": tol}
+    rep = {"cases": [
+        {"id": "a", "status": "pass", "outputs": [
+            out("logits", "pass", {"nmse": 2e-5, "norm": 0.004}, {"nmse": 1e-4, "norm": 0.005}),
+            out("tokens", "pass", {"mismatch": 0.0}, {"mismatch": 0.0}),
+            out("embed", "not_provided", {}, {})]},
+        {"id": "b", "status": "fail", "outputs": [out("logits", "fail", {"nmse": 9.0}, {"nmse": 1e-4})]},
+        {"id": "c", "status": "pass", "outputs": [out("x", "pass", {"max_rel": 0.03}, {"max_rel": 0.05})]}]}
+    assert matrix.worst_pass(rep) == {"case": "a", "output": "logits", "metric": "norm", "ratio": 0.8}
+    assert matrix.worst_pass({"cases": rep["cases"][1:2]}) is None
