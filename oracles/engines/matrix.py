@@ -267,16 +267,21 @@ def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
     return judge(info, suite, profiles, golden_dir, cand_dir, skipped, errors, today)
 
 
-def recorded_run(engine, options, suite, profiles, golden_dir, work) -> dict:
-    """The candidate an earlier run of (engine, options, suite) left in WORK, checked before
-    anything is judged -> its engine.json (read_info: strict) with the run's date. Refused with
-    one line: no candidate directory, no engine.json, another engine or options than the run's,
-    or outputs written for a suite with another question digest than the one in WORK."""
+def _candidate_present(work, engine, suite, options) -> str:
     cand_dir = candidate_dir(work, engine, suite, options)
     if not os.path.isdir(cand_dir):
         raise OraclesError(f"{cand_dir}: no candidate directory for {engine} ({_opts(options)}) on "
                            f"the {suite} suite: run the engine there first (without --rejudge), "
                            "or leave it out with --engines/--suites")
+    return cand_dir
+
+
+def recorded_run(engine, options, suite, profiles, golden_dir, work) -> dict:
+    """The candidate an earlier run of (engine, options, suite) left in WORK, checked before
+    anything is judged -> its engine.json (read_info: strict) with the run's date. Refused with
+    one line: no candidate directory, no engine.json, another engine or options than the run's,
+    or outputs written for a suite with another question digest than the one in WORK."""
+    cand_dir = _candidate_present(work, engine, suite, options)
     info = read_info(cand_dir)
     path = os.path.join(cand_dir, ENGINE_INFO_FILE)
     if info is None:
@@ -597,6 +602,9 @@ def main(argv=None) -> int:
             os.makedirs(work, exist_ok=True)
             runs = [r for r in RUNS if r[0] in wanted and r[2] in suites_wanted]
             suites, rows = {}, []
+            if args.rejudge:  # a missing candidate is refused before any suite is generated
+                for e, o, s_, _ in runs:
+                    _candidate_present(work, e, s_, o)
             for suite in dict.fromkeys(r[2] for r in runs):
                 suites[suite] = os.path.join(work, "golden-" + suite)
                 if not os.path.exists(suites[suite]):

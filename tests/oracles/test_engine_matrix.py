@@ -186,3 +186,28 @@ def test_worst_pass_is_the_largest_metric_over_tolerance_of_the_passing_cases():
         {"id": "c", "status": "pass", "outputs": [out("x", "pass", {"max_rel": 0.03}, {"max_rel": 0.05})]}]}
     assert matrix.worst_pass(rep) == {"case": "a", "output": "logits", "metric": "norm", "ratio": 0.8}
     assert matrix.worst_pass({"cases": rep["cases"][1:2]}) is None
+
+
+def test_the_matrix_script_passes_rejudge_through_and_refuses_bad_arguments(tmp_path):
+    """scripts/engine_matrix.sh --rejudge runs the matrix from the .venv with --rejudge: without
+    --work, or on a work directory without the candidates, one line and exit 2 (nothing
+    generated, the page untouched); --engines only goes with --rejudge."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = os.path.join(root, "scripts", "engine_matrix.sh")
+
+    def run(*args):
+        return subprocess.run(["bash", script, *args], capture_output=True, text=True, timeout=120)
+    r = run("--rejudge")
+    assert r.returncode == 2 and "--rejudge needs --work DIR" in r.stderr
+    r = run("--engines", "vllm")
+    assert r.returncode == 2 and "--engines goes with --rejudge" in r.stderr
+    if not os.path.exists(os.path.join(root, ".venv", "bin", "python")):
+        pytest.skip("the pass-through runs the checkout's .venv (scripts/test.sh makes it)")
+    before = open(os.path.join(root, "docs", "engines.json")).read()
+    r = run("--rejudge", "--work", str(tmp_path), "--engines", "vllm", "--suites", "engine")
+    assert r.returncode == 2, r.stderr
+    assert "vllm-engine-: no candidate directory" in r.stderr and r.stderr.count("\n") == 1
+    assert os.listdir(tmp_path) == []  # refused before any suite was generated
+    assert open(os.path.join(root, "docs", "engines.json")).read() == before
