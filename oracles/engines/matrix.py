@@ -366,6 +366,17 @@ def judge(info, suite, profiles, golden_dir, cand_dir, skipped, errors, date) ->
     return rows
 
 
+def run_index(row: dict) -> int:
+    """The position in RUNS of the configuration a row was made by (its engine, suite and mode;
+    len(RUNS) for one RUNS no longer has): rows kept from an earlier run and rows made now sort
+    in RUNS order (a stable sort keeps a configuration's own rows in the order judge made them)."""
+    mode = row.get("mode") or mode_of(row["engine"], row["options"])
+    for i, (engine, options, suite, _) in enumerate(RUNS):
+        if engine == row["engine"] and suite == row["suite"] and mode_of(engine, options) == mode:
+            return i
+    return len(RUNS)
+
+
 def _opts(o: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in o.items() if k != "converter") or "defaults"
 
@@ -624,7 +635,7 @@ def main(argv=None) -> int:
         kept = [r for r in old if (r["engine"] not in wanted or r["suite"] not in suites_wanted)
                 and keep_row(r)]
         order = {e: i for i, e in enumerate(ENGINES)}
-        rows = sorted(kept + rows, key=lambda r: order.get(r["engine"], 99))
+        rows = sorted(kept + rows, key=lambda r: (order.get(r["engine"], 99), run_index(r)))
         with open(data + ".tmp", "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)
             f.write("\n")

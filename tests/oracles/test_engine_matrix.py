@@ -211,3 +211,15 @@ def test_the_matrix_script_passes_rejudge_through_and_refuses_bad_arguments(tmp_
     assert "vllm-engine-: no candidate directory" in r.stderr and r.stderr.count("\n") == 1
     assert os.listdir(tmp_path) == []  # refused before any suite was generated
     assert open(os.path.join(root, "docs", "engines.json")).read() == before
+
+
+def test_rows_sort_in_runs_order_whichever_were_kept():
+    """A partial run (--engines/--suites, or --rejudge of one suite) keeps the page's order: a
+    row's configuration is found in RUNS by engine, suite and mode."""
+    def row(suite, options):
+        return {"engine": "vllm", "suite": suite, "options": options}
+    engine_bf16, scen_f32 = row("engine", {"dtype": "bfloat16"}), row("scenarios", {"dtype": "float32"})
+    i, j = matrix.run_index(engine_bf16), matrix.run_index(scen_f32)
+    assert matrix.RUNS[i][2] == "engine" and matrix.RUNS[i][1] == {"dtype": "bfloat16"}
+    assert matrix.RUNS[j][2] == "scenarios" and matrix.RUNS[j][1] == {}
+    assert i < j and matrix.run_index(row("nosuch", {})) == len(matrix.RUNS)
