@@ -25,7 +25,7 @@ d the hidden size):
     biased score:    + 2 u32 (1 + |s_j| + |b_j|)          (the float32 sum with the bias)
 
 The bf16-based profiles also allow a gate computed wholly in bfloat16, as DeepSeek's own
-inference code does it (inference/model.py, Gate.forward: `linear(x, self.weight)` on a bf16
+inference code does it (inference/model.py:576-583, Gate.forward: `linear(x, self.weight)` on a bf16
 input and weight gives bf16 logits, `scores.sigmoid()` gives bf16 scores; the bias is added in
 float32, or in bf16 by an engine that casts it: catalogue mutants bf16_gate and bf16_gate_bias,
 allowed there, docs/conformance.md section 6). For them E_j and delta_j also hold
