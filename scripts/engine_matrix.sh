@@ -18,11 +18,13 @@
 # directory (--work DIR) to judge the same outputs again later, after the checker changed
 # (tolerances, emulation, conditioning), without running any engine:
 #
-#   bash scripts/engine_matrix.sh --rejudge --work DIR [--suites LIST] [--engines LIST]
+#   bash scripts/engine_matrix.sh --rejudge --work DIR [--regenerate] [--suites LIST] [--engines LIST]
 #
 # runs from the .venv alone (no engine is imported: version, options and mode come from each
 # candidate's engine.json) and refuses, with one line and nothing written, a candidate written
-# for a suite with another question digest than the one in DIR.
+# for a suite with another question digest than the one in DIR, unless only how the tolerances
+# are made changed (the same inputs digest, oracles/format/digest.py). --regenerate generates the
+# suites in DIR again first (after the emulation, calibration or tolerance rule changed).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -36,8 +38,9 @@ while [ $# -gt 0 ]; do
     --work) work="$2"; shift 2 ;;
     --suites) args+=(--suites "$2"); shift 2 ;;
     --rejudge) rejudge=1; shift ;;
+    --regenerate) args+=(--regenerate); shift ;;
     --engines) engines="$2"; engines_given=1; shift 2 ;;
-    *) echo "engine_matrix.sh: unknown argument $1 (--suites LIST, --work DIR, --rejudge, --engines LIST)" >&2; exit 2 ;;
+    *) echo "engine_matrix.sh: unknown argument $1 (--suites LIST, --work DIR, --rejudge, --regenerate, --engines LIST)" >&2; exit 2 ;;
   esac
 done
 if [ -n "$engines_given" ] && [ -z "$rejudge" ]; then

@@ -33,6 +33,7 @@ import json
 from fnmatch import fnmatchcase
 import os
 import re
+import shutil
 import sys
 import tempfile
 
@@ -49,6 +50,7 @@ from ..checking.known import apply as apply_known
 from ..checking.known import load as load_known
 from ..checking.results import CaseResult
 from ..format import metrics, tolerances
+from ..format.digest import inputs_digest
 from ..format.golden import Golden, read_tensors
 from ..format.profiles import mode_of, refused, relation
 from . import (ENGINE_INFO_FILE, ENGINES, RecordedSkips, installed, label, load_engine, read_info,
@@ -261,8 +263,9 @@ def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
             print(f"warning: {engine} close(): {why}", file=sys.stderr)
     # what --rejudge reads back: the engine, its options and mode, the skips and errors, and the
     # suite the outputs answer
-    write_info(cand_dir, {**info, "question_digest": Golden(golden_dir, verify=False).question_digest},
-               skipped, errors)
+    g = Golden(golden_dir, verify=False)
+    write_info(cand_dir, {**info, "question_digest": g.question_digest,
+                          "inputs_digest": inputs_digest(g.manifest)}, skipped, errors)
     today = datetime.date.today().isoformat()
     return judge(info, suite, profiles, golden_dir, cand_dir, skipped, errors, today)
 
@@ -294,15 +297,20 @@ def recorded_run(engine, options, suite, profiles, golden_dir, work) -> dict:
         if str(info["options"].get(k)) != str(v):
             raise OraclesError(f"{path}: option {k} is {info['options'].get(k)!r}, but the run "
                                f"this directory holds has {k}={v}")
-    want = Golden(golden_dir, verify=False).question_digest
-    got = info.get("question_digest")
+    golden = Golden(golden_dir, verify=False)
+    want, got = golden.question_digest, info.get("question_digest")
     if got is None or want is None:
         raise OraclesError(f"{path}: records no question digest" if got is None else
                            f"{golden_dir}: the suite has no question digest (format < 3)")
-    if got != want:
+    info["rule_changed"] = got != want
+    if got != want and info.get("inputs_digest") != inputs_digest(golden.manifest):
         raise OraclesError(f"{path}: written for a suite with question digest {got[:16]}..., but "
                            f"{golden_dir} asks {want[:16]}...: its outputs answer other questions; "
                            "run the engine again (without --rejudge)")
+    if info["rule_changed"]:  # the same inputs and outputs asked, tolerances made another way
+        print(f"note: {cand_dir}: written for question digest {got[:16]}...; the suite now asks "
+              f"{want[:16]}... with the same inputs (its inputs digest): only how its tolerances "
+              "are made changed; judged by the suite's current rule", file=sys.stderr)
     _check_mode(engine, options, info["mode"], profiles)
     mtime = os.stat(path).st_mtime
     info["date"] = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).date().isoformat()
@@ -583,6 +591,11 @@ def main(argv=None) -> int:
                         "candidate directories an earlier run left in --work (each must have been "
                         "written for a suite with the question digest of the one in WORK); "
                         "default --engines: all four")
+    p.add_argument("--regenerate", action="store_true",
+                   help="generate the suites in --work again even where they exist (after the "
+                        "emulation, calibration or tolerance rule changed; with --rejudge, an "
+                        "earlier run's outputs are judged against the new suites when they ask the "
+                        "same inputs)")
     p.add_argument("--known-dir", help="the engines' known-divergence files, <engine>.toml (default: "
                                        "known/ beside --out)")
     args = p.parse_args(argv)
@@ -618,7 +631,12 @@ def main(argv=None) -> int:
                     _candidate_present(work, e, s_, o)
             for suite in dict.fromkeys(r[2] for r in runs):
                 suites[suite] = os.path.join(work, "golden-" + suite)
-                if not os.path.exists(suites[suite]):
+                if args.regenerate and os.path.exists(suites[suite]):
+                    shutil.rmtree(suites[suite] + ".new", ignore_errors=True)  # an interrupted one
+                    generate(suites[suite] + ".new", suite)  # the old one kept until this is whole
+                    shutil.rmtree(suites[suite])
+                    os.replace(suites[suite] + ".new", suites[suite])
+                elif not os.path.exists(suites[suite]):
                     generate(suites[suite], suite)
             # --rejudge: every candidate checked (directory, engine.json, question digest) before
             # anything is judged
@@ -630,8 +648,12 @@ def main(argv=None) -> int:
                     rows += run_one(engine, options, suite, profiles, suites[suite], work)
                 else:
                     print(f"re-judging {info['dir']} ...", file=sys.stderr, flush=True)
-                    rows += judge(info, suite, profiles, suites[suite], info["dir"], info["skipped"],
-                                  info["errors"], info["date"])
+                    new = judge(info, suite, profiles, suites[suite], info["dir"], info["skipped"],
+                                info["errors"], info["date"])
+                    for r in new:  # the suite's tolerance rule is newer than the run (stderr note)
+                        if info["rule_changed"]:
+                            r["rule_changed_since_run"] = True
+                    rows += new
         kept = [r for r in old if (r["engine"] not in wanted or r["suite"] not in suites_wanted)
                 and keep_row(r)]
         order = {e: i for i, e in enumerate(ENGINES)}

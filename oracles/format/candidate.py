@@ -226,6 +226,8 @@ ENGINE_SCHEMA = {
     "mode": (False, "the profile that emulates the run (" + ", ".join(PROFILES) + ") or null"),
     "question_digest": (False, "the question digest (64 hex digits) of the suite the outputs "
                                "were written for"),
+    "inputs_digest": (False, "the inputs digest (64 hex digits) of the suite the outputs were "
+                             "written for"),
 }
 MAX_FIELD_CHARS = 10_000
 
@@ -258,7 +260,7 @@ def read_engine_info(root: str) -> dict | None:
         v = info.get(k)
         if k in ("engine", "version", "serving"):
             ok = isinstance(v, str) and len(v) <= MAX_FIELD_CHARS
-        elif k == "question_digest":
+        elif k in ("question_digest", "inputs_digest"):
             ok = isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None
         elif k == "mode":
             ok = v is None or v in PROFILES
@@ -269,7 +271,7 @@ def read_engine_info(root: str) -> dict | None:
             ok = isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
         if not ok:
             raise OraclesError(f"{printable(path)}: field {k!r} must be {want}"
-                               + ("" if k in ("skipped", "errors", "mode", "question_digest") else
+                               + ("" if k in ("skipped", "errors", "mode", "question_digest", "inputs_digest") else
                                   f", of at most {MAX_FIELD_CHARS:,} characters"))
     out = {"engine": info["engine"], "version": info["version"], "options": info["options"],
            "skipped": info.get("skipped", {}), "errors": info.get("errors", {})}
@@ -277,6 +279,7 @@ def read_engine_info(root: str) -> dict | None:
         out["serving"] = info["serving"]
     if "mode" in info:  # (absent in a file written before runs recorded their mode)
         out["mode"] = info["mode"]
-    if "question_digest" in info:  # the suite the outputs answer (absent before it was recorded)
-        out["question_digest"] = info["question_digest"]
+    for k in ("question_digest", "inputs_digest"):  # the suite the outputs answer (when recorded)
+        if k in info:
+            out[k] = info[k]
     return out

@@ -107,6 +107,8 @@ def _engine_json(cand, obj=None, raw=None):
     (b'{"engine": "x", "version": "1", "options": {}, "question_digest": "' + b"A" * 64 + b'"}',
      "field 'question_digest'"),
     (b'{"engine": "x", "version": "1", "options": {}, "question_digest": 7}', "field 'question_digest'"),
+    (b'{"engine": "x", "version": "1", "options": {}, "inputs_digest": "' + b"0" * 63 + b'"}',
+     "field 'inputs_digest'"),
     (b'{"engine": "x", "engine": "y", "version": "1", "options": {}}', "duplicate key"),
     (b'{"engine": "x", "version": "1", "options": {"t": NaN}}', "NaN"),
     (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),

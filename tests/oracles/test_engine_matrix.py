@@ -11,6 +11,7 @@ import pytest
 
 from oracles.authoring.emulate import run_case
 from oracles.engines import matrix
+from oracles.format.digest import inputs_digest
 from oracles.format.golden import Golden
 from refimpl.writer import write_safetensors
 
@@ -139,6 +140,7 @@ def test_rejudge_judges_an_earlier_runs_candidates_again_and_refuses_another_sui
     cand = work / "transformers-smoke-"
     info = json.loads((cand / "engine.json").read_text())
     assert info["question_digest"] == Golden(str(work / "golden-smoke")).question_digest
+    assert info["inputs_digest"] == inputs_digest(Golden(str(work / "golden-smoke")).manifest)
 
     def no_engine(*a):
         raise AssertionError("--rejudge loaded the engine")
@@ -156,14 +158,26 @@ def test_rejudge_judges_an_earlier_runs_candidates_again_and_refuses_another_sui
     assert row["version"] == "9.9" and row["options"] == info["options"]
     assert row["date"] == "2026-01-02" and row["judged"] != row["date"]
     assert "this engine raised on MTP" in row["failures"][0]["diagnosis"]
-    assert "re-judging" in capsys.readouterr().err
+    assert "re-judging" in capsys.readouterr().err and "rule_changed_since_run" not in row
+
+    # the suite regenerated with its tolerances made another way (another K: another tolerance
+    # rule, so another question digest, the same inputs): the outputs are judged against it
+    from oracles.format import tolerances
+    monkeypatch.setattr(tolerances, "K", 5.0)
+    assert matrix.main(argv + ["--rejudge", "--regenerate"]) == 0
+    regenerated = Golden(str(work / "golden-smoke"))
+    assert regenerated.manifest["tolerance_k"] == 5.0 and regenerated.question_digest != info["question_digest"]
+    err = capsys.readouterr().err
+    assert "only how its tolerances are made changed" in err and not os.path.exists(str(work / "golden-smoke.new"))
+    (row,) = [r for r in json.loads((tmp_path / "engines.json").read_text()) if r["cases"] == "model"]
+    assert row["rule_changed_since_run"] is True and (row["passed"], row["errors"]) == (1, 1)
 
     before = (tmp_path / "engines.json").read_text(), out.read_text()
-    (cand / "engine.json").write_text(json.dumps({**info, "question_digest": "0" * 64}))
+    (cand / "engine.json").write_text(json.dumps({**info, "inputs_digest": "0" * 64}))
     assert matrix.main(argv + ["--rejudge"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "engine.json: written for a suite with question digest " \
-        "0000000000000000..., but" in err and "run the engine again" in err
+        f"{info['question_digest'][:16]}..., but" in err and "run the engine again" in err
     shutil.rmtree(cand)
     assert matrix.main(argv + ["--rejudge"]) == 2
     assert "transformers-smoke-: no candidate directory" in capsys.readouterr().err
