@@ -8,14 +8,15 @@ Engines that are not importable here keep the rows they had (with their dates): 
 command from the interpreter that has them (vLLM wants a virtual environment of its own) with
 --engines NAME to refresh theirs. llama.cpp needs LLAMA_CPP_CONVERTER (see llama_cpp_engine.py).
 
-    python -m oracles.engines.matrix --out docs/engines.md --rejudge --work DIR [--engines ...]
+    python -m oracles.engines.matrix --out docs/engines.md --rejudge --work DIR [--regenerate]
 
 judges again, with the current checker (tolerances, conditioning, diagnoses), the candidates an
 earlier run left in DIR (<engine>-<suite>-<options>: outputs, skip and error files, engine.json)
 without running any engine, so it needs none installed: the engine's version, options, mode,
 skips and errors come from its engine.json, and each candidate must have been written for a
-suite with the question digest of the one in DIR (regenerated there when missing), else it is
-refused with one line before anything is judged.
+suite with the question digest of the one in DIR (generated there when missing, again with
+--regenerate), or one that differs from it only in how the tolerances are made (the same
+inputs digest, format/digest.py), else it is refused with one line before anything is judged.
 
 A failure's diagnosis is computed, not typed: the candidate's logits are compared with refimpl
 run with each mutant of the catalogue (oracles/authoring/mutants.py) and each engine behaviour below
@@ -466,12 +467,15 @@ def render(rows: list[dict], known_dir: str | None = None) -> str:
            "emulation, conditioning, diagnoses), the same outputs are judged again without "
            "running any engine, from the project's .venv alone:", "",
            "```",
-           "bash scripts/engine_matrix.sh --rejudge --work DIR [--suites LIST] [--engines LIST]",
+           "bash scripts/engine_matrix.sh --rejudge --work DIR [--regenerate] [--suites LIST] [--engines LIST]",
            "```", "",
-           "A candidate written for a suite with another question digest than the one in DIR "
-           "(regenerated there when missing) is refused with one line, and nothing is written. "
-           "A re-judged row keeps the date its engine ran (its engine.json's) and says when it "
-           "was judged.", "",
+           "`--regenerate` generates the suites in DIR again first (needed when the emulation, "
+           "the calibration or the tolerance rule changed; a suite missing from DIR is always "
+           "generated). A candidate written for a suite with another question digest than the "
+           "one in DIR is refused with one line, and nothing is written, unless only how the "
+           "tolerances are made changed (the same inputs digest: oracles/format/digest.py), which "
+           "is said on stderr and in the row (`rule_changed_since_run`). A re-judged row keeps "
+           "the date its engine ran (its engine.json's) and says when it was judged.", "",
            "Recipes for the engines' environments are in docs/conformance.md section 10; "
            "`--suites` limits a run to some suites and keeps the other rows (the rows are also in "
            "`docs/engines.json`). Each configuration "
