@@ -96,7 +96,8 @@ def main(argv=None) -> int:
             if "compared" not in r:
                 continue
             opts = ",".join(f"{k}={v}" for k, v in r["options"].items() if k != "converter")
-            print(row(r["suite"], f"{r['engine']} {r['version']} ({opts}), {r['date']}", r["profile"],
+            group = f", {r['cases']} cases" if r.get("cases") else ""  # scenario / model rows
+            print(row(r["suite"], f"{r['engine']} {r['version']} ({opts}){group}, {r['date']}", r["profile"],
                       r["compared"], r.get("inconclusive_cases", []), r["failed"]))
     return 0
 

@@ -43,6 +43,8 @@ from .checking.check import run_check
 from .checking.report import format_report
 from .checking.worker import MAX_CASE_TIMEOUT, check_timeout, split_spec
 from .format import tolerances
+from .format.digest import inputs_digest
+from .format.golden import Golden
 from .format.profiles import choose
 from .format.untrusted import escape
 
@@ -406,8 +408,11 @@ def cmd_run(args) -> int:
                                                expect_digest=args.expect_digest,
                                                checkpoint=args.checkpoint)
             info = getattr(cand, "info", None)
-            if info:
-                engines.write_info(tmp, info, skipped, errors)
+            if info:  # with the question and inputs digests of the suite the outputs answer
+                g = Golden(args.golden, verify=False, checkpoint=args.checkpoint)
+                digests = {"question_digest": g.question_digest,
+                           "inputs_digest": inputs_digest(g.manifest)} if g.question_digest else {}
+                engines.write_info(tmp, {**info, **digests}, skipped, errors)
     except BaseException:
         _close(cand, abort=True)
         raise

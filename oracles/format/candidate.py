@@ -22,6 +22,7 @@ field is escaped again where it is printed (untrusted.escape).
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import Mapping
 
@@ -223,6 +224,10 @@ ENGINE_SCHEMA = {
     "skipped": (False, "an object of case id -> reason (a string)"),
     "errors": (False, "an object of case id -> the engine's error (a string)"),
     "mode": (False, "the profile that emulates the run (" + ", ".join(PROFILES) + ") or null"),
+    "question_digest": (False, "the question digest (64 hex digits) of the suite the outputs "
+                               "were written for"),
+    "inputs_digest": (False, "the inputs digest (64 hex digits) of the suite the outputs were "
+                             "written for"),
 }
 MAX_FIELD_CHARS = 10_000
 
@@ -255,6 +260,8 @@ def read_engine_info(root: str) -> dict | None:
         v = info.get(k)
         if k in ("engine", "version", "serving"):
             ok = isinstance(v, str) and len(v) <= MAX_FIELD_CHARS
+        elif k in ("question_digest", "inputs_digest"):
+            ok = isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None
         elif k == "mode":
             ok = v is None or v in PROFILES
         elif k == "options":
@@ -264,7 +271,7 @@ def read_engine_info(root: str) -> dict | None:
             ok = isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
         if not ok:
             raise OraclesError(f"{printable(path)}: field {k!r} must be {want}"
-                               + ("" if k in ("skipped", "errors", "mode") else
+                               + ("" if k in ("skipped", "errors", "mode", "question_digest", "inputs_digest") else
                                   f", of at most {MAX_FIELD_CHARS:,} characters"))
     out = {"engine": info["engine"], "version": info["version"], "options": info["options"],
            "skipped": info.get("skipped", {}), "errors": info.get("errors", {})}
@@ -272,4 +279,7 @@ def read_engine_info(root: str) -> dict | None:
         out["serving"] = info["serving"]
     if "mode" in info:  # (absent in a file written before runs recorded their mode)
         out["mode"] = info["mode"]
+    for k in ("question_digest", "inputs_digest"):  # the suite the outputs answer (when recorded)
+        if k in info:
+            out[k] = info[k]
     return out

@@ -54,6 +54,22 @@ def question(m: dict) -> dict:
     return q
 
 
+# top-level fields that say how the tolerances are made: part of what a suite asks, not of what a
+# candidate is asked to compute
+RULE_FIELDS = ("tolerance_rule", "tolerance_k", "floors", "calibrated_by")
+
+
+def inputs_digest(m: dict) -> str:
+    """sha256 of the canonical JSON of question(m) without RULE_FIELDS: what a candidate is asked
+    to compute (cases, params, inputs, model files, output names and shapes). Two suites with the
+    same inputs digest take the same outputs, however their tolerances are made; the engine
+    matrix's --rejudge judges an earlier run's outputs against a suite regenerated after the
+    tolerance rule changed by it."""
+    q = {k: v for k, v in question(m).items() if k not in RULE_FIELDS}
+    text = json.dumps(q, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
 def question_digest(m: dict) -> str:
     """sha256 of the canonical JSON of question(m)."""
     text = json.dumps(question(m), sort_keys=True, separators=(",", ":"), ensure_ascii=True,

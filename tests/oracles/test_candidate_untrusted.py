@@ -103,6 +103,12 @@ def _engine_json(cand, obj=None, raw=None):
     (b'{"engine": "x", "version": "1", "options": {}, "extra": 1}', "unknown field 'extra'"),
     (b'{"engine": "x", "version": "1", "options": {}, "mode": "bf17"}', "field 'mode'"),
     (b'{"engine": "x", "version": "1", "options": {}, "mode": 1}', "field 'mode'"),
+    (b'{"engine": "x", "version": "1", "options": {}, "question_digest": "abc"}', "field 'question_digest'"),
+    (b'{"engine": "x", "version": "1", "options": {}, "question_digest": "' + b"A" * 64 + b'"}',
+     "field 'question_digest'"),
+    (b'{"engine": "x", "version": "1", "options": {}, "question_digest": 7}', "field 'question_digest'"),
+    (b'{"engine": "x", "version": "1", "options": {}, "inputs_digest": "' + b"0" * 63 + b'"}',
+     "field 'inputs_digest'"),
     (b'{"engine": "x", "engine": "y", "version": "1", "options": {}}', "duplicate key"),
     (b'{"engine": "x", "version": "1", "options": {"t": NaN}}', "NaN"),
     (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
@@ -126,6 +132,17 @@ def test_engine_json_mode_is_a_profile_or_null_and_absent_is_the_engines(small, 
     assert engines.read_info(cand)["mode"] is None
     _engine_json(cand, {**ENGINE, "options": {"dtype": "bfloat16", "expert_dtype": "float32"}})
     assert engines.read_info(cand)["mode"] == "bf16_f32_experts"
+
+
+def test_engine_json_question_digest_is_read_back_when_recorded(small, cand):
+    """The suite a candidate's outputs answer (the engine matrix's --rejudge compares it with
+    the suite it judges against): 64 lowercase hex digits, absent in older files."""
+    from oracles import engines
+
+    _engine_json(cand, ENGINE)
+    assert "question_digest" not in engines.read_info(cand)
+    _engine_json(cand, {**ENGINE, "question_digest": "0123456789abcdef" * 4})
+    assert engines.read_info(cand)["question_digest"] == "0123456789abcdef" * 4
 
 
 def test_a_huge_sparse_engine_json_is_refused_by_its_size(small, cand):

@@ -19,6 +19,8 @@ from oracles import engines
 from oracles.authoring import writer
 from oracles.checking.candidates import load_adapter, write_outputs
 from oracles.format.candidate import ERROR_CHARS, ERROR_FILE, error_reason, one_line, write_error
+from oracles.format.digest import inputs_digest
+from oracles.format.golden import Golden
 from tests.helpers import run_main
 
 ONLY = "gate.tiny,model.prefill.tiny"
@@ -93,6 +95,8 @@ def test_engine_json_records_the_errors_and_the_check_reads_them(suite, tmp_path
     info = json.load(open(cand / "engine.json"))
     assert rc == 1 and "GatherMM" in info["errors"]["model.prefill.tiny"] and info["skipped"] == {}
     assert info["serving"] == "one request at a time"
+    assert info["question_digest"] == Golden(suite).question_digest  # the suite it answers
+    assert info["inputs_digest"] == inputs_digest(Golden(suite).manifest)
     os.remove(cand / "cases" / "model.prefill.tiny" / ERROR_FILE)
     rc, out, _ = run_main("check", suite, cand, module="oracles")
     assert rc == 1 and "ERROR" in out and "GatherMM" in out and "0 missing" in out

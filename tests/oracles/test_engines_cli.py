@@ -83,7 +83,7 @@ def test_run_and_check_with_the_transformers_engine_record_name_version_options(
     r = run_cli("check", smoke_dir, cand, "--json", rep, module="oracles")
     assert r.returncode == 0, r.stdout + r.stderr
     assert info["mode"] == "float32"
-    assert json.load(open(rep))["engine"] == {k: info[k] for k in ("engine", "version", "options", "serving", "mode")}
+    assert json.load(open(rep))["engine"] == {k: info[k] for k in ("engine", "version", "options", "serving", "mode", "question_digest", "inputs_digest")}
     assert "DynamicCache" in info["serving"] and info["errors"] == {}
     assert f"engine: transformers {transformers.__version__}" in r.stdout
     # the same through check --engine, in bf16 against the bf16 profile

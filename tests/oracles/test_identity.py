@@ -103,6 +103,26 @@ def test_every_manifest_field_but_the_machines_answers_changes_the_question_dige
     assert same == _machine_part(path), path
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_the_inputs_digest_is_the_question_but_how_tolerances_are_made(smoke, data):
+    """inputs_digest (what the engine matrix's --rejudge accepts a candidate by when the suite's
+    tolerance rule changed): every asked field but the tolerance rule, K, floors and
+    calibrated_by changes it; those and the machine's answers do not."""
+    m, _, leaves = _manifest_leaves(smoke)
+    i = digest.inputs_digest(m)
+    path = data.draw(st.sampled_from(leaves))
+    m2 = copy.copy(m)
+    node = m2
+    for k in path[:-1]:
+        node[k] = copy.copy(node[k])
+        node = node[k]
+    node[path[-1]] = _changed(node[path[-1]])
+    rule = path[0] in digest.RULE_FIELDS
+    assert (digest.inputs_digest(m2) == i) == (_machine_part(path) or rule), path
+    assert any(p[0] == "tolerance_rule" for p in leaves) and any(p[0] == "floors" for p in leaves)
+
+
 _LEAVES = {}
 
 
