@@ -724,3 +724,55 @@ def test_the_reference_is_not_failed_by_alternatives_too_close_to_call(conventio
     rep = run_check(conventions_dir, load_adapter("oracles.adapters:refimpl_float32"), "bf16")
     assert rep["ok"] and rep["counts"]["inconclusive"] == 0 and rep["counts"]["fail"] == 0
     assert rep["conventions"]["gate_precision"]["float32"]
+
+
+def _norm_entry(m, cid="rms_norm.basic", profile="bf16", out="y"):
+    return _case(m, cid)["tolerances"][profile][out]
+
+
+def test_a_norm_tolerance_up_to_the_error_length_sqrt_nmse_is_the_rule_and_beyond_is_refused(small, suite):
+    """tolerances.rule: norm may reach sqrt(calibrated nmse) (the emulated run's own error
+    length), the other metrics only max(K x calibrated, floor)."""
+    def set_norm(tol):
+        def change(m):
+            e = _norm_entry(m)
+            e["nmse"].update(calibrated=0.01, tol=0.04)  # error length 0.1
+            e["norm"].update(calibrated=0.0, tol=tol)  # the run's own projection: 0
+        return change
+    _edit(suite, set_norm(0.1))
+    rc, out, err = main("check", suite, small[1])
+    assert rc == 0, out + err
+    _edit(suite, set_norm(0.1001))
+    _one_line_error(*main("check", suite, small[1])[::2], "sqrt(nmse calibrated 0.01)")
+    # the rule does not carry over to another metric
+    _edit(suite, lambda m: _norm_entry(m)["max_rel"].update(calibrated=0.0, tol=0.1))
+    _one_line_error(*main("check", suite, small[1])[::2], "looser")
+
+
+def test_the_rule_by_hand():
+    from oracles.format.tolerances import FLOORS, K, rule
+    f = FLOORS["bf16"]
+    assert rule("norm", 0.00079, f["norm"], 1.02e-4) == pytest.approx(1.02e-4 ** 0.5)  # 0.0101
+    assert rule("norm", 0.004, f["norm"], 1.02e-4) == K * 0.004  # its own projection, times K
+    assert rule("norm", 0.0, f["norm"], 1e-6) == f["norm"]  # the floor
+    assert rule("nmse", 1.02e-4, f["nmse"], 1.02e-4) == K * 1.02e-4
+    assert rule("max_rel", 0.0, f["max_rel"], 1.0) == f["max_rel"]  # nmse only reaches norm
+    assert rule("mismatch", 0.5, 0.0, 1.0) == 0.0
+
+
+def test_calibration_gives_norm_the_error_length_when_the_run_projects_none():
+    """An emulated error orthogonal to the output (norm error ~0) leaves the norm tolerance at
+    the error's length; a candidate with an error of that length along the output (a pure
+    scale, norm = sqrt(nmse)) is within it, and so within every tolerance."""
+    from oracles.authoring.calibration import calibrate
+    from oracles.format import metrics
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(6, 32))
+    d = rng.normal(size=e.shape)
+    d -= e * (np.sum(d * e) / np.sum(e * e))  # orthogonal to e
+    d *= 0.01 * np.linalg.norm(e) / np.linalg.norm(d)  # length 0.01 of e's
+    got = calibrate({"y": e}, {}, {"y": e + d}, "bf16", kind="rms_norm")["y"]
+    assert got["norm"]["calibrated"] < 1e-4 and got["nmse"]["calibrated"] == pytest.approx(1e-4)
+    assert got["norm"]["tol"] == pytest.approx(0.01)
+    scaled = metrics.continuous(e * 1.0099, e)
+    assert scaled["norm"] <= got["norm"]["tol"] and scaled["nmse"] <= got["nmse"]["tol"]
