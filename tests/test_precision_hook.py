@@ -133,7 +133,8 @@ def test_accumulate_rounds_after_each_add_by_hand():
 def test_accumulate_is_a_sequential_bf16_sum_in_the_given_order(n, k, d, seed, log_spread):
     rng = np.random.default_rng(seed)
     # terms of mixed signs and sizes (partial cancellation is where per-add rounding shows)
-    terms = round_bf16(rng.normal(size=(n, k, d)) * 2.0 ** rng.uniform(0, abs(log_spread), (n, k, 1)))
+    scale = 2.0 ** rng.uniform(0, abs(log_spread), (n, k, 1))
+    terms = round_bf16(rng.normal(size=(n, k, d)) * scale)
     order = np.argsort(rng.random((n, k)), axis=-1)
     with ops.rounding(round_bf16):
         got = ops.accumulate(terms, order=order)
@@ -144,8 +145,8 @@ def test_accumulate_is_a_sequential_bf16_sum_in_the_given_order(n, k, d, seed, l
 
 
 def _experts(rng, e, d, f):
-    return [{"gate_proj": round_bf16(rng.normal(size=(f, d))), "up_proj": round_bf16(rng.normal(size=(f, d))),
-             "down_proj": round_bf16(rng.normal(size=(d, f)))} for _ in range(e)]
+    shapes = {"gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+    return [{n: round_bf16(rng.normal(size=sh)) for n, sh in shapes.items()} for _ in range(e)]
 
 
 @given(st.integers(1, 6), st.integers(1, 4), st.integers(0, 2**31))
@@ -178,7 +179,8 @@ def test_routed_experts_without_a_policy_sum_in_selection_order_bit_for_bit():
     rng = np.random.default_rng(3)
     t, k, e, d, f = 5, 3, 6, 8, 4
     x = rng.normal(size=(t, d))
-    experts = [{n: np.asarray(a, np.float64) for n, a in ex.items()} for ex in _experts(rng, e, d, f)]
+    experts = [{n: np.asarray(a, np.float64) for n, a in ex.items()}
+               for ex in _experts(rng, e, d, f)]
     idx = np.stack([rng.permutation(e)[:k] for _ in range(t)])
     w = rng.uniform(0.1, 1.5, size=(t, k))
     # each expert over its tokens at once, as routed_experts groups them (a GEMM's float64 bits
