@@ -493,18 +493,20 @@ def test_a_greedy_stream_that_agrees_through_a_near_tie_and_parts_later_fails():
 
 
 def test_inconclusive_cases_exit_1_unless_allowed(default_dir):
-    """Without conditioning (what a checker without refimpl's forward pass does), refimpl's bf16
+    """Without conditioning (what a checker without refimpl's forward pass does), refimpl's fp8
     emulation flips near-ties early in model.prefill.near_ties (random routing, on purpose),
-    which every later position follows; conditioned, every position is judged and it passes."""
+    which every later position follows; conditioned, every position is judged and it passes.
+    (Its bf16 emulation, which rounds as DeepSeek's inference code does, happens to route that
+    case as the float64 truth does.)"""
     only = "model.prefill.near_ties"
-    bf16 = "oracles.adapters:refimpl_bf16"
-    rc, out, _ = main("check", default_dir, "--adapter", bf16, "--profile", "bf16", "--only", only,
+    fp8 = "oracles.adapters:refimpl_fp8"
+    rc, out, _ = main("check", default_dir, "--adapter", fp8, "--profile", "fp8", "--only", only,
                       "--no-conditioning")
     assert rc == 1 and "INCONCLUSIVE" in out and "--allow-inconclusive" in out and "of 10 positions" in out
     assert "--no-conditioning" in out  # the command that reproduces it
-    assert main("check", default_dir, "--adapter", bf16, "--profile", "bf16", "--only", only,
+    assert main("check", default_dir, "--adapter", fp8, "--profile", "fp8", "--only", only,
                 "--no-conditioning", "--allow-inconclusive")[0] == 0
-    rc, out, _ = main("check", default_dir, "--adapter", bf16, "--only", only)
+    rc, out, _ = main("check", default_dir, "--adapter", fp8, "--only", only)
     assert rc == 0 and "reference recomputed on its routing" in out
 
 
@@ -522,13 +524,15 @@ class _LogitsOnly:
 
 
 def test_a_logits_only_bf16_engine_is_not_falsely_failed(default_dir):
-    """refimpl's own bf16 emulation, stripped to logits: its routing near-ties are forgiven from
-    the golden's margins. No case fails; where too few positions are clear of near-ties it is
-    INCONCLUSIVE, and there comparing every position would indeed have exceeded the tolerance."""
+    """refimpl's own fp8 emulation (its bf16 one routes model.prefill.near_ties as the truth
+    does), stripped to logits: its routing near-ties are forgiven from the golden's margins. No
+    case fails; where too few positions are clear of near-ties it is INCONCLUSIVE, and there
+    comparing every position would indeed have exceeded the tolerance."""
     from oracles.engines.reference import RefimplAdapter
 
-    cand = AdapterCandidate(_LogitsOnly(RefimplAdapter("bf16")), "bf16 logits only")
-    rep = run_check(default_dir, cand, "bf16", only="model.prefill.*")
+    prof = "fp8"
+    cand = AdapterCandidate(_LogitsOnly(RefimplAdapter(prof)), f"{prof} logits only")
+    rep = run_check(default_dir, cand, prof, only="model.prefill.*")
     assert rep["counts"]["fail"] == 0 and rep["counts"]["pass"] >= 4, rep["counts"]
     g = golden.Golden(default_dir)
     inconclusive = [r for r in rep["cases"] if r["status"] == "inconclusive"]
@@ -536,8 +540,8 @@ def test_a_logits_only_bf16_engine_is_not_falsely_failed(default_dir):
     for r in inconclusive:
         assert r["compared"]["fraction"] < 0.5 and "did not report" in r["reason"]
         exp = g.expected(r["id"])["logits"]
-        got = RefimplAdapter("bf16").run(g.load_case(r["id"]))["logits"]
-        tol = g.cases[r["id"]]["tolerances"]["bf16"]["logits"]
+        got = RefimplAdapter(prof).run(g.load_case(r["id"]))["logits"]
+        tol = g.cases[r["id"]]["tolerances"][prof]["logits"]
         full = metrics.logits(got, exp, tol["logit_eps"])
         assert any(full[m] > tol[m]["tol"] for m in metrics.LOGIT_METRICS)  # a false FAIL before
 
