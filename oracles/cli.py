@@ -43,8 +43,7 @@ from .checking.check import run_check
 from .checking.report import format_report
 from .checking.worker import MAX_CASE_TIMEOUT, check_timeout, split_spec
 from .format import tolerances
-from .format.profiles import refused
-from .format.tolerances import PROFILES
+from .format.profiles import choose
 from .format.untrusted import escape
 
 # The authoring layer (suites, case kinds, the writer, verify, the search) runs refimpl's
@@ -231,15 +230,26 @@ def _candidate_adapter(args, restart_after_timeout: bool = True):
     return cand, repro
 
 
-def _mode(cand, info) -> str | None:
-    """The mode the candidate ran in: its engine.json's (or its engine's info), else the
-    adapter's `mode` attribute (reported by an adapter process, or read in-process), else None."""
-    mode = info.get("mode") if info else None
-    if mode is None:
-        mode = getattr(cand, "mode", None)
-    if mode is None:
-        mode = getattr(getattr(cand, "adapter", None), "mode", None)
-    return mode if isinstance(mode, str) else None
+def conditioner(no_conditioning: bool):
+    """What `oracles check` and the pytest plugin hand the checker to condition the goldens on
+    the candidate's routing: authoring.conditioned.conditioner_for, imported only now (it runs
+    refimpl's forward pass), or None with --no-conditioning (nothing of it is then loaded)."""
+    if no_conditioning:
+        return None
+    from .authoring.conditioned import conditioner_for
+    return conditioner_for
+
+
+def repro_base(golden: str, how: str, engine: str | None, no_conditioning: bool,
+               any_profile: bool) -> str:
+    """`oracles check GOLDEN CANDIDATE` with what else its verdict depends on: the environment
+    the engine reads, --no-conditioning, --any-profile. A failing case's reproduce line is this
+    with its --only and --profile (check.repro_line), from `oracles check` and the plugin alike."""
+    env = engines.environment(engine) if engine else {}
+    return ("".join(f"{k}={shlex.quote(v)} " for k, v in env.items())
+            + f"oracles check {shlex.quote(golden)} {how}"
+            + (" --no-conditioning" if no_conditioning else "")
+            + (" --any-profile" if any_profile else ""))
 
 
 def _close(cand, abort: bool = False) -> None:
@@ -328,26 +338,21 @@ def cmd_check(args) -> int:
     else:
         cand, how = _candidate_adapter(args)  # an adapter process starts now, while the suite is read
         info = None
-    env = engines.environment(args.engine) if args.engine else {}  # what the engine reads
-    base = "".join(f"{k}={shlex.quote(v)} " for k, v in env.items()) + \
-        f"oracles check {shlex.quote(args.golden)} {how}" + (
-        " --no-conditioning" if args.no_conditioning else "") + (
-        " --any-profile" if args.any_profile else "")
+    base = repro_base(args.golden, how, args.engine, args.no_conditioning, args.any_profile)
     t = time.perf_counter()
-    conditioner = None
-    if not args.no_conditioning:
-        from .authoring.conditioned import conditioner_for as conditioner
     try:
+        cond = conditioner(args.no_conditioning)
         if info is None and args.engine:  # the engine's options, for --known (it is built now)
             info = cand.info
-        mode = _mode(cand, info)
-        profile = args.profile or (mode if mode in PROFILES else "float32")
+        mode = candidates.run_mode(cand, info)
+        # the profile of its mode unless asked for; one emulating FP8 it did not have refused
+        profile = choose(args.profile, mode, args.any_profile)
         rep = run_check(args.golden, cand, profile, args.only, repro_base=base,
                         progress=_progress(args), expect_digest=args.expect_digest,
                         allow_empty=args.allow_empty, allow_inconclusive=args.allow_inconclusive,
                         known=known_file, allow_fixed=args.allow_fixed,
                         engine_options=info.get("options") if info else None,
-                        checkpoint=args.checkpoint, conditioner=conditioner, mode=mode,
+                        checkpoint=args.checkpoint, conditioner=cond, mode=mode,
                         any_profile=args.any_profile)
     except BaseException:
         _close(cand, abort=True)
@@ -442,16 +447,13 @@ def cmd_search(args) -> int:
     # restarted); a call past --case-timeout ends the search, as in-process (its every replay
     # would wait as long again)
     cand, how = _candidate_adapter(args, restart_after_timeout=False)
-    from .authoring.conditioned import conditioner_for
     try:
+        conditioner_for = conditioner(False)
         info = cand.info if args.engine else None  # (an adapter process: its factory awaited)
         # as `oracles check` judges: the profile of the candidate's mode unless given (one
         # emulating FP8 it did not have refused), the reference conditioned on its routing
-        mode = _mode(cand, info)
-        profile = args.profile or (mode if mode in PROFILES else "float32")
-        why = refused(profile, mode)
-        if why:
-            raise OraclesError(f"--profile {profile}: {why}")
+        mode = candidates.run_mode(cand, info)
+        profile = choose(args.profile, mode, any_flag=None)
         settings = search.Settings(
             profile=profile, max_examples=args.max_examples, deadline=args.deadline,
             seed=args.seed, kinds=kinds, pins=pins,

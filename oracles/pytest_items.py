@@ -13,11 +13,12 @@ from refimpl.errors import printable
 
 from . import OraclesError, cli, engines
 from .checking import candidates, known as known_divergences
-from .checking.check import check_case, mark_alternatives
+from .checking.check import check_case, mark_alternatives, repro_line
 from .checking.results import CaseResult
 from .checking.worker import check_timeout
 from .format import tolerances
 from .format.golden import Golden
+from .format.profiles import choose, relation
 from .format.schema import matches
 from .format.untrusted import escape
 
@@ -36,27 +37,36 @@ class OraclesRun:
     def __init__(self, config):
         self.config = config
         self.golden_path = config.getoption("oracles_golden")
-        self.profile = config.getoption("oracles_profile")
+        self.profile = None  # chosen at the start of the session, as `oracles check` chooses it
+        self.mode = None  # the candidate's recorded mode (None: not known)
+        self.versus = None  # the profile against that mode (profiles.relation)
+        self.conditioner = None
         self.known = None
         self.golden = None
-        self._candidate = None  # built on first use
-        self._candidate_error = None
+        self._candidate = None
         self.info = None
         self.raw = {}  # case id -> check_case's result
+        self.not_run = set()  # cases not run: the adapter was stuck (no reproduce line)
         self.matched = {}  # known entry index -> case ids its glob matched in this run
         self.notes = []
         self.how = None
+        self.repro = None  # `oracles check GOLDEN CANDIDATE ...` (cli.repro_base)
         self.entries = []
 
     # collection ------------------------------------------------------------------------------
 
     def pytest_sessionstart(self, session):
-        """Open the suite (verified once), read the known file, check every case's contract:
-        a bad suite or option is one line and pytest's usage-error exit, before anything runs."""
+        """Open the suite (verified once), read the known file, check every case's contract,
+        build the candidate and judge it as `oracles check` does: the profile of the mode it
+        recorded unless --oracles-profile (one emulating FP8 the run did not have refused unless
+        --oracles-any-profile), the goldens conditioned on its routing unless
+        --oracles-no-conditioning. A bad suite, option or candidate is one line and pytest's
+        usage-error exit, before any case runs."""
         config = self.config
         try:
-            if self.profile not in tolerances.PROFILES:
-                raise OraclesError(f"--oracles-profile {self.profile!r} is not one of "
+            given = config.getoption("oracles_profile")
+            if given is not None and given not in tolerances.PROFILES:
+                raise OraclesError(f"--oracles-profile {given!r} is not one of "
                                    f"{', '.join(tolerances.PROFILES)}")
             check_timeout(config.getoption("oracles_case_timeout"))  # 0 to 1e6, as --case-timeout
             if config.getoption("oracles_known"):
@@ -70,8 +80,23 @@ class OraclesRun:
                                    f"{config.getoption('oracles_only')!r}")
             for e in self.entries:  # every case's contract, before running anything
                 self.golden.required(e["id"])
+            self._candidate, self.info, self.how = self._build()
+            # the mode is known once the engine is built (an adapter process reports it)
+            self.mode = candidates.run_mode(self._candidate, self.info)
+            self.profile = choose(given, self.mode, config.getoption("oracles_any_profile"),
+                                  flag="--oracles-profile", any_flag="--oracles-any-profile")
+            self.versus = relation(self.profile, self.mode)
+            no_cond = config.getoption("oracles_no_conditioning")
+            self.conditioner = cli.conditioner(no_cond)
+            self.repro = cli.repro_base(self.golden_path, self.how,
+                                        config.getoption("oracles_engine"), no_cond,
+                                        config.getoption("oracles_any_profile"))
         except OraclesError as e:
+            self._close(abort=True)
             raise pytest.UsageError(f"oracles: {printable(e)}") from None
+        except BaseException:
+            self._close(abort=True)
+            raise
 
     @pytest.hookimpl(wrapper=True)
     def pytest_make_collect_report(self, collector):
@@ -110,18 +135,9 @@ class OraclesRun:
 
     # running ---------------------------------------------------------------------------------
 
-    def candidate(self):
-        if self._candidate is None and self._candidate_error is None:
-            try:
-                self._candidate, self.info, self.how = self._build()
-            except OraclesError as e:
-                self._candidate_error = str(e)
-        if self._candidate_error is not None:
-            raise CaseFailure(f"the candidate could not be built: {self._candidate_error}")
-        return self._candidate
-
     def _build(self):
-        """The same candidates as `oracles check` (cli): a directory, --adapter or --engine."""
+        """The same candidates as `oracles check` (cli): a directory, --adapter or --engine,
+        built now (an adapter process: its factory awaited), once per session."""
         c = self.config
         if c.getoption("oracles_candidate"):
             d = c.getoption("oracles_candidate")
@@ -135,26 +151,33 @@ class OraclesRun:
                                 case_timeout=c.getoption("oracles_case_timeout"),
                                 in_process=c.getoption("oracles_in_process"), prespawned=None)
         cand, how = cli._candidate_adapter(ns)
+        self._candidate = cand  # (closed if what follows fails)
         if hasattr(cand, "bind"):  # an adapter process: the cases come in pytest's order, one by one
             cand.bind(self.golden, [])
         return cand, getattr(cand, "info", None), how
 
-    def pytest_sessionfinish(self, session):
+    def _close(self, abort: bool = False):
         """The adapter's close() where it was built (its process ended, or its thread)."""
-        if self._candidate is not None:
-            cli._close(self._candidate)
+        cand, self._candidate = self._candidate, None
+        if cand is not None:
+            cli._close(cand, abort=abort)
+
+    def pytest_sessionfinish(self, session):
+        self._close()
 
     def _check(self, cid) -> CaseResult:
         if cid not in self.raw:
-            cand = self.candidate()
+            cand = self._candidate
             stuck = getattr(cand, "stuck", None)
             e = self.golden.cases[cid]
             if stuck:
+                self.not_run.add(cid)
                 self.raw[cid] = CaseResult(cid, e["kind"], e["pins"], e.get("conventions", {}),
                                            status="error",
                                            reason=f"not run: the adapter is stuck ({stuck})")
             else:
-                self.raw[cid] = check_case(self.golden, e, cand, self.profile)
+                self.raw[cid] = check_case(self.golden, e, cand, self.profile,
+                                           conditioner=self.conditioner)
         return self.raw[cid]
 
     def result(self, cid) -> dict:
@@ -172,17 +195,24 @@ class OraclesRun:
             self.notes += section["notes"]  # (entries matching nothing: at the end of the run)
             for e in section["entries"]:
                 self.matched.setdefault(e["index"], []).extend(e["matched"])
-        if r.status in ("fail", "missing", "error", "inconclusive") and self.how:
-            r = dataclasses.replace(r, repro=f"oracles check {shlex.quote(self.golden_path)} "
-                                             f"{self.how} --only {shlex.quote(cid)} --profile {self.profile}")
+        if r.status in ("fail", "missing", "error", "inconclusive") and cid not in self.not_run:
+            r = dataclasses.replace(r, repro=repro_line(self.repro, cid, self.profile))
         return r.as_dict()
 
     # reporting -------------------------------------------------------------------------------
 
     def pytest_report_header(self, config):
-        return [f"oracles: {self.golden_path}, {self.profile} profile"
-                + (f", known divergences from {config.getoption('oracles_known')}"
-                   if config.getoption("oracles_known") else "")]
+        lines = [f"oracles: {self.golden_path}, {self.profile} profile"
+                 + (f", known divergences from {config.getoption('oracles_known')}"
+                    if config.getoption("oracles_known") else "")]
+        if self.versus:  # how the profile relates to the mode the run recorded
+            lines.append(f"oracles: profile {self.profile}: {self.versus}")
+        lines.append("oracles: the goldens are " + (
+            "conditioned on the candidate's routing where it resolved a near-tie the other way"
+            if self.conditioner is not None else
+            "not conditioned on the candidate's routing (--oracles-no-conditioning): what a "
+            "near-tie it resolved the other way reaches is left out"))
+        return [escape(x) for x in lines]
 
     def pytest_terminal_summary(self, terminalreporter):
         if self.golden is None:

@@ -227,6 +227,20 @@ def make_candidate(factory, label: str, timeout: float = DEFAULT_CASE_TIMEOUT) -
     return AdapterCandidate(adapter, label, timeout=timeout, worker=worker)
 
 
+def run_mode(cand, info: dict | None) -> str | None:
+    """The mode the candidate ran in (the profile that emulates it, format/profiles.py): its
+    engine.json's or its built-in engine's (`info`), else the adapter's `mode` attribute
+    (reported by an adapter process, or read in this process), else None. Read once the adapter
+    is built; `oracles check`, `oracles search` and the pytest plugin choose the profile by it
+    (profiles.choose)."""
+    mode = info.get("mode") if info else None
+    if mode is None:
+        mode = getattr(cand, "mode", None)
+    if mode is None:
+        mode = getattr(getattr(cand, "adapter", None), "mode", None)
+    return mode if isinstance(mode, str) else None
+
+
 def _remove(path: str) -> None:
     """An earlier run's file of a case, gone (nothing when there is none)."""
     if os.path.lexists(path):

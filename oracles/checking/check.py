@@ -21,7 +21,7 @@ from .. import OraclesError
 from ..format import metrics, taint, tolerances
 from ..format.checkpoint_ref import CheckpointRef
 from ..format.golden import Golden
-from ..format.profiles import refused, relation
+from ..format.profiles import choose, relation
 from ..format.schema import matches
 from .known import apply as apply_known
 from .results import CaseResult, Comparison, Coverage, OutputResult, Report, Verdict
@@ -287,11 +287,7 @@ def check_suite(golden_path: str, candidate, profile: str = "float32", only: str
     report says how the profile relates to the mode (format.profiles)."""
     if profile not in tolerances.PROFILES:
         raise OraclesError(f"profile {profile!r} is not one of {', '.join(tolerances.PROFILES)}")
-    why = refused(profile, mode)
-    if why and not any_profile:
-        raise OraclesError(f"--profile {profile}: {why}; check it with --profile {mode} (the "
-                           "profile of its mode), or pass --any-profile to judge it anyway "
-                           "(the report then says it is not this run's verdict)")
+    choose(profile, mode, any_profile)  # (refused: one emulating FP8 the run did not have)
     golden = Golden(golden_path, expect_digest=expect_digest, checkpoint=checkpoint)
     entries = [e for e in golden.manifest["cases"] if matches(e["id"], only)]
     if not entries:
@@ -312,7 +308,7 @@ def check_suite(golden_path: str, candidate, profile: str = "float32", only: str
             r = check_case(golden, entry, candidate, profile, min_compared, conditioner)
             r = dataclasses.replace(r, seconds=round(time.perf_counter() - t0, 3))
         if r.status in ("fail", "missing", "error", "inconclusive") and repro_base and not stuck:
-            r = dataclasses.replace(r, repro=f"{repro_base} --only {shlex.quote(r.id)} --profile {profile}")
+            r = dataclasses.replace(r, repro=repro_line(repro_base, r.id, profile))
         results.append(r)
     results = mark_alternatives(results)
     known_section = None
@@ -350,6 +346,13 @@ def check_suite(golden_path: str, candidate, profile: str = "float32", only: str
                   profile, counts, checked, ok, min_compared, notes, conventions_summary(results),
                   results, golden.question_digest, golden.pinned, made, known_section,
                   conditioner is not None, mode, versus)
+
+
+def repro_line(base: str, cid: str, profile: str) -> str:
+    """The command that reproduces one case: `base` (`oracles check GOLDEN CANDIDATE` and the
+    options that change the verdict, cli.repro_base) with the case and the profile it was
+    judged by."""
+    return f"{base} --only {shlex.quote(cid)} --profile {profile}"
 
 
 def run_check(*args, **kwargs) -> dict:

@@ -9,16 +9,38 @@ chosen experts no score vector within that bound of the recomputed one would sel
 near-tie decided by rounding: it is routed by another rule (llama.cpp's top-2 group score for
 DeepSeek-V2, a 0.0 group mask), and fails.
 
-The bound, per token and expert (float64; u32 = 2^-24, d the hidden size):
+The bound, per token and expert (float64; u32 = 2^-24, u16 = 2^-8 the unit roundoff of bfloat16,
+d the hidden size):
 
     z_j = u . w_j (the router logit from the candidate's input u, the stored gate weight w_j)
     E_j = |u . (w'_j - w_j)|  +  gamma_d sum_i |u_i| |w'_ji|
           the gate weight as the profile holds it (w' = w rounded to bfloat16 for the bf16-based
           profiles, as stored otherwise: both the stored and the rounded weight are covered),
           and a float32 dot product of d terms (gamma_d: summation_error)
-    sigmoid scores:  delta_j = E_j / 4 + 4 u32            (sigmoid is 1/4-Lipschitz)
-    softmax scores:  delta_j = s_j ((1 + 8 u32) exp(2 max_k E_k) - 1)
+    sigmoid scores:  delta_j = E_j sigma'(zeta_j) + 4 u32
+          (mean value theorem: zeta_j the point of [z_j - E_j, z_j + E_j] nearest 0, where the
+          sigmoid's slope sigma' = sigma (1 - sigma) <= 1/4 is largest on that interval)
+    softmax scores:  delta_j = s_j ((1 + 8 u32) exp(E_j + max_k E_k) - 1)
+          (s'_j / s_j = exp(e_j) sum_k s_k / sum_k s_k exp(e_k) for logit errors |e_k| <= E_k)
     biased score:    + 2 u32 (1 + |s_j| + |b_j|)          (the float32 sum with the bias)
+
+The bf16-based profiles also allow a gate computed wholly in bfloat16, as DeepSeek's own
+inference code does it (inference/model.py:576-583, Gate.forward: `linear(x, self.weight)` on a bf16
+input and weight gives bf16 logits, `scores.sigmoid()` gives bf16 scores; the bias is added in
+float32, or in bf16 by an engine that casts it: catalogue mutants bf16_gate and bf16_gate_bias,
+allowed there, docs/conformance.md section 6). For them E_j and delta_j also hold
+
+    E_j + |(bf16(u) - u) . w'_j|              the input rounded to bf16 (its exact effect; zero
+                                               for an input the candidate reports in bf16)
+    E_j + h(|z_j| + E_j)                       the logit rounded to bf16
+    delta_j + h(s_j + delta_j)                 the score rounded to bf16 (after the sigmoid or
+                                               softmax)
+    delta_j + |bf16(b_j) - b_j|                the bias rounded to bf16 (its exact effect)
+
+h(x) the largest rounding error to bfloat16 of a value of magnitude at most x (half the spacing
+of bf16 numbers at x: 2^(e - 9) for x in [2^(e-1), 2^e), at most u16 x), each term the largest
+error of that step, so that a router that does every step in bf16, or any subset of them, stays
+within delta.
 
 and the choice C of a token is explained when it passes every necessary condition for being
 the selection of some scores within delta of the recomputed ones (lo = s + b - delta,
@@ -38,6 +60,7 @@ from refimpl import names
 from refimpl.checkpoint import Checkpoint
 
 U32 = 2.0 ** -24
+U16 = 2.0 ** -8  # bfloat16's unit roundoff (8 significant bits): |bf16(x) - x| <= U16 |x|
 # the gate weight as each profile holds it: None (as stored, float32) or "bf16" (rounded)
 GATE_WEIGHT = {"float32": None, "f16_kv": None, "bf16": "bf16", "fp8": "bf16",
                "bf16_f32_experts": "bf16", "fp8_kv": "bf16"}
@@ -68,25 +91,54 @@ def summation_error(d: int) -> float:
     return min(worst, prob)
 
 
+def _bf16(x):
+    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+def half_spacing_bf16(x):
+    """The largest |bf16(y) - y| over |y| <= x (round to nearest; normal numbers): half the
+    spacing of bfloat16 numbers at x, 2^(e - 9) for x in [2^(e-1), 2^e)."""
+    x = np.asarray(x, np.float64)
+    _, e = np.frexp(np.abs(x))
+    return np.where(x == 0, 0.0, np.ldexp(1.0, e - 9))
+
+
+def sigmoid_slope(z, err):
+    """The sigmoid's largest slope on [z - err, z + err] (its point nearest 0)."""
+    zeta = np.clip(0.0, z - err, z + err)
+    sg = 1.0 / (1.0 + np.exp(-zeta))
+    return sg * (1.0 - sg)
+
+
 def bound(u, gate_weight, bias, scoring_func: str, profile: str):
     """(biased scores, delta) [T, E] from the candidate's router inputs u [T, d] (float64,
     the stored gate weight): a candidate that computes its router in the profile's precision
-    from u has biased scores within delta of these."""
+    from u has biased scores within delta of these (the module's docstring)."""
     u = np.asarray(u, np.float64)
     w = np.asarray(gate_weight, np.float64)
     s, biased = scores(u, w, bias, scoring_func)
-    if GATE_WEIGHT.get(profile) == "bf16":  # the weight held in bf16: its exact effect
-        w_held = np.asarray(gate_weight, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+    bf16_gate = GATE_WEIGHT.get(profile) == "bf16"
+    if bf16_gate:  # the weight held in bf16: its exact effect
+        w_held = _bf16(gate_weight)
         err_z = np.abs(u @ (w_held - w).T)
+        err_z = err_z + np.abs((_bf16(u) - u) @ w_held.T)  # the input rounded: its exact effect
     else:
         w_held, err_z = w, 0.0
     err_z = err_z + summation_error(w.shape[-1]) * (np.abs(u) @ np.abs(w_held).T)  # [T, E]
+    z = u @ w.T
+    if bf16_gate:  # the logit rounded to bf16
+        err_z = err_z + half_spacing_bf16(np.abs(z) + err_z)
     if scoring_func == "sigmoid":
-        delta = err_z / 4 + 4 * U32
+        delta = err_z * sigmoid_slope(z, err_z) + 4 * U32
     else:
-        delta = s * ((1 + 8 * U32) * np.exp(2 * np.max(err_z, axis=-1, keepdims=True)) - 1)
+        delta = s * ((1 + 8 * U32) * np.exp(err_z + np.max(err_z, axis=-1, keepdims=True)) - 1)
     b = 0.0 if bias is None else np.abs(np.asarray(bias, np.float64))
-    return biased, delta + 2 * U32 * (1 + np.abs(s) + b)
+    delta = delta + 2 * U32 * (1 + np.abs(s) + b)
+    if bf16_gate:  # the score rounded to bf16, and the bias
+        delta = delta + half_spacing_bf16(s + delta)
+        if bias is not None:
+            delta = delta + np.abs(_bf16(bias) - np.asarray(bias, np.float64))
+    return biased, delta
 
 
 def _group_score(x, n_group: int, topk_method: str):

@@ -7,9 +7,15 @@ engines/modes.py). A verdict belongs to the profile of the mode that ran: a stri
 had. A profile that emulates FP8 weights (`fp8`) or an FP8 KV cache (`fp8_kv`) is refused for a
 run that had neither unless asked for (`--any-profile`), and then labelled as not that run's
 verdict.
+
+`choose` is the one choice of `oracles check`, `oracles search` and the pytest plugin: the
+profile asked for, else the mode's, else float32, refused as above.
 """
 
 from __future__ import annotations
+
+from .. import OraclesError
+from .tolerances import PROFILES
 
 # the profiles that emulate FP8 weights (FP8 GEMMs in the linear maps V3 ships in FP8) and an FP8
 # KV cache (tolerances.py, engines' modes)
@@ -77,3 +83,22 @@ def relation(profile: str, mode: str | None) -> str | None:
                 f"had; its verdict is the {mode} profile's")
     return (f"another mode of the same precision than this run's ({mode}); its verdict is the "
             f"{mode} profile's")
+
+
+def choose(given: str | None, mode: str | None, any_profile: bool = False,
+           flag: str = "--profile", any_flag: str | None = "--any-profile") -> str:
+    """The profile a run in `mode` (None: not known) is judged by: `given` if asked for, else
+    the one that emulates the mode, else float32. An unknown profile, or one emulating FP8
+    weights or an FP8 KV cache the run did not have (unless any_profile), is an OraclesError
+    naming `flag` (the option that asked for it) and `any_flag` (the one that allows it; None
+    where there is none)."""
+    profile = given or (mode if mode in PROFILES else "float32")
+    if profile not in PROFILES:
+        raise OraclesError(f"{flag} {profile!r} is not one of {', '.join(PROFILES)}")
+    why = refused(profile, mode)
+    if why and not any_profile:
+        raise OraclesError(f"{flag} {profile}: {why}; check it with {flag} {mode} (the profile "
+                           "of its mode)" + (f", or pass {any_flag} to judge it anyway (the report "
+                                             "then says it is not this run's verdict)"
+                                             if any_flag else ""))
+    return profile

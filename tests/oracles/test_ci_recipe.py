@@ -128,7 +128,7 @@ def test_every_command_of_the_recipe_runs(tmp_path, smoke):
     env = {**os.environ,
            "ORACLES_PACKAGE": f"{extras} @ file://{src}",
            "SUITE": "smoke", "QUESTION_DIGEST": golden.Golden(smoke).question_digest,
-           "PROFILE": "float32", "CANDIDATE": "--adapter oracles.adapters:refimpl_float32",
+           "PROFILE": "", "CANDIDATE": "--adapter oracles.adapters:refimpl_float32",
            "KNOWN": os.path.join(ROOT, env_doc["KNOWN"]),
            # pip: offline, resolve and build the metadata only, with this interpreter's setuptools
            "PIP_NO_INDEX": "1", "PIP_NO_DEPS": "1", "PIP_DRY_RUN": "1", "PIP_NO_BUILD_ISOLATION": "0",
@@ -148,6 +148,7 @@ def test_every_command_of_the_recipe_runs(tmp_path, smoke):
         assert (work / name).is_file(), name
     rep = json.loads((work / "report.json").read_text())
     assert rep["ok"] and rep["pinned"] == "question" and rep["known"]["file"] == env["KNOWN"]
+    assert rep["profile"] == rep["mode"] == "float32"  # no PROFILE: the one of the adapter's mode
     assert json.loads((work / "verify.json").read_text())["ok"]
     # a cached suite (another run, maybe another machine) is used as it is, not regenerated
     manifest = work / "golden" / "manifest.json"
