@@ -90,9 +90,10 @@ def decoder_layer(h, w: WeightStore, cfg: Config, i: int, context: AttentionCont
     eps = cfg.rms_norm_eps
     x = rms_norm(h, w.get(names.input_norm(i)), eps)
     record("attn_norm", x)
-    h = h + mla.attention_block(x, w.group(names.attention(i), names.attention_keys(cfg)), cfg,
-                                context.cos, context.sin, context.mask, context.scale, context.form,
-                                context.slot(i), context.start, record)
+    # the residual stream is stored after each add: an operator boundary (ops.rounding)
+    h = boundary(h + mla.attention_block(x, w.group(names.attention(i), names.attention_keys(cfg)),
+                                         cfg, context.cos, context.sin, context.mask, context.scale,
+                                         context.form, context.slot(i), context.start, record))
     record("h_attn", h)
     x = rms_norm(h, w.get(names.post_attention_norm(i)), eps)
     record("ffn_norm", x)

@@ -15,7 +15,7 @@ import numpy as np
 
 from .backend import array_module, stable_argsort, to_numpy
 from .errors import InputError
-from .ops import linear, rounding, sigmoid, silu, softmax, topk_indices
+from .ops import accumulate, boundary, linear, rounding, sigmoid, silu, softmax, topk_indices
 from .trace import ignore
 
 
@@ -40,13 +40,15 @@ def moe_ffn(x, gate_weight, bias, experts, shared, cfg, record=ignore, forced=No
     record("topk_weight", g.reshape(*lead, -1))
     out = routed_experts(u, idx, g, experts)
     if shared is not None:
-        out = out + swiglu(u, **shared)
+        out = boundary(out + swiglu(u, **shared))  # stored: `y + z` (ops.rounding)
     return out.reshape(*lead, d)
 
 
 def swiglu(x, gate_proj, up_proj, down_proj):
-    """FFN(x) = down(silu(gate(x)) * up(x)) [arxiv 2002.05202 eq. 5].   [..., d] -> [..., d]"""
-    return linear(silu(linear(x, gate_proj)) * linear(x, up_proj), down_proj)
+    """FFN(x) = down(silu(gate(x)) * up(x)) [arxiv 2002.05202 eq. 5].   [..., d] -> [..., d]
+    silu(gate(x)) and the product are operator outputs an engine stores (ops.boundary), as
+    DeepSeek's `w2(F.silu(w1(x)) * w3(x))` does in bf16."""
+    return linear(boundary(boundary(silu(linear(x, gate_proj))) * linear(x, up_proj)), down_proj)
 
 
 def router_scores(u, gate_weight, scoring_func: str):
@@ -150,7 +152,11 @@ def force_experts(idx, biased, forced):
 def routed_experts(x, idx, weights, experts):
     """sum_i g_i FFN^r_i(x) with tokens grouped by expert: one SwiGLU per ACTIVE expert over all
     of its tokens, no loop over tokens.  Each token's K contributions are summed in selection
-    order, so the result does not depend on how tokens were grouped.
+    order, so the result does not depend on how tokens were grouped.  Under an emulated storage
+    precision (ops.rounding) each weighted output g_i FFN^r_i(x) is stored (the weight too, as
+    DeepSeek's `weights.type_as(x)`) and the K of them are added one at a time in ascending
+    expert index, the running sum stored after each add (ops.accumulate: DeepSeek's inference
+    code, inference/model.py:682-689); without one both are the identity.
 
     x [T, d], idx [T, K], weights [T, K]; experts[e] -> dict(gate_proj, up_proj, down_proj)
     (a list, or a lazy view that loads expert e on demand) -> [T, d]"""
@@ -169,5 +175,6 @@ def routed_experts(x, idx, weights, experts):
     for a, b in zip(starts, ends):
         slots = order[a:b]
         y = swiglu(x[slots // k], **experts[int(sorted_experts[a])])
-        contrib[slots] = y * w_flat[slots, None].astype(x.dtype, copy=False)
-    return contrib.reshape(t, k, -1).sum(axis=1)
+        contrib[slots] = boundary(y * boundary(w_flat[slots, None].astype(x.dtype, copy=False)))
+    # eq. (12)'s sum over the token's K experts; stored per add in ascending expert index
+    return accumulate(contrib.reshape(t, k, -1), order=stable_argsort(idx, axis=-1))

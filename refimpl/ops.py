@@ -14,11 +14,16 @@ from .backend import array_module, stable_argsort
 # refimpl computes in its working dtype (float64 or float32).  An engine running in bf16 stores
 # every operator's output in bf16; to measure what that costs (oracles' tolerance calibration),
 # a caller runs refimpl inside `with rounding(policy):` and every operator boundary passes its
-# output through policy(array) -> array.  The boundaries: ops.linear, norm.rms_norm, ops.softmax
-# (attention probabilities), rope.apply_rope, and each decoder layer's output (model.py); so
-# SwiGLU's projections, the MTP modules' enorm / hnorm / eh_proj / shared_head.norm and the
-# output heads are rounded like every other.  The router runs with rounding suspended
-# (`rounding(None)`), as engines compute the gate in float32.  Outside a `with` nothing is rounded.
+# output through policy(array) -> array.  The boundaries are where DeepSeek's own inference code
+# (inference/model.py, run with torch.set_default_dtype(torch.bfloat16)) stores a tensor:
+# ops.linear, norm.rms_norm, ops.softmax (attention probabilities), rope.apply_rope, SwiGLU's
+# silu(gate) and its product with up (moe.swiglu), the residual stream after attention and after
+# the FFN (layer.py), each routed expert's weighted output, the running sum of the routed experts
+# (`accumulate`: one rounding per add, in ascending expert index) and the MoE block's output;
+# so the MTP modules' enorm / hnorm / eh_proj / shared_head.norm and the output heads are
+# rounded like every other.  The router runs with rounding suspended (`rounding(None)`), as
+# engines compute the gate in float32.  Outside a `with` nothing is rounded, and every hook is
+# the identity: float64 and float32 results do not depend on it, bit for bit.
 _POLICY = contextvars.ContextVar("refimpl_rounding", default=None)
 
 
@@ -36,6 +41,25 @@ def boundary(x):
     """x, an operator's output, as the active rounding policy keeps it (x itself when none)."""
     policy = _POLICY.get()
     return x if policy is None else policy(x)
+
+
+def accumulate(terms, order=None):
+    """sum_j terms[:, j] for terms [n, k, ...]: a sum an engine accumulates in its stored
+    precision.  Without a rounding policy, the working dtype's sum over axis 1 in the order given
+    (terms.sum(axis=1)).  With one, as DeepSeek's inference code adds its routed experts into a
+    bf16 tensor (`y = torch.zeros_like(x)`, then `y[idx] += expert(x[idx]) * weights[idx, top,
+    None]` for each expert in ascending index: inference/model.py:682-689): from zero, one term
+    at a time, taken in `order` (an [n, k] index into axis 1 per row; None: as given), the
+    running sum passed through the policy after each add.   [n, k, ...] -> [n, ...]"""
+    policy = _POLICY.get()
+    if policy is None:
+        return terms.sum(axis=1)
+    xp = array_module(terms)
+    rows = xp.arange(terms.shape[0])
+    acc = xp.zeros(terms.shape[:1] + terms.shape[2:], dtype=terms.dtype)
+    for j in range(terms.shape[1]):
+        acc = policy(acc + (terms[:, j] if order is None else terms[rows, order[:, j]]))
+    return acc
 
 
 def linear(x, weight):

@@ -2,7 +2,8 @@
 emulated run's error against the float64 truth, measured exactly as the checker measures a
 candidate (against the truth conditioned on the emulated run's routing, oracles.authoring.
 conditioned, and with what its forgiven routing differences reach left out), times K, floored
-and capped per profile.
+and capped per profile (tolerances.rule: the norm tolerance is also at least the run's own
+error length, sqrt of its nmse).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 from ..format import metrics
 from ..format import taint as taint_mod
 from ..format.schema import output_type
-from ..format.tolerances import CEILINGS, FLOORS, K
+from ..format.tolerances import CEILINGS, FLOORS, K, rule
 
 
 def conditioned_truth(kind, params, truth: dict, aux: dict, emulated: dict, conditioner,
@@ -182,7 +183,8 @@ def calibrate(truth: dict, aux: dict, emulated: dict, profile: str, causal: bool
         # A tolerance never exceeds its ceiling (CEILINGS: what a received suite may hold): where
         # the profile's own rounding nearly destroys an output (router scores of e^-93 in bf16,
         # gate.logits_below_88) it is clamped there, and the emulated run still has to pass it.
-        entry = {m: {"tol": min(max(K * worst[m], fl[m]), CEILINGS[m]) if m != "mismatch" else 0.0,
+        # tolerances.rule: max(K x error, floor), and for norm the error's own length too
+        entry = {m: {"tol": min(rule(m, worst[m], fl[m], worst.get("nmse", 0.0)), CEILINGS[m]),
                      "calibrated": worst[m]} for m in names}
         entry.update(epss[name])
         seen = [per[name][0] for per in measured if "compared" in per[name][0]]

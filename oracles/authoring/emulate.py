@@ -4,11 +4,25 @@ Precisions (the tolerance profiles are calibrated from these):
 - float64: the truth.
 - float32: inputs and weights as float32, refimpl's float32 working dtype.
 - bf16: weights and inputs rounded to bfloat16 (the gate bias stays float32, as checkpoints
-  store it), float32 arithmetic, and every operator's output rounded to bfloat16 at its boundary
+  store it), float32 arithmetic, and every tensor that DeepSeek's own inference code stores in
+  bf16 (inference/model.py under torch.set_default_dtype(torch.bfloat16)) rounded to bfloat16,
   through refimpl's one precision hook, `refimpl.ops.rounding(round_bf16)`: linear maps (SwiGLU's
   projections, the MTP modules' eh_proj and the heads included), RMSNorms (enorm, hnorm and
-  shared_head.norm included), the attention softmax, RoPE, and each decoder layer's output; the
-  router stays float32.
+  shared_head.norm included), the attention softmax, RoPE, SwiGLU's silu(gate) and its product
+  with up, the residual stream after attention and after the FFN, and in the MoE block each
+  routed expert's weighted output (the weight cast to bf16, `weights.type_as(x)`), the running
+  sum of the routed experts after each add, in ascending expert index (`y[idx] += expert(x[idx])
+  * weights[idx, top, None]`, model.py:682-689), and the block's output with the shared expert
+  (`y + z`, :693); the router stays float32. Why the per-add sum: when the routed outputs
+  partly cancel, rounding the running sum after each add costs more, relative to the sum, than
+  rounding it once, and the profile's tolerances must hold for the model's reference inference
+  code. An engine that keeps more in float32 (transformers 5.24's default grouped_mm experts sum
+  the K weighted outputs in float32, integrations/moe.py:524-537; MLX-LM in one reduction,
+  mlx_lm/models/deepseek_v3.py:282; fused kernels) rounds less and stays inside. transformers in
+  bf16 rounds at these points but the per-add sum, and RMSNorm's normalised input once more
+  before the weight (modeling_deepseek_v3.py:51-52); with those two changes the emulation
+  reproduces its bf16 outputs bit for bit on model.prefill.one_token (docs/conformance.md
+  section 3).
 - fp8: bf16 as above, and the linear maps that DeepSeek-V3 ships in FP8 (attention projections,
   expert and dense FFN weights; not the embedding, lm_head, gate or eh_proj, spec section 7)
   run through refimpl's own FP8 path: weights block-quantised by fp8.quantize and multiplied by

@@ -10,7 +10,11 @@ these modes, exactly as the float32, bf16 and fp8 profiles come from emulate.py'
 - bf16_f32_experts: a bf16 model run as MLX-LM runs it on a CPU, whose GatherMM refuses bf16:
   the bf16 profile (weights rounded to bf16, every operator's output rounded at its boundary),
   except the routed experts, whose GEMMs run in float32 on the bf16 weight values with no
-  rounding inside or at the end of each expert.
+  rounding inside or at the end of each expert, and whose weighted outputs are summed in one
+  float32 reduction, not per add (MLX-LM sums them in one `(y * scores[..., None]).sum(axis=-2)`,
+  mlx_lm/models/deepseek_v3.py:282, and its SwitchGLU returns float32 here); the MoE block's
+  output with the shared expert is rounded as in bf16 (more rounding than MLX-LM's float32 sum
+  there, which keeps the tolerance on the safe side).
 - fp8_kv: vLLM's kv_cache_dtype fp8 (e4m3, scale 1.0 without calibration) on a bf16 model:
   the bf16 profile, and the latent cache entries rounded to float8_e4m3fn (saturating at 448)
   where attention reads them; queries and probabilities stay bf16 (the cache is dequantised).
@@ -78,7 +82,8 @@ def kv_cache(cache_dtype, operand_dtype=None):
 
 def float32_experts():
     """The routed experts computed with the rounding hook suspended: float32 GEMMs on the
-    bf16-rounded weights the case already holds, nothing rounded inside or at the end."""
+    bf16-rounded weights the case already holds, nothing rounded inside or at the end, and the
+    K weighted outputs summed in float32 (ops.accumulate without a policy)."""
     routed = moe.routed_experts
 
     @functools.wraps(routed)

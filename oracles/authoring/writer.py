@@ -189,7 +189,7 @@ def write_suite(out: str, suite: str, doc: str, builders, only: str | None = Non
             "numpy": np.__version__, "ml_dtypes": ml_dtypes.__version__,
             "python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}",
             "seed": SUITE_SEED, "conventions": conventions(),
-            "tolerance_rule": f"tol = max({tolerances.K:g} x calibrated error, floor)",
+            "tolerance_rule": tolerances.RULE,
             "tolerance_k": tolerances.K, "floors": tolerances.FLOORS,
             "calibrated_by": tolerances.CALIBRATED_BY,
             "cases": entries,

@@ -14,7 +14,8 @@ A suite received from someone else is checked for what can be checked without re
   only the conventions suite's own cases, conv.<topic>.<alternative>, may carry one;
 - tolerances, for every profile this checker judges: every metric the output type is judged on is
   present (a metric left out would not be judged), each tol finite, >= 0, not looser than the
-  shipped rule max(K x calibrated, floor) (tolerances.K, tolerances.FLOORS), mismatch tols 0, and
+  shipped rule max(K x calibrated, floor) (tolerances.rule: for norm also sqrt of the output's
+  calibrated nmse), mismatch tols 0, and
   every tol and margin below a ceiling at which a zero or random output would pass
   (tolerances.CEILINGS).
 
@@ -325,11 +326,15 @@ def validate_tolerances(t, outputs, profile: str, where: _Where) -> None:
                 raise where.error(f, "is missing or not an object: the metric would not be judged")
             tol = _number(v.get("tol"), f + ".tol", where, hi=ceil[m])
             cal = _number(v.get("calibrated"), f + ".calibrated", where)
-            rule = 0.0 if m == "mismatch" else max(tolerances.K * cal, floors[m])
+            nmse = ent.get("nmse") if m == "norm" else None
+            nmse_cal = nmse.get("calibrated") if isinstance(nmse, dict) else None
+            nmse_cal = _number(nmse_cal, f"{f0}.nmse.calibrated", where) if m == "norm" else 0.0
+            rule = tolerances.rule(m, cal, floors[m], nmse_cal)
             if tol > rule * (1 + 1e-12):
+                also = f", sqrt(nmse calibrated {nmse_cal:g})" if m == "norm" else ""
                 raise where.error(f + ".tol", f"is {tol:g}, looser than this checker's rule "
                                               f"max({tolerances.K:g} x calibrated {cal:g}, floor "
-                                              f"{floors[m]:g}) = {rule:g}; refusing the suite")
+                                              f"{floors[m]:g}{also}) = {rule:g}; refusing the suite")
         for k in eps:
             _number(ent.get(k), f"{f0}.{k}", where, hi=ceil[k])
         ties = ent.get("exact_ties", "forgiven")

@@ -179,16 +179,18 @@ def test_a_flip_its_own_router_input_does_not_explain_fails_at_topk_idx(default_
 
 def test_an_honest_emulated_run_is_never_failed_and_is_judged_everywhere(default_dir):
     """refimpl's own bf16 and fp8 emulations with conditioning: nothing fails, nothing is
-    INCONCLUSIVE, and the one case kept on random routing (model.prefill.near_ties), whose
-    near-ties the emulated run resolves the other way, is judged at every position against the
-    reference recomputed on its routing."""
+    INCONCLUSIVE, and the one case kept on random routing (model.prefill.near_ties) is judged
+    at every position: in fp8, whose run resolves near-ties there the other way, against the
+    reference recomputed on its routing (the bf16 run routes it as the truth does)."""
     for profile in ("bf16", "fp8"):
         cand = AdapterCandidate(RefimplAdapter(profile), profile, 0)
         rep = run_check(default_dir, cand, profile, conditioner=conditioner_for)
         assert rep["counts"]["fail"] == rep["counts"]["error"] == 0, profile
         assert rep["counts"]["inconclusive"] == 0, profile
         r = _result(rep, "model.prefill.near_ties")
-        assert r["status"] == "pass" and r["conditioned"]["forced"] >= 1, (profile, r)
+        assert r["status"] == "pass", (profile, r)
+        if profile == "fp8":
+            assert r["conditioned"]["forced"] >= 1, r
         assert all(not (o.get("metrics") or {}).get("not_compared") for o in r["outputs"])
 
 
@@ -217,16 +219,17 @@ def test_the_conditioned_golden_is_the_golden_where_nothing_is_forced(default_di
                 assert np.array_equal(new[k], v), (cid, k)
 
 
-def test_a_logits_only_bf16_run_is_decided_by_inferring_its_routing(default_dir):
-    """Without its topk_idx, refimpl's bf16 emulation is judged against the reference on the
+def test_a_logits_only_fp8_run_is_decided_by_inferring_its_routing(default_dir):
+    """Without its topk_idx, refimpl's fp8 emulation is judged against the reference on the
     routing that explains its logits best: fewer cases are left undecided than by leaving out
-    every near-tie, none fails, and a real bug still fails."""
+    every near-tie, none fails, and a real bug still fails. (The fp8 emulation: the bf16 one
+    routes model.prefill.near_ties as the truth does, nothing to infer.)"""
     from tests.oracles.test_untrusted import _LogitsOnly
 
     only = "model.prefill.*,model.decode.*,mtp_prefill.*"
-    honest = AdapterCandidate(_LogitsOnly(RefimplAdapter("bf16")), "bf16 logits only", 0)
-    cond = run_check(default_dir, honest, "bf16", only=only, conditioner=conditioner_for)
-    excl = run_check(default_dir, honest, "bf16", only=only)
+    honest = AdapterCandidate(_LogitsOnly(RefimplAdapter("fp8")), "fp8 logits only", 0)
+    cond = run_check(default_dir, honest, "fp8", only=only, conditioner=conditioner_for)
+    excl = run_check(default_dir, honest, "fp8", only=only)
     assert cond["counts"]["fail"] == 0 and excl["counts"]["fail"] == 0
     assert cond["counts"]["inconclusive"] < excl["counts"]["inconclusive"], (cond["counts"], excl["counts"])
     assert any(r.get("conditioned", {}).get("routing") == "inferred from the logits" and

@@ -147,8 +147,10 @@ def test_a_candidate_directory_is_the_file_route(pytester, smoke, tmp_path):
 # ---- the same verdicts as `oracles check` (the profile of the run's mode, conditioning) ----------
 
 BF16 = "oracles.adapters:refimpl_bf16"  # refimpl's bf16 emulation: it says its mode is bf16
-# model.prefill.near_ties is the default suite's one case kept on random routing: the bf16
-# emulation resolves a near-tie of it the other way (tests/oracles/test_decisive.py)
+FP8 = "oracles.adapters:refimpl_fp8"  # refimpl's fp8 emulation: its mode is fp8
+# model.prefill.near_ties is the default suite's one case kept on random routing: the fp8
+# emulation resolves near-ties of it the other way (tests/oracles/test_decisive.py; the bf16
+# one, rounding as DeepSeek's inference code does, routes it as the truth does)
 ONLY = ("rms_norm.basic,gate.tiny,moe.tiny,model.prefill.tiny,model.prefill.near_ties,"
         "model.decode.start5,scenario.prefix_cache.small")
 PLUGIN_FLAG = {"--no-conditioning": "--oracles-no-conditioning", "--profile": "--oracles-profile",
@@ -199,33 +201,33 @@ def _same_verdicts(check, plugin):
 
 
 @pytest.mark.parametrize("flags", [(), ("--no-conditioning",), ("--profile", "float32")])
-def test_the_plugin_judges_a_bf16_run_case_by_case_as_oracles_check_does(pytester, default_dir,
-                                                                         tmp_path, flags):
-    """The bf16 emulation through its adapter: by default both judge it with the bf16 profile
-    (its mode) and condition the goldens on its routing, so the near-tie it resolves the other
-    way is judged (PASS) rather than left out (INCONCLUSIVE); the plugin used to judge it with
-    float32 (every case a false FAIL) and unconditioned. With --no-conditioning and with a
+def test_the_plugin_judges_an_emulated_run_case_by_case_as_oracles_check_does(
+        pytester, default_dir, tmp_path, flags):
+    """The fp8 emulation through its adapter: by default both judge it with the fp8 profile
+    (its mode) and condition the goldens on its routing, so the near-ties it resolves the other
+    way are judged (PASS) rather than left out (INCONCLUSIVE); the plugin used to judge a run
+    with float32 (every case a false FAIL) and unconditioned. With --no-conditioning and with a
     stricter profile asked for, both still give the same verdict on every case, and the same
     reproduce line."""
-    cand = ["--adapter", BF16]
+    cand = ["--adapter", FP8]
     check = _check_verdicts(default_dir, cand, flags, tmp_path)
-    r, plugin = _plugin_verdicts(pytester, default_dir, ["--oracles-adapter", BF16], flags)
+    r, plugin = _plugin_verdicts(pytester, default_dir, ["--oracles-adapter", FP8], flags)
     _same_verdicts(check, plugin)
     header = r.stdout.str()
     near = check["model.prefill.near_ties"]
     if not flags:
-        assert "bf16 profile" in header
-        assert "oracles: profile bf16: the bf16 profile emulates this run's mode" in header
+        assert "fp8 profile" in header
+        assert "oracles: profile fp8: the fp8 profile emulates this run's mode" in header
         assert "conditioned on the candidate's routing" in header
         assert all(v["status"] == "pass" for v in check.values()), check
         assert near["conditioned"]["forced"] >= 1  # a near-tie decided on its routing
     elif flags == ("--no-conditioning",):
         assert "not conditioned on the candidate's routing" in header
         assert near["status"] == "inconclusive"  # what conditioning decides in the default run
-        assert "--no-conditioning --only model.prefill.near_ties --profile bf16" in near["repro"]
+        assert "--no-conditioning --only model.prefill.near_ties --profile fp8" in near["repro"]
         assert [c for c, v in check.items() if v["status"] != "pass"] == ["model.prefill.near_ties"]
     else:
-        assert "oracles: profile float32: STRICTER than this run's mode (bf16)" in header
+        assert "oracles: profile float32: STRICTER than this run's mode (fp8)" in header
         assert all(v["status"] == "fail" for v in check.values())  # its precision, not a bug
 
 

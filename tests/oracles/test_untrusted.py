@@ -493,18 +493,20 @@ def test_a_greedy_stream_that_agrees_through_a_near_tie_and_parts_later_fails():
 
 
 def test_inconclusive_cases_exit_1_unless_allowed(default_dir):
-    """Without conditioning (what a checker without refimpl's forward pass does), refimpl's bf16
+    """Without conditioning (what a checker without refimpl's forward pass does), refimpl's fp8
     emulation flips near-ties early in model.prefill.near_ties (random routing, on purpose),
-    which every later position follows; conditioned, every position is judged and it passes."""
+    which every later position follows; conditioned, every position is judged and it passes.
+    (Its bf16 emulation, which rounds as DeepSeek's inference code does, happens to route that
+    case as the float64 truth does.)"""
     only = "model.prefill.near_ties"
-    bf16 = "oracles.adapters:refimpl_bf16"
-    rc, out, _ = main("check", default_dir, "--adapter", bf16, "--profile", "bf16", "--only", only,
+    fp8 = "oracles.adapters:refimpl_fp8"
+    rc, out, _ = main("check", default_dir, "--adapter", fp8, "--profile", "fp8", "--only", only,
                       "--no-conditioning")
     assert rc == 1 and "INCONCLUSIVE" in out and "--allow-inconclusive" in out and "of 10 positions" in out
     assert "--no-conditioning" in out  # the command that reproduces it
-    assert main("check", default_dir, "--adapter", bf16, "--profile", "bf16", "--only", only,
+    assert main("check", default_dir, "--adapter", fp8, "--profile", "fp8", "--only", only,
                 "--no-conditioning", "--allow-inconclusive")[0] == 0
-    rc, out, _ = main("check", default_dir, "--adapter", bf16, "--only", only)
+    rc, out, _ = main("check", default_dir, "--adapter", fp8, "--only", only)
     assert rc == 0 and "reference recomputed on its routing" in out
 
 
@@ -522,13 +524,15 @@ class _LogitsOnly:
 
 
 def test_a_logits_only_bf16_engine_is_not_falsely_failed(default_dir):
-    """refimpl's own bf16 emulation, stripped to logits: its routing near-ties are forgiven from
-    the golden's margins. No case fails; where too few positions are clear of near-ties it is
-    INCONCLUSIVE, and there comparing every position would indeed have exceeded the tolerance."""
+    """refimpl's own fp8 emulation (its bf16 one routes model.prefill.near_ties as the truth
+    does), stripped to logits: its routing near-ties are forgiven from the golden's margins. No
+    case fails; where too few positions are clear of near-ties it is INCONCLUSIVE, and there
+    comparing every position would indeed have exceeded the tolerance."""
     from oracles.engines.reference import RefimplAdapter
 
-    cand = AdapterCandidate(_LogitsOnly(RefimplAdapter("bf16")), "bf16 logits only")
-    rep = run_check(default_dir, cand, "bf16", only="model.prefill.*")
+    prof = "fp8"
+    cand = AdapterCandidate(_LogitsOnly(RefimplAdapter(prof)), f"{prof} logits only")
+    rep = run_check(default_dir, cand, prof, only="model.prefill.*")
     assert rep["counts"]["fail"] == 0 and rep["counts"]["pass"] >= 4, rep["counts"]
     g = golden.Golden(default_dir)
     inconclusive = [r for r in rep["cases"] if r["status"] == "inconclusive"]
@@ -536,8 +540,8 @@ def test_a_logits_only_bf16_engine_is_not_falsely_failed(default_dir):
     for r in inconclusive:
         assert r["compared"]["fraction"] < 0.5 and "did not report" in r["reason"]
         exp = g.expected(r["id"])["logits"]
-        got = RefimplAdapter("bf16").run(g.load_case(r["id"]))["logits"]
-        tol = g.cases[r["id"]]["tolerances"]["bf16"]["logits"]
+        got = RefimplAdapter(prof).run(g.load_case(r["id"]))["logits"]
+        tol = g.cases[r["id"]]["tolerances"][prof]["logits"]
         full = metrics.logits(got, exp, tol["logit_eps"])
         assert any(full[m] > tol[m]["tol"] for m in metrics.LOGIT_METRICS)  # a false FAIL before
 
@@ -724,3 +728,55 @@ def test_the_reference_is_not_failed_by_alternatives_too_close_to_call(conventio
     rep = run_check(conventions_dir, load_adapter("oracles.adapters:refimpl_float32"), "bf16")
     assert rep["ok"] and rep["counts"]["inconclusive"] == 0 and rep["counts"]["fail"] == 0
     assert rep["conventions"]["gate_precision"]["float32"]
+
+
+def _norm_entry(m, cid="rms_norm.basic", profile="bf16", out="y"):
+    return _case(m, cid)["tolerances"][profile][out]
+
+
+def test_a_norm_tolerance_up_to_the_error_length_sqrt_nmse_is_the_rule_and_beyond_is_refused(small, suite):
+    """tolerances.rule: norm may reach sqrt(calibrated nmse) (the emulated run's own error
+    length), the other metrics only max(K x calibrated, floor)."""
+    def set_norm(tol):
+        def change(m):
+            e = _norm_entry(m)
+            e["nmse"].update(calibrated=0.01, tol=0.04)  # error length 0.1
+            e["norm"].update(calibrated=0.0, tol=tol)  # the run's own projection: 0
+        return change
+    _edit(suite, set_norm(0.1))
+    rc, out, err = main("check", suite, small[1])
+    assert rc == 0, out + err
+    _edit(suite, set_norm(0.1001))
+    _one_line_error(*main("check", suite, small[1])[::2], "sqrt(nmse calibrated 0.01)")
+    # the rule does not carry over to another metric
+    _edit(suite, lambda m: _norm_entry(m)["max_rel"].update(calibrated=0.0, tol=0.1))
+    _one_line_error(*main("check", suite, small[1])[::2], "looser")
+
+
+def test_the_rule_by_hand():
+    from oracles.format.tolerances import FLOORS, K, rule
+    f = FLOORS["bf16"]
+    assert rule("norm", 0.00079, f["norm"], 1.02e-4) == pytest.approx(1.02e-4 ** 0.5)  # 0.0101
+    assert rule("norm", 0.004, f["norm"], 1.02e-4) == K * 0.004  # its own projection, times K
+    assert rule("norm", 0.0, f["norm"], 1e-6) == f["norm"]  # the floor
+    assert rule("nmse", 1.02e-4, f["nmse"], 1.02e-4) == K * 1.02e-4
+    assert rule("max_rel", 0.0, f["max_rel"], 1.0) == f["max_rel"]  # nmse only reaches norm
+    assert rule("mismatch", 0.5, 0.0, 1.0) == 0.0
+
+
+def test_calibration_gives_norm_the_error_length_when_the_run_projects_none():
+    """An emulated error orthogonal to the output (norm error ~0) leaves the norm tolerance at
+    the error's length; a candidate with an error of that length along the output (a pure
+    scale, norm = sqrt(nmse)) is within it, and so within every tolerance."""
+    from oracles.authoring.calibration import calibrate
+    from oracles.format import metrics
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(6, 32))
+    d = rng.normal(size=e.shape)
+    d -= e * (np.sum(d * e) / np.sum(e * e))  # orthogonal to e
+    d *= 0.01 * np.linalg.norm(e) / np.linalg.norm(d)  # length 0.01 of e's
+    got = calibrate({"y": e}, {}, {"y": e + d}, "bf16", kind="rms_norm")["y"]
+    assert got["norm"]["calibrated"] < 1e-4 and got["nmse"]["calibrated"] == pytest.approx(1e-4)
+    assert got["norm"]["tol"] == pytest.approx(0.01)
+    scaled = metrics.continuous(e * 1.0099, e)
+    assert scaled["norm"] <= got["norm"]["tol"] and scaled["nmse"] <= got["nmse"]["tol"]
