@@ -17,6 +17,7 @@ from oracles.checking.check import run_check
 from oracles.engines.reference import RefimplAdapter
 from oracles.format import golden, metrics
 from refimpl.writer import write_safetensors
+from tests.helpers import Reused
 
 
 def _expected_as_candidate(g, cid, out_dir, change):
@@ -195,7 +196,7 @@ def test_an_honest_emulated_run_is_never_failed_and_is_judged_everywhere(default
 
 @pytest.mark.parametrize("profile", ["f16_kv", "bf16_f32_experts", "fp8_kv"])
 def test_the_engine_mode_emulations_are_never_failed(default_golden, profile):
-    cand = AdapterCandidate(RefimplAdapter(profile), profile, 0)
+    cand = Reused(AdapterCandidate(RefimplAdapter(profile), profile, 0))  # run once, judged twice
     for conditioner in (None, conditioner_for):
         rep = run_check(default_golden, cand, profile, only="model.prefill.*,mtp_*,scenario.ragged*",
                         conditioner=conditioner)
@@ -225,7 +226,7 @@ def test_a_logits_only_bf16_run_is_decided_by_inferring_its_routing(default_gold
     from tests.oracles.test_untrusted import _LogitsOnly
 
     only = "model.prefill.*,model.decode.*,mtp_prefill.*"
-    honest = AdapterCandidate(_LogitsOnly(RefimplAdapter("bf16")), "bf16 logits only", 0)
+    honest = Reused(AdapterCandidate(_LogitsOnly(RefimplAdapter("bf16")), "bf16 logits only", 0))
     cond = run_check(default_golden, honest, "bf16", only=only, conditioner=conditioner_for)
     excl = run_check(default_golden, honest, "bf16", only=only)
     assert cond["counts"]["fail"] == 0 and excl["counts"]["fail"] == 0

@@ -16,6 +16,7 @@ from oracles.checking.check import run_check
 from oracles.authoring import modes
 from oracles.format.golden import Golden
 from refimpl import moe, ops
+from tests.helpers import Reused
 
 NEW = ("f16_kv", "bf16_f32_experts", "fp8_kv")
 
@@ -90,8 +91,9 @@ def test_float32_experts_computes_the_routed_experts_unrounded():
 
 
 def test_clean_reference_passes_and_each_mode_passes_its_own_profile(default_golden):
+    f32 = Reused(AdapterCandidate(RefimplAdapter("float32"), "f32"))  # run once, judged in each
     for p in NEW:
-        assert run_check(default_golden, AdapterCandidate(RefimplAdapter("float32"), "f32"), p)["ok"], p
+        assert run_check(default_golden, f32, p)["ok"], p
         # the mode's own emulation never FAILs its profile; cases whose routing it resolves the
         # other way at near-ties (and so compared too little) are INCONCLUSIVE, never PASS
         rep = run_check(default_golden, AdapterCandidate(RefimplAdapter(p), p), p)
