@@ -10,7 +10,6 @@ from oracles.engines.reference import RefimplAdapter
 from oracles.checking.candidates import AdapterCandidate
 from oracles.checking.check import run_check
 from oracles.authoring.emulate import on_device, run_case
-from oracles.format.golden import Golden
 
 
 def test_every_default_case_runs_on_the_device_with_the_cpu_bits(default_golden):

@@ -14,7 +14,6 @@ from oracles.engines.reference import RefimplAdapter
 from oracles.checking.candidates import AdapterCandidate
 from oracles.checking.check import run_check
 from oracles.authoring import modes
-from oracles.format.golden import Golden
 from refimpl import moe, ops
 from tests.helpers import Reused
 

@@ -4,8 +4,6 @@ formula."""
 import numpy as np
 import pytest
 
-from oracles.format import golden
-
 
 def test_weight_scales_are_the_tile_amax_over_448_with_a_floor(default_golden):
     g = default_golden

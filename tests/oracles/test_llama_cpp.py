@@ -25,7 +25,7 @@ from oracles.checking.candidates import write_outputs  # noqa: E402
 from oracles.checking.candidates import AdapterCandidate, DirCandidate  # noqa: E402
 from oracles.checking.check import run_check  # noqa: E402
 from oracles.engines import matrix  # noqa: E402
-from oracles.format.golden import Golden, read_tensors  # noqa: E402
+from oracles.format.golden import read_tensors  # noqa: E402
 
 ONLY = "model.prefill.tiny,model.prefill.mscale_differs,model.prefill.v2_group_top2,model.decode.start5"
 

@@ -111,7 +111,6 @@ def test_every_model_case_records_its_designed_margins_and_meets_them(default_di
     assert {c["id"] for c in designed} == set(model)  # no other model case is left to chance
     # the cases kept (partly) random on purpose, and marked so
     assert [c["id"] for c in m["cases"] if "near_ties" in c["params"]] == ["model.prefill.near_ties"]
-    from oracles.format.golden import Golden
     g = default_golden
     for c in designed:
         exp = g.expected(c["id"])

@@ -22,7 +22,6 @@ from oracles.format import metrics  # noqa: E402
 from oracles.engines.reference import RefimplAdapter  # noqa: E402
 from oracles.checking.candidates import AdapterCandidate  # noqa: E402
 from oracles.checking.check import run_check  # noqa: E402
-from oracles.format.golden import Golden  # noqa: E402
 from oracles.authoring.mutants import MUTANTS  # noqa: E402
 from tests.helpers import run_main  # noqa: E402
 
