@@ -48,3 +48,21 @@ def rel_err(a, b):
     """max |a - b| / max |b|."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+class Reused:
+    """A candidate (checking.candidates) whose outputs are computed once per case and handed
+    again when another check (another profile, with or without conditioning) asks for them, as
+    oracles.engines.catalogue._Cached does: the same outputs the candidate gives every time,
+    without recomputing them. Everything else (supports, label, ...) is the candidate's own."""
+
+    def __init__(self, candidate):
+        self._candidate, self._outputs = candidate, {}
+
+    def __getattr__(self, name):
+        return getattr(self._candidate, name)
+
+    def outputs(self, case_id, load):
+        if case_id not in self._outputs:
+            self._outputs[case_id] = self._candidate.outputs(case_id, load)
+        return self._outputs[case_id]

@@ -284,11 +284,19 @@ def check_suite(golden_path: str, candidate, profile: str = "float32", only: str
     passes; it runs refimpl's forward pass). mode: the profile that emulates the mode the
     candidate ran in (engine.json, the adapter's `mode`), when known: a profile emulating FP8
     weights or an FP8 KV cache the run did not have is refused unless any_profile, and the
-    report says how the profile relates to the mode (format.profiles)."""
+    report says how the profile relates to the mode (format.profiles).
+    golden_path may also be a suite already opened (format.golden.Golden, verified when it was
+    opened): a sweep over profiles or mutants opens and verifies it once (catalogue.sweep); its
+    opening options (expect_digest, checkpoint) were given when it was opened."""
     if profile not in tolerances.PROFILES:
         raise OraclesError(f"profile {profile!r} is not one of {', '.join(tolerances.PROFILES)}")
     choose(profile, mode, any_profile)  # (refused: one emulating FP8 the run did not have)
-    golden = Golden(golden_path, expect_digest=expect_digest, checkpoint=checkpoint)
+    if isinstance(golden_path, Golden):
+        if expect_digest is not None or checkpoint is not None:
+            raise ValueError("expect_digest and checkpoint are given when a suite is opened")
+        golden, golden_path = golden_path, golden_path.path
+    else:
+        golden = Golden(golden_path, expect_digest=expect_digest, checkpoint=checkpoint)
     entries = [e for e in golden.manifest["cases"] if matches(e["id"], only)]
     if not entries:
         raise OraclesError(f"{golden_path}: no case matches --only {only!r}")

@@ -18,6 +18,7 @@ from ..authoring.conditioned import conditioner_for
 from ..authoring.mutants import MUTANTS
 from ..checking.check import run_check
 from ..format import tolerances as tolerance
+from ..format.golden import Golden
 from .reference import RefimplAdapter
 
 # mutant -> {profile: why the profile allows it}
@@ -54,6 +55,7 @@ def sweep(golden: str, mutants=None, only=None, profiles=tolerance.PROFILES,
     check` judges (the reference recomputed on the mutant's routing where it resolved a forgiven
     near-tie the other way; conditioning=False: those positions left out instead)."""
     out = {}
+    golden = Golden(golden)  # opened and verified once for every mutant and profile
     for name in mutants or MUTANTS:
         cand = _Cached(RefimplAdapter("float32", MUTANTS[name]), name)
         out[name] = {}

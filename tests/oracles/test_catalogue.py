@@ -3,7 +3,7 @@ divergences and the other readings of config fields) FAILs, not INCONCLUSIVE and
 every tolerance profile that does not allow it by definition (oracles.engines.catalogue.ALLOWED, with the
 reason), on a case of the default suite built so that its effect is far beyond the loosest
 profile's tolerance. Each mutant runs once on its case; its outputs are judged in all six
-profiles."""
+profiles, against the default suite opened once (conftest.default_golden)."""
 
 import os
 
@@ -37,7 +37,7 @@ def test_every_bug_has_a_decisive_case_and_the_allowances_name_real_mutants():
 
 
 @pytest.mark.parametrize("name", sorted(n for n, m in MUTANTS.items() if not m.allowed))
-def test_the_mutant_fails_in_every_profile_that_does_not_allow_it(default_dir, name):
+def test_the_mutant_fails_in_every_profile_that_does_not_allow_it(default_golden, name):
     cid = decisive_case(name)
     cand = _Cached(RefimplAdapter("float32", MUTANTS[name]), name)
     allowed = ALLOWED.get(name, {})
@@ -48,7 +48,7 @@ def test_the_mutant_fails_in_every_profile_that_does_not_allow_it(default_dir, n
     for conditioner, profiles in ((conditioner_for, PROFILES), (None, unconditioned)):
         status = {}
         for p in profiles:
-            rep = run_check(default_dir, cand, p, only=cid, allow_inconclusive=True,
+            rep = run_check(default_golden, cand, p, only=cid, allow_inconclusive=True,
                             conditioner=conditioner)
             status[p] = rep["cases"][0]["status"]
         # an allowed choice is never a FAIL; where the case's every decision rests on it

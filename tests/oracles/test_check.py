@@ -44,14 +44,14 @@ def _case_result(rep, cid):
     return next(r for r in rep["cases"] if r["id"] == cid)
 
 
-def test_clean_reference_passes_the_default_suite_in_float32(default_dir, tmp_path):
+def test_clean_reference_passes_the_default_suite_in_float32(default_dir, default_golden, tmp_path):
     report = tmp_path / "r.json"
     r = run_cli("check", default_dir, "--adapter", "oracles.adapters:refimpl_float32",
                 "--json", report, module="oracles")
     assert r.returncode == 0, r.stdout[-3000:]
     rep = json.load(open(report))
     assert rep["ok"] and rep["counts"]["fail"] == 0 and rep["counts"]["skip"] == 0
-    assert rep["counts"]["pass"] == len(golden.Golden(default_dir).cases)
+    assert rep["counts"]["pass"] == len(default_golden.cases)
     assert "passed" in r.stdout.splitlines()[-1]
 
 
@@ -63,16 +63,16 @@ def _decided_and_sound(rep):
             and rep["counts"]["pass"] > len(inconclusive))
 
 
-def test_reference_in_emulated_bf16_passes_the_bf16_profile_but_not_float32(default_dir):
+def test_reference_in_emulated_bf16_passes_the_bf16_profile_but_not_float32(default_golden):
     bf16 = load_adapter("oracles.adapters:refimpl_bf16")
-    assert _decided_and_sound(run_check(default_dir, bf16, "bf16"))
-    assert not run_check(default_dir, bf16, "float32", only="model.*")["ok"]
+    assert _decided_and_sound(run_check(default_golden, bf16, "bf16"))
+    assert not run_check(default_golden, bf16, "float32", only="model.*")["ok"]
 
 
-def test_reference_with_fp8_linears_passes_the_fp8_profile_only(default_dir):
+def test_reference_with_fp8_linears_passes_the_fp8_profile_only(default_golden):
     fp8 = load_adapter("oracles.adapters:refimpl_fp8")
-    assert _decided_and_sound(run_check(default_dir, fp8, "fp8"))
-    assert not run_check(default_dir, fp8, "bf16", only="model.prefill.tiny")["ok"]
+    assert _decided_and_sound(run_check(default_golden, fp8, "fp8"))
+    assert not run_check(default_golden, fp8, "bf16", only="model.prefill.tiny")["ok"]
 
 
 def test_file_route_candidate_passes(default_dir, candidate):
@@ -80,19 +80,19 @@ def test_file_route_candidate_passes(default_dir, candidate):
     assert r.returncode == 0, r.stdout
 
 
-def test_cases_without_outputs_are_listed_as_missing_and_fail(default_dir, candidate):
-    rep = run_check(default_dir, DirCandidate(candidate), only=ONLY + ",mla.tiny.naive")
+def test_cases_without_outputs_are_listed_as_missing_and_fail(default_golden, candidate):
+    rep = run_check(default_golden, DirCandidate(candidate), only=ONLY + ",mla.tiny.naive")
     assert _case_result(rep, "mla.tiny.naive")["status"] == "missing"
     assert rep["counts"]["missing"] == 1 and not rep["ok"]
 
 
-def test_missing_intermediates_are_listed_but_a_missing_required_output_fails(default_dir, candidate):
+def test_missing_intermediates_are_listed_but_a_missing_required_output_fails(default_golden, candidate):
     _rewrite(candidate, "model.prefill.tiny", lambda o: o.pop("layers.0.c_q"))
-    r = _case_result(run_check(default_dir, DirCandidate(candidate), only="model.prefill.tiny"),
+    r = _case_result(run_check(default_golden, DirCandidate(candidate), only="model.prefill.tiny"),
                      "model.prefill.tiny")
     assert r["status"] == "pass" and r["not_provided"] == ["layers.0.c_q"]
     _rewrite(candidate, "model.prefill.tiny", lambda o: o.pop("logits"))
-    r = _case_result(run_check(default_dir, DirCandidate(candidate), only="model.prefill.tiny"),
+    r = _case_result(run_check(default_golden, DirCandidate(candidate), only="model.prefill.tiny"),
                      "model.prefill.tiny")
     assert r["status"] == "fail" and r["first_failure"] == "logits" and "missing" in r["reason"]
 
@@ -104,11 +104,11 @@ def test_missing_intermediates_are_listed_but_a_missing_required_output_fails(de
     ("layers.2.hidden", lambda a: np.where(np.arange(a.size).reshape(a.shape) == 3, np.nan, a), "NaN"),
     ("logits", lambda a: np.full_like(a, np.inf), "NaN/Inf"),
 ])
-def test_bad_candidate_tensors_fail_with_a_clear_message(default_dir, candidate, name, change, words):
+def test_bad_candidate_tensors_fail_with_a_clear_message(default_golden, candidate, name, change, words):
     def edit(o):
         o[name] = np.ascontiguousarray(change(o[name]))
     _rewrite(candidate, "model.prefill.tiny", edit)
-    r = _case_result(run_check(default_dir, DirCandidate(candidate), only="model.prefill.tiny"),
+    r = _case_result(run_check(default_golden, DirCandidate(candidate), only="model.prefill.tiny"),
                      "model.prefill.tiny")
     assert r["status"] == "fail" and r["first_failure"] == name
     assert words in r["reason"]
@@ -156,21 +156,21 @@ def test_report_names_the_first_failing_intermediate_and_a_command_that_reproduc
     assert rep2["cases"][0]["first_failure"] == "layers.1.attn_out"
 
 
-def test_a_wrong_scale_fails_even_where_the_direction_is_right(default_dir, candidate):
+def test_a_wrong_scale_fails_even_where_the_direction_is_right(default_golden, candidate):
     _rewrite(candidate, "model.prefill.tiny", lambda o: o.update(logits=o["logits"] * 1.0001))
-    r = _case_result(run_check(default_dir, DirCandidate(candidate), only="model.prefill.tiny"),
+    r = _case_result(run_check(default_golden, DirCandidate(candidate), only="model.prefill.tiny"),
                      "model.prefill.tiny")
     assert r["first_failure"] == "logits" and "norm" in r["reason"]
 
 
-def test_near_tie_tokens_are_forgiven_and_decided_tokens_are_not(default_dir, candidate):
+def test_near_tie_tokens_are_forgiven_and_decided_tokens_are_not(default_golden, candidate):
     def swap_tie(o):  # exact ties: odd experts copy the even one before them
         idx = o["topk_idx"]
         t, j = next((t, j) for t in range(len(idx)) for j in range(idx.shape[1])
                     if idx[t, j] % 2 == 0 and idx[t, j] + 1 not in idx[t])
         idx[t, j] += 1  # the tied partner instead: a legitimate choice (torch.topk is unspecified)
     _rewrite(candidate, "gate.exact_ties", swap_tie)
-    rep = run_check(default_dir, DirCandidate(candidate), only="gate.exact_ties")
+    rep = run_check(default_golden, DirCandidate(candidate), only="gate.exact_ties")
     r = _case_result(rep, "gate.exact_ties")
     assert r["status"] == "pass" and "forgiven" in r["outputs"][1].get("message", "")
 
@@ -178,15 +178,15 @@ def test_near_tie_tokens_are_forgiven_and_decided_tokens_are_not(default_dir, ca
         idx = o["topk_idx"]
         idx[0, 0] = next(e for e in range(16) if e not in idx[0])
     _rewrite(candidate, "gate.tiny", swap_decided)
-    r = _case_result(run_check(default_dir, DirCandidate(candidate), only="gate.tiny"), "gate.tiny")
+    r = _case_result(run_check(default_golden, DirCandidate(candidate), only="gate.tiny"), "gate.tiny")
     assert r["status"] == "fail" and r["first_failure"] == "topk_idx"
 
 
-def test_a_changed_greedy_token_fails(default_dir, candidate):
+def test_a_changed_greedy_token_fails(default_golden, candidate):
     def edit(o):
         o["tokens"][0, 3] = (o["tokens"][0, 3] + 1) % 256
     _rewrite(candidate, "model.greedy.tiny", edit)
-    r = _case_result(run_check(default_dir, DirCandidate(candidate), only="model.greedy.tiny"),
+    r = _case_result(run_check(default_golden, DirCandidate(candidate), only="model.greedy.tiny"),
                      "model.greedy.tiny")
     assert r["status"] == "fail" and r["first_failure"] == "tokens"
 
@@ -204,8 +204,8 @@ class _Partial:
         return run_case(case, "float32")
 
 
-def test_adapter_skips_are_listed_with_reasons_and_crashes_are_errors(default_dir):
-    rep = run_check(default_dir, AdapterCandidate(_Partial(), "partial"), only="gate.*,rms_norm.*")
+def test_adapter_skips_are_listed_with_reasons_and_crashes_are_errors(default_golden):
+    rep = run_check(default_golden, AdapterCandidate(_Partial(), "partial"), only="gate.*,rms_norm.*")
     assert _case_result(rep, "rms_norm.basic") == {**_case_result(rep, "rms_norm.basic"),
                                                    "status": "skip", "reason": "only gates here"}
     crashed = _case_result(rep, "gate.tiny")
@@ -230,7 +230,7 @@ def test_not_a_golden_directory_is_bad_input(tmp_path):
     assert r.returncode == 2 and "manifest.json" in r.stderr
 
 
-def test_outputs_written_by_the_safetensors_library_are_read(default_dir, tmp_path):
+def test_outputs_written_by_the_safetensors_library_are_read(default_dir, default_golden, tmp_path):
     """The file route as docs/conformance.md shows it: another writer, only the logits."""
     from safetensors.numpy import load_file, save_file
 
@@ -242,7 +242,7 @@ def test_outputs_written_by_the_safetensors_library_are_read(default_dir, tmp_pa
     ids = load_file(os.path.join(d, "inputs.safetensors"))["input_ids"]
     model = refimpl.load(os.path.join(d, "model"), dtype="float32")
     save_file({"logits": model.forward(ids)}, str(out / "outputs.safetensors"))
-    r = _case_result(run_check(default_dir, DirCandidate(str(tmp_path / "cand")), only="model.prefill.tiny"),
+    r = _case_result(run_check(default_golden, DirCandidate(str(tmp_path / "cand")), only="model.prefill.tiny"),
                      "model.prefill.tiny")
     assert r["status"] == "pass" and "layers.0.attn_out" in r["not_provided"]
 
@@ -285,7 +285,7 @@ def test_run_writes_an_adapter_as_files_that_check_accepts(default_dir, tmp_path
     assert r.returncode == 0, r.stdout
 
 
-def test_the_fp8_profile_is_calibrated_through_refimpls_fp8_gemm(default_dir, monkeypatch):
+def test_the_fp8_profile_is_calibrated_through_refimpls_fp8_gemm(default_golden, monkeypatch):
     """Every FP8 linear of the emulated fp8 run goes through refimpl.fp8.fp8_gemm (weights as
     stored BlockFP8), in component and model cases alike; kv_b_proj is dequantised."""
     from refimpl import fp8
@@ -298,7 +298,7 @@ def test_the_fp8_profile_is_calibrated_through_refimpls_fp8_gemm(default_dir, mo
         shapes.append(w.shape)
         return real(x, w, block)
     monkeypatch.setattr(fp8, "fp8_gemm", spy)
-    g = golden.Golden(default_dir)
+    g = default_golden
     for cid in ("mla.tiny.naive", "model.prefill.tiny"):
         shapes.clear()
         case = g.load_case(cid)
@@ -312,3 +312,16 @@ def test_the_fp8_profile_is_calibrated_through_refimpls_fp8_gemm(default_dir, mo
     shapes.clear()
     run_case(g.load_case("model.prefill.tiny"), "bf16")
     assert shapes == []
+
+
+def test_an_opened_suite_is_judged_as_its_path_is(default_dir, default_golden):
+    """check_suite takes the suite opened once (a sweep over profiles and mutants): the report is
+    the one its path gives, and the opening options go to the opening, not to the check."""
+    cand = load_adapter("oracles.mutants:rsf_twice")
+    by_path = run_check(default_dir, cand, "bf16", only="gate.*")
+    opened = run_check(default_golden, cand, "bf16", only="gate.*")
+    for r in by_path["cases"] + opened["cases"]:
+        r.pop("seconds", None)
+    assert opened == by_path and not opened["ok"] and opened["golden"] == default_dir
+    with pytest.raises(ValueError, match="when a suite is opened"):
+        run_check(default_golden, cand, "bf16", only="gate.tiny", expect_digest=default_golden.digest)

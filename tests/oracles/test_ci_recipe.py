@@ -105,10 +105,10 @@ def test_the_recipe_parses_as_yaml_the_way_the_test_reads_it():
     assert norm(ours) == norm(doc)
 
 
-def test_the_pinned_question_digest_is_the_default_suite_of_this_checkout(default_dir):
+def test_the_pinned_question_digest_is_the_default_suite_of_this_checkout(default_golden):
     env, _, _ = parse(recipe())
     assert env["SUITE"] == "default"
-    assert env["QUESTION_DIGEST"] == golden.Golden(default_dir).question_digest, \
+    assert env["QUESTION_DIGEST"] == default_golden.question_digest, \
         "the default suite asks other questions now: update QUESTION_DIGEST in docs/conformance.md"
 
 

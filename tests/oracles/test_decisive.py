@@ -17,6 +17,7 @@ from oracles.checking.check import run_check
 from oracles.engines.reference import RefimplAdapter
 from oracles.format import golden, metrics
 from refimpl.writer import write_safetensors
+from tests.helpers import Reused
 
 
 def _expected_as_candidate(g, cid, out_dir, change):
@@ -88,7 +89,7 @@ def _cross_request(gdir, cid, profile, tmp_path, at=None):
         outs["request.1.layers.1.topk_idx"][0, at] = _flip(g, cid, exp, "request.1.layers.1.topk_idx", (0, at), profile)
         del outs["request.1.layers.1.ffn_norm"]  # the flip cannot be judged from its input
     cand = _expected_as_candidate(g, cid, str(tmp_path / "cand"), change)
-    rep = run_check(gdir, cand, profile)
+    rep = run_check(g, cand, profile)  # (the copy, opened above)
     r = _result(rep, cid)
     assert r["status"] == "fail" and r["first_failure"] == "request.2.logits", r.get("reason")
     logits2 = _out(r, "request.2.logits")
@@ -120,10 +121,11 @@ def test_the_constructed_cross_request_case_of_issue_16_fails(tmp_path):
     _cross_request(gdir, "scenario.ragged_batch.long", "bf16", tmp_path, at=143)  # the issue's index
 
 
-def test_a_last_layer_flip_at_position_0_leaves_9_of_10_logits_compared(default_dir, tmp_path):
+def test_a_last_layer_flip_at_position_0_leaves_9_of_10_logits_compared(default_dir, default_golden,
+                                                                        tmp_path):
     cid = "model.prefill.mscale_differs"
     name = "layers.2.topk_idx"  # the last layer: no attention follows it
-    margin = float(golden.Golden(default_dir).expected(cid)["layers.2.topk_margin"][0, 0])
+    margin = float(default_golden.expected(cid)["layers.2.topk_margin"][0, 0])
     default_dir = _forgiving(default_dir, cid, "bf16", name, margin * 1.25, str(tmp_path))
     g = golden.Golden(default_dir)
 
@@ -131,7 +133,7 @@ def test_a_last_layer_flip_at_position_0_leaves_9_of_10_logits_compared(default_
         outs[name][0, 0] = _flip(g, cid, exp, name, (0, 0), "bf16")
         del outs["layers.2.ffn_norm"]
     cand = _expected_as_candidate(g, cid, str(tmp_path / "cand"), change)
-    r = _result(run_check(default_dir, cand, "bf16", only=cid), cid)
+    r = _result(run_check(g, cand, "bf16", only=cid), cid)  # (the copy, opened above)
     assert r["status"] == "pass"
     m = _out(r, "logits")["metrics"]
     assert (m["compared"], m["positions"], m["not_compared"]) == (9, 10, 1)
@@ -149,8 +151,8 @@ def _top2_for_v2(profile):
 
 
 @pytest.mark.parametrize("conditioned", [False, True])
-def test_a_flip_its_own_router_input_does_not_explain_fails_at_topk_idx(default_dir, conditioned,
-                                                                        tmp_path):
+def test_a_flip_its_own_router_input_does_not_explain_fails_at_topk_idx(default_dir, default_golden,
+                                                                        conditioned, tmp_path):
     """The llama.cpp case: its router inputs match (layers.1.ffn_norm), the near-ties it
     resolves the other way (margins within the bf16 forgiveness) are a rule, not rounding. On
     the designed margins its flips are far beyond any forgiveness and fail as a mismatch; with
@@ -158,10 +160,10 @@ def test_a_flip_its_own_router_input_does_not_explain_fails_at_topk_idx(default_
     and 0.006) they are forgiven near-ties that its own router input does not explain."""
     cid = "model.prefill.v2_group_top2"  # V2 routing with decoy groups (readings.py)
     cand = _top2_for_v2("bf16")
-    r = _result(run_check(default_dir, cand, "bf16", only=cid), cid)
+    r = _result(run_check(default_golden, cand, "bf16", only=cid), cid)
     assert r["status"] == "fail" and r["first_failure"] == "layers.1.topk_idx", r.get("reason")
-    exp = golden.Golden(default_dir).expected(cid)
-    got = cand.outputs(cid, lambda: golden.Golden(default_dir).load_case(cid))
+    exp = default_golden.expected(cid)
+    got = cand.outputs(cid, lambda: default_golden.load_case(cid))
     k = exp["layers.1.topk_idx"].shape[-1]
     differ = (np.sort(got["layers.1.topk_idx"].reshape(-1, k), -1)
               != np.sort(exp["layers.1.topk_idx"].reshape(-1, k), -1)).any(-1)
@@ -177,14 +179,14 @@ def test_a_flip_its_own_router_input_does_not_explain_fails_at_topk_idx(default_
     assert _out(r, "layers.1.ffn_norm")["status"] == "pass"  # its input is right
 
 
-def test_an_honest_emulated_run_is_never_failed_and_is_judged_everywhere(default_dir):
+def test_an_honest_emulated_run_is_never_failed_and_is_judged_everywhere(default_golden):
     """refimpl's own bf16 and fp8 emulations with conditioning: nothing fails, nothing is
     INCONCLUSIVE, and the one case kept on random routing (model.prefill.near_ties) is judged
     at every position: in fp8, whose run resolves near-ties there the other way, against the
     reference recomputed on its routing (the bf16 run routes it as the truth does)."""
     for profile in ("bf16", "fp8"):
         cand = AdapterCandidate(RefimplAdapter(profile), profile, 0)
-        rep = run_check(default_dir, cand, profile, conditioner=conditioner_for)
+        rep = run_check(default_golden, cand, profile, conditioner=conditioner_for)
         assert rep["counts"]["fail"] == rep["counts"]["error"] == 0, profile
         assert rep["counts"]["inconclusive"] == 0, profile
         r = _result(rep, "model.prefill.near_ties")
@@ -195,16 +197,16 @@ def test_an_honest_emulated_run_is_never_failed_and_is_judged_everywhere(default
 
 
 @pytest.mark.parametrize("profile", ["f16_kv", "bf16_f32_experts", "fp8_kv"])
-def test_the_engine_mode_emulations_are_never_failed(default_dir, profile):
-    cand = AdapterCandidate(RefimplAdapter(profile), profile, 0)
+def test_the_engine_mode_emulations_are_never_failed(default_golden, profile):
+    cand = Reused(AdapterCandidate(RefimplAdapter(profile), profile, 0))  # run once, judged twice
     for conditioner in (None, conditioner_for):
-        rep = run_check(default_dir, cand, profile, only="model.prefill.*,mtp_*,scenario.ragged*",
+        rep = run_check(default_golden, cand, profile, only="model.prefill.*,mtp_*,scenario.ragged*",
                         conditioner=conditioner)
         assert rep["counts"]["fail"] == rep["counts"]["error"] == 0, (profile, conditioner)
 
 
-def test_the_conditioned_golden_is_the_golden_where_nothing_is_forced(default_dir):
-    g = golden.Golden(default_dir)
+def test_the_conditioned_golden_is_the_golden_where_nothing_is_forced(default_golden):
+    g = default_golden
     for cid in ("model.prefill.tiny", "model.decode.start5", "mtp_prefill.depth2",
                 "scenario.prefix_cache.small", "mtp_module.k1", "moe.tiny"):
         if cid not in g.cases:
@@ -219,7 +221,7 @@ def test_the_conditioned_golden_is_the_golden_where_nothing_is_forced(default_di
                 assert np.array_equal(new[k], v), (cid, k)
 
 
-def test_a_logits_only_fp8_run_is_decided_by_inferring_its_routing(default_dir):
+def test_a_logits_only_fp8_run_is_decided_by_inferring_its_routing(default_golden):
     """Without its topk_idx, refimpl's fp8 emulation is judged against the reference on the
     routing that explains its logits best: fewer cases are left undecided than by leaving out
     every near-tie, none fails, and a real bug still fails. (The fp8 emulation: the bf16 one
@@ -227,9 +229,9 @@ def test_a_logits_only_fp8_run_is_decided_by_inferring_its_routing(default_dir):
     from tests.oracles.test_untrusted import _LogitsOnly
 
     only = "model.prefill.*,model.decode.*,mtp_prefill.*"
-    honest = AdapterCandidate(_LogitsOnly(RefimplAdapter("fp8")), "fp8 logits only", 0)
-    cond = run_check(default_dir, honest, "fp8", only=only, conditioner=conditioner_for)
-    excl = run_check(default_dir, honest, "fp8", only=only)
+    honest = Reused(AdapterCandidate(_LogitsOnly(RefimplAdapter("fp8")), "fp8 logits only", 0))
+    cond = run_check(default_golden, honest, "fp8", only=only, conditioner=conditioner_for)
+    excl = run_check(default_golden, honest, "fp8", only=only)
     assert cond["counts"]["fail"] == 0 and excl["counts"]["fail"] == 0
     assert cond["counts"]["inconclusive"] < excl["counts"]["inconclusive"], (cond["counts"], excl["counts"])
     assert any(r.get("conditioned", {}).get("routing") == "inferred from the logits" and
@@ -237,7 +239,7 @@ def test_a_logits_only_fp8_run_is_decided_by_inferring_its_routing(default_dir):
     buggy = RefimplAdapter("bf16")
     from oracles.authoring.mutants import MUTANTS
     buggy.mutant = MUTANTS["no_softmax_mscale"]
-    rep = run_check(default_dir, AdapterCandidate(_LogitsOnly(buggy), "bug", 0), "bf16",
+    rep = run_check(default_golden, AdapterCandidate(_LogitsOnly(buggy), "bug", 0), "bf16",
                     only="model.prefill.tiny,model.prefill.mscale_differs", conditioner=conditioner_for)
     assert rep["counts"]["fail"] == 2
 
@@ -249,13 +251,13 @@ def test_a_logits_only_fp8_run_is_decided_by_inferring_its_routing(default_dir):
     ("mtp_prefill.depth2", "mtp.1.layer.topk_idx", (0, 1)),
     ("scenario.prefix_cache.small", "request.0.layers.1.topk_idx", (0, 3)),
 ])
-def test_a_forced_token_changes_the_reference_only_where_the_taint_says(default_dir, cid, name, at):
+def test_a_forced_token_changes_the_reference_only_where_the_taint_says(default_golden, cid, name, at):
     """The dataflow rule (taint.Layout) against refimpl itself: the reference recomputed with one
     token forced elsewhere changes nowhere the rule does not leave out, and does change the
     forced token's own outputs."""
     from oracles.format.taint import Taint
 
-    g = golden.Golden(default_dir)
+    g = default_golden
     exp = g.expected(cid)
     cond = conditioner_for(g.cases[cid], lambda: g.load_case(cid), exp)
     mine = set(exp[name][at].tolist())

@@ -10,11 +10,10 @@ from oracles.engines.reference import RefimplAdapter
 from oracles.checking.candidates import AdapterCandidate
 from oracles.checking.check import run_check
 from oracles.authoring.emulate import on_device, run_case
-from oracles.format.golden import Golden
 
 
-def test_every_default_case_runs_on_the_device_with_the_cpu_bits(default_dir):
-    g = Golden(default_dir)
+def test_every_default_case_runs_on_the_device_with_the_cpu_bits(default_golden):
+    g = default_golden
     on_dev = RefimplAdapter("float64", device=fcp)
     for cid in g.cases:
         case = g.load_case(cid)
@@ -24,8 +23,8 @@ def test_every_default_case_runs_on_the_device_with_the_cpu_bits(default_dir):
             assert np.array_equal(got[k], want[k]), (cid, k)
 
 
-def test_only_floating_point_inputs_are_placed_on_the_device(default_dir):
-    g = Golden(default_dir)
+def test_only_floating_point_inputs_are_placed_on_the_device(default_golden):
+    g = default_golden
     case = on_device(g.load_case("mla_decode.start5"), fcp)
     assert isinstance(case.inputs["x"], fcp.ndarray)
     case = on_device(g.load_case("model.decode.start5"), fcp)
@@ -34,7 +33,7 @@ def test_only_floating_point_inputs_are_placed_on_the_device(default_dir):
     assert isinstance(case.inputs["q"], np.ndarray)  # e4m3: no device dtype
 
 
-def test_a_check_against_the_device_reference_passes(default_dir):
+def test_a_check_against_the_device_reference_passes(default_golden):
     cand = AdapterCandidate(RefimplAdapter("float64", device=fcp), "refimpl on the stand-in device")
-    rep = run_check(default_dir, cand, "float32", only="model.*,mla.*,moe.*,scenario.*")
+    rep = run_check(default_golden, cand, "float32", only="model.*,mla.*,moe.*,scenario.*")
     assert rep["ok"] and rep["counts"]["pass"] > 10, rep["counts"]

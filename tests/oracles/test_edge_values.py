@@ -37,7 +37,7 @@ def test_gate_logits_below_88_give_the_softmax_of_the_selected_logits(default_di
     assert np.isfinite(f32["topk_weight"]).all() and rel_err(f32["topk_weight"], want) < 1e-4
 
 
-def test_routed_scaling_factor_multiplies_once_with_and_without_renormalisation(default_dir):
+def test_routed_scaling_factor_multiplies_once_with_and_without_renormalisation(default_dir, default_golden):
     case, exp = _case(default_dir, "gate.no_norm_topk_prob")
     cfg = case.config
     assert cfg.norm_topk_prob is False and cfg.routed_scaling_factor == 2.5
@@ -47,7 +47,7 @@ def test_routed_scaling_factor_multiplies_once_with_and_without_renormalisation(
     assert case.config.norm_topk_prob is True and case.config.routed_scaling_factor == 2.5
     s = np.take_along_axis(exp["router_scores"], exp["topk_idx"], axis=-1)
     np.testing.assert_allclose(exp["topk_weight"], 2.5 * s / s.sum(-1, keepdims=True), rtol=1e-13)
-    assert golden.Golden(default_dir).cases["moe.no_norm_topk_prob"]["kind"] == "moe"
+    assert default_golden.cases["moe.no_norm_topk_prob"]["kind"] == "moe"
 
 
 def test_the_fp8_model_has_unaligned_widths_and_a_scale_per_block(default_dir):

@@ -14,8 +14,8 @@ from oracles.engines.reference import RefimplAdapter
 from oracles.checking.candidates import AdapterCandidate
 from oracles.checking.check import run_check
 from oracles.authoring import modes
-from oracles.format.golden import Golden
 from refimpl import moe, ops
+from tests.helpers import Reused
 
 NEW = ("f16_kv", "bf16_f32_experts", "fp8_kv")
 
@@ -46,8 +46,8 @@ def test_every_profile_is_calibrated_and_recorded(default_dir):
             assert list(tols) == [o["name"] for o in e["outputs"]]
 
 
-def test_the_kv_modes_change_attention_and_nothing_before_it(default_dir):
-    g = Golden(default_dir)
+def test_the_kv_modes_change_attention_and_nothing_before_it(default_golden):
+    g = default_golden
     case = g.load_case("model.prefill.tiny")
     f32 = emulate.run_case(case, "float32")
     kv = emulate.run_case(case, "f16_kv")
@@ -89,30 +89,31 @@ def test_float32_experts_computes_the_routed_experts_unrounded():
     assert np.abs(rounded - want).max() > 1e-3  # bf16 boundaries alone round each expert
 
 
-def test_clean_reference_passes_and_each_mode_passes_its_own_profile(default_dir):
+def test_clean_reference_passes_and_each_mode_passes_its_own_profile(default_golden):
+    f32 = Reused(AdapterCandidate(RefimplAdapter("float32"), "f32"))  # run once, judged in each
     for p in NEW:
-        assert run_check(default_dir, AdapterCandidate(RefimplAdapter("float32"), "f32"), p)["ok"], p
+        assert run_check(default_golden, f32, p)["ok"], p
         # the mode's own emulation never FAILs its profile; cases whose routing it resolves the
         # other way at near-ties (and so compared too little) are INCONCLUSIVE, never PASS
-        rep = run_check(default_dir, AdapterCandidate(RefimplAdapter(p), p), p)
+        rep = run_check(default_golden, AdapterCandidate(RefimplAdapter(p), p), p)
         inconclusive = [r for r in rep["cases"] if r["status"] == "inconclusive"]
         assert rep["counts"]["fail"] == rep["counts"]["error"] == rep["counts"]["missing"] == 0, p
         assert all(r["compared"]["fraction"] < rep["min_compared"] for r in inconclusive), p
         assert rep["counts"]["pass"] > 2 * len(inconclusive), p
     # the f16 cache is beyond float32's tolerance (llama.cpp's default fails float32)
-    assert not run_check(default_dir, AdapterCandidate(RefimplAdapter("f16_kv"), "f16"), "float32",
+    assert not run_check(default_golden, AdapterCandidate(RefimplAdapter("f16_kv"), "f16"), "float32",
                          only="model.prefill.tiny")["ok"]
 
 
 # Every mode profile's verdict on every mutant: tests/oracles/test_catalogue.py.
 
 
-def test_gate_precision_mutants_are_caught_by_f16_kv_only(default_dir):
+def test_gate_precision_mutants_are_caught_by_f16_kv_only(default_golden):
     """f16_kv is float32 outside attention, so a bf16 gate still fails it; the bf16-based modes
     allow it by definition (catalogue.ALLOWED)."""
-    rep = run_check(default_dir, load_adapter("oracles.mutants:bf16_gate"), "f16_kv", only="model.prefill.tiny")
+    rep = run_check(default_golden, load_adapter("oracles.mutants:bf16_gate"), "f16_kv", only="model.prefill.tiny")
     assert rep["counts"]["fail"] == 1
     for p in ("bf16_f32_experts", "fp8_kv"):
         # ...except gate.logits_below_88, where the whole-bf16 gate renormalises 0/0 (NaN)
-        rep = run_check(default_dir, load_adapter("oracles.mutants:bf16_gate"), p)
+        rep = run_check(default_golden, load_adapter("oracles.mutants:bf16_gate"), p)
         assert [r["id"] for r in rep["cases"] if r["status"] == "fail"] == ["gate.logits_below_88"], p

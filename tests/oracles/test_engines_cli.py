@@ -86,16 +86,17 @@ def test_run_and_check_with_the_transformers_engine_record_name_version_options(
     assert json.load(open(rep))["engine"] == {k: info[k] for k in ("engine", "version", "options", "serving", "mode", "question_digest", "inputs_digest")}
     assert "DynamicCache" in info["serving"] and info["errors"] == {}
     assert f"engine: transformers {transformers.__version__}" in r.stdout
-    # the same through check --engine, in bf16 against the bf16 profile
+    # the same through check --engine, in bf16 against the bf16 profile: an honest bf16 engine
+    # never FAILs the bf16 profile; a case whose routing it resolved the other way at near-ties
+    # compared too little and is INCONCLUSIVE, which --allow-inconclusive accepts (that it exits 1
+    # without the flag: test_untrusted.py::test_inconclusive_cases_exit_1_unless_allowed; one
+    # run here, as each starts torch and transformers)
     r = run_cli("check", smoke_dir, "--engine", "transformers", "--engine-option", "dtype=bfloat16",
-                "--profile", "bf16", "--only", "model.*", "--json", rep, module="oracles")
-    # an honest bf16 engine never FAILs the bf16 profile; a case whose routing it resolved the
-    # other way at near-ties compared too little and is INCONCLUSIVE (exit 1 without the flag)
+                "--profile", "bf16", "--only", "model.*", "--allow-inconclusive", "--json", rep,
+                module="oracles")
     got = json.load(open(rep))
     assert got["engine"]["options"]["dtype"] == "bfloat16"
-    assert got["counts"]["fail"] == 0 and r.returncode == (1 if got["counts"]["inconclusive"] else 0)
-    r = run_cli("check", smoke_dir, "--engine", "transformers", "--engine-option", "dtype=bfloat16",
-                "--profile", "bf16", "--only", "model.*", "--allow-inconclusive", module="oracles")
+    assert got["counts"]["fail"] == 0 and got["counts"]["pass"] >= 1
     assert r.returncode == 0, r.stdout + r.stderr
 
 

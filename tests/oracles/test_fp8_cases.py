@@ -4,11 +4,9 @@ formula."""
 import numpy as np
 import pytest
 
-from oracles.format import golden
 
-
-def test_weight_scales_are_the_tile_amax_over_448_with_a_floor(default_dir):
-    g = golden.Golden(default_dir)
+def test_weight_scales_are_the_tile_amax_over_448_with_a_floor(default_golden):
+    g = default_golden
     case, exp = g.load_case("fp8_quant.unaligned"), g.expected("fp8_quant.unaligned")
     w = case.inputs["w"].astype(np.float64)
     assert exp["scale_inv"].shape == (5, 2)
@@ -23,8 +21,8 @@ def test_weight_scales_are_the_tile_amax_over_448_with_a_floor(default_dir):
     assert np.all(err <= np.maximum(2 ** -4 * np.abs(w), 2 ** -10 * s_full) * (1 + 1e-6))
 
 
-def test_activation_scales_are_per_token_per_128_channels(default_dir):
-    g = golden.Golden(default_dir)
+def test_activation_scales_are_per_token_per_128_channels(default_golden):
+    g = default_golden
     case, exp = g.load_case("fp8_act_quant.unaligned"), g.expected("fp8_act_quant.unaligned")
     x = case.inputs["x"].astype(np.float64)
     assert exp["s"].shape == (6, 3)

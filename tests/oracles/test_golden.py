@@ -142,8 +142,8 @@ def test_negative_biased_case_has_biased_scores_below_zero_and_picks_only_kept_g
         assert {e // 4 for e in picks} <= kept
 
 
-def test_named_edge_cases_are_in_the_default_suite(default_dir):
-    g = golden.Golden(default_dir)
+def test_named_edge_cases_are_in_the_default_suite(default_golden):
+    g = default_golden
     c = {cid: g.load_case(cid) for cid in ("mla.q_lora_null", "model.prefill.one_token",
                                            "model.decode.start5", "fp8_dequant.unaligned",
                                            "model.prefill.softmax_scoring")}

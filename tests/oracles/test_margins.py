@@ -105,14 +105,13 @@ def _designed_model_cases(golden):
     return m, [c for c in m["cases"] if c["model"] and "designed_margins" in c["params"]]
 
 
-def test_every_model_case_records_its_designed_margins_and_meets_them(default_dir):
+def test_every_model_case_records_its_designed_margins_and_meets_them(default_dir, default_golden):
     m, designed = _designed_model_cases(default_dir)
     model = [c["id"] for c in m["cases"] if c["model"] and c["id"] != "model.prefill.near_ties"]
     assert {c["id"] for c in designed} == set(model)  # no other model case is left to chance
     # the cases kept (partly) random on purpose, and marked so
     assert [c["id"] for c in m["cases"] if "near_ties" in c["params"]] == ["model.prefill.near_ties"]
-    from oracles.format.golden import Golden
-    g = Golden(default_dir)
+    g = default_golden
     for c in designed:
         exp = g.expected(c["id"])
         want = c["params"]["designed_margins"]

@@ -22,7 +22,6 @@ from oracles.format import metrics  # noqa: E402
 from oracles.engines.reference import RefimplAdapter  # noqa: E402
 from oracles.checking.candidates import AdapterCandidate  # noqa: E402
 from oracles.checking.check import run_check  # noqa: E402
-from oracles.format.golden import Golden  # noqa: E402
 from oracles.authoring.mutants import MUTANTS  # noqa: E402
 from tests.helpers import run_main  # noqa: E402
 
@@ -34,11 +33,11 @@ def mlx_engine():
 
 
 @pytest.fixture(scope="module")
-def report(default_dir, mlx_engine):
-    return run_check(default_dir, AdapterCandidate(mlx_engine, "mlx"), "float32", only="model.*")
+def report(default_golden, mlx_engine):
+    return run_check(default_golden, AdapterCandidate(mlx_engine, "mlx"), "float32", only="model.*")
 
 
-def test_mlx_passes_every_model_case_it_runs_but_negative_biased(report, default_dir):
+def test_mlx_passes_every_model_case_it_runs_but_negative_biased(report, default_golden):
     by_id = {r["id"]: r for r in report["cases"]}
     ran = [r for r in report["cases"] if r["status"] != "skip"]
     assert len(ran) >= 13
@@ -51,7 +50,7 @@ def test_mlx_passes_every_model_case_it_runs_but_negative_biased(report, default
     # cases that refimpl with MLX-LM's known divergences fails
     explained = set()
     for name in ("zero_group_mask", "fp8_dequant_to_bf16", "single_expert_not_renormalised"):
-        rep = run_check(default_dir, AdapterCandidate(RefimplAdapter("float32", MUTANTS[name]),
+        rep = run_check(default_golden, AdapterCandidate(RefimplAdapter("float32", MUTANTS[name]),
                                                            name, timeout=0),
                         "float32", only=",".join(r["id"] for r in ran))
         explained |= {r["id"] for r in rep["cases"] if r["status"] == "fail"}
@@ -64,8 +63,8 @@ def test_mlx_passes_every_model_case_it_runs_but_negative_biased(report, default
     assert by_id["model.prefill.softmax_scoring"]["status"] == "pass"  # V2 code, via deepseek_v2
 
 
-def test_mlx_logits_equal_the_zero_group_mask_mutant(default_dir, mlx_engine):
-    g = Golden(default_dir)
+def test_mlx_logits_equal_the_zero_group_mask_mutant(default_golden, mlx_engine):
+    g = default_golden
     case = g.load_case("model.prefill.negative_biased")
     got = mlx_engine.run(case)["logits"]
     mutant = RefimplAdapter("float32", MUTANTS["zero_group_mask"]).run(case)["logits"]
@@ -73,8 +72,8 @@ def test_mlx_logits_equal_the_zero_group_mask_mutant(default_dir, mlx_engine):
     assert metrics.continuous(got, mutant)["nmse"] < 1e-10 < metrics.continuous(got, truth)["nmse"]
 
 
-def test_mlx_fp8_checkpoint_is_loaded_in_bf16_and_passes_the_bf16_profile(default_dir, mlx_engine):
-    rep = run_check(default_dir, AdapterCandidate(mlx_engine, "mlx"), "bf16",
+def test_mlx_fp8_checkpoint_is_loaded_in_bf16_and_passes_the_bf16_profile(default_golden, mlx_engine):
+    rep = run_check(default_golden, AdapterCandidate(mlx_engine, "mlx"), "bf16",
                     only="model.prefill.fp8_blocks")
     assert rep["counts"]["pass"] == 1, rep["cases"]
 
@@ -104,7 +103,7 @@ def test_mlx_runs_serving_schedules_through_its_caches_and_passes(default_dir, t
         assert {"request.0.logits", "request.1.logits", "request.1.layers.1.topk_idx"} <= checked
 
 
-def test_a_cache_left_unrolled_fails_the_schedule(default_dir):
+def test_a_cache_left_unrolled_fails_the_schedule(default_golden):
     """The runner is checked, not trusted: without BatchKVCache.finalize (the right padding of
     a mixed-length forward left in the cache, where later tokens attend to it) the mixed-step
     case fails."""
@@ -114,7 +113,7 @@ def test_a_cache_left_unrolled_fails_the_schedule(default_dir):
     original = BatchKVCache.finalize
     BatchKVCache.finalize = lambda self: setattr(self, "_right_padding", None)
     try:
-        rep = run_check(default_dir, AdapterCandidate(adapter, "bug"), "float32",
+        rep = run_check(default_golden, AdapterCandidate(adapter, "bug"), "float32",
                         only="scenario.mixed_step.small")
     finally:
         BatchKVCache.finalize = original

@@ -1,12 +1,16 @@
 """The checker catches the bugs real engines shipped (spec section 9): the default suite fails
 every mutant in the catalogue, and the report names the intermediate where the bug first shows."""
 
+import os
+
 import pytest
 
 from oracles.checking.candidates import load_adapter
 from oracles.checking.check import run_check
 from oracles.authoring.mutants import MUTANTS
 from tests.helpers import run_cli
+
+THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
 
 # mutant -> (a case it must fail, the first failing output the report must name there),
 # reasoned from where each bug enters the dataflow:
@@ -79,10 +83,14 @@ def test_the_catalogue_covers_the_spec_topics_and_each_mutant_has_an_expectation
 
 
 @pytest.mark.parametrize("name", sorted(FIRST_FAILURE))
-def test_default_suite_fails_the_mutant_at_the_right_intermediate(default_dir, name):
-    rep = run_check(default_dir, load_adapter(f"oracles.mutants:{name}"), "float32")
-    assert not rep["ok"]
+def test_default_suite_fails_the_mutant_at_the_right_intermediate(default_golden, name):
+    """The fast profile judges the mutant on its case only (what is asserted is that case's
+    verdict; a case's verdict does not depend on the others); the thorough profile runs it on the
+    whole suite, as `oracles check` would."""
     cid, first = FIRST_FAILURE[name]
+    rep = run_check(default_golden, load_adapter(f"oracles.mutants:{name}"), "float32",
+                    only=None if THOROUGH else cid)
+    assert not rep["ok"]
     res = next(r for r in rep["cases"] if r["id"] == cid)
     assert res["status"] == "fail"
     assert res["first_failure"] == first, res.get("reason")
@@ -93,14 +101,14 @@ GATE_PRECISION = ("bf16_gate", "bf16_gate_bias")
 
 
 @pytest.mark.parametrize("name", GATE_PRECISION)
-def test_gate_precision_mutants_pass_the_bf16_and_fp8_profiles(default_dir, name):
+def test_gate_precision_mutants_pass_the_bf16_and_fp8_profiles(default_golden, name):
     """A bf16 gate (or gate bias) is the rounding these profiles allow (catalogue.ALLOWED); the
     designed margins are beyond it, so it routes no token of the suite differently and nothing
     is left to judge by its router input (oracles/checking/routing.py) - except where the gate
     logits are below -88: scores of e^-93 rounded to bf16 (a subnormal spacing of 9e-41) lose
     every digit, and the whole-bf16 gate renormalises 0/0."""
     for profile in ("bf16", "fp8"):
-        rep = run_check(default_dir, load_adapter(f"oracles.mutants:{name}"), profile,
+        rep = run_check(default_golden, load_adapter(f"oracles.mutants:{name}"), profile,
                         allow_inconclusive=True)
         failed = {r["id"]: r for r in rep["cases"] if r["status"] == "fail"}
         if name == "bf16_gate":
@@ -110,18 +118,18 @@ def test_gate_precision_mutants_pass_the_bf16_and_fp8_profiles(default_dir, name
             assert rep["ok"] and rep["counts"]["fail"] == 0, profile
 
 
-def test_an_allowed_alternative_passes_the_default_suite_where_it_chooses_differently(default_dir):
+def test_an_allowed_alternative_passes_the_default_suite_where_it_chooses_differently(default_golden):
     """Breaking exact ties by the higher index is not a bug: the suite forgives exact ties (the
     conventions suite labels the rule instead)."""
     (name,) = [n for n, m in MUTANTS.items() if m.allowed]
-    rep = run_check(default_dir, load_adapter(f"oracles.mutants:{name}"), "float32", only="gate.*")
+    rep = run_check(default_golden, load_adapter(f"oracles.mutants:{name}"), "float32", only="gate.*")
     assert rep["ok"]
     res = next(r for r in rep["cases"] if r["id"] == "gate.exact_ties")
     assert res["not_compared"]  # it did choose other experts than the expected file's
 
 
-def test_yarn_only_when_extended_passes_where_the_run_is_longer_than_the_original(default_dir):
-    rep = run_check(default_dir, load_adapter("oracles.mutants:yarn_only_when_extended"), "float32",
+def test_yarn_only_when_extended_passes_where_the_run_is_longer_than_the_original(default_golden):
+    rep = run_check(default_golden, load_adapter("oracles.mutants:yarn_only_when_extended"), "float32",
                     only="model.prefill.beyond_original,model.prefill.tiny")
     status = {r["id"]: r["status"] for r in rep["cases"]}
     assert status == {"model.prefill.beyond_original": "pass", "model.prefill.tiny": "fail"}
@@ -146,13 +154,13 @@ def test_a_mutant_is_a_failing_candidate_on_the_command_line(default_dir):
     assert "--only model.prefill.negative_biased --profile float32" in r.stdout
 
 
-def test_kv_stride_drift_is_caught_under_fp8_rounding_too(default_dir):
+def test_kv_stride_drift_is_caught_under_fp8_rounding_too(default_golden):
     """The drifted V rows are 43 of scenario.decode.past_256's 300 keys: the fp8 profile's
     tolerance hid them while its calibration saw the emulated run's own routing flips; with the
     case's routing margins designed it is tight enough."""
     cand = load_adapter("oracles.mutants:kv_stride_drift")
     for p in ("bf16", "fp8"):
-        assert run_check(default_dir, cand, p, only="scenario.decode.past_256")["counts"]["fail"] == 1
+        assert run_check(default_golden, cand, p, only="scenario.decode.past_256")["counts"]["fail"] == 1
 
 
 SERVING_PATH = ("lse_base2_merge", "empty_chunk_finite_lse", "mixed_batch_missplit", "kv_stride_drift",
@@ -160,9 +168,9 @@ SERVING_PATH = ("lse_base2_merge", "empty_chunk_finite_lse", "mixed_batch_misspl
 
 
 @pytest.mark.parametrize("name", SERVING_PATH)
-def test_serving_path_bugs_are_invisible_to_a_whole_sequence_prefill(default_dir, name):
+def test_serving_path_bugs_are_invisible_to_a_whole_sequence_prefill(default_golden, name):
     """spec section 10: a single whole-sequence prefill never takes these paths; only the
     cases that make the engine take them (schedules, decode steps) fail."""
-    rep = run_check(default_dir, load_adapter(f"oracles.mutants:{name}"), "float32",
+    rep = run_check(default_golden, load_adapter(f"oracles.mutants:{name}"), "float32",
                     only="model.prefill.*,mtp_prefill.*,mla.*")
     assert rep["ok"], [(r["id"], r.get("reason")) for r in rep["cases"] if r["status"] != "pass"]

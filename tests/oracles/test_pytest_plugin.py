@@ -99,11 +99,11 @@ def test_known_failures_are_xfail_a_fixed_one_fails_and_others_fail_with_their_f
     assert "reproduce: oracles check" in out and "--only moe.negative_biased --profile float32" in out
 
 
-def test_k_also_selects_by_kind(pytester, default_dir):
+def test_k_also_selects_by_kind(pytester, default_dir, default_golden):
     r = pytester.runpytest("-p", "no:cacheprovider", "--oracles-golden", default_dir, "--oracles-adapter",
                            "oracles.adapters:refimpl_float32", "--co", "-q", "-k", "schedule")
     ids = [line.rsplit("::", 1)[-1] for line in r.stdout.lines if "::oracles::" in line]
-    g = golden.Golden(default_dir)
+    g = default_golden
     assert ids and ids == [c for c, e in g.cases.items() if e["kind"] == "schedule"]
     assert not any("schedule" in c for c in ids)  # selected by kind, not by id
 

@@ -63,10 +63,10 @@ def parse(text) -> Page:
 
 
 @pytest.fixture(scope="module")
-def mutant_report(default_dir):
+def mutant_report(default_dir, default_golden):
     """A real failing report (YaRN's softmax factor left out), with one hostile case added: a
     copy of a failing case whose id, reason and output name carry markup."""
-    rep = run_check(default_dir, load_adapter("oracles.mutants:no_softmax_mscale"), "float32",
+    rep = run_check(default_golden, load_adapter("oracles.mutants:no_softmax_mscale"), "float32",
                     only=ONLY, repro_base=f"oracles check {default_dir} --adapter x")
     bad = copy.deepcopy(next(r for r in rep["cases"] if r["id"] == "model.prefill.tiny"))
     bad.update(id=HOSTILE, reason=HOSTILE, repro=HOSTILE, first_failure=HOSTILE)

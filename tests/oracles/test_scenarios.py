@@ -122,8 +122,8 @@ def test_ragged_batches_mix_prefill_and_decode_in_one_forward():
     assert any({n for _, n in b} >= {1} and max(n for _, n in b) > 1 for b in batches[1:])  # mixed
 
 
-def test_expected_values_are_each_request_alone_and_speculation_equals_greedy(default_dir):
-    g = golden.Golden(default_dir)
+def test_expected_values_are_each_request_alone_and_speculation_equals_greedy(default_golden):
+    g = default_golden
     case, exp = g.load_case("scenario.prefix_cache.small"), g.expected("scenario.prefix_cache.small")
     model = refimpl.load(case.model_path)
     share = scenarios.shared_lengths(case.schedule, 2)
@@ -138,8 +138,8 @@ def test_expected_values_are_each_request_alone_and_speculation_equals_greedy(de
     assert [exp[f"mtp.{k}.logits"].shape[1] for k in (1, 2)] == [p + n - 1, p + n - 2]
 
 
-def test_the_schedule_is_in_the_manifest_and_the_inputs_metadata(default_dir):
-    g = golden.Golden(default_dir)
+def test_the_schedule_is_in_the_manifest_and_the_inputs_metadata(default_golden):
+    g = default_golden
     kinds = set()
     for cid in DEFAULT:
         entry = g.cases[cid]
@@ -188,34 +188,34 @@ class _NoSchedules:
         raise AssertionError("never asked")
 
 
-def test_an_engine_that_cannot_express_a_schedule_skips_with_its_reason(default_dir):
-    rep = run_check(default_dir, AdapterCandidate(_NoSchedules(), "whole-requests"), "float32",
+def test_an_engine_that_cannot_express_a_schedule_skips_with_its_reason(default_golden):
+    rep = run_check(default_golden, AdapterCandidate(_NoSchedules(), "whole-requests"), "float32",
                     only="scenario.*")
     assert rep["counts"]["skip"] == len(DEFAULT)
     assert {r["reason"] for r in rep["cases"]} == \
         {"this engine runs each request in one forward; it has no chunked prefill"}
 
 
-def test_a_file_route_engine_skips_a_schedule_with_skip_txt(default_dir, tmp_path):
+def test_a_file_route_engine_skips_a_schedule_with_skip_txt(default_golden, tmp_path):
     from oracles.checking.candidates import DirCandidate
 
     d = tmp_path / "cand" / "cases" / "scenario.ragged_batch.small"
     d.mkdir(parents=True)
     (d / "skip.txt").write_bytes(b"no ragged batches in this engine\x1b[31m\nsecond line\n")
-    rep = run_check(default_dir, DirCandidate(str(tmp_path / "cand")), "float32",
+    rep = run_check(default_golden, DirCandidate(str(tmp_path / "cand")), "float32",
                     only="scenario.ragged_batch.small,scenario.prefix_cache.small")
     status = {r["id"]: (r["status"], r.get("reason")) for r in rep["cases"]}
     assert status["scenario.ragged_batch.small"] == ("skip", "no ragged batches in this engine[31m")
     assert status["scenario.prefix_cache.small"][0] == "missing"  # no skip.txt, no outputs
 
 
-def test_after_a_forgiven_near_tie_the_stream_outputs_are_compared_only_before_it(default_dir):
+def test_after_a_forgiven_near_tie_the_stream_outputs_are_compared_only_before_it(default_golden):
     """A speculation candidate whose stream goes another way at a near-tie (allowed) passes
     whatever its logits are after that step, and still fails for a wrong logit before it."""
     from oracles.checking.check import judge
 
     cid = "scenario.speculation.depth2.short"
-    g = golden.Golden(default_dir)
+    g = default_golden
     entry, exp = g.cases[cid], g.expected(cid)
     tols = entry["tolerances"]["bf16"]
     near = np.nonzero(exp["tokens_margin"][0] <= tols["tokens"]["logit_eps"])[0]

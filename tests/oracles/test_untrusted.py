@@ -523,7 +523,7 @@ class _LogitsOnly:
         return {k: v for k, v in self.inner.run(case).items() if k.rsplit(".", 1)[-1] in ("logits", "tokens")}
 
 
-def test_a_logits_only_bf16_engine_is_not_falsely_failed(default_dir):
+def test_a_logits_only_bf16_engine_is_not_falsely_failed(default_golden):
     """refimpl's own fp8 emulation (its bf16 one routes model.prefill.near_ties as the truth
     does), stripped to logits: its routing near-ties are forgiven from the golden's margins. No
     case fails; where too few positions are clear of near-ties it is INCONCLUSIVE, and there
@@ -532,9 +532,9 @@ def test_a_logits_only_bf16_engine_is_not_falsely_failed(default_dir):
 
     prof = "fp8"
     cand = AdapterCandidate(_LogitsOnly(RefimplAdapter(prof)), f"{prof} logits only")
-    rep = run_check(default_dir, cand, prof, only="model.prefill.*")
+    rep = run_check(default_golden, cand, prof, only="model.prefill.*")
     assert rep["counts"]["fail"] == 0 and rep["counts"]["pass"] >= 4, rep["counts"]
-    g = golden.Golden(default_dir)
+    g = default_golden
     inconclusive = [r for r in rep["cases"] if r["status"] == "inconclusive"]
     assert inconclusive
     for r in inconclusive:
@@ -546,9 +546,9 @@ def test_a_logits_only_bf16_engine_is_not_falsely_failed(default_dir):
         assert any(full[m] > tol[m]["tol"] for m in metrics.LOGIT_METRICS)  # a false FAIL before
 
 
-def test_a_logits_only_engine_with_a_real_bug_still_fails(default_dir):
+def test_a_logits_only_engine_with_a_real_bug_still_fails(default_golden):
     inner = load_adapter("oracles.mutants:no_softmax_mscale").adapter
-    rep = run_check(default_dir, AdapterCandidate(_LogitsOnly(inner), "buggy"), "bf16", only="model.prefill.*")
+    rep = run_check(default_golden, AdapterCandidate(_LogitsOnly(inner), "buggy"), "bf16", only="model.prefill.*")
     assert rep["counts"]["fail"] >= 1 and rep["counts"]["pass"] <= 2 and not rep["ok"]
 
 
